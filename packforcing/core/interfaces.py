@@ -1,0 +1,200 @@
+"""The abstract parts of the generation engine.
+
+Data flows one way: the engine asks the :class:`CachePolicy` for an
+:class:`AttentionContext` per forward pass and commits each finished block to it; the policy
+uses a :class:`Compressor`, a :class:`Selector` and a :class:`PositionalRealigner`; the
+context hands gathered keys/values to an :class:`AttentionBackend`. Shapes follow
+``[B, N, H, D]``: batch, tokens, heads, head dim.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from packforcing.core.geometry import Geometry, Grid
+from packforcing.core.records import (
+    BlockCommit,
+    BlockQuery,
+    CachedBlock,
+    CacheStats,
+    CompressedKV,
+    MemoryPlan,
+)
+from packforcing.core.rope import Rope3D
+
+
+class AttentionBackend(abc.ABC):
+    """Scaled dot-product attention over ``[B, N, H, D]`` tensors."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of ``q [B, Nq, H, D]`` over ``k, v [B, Nk, H, D]`` → ``[B, Nq, H, D]``.
+
+        ``mask``: optional boolean ``[Nq, Nk]`` (or broadcastable ``[B, H, Nq, Nk]``), ``True``
+        where attention is allowed. Scale is ``1 / sqrt(D)``.
+        """
+
+
+class AttentionContext(abc.ABC):
+    """What one forward pass of a block attends to, besides the block's own tokens.
+
+    The model calls :meth:`attend` once per layer with the block's own rotated queries and
+    keys; the context adds the history it stands for (a cache, or a mask over a longer
+    sequence in the oracle) and runs the backend.
+    """
+
+    @property
+    @abc.abstractmethod
+    def position(self) -> float:
+        """Temporal RoPE position of the block's first latent frame."""
+
+    @abc.abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[B, N, H, D]`` for the block's ``q, k, v [B, N, H, D]`` at ``layer``."""
+
+    @property
+    def context_tokens(self) -> int:
+        """History tokens attended by the last :meth:`attend` call (0 before any)."""
+        return 0
+
+
+@runtime_checkable
+class LatentCodec(Protocol):
+    """Pixels ``[B, 3, T, H, W]`` in ``[-1, 1]`` ↔ latents ``[B, C, T', H', W']``."""
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class BlockModel(Protocol):
+    """What the engine needs from any block-causal video model.
+
+    ``latents`` are ``[B, C, F, H, W]``; ``timesteps`` are ``[B, F]`` in ``[0, 1000]``.
+    """
+
+    geometry: Geometry
+    rope: Rope3D
+    hidden_size: int
+    codec: LatentCodec | None
+
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        """Flow-matching velocity ``[B, C, F, H, W]`` for noisy ``latents`` attending ``context``."""
+        ...
+
+    def clean_kv(
+        self, latents: torch.Tensor, context: AttentionContext
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer ``K, V [B, N, H, D]`` of the clean block at timestep 0 (keys rotated at
+        ``context.position``)."""
+        ...
+
+    def project_kv(
+        self, hidden: torch.Tensor, grid: Grid, position: float, temporal_stride: float, hw_stride: float
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Project a compressed hidden sequence ``[B, N', hidden_size]`` on ``grid`` to per-layer
+        ``K, V [B, N', H, D]`` with each layer's own projections, keys rotated on that grid."""
+        ...
+
+
+class Compressor(abc.ABC):
+    """Turns a cached block into a smaller one with its own per-layer K/V."""
+
+    name: str = "abstract"
+    needs_latents: bool = False
+    """Capability flag: the compressor reads the block's clean latents (the tier keeps them)."""
+
+    @abc.abstractmethod
+    def output_grid(self, grid: Grid) -> Grid:
+        """Token grid of a block compressed from ``grid`` (no tensor work)."""
+
+    @abc.abstractmethod
+    def compress(self, block: CachedBlock, model: BlockModel) -> CompressedKV:
+        """Compressed K/V ``[B, N', H, D]`` of ``block``; must not modify ``block``."""
+
+
+class Selector(abc.ABC):
+    """Chooses which candidate blocks of a tier enter attention."""
+
+    name: str = "abstract"
+    shared_across_layers: bool = False
+    """Capability flag: one selection per forward pass, reused by every layer."""
+
+    @abc.abstractmethod
+    def budget(self, num_candidates: int) -> int:
+        """How many blocks :meth:`select` returns out of ``num_candidates`` (no tensor work)."""
+
+    @abc.abstractmethod
+    def select(self, queries: torch.Tensor, candidates: Sequence[CachedBlock], layer: int) -> torch.Tensor:
+        """Indices ``[B, k']`` (int64, ascending = time order) into ``candidates``.
+
+        ``queries [B, Nq, H, D]`` are the rotated queries of the block being generated at
+        ``layer``. ``k' = min(k, len(candidates))``; one row per batch item.
+        """
+
+
+class PositionalRealigner(abc.ABC):
+    """Assigns temporal positions to a context and rotates cached keys to them."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def assign(self, spans: Sequence[tuple[float, float]], query: BlockQuery) -> tuple[list[float], float]:
+        """Target positions for context blocks and for the query block.
+
+        ``spans``: ``(home position, num_frames)`` per context block in time order. Returns the
+        first-frame position of each block and of the block being generated.
+        """
+
+    def realign(self, keys: torch.Tensor, block: CachedBlock, target: float | torch.Tensor, rope: Rope3D) -> torch.Tensor:
+        """Keys ``[B, N, H, D]`` of ``block`` moved from its home position to ``target``.
+
+        ``target`` is a number or a ``[B]`` tensor. The stored keys are never modified:
+        the rotation is computed from the home position, so precision does not decay.
+        """
+        if isinstance(target, torch.Tensor):
+            delta = target.to(torch.float64) - block.position
+            if bool((delta == 0).all()):
+                return keys
+            return rope.shift_temporal(keys, delta)
+        delta = target - block.position
+        return keys if delta == 0 else rope.shift_temporal(keys, delta)
+
+
+class CachePolicy(abc.ABC):
+    """Decides where every committed block lives and what the next block attends."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forget every block and free the cache memory."""
+
+    @abc.abstractmethod
+    def commit(self, commit: BlockCommit) -> None:
+        """Take a finished block's clean K/V (and latents)."""
+
+    @abc.abstractmethod
+    def context(self, query: BlockQuery) -> AttentionContext:
+        """Attention context for a forward pass of the block ``query``."""
+
+    @abc.abstractmethod
+    def plan(self, num_blocks: int, batch_size: int = 1) -> MemoryPlan:
+        """Peak tokens and bytes per tier over ``num_blocks`` commits, without allocating."""
+
+    @abc.abstractmethod
+    def stats(self) -> CacheStats:
+        """Blocks, tokens and bytes per tier, from the tensors actually held."""

@@ -1,0 +1,117 @@
+"""Wan-style 3D rotary position embedding.
+
+Each head's ``head_dim / 2`` complex pairs (adjacent channels ``(2i, 2i+1)``) are split into
+three bands, temporal first: with ``d = head_dim`` the temporal band has
+``(d - 4 * (d // 6)) / 2`` pairs and height and width ``d // 6`` pairs each (22/21/21 for
+``d = 128``). Each band has its own frequency ladder ``theta ** (-2j / band_dim)``.
+
+Angles are computed in float64 and applied in float32 whatever the storage dtype, so a
+rotation costs exactly one rounding to the storage dtype.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from packforcing.core.geometry import Grid
+
+
+@attrs.frozen
+class Rope3D:
+    """Rotary embedding over ``(t, h, w)`` positions for keys/queries ``[B, N, H, D]``."""
+
+    head_dim: int
+    theta: float = 10000.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"head_dim must be even and >= 6 for 3D RoPE, got {self.head_dim}")
+
+    @property
+    def band_pairs(self) -> tuple[int, int, int]:
+        """Number of complex pairs in the (temporal, height, width) bands."""
+        d = self.head_dim
+        spatial = d // 6
+        return (d - 4 * spatial) // 2, spatial, spatial
+
+    def _band_freqs(self, band: int) -> torch.Tensor:
+        pairs = self.band_pairs[band]
+        dim = 2 * pairs
+        exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+        return 1.0 / (self.theta**exponents)
+
+    def temporal_freqs(self) -> torch.Tensor:
+        """Angular frequencies of the temporal band, ``[Pt]`` float64."""
+        return self._band_freqs(0)
+
+    def angles(self, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Rotation angles ``[N, D/2]`` (float64) for token positions ``t, h, w`` of shape ``[N]``."""
+        parts = [
+            pos.to(torch.float64)[:, None] * self._band_freqs(i)[None, :].to(pos.device)
+            for i, pos in enumerate((t, h, w))
+        ]
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def grid_positions(
+        grid: Grid,
+        t_start: float = 0.0,
+        t_stride: float = 1.0,
+        hw_stride: float = 1.0,
+        device: torch.device | str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions ``[N]`` of a t-major token grid ``(t, h, w)``.
+
+        Token ``(i, j, k)`` sits at temporal position ``t_start + i * t_stride`` and at spatial
+        position ``(j * hw_stride, k * hw_stride)``; compressed grids pass their strides so a
+        coarse token covers the same extent as the full tokens it replaces.
+        """
+        gt, gh, gw = grid
+        ti = torch.arange(gt, dtype=torch.float64, device=device) * t_stride + t_start
+        hi = torch.arange(gh, dtype=torch.float64, device=device) * hw_stride
+        wi = torch.arange(gw, dtype=torch.float64, device=device) * hw_stride
+        tt, hh, ww = torch.meshgrid(ti, hi, wi, indexing="ij")
+        return tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        """Rotate pairs of ``x [B, N, H, 2P]`` by ``angles [N, P]`` (or ``[B, N, P]``) in float32."""
+        dtype = x.dtype
+        xf = x.float().reshape(*x.shape[:-1], -1, 2)
+        if angles.dim() == 2:
+            angles = angles[None]
+        cos = torch.cos(angles).to(device=x.device, dtype=torch.float32)[:, :, None, :]
+        sin = torch.sin(angles).to(device=x.device, dtype=torch.float32)[:, :, None, :]
+        real, imag = xf[..., 0], xf[..., 1]
+        out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+        return out.reshape(x.shape).to(dtype)
+
+    def apply(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Apply the full 3D rotation to ``x [B, N, H, D]`` at positions ``[N]``."""
+        return self._rotate(x, self.angles(t, h, w))
+
+    def apply_grid(
+        self, x: torch.Tensor, grid: Grid, t_start: float, t_stride: float = 1.0, hw_stride: float = 1.0
+    ) -> torch.Tensor:
+        """Apply RoPE to ``x [B, N, H, D]`` whose tokens form the t-major ``grid``."""
+        return self.apply(x, *self.grid_positions(grid, t_start, t_stride, hw_stride, device=x.device))
+
+    def shift_temporal(self, x: torch.Tensor, delta: float | torch.Tensor) -> torch.Tensor:
+        """Move ``x [B, N, H, D]`` by ``delta`` temporal positions, touching only the temporal band.
+
+        ``delta`` is a number (same shift for all tokens) or a ``[B]`` tensor (one shift per
+        batch item). Because rotations compose, this equals recomputing RoPE at the new
+        position; it is computed in float32 from the given keys, so it costs one rounding.
+        """
+        pt = self.band_pairs[0]
+        band = 2 * pt
+        freqs = self.temporal_freqs().to(x.device)
+        if isinstance(delta, torch.Tensor):
+            ang = delta.to(device=x.device, dtype=torch.float64)[:, None, None] * freqs[None, None, :]
+            ang = ang.expand(x.shape[0], x.shape[1], pt)
+        else:
+            ang = (float(delta) * freqs)[None, :].expand(x.shape[1], pt)
+        out = x.clone()
+        out[..., :band] = self._rotate(x[..., :band], ang)
+        return out

@@ -1,0 +1,190 @@
+"""Paged K/V storage for one tier of the cache.
+
+A tier stores fixed-size slots (one block each, ``slot_tokens`` tokens). Slots live in pages
+of ``page_blocks`` slots allocated on demand, each page one tensor
+``[2, L, B, P, N, H, D]`` (K and V for every layer), plus an optional latent page
+``[B, P, C, F, H, W]`` when a downstream compressor needs the clean latents. Freed slots are
+reused, so a bounded tier plateaus at ``ceil(capacity / page) * page`` slots and never copies
+or concatenates existing entries. Dtype, device and batch size come lazily from the first
+block written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+class NonFiniteError(ValueError):
+    """Raised when a block with NaN/Inf keys or values is offered to the cache."""
+
+
+class Slot:
+    """Handle to one block's K/V inside a :class:`TierStore` page."""
+
+    __slots__ = ("_store", "index", "live", "page")
+
+    def __init__(self, store: TierStore, page: int, index: int) -> None:
+        self._store = store
+        self.page = page
+        self.index = index
+        self.live = True
+
+    @property
+    def num_layers(self) -> int:
+        return self._store.num_layers
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K, V)`` views ``[B, N, H, D]`` of ``layer``."""
+        if not self.live:
+            raise RuntimeError("slot was released")
+        page = self._store.pages[self.page]
+        return page[0, layer, :, self.index], page[1, layer, :, self.index]
+
+    def latents(self) -> torch.Tensor | None:
+        if not self.live:
+            raise RuntimeError("slot was released")
+        if not self._store.keep_latents:
+            return None
+        return self._store.latent_pages[self.page][:, self.index]
+
+
+class TierStore:
+    """Paged slots of ``slot_tokens`` tokens for every layer.
+
+    ``capacity`` bounds the number of live slots (``None``: unbounded, grows page by page).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        slot_tokens: int,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        capacity: int | None,
+        page_blocks: int = 4,
+        keep_latents: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if capacity is not None and capacity < 0:
+            raise ValueError(f"tier {name!r}: capacity must be >= 0")
+        self.name = name
+        self.slot_tokens = slot_tokens
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.capacity = capacity
+        self.page_blocks = max(1, min(page_blocks, capacity) if capacity else page_blocks)
+        self.keep_latents = keep_latents
+        self.device = torch.device(device) if device is not None else None
+        self.pages: list[torch.Tensor] = []
+        self.latent_pages: list[torch.Tensor] = []
+        self._free: list[tuple[int, int]] = []
+        self._live = 0
+        self._batch: int | None = None
+        self._dtype: torch.dtype | None = None
+        self._latent_shape: tuple[int, ...] | None = None
+
+    # ------------------------------------------------------------------ sizing
+    @staticmethod
+    def planned_slots(live: int, page_blocks: int, capacity: int | None) -> int:
+        """Slots a store of ``capacity`` (``None``: unbounded) allocates to hold ``live`` blocks."""
+        if live <= 0:
+            return 0
+        page = max(1, min(page_blocks, capacity) if capacity else page_blocks)
+        return math.ceil(live / page) * page
+
+    @property
+    def live_blocks(self) -> int:
+        return self._live
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor this store holds (allocated pages, used or not)."""
+        return sum(p.nbytes for p in self.pages) + sum(p.nbytes for p in self.latent_pages)
+
+    @property
+    def kv_nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pages)
+
+    # ------------------------------------------------------------------ writes
+    def _init_from(self, keys: Sequence[torch.Tensor], latents: torch.Tensor | None) -> None:
+        self._batch = keys[0].shape[0]
+        self._dtype = keys[0].dtype
+        if self.device is None:
+            self.device = keys[0].device
+        if self.keep_latents:
+            if latents is None:
+                raise ValueError(f"tier {self.name!r} keeps latents but none were given")
+            self._latent_shape = tuple(latents.shape[1:])
+
+    def _new_page(self) -> None:
+        assert self._batch is not None and self._dtype is not None
+        shape = (2, self.num_layers, self._batch, self.page_blocks, self.slot_tokens, self.num_heads, self.head_dim)
+        self.pages.append(torch.empty(shape, dtype=self._dtype, device=self.device))
+        if self.keep_latents:
+            assert self._latent_shape is not None
+            self.latent_pages.append(
+                torch.empty((self._batch, self.page_blocks, *self._latent_shape), dtype=self._dtype, device=self.device)
+            )
+        page = len(self.pages) - 1
+        # LIFO free list: lowest index first
+        self._free.extend((page, i) for i in reversed(range(self.page_blocks)))
+
+    def put(
+        self,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        latents: torch.Tensor | None = None,
+    ) -> Slot:
+        """Copy per-layer ``keys``/``values`` ``[B, N, H, D]`` into a free slot."""
+        if len(keys) != self.num_layers or len(values) != self.num_layers:
+            raise ValueError(f"tier {self.name!r}: expected {self.num_layers} layers, got {len(keys)}")
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            expected = (self.slot_tokens, self.num_heads, self.head_dim)
+            if tuple(k.shape[1:]) != expected or k.shape != v.shape:
+                raise ValueError(
+                    f"tier {self.name!r}, layer {layer}: expected K/V [B, {expected[0]}, {expected[1]}, "
+                    f"{expected[2]}], got {tuple(k.shape)} / {tuple(v.shape)}"
+                )
+            if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+                raise NonFiniteError(f"tier {self.name!r}, layer {layer}: refusing non-finite keys/values")
+        if self.capacity is not None and self._live >= self.capacity:
+            raise RuntimeError(f"tier {self.name!r} is full ({self.capacity} blocks)")
+        if self._batch is None:
+            self._init_from(keys, latents)
+        if keys[0].shape[0] != self._batch:
+            raise ValueError(f"tier {self.name!r}: batch size changed from {self._batch} to {keys[0].shape[0]}")
+        if not self._free:
+            self._new_page()
+        page, index = self._free.pop()
+        buf = self.pages[page]
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            buf[0, layer, :, index].copy_(k)
+            buf[1, layer, :, index].copy_(v)
+        if self.keep_latents:
+            assert latents is not None
+            self.latent_pages[page][:, index].copy_(latents)
+        self._live += 1
+        return Slot(self, page, index)
+
+    def release(self, slot: Slot) -> None:
+        """Return ``slot`` to the free list (its memory stays in the page for reuse)."""
+        if not slot.live:
+            raise RuntimeError("slot released twice")
+        slot.live = False
+        self._free.append((slot.page, slot.index))
+        self._live -= 1
+
+    def clear(self) -> None:
+        """Drop every page (memory is returned to the allocator)."""
+        self.pages.clear()
+        self.latent_pages.clear()
+        self._free.clear()
+        self._live = 0
+        self._batch = None
+        self._dtype = None

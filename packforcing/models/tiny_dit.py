@@ -1,0 +1,249 @@
+"""``tiny_dit``: a small Wan-like block-causal DiT defined in code.
+
+Structure (per Wan2.1, scaled down): a ``Conv3d`` patch embedding with patch ``(1, 2, 2)``;
+a sinusoidal timestep embedding (one per latent frame) feeding adaLN modulation (six vectors
+per layer: shift/scale/gate for attention and MLP); self-attention with RMS-normalised
+queries and keys and Wan's 3D RoPE (temporal band first); a GELU MLP; an adaLN output head
+that unpatchifies back to latents. Attention goes through the :class:`AttentionContext`,
+which adds the cached history (``[context | block]``). Weights are a seeded random init
+unless ``weights`` points at a safetensors file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+from torch import nn
+
+from packforcing.core.geometry import Geometry, Grid
+from packforcing.core.interfaces import AttentionContext
+from packforcing.core.rope import Rope3D
+from packforcing.core.validators import positive, positive_triple
+from packforcing.models.codec import LinearPatchCodec
+
+
+@attrs.frozen
+class TinyDiTParams:
+    """Parameters of ``tiny_dit`` (YAML ``model:`` block)."""
+
+    latent_channels: int = attrs.field(default=16, validator=positive)
+    latent_height: int = attrs.field(default=8, validator=positive)
+    latent_width: int = attrs.field(default=8, validator=positive)
+    patch: tuple[int, int, int] = attrs.field(default=(1, 2, 2), converter=tuple, validator=positive_triple)
+    frames_per_block: int = attrs.field(default=4, validator=positive)
+    hidden_size: int = attrs.field(default=64, validator=positive)
+    num_heads: int = attrs.field(default=2, validator=positive)
+    num_layers: int = attrs.field(default=4, validator=positive)
+    mlp_ratio: float = 2.0
+    rope_theta: float = 10000.0
+    seed: int = 0
+    codec_stride: int = attrs.field(default=8, validator=positive)
+    weights: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+
+    def geometry(self, dtype: str = "float32") -> Geometry:
+        return Geometry(
+            latent_height=self.latent_height,
+            latent_width=self.latent_width,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            head_dim=self.hidden_size // self.num_heads,
+            latent_channels=self.latent_channels,
+            patch=self.patch,
+            frames_per_block=self.frames_per_block,
+            dtype=dtype,
+        )
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding ``[..., dim]`` of timesteps ``t [...]`` in ``[0, 1000]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class DiTLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim)
+        self.norm_k = RMSNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-rotated ``K, V [B, N, H, D]`` of normalised input ``x [B, N, dim]``."""
+        b, n, _ = x.shape
+        k = self.norm_k(self.k(x)).view(b, n, self.heads, self.head_dim)
+        v = self.v(x).view(b, n, self.heads, self.head_dim)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mod: torch.Tensor,
+        index: int,
+        positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        rope: Rope3D,
+        context: AttentionContext,
+        collect: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation[:, :, None]).unbind(1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        q = self.norm_q(self.q(h)).view(b, n, self.heads, self.head_dim)
+        k, v = self.key_value(h)
+        q = rope.apply(q, *positions)
+        k = rope.apply(k, *positions)
+        if collect is not None:
+            collect.append((k, v))
+        attn = context.attend(index, q, k, v).reshape(b, n, -1)
+        x = x + gate1 * self.o(attn)
+        h = self.norm2(x) * (1 + scale2) + shift2
+        return x + gate2 * self.mlp(h)
+
+
+class TinyDiT(nn.Module):
+    """A block-causal video DiT implementing :class:`packforcing.core.interfaces.BlockModel`."""
+
+    def __init__(self, params: TinyDiTParams | None = None, dtype: str = "float32") -> None:
+        super().__init__()
+        self.params = params = params or TinyDiTParams()
+        self.geometry = params.geometry(dtype)
+        dim = params.hidden_size
+        self.hidden_size = dim
+        self.rope = Rope3D(self.geometry.head_dim, params.rope_theta)
+        self.patch_embed = nn.Conv3d(params.latent_channels, dim, kernel_size=params.patch, stride=params.patch)
+        self.time_embed = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.layers = nn.ModuleList(DiTLayer(dim, params.num_heads, params.mlp_ratio) for _ in range(params.num_layers))
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.out_modulation = nn.Parameter(torch.zeros(1, 2, dim))
+        pt, ph, pw = params.patch
+        self.head = nn.Linear(dim, pt * ph * pw * params.latent_channels)
+        self.codec = LinearPatchCodec(params.latent_channels, params.codec_stride, seed=params.seed)
+        self._init_weights(params.seed)
+        if params.weights:
+            from safetensors.torch import load_file
+
+            self.load_state_dict(load_file(params.weights))
+        self.requires_grad_(False)
+        self.eval()
+
+    def _init_weights(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif "modulation" in name:
+                nn.init.normal_(p, std=0.02, generator=gen)
+            else:
+                fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+                nn.init.normal_(p, std=1.0 / math.sqrt(fan_in), generator=gen)
+
+    # ------------------------------------------------------------------ helpers
+    def _grid(self, latents: torch.Tensor) -> Grid:
+        _, _, f, h, w = latents.shape
+        pt, ph, pw = self.params.patch
+        return f // pt, h // ph, w // pw
+
+    def _embed(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Grid]:
+        b, _, f, _, _ = latents.shape
+        grid = self._grid(latents)
+        gt, gh, gw = grid
+        x = self.patch_embed(latents.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        if timesteps.dim() == 1:
+            timesteps = timesteps[:, None].expand(b, f)
+        t_tok = timesteps[:, :: self.params.patch[0]]  # [B, gt]
+        emb = self.time_embed(timestep_embedding(t_tok, 256).to(x.dtype))  # [B, gt, dim]
+        emb = emb[:, :, None, :].expand(b, gt, gh * gw, -1).reshape(b, gt * gh * gw, -1)
+        return x, emb, grid
+
+    def _run(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: AttentionContext,
+        collect: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        head: bool = True,
+    ) -> torch.Tensor | None:
+        x, emb, grid = self._embed(latents, timesteps)
+        b = x.shape[0]
+        mod = self.time_proj(emb).view(b, x.shape[1], 6, -1).transpose(1, 2)  # [B, 6, N, dim]
+        positions = self.rope.grid_positions(grid, context.position, self.params.patch[0], device=x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mod, i, positions, self.rope, context, collect)
+        if not head:
+            return None
+        shift, scale = (self.out_modulation[:, :, None] + emb[:, None]).unbind(1)
+        out = self.head(self.norm_out(x) * (1 + scale) + shift)
+        pt, ph, pw = self.params.patch
+        gt, gh, gw = grid
+        c = self.params.latent_channels
+        out = out.view(b, gt, gh, gw, c, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return out.reshape(b, c, gt * pt, gh * ph, gw * pw)
+
+    # ------------------------------------------------------------------ BlockModel
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        """Velocity ``[B, C, F, H, W]`` for ``latents [B, C, F, H, W]`` at ``timesteps [B]`` or ``[B, F]``."""
+        out = self._run(latents, timesteps, context, None)
+        assert out is not None
+        return out
+
+    def clean_kv(
+        self, latents: torch.Tensor, context: AttentionContext
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer ``K, V [B, N, H, D]`` of the clean block at t = 0, keys rotated at ``context.position``."""
+        collect: list[tuple[torch.Tensor, torch.Tensor]] = []
+        t0 = torch.zeros(latents.shape[0], device=latents.device)
+        self._run(latents, t0, context, collect, head=False)
+        return [k for k, _ in collect], [v for _, v in collect]
+
+    def project_kv(
+        self, hidden: torch.Tensor, grid: Grid, position: float, temporal_stride: float, hw_stride: float
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer ``K, V [B, N', H, D]`` of compressed tokens ``hidden [B, N', hidden]``.
+
+        Each layer normalises and modulates ``hidden`` as at timestep 0, then applies its own
+        key/value projections and key norm; keys are rotated on ``grid`` at ``position``.
+        """
+        b, n, _ = hidden.shape
+        t0 = torch.zeros(b, 1, device=hidden.device)
+        emb = self.time_embed(timestep_embedding(t0, 256).to(hidden.dtype))  # [B, 1, dim]
+        mod = self.time_proj(emb).view(b, 1, 6, -1).transpose(1, 2)
+        t, h, w = self.rope.grid_positions(grid, position, temporal_stride, hw_stride, device=hidden.device)
+        keys, values = [], []
+        for layer in self.layers:
+            shift1, scale1, _, _, _, _ = (mod + layer.modulation[:, :, None]).unbind(1)
+            x = layer.norm1(hidden) * (1 + scale1) + shift1
+            k, v = layer.key_value(x)
+            keys.append(self.rope.apply(k, t, h, w))
+            values.append(v)
+        return keys, values

@@ -1,0 +1,103 @@
+"""Where blocks go: the tier mechanism as pure bookkeeping on block ids.
+
+A policy is an ordered list of tiers, oldest first. Pinned tiers (the sink) take the first
+blocks until they are full and never give them up. Every other block enters the newest tier;
+when a tier is full its oldest block moves to the next older non-pinned tier (compressed to
+that tier's fidelity), and the oldest non-pinned tier overflows to the archive or is dropped.
+
+The same :class:`TierLayout` drives the real cache (which executes the moves on tensors) and
+the memory planner (which only counts them), so the plan and the cache cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+import attrs
+
+ARCHIVE = "archive"
+DROP = "drop"
+NEW = None
+
+
+@attrs.frozen
+class Move:
+    """Block ``block_id`` goes from tier ``src`` (``None``: a new commit) to tier ``dst``
+    (a tier index, or ``"archive"`` / ``"drop"``)."""
+
+    block_id: int
+    src: int | None
+    dst: int | str
+
+
+@attrs.frozen
+class TierSlotSpec:
+    """Capacity (blocks; ``None`` = unbounded) and pinning of one tier."""
+
+    name: str
+    capacity: int | None
+    pinned: bool = False
+
+
+class TierLayout:
+    """Block-id bookkeeping for an ordered list of tiers (oldest first)."""
+
+    def __init__(self, tiers: Sequence[TierSlotSpec], overflow: str) -> None:
+        if overflow not in (ARCHIVE, DROP):
+            raise ValueError(f"overflow: expected archive or drop, got {overflow!r}")
+        if not tiers:
+            raise ValueError("tiers: expected at least one tier")
+        seen_unpinned = False
+        for spec in tiers:
+            if spec.pinned and seen_unpinned:
+                raise ValueError(f"tiers.{spec.name}: pinned tiers must come first (oldest)")
+            if spec.pinned and spec.capacity is None:
+                raise ValueError(f"tiers.{spec.name}: a pinned tier needs a capacity")
+            if not spec.pinned:
+                seen_unpinned = True
+                if spec.capacity is not None and spec.capacity < 1:
+                    raise ValueError(f"tiers.{spec.name}: capacity must hold at least one block")
+        if tiers[-1].pinned:
+            raise ValueError(f"tiers.{tiers[-1].name}: the newest tier cannot be pinned")
+        self.specs = tuple(tiers)
+        self.overflow = overflow
+        self.members: list[deque[int]] = [deque() for _ in tiers]
+
+    def reset(self) -> None:
+        for m in self.members:
+            m.clear()
+
+    def _older(self, index: int) -> int | None:
+        """Next older non-pinned tier, or ``None`` if ``index`` is the oldest one."""
+        j = index - 1
+        if j < 0 or self.specs[j].pinned:
+            return None
+        return j
+
+    def _make_room(self, index: int, moves: list[Move]) -> None:
+        cap = self.specs[index].capacity
+        if cap is None or len(self.members[index]) < cap:
+            return
+        victim = self.members[index].popleft()
+        older = self._older(index)
+        if older is None:
+            moves.append(Move(victim, index, self.overflow))
+            return
+        self._make_room(older, moves)
+        self.members[older].append(victim)
+        moves.append(Move(victim, index, older))
+
+    def commit(self, block_id: int) -> list[Move]:
+        """Moves (in execution order) that admitting ``block_id`` causes."""
+        moves: list[Move] = []
+        for i, spec in enumerate(self.specs):
+            if spec.pinned and len(self.members[i]) < (spec.capacity or 0):
+                self.members[i].append(block_id)
+                moves.append(Move(block_id, NEW, i))
+                return moves
+        newest = len(self.specs) - 1
+        self._make_room(newest, moves)
+        self.members[newest].append(block_id)
+        moves.append(Move(block_id, NEW, newest))
+        return moves

@@ -1,0 +1,91 @@
+"""The classic cache policies as presets of the tiered mechanism (no separate code paths)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from packforcing.core.errors import ConfigError
+from packforcing.core.validators import non_negative, positive
+from packforcing.policies.layout import DROP
+from packforcing.policies.tiered import TieredParams, TieredPolicy, TierSpec
+
+
+def build_tiered(params: TieredParams, env: Any, name: str = "tiered") -> TieredPolicy:
+    """A :class:`TieredPolicy` wired to the environment's model, backend, realigner, selector
+    and compressors (``fidelity: compressed`` → the top-level compressor; a mapping → its own)."""
+    compressors = {}
+    for i, tier in enumerate(params.tiers):
+        if tier.fidelity == "full":
+            continue
+        path = f"policy.tiers[{i}].fidelity"
+        if tier.fidelity == "compressed":
+            if env.compressor is None:
+                raise ConfigError(f"tier {tier.name!r} is compressed but no top-level compressor is configured", path=path)
+            compressors[tier.name] = env.compressor
+        elif isinstance(tier.fidelity, dict):
+            compressors[tier.name] = env.build("compressor", tier.fidelity, path)
+        else:
+            raise ConfigError(f"expected full, compressed or a compressor mapping, got {tier.fidelity!r}", path=path)
+    return TieredPolicy(
+        params,
+        geometry=env.geometry,
+        model=env.model,
+        backend=env.backend,
+        realigner=env.realigner,
+        selector=env.selector,
+        compressors=compressors,
+        name=name,
+    )
+
+
+@attrs.frozen
+class FullParams:
+    """``full``: every block at full resolution, forever."""
+
+    page_blocks: int = attrs.field(default=4, validator=positive)
+
+    def tiers(self) -> TieredParams:
+        return TieredParams(tiers=(TierSpec(name="history"),), overflow=DROP, page_blocks=self.page_blocks)
+
+
+@attrs.frozen
+class SlidingWindowParams:
+    """``sliding_window``: the last ``window_frames`` latent frames (whole blocks)."""
+
+    window_frames: int = attrs.field(validator=positive)
+    page_blocks: int = attrs.field(default=4, validator=positive)
+
+    def tiers(self) -> TieredParams:
+        return TieredParams(
+            tiers=(TierSpec(name="window", frames=self.window_frames),), overflow=DROP, page_blocks=self.page_blocks
+        )
+
+
+@attrs.frozen
+class SinkRecentParams:
+    """``sink_recent``: the first ``sink_frames`` forever plus the last ``window_frames``."""
+
+    sink_frames: int = attrs.field(validator=non_negative)
+    window_frames: int = attrs.field(validator=positive)
+    page_blocks: int = attrs.field(default=4, validator=positive)
+
+    def tiers(self) -> TieredParams:
+        return TieredParams(
+            tiers=(
+                TierSpec(name="sink", frames=self.sink_frames, pinned=True),
+                TierSpec(name="recent", frames=self.window_frames),
+            ),
+            overflow=DROP,
+            page_blocks=self.page_blocks,
+        )
+
+
+def preset_builder(name: str):
+    """Build function for a preset whose params class has ``tiers() -> TieredParams``."""
+
+    def build(params: Any, env: Any) -> TieredPolicy:
+        return build_tiered(params.tiers(), env, name)
+
+    return build

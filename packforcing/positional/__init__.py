@@ -1,0 +1,1 @@
+"""packforcing.positional"""
