@@ -197,7 +197,8 @@ def load_config(
             did = f"; did you mean {hint[0]!r}?" if hint else ""
             raise ConfigError(
                 f"unknown top-level key{did} (expected one of: {', '.join(TOP_KEYS)})",
-                source=sources.get(key, label), path=str(key),
+                source=sources.get(key, label),
+                path=str(key),
             )
     if registry is None:
         from packforcing.plugins.manager import default_registry

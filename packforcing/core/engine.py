@@ -66,7 +66,9 @@ class GenerationEngine:
         for index in range(num_blocks):
             started = time.perf_counter()
             query = BlockQuery(
-                block_id=index, start_frame=index * g.frames_per_block, num_frames=g.frames_per_block,
+                block_id=index,
+                start_frame=index * g.frames_per_block,
+                num_frames=g.frames_per_block,
                 grid=g.block_grid,
             )
             noise = block_noise(seed, index, self.block_shape(batch_size), self.dtype, self.device)

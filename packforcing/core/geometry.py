@@ -68,9 +68,7 @@ class Geometry:
         if self.frames_per_block % pt:
             raise ValueError(f"frames_per_block={self.frames_per_block} is not a multiple of patch t={pt}")
         if self.latent_height % ph or self.latent_width % pw:
-            raise ValueError(
-                f"latent {self.latent_height}x{self.latent_width} is not divisible by patch {ph}x{pw}"
-            )
+            raise ValueError(f"latent {self.latent_height}x{self.latent_width} is not divisible by patch {ph}x{pw}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -159,7 +159,9 @@ class PositionalRealigner(abc.ABC):
         first-frame position of each block and of the block being generated.
         """
 
-    def realign(self, keys: torch.Tensor, block: CachedBlock, target: float | torch.Tensor, rope: Rope3D) -> torch.Tensor:
+    def realign(
+        self, keys: torch.Tensor, block: CachedBlock, target: float | torch.Tensor, rope: Rope3D
+    ) -> torch.Tensor:
         """Keys ``[B, N, H, D]`` of ``block`` moved from its home position to ``target``.
 
         ``target`` is a number or a ``[B]`` tensor. The stored keys are never modified:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import attrs
 import torch
 
@@ -34,14 +36,16 @@ class FlowMatchSampler:
         """
         sig = self.sigmas()
         x = noise
-        for s, s_next in zip(sig[:-1], sig[1:], strict=True):
+        for s, s_next in itertools.pairwise(sig):
             t = torch.full((x.shape[0],), 1000.0 * s, device=x.device, dtype=torch.float32)
             v = velocity(x, t)
             x = x + (s_next - s) * v.to(x.dtype)
         return x
 
 
-def block_noise(seed: int, block_id: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def block_noise(
+    seed: int, block_id: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
     """The initial noise of block ``block_id``: drawn on the CPU from a per-block generator,
     so it is the same on every device and independent of how many blocks came before."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + block_id) % (2**63))

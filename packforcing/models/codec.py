@@ -26,7 +26,7 @@ class LinearPatchCodec:
         self._decode = (basis.T * gain).to(torch.float32)  # [C, 3*s*s]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = latents.shape
+        b, _c, t, h, w = latents.shape
         s = self.stride
         m = self._decode.to(device=latents.device, dtype=latents.dtype)
         patches = torch.einsum("bcthw,cp->bthwp", latents, m)  # p = (3, s, s)

@@ -234,7 +234,7 @@ class TinyDiT(nn.Module):
         Each layer normalises and modulates ``hidden`` as at timestep 0, then applies its own
         key/value projections and key norm; keys are rotated on ``grid`` at ``position``.
         """
-        b, n, _ = hidden.shape
+        b, _n, _ = hidden.shape
         t0 = torch.zeros(b, 1, device=hidden.device)
         emb = self.time_embed(timestep_embedding(t0, 256).to(hidden.dtype))  # [B, 1, dim]
         mod = self.time_proj(emb).view(b, 1, 6, -1).transpose(1, 2)

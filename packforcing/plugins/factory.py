@@ -25,7 +25,11 @@ class ComponentFactory:
     @classmethod
     def of(cls, component: type, description: str = "") -> ComponentFactory:
         """Factory for an attrs class that *is* its own parameters (built as-is)."""
-        return cls(params=component, build=lambda params, env: params, description=description or (component.__doc__ or "").strip().split("\n")[0])
+        return cls(
+            params=component,
+            build=lambda params, env: params,
+            description=description or (component.__doc__ or "").strip().split("\n")[0],
+        )
 
 
 @attrs.frozen

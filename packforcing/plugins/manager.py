@@ -173,9 +173,7 @@ class Registry:
             raise UnknownComponentError(f"unknown {kind} {name!r}{where}{did_you_mean}; available: {available}")
         if len(candidates) > 1:
             owners = " and ".join(p.dist for p in candidates)
-            raise UnknownComponentError(
-                f"{kind} {name!r} is provided by {owners}; pick one as '<distribution>:{name}'"
-            )
+            raise UnknownComponentError(f"{kind} {name!r} is provided by {owners}; pick one as '<distribution>:{name}'")
         return candidates[0]
 
     def factory(self, kind: str, name: str) -> ComponentFactory:

@@ -22,7 +22,9 @@ def build_tiered(params: TieredParams, env: Any, name: str = "tiered") -> Tiered
         path = f"policy.tiers[{i}].fidelity"
         if tier.fidelity == "compressed":
             if env.compressor is None:
-                raise ConfigError(f"tier {tier.name!r} is compressed but no top-level compressor is configured", path=path)
+                raise ConfigError(
+                    f"tier {tier.name!r} is compressed but no top-level compressor is configured", path=path
+                )
             compressors[tier.name] = env.compressor
         elif isinstance(tier.fidelity, dict):
             compressors[tier.name] = env.build("compressor", tier.fidelity, path)

@@ -257,9 +257,7 @@ class TieredPolicy(CachePolicy):
             block = source if isinstance(source, CachedBlock) else self._transient(source)
             ckv = tier.compressor.compress(block, self.model)
             if ckv.grid != tier.grid:
-                raise RuntimeError(
-                    f"compressor {tier.compressor.name!r} produced grid {ckv.grid}, planned {tier.grid}"
-                )
+                raise RuntimeError(f"compressor {tier.compressor.name!r} produced grid {ckv.grid}, planned {tier.grid}")
             latents = source.latents if tier.keep_latents else None
             slot = tier.store.put(ckv.keys, ckv.values, latents)
             return CachedBlock(
@@ -307,8 +305,14 @@ class TieredPolicy(CachePolicy):
         )
         slot = store.put(commit.keys, commit.values, commit.latents)
         return CachedBlock(
-            commit.block_id, commit.start_frame, commit.num_frames, FULL, commit.grid, commit.position,
-            float(self.geometry.patch[0]), slot,
+            commit.block_id,
+            commit.start_frame,
+            commit.num_frames,
+            FULL,
+            commit.grid,
+            commit.position,
+            float(self.geometry.patch[0]),
+            slot,
         )
 
     def _archive_block(self, block: CachedBlock) -> CachedBlock:
@@ -514,7 +518,9 @@ class TieredContext(AttentionContext):
                 row.extend(blocks[i] for i in idx[b].tolist())
         return rows
 
-    def _gather(self, layer: int, blocks: list[CachedBlock], item: slice) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _gather(
+        self, layer: int, blocks: list[CachedBlock], item: slice
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         spans = [(b.position, b.num_frames) for b in blocks]
         targets, qpos = self._realigner.assign(spans, self._query)
         if qpos != self._position:
@@ -536,7 +542,7 @@ class TieredContext(AttentionContext):
             return self._backend.attend(q, k, v)
         rows = self._choose(layer, q)
         batch = q.shape[0]
-        same = all(len(r) == len(rows[0]) and all(a is b for a, b in zip(r, rows[0])) for r in rows[1:])
+        same = all(len(r) == len(rows[0]) and all(a is b for a, b in zip(r, rows[0], strict=False)) for r in rows[1:])
         if same:
             ks, vs = self._gather(layer, rows[0], slice(None))
             keys = torch.cat([*ks, k], dim=1)
