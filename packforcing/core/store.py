@@ -21,6 +21,13 @@ class NonFiniteError(ValueError):
     """Raised when a block with NaN/Inf keys or values is offered to the cache."""
 
 
+def check_finite(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], where: str) -> None:
+    """Raise :class:`NonFiniteError` if any layer's keys or values hold NaN or Inf."""
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+        if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+            raise NonFiniteError(f"{where}, layer {layer}: refusing non-finite keys/values")
+
+
 class Slot:
     """Handle to one block's K/V inside a :class:`TierStore` page."""
 
@@ -151,8 +158,7 @@ class TierStore:
                     f"tier {self.name!r}, layer {layer}: expected K/V [B, {expected[0]}, {expected[1]}, "
                     f"{expected[2]}], got {tuple(k.shape)} / {tuple(v.shape)}"
                 )
-            if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
-                raise NonFiniteError(f"tier {self.name!r}, layer {layer}: refusing non-finite keys/values")
+        check_finite(keys, values, f"tier {self.name!r}")
         if self.capacity is not None and self._live >= self.capacity:
             raise RuntimeError(f"tier {self.name!r} is full ({self.capacity} blocks)")
         if self._batch is None:

@@ -43,7 +43,7 @@ from packforcing.core.records import (
     MemoryPlan,
     TierStats,
 )
-from packforcing.core.store import TierStore
+from packforcing.core.store import TierStore, check_finite
 from packforcing.core.validators import one_of, optional_non_negative, positive
 from packforcing.policies.layout import ARCHIVE, DROP, TierLayout, TierSlotSpec
 
@@ -338,6 +338,8 @@ class TieredPolicy(CachePolicy):
             raise ValueError(f"commit grid {commit.grid} differs from the geometry's {self.geometry.block_grid}")
         if commit.block_id <= self._last_block_id:
             raise ValueError(f"block {commit.block_id} committed after block {self._last_block_id}")
+        # refuse before any bookkeeping changes, so a bad block leaves the cache as it was
+        check_finite(commit.keys, commit.values, f"block {commit.block_id}")
         for move in self.layout.commit(commit.block_id):
             if move.src is None:
                 tier = self._tiers[move.dst]  # type: ignore[index]

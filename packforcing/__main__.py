@@ -1,0 +1,3 @@
+from packforcing.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Writing what a run produced: video, report and memory plot."""

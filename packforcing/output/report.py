@@ -1,0 +1,52 @@
+"""``report.json``: the resolved config and what every block cost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from packforcing.core.engine import GeneratedBlock
+
+
+@attrs.define
+class RunReport:
+    """Accumulates per-block records; ``as_dict`` is the report.json schema."""
+
+    config: dict[str, Any]
+    full_bytes_per_block: int
+    blocks: list[dict[str, Any]] = attrs.field(factory=list)
+    peak_cache_bytes: int = 0
+    peak_archive_bytes: int = 0
+    total_seconds: float = 0.0
+
+    def add(self, block: GeneratedBlock) -> dict[str, Any]:
+        stats = block.stats
+        record = {
+            "index": block.index,
+            "seconds": block.seconds,
+            "context_tokens": block.context_tokens,
+            "cache_bytes": stats.bytes,
+            "archive_bytes": stats.archive.bytes,
+            "tiers": {name: t.as_dict() for name, t in stats.tiers.items()},
+        }
+        self.blocks.append(record)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, stats.bytes)
+        self.peak_archive_bytes = max(self.peak_archive_bytes, stats.archive.bytes)
+        self.total_seconds += block.seconds
+        return record
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "blocks": self.blocks,
+            "peak_cache_bytes": self.peak_cache_bytes,
+            "archive_bytes": self.peak_archive_bytes,
+            "full_cache_bytes": self.full_bytes_per_block * len(self.blocks),
+            "total_seconds": self.total_seconds,
+        }
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.as_dict(), indent=2) + "\n")

@@ -1,0 +1,76 @@
+"""Attention backends agree with a float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from packforcing.attention import SdpaBackend, XformersBackend, pick_backend, xformers_available
+
+
+def reference_attention(q, k, v, mask=None):
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))
+    scores = q64 @ k64.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
+    return (scores.softmax(-1) @ v64).transpose(1, 2)
+
+
+def make_qkv(b=2, nq=24, nk=40, h=3, d=32, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, h, d, generator=gen).to(device=device, dtype=dtype) for n in (nq, nk, nk)]
+
+
+def random_mask(nq, nk, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(nq, nk, generator=gen) > 0.4
+    mask[:, 0] = True  # every query sees at least one key
+    return mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
+def test_sdpa_matches_float64_reference(masked, dtype, tol):
+    q, k, v = make_qkv(dtype=dtype)
+    mask = random_mask(q.shape[1], k.shape[1]) if masked else None
+    out = SdpaBackend().attend(q, k, v, mask)
+    ref = reference_attention(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert float((out.double() - ref).abs().max()) <= tol * float(ref.abs().max())
+
+
+needs_xformers = pytest.mark.skipif(not xformers_available(), reason="needs CUDA and a working xformers build")
+
+
+@needs_xformers
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_xformers_matches_float64_reference(masked, dtype):
+    q, k, v = make_qkv(nq=64, nk=100, h=4, d=64, dtype=dtype, device="cuda")
+    mask = random_mask(q.shape[1], k.shape[1]).cuda() if masked else None
+    out = XformersBackend().attend(q, k, v, mask)
+    ref = reference_attention(q, k, v, mask)
+    assert float((out.double() - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
+
+
+def test_auto_picks_sdpa_without_cuda_half():
+    assert isinstance(pick_backend("cpu", torch.float32), SdpaBackend)
+    assert isinstance(pick_backend("cpu", torch.bfloat16), SdpaBackend)
+
+
+@needs_xformers
+def test_auto_picks_xformers_on_cuda_half():
+    assert isinstance(pick_backend("cuda", torch.bfloat16), XformersBackend)
+    assert isinstance(pick_backend("cuda", torch.float32), SdpaBackend)
+
+
+def test_import_is_silent_and_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, packforcing, packforcing.plugins.builtin; print('xformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout == "False\n"
+    assert result.stderr == ""

@@ -1,0 +1,56 @@
+"""The ``packforcing generate`` main job, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import imageio
+import pytest
+
+from packforcing.cli import main
+
+
+def test_generate_writes_video_report_and_plot(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([
+        "generate", "--config", "configs/sink_recent.yaml", "--blocks", "6", "--seed", "3", "--out", str(out),
+        "--set", "policy.window_frames=4", "--no-progress",
+    ])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["policy"] == {"name": "sink_recent", "sink_frames": 8, "window_frames": 4, "page_blocks": 4}
+    assert report["config"]["run"]["seed"] == 3
+    assert [b["index"] for b in report["blocks"]] == list(range(6))
+    for block in report["blocks"]:
+        assert set(block) >= {"index", "seconds", "context_tokens", "cache_bytes", "tiers"}
+        assert block["cache_bytes"] == sum(t["bytes"] for t in block["tiers"].values())
+    assert report["peak_cache_bytes"] == max(b["cache_bytes"] for b in report["blocks"])
+    assert report["total_seconds"] > 0
+    reader = imageio.v2.get_reader(str(out / "video.mp4"))
+    count = sum(1 for _ in reader)
+    assert count == 6 * 4  # one pixel frame per latent frame
+    assert (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_error_is_one_line_with_exit_2(tmp_path, capsys):
+    code = main(["generate", "--config", "configs/full.yaml", "--out", str(tmp_path), "--set", "policy.name=nope"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "policy.name" in err and "available:" in err and "full" in err
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "packforcing", "generate", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "example:" in result.stdout
+
+
+@pytest.mark.parametrize("preset", ["full", "sliding_window", "sink_recent"])
+def test_presets_load(preset):
+    from packforcing import load_config
+
+    config = load_config(f"configs/{preset}.yaml")
+    assert config.components["policy"].name == preset
