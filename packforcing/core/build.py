@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -55,7 +55,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _environment(config: Config, registry: Any, *, plan_only: bool = False) -> BuildEnv:
+Wrap = Callable[[str, Any], Any]
+"""``wrap(kind, component) -> component``: composes around each built component (e.g. timing)."""
+
+
+def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap: Wrap | None = None) -> BuildEnv:
     env = BuildEnv(
         registry=registry,
         device=resolve_device(config.run.device) if not plan_only else torch.device("cpu"),
@@ -79,6 +83,8 @@ def _environment(config: Config, registry: Any, *, plan_only: bool = False) -> B
             raise exc.located(config.source) from None
         except ValueError as exc:
             raise ConfigError(str(exc), source=config.source, path=key) from None
+        if wrap is not None:
+            component = wrap(key, component)
         setattr(env, attr, component)
         if key == "model":
             env.geometry = component.geometry
@@ -106,16 +112,24 @@ def _under(prefix: str, path: str | None) -> str:
     return path if path.startswith(prefix) else f"{prefix}.{path}"
 
 
-def build_engine(config: Config | Mapping[str, Any] | str, *, registry: Any = None) -> GenerationEngine:
-    """A ready :class:`GenerationEngine` for ``config`` (a :class:`Config`, mapping or YAML path)."""
+def build_engine(
+    config: Config | Mapping[str, Any] | str, *, registry: Any = None, wrap: Wrap | None = None
+) -> GenerationEngine:
+    """A ready :class:`GenerationEngine` for ``config`` (a :class:`Config`, mapping or YAML path).
+
+    ``wrap(kind, component)``, if given, may return a wrapper for each component as it is built
+    (kinds: the config keys, ``"policy"`` last), e.g. :mod:`packforcing.core.instrument`'s timers.
+    """
     if registry is None:
         from packforcing.plugins.manager import default_registry
 
         registry = default_registry()
     if not isinstance(config, Config):
         config = load_config(config, registry=registry)
-    env = _environment(config, registry)
+    env = _environment(config, registry, wrap=wrap)
     policy = _policy(config, env)
+    if wrap is not None:
+        policy = wrap("policy", policy)
     assert env.model is not None
     engine = GenerationEngine(env.model, policy, config.sampler, device=env.device, dtype=env.dtype)
     engine.config = config

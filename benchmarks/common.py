@@ -1,0 +1,69 @@
+"""Shared helpers for the benchmark scripts: policies under test, result files, environment."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+POLICY_CONFIGS = {
+    "full": ROOT / "configs" / "full.yaml",
+    "sliding_window": ROOT / "configs" / "sliding_window.yaml",
+    "sink_recent": ROOT / "configs" / "sink_recent.yaml",
+    "packforcing": ROOT / "configs" / "packforcing.yaml",
+}
+WAN_CONFIGS = {
+    "full": ROOT / "configs" / "wan1.3b" / "full.yaml",
+    "sliding_window": ROOT / "configs" / "wan1.3b" / "sliding_window.yaml",
+    "packforcing": ROOT / "configs" / "wan1.3b" / "packforcing.yaml",
+}
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(name: str, data: dict[str, Any], table: str) -> None:
+    """``results/<name>.json`` and ``results/<name>.md``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"benchmark": name, "machine": machine(), **data}
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(f"### {name}\n\nMachine: {data['machine']}\n\n{table}")
+    print(table)
+    print(f"wrote {RESULTS / (name + '.json')} and .md")
+
+
+def mib(nbytes: float) -> float:
+    return nbytes / 2**20
+
+
+def gib(nbytes: float) -> float:
+    return nbytes / 2**30
