@@ -6,7 +6,14 @@ from typing import Any
 
 import packforcing as pf
 
-TINY_MODEL = {"name": "tiny_dit", "hidden_size": 32, "num_heads": 2, "num_layers": 2, "latent_height": 4, "latent_width": 6}
+TINY_MODEL = {
+    "name": "tiny_dit",
+    "hidden_size": 32,
+    "num_heads": 2,
+    "num_layers": 2,
+    "latent_height": 4,
+    "latent_width": 6,
+}
 
 
 def engine_for(policy: dict[str, Any], *, model: dict[str, Any] | None = None, steps: int = 3, **sections: Any):

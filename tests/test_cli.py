@@ -14,10 +14,22 @@ from packforcing.cli import main
 
 def test_generate_writes_video_report_and_plot(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main([
-        "generate", "--config", "configs/sink_recent.yaml", "--blocks", "6", "--seed", "3", "--out", str(out),
-        "--set", "policy.window_frames=4", "--no-progress",
-    ])
+    code = main(
+        [
+            "generate",
+            "--config",
+            "configs/sink_recent.yaml",
+            "--blocks",
+            "6",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--set",
+            "policy.window_frames=4",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["policy"] == {"name": "sink_recent", "sink_frames": 8, "window_frames": 4, "page_blocks": 4}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from packforcing.core.store import NonFiniteError
 from packforcing.core.records import BlockCommit
+from packforcing.core.store import NonFiniteError
 
 from .helpers import engine_for, generate
 
@@ -92,17 +92,29 @@ def test_cache_refuses_non_finite_keys_and_keeps_its_state():
     bad = k.clone()
     bad[0, 0, 0, 0] = float("nan")
     commit = BlockCommit(
-        block_id=2, start_frame=8, num_frames=4, grid=g.block_grid, position=8.0,
-        keys=[bad] * g.num_layers, values=[k] * g.num_layers,
+        block_id=2,
+        start_frame=8,
+        num_frames=4,
+        grid=g.block_grid,
+        position=8.0,
+        keys=[bad] * g.num_layers,
+        values=[k] * g.num_layers,
     )
     with pytest.raises(NonFiniteError, match="non-finite"):
         policy.commit(commit)
     assert policy.stats().tiers["history"].blocks == before.tiers["history"].blocks
     # nothing half-done: the same block, made finite, goes in and lands where it should
-    policy.commit(BlockCommit(
-        block_id=2, start_frame=8, num_frames=4, grid=g.block_grid, position=8.0,
-        keys=[k] * g.num_layers, values=[k] * g.num_layers,
-    ))
+    policy.commit(
+        BlockCommit(
+            block_id=2,
+            start_frame=8,
+            num_frames=4,
+            grid=g.block_grid,
+            position=8.0,
+            keys=[k] * g.num_layers,
+            values=[k] * g.num_layers,
+        )
+    )
     assert policy.location(2) == "history"
     assert policy.stats().tiers["history"].blocks == before.tiers["history"].blocks + 1
     assert policy.layout.members[0][-1] == 2 and len(policy.layout.members[0]) == 3

@@ -36,8 +36,14 @@ CASES = [
     ({"name": "sink_recent", "sink_frames": 4, "window_frames": 8}, visible_sink_window(1, 2)),
     ({"name": "sink_recent", "sink_frames": 8, "window_frames": 4}, visible_sink_window(2, 1)),
     (
-        {"name": "tiered", "tiers": [{"name": "a", "frames": 4, "pinned": True}, {"name": "b", "blocks": 1},
-                                     {"name": "c", "blocks": 2}]},
+        {
+            "name": "tiered",
+            "tiers": [
+                {"name": "a", "frames": 4, "pinned": True},
+                {"name": "b", "blocks": 1},
+                {"name": "c", "blocks": 2},
+            ],
+        },
         visible_sink_window(1, 3),
     ),
 ]
@@ -81,8 +87,14 @@ def test_sink_recent_without_sink_equals_sliding_window():
 def test_block_causal_mask_shape_and_content():
     mask = block_causal_mask(3, 2, visible_window(1))
     expected = torch.tensor(
-        [[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1],
-         [0, 0, 1, 1, 1, 1]],
+        [
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [0, 0, 1, 1, 1, 1],
+            [0, 0, 1, 1, 1, 1],
+        ],
         dtype=torch.bool,
     )
     assert torch.equal(mask, expected)

@@ -1,0 +1,126 @@
+"""Geometry, paged store and tier layout, unit by unit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from packforcing import Geometry
+from packforcing.core.rope import Rope3D
+from packforcing.core.store import NonFiniteError, TierStore
+from packforcing.policies.layout import ARCHIVE, DROP, Move, TierLayout, TierSlotSpec
+
+
+def test_wan_geometry_numbers():
+    g = Geometry(latent_height=60, latent_width=104, num_layers=30, num_heads=12, head_dim=128, dtype="bfloat16")
+    assert g.tokens_per_frame == 1560
+    assert g.block_grid == (4, 30, 52)
+    assert g.tokens_per_block == 6240
+    assert g.bytes_per_token == 184_320
+    assert g.latent_frames(120, 16) == 480
+
+
+@pytest.mark.parametrize("bad", [dict(latent_height=7), dict(patch=(2, 2, 2), frames_per_block=3), dict(num_heads=0)])
+def test_geometry_rejects_inconsistent_shapes(bad):
+    base = dict(latent_height=8, latent_width=8, num_layers=1, num_heads=2, head_dim=8)
+    with pytest.raises(ValueError):
+        Geometry(**{**base, **bad})
+
+
+def make_store(capacity, page_blocks=2, tokens=3):
+    return TierStore(
+        name="t", slot_tokens=tokens, num_layers=2, num_heads=2, head_dim=4, capacity=capacity, page_blocks=page_blocks
+    )
+
+
+def kv(batch=1, tokens=3, fill=1.0):
+    k = torch.full((batch, tokens, 2, 4), float(fill), dtype=torch.float32)
+    return [k, k + 1], [k + 2, k + 3]
+
+
+def test_store_pages_grow_by_page_and_reuse_freed_slots():
+    store = make_store(capacity=None, page_blocks=2)
+    slots = [store.put(*kv(fill=i)) for i in range(3)]
+    assert len(store.pages) == 2  # 3 blocks in pages of 2
+    page_ids = [id(p) for p in store.pages]
+    store.release(slots[0])
+    again = store.put(*kv(fill=9))
+    assert (again.page, again.index) == (slots[0].page, slots[0].index)
+    assert [id(p) for p in store.pages] == page_ids  # no reallocation, no copy of existing entries
+    k, v = again.layer_kv(1)
+    assert torch.equal(k, torch.full((1, 3, 2, 4), 10.0)) and torch.equal(v, torch.full((1, 3, 2, 4), 12.0))
+    k2, _ = slots[2].layer_kv(0)
+    assert torch.equal(k2, torch.full((1, 3, 2, 4), 2.0))  # neighbours untouched
+    assert store.nbytes == sum(p.nbytes for p in store.pages) == 2 * (2 * 2 * 1 * 2 * 3 * 2 * 4 * 4)
+
+
+def test_store_capacity_and_planned_slots_agree():
+    store = make_store(capacity=3, page_blocks=2)
+    for i in range(3):
+        store.put(*kv(fill=i))
+    with pytest.raises(RuntimeError, match="full"):
+        store.put(*kv())
+    assert sum(p.shape[3] for p in store.pages) == TierStore.planned_slots(3, 2, 3) == 4
+
+
+def test_store_validates_shapes_and_values():
+    store = make_store(capacity=2)
+    with pytest.raises(ValueError, match="expected K/V"):
+        store.put(*kv(tokens=4))
+    keys, values = kv()
+    keys[1] = keys[1].clone()
+    keys[1][0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError):
+        store.put(keys, values)
+    assert store.live_blocks == 0 and store.nbytes == 0
+    slot = store.put(*kv())
+    store.release(slot)
+    with pytest.raises(RuntimeError):
+        slot.layer_kv(0)
+    with pytest.raises(RuntimeError, match="twice"):
+        store.release(slot)
+
+
+def test_layout_moves_sink_then_cascade():
+    layout = TierLayout(
+        [TierSlotSpec("sink", 1, pinned=True), TierSlotSpec("mid", 2), TierSlotSpec("recent", 1)], ARCHIVE
+    )
+    assert layout.commit(0) == [Move(0, None, 0)]
+    assert layout.commit(1) == [Move(1, None, 2)]
+    assert layout.commit(2) == [Move(1, 2, 1), Move(2, None, 2)]
+    assert layout.commit(3) == [Move(2, 2, 1), Move(3, None, 2)]
+    # mid is full: its oldest leaves first, then recent's oldest takes its place
+    assert layout.commit(4) == [Move(1, 1, ARCHIVE), Move(3, 2, 1), Move(4, None, 2)]
+    assert layout.commit(5) == [Move(2, 1, ARCHIVE), Move(4, 2, 1), Move(5, None, 2)]
+    assert [list(m) for m in layout.members] == [[0], [3, 4], [5]]
+
+
+@pytest.mark.parametrize(
+    ("tiers", "message"),
+    [
+        (
+            [TierSlotSpec("a", 1), TierSlotSpec("s", 1, pinned=True), TierSlotSpec("b", 1)],
+            "pinned tiers must come first",
+        ),
+        ([TierSlotSpec("s", 1, pinned=True)], "newest tier cannot be pinned"),
+        ([TierSlotSpec("s", None, pinned=True), TierSlotSpec("b", 1)], "needs a capacity"),
+        ([TierSlotSpec("b", 0)], "at least one block"),
+    ],
+)
+def test_layout_rejects_impossible_tier_orders(tiers, message):
+    with pytest.raises(ValueError, match=message):
+        TierLayout(tiers, DROP)
+
+
+def test_rope_shift_equals_recomputed_rope_and_touches_only_the_temporal_band():
+    rope = Rope3D(head_dim=32)
+    assert rope.band_pairs == (6, 5, 5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2 * 3 * 4, 3, 32, generator=gen, dtype=torch.float64).float()
+    at5 = rope.apply_grid(x, (2, 3, 4), t_start=5)
+    at9 = rope.apply_grid(x, (2, 3, 4), t_start=9)
+    shifted = rope.shift_temporal(at5, 4)
+    assert float((shifted - at9).abs().max()) < 1e-5
+    assert torch.equal(shifted[..., 12:], at5[..., 12:])
+    per_item = rope.shift_temporal(at5, torch.tensor([4.0, 0.0]))
+    assert torch.allclose(per_item[0], at9[0], atol=1e-5) and torch.equal(per_item[1], at5[1])
