@@ -87,7 +87,7 @@ def engine_run(layers: int, blocks: int) -> dict:
         "model.hidden_size=1536",
         "model.num_heads=12",
         f"model.num_layers={layers}",
-        *COMPRESSOR_OVERRIDES,
+        *WAN_LIKE_OVERRIDES,
     ]
     config = pf.load_config(POLICY_CONFIGS["packforcing"], overrides)
     engine = pf.build_engine(config)
@@ -114,8 +114,16 @@ def engine_run(layers: int, blocks: int) -> dict:
     }
 
 
-# the trained tiny compressor does not fit Wan's width: use a fresh (random) one of the paper's shape
-COMPRESSOR_OVERRIDES: list[str] = ["compressor.weights=null"]
+# the paper's sizes (sink 8 frames, recent 4, top-16 from a bank of 32 mid blocks); the trained tiny
+# compressor does not fit Wan's width, so a fresh one of the paper's channel ladder is used
+WAN_LIKE_OVERRIDES: list[str] = [
+    "policy.sink_frames=8",
+    "policy.recent_frames=4",
+    "policy.mid_capacity_blocks=32",
+    "selector.k=16",
+    "compressor.weights=null",
+    "compressor.hr_channels=[32, 128, 512, 2048]",
+]
 
 
 def main() -> int:
