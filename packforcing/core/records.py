@@ -38,13 +38,15 @@ class BlockCommit:
 @attrs.frozen
 class CompressedKV:
     """A compressor's output: per-layer ``[B, N', H, D]`` keys (rotated at ``position`` on the
-    compressed ``grid`` with ``temporal_stride`` frames per temporal token) and values."""
+    compressed ``grid`` with ``temporal_stride`` frames per temporal token and ``hw_stride``
+    full-grid tokens per spatial token) and values."""
 
     grid: Grid
     temporal_stride: float
     position: float
     keys: Sequence[torch.Tensor]
     values: Sequence[torch.Tensor]
+    hw_stride: float = 1.0
 
     @property
     def num_tokens(self) -> int:
@@ -60,7 +62,9 @@ class CachedBlock:
     token grid ``(t, h, w)``; ``position`` is the temporal position its stored keys are rotated
     at (the cache never rotates stored keys afterwards: realigners rotate gathered copies from
     this home position, so precision does not decay with video length). ``temporal_stride`` is
-    how many latent frames one temporal token spans. K/V live in the store slot.
+    how many latent frames one temporal token spans and ``hw_stride`` how many full-grid tokens
+    one spatial token spans (the spatial RoPE positions are ``j * hw_stride``). K/V live in the
+    store slot.
     """
 
     block_id: int
@@ -71,6 +75,7 @@ class CachedBlock:
     position: float
     temporal_stride: float
     slot: Slot
+    hw_stride: float = 1.0
 
     @property
     def num_tokens(self) -> int:

@@ -97,6 +97,16 @@ class Rope3D:
         """Apply RoPE to ``x [B, N, H, D]`` whose tokens form the t-major ``grid``."""
         return self.apply(x, *self.grid_positions(grid, t_start, t_stride, hw_stride, device=x.device))
 
+    def unapply(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`apply` at positions ``[N]`` (rotate by the negated angles)."""
+        return self._rotate(x, -self.angles(t, h, w))
+
+    def unapply_grid(
+        self, x: torch.Tensor, grid: Grid, t_start: float, t_stride: float = 1.0, hw_stride: float = 1.0
+    ) -> torch.Tensor:
+        """Undo :meth:`apply_grid` (the keys as they were before RoPE, up to one rounding)."""
+        return self.unapply(x, *self.grid_positions(grid, t_start, t_stride, hw_stride, device=x.device))
+
     def shift_temporal(self, x: torch.Tensor, delta: float | torch.Tensor) -> torch.Tensor:
         """Move ``x [B, N, H, D]`` by ``delta`` temporal positions, touching only the temporal band.
 

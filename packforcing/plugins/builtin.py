@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from packforcing.attention.backends import SdpaBackend, XformersBackend, pick_backend
+from packforcing.compressors.dual_branch import DualBranchCompressor, DualBranchParams
+from packforcing.compressors.pool import PoolCompressor, PoolParams
 from packforcing.models.geometry_only import GeometryOnlyModel, GeometryParams
 from packforcing.models.tiny_dit import TinyDiT, TinyDiTParams
 from packforcing.plugins.factory import ComponentFactory, no_params
 from packforcing.plugins.hookspecs import hookimpl
+from packforcing.policies.packforcing import PackForcingParams, build_packforcing
 from packforcing.policies.presets import (
     FullParams,
     SinkRecentParams,
@@ -16,6 +19,9 @@ from packforcing.policies.presets import (
 )
 from packforcing.policies.tiered import TieredParams
 from packforcing.positional.identity import IdentityRealigner
+from packforcing.positional.temporal_shift import TemporalRopeShift, TemporalRopeShiftParams
+from packforcing.selectors.recency import RecencyParams, RecencySelector
+from packforcing.selectors.topk import TopKParams, TopKSelector
 
 
 def _tiny_dit(params: TinyDiTParams, env) -> TinyDiT:
@@ -46,7 +52,52 @@ def packforcing_attention_backends():
 
 @hookimpl
 def packforcing_realigners():
-    return {"identity": no_params(lambda env: IdentityRealigner(), "keep stored (absolute) positions")}
+    return {
+        "identity": no_params(lambda env: IdentityRealigner(), "keep stored (absolute) positions"),
+        "temporal_rope_shift": ComponentFactory(
+            TemporalRopeShiftParams,
+            lambda p, env: TemporalRopeShift(p),
+            "pack the context contiguously; rotate temporal bands from home positions",
+        ),
+    }
+
+
+def _dual_branch(params: DualBranchParams, env) -> DualBranchCompressor:
+    model = env.model
+    return DualBranchCompressor(
+        params,
+        hidden_size=model.hidden_size,
+        latent_channels=model.geometry.latent_channels,
+        patch=model.geometry.patch,
+        device=env.device,
+        dtype=env.dtype,
+        config_source=env.config.source if env.config is not None else None,
+        lazy=env.plan_only,
+    )
+
+
+@hookimpl
+def packforcing_compressors():
+    return {
+        "dual_branch": ComponentFactory(
+            DualBranchParams, _dual_branch, "PackForcing's trained HR-conv + LR pool/VAE/patch compressor (32x)"
+        ),
+        "pool": ComponentFactory(
+            PoolParams, lambda p, env: PoolCompressor(p), "training-free RoPE-aware average pooling of K/V"
+        ),
+    }
+
+
+@hookimpl
+def packforcing_selectors():
+    return {
+        "topk": ComponentFactory(
+            TopKParams, lambda p, env: TopKSelector(p), "top-k blocks by mean attention logit of sampled queries"
+        ),
+        "recency": ComponentFactory(
+            RecencyParams, lambda p, env: RecencySelector(p), "the newest k blocks (FIFO baseline)"
+        ),
+    }
 
 
 @hookimpl
@@ -59,5 +110,8 @@ def packforcing_policies():
         ),
         "sink_recent": ComponentFactory(
             SinkRecentParams, preset_builder("sink_recent"), "first sink_frames + last window_frames"
+        ),
+        "packforcing": ComponentFactory(
+            PackForcingParams, build_packforcing, "sink + compressed, selected mid bank + recent (the paper)"
         ),
     }

@@ -1,0 +1,118 @@
+"""``topk``: PackForcing's dynamic context selection.
+
+Importance of a candidate block (Deep Forcing's Eq. 7 lineage) is the mean attention logit
+``qᵀk / √d`` over a sample of the current block's queries, a subset of heads and all of the
+block's keys. The ``k`` most important blocks enter attention, returned in time order; the
+others stay in their tier (the bank). Selection is per batch item, and per layer unless
+``shared_across_layers`` (then the first layer's queries choose for every layer).
+
+Because the score is a mean of dot products it factorises exactly:
+``mean_{i,h,j} q_{ih}·k_{jh} = mean_h (mean_i q_{ih})·(mean_j k_{jh})``, so scoring costs one
+pass over the candidates' keys, not ``Nq × Nk`` products. Candidates are scored with their
+stored keys (at their home positions): the packed positions depend on the selection itself.
+
+Ties (equal scores) go to the newer block, so the choice is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from packforcing.core.interfaces import Selector
+from packforcing.core.records import CachedBlock
+from packforcing.core.validators import fraction, non_negative, positive
+
+
+def _heads(instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, tuple) or not value or not all(isinstance(h, int) and h >= 0 for h in value):
+        raise ValueError(f"{attribute.name}: expected a non-empty list of head indices >= 0, got {value!r}")
+
+
+@attrs.frozen
+class TopKParams:
+    """Parameters of ``topk``.
+
+    ``k``: blocks selected. ``query_fraction`` / ``min_queries``: how many of the block's
+    queries are sampled (evenly spaced over the t-major token grid: ``max(min_queries,
+    ceil(fraction · Nq))``, at most ``Nq``). ``heads``: explicit head indices, or ``None`` for
+    ``ceil(head_fraction · H)`` evenly spaced heads. ``shared_across_layers``: select once
+    per forward pass (with the first layer's queries) instead of per layer.
+    """
+
+    k: int = attrs.field(default=16, validator=positive)
+    query_fraction: float = attrs.field(default=0.125, validator=fraction)
+    min_queries: int = attrs.field(default=32, validator=non_negative)
+    head_fraction: float = attrs.field(default=1.0, validator=fraction)
+    heads: tuple[int, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(tuple), validator=_heads
+    )
+    shared_across_layers: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+
+def query_sample(num_queries: int, fraction: float, minimum: int) -> torch.Tensor:
+    """Evenly spaced query indices ``[n]`` (strictly increasing), ``n = max(minimum, ceil(fraction · N))``
+    capped at ``N``."""
+    n = min(num_queries, max(minimum, math.ceil(fraction * num_queries)))
+    n = max(n, 1)
+    return torch.arange(n, dtype=torch.int64) * num_queries // n
+
+
+def head_sample(num_heads: int, params: TopKParams) -> torch.Tensor:
+    """Head indices ``[h]`` the score averages over."""
+    if params.heads is not None:
+        bad = [h for h in params.heads if h >= num_heads]
+        if bad:
+            raise ValueError(f"heads: {bad} out of range for {num_heads} heads")
+        return torch.tensor(sorted(set(params.heads)), dtype=torch.int64)
+    n = max(1, math.ceil(params.head_fraction * num_heads))
+    return torch.arange(n, dtype=torch.int64) * num_heads // n
+
+
+def top_k_in_time_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[B, k]`` of the ``k`` largest ``scores [B, C]`` per row, ascending; ties go to
+    the larger index (the newer block)."""
+    num = scores.shape[-1]
+    k = min(k, num)
+    # stable sort of the reversed row: among equal scores the newer block comes first
+    order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+    chosen = (num - 1) - order[:, :k]
+    return torch.sort(chosen, dim=-1).values
+
+
+class TopKSelector(Selector):
+    """Top-``k`` blocks by mean attention logit of sampled queries (see the module docstring)."""
+
+    name = "topk"
+
+    def __init__(self, params: TopKParams | None = None) -> None:
+        self.params = params or TopKParams()
+        self.shared_across_layers = self.params.shared_across_layers
+        self.last_scores: torch.Tensor | None = None
+        """``[B, C]`` scores of the last :meth:`select` call (for inspection)."""
+
+    def budget(self, num_candidates: int) -> int:
+        return min(self.params.k, num_candidates)
+
+    def scores(self, queries: torch.Tensor, candidates: Sequence[CachedBlock], layer: int) -> torch.Tensor:
+        """Importance ``[B, C]`` (float32) of each candidate for ``queries [B, Nq, H, D]``."""
+        _, nq, h, d = queries.shape
+        qi = query_sample(nq, self.params.query_fraction, self.params.min_queries).to(queries.device)
+        hi = head_sample(h, self.params).to(queries.device)
+        q_mean = queries.index_select(1, qi).index_select(2, hi).float().mean(dim=1)  # [B, h', D]
+        k_mean = torch.stack(
+            [c.layer_kv(layer)[0].index_select(2, hi).float().mean(dim=1) for c in candidates], dim=1
+        )  # [B, C, h', D]
+        return torch.einsum("bhd,bchd->bc", q_mean, k_mean) / (hi.numel() * math.sqrt(d))
+
+    def select(self, queries: torch.Tensor, candidates: Sequence[CachedBlock], layer: int) -> torch.Tensor:
+        if not candidates:
+            return torch.empty((queries.shape[0], 0), dtype=torch.int64, device=queries.device)
+        scores = self.scores(queries, candidates, layer)
+        self.last_scores = scores
+        return top_k_in_time_order(scores, self.params.k)
