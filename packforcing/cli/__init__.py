@@ -1,23 +1,37 @@
 """The ``packforcing`` command line.
 
 Each verb lives in its own module exposing ``register(subparsers)``; it sets
-``func(args) -> int`` on its parser. Config problems print one line and exit with status 2
-(``--debug`` shows the traceback).
+``func(args) -> int`` on its parser. Config problems print one line and exit with status 2;
+other expected failures (a cache refusing non-finite values, a missing output directory)
+print one line and exit with status 1. ``--debug`` (before or after the verb) shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+import textwrap
+import warnings
+from collections.abc import Iterator, Sequence
 
 from packforcing.core.errors import ConfigError
 
-VERBS = ("generate",)
+VERBS = ("generate", "plan", "validate", "plugins")
 """Modules under packforcing.cli, one per verb, in help order."""
 
+EXIT_OK = 0
+EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+
+EXAMPLES = """examples:
+  packforcing generate --config configs/packforcing.yaml --blocks 120 --out out/
+  packforcing plan --config configs/wan1.3b/packforcing.yaml --seconds 120
+  packforcing validate configs/
+  packforcing plugins
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="packforcing",
         description="Long-horizon autoregressive video generation with pluggable KV-cache memory.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  packforcing generate --config configs/full.yaml --blocks 8 --out out/",
+        epilog=EXAMPLES + "\n'packforcing VERB --help' shows each verb's options and an example.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -34,26 +48,93 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_verb(
+    sub: argparse._SubParsersAction, name: str, *, help: str, description: str, example: str
+) -> argparse.ArgumentParser:
+    """A verb's parser with the shared conventions: description, an example and ``--debug``."""
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=textwrap.fill(description, 88),
+        epilog=example,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_debug(parser)
+    return parser
+
+
+def add_debug(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--debug`` after the verb too."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. policy.window_frames=64 (YAML-typed, repeatable, applied last)",
+    )
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line (internal newlines folded)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def plugin_warnings_on_one_line() -> Iterator[None]:
+    """Show plugin problems as ``warning: ...`` lines (once each) instead of Python's two-line
+    warning format."""
+    from packforcing.plugins.manager import PluginWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PluginWarning):
+            print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", PluginWarning)
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            warnings.showwarning = original
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from packforcing.core.store import NonFiniteError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verb is None:
         parser.print_help()
         return EXIT_CONFIG
     try:
-        return int(args.func(args) or 0)
+        with plugin_warnings_on_one_line():
+            return int(args.func(args) or 0)
     except ConfigError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
+    except NonFiniteError as exc:
+        if args.debug:
+            raise
+        print(f"error: non-finite values refused by the cache (not stored): {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
     except (LookupError, ValueError, OSError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-def add_debug(parser: argparse.ArgumentParser) -> None:
-    """Accept ``--debug`` after the verb too."""
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from packforcing.cli import add_overrides, add_verb
+
 DEFAULT_CONFIG = "configs/packforcing.yaml"
 
 EXAMPLE = """example:
@@ -14,23 +16,22 @@ EXAMPLE = """example:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_verb(
+        sub,
         "generate",
         help="generate a video block by block and report the cache",
         description="Generate a video block by block, streaming frames to DIR/video.mp4, and write "
-        "DIR/report.json (per-block time, context tokens, cache bytes per tier) and DIR/memory.png.",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "DIR/report.json (per-block time, context tokens, cache bytes per tier) and DIR/memory.png "
+        "(cache bytes per tier against block index, stacked, with the full cache for reference).",
+        example=EXAMPLE,
     )
     p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG}, else the packaged one)")
     p.add_argument("--blocks", type=int, default=None, help="number of blocks (default: run.blocks)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: run.seed)")
     p.add_argument("--batch-size", type=int, default=None, help="videos generated together (default: run.batch_size)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. policy.window_frames=64 (repeatable)")
+    add_overrides(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(func=run)
 
 

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
 
-from packforcing.core.config import Config, load_config
+from packforcing.core.config import TOP_KEYS, Config, load_config
 from packforcing.core.engine import GenerationEngine
 from packforcing.core.errors import ConfigError
 from packforcing.core.geometry import Geometry, resolve_dtype
-from packforcing.core.interfaces import AttentionBackend, BlockModel, Compressor, PositionalRealigner, Selector
+from packforcing.core.interfaces import (
+    AttentionBackend,
+    BlockModel,
+    CachePolicy,
+    Compressor,
+    PositionalRealigner,
+    Selector,
+)
 from packforcing.core.records import MemoryPlan
-from packforcing.core.structure import structure
+from packforcing.core.structure import show, structure
 
 
 @attrs.define
 class BuildEnv:
-    """What a component factory may use: the parts built before it (model first, policy last)."""
+    """What a component factory may use: the parts built before it (model first, policy last).
+
+    After everything is built, any component (or its params object) that defines
+    ``validate(env)`` is called with the finished environment (``env.policy`` set too): that is
+    the place for checks across components, e.g. a selector's ``k`` against the capacity of the
+    tier it selects from. Raise ``ValueError("<param>: message")`` (or a :class:`ConfigError`
+    with a ``path`` relative to the component) and the user sees one line naming the file and
+    key path.
+    """
 
     registry: Any
     device: torch.device
@@ -31,8 +46,11 @@ class BuildEnv:
     realigner: PositionalRealigner | None = None
     selector: Selector | None = None
     compressor: Compressor | None = None
+    policy: CachePolicy | None = None
     plan_only: bool = False
     """True when building for the memory planner: models may skip their weights."""
+    built: list[tuple[str, Any, Any]] = attrs.field(factory=list, repr=False)
+    """``(key path, component, params)`` of everything built, unwrapped, in build order."""
 
     def build(self, kind: str, block: Mapping[str, Any] | str, path: str) -> Any:
         """Build a nested component (e.g. a tier's own compressor) from ``{name: ..., **params}``."""
@@ -40,13 +58,43 @@ class BuildEnv:
             block = {"name": block}
         name = block.get("name")
         if not isinstance(name, str):
-            raise ConfigError(f"expected a mapping with a 'name', got {dict(block)!r}", path=path)
+            raise ConfigError(f"expected a mapping with a 'name', got {show(dict(block))}", path=path)
         try:
             factory = self.registry.factory(kind, name)
         except LookupError as exc:
             raise ConfigError(str(exc.args[0]), path=f"{path}.name") from None
         params = structure(factory.params, {k: v for k, v in block.items() if k != "name"}, path)
-        return factory.build(params, self)
+        try:
+            component = factory.build(params, self)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, source=exc.source, path=_under(path, exc.path)) from None
+        except ValueError as exc:
+            raise _config_error(exc, path, [(path, params)]) from None
+        self.built.append((path, component, params))
+        return component
+
+
+def _fields(params: Any) -> set[str]:
+    return {f.name for f in attrs.fields(type(params))} if attrs.has(type(params)) else set()
+
+
+def _config_error(exc: ValueError, path: str, owners: Sequence[tuple[str, Any]] = ()) -> ConfigError:
+    """A component's ``ValueError("<param>: message")`` as a :class:`ConfigError` at ``path``.
+
+    ``owners`` are ``(config key, params object)`` pairs: when the message starts with a field of
+    one of them, the error names that key and field (the first owner is the component itself)."""
+    if isinstance(exc, ConfigError):
+        return ConfigError(exc.message, source=exc.source, path=_under(path, exc.path))
+    message = str(exc)
+    head, sep, rest = message.partition(": ")
+    if sep and " " not in head:
+        root = head.split(".")[0].split("[")[0]
+        for key, params in owners:
+            if root in _fields(params):
+                return ConfigError(rest, path=f"{key}.{head}")
+        if root in TOP_KEYS:  # an absolute key path, e.g. "selector.k" named by the policy
+            return ConfigError(rest, path=head)
+    return ConfigError(message, path=path)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,6 +105,10 @@ def resolve_device(name: str) -> torch.device:
 
 Wrap = Callable[[str, Any], Any]
 """``wrap(kind, component) -> component``: composes around each built component (e.g. timing)."""
+
+
+def _locate(error: ConfigError, config: Config) -> ConfigError:
+    return error.located(config.source_of(error.path))
 
 
 def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap: Wrap | None = None) -> BuildEnv:
@@ -79,10 +131,9 @@ def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap
             continue
         try:
             component = registry.factory(key, spec.name).build(spec.params, env)
-        except ConfigError as exc:
-            raise exc.located(config.source) from None
-        except ValueError as exc:
-            raise ConfigError(str(exc), source=config.source, path=key) from None
+        except ValueError as exc:  # ConfigError included
+            raise _locate(_config_error(exc, key, [(key, spec.params)]), config) from None
+        env.built.append((key, component, spec.params))
         if wrap is not None:
             component = wrap(key, component)
         setattr(env, attr, component)
@@ -95,21 +146,39 @@ def _policy(config: Config, env: BuildEnv) -> Any:
     spec = config.components["policy"]
     assert spec is not None
     try:
-        return env.registry.factory("policy", spec.name).build(spec.params, env)
-    except ConfigError as exc:
-        raise ConfigError(exc.message, source=exc.source or config.source, path=_under("policy", exc.path)) from None
-    except ValueError as exc:
-        message = str(exc)
-        head, sep, rest = message.partition(": ")
-        if sep and " " not in head:
-            raise ConfigError(rest, source=config.source, path=f"policy.{head}") from None
-        raise ConfigError(message, source=config.source, path="policy") from None
+        policy = env.registry.factory("policy", spec.name).build(spec.params, env)
+    except ValueError as exc:  # ConfigError included
+        # a message naming another component's parameter (e.g. a compressor window too large
+        # for the block) is attributed to that component
+        others = [(key, c.params) for key, c in config.components.items() if c is not None and key != "policy"]
+        raise _locate(_config_error(exc, "policy", [("policy", spec.params), *others]), config) from None
+    env.built.append(("policy", policy, spec.params))
+    env.policy = policy
+    _validate(config, env)
+    return policy
+
+
+def _validate(config: Config, env: BuildEnv) -> None:
+    """Cross-component checks: ``validate(env)`` of every built component and params object."""
+    for path, component, params in env.built:
+        for obj in (params, component):
+            check = getattr(obj, "validate", None)
+            if not callable(check):
+                continue
+            try:
+                check(env)
+            except ValueError as exc:
+                raise _locate(_config_error(exc, path, [(path, params)]), config) from None
 
 
 def _under(prefix: str, path: str | None) -> str:
+    """``path`` relative to the component at ``prefix``, unless it is already absolute."""
     if not path:
         return prefix
-    return path if path.startswith(prefix) else f"{prefix}.{path}"
+    root = path.split(".")[0].split("[")[0]
+    if root in TOP_KEYS or path == prefix or path.startswith((f"{prefix}.", f"{prefix}[")):
+        return path
+    return f"{prefix}.{path}"
 
 
 def build_engine(
@@ -136,6 +205,38 @@ def build_engine(
     return engine
 
 
+def build_for_planning(config: Config | Mapping[str, Any] | str, *, registry: Any = None) -> BuildEnv:
+    """Every component of ``config`` built for planning (CPU, models without weights) and
+    cross-checked; ``env.policy`` is the policy. Raises :class:`ConfigError` for any problem."""
+    if registry is None:
+        from packforcing.plugins.manager import default_registry
+
+        registry = default_registry()
+    if not isinstance(config, Config):
+        config = load_config(config, registry=registry)
+    env = _environment(config, registry, plan_only=True)
+    _policy(config, env)
+    return env
+
+
+def check_config(config: Config | Mapping[str, Any] | str, *, registry: Any = None) -> Config:
+    """Load ``config``, build every component (plan-only) and plan one run of ``run.blocks``:
+    returns the :class:`Config`, or raises the first :class:`ConfigError`."""
+    env = build_for_planning(config, registry=registry)
+    assert env.config is not None and env.policy is not None
+    try:
+        env.policy.plan(env.config.run.blocks, batch_size=env.config.run.batch_size)
+    except ValueError as exc:
+        raise _locate(_config_error(exc, "policy"), env.config) from None
+    return env.config
+
+
+def blocks_for(geometry: Geometry, seconds: float, fps: float, pixel_frames_per_latent: int = 4) -> int:
+    """Blocks needed to cover ``seconds`` of video at ``fps`` (whole blocks, rounded up)."""
+    frames = geometry.latent_frames(seconds, fps, pixel_frames_per_latent)
+    return -(-frames // geometry.frames_per_block)
+
+
 def plan(
     config: Config | Mapping[str, Any] | str,
     seconds: float | None = None,
@@ -147,18 +248,10 @@ def plan(
 ) -> MemoryPlan:
     """Planned cache tokens/bytes per tier for ``seconds`` of video at ``fps`` (or ``num_blocks``),
     from the geometry alone: nothing is allocated and models skip their weights."""
-    if registry is None:
-        from packforcing.plugins.manager import default_registry
-
-        registry = default_registry()
-    if not isinstance(config, Config):
-        config = load_config(config, registry=registry)
-    env = _environment(config, registry, plan_only=True)
-    policy = _policy(config, env)
-    assert env.geometry is not None
+    env = build_for_planning(config, registry=registry)
+    assert env.geometry is not None and env.policy is not None and env.config is not None
     if num_blocks is None:
         if seconds is None:
             raise ValueError("give seconds or num_blocks")
-        frames = env.geometry.latent_frames(seconds, fps, pixel_frames_per_latent)
-        num_blocks = -(-frames // env.geometry.frames_per_block)
-    return policy.plan(num_blocks, batch_size=config.run.batch_size)
+        num_blocks = blocks_for(env.geometry, seconds, fps, pixel_frames_per_latent)
+    return env.policy.plan(num_blocks, batch_size=env.config.run.batch_size)

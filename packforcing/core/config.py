@@ -3,15 +3,29 @@
 A config is a mapping with the top-level keys ``model``, ``policy``, ``compressor``,
 ``selector``, ``positional``, ``attention``, ``sampler`` and ``run``. Component blocks are
 ``name:`` plus that component's parameters (declared by its plugin as an attrs class).
-Files may ``extends:`` other files (a path or a list, relative to the file, deep-merged in
-order, later wins); ``overrides`` such as ``"policy.window_frames=64"`` are applied last with
-YAML-typed values. Every problem raises :class:`ConfigError` naming the file and key path.
+
+Composition rules:
+
+- ``extends: <path>`` or a list of paths (relative to the file) are loaded first and
+  deep-merged in order, later wins; the file's own keys are merged last. Cycles and missing
+  files are errors.
+- Mappings merge key by key; lists and scalars are replaced. A component block whose ``name``
+  differs from the one it extends *replaces* it: the old component's parameters are not
+  merged into the new one.
+- ``overrides`` such as ``"policy.window_frames=64"`` or ``"policy.tiers[1].blocks=8"`` are
+  applied last, with values parsed as YAML (``8`` is an integer, ``[1, 2, 2]`` a list).
+
+Every problem raises :class:`ConfigError` naming the file (or ``--set``) that set the
+offending key and the key path.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,13 +36,21 @@ import yaml
 from packforcing.core.errors import ConfigError
 from packforcing.core.geometry import DTYPES
 from packforcing.core.sampler import FlowMatchSampler
-from packforcing.core.structure import structure, unstructure
+from packforcing.core.structure import show, structure, unstructure
 from packforcing.core.validators import non_negative, one_of, positive
 
 COMPONENT_KEYS = ("model", "policy", "compressor", "selector", "positional", "attention")
 TOP_KEYS = (*COMPONENT_KEYS, "sampler", "run")
 DEFAULT_COMPONENTS = {"model": "tiny_dit", "positional": "identity", "attention": "auto"}
 OPTIONAL_COMPONENTS = ("compressor", "selector")
+OVERRIDE_SOURCE = "--set"
+
+KeyPath = tuple[str, ...]
+
+
+def _positive_number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{attribute.name}: expected a number > 0, got {show(value)}")
 
 
 @attrs.frozen
@@ -40,7 +62,7 @@ class RunParams:
     batch_size: int = attrs.field(default=1, validator=positive)
     device: str = "auto"
     dtype: str = attrs.field(default="float32", validator=one_of(*DTYPES))
-    fps: float = 16.0
+    fps: float = attrs.field(default=16.0, validator=_positive_number)
     """Frames per second of the written video (one latent frame decodes to one frame)."""
 
 
@@ -54,13 +76,15 @@ class ComponentSpec:
 
 @attrs.frozen
 class Config:
-    """A validated configuration. ``data`` is the merged mapping it was built from."""
+    """A validated configuration. ``data`` is the merged mapping it was built from; ``sources``
+    records which file (or ``--set``) last set each key path, for error messages."""
 
     data: dict[str, Any]
     source: str | None
     components: dict[str, ComponentSpec | None]
     sampler: FlowMatchSampler
     run: RunParams
+    sources: dict[KeyPath, str] = attrs.field(factory=dict, repr=False)
 
     def resolved(self) -> dict[str, Any]:
         """Every section with defaults filled in (YAML/JSON-able)."""
@@ -72,18 +96,103 @@ class Config:
         out["run"] = unstructure(self.run)
         return out
 
+    def source_of(self, path: str | None) -> str | None:
+        """The file (or ``--set``) that set key ``path`` (``"policy.tiers[1].blocks"``), or the
+        closest enclosing key that was set; the config's own file if none was."""
+        return _source_of(self.sources, path, self.source)
+
+
+def _split_path(path: str) -> KeyPath:
+    """``"policy.tiers[1].blocks"`` → ``("policy", "tiers", "1", "blocks")``."""
+    parts: list[str] = []
+    for part in path.split("."):
+        m = re.fullmatch(r"([^\[\]]*)((?:\[\d+\])*)", part)
+        if m is None:
+            parts.append(part)
+            continue
+        if m.group(1):
+            parts.append(m.group(1))
+        parts.extend(re.findall(r"\[(\d+)\]", m.group(2)))
+    return tuple(parts)
+
+
+def _source_of(sources: Mapping[KeyPath, str], path: str | None, default: str | None) -> str | None:
+    if not path:
+        return default
+    parts = _split_path(path)
+    for n in range(len(parts), 0, -1):
+        found = sources.get(parts[:n])
+        if found is not None:
+            return found
+    return default
+
+
+def _locate(exc: ConfigError, sources: Mapping[KeyPath, str], default: str | None) -> ConfigError:
+    """``exc`` attributed to the file that set its key path (if it names no file yet)."""
+    return exc.located(_source_of(sources, exc.path, default))
+
 
 # ---------------------------------------------------------------------- YAML files
+def file_label(path: Path) -> str:
+    """How a file is named in messages: relative to the working directory when below it."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        rel = os.path.relpath(path)
+        return rel if not rel.startswith("..") else str(path)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # unhashable key: let the base constructor report it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+            )
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _missing_file(path: Path) -> str:
+    hint = ""
+    if path.parent.is_dir():
+        siblings = {p.stem: p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")}
+        close = difflib.get_close_matches(path.stem, list(siblings), n=1)
+        hint = f" (did you mean {siblings[close[0]]!r}?)" if close else ""
+    return f"file not found{hint}"
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
-    label = os.path.relpath(path) if path.is_absolute() else str(path)
+    label = file_label(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError("file not found", source=label) from None
+        raise ConfigError(_missing_file(path), source=label) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, not a YAML file", source=label) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", source=label) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not a text file", source=label) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{label}:{mark.line + 1}" if mark is not None else label
@@ -96,75 +205,145 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return dict(data)
 
 
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def _replaces(old: Any, new: Any) -> bool:
+    """``new`` names a different component than ``old``: it replaces it instead of merging."""
+    return (
+        isinstance(old, Mapping)
+        and isinstance(new, Mapping)
+        and "name" in old
+        and "name" in new
+        and new["name"] != old["name"]
+    )
+
+
+def deep_merge(
+    base: Mapping[str, Any], over: Mapping[str, Any], *, _prefix: KeyPath = (), _replaced: list[KeyPath] | None = None
+) -> dict[str, Any]:
     """``over`` merged into ``base``; a component block naming another component replaces it."""
     out = copy.deepcopy(dict(base))
     for key, value in over.items():
         old = out.get(key)
-        if isinstance(old, Mapping) and isinstance(value, Mapping):
-            if "name" in value and "name" in old and value["name"] != old["name"]:
-                out[key] = copy.deepcopy(dict(value))
-            else:
-                out[key] = deep_merge(old, value)
+        path = (*_prefix, str(key))
+        if isinstance(old, Mapping) and isinstance(value, Mapping) and not _replaces(old, value):
+            out[key] = deep_merge(old, value, _prefix=path, _replaced=_replaced)
         else:
             out[key] = copy.deepcopy(value)
+            if _replaced is not None and key in base:
+                _replaced.append(path)
     return out
 
 
-def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Merged data of ``path`` and its ``extends`` chain, and the source file of each top key."""
-    path = path.resolve()
-    label = os.path.relpath(path)
-    if path in stack:
-        chain = " -> ".join(os.path.relpath(p) for p in (*stack, path))
-        raise ConfigError(f"extends: cycle {chain}", source=label)
-    data = _read_yaml(path)
-    parents = data.pop("extends", None)
-    if parents is None:
-        parents = []
-    elif isinstance(parents, str):
-        parents = [parents]
-    elif not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
-        raise ConfigError(f"expected a path or a list of paths, got {parents!r}", source=label, path="extends")
-    merged: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for parent in parents:
-        parent_path = path.parent / parent
-        if not parent_path.exists():
-            raise ConfigError(f"extends: file not found: {parent}", source=label, path="extends")
-        pdata, psources = _load_file(parent_path, (*stack, path))
-        merged = deep_merge(merged, pdata)
-        sources.update(psources)
-    merged = deep_merge(merged, data)
-    sources.update({k: label for k in data})
+def _key_paths(data: Any, prefix: KeyPath = ()) -> list[KeyPath]:
+    """Every mapping key path in ``data`` (lists are leaves: they are replaced, never merged)."""
+    out: list[KeyPath] = []
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            path = (*prefix, str(key))
+            out.append(path)
+            out.extend(_key_paths(value, path))
+    return out
+
+
+def _compose(
+    base: dict[str, Any], base_sources: dict[KeyPath, str], over: Mapping[str, Any], over_sources: dict[KeyPath, str]
+) -> tuple[dict[str, Any], dict[KeyPath, str]]:
+    replaced: list[KeyPath] = []
+    merged = deep_merge(base, over, _replaced=replaced)
+    sources = {p: s for p, s in base_sources.items() if not any(p[: len(r)] == r and len(p) > len(r) for r in replaced)}
+    sources.update(over_sources)
     return merged, sources
 
 
+def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dict[KeyPath, str]]:
+    """Merged data of ``path`` and its ``extends`` chain, and the file that set each key path."""
+    path = path.resolve()
+    label = file_label(path)
+    if path in stack:
+        chain = " -> ".join(file_label(p) for p in (*stack, path))
+        raise ConfigError(f"cyclic extends: {chain}", source=file_label(stack[-1]), path="extends")
+    data = _read_yaml(path)
+    parents = data.pop("extends", None)
+    single = isinstance(parents, str)
+    if parents is None:
+        parents = []
+    elif single:
+        parents = [parents]
+    elif not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
+        raise ConfigError(f"expected a path or a list of paths, got {show(parents)}", source=label, path="extends")
+    merged: dict[str, Any] = {}
+    sources: dict[KeyPath, str] = {}
+    for i, parent in enumerate(parents):
+        parent_path = path.parent / parent
+        where = "extends" if single else f"extends[{i}]"
+        if not parent_path.is_file():
+            raise ConfigError(f"{parent}: {_missing_file(parent_path)}", source=label, path=where)
+        pdata, psources = _load_file(parent_path, (*stack, path))
+        merged, sources = _compose(merged, sources, pdata, psources)
+    return _compose(merged, sources, data, dict.fromkeys(_key_paths(data), label))
+
+
 # ---------------------------------------------------------------------- overrides
-def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
-    """Apply ``"a.b.c=value"`` (value parsed as YAML) to a copy of ``data``."""
+def _parse_value(raw: str) -> Any:
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(data: dict[str, Any], override: str, sources: dict[KeyPath, str] | None = None) -> dict[str, Any]:
+    """Apply ``"a.b.c=value"`` (value parsed as YAML; ``a.list[1].b`` or ``a.list.1.b`` index lists)
+    to a copy of ``data``; records ``--set`` as the source of the key in ``sources``."""
     key, sep, raw = override.partition("=")
     key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {override!r}: expected KEY.PATH=VALUE", source="--set")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    parts = key.split(".")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"expected KEY.PATH=VALUE, got {override!r}", source=OVERRIDE_SOURCE)
+    value = _parse_value(raw)
+    parts = _split_path(key)
     out = copy.deepcopy(data)
-    node = out
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {key}: {'.'.join(parts[: i + 1])} is not a mapping", source="--set")
-        node = child
-    last = parts[-1]
-    if len(parts) == 2 and last == "name" and node.get("name") not in (None, value):
-        node.clear()  # a different component: the old one's parameters do not carry over
-    node[last] = value
+    node: Any = out
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(
+                    f"{'.'.join(parts[:i])} is a list: index it with a number", source=OVERRIDE_SOURCE, path=key
+                )
+            index = int(part)
+            if index >= len(node):
+                raise ConfigError(
+                    f"index {index} is out of range ({len(node)} items)", source=OVERRIDE_SOURCE, path=key
+                )
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(
+                f"cannot set it: {'.'.join(parts[:i])} is {show(node)}, not a mapping", source=OVERRIDE_SOURCE, path=key
+            )
+        if last:
+            if i == 1 and part == "name" and parts[0] in COMPONENT_KEYS and node.get("name") not in (None, value):
+                node.clear()  # a different component: the old one's parameters do not carry over
+                if sources is not None:
+                    for p in [p for p in sources if p[:1] == parts[:1] and len(p) > 1]:
+                        del sources[p]
+            node[part] = value
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str) and i == 0 and part in COMPONENT_KEYS:
+                child = node[part] = {"name": child}  # "policy: full" spelled as a string
+            node = child
+        if sources is not None:
+            sources[_split_path(here)] = OVERRIDE_SOURCE
+    if sources is not None:
+        for p in [p for p in sources if p[: len(parts)] == parts and len(p) > len(parts)]:
+            sources[p] = OVERRIDE_SOURCE
     return out
 
 
@@ -179,25 +358,21 @@ def load_config(
     if isinstance(source, Mapping):
         data = copy.deepcopy(dict(source))
         label = None
-        sources: dict[str, str] = {}
+        sources: dict[KeyPath, str] = {}
         if "extends" in data:
-            raise ConfigError("extends: only supported in files", path="extends")
+            raise ConfigError("only supported in files", path="extends")
     else:
         data, sources = _load_file(Path(source), ())
-        label = os.path.relpath(Path(source).resolve())
+        label = file_label(Path(source).resolve())
     for override in overrides:
-        data = apply_override(data, override)
-        key = override.partition("=")[0].split(".")[0]
-        sources[key] = "--set"
+        data = apply_override(data, override, sources)
     for key in data:
         if key not in TOP_KEYS:
-            import difflib
-
             hint = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
             did = f"; did you mean {hint[0]!r}?" if hint else ""
             raise ConfigError(
                 f"unknown top-level key{did} (expected one of: {', '.join(TOP_KEYS)})",
-                source=sources.get(key, label),
+                source=_source_of(sources, str(key), label),
                 path=str(key),
             )
     if registry is None:
@@ -206,34 +381,54 @@ def load_config(
         registry = default_registry()
     components: dict[str, ComponentSpec | None] = {}
     for key in COMPONENT_KEYS:
-        where = sources.get(key, label)
+        where = _source_of(sources, key, label)
         block = data.get(key)
         if block is None:
             if key in OPTIONAL_COMPONENTS:
                 components[key] = None
                 continue
             if key not in DEFAULT_COMPONENTS:
-                raise ConfigError("required section is missing", source=where, path=key)
+                available = ", ".join(registry.names(key)) or "none"
+                raise ConfigError(
+                    f"required section is missing (a mapping with a name; available: {available})",
+                    source=where,
+                    path=key,
+                )
             block = {"name": DEFAULT_COMPONENTS[key]}
         if isinstance(block, str):
             block = {"name": block}
-        if not isinstance(block, Mapping) or not isinstance(block.get("name"), str):
-            raise ConfigError(f"expected a mapping with a 'name', got {block!r}", source=where, path=key)
+        if not isinstance(block, Mapping):
+            raise ConfigError(
+                f"expected a component name or a mapping with a 'name', got {show(block)}", source=where, path=key
+            )
+        name = block.get("name")
+        if not isinstance(name, str):
+            available = ", ".join(registry.names(key)) or "none"
+            problem = "required key is missing" if name is None else f"expected a string, got {show(name)}"
+            raise ConfigError(
+                f"{problem} (available: {available})",
+                source=_source_of(sources, f"{key}.name", where),
+                path=f"{key}.name",
+            )
         params = {k: v for k, v in block.items() if k != "name"}
         try:
-            factory = registry.factory(key, block["name"])
+            factory = registry.factory(key, name)
+        except LookupError as exc:
+            raise ConfigError(
+                str(exc.args[0]), source=_source_of(sources, f"{key}.name", where), path=f"{key}.name"
+            ) from None
+        try:
             structured = structure(factory.params, params, key)
         except ConfigError as exc:
-            raise exc.located(where) from None
-        except LookupError as exc:
-            raise ConfigError(str(exc.args[0]), source=where, path=f"{key}.name") from None
-        components[key] = ComponentSpec(block["name"], structured)
-    try:
-        sampler = structure(FlowMatchSampler, data.get("sampler") or {}, "sampler")
-    except ConfigError as exc:
-        raise exc.located(sources.get("sampler", label)) from None
-    try:
-        run = structure(RunParams, data.get("run") or {}, "run")
-    except ConfigError as exc:
-        raise exc.located(sources.get("run", label)) from None
-    return Config(data=data, source=label, components=components, sampler=sampler, run=run)
+            raise _locate(exc, sources, label) from None
+        components[key] = ComponentSpec(name, structured)
+    parts = {}
+    for key, cls in (("sampler", FlowMatchSampler), ("run", RunParams)):
+        try:
+            block = data.get(key)
+            parts[key] = structure(cls, {} if block is None else block, key)
+        except ConfigError as exc:
+            raise _locate(exc, sources, label) from None
+    return Config(
+        data=data, source=label, components=components, sampler=parts["sampler"], run=parts["run"], sources=sources
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -11,6 +12,21 @@ from typing import Any
 import attrs
 
 from packforcing.core.errors import ConfigError
+
+
+def show(value: Any) -> str:
+    """``value`` as it would be written in YAML (``true``, ``null``, ``-3``, ``'abc'``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"
+    return repr(value)
 
 
 def _type_name(tp: Any) -> str:
@@ -47,32 +63,34 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         expected = " or ".join(_type_name(a) for a in args if a is not type(None))
         if type(None) in args:
             expected += " or null"
-        raise ConfigError(f"expected {expected}, got {value!r}", path=path)
+        raise ConfigError(f"expected {expected}, got {show(value)}", path=path)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"expected a boolean (true/false), got {value!r}", path=path)
+        raise ConfigError(f"expected a boolean (true/false), got {show(value)}", path=path)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"expected an integer, got {value!r}", path=path)
+        raise ConfigError(f"expected an integer, got {show(value)}", path=path)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"expected a finite number, got {show(value)}", path=path)
             return float(value)
-        raise ConfigError(f"expected a number, got {value!r}", path=path)
+        raise ConfigError(f"expected a number, got {show(value)}", path=path)
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"expected a string, got {value!r}", path=path)
+        raise ConfigError(f"expected a string, got {show(value)}", path=path)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"expected a list, got {value!r}", path=path)
+            raise ConfigError(f"expected a list, got {show(value)}", path=path)
         args = typing.get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"expected a list of {len(args)} items, got {value!r}", path=path)
+                raise ConfigError(f"expected a list of {len(args)} items, got {show(value)}", path=path)
             items = [coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         else:
             item = args[0] if args else Any
@@ -80,7 +98,7 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin in (dict, Mapping) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"expected a mapping, got {value!r}", path=path)
+            raise ConfigError(f"expected a mapping, got {show(value)}", path=path)
         return dict(value)
     if attrs.has(tp):
         if isinstance(value, tp):
@@ -96,8 +114,11 @@ def structure(cls: type, data: Any, path: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"expected a mapping, got {data!r}", path=path)
-    hints = typing.get_type_hints(cls)
+        raise ConfigError(f"expected a mapping, got {show(data)}", path=path)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # annotations naming types only imported for type checking: do not coerce
+        hints = {}
     fields = {f.name: f for f in attrs.fields(cls)}
     init_names = {(f.alias or f.name): f for f in fields.values() if f.init}
     kwargs = {}

@@ -21,6 +21,10 @@ class ComponentFactory:
     def __attrs_post_init__(self) -> None:
         if not attrs.has(self.params):
             raise TypeError(f"ComponentFactory.params must be an attrs class, got {self.params!r}")
+        if not callable(self.build):
+            raise TypeError(f"ComponentFactory.build must be callable as build(params, env), got {self.build!r}")
+        if not isinstance(self.description, str):
+            raise TypeError(f"ComponentFactory.description must be a string, got {self.description!r}")
 
     @classmethod
     def of(cls, component: type, description: str = "") -> ComponentFactory:

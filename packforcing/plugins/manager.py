@@ -63,7 +63,13 @@ def _builtin_version() -> str:
 
 
 class Registry:
-    """Components by kind and name, gathered through the plugin hooks."""
+    """Components by kind and name, gathered through the plugin hooks.
+
+    Plugin problems never break the registry: a plugin that fails to load, implements a hook
+    that does not exist, or whose hook raises or returns something other than a mapping of
+    ``name -> ComponentFactory`` is skipped, and the problem is recorded in :attr:`problems`
+    and reported once as a :class:`PluginWarning` naming its distribution.
+    """
 
     def __init__(self, plugin_manager: pluggy.PluginManager, dists: Mapping[int, tuple[str, str]]) -> None:
         self._pm = plugin_manager
@@ -81,44 +87,52 @@ class Registry:
         disabled: Iterable[str] | None = None,
     ) -> Registry:
         """A fresh registry: built-ins, then ``extra_plugins`` ``(module, dist name)``, then the
-        entry-point group (minus distributions named in ``disabled`` or ``$PACKFORCING_DISABLE_PLUGINS``)."""
+        ``packforcing`` entry-point group, minus the distributions named in ``disabled``
+        (default: the comma-separated ``$PACKFORCING_DISABLE_PLUGINS``)."""
         from packforcing.plugins import builtin
 
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
-        dists: dict[int, tuple[str, str]] = {}
-        problems: list[str] = []
-        pm.register(builtin, name=BUILTIN)
-        dists[id(builtin)] = (BUILTIN, _builtin_version())
+        if disabled is None:
+            disabled = os.environ.get(DISABLE_ENV, "").split(",")
+        skip = {_norm(d.strip()) for d in disabled if d.strip()}
+        registry = cls(pm, {})
+        registry._register(builtin, BUILTIN, BUILTIN, _builtin_version())
         for plugin, dist in extra_plugins:
-            pm.register(plugin, name=f"{dist}:{getattr(plugin, '__name__', id(plugin))}")
-            dists[id(plugin)] = (dist, "")
+            if _norm(dist) not in skip:
+                registry._register(plugin, f"{dist}:{getattr(plugin, '__name__', id(plugin))}", dist, "")
         if entry_points:
-            if disabled is None:
-                disabled = [d.strip() for d in os.environ.get(DISABLE_ENV, "").split(",") if d.strip()]
-            skip = {_norm(d) for d in disabled}
-            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-                dist = ep.dist.name if ep.dist is not None else ep.value
+            for ep in _entry_points():
+                dist = ep.dist.name if ep.dist is not None else ep.value.split(".")[0]
                 version = ep.dist.version if ep.dist is not None else ""
                 if _norm(dist) in skip:
                     continue
                 try:
                     plugin = ep.load()
-                    pm.register(plugin, name=f"{dist}:{ep.name}")
-                    pm.check_pending()
                 except Exception as exc:
-                    problems.append(f"plugin {ep.name!r} from distribution {dist} failed to load: {exc!r}")
-                    try:
-                        pm.unregister(name=f"{dist}:{ep.name}")
-                    except Exception:
-                        pass
+                    registry._problem(f"plugin {ep.name!r} from distribution {dist} failed to load: {_describe(exc)}")
                     continue
-                dists[id(plugin)] = (dist, version)
-        registry = cls(pm, dists)
-        registry.problems.extend(problems)
-        for message in problems:
-            warnings.warn(message, PluginWarning, stacklevel=2)
+                registry._register(plugin, f"{dist}:{ep.name}", dist, version)
         return registry
+
+    def _problem(self, message: str) -> None:
+        self.problems.append(message)
+        warnings.warn(message, PluginWarning, stacklevel=3)
+
+    def _register(self, plugin: object, name: str, dist: str, version: str) -> None:
+        """Register one plugin object; a bad one is reported and left out."""
+        unknown = _unknown_hooks(plugin)
+        if unknown:
+            self._problem(f"plugin {name!r} from distribution {dist}: {unknown}; plugin skipped")
+            return
+        try:
+            self._pm.register(plugin, name=name)
+        except Exception as exc:
+            self._problem(f"plugin {name!r} from distribution {dist} could not be registered: {_describe(exc)}")
+            if self._pm.get_plugin(name) is not None:
+                self._pm.unregister(name=name)
+            return
+        self._dists[id(plugin)] = (dist, version)
 
     def _collect(self) -> dict[str, dict[str, list[Provided]]]:
         if self._table is not None:
@@ -126,22 +140,21 @@ class Registry:
         table: dict[str, dict[str, list[Provided]]] = {kind: {} for kind in KINDS}
         for kind, hook_name in KINDS.items():
             hook = getattr(self._pm.hook, hook_name)
-            for impl in hook.get_hookimpls():
+            for impl in hook.get_hookimpls():  # registration order: built-ins first
                 dist, version = self._dists.get(id(impl.plugin), (impl.plugin_name, ""))
                 try:
-                    result = impl.function()
-                    if not isinstance(result, Mapping):
-                        raise TypeError(f"expected a mapping of name -> ComponentFactory, got {type(result).__name__}")
-                    for name, factory in result.items():
-                        if not isinstance(name, str) or not isinstance(factory, ComponentFactory):
-                            raise TypeError(f"entry {name!r} is not a ComponentFactory")
+                    result = _checked(impl.function())
                 except Exception as exc:
-                    message = f"plugin {impl.plugin_name!r} from distribution {dist}: hook {hook_name} failed: {exc}"
-                    self.problems.append(message)
-                    warnings.warn(message, PluginWarning, stacklevel=2)
+                    self._problem(
+                        f"plugin {impl.plugin_name!r} from distribution {dist}: {hook_name}() {_describe(exc)}; "
+                        "its components are skipped"
+                    )
                     continue
                 for name, factory in result.items():
-                    table[kind].setdefault(name, []).append(Provided(name, kind, factory, dist, version))
+                    providers = table[kind].setdefault(name, [])
+                    if any(p.dist == dist for p in providers):
+                        continue  # the same distribution through two entry points
+                    providers.append(Provided(name, kind, factory, dist, version))
         self._table = table
         return table
 
@@ -151,11 +164,16 @@ class Registry:
         return sorted(self._collect()[kind])
 
     def providers(self) -> list[Provided]:
-        """Every registered component, for listing."""
+        """Every registered component (by kind, then name), for listing."""
         return [p for kind in KINDS for name in self.names(kind) for p in self._collect()[kind][name]]
 
+    def distributions(self) -> dict[str, str]:
+        """Distribution → version of every registered plugin, built-ins included."""
+        return dict(sorted(set(self._dists.values())))
+
     def get(self, kind: str, name: str) -> Provided:
-        """The factory for ``name``; ``"dist:name"`` picks one distribution's when several provide it."""
+        """The factory for ``name``; ``"<distribution>:<name>"`` picks one distribution's when
+        several provide the same name."""
         if kind not in KINDS:
             raise UnknownComponentError(f"unknown component kind {kind!r}; expected one of {', '.join(KINDS)}")
         table = self._collect()[kind]
@@ -168,16 +186,64 @@ class Registry:
         if not candidates:
             available = ", ".join(sorted(table)) or "none"
             hint = difflib.get_close_matches(name, list(table), n=1)
-            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint and hint[0] != name else ""
+            if dist is not None and name in table:
+                owners = ", ".join(p.dist for p in table[name])
+                raise UnknownComponentError(
+                    f"{kind} {name!r} is not provided by distribution {dist}; it is provided by {owners}"
+                )
             where = f" from distribution {dist}" if dist else ""
             raise UnknownComponentError(f"unknown {kind} {name!r}{where}{did_you_mean}; available: {available}")
         if len(candidates) > 1:
             owners = " and ".join(p.dist for p in candidates)
-            raise UnknownComponentError(f"{kind} {name!r} is provided by {owners}; pick one as '<distribution>:{name}'")
+            raise UnknownComponentError(
+                f"{kind} {name!r} is provided by {owners}; pick one as '<distribution>:{name}' "
+                f"(e.g. '{candidates[-1].dist}:{name}') or disable one with {DISABLE_ENV}"
+            )
         return candidates[0]
 
     def factory(self, kind: str, name: str) -> ComponentFactory:
         return self.get(kind, name).factory
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.value, ep.name))
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeError: message`` on one line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _unknown_hooks(plugin: object) -> str:
+    """A message for ``@hookimpl`` functions that match no hook (typos), or ``""``."""
+    marker = f"{hookspecs.PROJECT}_impl"
+    known = [name for name in dir(hookspecs) if getattr(getattr(hookspecs, name), f"{hookspecs.PROJECT}_spec", None)]
+    problems = []
+    for attr in dir(plugin):
+        try:
+            value = getattr(plugin, attr)
+        except Exception:
+            continue
+        if getattr(value, marker, None) is None or attr in known:
+            continue
+        hint = difflib.get_close_matches(attr, known, n=1)
+        did = f" (did you mean {hint[0]!r}?)" if hint else ""
+        problems.append(f"unknown hook {attr!r}{did}")
+    return "; ".join(problems)
+
+
+def _checked(result: Any) -> Mapping[str, ComponentFactory]:
+    """A hook's result if it is a mapping of valid names to factories, else a TypeError."""
+    if not isinstance(result, Mapping):
+        raise TypeError(f"returned {type(result).__name__}, expected a mapping of name -> ComponentFactory")
+    for name, factory in result.items():
+        if not isinstance(name, str) or not name or ":" in name or name != name.strip():
+            raise TypeError(f"returned an invalid component name {name!r} (a non-empty string without ':')")
+        if not isinstance(factory, ComponentFactory):
+            raise TypeError(f"returned {type(factory).__name__} for {name!r}, expected a ComponentFactory")
+    return result
 
 
 def _norm(dist: str) -> str:

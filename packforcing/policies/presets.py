@@ -88,6 +88,11 @@ def preset_builder(name: str):
     """Build function for a preset whose params class has ``tiers() -> TieredParams``."""
 
     def build(params: Any, env: Any) -> TieredPolicy:
+        # name the preset's own parameter, not the tier it becomes ("policy.window_frames: ...")
+        frames = getattr(params, "window_frames", None)
+        if isinstance(frames, int) and env.geometry is not None and frames < env.geometry.frames_per_block:
+            fpb = env.geometry.frames_per_block
+            raise ValueError(f"window_frames: {frames} frames is smaller than one block ({fpb} frames)")
         return build_tiered(params.tiers(), env, name)
 
     return build

@@ -220,6 +220,13 @@ class TieredPolicy(CachePolicy):
                 return list(t.blocks)
         raise KeyError(f"no tier {name!r}; tiers are {self.tier_names}")
 
+    def tier_compressor(self, name: str) -> Compressor | None:
+        """The compressor that fills tier ``name`` (``None`` for a full-fidelity tier)."""
+        for t in self._tiers:
+            if t.name == name:
+                return t.compressor
+        raise KeyError(f"no tier {name!r}; tiers are {self.tier_names}")
+
     @property
     def archived(self) -> list[CachedBlock]:
         """Blocks moved out of the active budget (retrievable), oldest first."""
@@ -234,6 +241,20 @@ class TieredPolicy(CachePolicy):
         """Tier name, ``"archive"`` or ``"drop"`` for a committed block."""
         where = self._where[block_id]
         return self._tiers[where].name if isinstance(where, int) else where
+
+    def validate(self, env: Any) -> None:
+        """Cross-checks once every component is built (called by the builder): a selector's
+        ``k`` may not exceed the capacity of a ``select: true`` tier it picks from."""
+        spec = env.config.components.get("selector") if env.config is not None else None
+        k = getattr(spec.params, "k", None) if spec is not None else None
+        if self.selector is None or not isinstance(k, int):
+            return
+        for tier in self._tiers:
+            if tier.spec.select and tier.capacity is not None and k > tier.capacity:
+                raise ValueError(
+                    f"selector.k: {k} is larger than the capacity of tier {tier.name!r} it selects from "
+                    f"({tier.capacity} blocks)"
+                )
 
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
@@ -269,14 +290,17 @@ class TieredPolicy(CachePolicy):
                 position=ckv.position,
                 temporal_stride=ckv.temporal_stride,
                 slot=slot,
+                hw_stride=ckv.hw_stride,
             )
         if isinstance(source, CachedBlock):
             keys, values = source.keys, source.values
             stride = source.temporal_stride
+            hw_stride = source.hw_stride
             fidelity = source.fidelity
         else:
             keys, values = list(source.keys), list(source.values)
             stride = float(self.geometry.patch[0])
+            hw_stride = 1.0
             fidelity = FULL
         latents = source.latents if tier.keep_latents else None
         slot = tier.store.put(keys, values, latents)
@@ -289,6 +313,7 @@ class TieredPolicy(CachePolicy):
             position=source.position,
             temporal_stride=stride,
             slot=slot,
+            hw_stride=hw_stride,
         )
 
     def _transient(self, commit: BlockCommit) -> CachedBlock:

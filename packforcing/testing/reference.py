@@ -18,9 +18,7 @@ from packforcing.core.interfaces import AttentionBackend, BlockModel
 from packforcing.core.sampler import FlowMatchSampler, block_noise
 
 
-def block_causal_mask(
-    num_blocks: int, tokens_per_block: int, visible: Callable[[int], Iterable[int]]
-) -> torch.Tensor:
+def block_causal_mask(num_blocks: int, tokens_per_block: int, visible: Callable[[int], Iterable[int]]) -> torch.Tensor:
     """Boolean ``[N, N]`` mask (``N = num_blocks * tokens_per_block``): a token of block ``i``
     may attend the tokens of block ``i`` and of every block in ``visible(i)``."""
     allowed = torch.zeros(num_blocks, num_blocks, dtype=torch.bool)

@@ -1,0 +1,339 @@
+"""Third-party plugins: entry points, error isolation, duplicates, and the plugin template."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+
+import packforcing as pf
+from packforcing.cli import main
+from packforcing.plugins import ComponentFactory, hookimpl, no_params
+from packforcing.plugins.manager import DISABLE_ENV, PluginWarning, Registry, UnknownComponentError
+from packforcing.testing import check_compressor, check_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "examples" / "plugin-template"
+
+
+def plugin(name: str, **hooks) -> types.ModuleType:
+    """A plugin module implementing ``hooks`` (``packforcing_<kind>=function``)."""
+    module = types.ModuleType(name)
+    for hook, function in hooks.items():
+        setattr(module, hook, hookimpl(function))
+    return module
+
+
+def realigners(*names: str):
+    from packforcing.positional.identity import IdentityRealigner
+
+    return lambda: {n: no_params(lambda env: IdentityRealigner(), f"from a plugin ({n})") for n in names}
+
+
+def create(*plugins: tuple[types.ModuleType, str], **kwargs) -> tuple[Registry, list[str]]:
+    """A registry with ``plugins`` and the warnings its creation and first lookup raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry = Registry.create(entry_points=kwargs.pop("entry_points", False), extra_plugins=plugins, **kwargs)
+        registry.providers()
+    return registry, [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
+
+
+# ---------------------------------------------------------------------- built-ins are plugins too
+def test_builtins_register_through_the_hooks():
+    registry, problems = create()
+    assert problems == []
+    kinds = {p.kind for p in registry.providers()}
+    assert kinds == {"model", "attention", "positional", "selector", "compressor", "policy"}
+    assert {p.dist for p in registry.providers()} == {"packforcing"}
+    assert {"full", "sliding_window", "sink_recent", "tiered"} <= set(registry.names("policy"))
+
+
+def test_a_plugin_adds_components():
+    registry, problems = create((plugin("extra", packforcing_realigners=realigners("still")), "extra-dist"))
+    assert problems == []
+    provided = registry.get("positional", "still")
+    assert provided.dist == "extra-dist"
+    config = pf.load_config({"policy": "full", "positional": "still", "run": {"device": "cpu"}}, registry=registry)
+    assert config.components["positional"].name == "still"
+
+
+# ---------------------------------------------------------------------- broken plugins are isolated
+@pytest.mark.parametrize(
+    ("hook", "expected"),
+    [
+        (lambda: None, "returned NoneType, expected a mapping"),
+        (lambda: ["identity"], "returned list, expected a mapping"),
+        (lambda: {"x": object()}, "returned object for 'x', expected a ComponentFactory"),
+        (lambda: {"a:b": no_params(lambda env: None)}, "invalid component name 'a:b'"),
+        (lambda: 1 / 0, "ZeroDivisionError: division by zero"),
+    ],
+    ids=["none", "list", "not-a-factory", "colon-name", "raises"],
+)
+def test_a_hook_returning_the_wrong_thing_is_reported_once_and_skipped(hook, expected):
+    good = plugin("good", packforcing_realigners=realigners("fine"))
+    bad = plugin("bad", packforcing_realigners=hook, packforcing_selectors=realigners("unused"))
+    registry, problems = create((bad, "bad-dist"), (good, "good-dist"))
+    assert len(problems) == 1
+    assert "bad-dist" in problems[0] and "packforcing_realigners" in problems[0] and expected in problems[0]
+    assert "\n" not in problems[0]
+    assert "fine" in registry.names("positional") and "identity" in registry.names("positional")
+    assert "unused" in registry.names("selector")  # the plugin's other, working hook still counts
+    # the broken hook's components are skipped; asking again does not warn again
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        registry.names("positional")
+        registry.get("policy", "full")
+    assert again == []
+    assert registry.problems == problems
+
+
+def test_a_factory_with_a_non_attrs_params_class_is_reported():
+    bad = plugin("bad", packforcing_compressors=lambda: {"x": ComponentFactory(dict, lambda p, env: None)})
+    registry, problems = create((bad, "bad-dist"))
+    assert len(problems) == 1 and "bad-dist" in problems[0] and "attrs class" in problems[0]
+    assert "x" not in registry.names("compressor")
+
+
+def test_an_unknown_hook_name_is_reported_with_a_suggestion():
+    typo = plugin("typo", packforcing_compresors=lambda: {})
+    registry, problems = create((typo, "typo-dist"))
+    assert len(problems) == 1
+    assert "typo-dist" in problems[0] and "did you mean 'packforcing_compressors'" in problems[0]
+    assert registry.names("policy")  # everything else works
+
+
+def test_a_hook_with_arguments_the_spec_lacks_is_reported():
+    bad = plugin("bad", packforcing_policies=lambda registry: {})
+    registry, problems = create((bad, "bad-dist"))
+    assert len(problems) == 1 and "bad-dist" in problems[0] and "could not be registered" in problems[0]
+    assert "full" in registry.names("policy")
+
+
+# ---------------------------------------------------------------------- duplicates
+def duplicates():
+    return (
+        (plugin("one", packforcing_realigners=realigners("twin")), "dist-one"),
+        (plugin("two", packforcing_realigners=realigners("twin")), "dist-two"),
+    )
+
+
+def test_two_plugins_with_one_name_is_a_clear_error_naming_both():
+    registry, _ = create(*duplicates())
+    with pytest.raises(UnknownComponentError) as info:
+        registry.get("positional", "twin")
+    message = str(info.value)
+    assert "dist-one" in message and "dist-two" in message and "'<distribution>:twin'" in message
+
+
+def test_dist_qualified_name_picks_one(tmp_path):
+    registry, _ = create(*duplicates())
+    assert registry.get("positional", "dist-two:twin").dist == "dist-two"
+    assert registry.get("positional", "DIST_ONE:twin").dist == "dist-one"  # normalised like pip
+    with pytest.raises(UnknownComponentError, match="not provided by distribution packforcing"):
+        registry.get("positional", "packforcing:twin")
+    # from YAML
+    path = tmp_path / "twin.yaml"
+    path.write_text("policy: full\npositional: {name: 'dist-one:twin'}\nrun: {device: cpu}\n")
+    config = pf.load_config(path, registry=registry)
+    assert config.components["positional"].name == "dist-one:twin"
+    engine = pf.build_engine(config, registry=registry)
+    assert engine.policy.realigner.name == "identity"
+
+
+def test_duplicate_in_yaml_is_one_config_error_line(tmp_path):
+    registry, _ = create(*duplicates())
+    path = tmp_path / "twin.yaml"
+    path.write_text("policy: full\npositional: twin\n")
+    with pytest.raises(pf.ConfigError) as info:
+        pf.load_config(path, registry=registry)
+    message = str(info.value)
+    assert message.startswith(f"{path}: positional.name: positional 'twin' is provided by dist-one and dist-two")
+
+
+def test_disabled_distributions_are_skipped(monkeypatch):
+    registry, _ = create(*duplicates(), disabled=["dist-one"])
+    assert registry.get("positional", "twin").dist == "dist-two"
+    monkeypatch.setenv(DISABLE_ENV, "dist-two, other")
+    registry, _ = create(*duplicates())
+    assert registry.get("positional", "twin").dist == "dist-one"
+
+
+# ---------------------------------------------------------------------- real entry points
+@pytest.fixture
+def fake_distributions(tmp_path, monkeypatch):
+    """``add(dist, module_source or None, entry_points)``: an installed distribution on sys.path."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    added: list[str] = []
+
+    def add(dist: str, module: str, source: str | None, entry: str | None = None) -> None:
+        info = site / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+        (info / "entry_points.txt").write_text(f"[packforcing]\n{entry or module} = {module}\n")
+        if source is not None:
+            (site / f"{module}.py").write_text(source)
+        added.append(module)
+        importlib.invalidate_caches()
+
+    yield add
+    for module in added:
+        sys.modules.pop(module, None)
+    importlib.invalidate_caches()
+
+
+GOOD_SOURCE = """
+from packforcing.plugins import hookimpl, no_params
+from packforcing.positional.identity import IdentityRealigner
+
+@hookimpl
+def packforcing_realigners():
+    return {"from_entry_point": no_params(lambda env: IdentityRealigner(), "an entry-point realigner")}
+"""
+
+
+def test_entry_points_are_loaded_and_import_failures_isolated(fake_distributions):
+    fake_distributions("pf-good", "pf_good_plugin", GOOD_SOURCE)
+    fake_distributions("pf-missing", "pf_missing_module", None)
+    fake_distributions("pf-crash", "pf_crash_plugin", "raise RuntimeError('boom at import')\n")
+    registry, problems = create(entry_points=True)
+    provided = registry.get("positional", "from_entry_point")
+    assert (provided.dist, provided.version) == ("pf-good", "1.2.3")
+    assert len(problems) == 2
+    missing = next(p for p in problems if "pf-missing" in p)
+    assert "failed to load" in missing and "ModuleNotFoundError" in missing
+    crash = next(p for p in problems if "pf-crash" in p)
+    assert "RuntimeError: boom at import" in crash
+    assert "full" in registry.names("policy")
+    assert registry.distributions()["pf-good"] == "1.2.3"
+
+
+def test_disable_env_var_skips_entry_point_distributions(fake_distributions, monkeypatch):
+    fake_distributions("pf-good", "pf_good_plugin", GOOD_SOURCE)
+    monkeypatch.setenv(DISABLE_ENV, "pf_good")
+    registry, problems = create(entry_points=True)
+    assert "from_entry_point" not in registry.names("positional") and problems == []
+
+
+def test_cli_reports_a_broken_plugin_once_on_one_line(fake_distributions, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    fake_distributions("pf-crash", "pf_crash_plugin", "raise RuntimeError('boom at import')\n")
+    import packforcing.plugins.manager as manager
+
+    fresh = manager.default_registry.__wrapped__  # a new process-wide registry for this test
+    monkeypatch.setattr(manager, "default_registry", functools.cache(fresh))
+    code = main(["validate", "configs/full.yaml", "configs/sink_recent.yaml"])
+    err = capsys.readouterr().err
+    assert code == 0
+    lines = [line for line in err.splitlines() if "pf-crash" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: plugin") and "boom at import" in lines[0]
+
+
+# ---------------------------------------------------------------------- the plugin template
+def can_build_offline() -> bool:
+    """This environment's setuptools can build a wheel by itself (>= 70.1, or with ``wheel``)."""
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    major, minor = (int(part) for part in setuptools.__version__.split(".")[:2])
+    return (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
+
+
+@pytest.fixture(scope="module")
+def installed_template(tmp_path_factory):
+    """examples/plugin-template installed with pip into a fresh directory put on sys.path (and
+    PYTHONPATH for subprocesses), as a separate distribution; removed after this module."""
+    work = tmp_path_factory.mktemp("template")
+    source = work / "src"
+    shutil.copytree(TEMPLATE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    site = work / "site"
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(source)]
+    if can_build_offline():
+        command[4:4] = ["--no-build-isolation", "--no-index"]  # build with this venv's setuptools
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    yield site
+    sys.path.remove(str(site))
+    for name in [m for m in sys.modules if m == "packforcing_strided" or m.startswith("packforcing_strided.")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+def subprocess_env(site: Path) -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
+    env.pop(DISABLE_ENV, None)
+    return env
+
+
+def test_template_is_a_separate_distribution_found_by_entry_point(installed_template):
+    registry, problems = create(entry_points=True)
+    assert problems == []
+    provided = registry.get("compressor", "strided")
+    assert (provided.dist, provided.version) == ("packforcing-strided", "0.1.0")
+    assert provided.factory.params.__name__ == "StridedParams"
+    assert Path(sys.modules["packforcing_strided"].__file__).is_relative_to(installed_template)
+
+
+def test_template_passes_the_test_kit(installed_template):
+    factory = Registry.create().factory("compressor", "strided")
+    check_compressor(factory)
+    check_compressor(factory, {"stride": [2, 2, 2]})
+    tiered = {"tiers": [{"name": "mid", "blocks": 2, "fidelity": "compressed"}, {"name": "recent", "blocks": 1}]}
+    check_policy(Registry.create().factory("policy", "tiered"), tiered, compressor=factory)
+
+
+def test_generate_selects_the_template_from_yaml(installed_template, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "strided.yaml"
+    config.write_text(
+        f"extends: {TEMPLATE / 'configs' / 'strided.yaml'}\n"
+        "compressor: {name: 'packforcing-strided:strided', stride: [1, 2, 2]}\n"
+    )
+    command = [sys.executable, "-m", "packforcing", "generate", "--config", str(config), "--blocks", "12"]
+    command += ["--out", str(out), "--no-progress", "--set", "model.latent_height=4", "--set", "model.latent_width=4"]
+    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(installed_template), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["compressor"] == {"name": "packforcing-strided:strided", "stride": [1, 2, 2]}
+    last = report["blocks"][-1]["tiers"]
+    # 4x4 latent -> 2x2 tokens per frame, 16 per 4-frame block; strided [1, 2, 2] keeps 4 of them.
+    # After 12 blocks: sink = block 0, recent = blocks 10-11, mid = the 8 newest of blocks 1-9.
+    assert {name: (t["blocks"], t["tokens"]) for name, t in last.items()} == {
+        "sink": (1, 16),
+        "mid": (8, 8 * 4),
+        "recent": (2, 2 * 16),
+    }
+    assert (out / "video.mp4").stat().st_size > 0 and (out / "memory.png").exists()
+
+
+def test_cli_plugins_lists_the_template(installed_template):
+    command = [sys.executable, "-m", "packforcing", "plugins", "--kind", "compressor", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(installed_template))
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["strided"]["distribution"] == "packforcing-strided" and rows["strided"]["version"] == "0.1.0"
+    assert rows["strided"]["kind"] == "compressor"
+
+
+def test_template_own_test_suite_passes(installed_template):
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TEMPLATE / "tests")]
+    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(installed_template), cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout

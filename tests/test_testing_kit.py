@@ -1,0 +1,414 @@
+"""packforcing.testing: the built-ins pass the conformance checks, and the checks catch breakage."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import attrs
+import pytest
+import torch
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+import packforcing as pf
+from packforcing.core.geometry import Geometry
+from packforcing.core.interfaces import Compressor, PositionalRealigner, Selector
+from packforcing.core.records import CompressedKV
+from packforcing.plugins import ComponentFactory, no_params
+from packforcing.plugins.manager import Registry
+from packforcing.policies.presets import FullParams, preset_builder
+from packforcing.testing import (
+    ConformanceError,
+    check_compressor,
+    check_policy,
+    check_realigner,
+    check_selector,
+    strategies,
+)
+from packforcing.testing.blocks import make_block
+
+BUILTINS = Registry.create(entry_points=False)
+FAST = {"max_examples": 6}
+NO_SHRINK = settings(phases=[Phase.explicit, Phase.generate])  # broken fakes: find, do not minimise
+TIERED_COMPRESSED = {
+    "tiers": [
+        {"name": "sink", "frames": 4, "pinned": True},
+        {"name": "mid", "blocks": 3, "fidelity": "compressed", "select": True},
+        {"name": "recent", "blocks": 1},
+    ],
+    "overflow": "archive",
+}
+
+
+# ---------------------------------------------------------------------- the built-ins pass
+SMALL = {"dual_branch": {"hr_channels": [4, 8, 8, 16]}}  # the paper's 2048 channels are slow on a CPU
+
+
+@pytest.mark.parametrize("name", BUILTINS.names("compressor"))
+def test_builtin_compressors_conform(name):
+    check_compressor(BUILTINS.factory("compressor", name), SMALL.get(name))
+
+
+@pytest.mark.parametrize("name", BUILTINS.names("selector"))
+@pytest.mark.parametrize("params", [None, {"k": 1}, {"k": 3}], ids=["default", "k1", "k3"])
+def test_builtin_selectors_conform(name, params):
+    check_selector(BUILTINS.factory("selector", name), params)
+
+
+@pytest.mark.parametrize("name", BUILTINS.names("positional"))
+def test_builtin_realigners_conform(name):
+    check_realigner(BUILTINS.factory("positional", name))
+
+
+POLICIES = [
+    ("full", None, {}),
+    ("sliding_window", {"window_frames": 8}, {}),
+    ("sink_recent", {"sink_frames": 4, "window_frames": 8}, {}),
+    ("tiered", TIERED_COMPRESSED, {"compressor": "pool", "selector": "topk"}),
+    ("tiered", TIERED_COMPRESSED, {"compressor": "dual_branch", "selector": "recency"}),
+    (
+        "packforcing",
+        {"sink_frames": 4, "recent_frames": 4, "mid_capacity_blocks": 3},
+        {"compressor": "pool", "selector": "topk"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "parts"), POLICIES, ids=lambda v: v if isinstance(v, str) else None)
+def test_builtin_policies_conform(name, params, parts):
+    if name not in BUILTINS.names("policy") or any(p not in BUILTINS.names(k) for k, p in parts.items()):
+        pytest.skip(f"{name} or its parts are not registered")
+    built = {}
+    if "compressor" in parts:
+        factory = BUILTINS.factory("compressor", parts["compressor"])
+        small = {"pool": {"window": [1, 2, 2]}, **SMALL}
+        built["compressor"] = (factory, small.get(parts["compressor"]))
+    if "selector" in parts:
+        built["selector"] = (BUILTINS.factory("selector", parts["selector"]), {"k": 2})
+    check_policy(BUILTINS.factory("policy", name), params, **built)
+
+
+def test_realigner_parameters_are_passed():
+    if "temporal_rope_shift" not in BUILTINS.names("positional"):
+        pytest.skip("temporal_rope_shift not registered")
+    check_realigner(BUILTINS.factory("positional", "temporal_rope_shift"), {"anchor": "window"}, **FAST)
+
+
+# ---------------------------------------------------------------------- a correct plugin, then broken ones
+@attrs.frozen
+class KeepParams:
+    frames: int = 1
+
+
+class KeepFirstFrames(Compressor):
+    """Keeps the first temporal token(s) of a block: a small, correct compressor."""
+
+    name = "keep_first"
+
+    def __init__(self, params: KeepParams = KeepParams()) -> None:
+        self.params = params
+
+    def output_grid(self, grid):
+        t, h, w = grid
+        return min(self.params.frames, t), h, w
+
+    def _cut(self, x, grid):
+        t, h, w = grid
+        b, _, heads, dim = x.shape
+        keep = min(self.params.frames, t)
+        return x.reshape(b, t, h * w, heads, dim)[:, :keep].reshape(b, keep * h * w, heads, dim).clone()
+
+    def compress(self, block, model):
+        keys = [self._cut(k, block.grid) for k in block.keys]
+        values = [self._cut(v, block.grid) for v in block.values]
+        return CompressedKV(self.output_grid(block.grid), block.temporal_stride, block.position, keys, values)
+
+
+def factory_of(cls, params=KeepParams):
+    return ComponentFactory(params, lambda p, env: cls(p))
+
+
+def test_a_correct_compressor_passes():
+    check_compressor(factory_of(KeepFirstFrames), **FAST)
+    check_compressor(factory_of(KeepFirstFrames), {"frames": 2}, **FAST)
+
+
+class MutatesInput(KeepFirstFrames):
+    def compress(self, block, model):
+        out = super().compress(block, model)
+        block.layer_kv(0)[0].mul_(2)
+        return out
+
+
+class WrongDtype(KeepFirstFrames):
+    def compress(self, block, model):
+        out = super().compress(block, model)
+        return attrs.evolve(out, keys=[k.double() for k in out.keys])
+
+
+class WrongGrid(KeepFirstFrames):
+    def output_grid(self, grid):
+        _, h, w = grid
+        return 1, h, max(1, w - 1)
+
+
+class ClaimsAnotherGrid(KeepFirstFrames):
+    def compress(self, block, model):
+        out = super().compress(block, model)
+        t, h, w = out.grid
+        return attrs.evolve(out, grid=(t, w, h))
+
+
+class Noisy(KeepFirstFrames):
+    def compress(self, block, model):
+        out = super().compress(block, model)
+        return attrs.evolve(out, values=[v + torch.rand(()) for v in out.values])
+
+
+class MixesBatch(KeepFirstFrames):
+    def compress(self, block, model):
+        out = super().compress(block, model)
+        return attrs.evolve(out, values=[v + v.mean(dim=0, keepdim=True) for v in out.values])
+
+
+class OutsideTheBlock(KeepFirstFrames):
+    def compress(self, block, model):
+        return attrs.evolve(super().compress(block, model), position=block.position + block.num_frames)
+
+
+class Bigger(KeepFirstFrames):
+    def output_grid(self, grid):
+        t, h, w = grid
+        return t + 1, h, w
+
+
+class NeedsLatentsQuietly(KeepFirstFrames):
+    def compress(self, block, model):
+        assert block.latents is not None
+        return super().compress(block, model)
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (MutatesInput, "modified the block"),
+        (WrongDtype, "dtype torch.float64"),
+        (WrongGrid, "expected shape"),
+        (ClaimsAnotherGrid, "but output_grid() said"),
+        (Noisy, "not deterministic"),
+        (MixesBatch, "depends on the other items"),
+        (OutsideTheBlock, "outside the block's span"),
+        (Bigger, "more tokens than its input"),
+        (NeedsLatentsQuietly, ""),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_broken_compressors_are_caught(cls, message):
+    expected = (ConformanceError, AssertionError)
+    with pytest.raises(expected) as info:
+        check_compressor(factory_of(cls), max_examples=20, hypothesis_settings=NO_SHRINK)
+    assert message in str(info.value)
+    if message:
+        assert isinstance(info.value, ConformanceError)
+        assert str(info.value).startswith("compressor 'keep_first': ")
+
+
+@attrs.frozen
+class KParams:
+    k: int = 2
+
+
+class Newest(Selector):
+    name = "newest"
+
+    def __init__(self, params: KParams = KParams()) -> None:
+        self.params = params
+
+    def budget(self, n: int) -> int:
+        return min(self.params.k, n)
+
+    def select(self, queries, candidates: Sequence, layer: int) -> torch.Tensor:
+        n = len(candidates)
+        row = torch.arange(n - self.budget(n), n, dtype=torch.int64)
+        return row.expand(queries.shape[0], -1).clone()
+
+
+class Unsorted(Newest):
+    def select(self, queries, candidates, layer):
+        return super().select(queries, candidates, layer).flip(-1)
+
+
+class Int32(Newest):
+    def select(self, queries, candidates, layer):
+        return super().select(queries, candidates, layer).int()
+
+
+class OverBudget(Newest):
+    def budget(self, n):
+        return n + 1 if n else 0
+
+
+class BatchCoupled(Newest):
+    """Picks by the batch's mean score: item 0's choice depends on item 1."""
+
+    def select(self, queries, candidates, layer):
+        scores = torch.stack([c.keys[layer].float().mean(dim=(1, 2, 3)) for c in candidates], dim=1)  # [B, n]
+        shared = scores.mean(dim=0, keepdim=True).expand_as(scores)
+        k = self.budget(len(candidates))
+        return shared.topk(k, dim=1).indices.sort(dim=1).values
+
+
+def test_a_correct_selector_passes():
+    check_selector(factory_of(Newest, KParams), **FAST)
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (Unsorted, "strictly increasing"),
+        (Int32, "int64"),
+        (OverBudget, "budget(1) must be an int in [0, 1]"),
+        (BatchCoupled, "selects"),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_broken_selectors_are_caught(cls, message):
+    with pytest.raises(ConformanceError, match=r"^selector 'newest': ") as info:
+        check_selector(factory_of(cls, KParams), max_examples=30, hypothesis_settings=NO_SHRINK)
+    assert message in str(info.value)
+
+
+class Shrinks(PositionalRealigner):
+    name = "shrinks"
+
+    def assign(self, spans, query):
+        return [home for home, _ in spans], float(query.start_frame)
+
+    def realign(self, keys, block, target, rope):
+        return keys * 0.5
+
+
+class SelectionDependentQuery(Shrinks):
+    def assign(self, spans, query):
+        return [home for home, _ in spans], float(sum(home for home, _ in spans)) + query.start_frame
+
+    def realign(self, keys, block, target, rope):
+        return PositionalRealigner.realign(self, keys, block, target, rope)
+
+
+class Reversed(SelectionDependentQuery):
+    def assign(self, spans, query):
+        return [home for home, _ in reversed(spans)], float(query.start_frame)
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (Shrinks, "must be a rotation"),
+        (SelectionDependentQuery, "depends on which blocks are selected"),
+        (Reversed, "out of time order"),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_broken_realigners_are_caught(cls, message):
+    with pytest.raises(ConformanceError) as info:
+        check_realigner(no_params(lambda env, cls=cls: cls()), max_examples=40, hypothesis_settings=NO_SHRINK)
+    assert message in str(info.value)
+
+
+def full_policy(wrap):
+    """The ``full`` preset with its policy object passed through ``wrap``."""
+    build = preset_builder("full")
+    return ComponentFactory(FullParams, lambda p, env: wrap(build(p, env)))
+
+
+def lying_plan(policy):
+    original = policy.plan
+    policy.plan = lambda n, batch_size=1: attrs.evolve(original(n, batch_size), tiers={})
+    return policy
+
+
+def ignores_nan(policy):
+    """Silently skips a block with non-finite keys instead of refusing it."""
+    original = policy.commit
+    policy.commit = lambda c: original(c) if all(torch.isfinite(k).all() for k in c.keys) else None
+    return policy
+
+
+def mutates_commits(policy):
+    original = policy.commit
+
+    def commit(c):
+        original(c)
+        c.keys[0].zero_()
+
+    policy.commit = commit
+    return policy
+
+
+@pytest.mark.parametrize(
+    ("wrap", "message"),
+    [
+        (lying_plan, "missing from plan()"),
+        (ignores_nan, "accepted a block with NaN keys"),
+        (mutates_commits, "modified the tensors it was given"),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_broken_policies_are_caught(wrap, message):
+    check_policy(full_policy(lambda p: p), **FAST)  # the unbroken preset passes
+    with pytest.raises(ConformanceError, match=r"^policy 'full': ") as info:
+        check_policy(full_policy(wrap), **FAST, hypothesis_settings=NO_SHRINK)
+    assert message in str(info.value)
+
+
+# ---------------------------------------------------------------------- strategies
+@settings(max_examples=15, deadline=None)
+@given(config=strategies.configs())
+def test_generated_configs_load_build_and_plan_what_the_cache_holds(config):
+    loaded = pf.load_config(config)
+    engine = pf.build_engine(loaded)
+    blocks = list(engine.generate(loaded.run.blocks, seed=loaded.run.seed, batch_size=loaded.run.batch_size))
+    planned = engine.policy.plan(loaded.run.blocks, batch_size=loaded.run.batch_size)
+    assert max(b.stats.bytes for b in blocks) == planned.bytes
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    config=strategies.configs(compressor={"name": "pool", "window": [1, 2, 2]}, selector={"name": "recency", "k": 1})
+)
+def test_generated_configs_with_plugins_are_valid(config):
+    from packforcing.core.build import check_config
+
+    assert check_config(config).components["compressor"].name == "pool"
+
+
+@settings(max_examples=30, deadline=None)
+@given(block=strategies.cached_blocks(compressed=None))
+def test_cached_blocks_are_consistent(block):
+    t, h, w = block.grid
+    for k, v in zip(block.keys, block.values, strict=True):
+        assert k.shape == v.shape and k.shape[1] == t * h * w
+        assert torch.isfinite(k).all()
+    assert block.latents is not None and block.latents.shape[2] == block.num_frames
+    assert block.position == block.start_frame
+
+
+@settings(max_examples=30, deadline=None)
+@given(g=strategies.geometries(), data=st.data())
+def test_geometries_build_the_reference_model(g, data):
+    from packforcing.testing.blocks import tiny_model
+
+    model = tiny_model(g)
+    assert model.geometry == g
+    spans, start = data.draw(strategies.spans(g.frames_per_block))
+    assert all(a[0] + a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    assert not spans or spans[-1][0] + spans[-1][1] <= start
+
+
+def test_make_block_is_seeded():
+    g = Geometry(latent_height=4, latent_width=4, num_layers=2, num_heads=1, head_dim=8)
+    a, b = make_block(g, seed=3), make_block(g, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.keys, b.keys, strict=True))
+    assert not torch.equal(a.keys[0], make_block(g, seed=4).keys[0])
