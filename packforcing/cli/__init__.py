@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 from packforcing.core.errors import ConfigError
 
-VERBS = ("generate", "plan", "validate", "plugins")
+VERBS = ("generate", "plan", "validate", "plugins", "train-compressor")
 """Modules under packforcing.cli, one per verb, in help order."""
 
 EXIT_OK = 0
@@ -31,6 +31,7 @@ EXAMPLES = """examples:
   packforcing plan --config configs/wan1.3b/packforcing.yaml --seconds 120
   packforcing validate configs/
   packforcing plugins
+  packforcing train-compressor --config configs/packforcing.yaml --steps 1000
 """
 
 

@@ -399,14 +399,11 @@ def train_compressor(
     return losses
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m packforcing.training.compressor",
-        description="Fit the dual_branch compressor to a frozen model by attention matching.",
-        epilog=f"example:\n  python -m packforcing.training.compressor --config configs/packforcing.yaml "
-        f"--out {DEFAULT_OUT}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+EXAMPLE = f"example:\n  packforcing train-compressor --config configs/packforcing.yaml --steps 1000 --out {DEFAULT_OUT}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training options (shared by ``packforcing train-compressor`` and ``python -m``)."""
     parser.add_argument("--config", required=True, help="YAML config with the model and a dual_branch compressor")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default 2e-3)")
@@ -415,11 +412,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--videos", type=int, default=16, help="videos generated for the data (default 16)")
     parser.add_argument("--blocks", type=int, default=6, help="blocks per video (default 6)")
     parser.add_argument("--batch", type=int, default=4, help="batch items per video (default 4)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m packforcing.training.compressor",
+        description="Fit the dual_branch compressor to a frozen model by attention matching.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     train_compressor(
         args.config,
         steps=args.steps,
@@ -432,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=print,
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
