@@ -148,7 +148,7 @@ def main() -> int:
         f"{args.blocks} blocks:\n\n"
     )
     table += markdown_table(
-        ["late block s", "forward %", "compress %", "select %", "realign %", "bookkeeping %", "cache mgmt %"],
+        ["late block s", "forward %", "compress %", "select %", "gather+realign %", "bookkeeping %", "cache mgmt %"],
         [
             [
                 run["block_seconds_median_late"],

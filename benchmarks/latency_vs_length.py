@@ -85,7 +85,7 @@ def main() -> None:
             "forward %",
             "compress %",
             "select %",
-            "realign %",
+            "gather+realign %",
             "bookkeeping %",
             "other %",
         ],

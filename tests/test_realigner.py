@@ -311,3 +311,48 @@ def _tiny_config(**positional):
         "attention": "sdpa",
         "run": {"device": "cpu"},
     }
+
+
+def test_batched_gather_equals_block_by_block_realignment():
+    """TemporalRopeShift.gather rotates the whole moved prefix in one call; it must equal the
+    interface's block-by-block default and RoPE recomputed at each target."""
+    g = _geometry(frames_per_block=1)
+    realigner = TemporalRopeShift()
+    policy = TieredPolicy(
+        TieredParams(
+            tiers=(
+                TierSpec(name="sink", frames=2, pinned=True),
+                TierSpec(name="mid", blocks=6, select=True),
+                TierSpec(name="recent", frames=2),
+            )
+        ),
+        geometry=g,
+        model=RopeModel(g),
+        backend=SdpaBackend(),
+        realigner=realigner,
+        selector=FixedSelector([1, 2, 3, 5]),
+    )
+    raw: dict[int, torch.Tensor] = {}
+    for block_id in range(10):
+        _commit_random(policy, g, block_id, float(block_id), raw, torch.float32)
+    blocks = [b for name in ("sink", "mid", "recent") for b in policy.tier_blocks(name)]
+    blocks = [b for b in blocks if b.block_id not in (2, 6)]
+    targets, _ = realigner.assign([(b.position, b.num_frames) for b in blocks], _query(g, 10))
+    keys = [b.layer_kv(0)[0] for b in blocks]
+    stored = [k.clone() for k in keys]
+    tail = _q(g)
+    batched = realigner.gather(keys, blocks, targets, policy.model.rope, tail)
+    one_by_one = PositionalRealigner.gather(realigner, keys, blocks, targets, policy.model.rope, tail)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-6, rtol=0)
+    fresh = torch.cat(
+        [
+            *(
+                policy.model.rope.apply_grid(raw[b.block_id], g.block_grid, t)
+                for b, t in zip(blocks, targets, strict=True)
+            ),
+            tail,
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(batched, fresh, atol=1e-5, rtol=0)
+    assert all(torch.equal(k, s) for k, s in zip(keys, stored, strict=True))  # stored keys untouched

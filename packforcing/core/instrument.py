@@ -4,7 +4,8 @@
 component (model, backend, realigner, selector, compressor, policy) in a delegating twin that
 records wall time per section in a :class:`SectionTimer`. Sections nest as they run:
 ``model`` ⊃ ``attend`` ⊃ {``backend``, ``selection``, ``realign``}; ``commit`` ⊃
-``compression``. :meth:`SectionTimer.breakdown` turns them into exclusive shares. On CUDA the
+``compression``. ``realign`` covers the realigner's ``assign`` and ``gather``, i.e. the copy of
+the context into one tensor *and* the RoPE rotation of moved keys (the two are one pass). :meth:`SectionTimer.breakdown` turns them into exclusive shares. On CUDA the
 timer synchronises at every boundary, which slows the run: use it for shares, not totals.
 """
 
@@ -121,6 +122,10 @@ class TimedRealigner(PositionalRealigner):
     def realign(self, keys, block, target, rope):
         with self.timer.section("realign"):
             return self.inner.realign(keys, block, target, rope)
+
+    def gather(self, keys, blocks, targets, rope, tail):
+        with self.timer.section("realign"):
+            return self.inner.gather(keys, blocks, targets, rope, tail)
 
 
 class TimedCompressor(Compressor):

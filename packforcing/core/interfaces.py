@@ -175,6 +175,23 @@ class PositionalRealigner(abc.ABC):
         delta = target - block.position
         return keys if delta == 0 else rope.shift_temporal(keys, delta)
 
+    def gather(
+        self,
+        keys: Sequence[torch.Tensor],
+        blocks: Sequence[CachedBlock],
+        targets: Sequence[float],
+        rope: Rope3D,
+        tail: torch.Tensor,
+    ) -> torch.Tensor:
+        """One ``[B, ΣN + N_tail, H, D]`` tensor: each block's ``keys`` moved to its target, in
+        order, followed by ``tail`` (the block being generated). Stored keys are not modified.
+
+        The default realigns block by block; override to batch the rotation (one call for the
+        whole context instead of one per block).
+        """
+        moved = [self.realign(k, b, t, rope) for k, b, t in zip(keys, blocks, targets, strict=True)]
+        return torch.cat([*moved, tail], dim=1)
+
 
 class CachePolicy(abc.ABC):
     """Decides where every committed block lives and what the next block attends."""

@@ -11,10 +11,20 @@ rotation costs exactly one rounding to the storage dtype.
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 import torch
 
 from packforcing.core.geometry import Grid
+
+
+@functools.lru_cache(maxsize=64)
+def _ladder(theta: float, pairs: int) -> torch.Tensor:
+    """Frequencies ``theta ** (-2j / (2 * pairs))`` of one band, ``[pairs]`` float64 (read-only use)."""
+    dim = 2 * pairs
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    return 1.0 / (theta**exponents)
 
 
 @attrs.frozen
@@ -36,10 +46,7 @@ class Rope3D:
         return (d - 4 * spatial) // 2, spatial, spatial
 
     def _band_freqs(self, band: int) -> torch.Tensor:
-        pairs = self.band_pairs[band]
-        dim = 2 * pairs
-        exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
-        return 1.0 / (self.theta**exponents)
+        return _ladder(self.theta, self.band_pairs[band])
 
     def temporal_freqs(self) -> torch.Tensor:
         """Angular frequencies of the temporal band, ``[Pt]`` float64."""
@@ -117,11 +124,16 @@ class Rope3D:
         pt = self.band_pairs[0]
         band = 2 * pt
         freqs = self.temporal_freqs().to(x.device)
+        # one angle per pair (per batch item), broadcast over tokens and heads
         if isinstance(delta, torch.Tensor):
-            ang = delta.to(device=x.device, dtype=torch.float64)[:, None, None] * freqs[None, None, :]
-            ang = ang.expand(x.shape[0], x.shape[1], pt)
+            ang = delta.to(device=x.device, dtype=torch.float64)[:, None, None] * freqs[None, None, :]  # [B, 1, Pt]
         else:
-            ang = (float(delta) * freqs)[None, :].expand(x.shape[1], pt)
-        out = x.clone()
-        out[..., :band] = self._rotate(x[..., :band], ang)
-        return out
+            ang = (float(delta) * freqs)[None, :]  # [1, Pt]
+        return torch.cat([self._rotate(x[..., :band], ang), x[..., band:]], dim=-1)
+
+    def shift_temporal_tokens(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`shift_temporal` with one shift per token: ``delta [N]`` for ``x [B, N, H, D]``."""
+        band = 2 * self.band_pairs[0]
+        freqs = self.temporal_freqs().to(x.device)
+        ang = delta.to(device=x.device, dtype=torch.float64)[:, None] * freqs[None, :]  # [N, Pt]
+        return torch.cat([self._rotate(x[..., :band], ang), x[..., band:]], dim=-1)

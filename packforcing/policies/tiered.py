@@ -546,8 +546,10 @@ class TieredContext(AttentionContext):
         return rows
 
     def _gather(
-        self, layer: int, blocks: list[CachedBlock], item: slice
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        self, layer: int, blocks: list[CachedBlock], item: slice, k_self: torch.Tensor, v_self: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B', N_ctx + N, H, D]`` of ``blocks`` (batch rows ``item``) followed by
+        the block's own ``k_self, v_self``; keys moved to the realigner's targets."""
         spans = [(b.position, b.num_frames) for b in blocks]
         targets, qpos = self._realigner.assign(spans, self._query)
         if qpos != self._position:
@@ -556,12 +558,12 @@ class TieredContext(AttentionContext):
                 "depending on which blocks were selected"
             )
         ks, vs = [], []
-        for block, target in zip(blocks, targets, strict=True):
+        for block in blocks:
             k, v = block.layer_kv(layer)
-            k, v = k[item], v[item]
-            ks.append(self._realigner.realign(k, block, target, self._rope))
-            vs.append(v)
-        return ks, vs
+            ks.append(k[item])
+            vs.append(v[item])
+        keys = self._realigner.gather(ks, blocks, targets, self._rope, tail=k_self)
+        return keys, torch.cat([*vs, v_self], dim=1)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self._groups:
@@ -571,16 +573,10 @@ class TieredContext(AttentionContext):
         batch = q.shape[0]
         same = all(len(r) == len(rows[0]) and all(a is b for a, b in zip(r, rows[0], strict=False)) for r in rows[1:])
         if same:
-            ks, vs = self._gather(layer, rows[0], slice(None))
-            keys = torch.cat([*ks, k], dim=1)
-            values = torch.cat([*vs, v], dim=1)
+            keys, values = self._gather(layer, rows[0], slice(None), k, v)
         else:
-            per_k, per_v = [], []
-            for b in range(batch):
-                ks, vs = self._gather(layer, rows[b], slice(b, b + 1))
-                per_k.append(torch.cat([*ks, k[b : b + 1]], dim=1))
-                per_v.append(torch.cat([*vs, v[b : b + 1]], dim=1))
-            keys = torch.cat(per_k, dim=0)
-            values = torch.cat(per_v, dim=0)
+            per_item = [self._gather(layer, rows[b], slice(b, b + 1), k[b : b + 1], v[b : b + 1]) for b in range(batch)]
+            keys = torch.cat([kv[0] for kv in per_item], dim=0)
+            values = torch.cat([kv[1] for kv in per_item], dim=0)
         self._context_tokens = keys.shape[1] - k.shape[1]
         return self._backend.attend(q, keys, values)

@@ -99,16 +99,31 @@ class TemporalRopeShift(PositionalRealigner):
             position += n
         return targets, position
 
-    def realign(
-        self, keys: torch.Tensor, block: CachedBlock, target: float | torch.Tensor, rope: Rope3D
+    def gather(
+        self,
+        keys: Sequence[torch.Tensor],
+        blocks: Sequence[CachedBlock],
+        targets: Sequence[float],
+        rope: Rope3D,
+        tail: torch.Tensor,
     ) -> torch.Tensor:
-        """Keys of ``block`` moved from its home position to ``target``: the temporal band of the
-        stored keys is rotated once by ``target - home`` (fp64 angles, fp32 rotation); a block
-        that does not move is returned as is."""
-        if isinstance(target, torch.Tensor):
-            delta = target.to(torch.float64) - block.position
-            if bool((delta == 0).all()):
-                return keys
-            return rope.shift_temporal(keys, delta)
-        delta = float(target) - block.position
-        return keys if delta == 0 else rope.shift_temporal(keys, delta)
+        """The context's keys in one tensor, the moved blocks rotated in a single call.
+
+        Packed contexts move a prefix (sink and mid) and leave the suffix (recent, the block
+        itself) in place, so one per-token rotation covers every moved block: a few kernels per
+        layer instead of a few per block. Each token's shift is ``target - home`` of its block,
+        applied to the stored keys (one rounding, as in :meth:`realign`).
+        """
+        if any(isinstance(t, torch.Tensor) for t in targets):
+            return super().gather(keys, blocks, targets, rope, tail)
+        out = torch.cat([*keys, tail], dim=1)
+        deltas = [float(t) - b.position for b, t in zip(blocks, targets, strict=True)]
+        moved = [i for i, d in enumerate(deltas) if d != 0]
+        if not moved:
+            return out
+        last = moved[-1] + 1
+        counts = torch.tensor([k.shape[1] for k in keys[:last]])
+        per_token = torch.repeat_interleave(torch.tensor(deltas[:last], dtype=torch.float64), counts)
+        end = int(counts.sum())
+        out[:, :end] = rope.shift_temporal_tokens(out[:, :end], per_token)
+        return out

@@ -17,6 +17,7 @@ Ties (equal scores) go to the newer block, so the choice is deterministic.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import attrs
@@ -93,8 +94,23 @@ class TopKSelector(Selector):
     def __init__(self, params: TopKParams | None = None) -> None:
         self.params = params or TopKParams()
         self.shared_across_layers = self.params.shared_across_layers
+        self._means: weakref.WeakKeyDictionary[CachedBlock, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
         self.last_scores: torch.Tensor | None = None
         """``[B, C]`` scores of the last :meth:`select` call (for inspection)."""
+
+    def _key_mean(self, block: CachedBlock, layer: int) -> torch.Tensor:
+        """Mean stored key ``[B, H, D]`` (float32) of ``block`` at ``layer``, memoised.
+
+        Stored keys never change, so the mean is computed once per block and layer and dropped
+        with the block (weak reference): ``H·D`` floats per block and layer, ``1/N`` of its keys.
+        """
+        per_layer = self._means.get(block)
+        if per_layer is None:
+            per_layer = self._means[block] = {}
+        mean = per_layer.get(layer)
+        if mean is None:
+            mean = per_layer[layer] = block.layer_kv(layer)[0].float().mean(dim=1)
+        return mean
 
     def budget(self, num_candidates: int) -> int:
         return min(self.params.k, num_candidates)
@@ -105,9 +121,7 @@ class TopKSelector(Selector):
         qi = query_sample(nq, self.params.query_fraction, self.params.min_queries).to(queries.device)
         hi = head_sample(h, self.params).to(queries.device)
         q_mean = queries.index_select(1, qi).index_select(2, hi).float().mean(dim=1)  # [B, h', D]
-        k_mean = torch.stack(
-            [c.layer_kv(layer)[0].index_select(2, hi).float().mean(dim=1) for c in candidates], dim=1
-        )  # [B, C, h', D]
+        k_mean = torch.stack([self._key_mean(c, layer) for c in candidates], dim=1).index_select(2, hi)  # [B, C, h', D]
         return torch.einsum("bhd,bchd->bc", q_mean, k_mean) / (hi.numel() * math.sqrt(d))
 
     def select(self, queries: torch.Tensor, candidates: Sequence[CachedBlock], layer: int) -> torch.Tensor:
