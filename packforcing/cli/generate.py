@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from packforcing.cli import add_overrides, add_verb
+from packforcing.core.errors import ConfigError
 
 DEFAULT_CONFIG = "configs/packforcing.yaml"
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(cache bytes per tier against block index, stacked, with the full cache for reference).",
         example=EXAMPLE,
     )
-    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG}, else the packaged one)")
+    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG} in the working directory)")
     p.add_argument("--blocks", type=int, default=None, help="number of blocks (default: run.blocks)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: run.seed)")
     p.add_argument("--batch-size", type=int, default=None, help="videos generated together (default: run.batch_size)")
@@ -36,12 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def default_config_path() -> str:
-    """``configs/packforcing.yaml`` in the working tree, else the copy shipped in the package."""
+    """``configs/packforcing.yaml`` relative to the working directory (the repository root)."""
     if Path(DEFAULT_CONFIG).exists():
         return DEFAULT_CONFIG
-    from importlib.resources import files
-
-    return str(files("packforcing") / "configs" / "packforcing.yaml")
+    raise ConfigError(f"no --config given and the default {DEFAULT_CONFIG} is not in the working directory")
 
 
 def run(args: argparse.Namespace) -> int:
