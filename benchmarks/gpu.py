@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 
+import attrs
 import torch
 from common import POLICY_CONFIGS, markdown_table, write_results
 
@@ -23,47 +24,74 @@ import packforcing as pf
 from packforcing.attention import SdpaBackend, XformersBackend, xformers_available
 from packforcing.core.instrument import SectionTimer, timing_wrapper
 
-WAN_Q, WAN_K, WAN_H, WAN_D = 6240, 27872, 12, 128
+
+@attrs.frozen
+class Sizes:
+    """What one run measures: the real GPU run, or a CPU smoke run of the same code paths."""
+
+    device: str
+    dtype: torch.dtype
+    attention: tuple[int, int, int, int]  # queries, keys, heads, head dim
+    matmul: int
+    model: tuple[str, ...]  # config overrides of the engine run
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
 
 
-def cuda_time(fn, warmup: int = 3, repeats: int = 10) -> float:
-    """Median seconds per call, timed with CUDA events."""
+GPU = Sizes(
+    "cuda",
+    torch.bfloat16,
+    (6240, 27872, 12, 128),  # the Wan context: one 4-frame block over sink + 16 mid + recent + itself
+    8192,
+    ("model.latent_height=60", "model.latent_width=104", "model.hidden_size=1536", "model.num_heads=12"),
+)
+SMOKE = Sizes("cpu", torch.float32, (64, 256, 2, 32), 256, ("model.hidden_size=64", "model.num_heads=2"))
+
+
+def median_time(fn, cuda: bool, warmup: int = 3, repeats: int = 10) -> float:
+    """Median seconds per call (CUDA events on the GPU, perf_counter on the CPU)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
     times.sort()
     return times[len(times) // 2]
 
 
-def matmul_peak() -> float:
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    seconds = cuda_time(lambda: a @ b)
+def matmul_peak(sizes: Sizes) -> float:
+    n = sizes.matmul
+    a = torch.randn(n, n, device=sizes.device, dtype=sizes.dtype)
+    b = torch.randn(n, n, device=sizes.device, dtype=sizes.dtype)
+    seconds = median_time(lambda: a @ b, sizes.cuda)
     return 2 * n**3 / seconds / 1e12
 
 
-def attention_rows(peak: float) -> list[dict]:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, WAN_Q, WAN_H, WAN_D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(1, WAN_K, WAN_H, WAN_D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(1, WAN_K, WAN_H, WAN_D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    flops = 4 * WAN_Q * WAN_K * WAN_H * WAN_D
+def attention_rows(sizes: Sizes, peak: float) -> list[dict]:
+    nq, nk, h, d = sizes.attention
+    gen = torch.Generator(device=sizes.device).manual_seed(0)
+    q, k, v = (torch.randn(1, n, h, d, device=sizes.device, dtype=sizes.dtype, generator=gen) for n in (nq, nk, nk))
+    flops = 4 * nq * nk * h * d
     backends = [SdpaBackend()]
-    if xformers_available():
+    if sizes.cuda and xformers_available():
         backends.append(XformersBackend())
     rows = []
     reference = None
     for backend in backends:
-        seconds = cuda_time(lambda backend=backend: backend.attend(q, k, v))
+        seconds = median_time(lambda backend=backend: backend.attend(q, k, v), sizes.cuda)
         out = backend.attend(q, k, v).float()
         reference = out if reference is None else reference
         rows.append(
@@ -78,21 +106,19 @@ def attention_rows(peak: float) -> list[dict]:
     return rows
 
 
-def engine_run(layers: int, blocks: int) -> dict:
+def engine_run(sizes: Sizes, layers: int, blocks: int) -> dict:
+    dtype = str(sizes.dtype).removeprefix("torch.")
     overrides = [
-        "run.device=cuda",
-        "run.dtype=bfloat16",
-        "model.latent_height=60",
-        "model.latent_width=104",
-        "model.hidden_size=1536",
-        "model.num_heads=12",
+        f"run.device={sizes.device}",
+        f"run.dtype={dtype}",
+        *sizes.model,
         f"model.num_layers={layers}",
         *WAN_LIKE_OVERRIDES,
     ]
     config = pf.load_config(POLICY_CONFIGS["packforcing"], overrides)
     engine = pf.build_engine(config)
     plain = [b.seconds for b in engine.generate(blocks, seed=0)]
-    timer = SectionTimer(sync=True)
+    timer = SectionTimer(sync=sizes.cuda)
     timed_engine = pf.build_engine(config, wrap=timing_wrapper(timer))
     started = time.perf_counter()
     blocks_done = list(timed_engine.generate(blocks, seed=0))
@@ -130,14 +156,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--blocks", type=int, default=24)
+    parser.add_argument(
+        "--smoke", action="store_true", help="run the same code paths on the CPU at toy sizes; writes nothing"
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("benchmarks/gpu.py needs CUDA; nothing measured.", file=sys.stderr)
+    sizes = SMOKE if args.smoke else GPU
+    if sizes.cuda and not torch.cuda.is_available():
+        print(
+            "benchmarks/gpu.py needs CUDA; nothing measured (--smoke runs it on the CPU at toy sizes).", file=sys.stderr
+        )
         return 1
-    peak = matmul_peak()
-    attn = attention_rows(peak)
-    run = engine_run(args.layers, args.blocks)
-    table = f"Device: {torch.cuda.get_device_name(0)}; measured bf16 matmul peak {peak:.0f} TFLOP/s.\n\n"
+    peak = matmul_peak(sizes)
+    attn = attention_rows(sizes, peak)
+    run = engine_run(sizes, args.layers, args.blocks)
+    device = torch.cuda.get_device_name(0) if sizes.cuda else "CPU (smoke run)"
+    table = f"Device: {device}; measured {sizes.dtype} matmul peak {peak:.3g} TFLOP/s.\n\n"
     table += markdown_table(
         ["backend", "ms", "TFLOP/s", "fraction of matmul peak"],
         [[r["backend"], r["ms"], r["tflops"], r["fraction_of_matmul_peak"]] for r in attn],
@@ -161,6 +194,9 @@ def main() -> int:
             ]
         ],
     )
+    if args.smoke:
+        print(table)
+        return 0
     write_results("gpu", {"matmul_peak_tflops": peak, "attention": attn, "engine": run}, table)
     return 0
 
