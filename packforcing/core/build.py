@@ -97,6 +97,15 @@ def _config_error(exc: ValueError, path: str, owners: Sequence[tuple[str, Any]] 
     return ConfigError(message, path=path)
 
 
+def _registry(registry: Any) -> Any:
+    """``registry``, or the process-wide default one."""
+    if registry is not None:
+        return registry
+    from packforcing.plugins.manager import default_registry
+
+    return default_registry()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,10 +198,7 @@ def build_engine(
     ``wrap(kind, component)``, if given, may return a wrapper for each component as it is built
     (kinds: the config keys, ``"policy"`` last), e.g. :mod:`packforcing.core.instrument`'s timers.
     """
-    if registry is None:
-        from packforcing.plugins.manager import default_registry
-
-        registry = default_registry()
+    registry = _registry(registry)
     if not isinstance(config, Config):
         config = load_config(config, registry=registry)
     env = _environment(config, registry, wrap=wrap)
@@ -200,18 +206,13 @@ def build_engine(
     if wrap is not None:
         policy = wrap("policy", policy)
     assert env.model is not None
-    engine = GenerationEngine(env.model, policy, config.sampler, device=env.device, dtype=env.dtype)
-    engine.config = config
-    return engine
+    return GenerationEngine(env.model, policy, config.sampler, device=env.device, dtype=env.dtype, config=config)
 
 
 def build_for_planning(config: Config | Mapping[str, Any] | str, *, registry: Any = None) -> BuildEnv:
     """Every component of ``config`` built for planning (CPU, models without weights) and
     cross-checked; ``env.policy`` is the policy. Raises :class:`ConfigError` for any problem."""
-    if registry is None:
-        from packforcing.plugins.manager import default_registry
-
-        registry = default_registry()
+    registry = _registry(registry)
     if not isinstance(config, Config):
         config = load_config(config, registry=registry)
     env = _environment(config, registry, plan_only=True)

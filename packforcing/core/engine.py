@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import torch
@@ -41,8 +42,11 @@ class GenerationEngine:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        config: Any = None,
     ) -> None:
         self.model = model
+        self.config = config
+        """The :class:`~packforcing.core.config.Config` it was built from, if any."""
         self.policy = policy
         self.sampler = sampler or FlowMatchSampler()
         self.device = torch.device(device)

@@ -5,8 +5,9 @@ component (model, backend, realigner, selector, compressor, policy) in a delegat
 records wall time per section in a :class:`SectionTimer`. Sections nest as they run:
 ``model`` ⊃ ``attend`` ⊃ {``backend``, ``selection``, ``realign``}; ``commit`` ⊃
 ``compression``. ``realign`` covers the realigner's ``assign`` and ``gather``, i.e. the copy of
-the context into one tensor *and* the RoPE rotation of moved keys (the two are one pass). :meth:`SectionTimer.breakdown` turns them into exclusive shares. On CUDA the
-timer synchronises at every boundary, which slows the run: use it for shares, not totals.
+the context into one tensor *and* the RoPE rotation of moved keys (the two are one pass).
+:meth:`SectionTimer.breakdown` turns them into exclusive shares. On CUDA the timer synchronises
+at every boundary, which slows the run: use it for shares, not totals.
 """
 
 from __future__ import annotations
