@@ -508,7 +508,7 @@ class TieredContext(AttentionContext):
         for blocks, select in groups:
             count = selector.budget(len(blocks)) if select and selector is not None else len(blocks)
             spans.extend((b.position, b.num_frames) for b in blocks[:count])
-        self._positions_probe, self._position = realigner.assign(spans, query)
+        _, self._position = realigner.assign(spans, query)
 
     @property
     def position(self) -> float:
