@@ -110,11 +110,9 @@ def test_paper_figure_literally():
     assert query == 10
 
 
-def test_paper_figure_through_the_policy():
-    """The same figure end to end: sink 2 frames, mid bank of 6, recent 2, a selector skipping
-    M2 and M6; the gathered keys equal RoPE recomputed at 2..9 (only the moved blocks rotate)."""
-    g = _geometry(frames_per_block=1)
-    realigner = RecordingRealigner(TemporalRopeShift())
+def _paper_figure_policy(g: Geometry, realigner: PositionalRealigner) -> tuple[TieredPolicy, dict[int, torch.Tensor]]:
+    """The paper's figure as a cache: sink S0 S1, mid bank M2..M7, recent R8 R9 (one frame per
+    block), a selector keeping M3 M4 M5 M7; returns the policy and each block's un-rotated keys."""
     policy = TieredPolicy(
         TieredParams(
             tiers=(
@@ -132,6 +130,15 @@ def test_paper_figure_through_the_policy():
     raw: dict[int, torch.Tensor] = {}
     for block_id in range(10):
         _commit_random(policy, g, block_id, float(block_id), raw, torch.float32)
+    return policy, raw
+
+
+def test_paper_figure_through_the_policy():
+    """The same figure end to end: sink 2 frames, mid bank of 6, recent 2, a selector skipping
+    M2 and M6; the gathered keys equal RoPE recomputed at 2..9 (only the moved blocks rotate)."""
+    g = _geometry(frames_per_block=1)
+    realigner = RecordingRealigner(TemporalRopeShift())
+    policy, raw = _paper_figure_policy(g, realigner)
     context = policy.context(_query(g, 10))
     assert context.position == 10
     context.attend(0, _q(g), _q(g), _q(g))
@@ -318,23 +325,7 @@ def test_batched_gather_equals_block_by_block_realignment():
     interface's block-by-block default and RoPE recomputed at each target."""
     g = _geometry(frames_per_block=1)
     realigner = TemporalRopeShift()
-    policy = TieredPolicy(
-        TieredParams(
-            tiers=(
-                TierSpec(name="sink", frames=2, pinned=True),
-                TierSpec(name="mid", blocks=6, select=True),
-                TierSpec(name="recent", frames=2),
-            )
-        ),
-        geometry=g,
-        model=RopeModel(g),
-        backend=SdpaBackend(),
-        realigner=realigner,
-        selector=FixedSelector([1, 2, 3, 5]),
-    )
-    raw: dict[int, torch.Tensor] = {}
-    for block_id in range(10):
-        _commit_random(policy, g, block_id, float(block_id), raw, torch.float32)
+    policy, raw = _paper_figure_policy(g, realigner)
     blocks = [b for name in ("sink", "mid", "recent") for b in policy.tier_blocks(name)]
     blocks = [b for b in blocks if b.block_id not in (2, 6)]
     targets, _ = realigner.assign([(b.position, b.num_frames) for b in blocks], _query(g, 10))
