@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 
@@ -104,17 +105,7 @@ def test_cache_refuses_non_finite_keys_and_keeps_its_state():
         policy.commit(commit)
     assert policy.stats().tiers["history"].blocks == before.tiers["history"].blocks
     # nothing half-done: the same block, made finite, goes in and lands where it should
-    policy.commit(
-        BlockCommit(
-            block_id=2,
-            start_frame=8,
-            num_frames=4,
-            grid=g.block_grid,
-            position=8.0,
-            keys=[k] * g.num_layers,
-            values=[k] * g.num_layers,
-        )
-    )
+    policy.commit(attrs.evolve(commit, keys=[k] * g.num_layers))
     assert policy.location(2) == "history"
     assert policy.stats().tiers["history"].blocks == before.tiers["history"].blocks + 1
     assert policy.layout.members[0][-1] == 2 and len(policy.layout.members[0]) == 3
