@@ -1,0 +1,155 @@
+"""The Wan VAE (diffusers' ``AutoencoderKLWan``) as a latent codec, with streaming decode.
+
+Wan's VAE is causal in time: ``1 + 4k`` pixel frames ↔ ``1 + k`` latent frames, each
+convolution keeping the last two frames of its input as a feature cache. diffusers'
+``decode`` clears that cache at its start, so decoding a long video block by block with it
+would restart the causal context at every block. :class:`StreamingDecoder` runs diffusers'
+own modules (``post_quant_conv``, ``decoder``) one latent frame at a time, exactly as
+``AutoencoderKLWan._decode`` does, but owns the feature cache and keeps it between calls:
+block after block, the output equals decoding the whole latent video at once, and memory
+stays that of one block however long the video.
+
+Latents handed to and from the codec are in the transformer's normalised space,
+``(z - latents_mean) / latents_std`` (per channel, from the VAE's config), as Wan's pipelines
+use them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VAE_SUBFOLDER = "vae"
+
+
+def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
+    """``AutoencoderKLWan`` from ``path``: a diffusers pipeline root (with ``vae/``) or the VAE
+    folder itself. Errors are one line naming the path."""
+    from diffusers import AutoencoderKLWan
+
+    root = Path(path).expanduser()
+    folder = root / VAE_SUBFOLDER if (root / VAE_SUBFOLDER / "config.json").is_file() else root
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{path}: not a Wan VAE folder (no config.json here or in {VAE_SUBFOLDER}/)")
+    try:
+        vae = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ValueError(f"{folder}: cannot load AutoencoderKLWan: {' '.join(str(exc).split())}") from None
+    return vae.to(device).requires_grad_(False).eval()
+
+
+def _causal_conv_count(module: torch.nn.Module) -> int:
+    """Number of feature-cache slots the Wan decoder uses: one per causal 3D convolution."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
+
+
+class WanVAECodec:
+    """Normalised latents ``[B, 16, F, H, W]`` ↔ pixels ``[B, 3, 1 + 4(F - 1), 8H, 8W]`` in ``[-1, 1]``.
+
+    ``decode`` and ``encode`` are diffusers' own (whole clips; the first latent frame is the
+    causal start). :meth:`streaming_decoder` decodes a video block by block, carrying the
+    causal cache. ``stride`` / ``temporal_stride`` are the spatial and temporal compression.
+    """
+
+    def __init__(self, vae: Any) -> None:
+        self.vae = vae
+        config = vae.config
+        self.stride = int(config.scale_factor_spatial or 8)
+        self.temporal_stride = int(config.scale_factor_temporal or 4)
+        self.latent_channels = int(config.z_dim)
+        self._mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._std = torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._decoder_slots = _causal_conv_count(vae.decoder)
+
+    @classmethod
+    def from_path(
+        cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> WanVAECodec:
+        return cls(load_wan_vae(path, dtype=dtype, device=device))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    def pixel_frames(self, latent_frames: int, *, first: bool = True) -> int:
+        """Pixel frames decoded from ``latent_frames``: ``1 + 4(F - 1)`` at the start of a
+        video, ``4F`` for a later block of a stream."""
+        return 1 + self.temporal_stride * (latent_frames - 1) if first else self.temporal_stride * latent_frames
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents → the VAE's own latent space, in the VAE's dtype and device."""
+        z = latents.to(device=self.device, dtype=torch.float32)
+        z = z * self._std.to(z.device) + self._mean.to(z.device)
+        return z.to(self.dtype)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        zf = z.float()
+        return (zf - self._mean.to(zf.device)) / self._std.to(zf.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``[B, C, F, H, W]`` → pixels ``[B, 3, 1 + 4(F-1), 8H, 8W]`` (diffusers'
+        ``decode``, a clip of its own), in the latents' dtype."""
+        pixels = self.vae.decode(self.denormalize(latents)).sample
+        return pixels.to(latents.dtype)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, 1 + 4k, H, W]`` in ``[-1, 1]`` → normalised latents ``[B, C, 1 + k, H/8, W/8]``
+        (the posterior mean), in the pixels' dtype."""
+        x = pixels.to(device=self.device, dtype=self.dtype)
+        z = self.vae.encode(x).latent_dist.mode()
+        return self.normalize(z).to(pixels.dtype)
+
+    def streaming_decoder(self) -> StreamingDecoder:
+        """A decoder for one video, fed block by block (fresh causal cache)."""
+        return StreamingDecoder(self)
+
+
+class StreamingDecoder:
+    """Decodes one video block by block, keeping the Wan decoder's causal feature cache.
+
+    ``decode(block)`` of consecutive blocks ``[B, C, F_i, H, W]`` returns their pixels; the
+    concatenation equals ``codec.decode`` of the whole latent video. Memory held between
+    calls is the cache alone (two frames per causal convolution), independent of length.
+    """
+
+    def __init__(self, codec: WanVAECodec) -> None:
+        self.codec = codec
+        self._cache: list[Any] = [None] * codec._decoder_slots
+        self.latent_frames = 0
+        """Latent frames decoded so far."""
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, T, 8H, 8W]`` in ``[-1, 1]`` of the next block ``latents [B, C, F, H, W]``
+        (``T = 1 + 4(F-1)`` for the first block, ``4F`` after), in the latents' dtype."""
+        vae = self.codec.vae
+        x = vae.post_quant_conv(self.codec.denormalize(latents))  # 1×1×1: frame-local
+        frames = []
+        for i in range(x.shape[2]):
+            index = [0]
+            frames.append(
+                vae.decoder(
+                    x[:, :, i : i + 1],
+                    feat_cache=self._cache,
+                    feat_idx=index,
+                    first_chunk=self.latent_frames == 0,
+                )
+            )
+            self.latent_frames += 1
+        out = torch.cat(frames, dim=2)
+        patch = vae.config.patch_size
+        if patch is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            out = unpatchify(out, patch_size=patch)
+        return out.clamp(-1.0, 1.0).to(latents.dtype)

@@ -1,0 +1,71 @@
+"""The Wan VAE codec: streaming decode against diffusers' own whole-video decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from packforcing.models.wan.vae import WanVAECodec
+from tests.tiny_wan_io import VAE_LATENT_CHANNELS, write_tiny_vae
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory) -> WanVAECodec:
+    root = write_tiny_vae(tmp_path_factory.mktemp("wan") / "pipe", pipeline=True)
+    return WanVAECodec.from_path(root)  # a pipeline root: the VAE is found in vae/
+
+
+def latent_video(frames: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, VAE_LATENT_CHANNELS, frames, 4, 6, generator=gen)
+
+
+@pytest.mark.parametrize("blocks", [(3, 3, 1), (1, 2, 4), (4, 3)])
+def test_streamed_decode_equals_whole_video_decode(codec, blocks):
+    latents = latent_video(sum(blocks))
+    # the oracle: diffusers' own decode of the whole (denormalised) latent video
+    whole = codec.vae.decode(latents * codec._std + codec._mean).sample
+    stream = codec.streaming_decoder()
+    parts, start = [], 0
+    for i, n in enumerate(blocks):
+        part = stream.decode(latents[:, :, start : start + n])
+        assert part.shape[2] == codec.pixel_frames(n, first=i == 0)
+        parts.append(part)
+        start += n
+    streamed = torch.cat(parts, dim=2)
+    assert streamed.shape == whole.shape == (2, 3, 1 + 4 * (sum(blocks) - 1), 32, 48)
+    inside = (whole.abs() < 1).float().mean()
+    assert inside > 0.5  # mostly unclamped pixels: the comparison is not between saturated values
+    assert (streamed - whole).abs().max() <= 1e-5 * whole.abs().max()
+    assert torch.equal(codec.decode(latents), whole)
+
+
+def test_decoding_blocks_separately_loses_the_causal_context(codec):
+    """The guard: restarting the causal cache at each block (diffusers' decode per block) differs."""
+    latents = latent_video(6)
+    whole = codec.decode(latents)
+    restarted = codec.decode(latents[:, :, 3:])
+    streamed_tail = whole[:, :, codec.pixel_frames(3) :]
+    assert restarted.shape[2] != streamed_tail.shape[2] or not torch.allclose(restarted, streamed_tail)
+    second = codec.streaming_decoder()
+    second.decode(latents[:, :, :3])
+    assert torch.allclose(second.decode(latents[:, :, 3:]), streamed_tail, atol=1e-5)
+    fresh = codec.streaming_decoder()
+    fresh.decode(torch.zeros_like(latents[:, :, :3]))
+    assert not torch.allclose(fresh.decode(latents[:, :, 3:]), streamed_tail, atol=1e-3)
+
+
+def test_encode_inverts_the_geometry(codec):
+    pixels = codec.decode(latent_video(3))
+    z = codec.encode(pixels)
+    assert z.shape == (2, VAE_LATENT_CHANNELS, 3, 4, 6)
+    assert z.dtype == pixels.dtype and torch.isfinite(z).all()
+    assert (codec.stride, codec.temporal_stride) == (8, 4)
+
+
+def test_a_folder_without_a_vae_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"not a Wan VAE folder") as info:
+        WanVAECodec.from_path(tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
