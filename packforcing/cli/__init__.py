@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 from packforcing.core.errors import ConfigError
 
-VERBS = ("generate", "plan", "validate", "plugins", "train-compressor")
+VERBS = ("generate", "plan", "validate", "plugins", "train-compressor", "encode-prompts")
 """Modules under packforcing.cli, one per verb, in help order."""
 
 EXIT_OK = 0
@@ -32,6 +32,7 @@ EXAMPLES = """examples:
   packforcing validate configs/
   packforcing plugins
   packforcing train-compressor --config configs/packforcing.yaml --steps 1000
+  packforcing encode-prompts --text-encoder WAN_DIR --prompts prompts.yaml --out embeds/
 """
 
 

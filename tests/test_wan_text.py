@@ -1,0 +1,148 @@
+"""Wan text prompts: the UMT5 encoder against diffusers' Wan pipeline, prompt files, encode-prompts."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+import yaml
+
+from packforcing.cli import main
+from packforcing.models.wan.text import (
+    TextEncoder,
+    TextEncoderParams,
+    encode_schedule,
+    latent_frame_of,
+    load_prompt_embeds,
+    read_prompt_file,
+    to_block_schedule,
+)
+from tests.tiny_wan_io import TEXT_DIM, write_text_encoder
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+PROMPTS = ["a red fox running through snow", "  a blue whale &amp; the   ocean at night "]
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(tmp_path_factory):
+    return write_text_encoder(tmp_path_factory.mktemp("wan") / "pipe", pipeline=True)
+
+
+@pytest.mark.parametrize("layout", ["pipeline", "folder"])
+def test_embeddings_equal_diffusers_wan_pipeline(tmp_path, pipeline_root, layout):
+    from diffusers import WanPipeline
+
+    root = pipeline_root if layout == "pipeline" else write_text_encoder(tmp_path / "enc", pipeline=False)
+    with TextEncoder.from_path(root, max_length=16) as encoder:
+        ours = torch.stack(encoder.encode(PROMPTS))
+        pipe = WanPipeline(
+            tokenizer=encoder.tokenizer, text_encoder=encoder.model, transformer=None, vae=None, scheduler=None
+        )
+        reference, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, max_sequence_length=16)
+        tokens = encoder.tokenizer(["a red fox running through snow"]).input_ids[0]
+    assert ours.shape == (2, 16, TEXT_DIM)
+    assert torch.equal(ours, reference)
+    assert ours[0, : len(tokens)].abs().sum(-1).min() > 0 and ours[0, len(tokens) :].abs().sum() == 0
+
+
+def test_the_encoder_is_released_on_exit(pipeline_root):
+    with TextEncoder.from_path(pipeline_root, max_length=8) as encoder:
+        ref = weakref.ref(encoder.model)
+        encoder.encode(["a fox"])
+    gc.collect()
+    assert encoder.model is None and ref() is None
+    with pytest.raises(RuntimeError, match="closed"):
+        encoder.encode(["a fox"])
+
+
+def test_encode_prompts_writes_embeddings_and_a_schedule(tmp_path, pipeline_root, capsys):
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(
+        yaml.safe_dump(
+            [
+                {"from_second": 0, "prompt": PROMPTS[0]},
+                {"from_second": 5, "prompt": PROMPTS[1]},
+                {"from_block": 9, "prompt": PROMPTS[0]},
+            ]
+        )
+    )
+    out = tmp_path / "embeds"
+    args = ["encode-prompts", "--text-encoder", str(pipeline_root), "--prompts", str(prompts), "--out", str(out)]
+    assert main([*args, "--max-length", "16", "--device", "cpu"]) == 0
+    assert "wrote 2 embedding file(s)" in capsys.readouterr().out
+    schedule = read_prompt_file(out / "prompts.yaml")
+    assert [list(seg) for seg in schedule] == [
+        ["from_second", "embeds"],
+        ["from_second", "embeds"],
+        ["from_block", "embeds"],
+    ]
+    assert schedule[0]["embeds"] == schedule[2]["embeds"] != schedule[1]["embeds"]  # one file per distinct text
+    with TextEncoder.from_path(pipeline_root, max_length=16) as encoder:
+        expected = encoder.encode(PROMPTS)
+    for seg, want, text in zip(schedule[:2], expected, PROMPTS, strict=True):
+        embeds, stored_text = load_prompt_embeds(seg["embeds"])
+        assert torch.equal(embeds, want) and stored_text == text
+    assert "# a blue whale &amp; the ocean at night" in (out / "prompts.yaml").read_text()
+
+
+def test_encode_schedule_without_text_loads_no_encoder(tmp_path):
+    segments = [{"from_block": 0, "embeds": str(tmp_path / "x.safetensors")}]
+    assert encode_schedule(segments, TextEncoderParams(path=None), tmp_path) == segments
+    with pytest.raises(ValueError, match=r"text_encoder\.path"):
+        encode_schedule([{"from_block": 0, "prompt": "a fox"}], TextEncoderParams(path=None), tmp_path)
+
+
+def test_seconds_become_blocks_through_the_causal_vae():
+    # Wan: 16 fps, 4 pixel frames per latent frame after the first, 3 latent frames per block
+    assert [latent_frame_of(s, 16, 4) for s in (0, 1 / 16, 4 / 16, 5 / 16, 5)] == [0, 1, 1, 2, 20]
+    segments = [{"from_second": 0, "prompt": "a"}, {"from_second": 5, "prompt": "b"}, {"from_block": 9, "prompt": "c"}]
+    blocks = to_block_schedule(segments, fps=16, frames_per_block=3, temporal_stride=4)
+    assert blocks == [
+        {"from_block": 0, "prompt": "a"},
+        {"from_block": 6, "prompt": "b"},
+        {"from_block": 9, "prompt": "c"},
+    ]
+    with pytest.raises(ValueError, match=r"\[1\]\.from_second: 0.1 s falls in block 0"):
+        to_block_schedule(
+            [*segments[:1], {"from_second": 0.1, "prompt": "b"}], fps=16, frames_per_block=3, temporal_stride=4
+        )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("[]", r"expected a non-empty list"),
+        ("- {from_block: 1, prompt: a}", r"\[0\]\.from_block: the first segment must start at 0"),
+        (
+            "- {from_block: 0, prompt: a}\n- {from_block: 2, from_second: 1, prompt: b}",
+            r"\[1\]: give exactly one of from_block",
+        ),
+        ("- {from_block: 0, prompt: a, embeds: b}", r"\[0\]: give exactly one of prompt, embeds"),
+        ("- {from_block: 0, prompt: ''}", r"\[0\]\.prompt: expected a non-empty string"),
+        ("- {from_block: 0, prompt: a}\n- {from_block: -1, prompt: b}", r"\[1\]\.from_block: expected an integer >= 0"),
+        ("- {from_block: 0, promt: a}", r"\[0\]\.promt: unknown key"),
+        ("- {from_block: 0, prompt: [a}", r"not valid YAML"),
+    ],
+)
+def test_bad_prompt_files_are_one_line(tmp_path, content, problem):
+    path = tmp_path / "p.yaml"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=problem) as info:
+        read_prompt_file(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_json_prompt_files_and_relative_embeds(tmp_path):
+    path = tmp_path / "sub" / "p.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps([{"from_block": 0, "embeds": "e.safetensors"}]))
+    assert read_prompt_file(path) == [{"from_block": 0, "embeds": str((path.parent / "e.safetensors").resolve())}]
+
+
+def test_missing_encoder_is_one_line(tmp_path, capsys):
+    code = main(["encode-prompts", "--text-encoder", str(tmp_path), "--prompt", "a fox", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "not a text encoder folder" in err
