@@ -53,7 +53,7 @@ def test_builtins_register_through_the_hooks():
     registry, problems = create()
     assert problems == []
     kinds = {p.kind for p in registry.providers()}
-    assert kinds == {"model", "attention", "positional", "selector", "compressor", "policy"}
+    assert kinds == {"model", "attention", "positional", "selector", "compressor", "policy", "sampler"}
     assert {p.dist for p in registry.providers()} == {"packforcing"}
     assert {"full", "sliding_window", "sink_recent", "tiered"} <= set(registry.names("policy"))
 

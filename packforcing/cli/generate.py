@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from packforcing.core.build import build_engine
+    from packforcing.core.conditions import ConditionError
     from packforcing.core.config import load_config
     from packforcing.output.plot import plot_memory
     from packforcing.output.report import RunReport
@@ -59,11 +60,19 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config or default_config_path(), overrides)
     engine = build_engine(config)
     g = engine.geometry
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     run_params = config.run
     full_per_block = g.tokens_per_block * g.bytes_per_token * run_params.batch_size
-    report = RunReport(config=config.resolved(), full_bytes_per_block=full_per_block)
+    schedule = run_params.schedule()
+    report = RunReport(
+        config=config.resolved(), full_bytes_per_block=full_per_block, conditions=schedule.as_list() or None
+    )
+    try:
+        session = engine.session(seed=run_params.seed, batch_size=run_params.batch_size, conditions=schedule)
+    except ConditionError as exc:
+        path = exc.path("run.prompts")
+        raise ConfigError(exc.message, source=config.source_of(path), path=path) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     codec = engine.model.codec
     writers = []
     if codec is not None:
@@ -72,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
             writers.append(VideoWriter(out / name, fps=run_params.fps))
     bar = tqdm(total=run_params.blocks, unit="block", disable=args.no_progress, dynamic_ncols=True)
     try:
-        for block in engine.generate(run_params.blocks, seed=run_params.seed, batch_size=run_params.batch_size):
+        for _ in range(run_params.blocks):
+            block = session.step()
             record = report.add(block)
             if writers:
                 pixels = codec.decode(block.latents.float())
@@ -81,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(cache=f"{record['cache_bytes'] / 2**20:.1f}MiB", ctx=record["context_tokens"])
             bar.update(1)
     finally:
+        session.close()
         bar.close()
         for writer in writers:
             writer.close()

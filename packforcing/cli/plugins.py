@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "plugins",
         help="list components: kind, name, providing distribution and version",
         description="List every registered component (policies, compressors, selectors, realigners, "
-        "attention backends, models) with the distribution and version that provide it.",
+        "attention backends, models, samplers) with the distribution and version that provide it.",
         example=EXAMPLE,
     )
     p.add_argument("--kind", choices=list(KINDS), help="only this kind (a config key)")

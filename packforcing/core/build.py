@@ -21,6 +21,7 @@ from packforcing.core.interfaces import (
     Selector,
 )
 from packforcing.core.records import MemoryPlan
+from packforcing.core.sampler import Sampler
 from packforcing.core.structure import show, structure
 
 
@@ -46,6 +47,7 @@ class BuildEnv:
     realigner: PositionalRealigner | None = None
     selector: Selector | None = None
     compressor: Compressor | None = None
+    sampler: Sampler | None = None
     policy: CachePolicy | None = None
     plan_only: bool = False
     """True when building for the memory planner: models may skip their weights."""
@@ -134,6 +136,7 @@ def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap
         ("positional", "realigner"),
         ("selector", "selector"),
         ("compressor", "compressor"),
+        ("sampler", "sampler"),
     ):
         spec = config.components.get(key)
         if spec is None:
@@ -205,8 +208,8 @@ def build_engine(
     policy = _policy(config, env)
     if wrap is not None:
         policy = wrap("policy", policy)
-    assert env.model is not None
-    return GenerationEngine(env.model, policy, config.sampler, device=env.device, dtype=env.dtype, config=config)
+    assert env.model is not None and env.sampler is not None
+    return GenerationEngine(env.model, policy, env.sampler, device=env.device, dtype=env.dtype, config=config)
 
 
 def build_for_planning(config: Config | Mapping[str, Any] | str, *, registry: Any = None) -> BuildEnv:

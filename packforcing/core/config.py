@@ -2,7 +2,8 @@
 
 A config is a mapping with the top-level keys ``model``, ``policy``, ``compressor``,
 ``selector``, ``positional``, ``attention``, ``sampler`` and ``run``. Component blocks are
-``name:`` plus that component's parameters (declared by its plugin as an attrs class).
+``name:`` plus that component's parameters (declared by its plugin as an attrs class); a
+``sampler`` block without a ``name`` is the default ``euler`` sampler.
 
 Composition rules:
 
@@ -33,15 +34,17 @@ from typing import Any
 import attrs
 import yaml
 
+from packforcing.core.conditions import ConditionError, ConditionSchedule
 from packforcing.core.errors import ConfigError
 from packforcing.core.geometry import DTYPES
-from packforcing.core.sampler import FlowMatchSampler
 from packforcing.core.structure import show, structure, unstructure
 from packforcing.core.validators import non_negative, one_of, positive
 
-COMPONENT_KEYS = ("model", "policy", "compressor", "selector", "positional", "attention")
-TOP_KEYS = (*COMPONENT_KEYS, "sampler", "run")
-DEFAULT_COMPONENTS = {"model": "tiny_dit", "positional": "identity", "attention": "auto"}
+COMPONENT_KEYS = ("model", "policy", "compressor", "selector", "positional", "attention", "sampler")
+TOP_KEYS = (*COMPONENT_KEYS, "run")
+DEFAULT_COMPONENTS = {"model": "tiny_dit", "positional": "identity", "attention": "auto", "sampler": "euler"}
+NAME_OPTIONAL = ("sampler",)
+"""Component blocks whose ``name`` may be left out (the default component is meant)."""
 OPTIONAL_COMPONENTS = ("compressor", "selector")
 OVERRIDE_SOURCE = "--set"
 
@@ -51,6 +54,15 @@ KeyPath = tuple[str, ...]
 def _positive_number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{attribute.name}: expected a number > 0, got {show(value)}")
+
+
+def _prompts(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    try:
+        ConditionSchedule.parse(value, name=attribute.name)
+    except ConditionError as exc:
+        raise ValueError(str(exc)) from None
 
 
 @attrs.frozen
@@ -64,6 +76,13 @@ class RunParams:
     dtype: str = attrs.field(default="float32", validator=one_of(*DTYPES))
     fps: float = attrs.field(default=16.0, validator=_positive_number)
     """Frames per second of the written video (one latent frame decodes to one frame)."""
+    prompts: list[dict[str, Any]] | None = attrs.field(default=None, validator=_prompts)
+    """Per-block condition schedule ``[{from_block: 0, **spec}, ...]`` (model-specific specs, e.g.
+    ``{embeds: FILE}`` for ``wan``); ``None``: unconditional."""
+
+    def schedule(self) -> ConditionSchedule:
+        """``prompts`` as a :class:`~packforcing.core.conditions.ConditionSchedule`."""
+        return ConditionSchedule.parse(self.prompts, name="run.prompts")
 
 
 @attrs.frozen
@@ -82,9 +101,15 @@ class Config:
     data: dict[str, Any]
     source: str | None
     components: dict[str, ComponentSpec | None]
-    sampler: FlowMatchSampler
     run: RunParams
     sources: dict[KeyPath, str] = attrs.field(factory=dict, repr=False)
+
+    @property
+    def sampler(self) -> Any:
+        """The ``sampler`` block's structured parameters (for the built-ins, the sampler itself)."""
+        spec = self.components["sampler"]
+        assert spec is not None
+        return spec.params
 
     def resolved(self) -> dict[str, Any]:
         """Every section with defaults filled in (YAML/JSON-able)."""
@@ -92,7 +117,6 @@ class Config:
         for key in COMPONENT_KEYS:
             spec = self.components.get(key)
             out[key] = None if spec is None else {"name": spec.name, **unstructure(spec.params)}
-        out["sampler"] = unstructure(self.sampler)
         out["run"] = unstructure(self.run)
         return out
 
@@ -326,7 +350,8 @@ def apply_override(data: dict[str, Any], override: str, sources: dict[KeyPath, s
                 f"cannot set it: {'.'.join(parts[:i])} is {show(node)}, not a mapping", source=OVERRIDE_SOURCE, path=key
             )
         if last:
-            if i == 1 and part == "name" and parts[0] in COMPONENT_KEYS and node.get("name") not in (None, value):
+            current = node.get("name", DEFAULT_COMPONENTS.get(parts[0]) if parts[0] in NAME_OPTIONAL else None)
+            if i == 1 and part == "name" and parts[0] in COMPONENT_KEYS and current not in (None, value):
                 node.clear()  # a different component: the old one's parameters do not carry over
                 if sources is not None:
                     for p in [p for p in sources if p[:1] == parts[:1] and len(p) > 1]:
@@ -402,6 +427,8 @@ def load_config(
                 f"expected a component name or a mapping with a 'name', got {show(block)}", source=where, path=key
             )
         name = block.get("name")
+        if name is None and key in NAME_OPTIONAL:
+            name = DEFAULT_COMPONENTS[key]
         if not isinstance(name, str):
             available = ", ".join(registry.names(key)) or "none"
             problem = "required key is missing" if name is None else f"expected a string, got {show(name)}"
@@ -422,13 +449,9 @@ def load_config(
         except ConfigError as exc:
             raise _locate(exc, sources, label) from None
         components[key] = ComponentSpec(name, structured)
-    parts = {}
-    for key, cls in (("sampler", FlowMatchSampler), ("run", RunParams)):
-        try:
-            block = data.get(key)
-            parts[key] = structure(cls, {} if block is None else block, key)
-        except ConfigError as exc:
-            raise _locate(exc, sources, label) from None
-    return Config(
-        data=data, source=label, components=components, sampler=parts["sampler"], run=parts["run"], sources=sources
-    )
+    try:
+        block = data.get("run")
+        run = structure(RunParams, {} if block is None else block, "run")
+    except ConfigError as exc:
+        raise _locate(exc, sources, label) from None
+    return Config(data=data, source=label, components=components, run=run, sources=sources)

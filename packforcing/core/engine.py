@@ -2,43 +2,36 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import attrs
 import torch
 
+from packforcing.core.conditions import ConditionError, ConditionSchedule, spec_key
 from packforcing.core.interfaces import BlockModel, CachePolicy
-from packforcing.core.records import BlockCommit, BlockQuery, CacheStats
-from packforcing.core.sampler import FlowMatchSampler, block_noise
+from packforcing.core.records import BlockQuery
+from packforcing.core.sampler import EulerSampler, Sampler
+from packforcing.core.session import GeneratedBlock, GenerationSession, SessionError
 
-
-@attrs.frozen(eq=False)
-class GeneratedBlock:
-    """One finished block: ``latents [B, C, F, H, W]`` plus what generating it cost."""
-
-    index: int
-    start_frame: int
-    latents: torch.Tensor
-    seconds: float
-    context_tokens: int
-    stats: CacheStats
+__all__ = ["GeneratedBlock", "GenerationEngine", "GenerationSession", "SessionError"]
 
 
 class GenerationEngine:
     """Generates a video block by block.
 
-    Per block: a few-step flow-matching sampler whose every step attends to the policy's
-    context; then one clean pass at timestep 0 whose per-layer K/V is committed to the
-    policy. The engine never inspects the policy: it only asks for contexts and commits.
+    Per block: a few-step sampler whose every model call attends to the policy's context; then
+    one clean pass at timestep 0 whose per-layer K/V is committed to the policy. The engine
+    never inspects the policy: it only asks for contexts and commits. A
+    :class:`~packforcing.core.session.GenerationSession` holds one video's progress; one session
+    at a time may be open on an engine (they share the cache).
     """
 
     def __init__(
         self,
         model: BlockModel,
         policy: CachePolicy,
-        sampler: FlowMatchSampler | None = None,
+        sampler: Sampler | None = None,
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -48,9 +41,11 @@ class GenerationEngine:
         self.config = config
         """The :class:`~packforcing.core.config.Config` it was built from, if any."""
         self.policy = policy
-        self.sampler = sampler or FlowMatchSampler()
+        self.sampler: Sampler = sampler or EulerSampler()
         self.device = torch.device(device)
         self.dtype = dtype
+        self._conditions: dict[str, Any] = {}
+        self._session: weakref.ref[GenerationSession] | None = None
 
     @property
     def geometry(self):
@@ -60,48 +55,75 @@ class GenerationEngine:
         g = self.geometry
         return (batch_size, g.latent_channels, g.frames_per_block, g.latent_height, g.latent_width)
 
-    @torch.no_grad()
-    def generate(self, num_blocks: int, *, seed: int = 0, batch_size: int = 1) -> Iterator[GeneratedBlock]:
-        """Yield ``num_blocks`` finished blocks, one at a time (the cache starts empty)."""
+    def query(self, index: int) -> BlockQuery:
+        """The :class:`BlockQuery` of block ``index``."""
+        g = self.geometry
+        return BlockQuery(
+            block_id=index, start_frame=index * g.frames_per_block, num_frames=g.frames_per_block, grid=g.block_grid
+        )
+
+    def encode_condition(self, spec: Mapping[str, Any] | None) -> Any:
+        """The model's condition object for ``spec``, encoded once per distinct spec."""
+        if spec is None:
+            return None
+        key = spec_key(spec)
+        if key not in self._conditions:
+            self._conditions[key] = self.model.encode_condition(spec)
+        return self._conditions[key]
+
+    def session(
+        self, *, seed: int = 0, batch_size: int = 1, conditions: Sequence[Mapping[str, Any]] | None = None
+    ) -> GenerationSession:
+        """A new video from an empty cache (the cache is reset).
+
+        ``conditions``: a schedule ``[{"from_block": 0, **spec}, ...]`` (see
+        :mod:`packforcing.core.conditions`); every distinct spec is encoded before this returns, so
+        a bad one fails here (:class:`~packforcing.core.conditions.ConditionError`, naming the
+        segment). Raises :class:`SessionError` while another session on this engine is open.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        live = self._session() if self._session is not None else None
+        if live is not None and not live.closed:
+            raise SessionError(
+                f"another generation session is open on this engine ({live.blocks_done} blocks done): close it "
+                "(session.close(), or finish or close the generate() iterator) before starting a new one"
+            )
+        schedule = conditions if isinstance(conditions, ConditionSchedule) else ConditionSchedule.parse(conditions)
+        encoded = []
+        for i, spec in enumerate(schedule.specs):
+            try:
+                encoded.append(self.encode_condition(spec))
+            except ConditionError:
+                raise
+            except (ValueError, OSError) as exc:
+                message = str(exc)
+                head, sep, rest = message.partition(": ")
+                if sep and " " not in head and spec is not None and head.split(".")[0] in spec:
+                    raise ConditionError(rest, index=i, key=head) from None
+                raise ConditionError(message, index=i) from None
+        self.policy.reset()
+        session = GenerationSession(self, seed=seed, batch_size=batch_size, schedule=schedule, encoded=encoded)
+        self._session = weakref.ref(session)
+        return session
+
+    def generate(
+        self,
+        num_blocks: int,
+        *,
+        seed: int = 0,
+        batch_size: int = 1,
+        conditions: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Iterator[GeneratedBlock]:
+        """Yield ``num_blocks`` finished blocks, one at a time (the cache starts empty): a
+        :meth:`session` stepped ``num_blocks`` times, closed when the iterator ends or is closed."""
         if num_blocks < 0 or batch_size < 1:
             raise ValueError("num_blocks must be >= 0 and batch_size >= 1")
-        g = self.geometry
-        self.policy.reset()
-        for index in range(num_blocks):
-            started = time.perf_counter()
-            query = BlockQuery(
-                block_id=index,
-                start_frame=index * g.frames_per_block,
-                num_frames=g.frames_per_block,
-                grid=g.block_grid,
-            )
-            noise = block_noise(seed, index, self.block_shape(batch_size), self.dtype, self.device)
+        session = self.session(seed=seed, batch_size=batch_size, conditions=conditions)
+        return _stepped(session, num_blocks)
 
-            def velocity(x: torch.Tensor, t: torch.Tensor, query: BlockQuery = query) -> torch.Tensor:
-                return self.model.denoise(x, t, self.policy.context(query))
 
-            latents = self.sampler.sample(noise, velocity)
-            clean_context = self.policy.context(query)
-            keys, values = self.model.clean_kv(latents, clean_context)
-            self.policy.commit(
-                BlockCommit(
-                    block_id=index,
-                    start_frame=query.start_frame,
-                    num_frames=query.num_frames,
-                    grid=query.grid,
-                    position=clean_context.position,
-                    keys=keys,
-                    values=values,
-                    latents=latents,
-                )
-            )
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            yield GeneratedBlock(
-                index=index,
-                start_frame=query.start_frame,
-                latents=latents,
-                seconds=time.perf_counter() - started,
-                context_tokens=clean_context.context_tokens,
-                stats=self.policy.stats(),
-            )
+def _stepped(session: GenerationSession, num_blocks: int) -> Iterator[GeneratedBlock]:
+    with session:
+        for _ in range(num_blocks):
+            yield session.step()

@@ -81,13 +81,15 @@ class _Delegate:
 
 
 class TimedModel(_Delegate):
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+    def denoise(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, context: AttentionContext, condition: Any = None
+    ) -> torch.Tensor:
         with self._timer.section("model"):
-            return self._inner.denoise(latents, timesteps, context)
+            return self._inner.denoise(latents, timesteps, context, condition=condition)
 
-    def clean_kv(self, latents: torch.Tensor, context: AttentionContext):
+    def clean_kv(self, latents: torch.Tensor, context: AttentionContext, condition: Any = None):
         with self._timer.section("model"):
-            return self._inner.clean_kv(latents, context)
+            return self._inner.clean_kv(latents, context, condition=condition)
 
 
 class TimedBackend(AttentionBackend):

@@ -10,8 +10,8 @@ context hands gathered keys/values to an :class:`AttentionBackend`. Shapes follo
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -83,7 +83,9 @@ class LatentCodec(Protocol):
 class BlockModel(Protocol):
     """What the engine needs from any block-causal video model.
 
-    ``latents`` are ``[B, C, F, H, W]``; ``timesteps`` are ``[B, F]`` in ``[0, 1000]``.
+    ``latents`` are ``[B, C, F, H, W]``; ``timesteps`` are ``[B]`` or ``[B, F]`` in ``[0, 1000]``.
+    ``condition`` is what :meth:`encode_condition` made of the block's condition spec (``None``
+    for a block without one).
     """
 
     geometry: Geometry
@@ -91,12 +93,20 @@ class BlockModel(Protocol):
     hidden_size: int
     codec: LatentCodec | None
 
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+    def encode_condition(self, spec: Mapping[str, Any] | None) -> Any:
+        """The condition object for a JSON-able ``spec`` (e.g. ``{"embeds": "prompt.safetensors"}``),
+        or ``None`` for ``None``. Called once per distinct spec; raise ``ValueError("<key>: ...")``
+        for a spec the model cannot use."""
+        ...
+
+    def denoise(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, context: AttentionContext, condition: Any = None
+    ) -> torch.Tensor:
         """Flow-matching velocity ``[B, C, F, H, W]`` for noisy ``latents`` attending ``context``."""
         ...
 
     def clean_kv(
-        self, latents: torch.Tensor, context: AttentionContext
+        self, latents: torch.Tensor, context: AttentionContext, condition: Any = None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer ``K, V [B, N, H, D]`` of the clean block at timestep 0 (keys rotated at
         ``context.position``)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -22,7 +22,8 @@ class BlockCommit:
     """What the engine hands the policy after a block's clean pass.
 
     ``keys``/``values``: one ``[B, N, H, D]`` tensor per layer, keys already rotated at
-    temporal ``position``. ``latents``: the clean block ``[B, C, F, H, W]``.
+    temporal ``position``. ``latents``: the clean block ``[B, C, F, H, W]``. ``condition``: the
+    JSON-able condition spec the block was generated under (``None`` without one).
     """
 
     block_id: int
@@ -33,6 +34,7 @@ class BlockCommit:
     keys: Sequence[torch.Tensor]
     values: Sequence[torch.Tensor]
     latents: torch.Tensor | None = None
+    condition: Any = None
 
 
 @attrs.frozen
@@ -64,7 +66,7 @@ class CachedBlock:
     this home position, so precision does not decay with video length). ``temporal_stride`` is
     how many latent frames one temporal token spans and ``hw_stride`` how many full-grid tokens
     one spatial token spans (the spatial RoPE positions are ``j * hw_stride``). K/V live in the
-    store slot.
+    store slot. ``condition`` is the JSON-able condition spec the block was committed under.
     """
 
     block_id: int
@@ -76,6 +78,7 @@ class CachedBlock:
     temporal_stride: float
     slot: Slot
     hw_stride: float = 1.0
+    condition: Any = None
 
     @property
     def num_tokens(self) -> int:

@@ -51,4 +51,4 @@ class GeometryOnlyModel:
     def _refuse(self, *args, **kwargs):
         raise RuntimeError("model 'geometry' only describes shapes (for planning); it cannot generate")
 
-    denoise = clean_kv = project_kv = _refuse
+    encode_condition = denoise = clean_kv = project_kv = _refuse

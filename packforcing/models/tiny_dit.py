@@ -12,6 +12,8 @@ unless ``weights`` points at a safetensors file.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import torch
@@ -58,6 +60,11 @@ class TinyDiTParams:
             frames_per_block=self.frames_per_block,
             dtype=dtype,
         )
+
+
+def _unconditional(condition: Any) -> None:
+    if condition is not None:
+        raise ValueError(f"model tiny_dit is unconditional; got a condition {type(condition).__name__}")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -211,16 +218,27 @@ class TinyDiT(nn.Module):
         return out.reshape(b, c, gt * pt, gh * ph, gw * pw)
 
     # ------------------------------------------------------------------ BlockModel
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, context: AttentionContext) -> torch.Tensor:
-        """Velocity ``[B, C, F, H, W]`` for ``latents [B, C, F, H, W]`` at ``timesteps [B]`` or ``[B, F]``."""
+    def encode_condition(self, spec: Mapping[str, Any] | None) -> None:
+        """``tiny_dit`` is unconditional: only ``None`` (no condition) is accepted."""
+        if spec:
+            raise ValueError(f"{next(iter(spec))}: model tiny_dit is unconditional and takes no condition")
+
+    def denoise(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, context: AttentionContext, condition: Any = None
+    ) -> torch.Tensor:
+        """Velocity ``[B, C, F, H, W]`` for ``latents [B, C, F, H, W]`` at ``timesteps [B]`` or ``[B, F]``.
+
+        ``condition`` must be ``None`` (the model is unconditional)."""
+        _unconditional(condition)
         out = self._run(latents, timesteps, context, None)
         assert out is not None
         return out
 
     def clean_kv(
-        self, latents: torch.Tensor, context: AttentionContext
+        self, latents: torch.Tensor, context: AttentionContext, condition: Any = None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer ``K, V [B, N, H, D]`` of the clean block at t = 0, keys rotated at ``context.position``."""
+        _unconditional(condition)
         collect: list[tuple[torch.Tensor, torch.Tensor]] = []
         t0 = torch.zeros(latents.shape[0], device=latents.device)
         self._run(latents, t0, context, collect, head=False)

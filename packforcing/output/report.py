@@ -17,6 +17,8 @@ class RunReport:
 
     config: dict[str, Any]
     full_bytes_per_block: int
+    conditions: list[dict[str, Any]] | None = None
+    """The condition schedule the run used (``[{from_block: N, **spec}]``), or ``None``."""
     blocks: list[dict[str, Any]] = attrs.field(factory=list)
     peak_cache_bytes: int = 0
     peak_archive_bytes: int = 0
@@ -32,6 +34,8 @@ class RunReport:
             "archive_bytes": stats.archive.bytes,
             "tiers": {name: t.as_dict() for name, t in stats.tiers.items()},
         }
+        if self.conditions is not None:
+            record["condition"] = block.condition
         self.blocks.append(record)
         self.peak_cache_bytes = max(self.peak_cache_bytes, stats.bytes)
         self.peak_archive_bytes = max(self.peak_archive_bytes, stats.archive.bytes)
@@ -41,6 +45,7 @@ class RunReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
+            "conditions": self.conditions,
             "blocks": self.blocks,
             "peak_cache_bytes": self.peak_cache_bytes,
             "archive_bytes": self.peak_archive_bytes,

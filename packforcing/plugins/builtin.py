@@ -5,6 +5,7 @@ from __future__ import annotations
 from packforcing.attention.backends import SdpaBackend, XformersBackend, pick_backend
 from packforcing.compressors.dual_branch import DualBranchCompressor, DualBranchParams
 from packforcing.compressors.pool import PoolCompressor, PoolParams
+from packforcing.core.sampler import EulerSampler, SelfForcingSampler
 from packforcing.models.geometry_only import GeometryOnlyModel, GeometryParams
 from packforcing.models.tiny_dit import TinyDiT, TinyDiTParams
 from packforcing.plugins.factory import ComponentFactory, no_params
@@ -113,5 +114,15 @@ def packforcing_policies():
         ),
         "packforcing": ComponentFactory(
             PackForcingParams, build_packforcing, "sink + compressed, selected mid bank + recent (the paper)"
+        ),
+    }
+
+
+@hookimpl
+def packforcing_samplers():
+    return {
+        "euler": ComponentFactory.of(EulerSampler, "Euler steps over shifted flow-matching noise levels (default)"),
+        "self_forcing": ComponentFactory.of(
+            SelfForcingSampler, "Self-Forcing's few-step sampler: predict x0, re-noise with fresh seeded noise"
         ),
     }

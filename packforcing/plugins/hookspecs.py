@@ -50,3 +50,8 @@ def packforcing_attention_backends() -> Mapping[str, ComponentFactory]:
 @hookspec
 def packforcing_models() -> Mapping[str, ComponentFactory]:
     """Models implementing :class:`~packforcing.core.interfaces.BlockModel`, by ``model.name``."""
+
+
+@hookspec
+def packforcing_samplers() -> Mapping[str, ComponentFactory]:
+    """Samplers (:class:`~packforcing.core.sampler.Sampler`), by ``sampler.name``."""

@@ -32,6 +32,7 @@ KINDS: dict[str, str] = {
     "selector": "packforcing_selectors",
     "compressor": "packforcing_compressors",
     "policy": "packforcing_policies",
+    "sampler": "packforcing_samplers",
 }
 """Config key → hook name."""
 

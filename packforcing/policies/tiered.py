@@ -291,6 +291,7 @@ class TieredPolicy(CachePolicy):
                 temporal_stride=ckv.temporal_stride,
                 slot=slot,
                 hw_stride=ckv.hw_stride,
+                condition=source.condition,
             )
         if isinstance(source, CachedBlock):
             keys, values = source.keys, source.values
@@ -314,6 +315,7 @@ class TieredPolicy(CachePolicy):
             temporal_stride=stride,
             slot=slot,
             hw_stride=hw_stride,
+            condition=source.condition,
         )
 
     def _transient(self, commit: BlockCommit) -> CachedBlock:
@@ -338,6 +340,7 @@ class TieredPolicy(CachePolicy):
             commit.position,
             float(self.geometry.patch[0]),
             slot,
+            condition=commit.condition,
         )
 
     def _archive_block(self, block: CachedBlock) -> CachedBlock:

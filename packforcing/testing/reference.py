@@ -10,12 +10,13 @@ K/V the cache would have stored, so no cache is involved at all.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 from packforcing.core.context import MaskedContext
 from packforcing.core.interfaces import AttentionBackend, BlockModel
-from packforcing.core.sampler import FlowMatchSampler, block_noise
+from packforcing.core.sampler import EulerSampler, Sampler, block_noise, fresh_noise
 
 
 def block_causal_mask(num_blocks: int, tokens_per_block: int, visible: Callable[[int], Iterable[int]]) -> torch.Tensor:
@@ -38,17 +39,20 @@ def reference_generate(
     num_blocks: int,
     visible: Callable[[int], Iterable[int]],
     *,
-    sampler: FlowMatchSampler | None = None,
+    sampler: Sampler | None = None,
     seed: int = 0,
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    condition: Any = None,
 ) -> list[torch.Tensor]:
     """Latents ``[B, C, F, H, W]`` of each block, generated without a cache.
 
     ``visible(i)`` lists the earlier blocks block ``i`` attends (``range(i)`` for a full cache).
+    ``condition`` (an encoded condition object) applies to every block. Noise (initial and
+    re-noising) is the engine's per-block seeded noise.
     """
-    sampler = sampler or FlowMatchSampler()
+    sampler = sampler or EulerSampler()
     g = model.geometry
     f = g.frames_per_block
     shape = (batch_size, g.latent_channels, f, g.latent_height, g.latent_width)
@@ -61,7 +65,8 @@ def reference_generate(
             seq = torch.cat([*clean, x], dim=2)
             steps = torch.zeros(batch_size, seq.shape[2], device=x.device, dtype=torch.float32)
             steps[:, -f:] = t[:, None]
-            return model.denoise(seq, steps, context)[:, :, -f:]
+            return model.denoise(seq, steps, context, condition=condition)[:, :, -f:]
 
-        clean.append(sampler.sample(block_noise(seed, b, shape, dtype, device), velocity))
+        noise = block_noise(seed, b, shape, dtype, device)
+        clean.append(sampler.sample(noise, velocity, fresh_noise(seed, b, shape, dtype, device)))
     return clean

@@ -57,7 +57,7 @@ from packforcing.compressors.pool import pool_tokens, pooled_grid
 from packforcing.core.build import build_engine
 from packforcing.core.config import Config, load_config
 from packforcing.core.interfaces import AttentionBackend, AttentionContext, BlockModel
-from packforcing.core.sampler import FlowMatchSampler, block_noise
+from packforcing.core.sampler import Sampler, block_noise, fresh_noise
 
 DEFAULT_OUT = "packforcing/weights/dual_branch_tiny.safetensors"
 
@@ -121,7 +121,7 @@ class AttentionData:
 def collect(
     model: BlockModel,
     backend: AttentionBackend,
-    sampler: FlowMatchSampler,
+    sampler: Sampler,
     *,
     videos: int,
     blocks: int,
@@ -151,7 +151,12 @@ def collect(
                 passes.append(ctx.records)
                 return out
 
-            latents = sampler.sample(block_noise(seed * 7919 + video, index, shape, dtype, device), velocity)
+            video_seed = seed * 7919 + video
+            latents = sampler.sample(
+                block_noise(video_seed, index, shape, dtype, device),
+                velocity,
+                fresh_noise(video_seed, index, shape, dtype, device),
+            )
             ctx = _RecordingContext(backend, history, position)
             keys, values = model.clean_kv(latents, ctx)
             passes.append(ctx.records)
@@ -319,7 +324,7 @@ def train_compressor(
     data = collect(
         model,
         backend,
-        cfg.sampler,
+        engine.sampler,
         videos=videos,
         blocks=blocks,
         batch=batch,

@@ -1,0 +1,175 @@
+"""One video being generated: sample the next block, or commit a given clean one."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+
+from packforcing.core.conditions import ConditionSchedule
+from packforcing.core.records import BlockCommit, BlockQuery, CacheStats
+from packforcing.core.sampler import block_noise, fresh_noise
+
+if TYPE_CHECKING:
+    from packforcing.core.engine import GenerationEngine
+
+
+class SessionError(RuntimeError):
+    """A session used after it was closed, or a second one opened on a busy engine."""
+
+
+@attrs.frozen(eq=False)
+class GeneratedBlock:
+    """One finished block: ``latents [B, C, F, H, W]`` plus what generating it cost.
+
+    ``condition`` is the spec it was generated (or observed) under; ``observed`` is true for a
+    block given to :meth:`GenerationSession.observe` rather than sampled.
+    """
+
+    index: int
+    start_frame: int
+    latents: torch.Tensor
+    seconds: float
+    context_tokens: int
+    stats: CacheStats
+    condition: Any = None
+    observed: bool = False
+
+
+class GenerationSession:
+    """The state of one video on a :class:`~packforcing.core.engine.GenerationEngine`.
+
+    Made by :meth:`GenerationEngine.session` (which resets the cache). :meth:`step` samples the
+    next block; :meth:`observe` commits given clean latents as the next block instead (teacher
+    forcing, continuing a real video). Either way the block's clean pass runs under the block's
+    condition and its K/V go to the cache. Blocks are numbered from 0 in the order they are made.
+    Use it as a context manager, or call :meth:`close`, before opening another session on the
+    same engine.
+    """
+
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        *,
+        seed: int,
+        batch_size: int,
+        schedule: ConditionSchedule,
+        encoded: list[Any],
+    ) -> None:
+        self.engine = engine
+        self.seed = seed
+        self.batch_size = batch_size
+        self.schedule = schedule
+        self._encoded = encoded
+        self._blocks_done = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ state
+    @property
+    def blocks_done(self) -> int:
+        """Blocks generated or observed so far (the index of the next block)."""
+        return self._blocks_done
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """End the session (the cache keeps its blocks until the next session resets it)."""
+        self._closed = True
+
+    def __enter__(self) -> GenerationSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def condition_spec(self, index: int) -> Mapping[str, Any] | None:
+        """The condition spec block ``index`` is made under."""
+        return self.schedule.spec_for(index)
+
+    def _condition(self, index: int) -> Any:
+        segment = self.schedule.segment_of(index)
+        return None if segment is None else self._encoded[segment]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionError("this generation session is closed")
+
+    # ------------------------------------------------------------------ blocks
+    @torch.no_grad()
+    def step(self) -> GeneratedBlock:
+        """Sample the next block from its seeded noise and commit it."""
+        self._check_open()
+        engine = self.engine
+        started = time.perf_counter()
+        index = self._blocks_done
+        query = engine.query(index)
+        condition = self._condition(index)
+        shape = engine.block_shape(self.batch_size)
+        noise = block_noise(self.seed, index, shape, engine.dtype, engine.device)
+        fresh = fresh_noise(self.seed, index, shape, engine.dtype, engine.device)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return engine.model.denoise(x, t, engine.policy.context(query), condition=condition)
+
+        latents = engine.sampler.sample(noise, velocity, fresh)
+        return self._commit(query, latents, condition, started, observed=False)
+
+    @torch.no_grad()
+    def observe(self, latents: torch.Tensor) -> GeneratedBlock:
+        """Commit clean ``latents [B, C, F, H, W]`` as the next block, without sampling.
+
+        The block's clean pass runs under its condition, exactly as after :meth:`step`; later
+        blocks attend it like any generated block. ``latents`` must have the engine's block
+        shape for this session's batch size and be finite.
+        """
+        self._check_open()
+        engine = self.engine
+        started = time.perf_counter()
+        expected = engine.block_shape(self.batch_size)
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"observe: expected clean latents of shape [B, C, F, H, W] = {list(expected)}, got {got}")
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("observe: the latents hold NaN or Inf values")
+        latents = latents.to(device=engine.device, dtype=engine.dtype)
+        index = self._blocks_done
+        return self._commit(engine.query(index), latents, self._condition(index), started, observed=True)
+
+    def _commit(
+        self, query: BlockQuery, latents: torch.Tensor, condition: Any, started: float, *, observed: bool
+    ) -> GeneratedBlock:
+        engine = self.engine
+        spec = self.condition_spec(query.block_id)
+        clean_context = engine.policy.context(query)
+        keys, values = engine.model.clean_kv(latents, clean_context, condition=condition)
+        engine.policy.commit(
+            BlockCommit(
+                block_id=query.block_id,
+                start_frame=query.start_frame,
+                num_frames=query.num_frames,
+                grid=query.grid,
+                position=clean_context.position,
+                keys=keys,
+                values=values,
+                latents=latents,
+                condition=spec,
+            )
+        )
+        self._blocks_done += 1
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        return GeneratedBlock(
+            index=query.block_id,
+            start_frame=query.start_frame,
+            latents=latents,
+            seconds=time.perf_counter() - started,
+            context_tokens=clean_context.context_tokens,
+            stats=engine.policy.stats(),
+            condition=spec,
+            observed=observed,
+        )
