@@ -1,0 +1,269 @@
+"""What a sweep runs: the cross product of configs × prompts × seeds at one length.
+
+A :class:`SweepJob` is one ordinary ``generate`` run, fully described by plain data (the
+config file, ``--set`` overrides, a conditions schedule, a seed and a block count), so it
+can be shipped to a Ray worker and matched against earlier results. Nothing here imports
+Ray or builds a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from packforcing.core.errors import ConfigError
+
+DEFAULT_PROMPT = "default"
+"""The name of the one prompt of a sweep without ``--prompts`` (the config's own conditions)."""
+
+JOB_KEYS = ("seed", "blocks")
+"""``run`` keys a job sets itself; they are left out of the config hash and matched separately
+(as is ``run.prompts`` when the sweep gives prompts)."""
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """``text`` as a file-name fragment: ``[A-Za-z0-9_.]`` kept, runs of anything else → ``_``."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.]+", "_", text).strip("_.")
+    return cleaned[:limit].rstrip("_.") or "prompt"
+
+
+def canonical(data: Any) -> str:
+    """Stable JSON text of ``data`` (sorted keys, no spaces): what hashes and job keys compare."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def config_hash(resolved: Mapping[str, Any], *, without_prompts: bool = False) -> str:
+    """First 16 hex digits of the SHA-256 of the resolved config without the job's own keys
+    (``run.seed``, ``run.blocks`` and, if the sweep sets them, ``run.prompts``): equal for
+    every job of one config in a sweep."""
+    data = json.loads(canonical(resolved))
+    run = data.get("run") or {}
+    for key in (*JOB_KEYS, "prompts") if without_prompts else JOB_KEYS:
+        run.pop(key, None)
+    return hashlib.sha256(canonical(data).encode()).hexdigest()[:16]
+
+
+@attrs.frozen
+class Prompt:
+    """One prompt of a sweep: a ``name`` for run directories and a conditions ``schedule``
+    (segments ``{"from_block": N, **spec}``, set as ``run.prompts``), or ``None`` for the
+    config's own conditions (then part of the config hash)."""
+
+    name: str
+    schedule: tuple[dict[str, Any], ...] | None = None
+
+    @property
+    def key(self) -> str:
+        return canonical(None if self.schedule is None else list(self.schedule))
+
+
+def _schedule(entry: Any, where: str) -> tuple[dict[str, Any], ...]:
+    if isinstance(entry, str):
+        return ({"from_block": 0, "prompt": entry},)
+    if isinstance(entry, Mapping):
+        if "schedule" in entry:
+            segments = entry["schedule"]
+            if not isinstance(segments, list) or not segments or not all(isinstance(s, Mapping) for s in segments):
+                raise ConfigError("schedule: expected a non-empty list of mappings", source=where)
+            return tuple(dict(s) for s in segments)
+        spec = {k: v for k, v in entry.items() if k != "name"}
+        if not spec:
+            raise ConfigError("expected a prompt text or condition keys besides 'name'", source=where)
+        return ({"from_block": 0, **spec},)
+    raise ConfigError(f"expected a string or a mapping, got {type(entry).__name__}", source=where)
+
+
+def _prompt_name(entry: Any, schedule: tuple[dict[str, Any], ...], index: int) -> str:
+    if isinstance(entry, Mapping) and entry.get("name") is not None:
+        return slug(str(entry["name"]))
+    if isinstance(entry, str):
+        return slug(entry)
+    spec = {k: v for k, v in schedule[0].items() if k != "from_block"}
+    if len(schedule) == 1 and spec:
+        return slug("_".join(f"{k}{v}" for k, v in spec.items() if not isinstance(v, (dict, list))) or f"p{index}")
+    return f"p{index}"
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Read a prompts file: one prompt per job.
+
+    - ``.txt``: one text prompt per line (blank lines and ``#`` comments skipped), as
+      VBench-style prompt lists are written;
+    - ``.yaml`` / ``.yml`` / ``.json``: a list whose items are a text (``"a red fox"``), a
+      mapping of condition keys with an optional ``name`` (``{name: s2, scene: 2}``), or
+      ``{name: ..., schedule: [{from_block: 0, ...}, {from_block: 8, ...}]}`` for a
+      schedule that changes along the video.
+
+    Names (given, or made from the text) become the ``<prompt>`` part of run directories and
+    must be distinct.
+    """
+    path = Path(path)
+    label = str(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read prompts file: {getattr(exc, 'strerror', None) or exc}", source=label) from None
+    if path.suffix == ".txt":
+        entries: list[Any] = [line.strip() for line in text.splitlines()]
+        entries = [e for e in entries if e and not e.startswith("#")]
+    else:
+        try:
+            entries = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{label}:{mark.line + 1}" if mark is not None else label
+            raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}", source=where) from None
+        if not isinstance(entries, list):
+            raise ConfigError("expected a list of prompts", source=label)
+    if not entries:
+        raise ConfigError("no prompts", source=label)
+    prompts: list[Prompt] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        where = f"{label}: [{index}]"
+        schedule = _schedule(entry, where)
+        name = _prompt_name(entry, schedule, index)
+        if name in seen:
+            raise ConfigError(
+                f"prompt name {name!r} repeats item [{seen[name]}]; give each a distinct 'name'", source=where
+            )
+        seen[name] = index
+        prompts.append(Prompt(name, schedule))
+    return prompts
+
+
+@attrs.frozen
+class SweepJob:
+    """One ``generate`` run of a sweep, as plain data.
+
+    ``overrides`` are the user's ``--set`` values plus the device the job is pinned to;
+    :meth:`job_overrides` adds the job's own seed, length and prompt schedule.
+    """
+
+    config_path: str
+    config_name: str
+    config_hash: str
+    policy: str
+    prompt: Prompt
+    seed: int
+    blocks: int
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """``<config>-<prompt>-<seed>``: the run directory under ``DIR/runs/``."""
+        return f"{self.config_name}-{self.prompt.name}-{self.seed}"
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        """What identifies a finished job across reruns: config hash, prompt, seed, length."""
+        return (self.config_hash, self.prompt.key, self.seed, self.blocks)
+
+    def job_overrides(self) -> list[str]:
+        out = [*self.overrides, f"run.seed={self.seed}", f"run.blocks={self.blocks}"]
+        if self.prompt.schedule is not None:
+            out.append(f"run.prompts={canonical(list(self.prompt.schedule))}")
+        return out
+
+    def as_record(self) -> dict[str, Any]:
+        """The job's identity as written in ``results.jsonl``."""
+        return {
+            "job": self.name,
+            "config": self.config_name,
+            "config_path": self.config_path,
+            "config_hash": self.config_hash,
+            "policy": self.policy,
+            "prompt": self.prompt.name,
+            "prompt_schedule": None if self.prompt.schedule is None else list(self.prompt.schedule),
+            "seed": self.seed,
+            "blocks": self.blocks,
+        }
+
+
+def config_names(paths: Sequence[str]) -> list[str]:
+    """Short distinct names for config files: the stem (``sink_recent``), or with its parent
+    folders (``wan1.3b_packforcing``) where stems collide."""
+    resolved = [Path(p).resolve() for p in paths]
+    depth = 1
+    while True:
+        names = [slug("_".join(p.with_suffix("").parts[-depth:]), limit=80) for p in resolved]
+        if len(set(names)) == len(names) or depth > max(len(p.parts) for p in resolved):
+            return names
+        depth += 1
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or a range ``"0-7"`` (or a mix, ``"0-3,9"``) → distinct seeds in order."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if m is None:
+            raise ValueError(f"--seeds: expected integers >= 0 like 0,1,2 or 0-7, got {text!r}")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f"--seeds: empty range {part!r}")
+        seeds.extend(s for s in range(lo, hi + 1) if s not in seeds)
+    return seeds
+
+
+def expand_jobs(
+    configs: Sequence[str],
+    *,
+    prompts: Sequence[Prompt] | None = None,
+    seeds: Sequence[int] = (0,),
+    blocks: int | None = None,
+    seconds: float | None = None,
+    overrides: Sequence[str] = (),
+    device: str = "cpu",
+) -> list[SweepJob]:
+    """The cross product configs × prompts × seeds, each job pinned to ``device``.
+
+    Every config is loaded, built for planning and checked here (a bad one raises its
+    one-line :class:`ConfigError` before anything runs). The length is ``blocks``, or
+    ``seconds`` converted with the config's geometry, or the config's ``run.blocks``.
+    """
+    from packforcing.core.build import check_config
+    from packforcing.core.config import load_config
+
+    if blocks is not None and seconds is not None:
+        raise ValueError("give --blocks or --seconds, not both")
+    if not configs:
+        raise ValueError("no configs given")
+    base = [*overrides, f"run.device={device}"]
+    prompts = list(prompts) if prompts else [Prompt(DEFAULT_PROMPT)]
+    jobs: list[SweepJob] = []
+    for path, name in zip(configs, config_names(configs), strict=True):
+        config = check_config(load_config(path, base))
+        resolved = config.resolved()
+        length = blocks if blocks is not None else config.run.blocks
+        if seconds is not None:
+            length = blocks_for_seconds(config, seconds)
+        policy = resolved["policy"]["name"]
+        for prompt in prompts:
+            chash = config_hash(resolved, without_prompts=prompt.schedule is not None)
+            for seed in seeds:
+                jobs.append(SweepJob(str(Path(path).resolve()), name, chash, policy, prompt, seed, length, tuple(base)))
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError("two jobs would share a run directory; give the configs or prompts distinct names")
+    return jobs
+
+
+def blocks_for_seconds(config: Any, seconds: float) -> int:
+    """Blocks covering ``seconds`` of video for ``config`` (the model's geometry at
+    ``run.fps``; one latent frame per written frame, as ``generate`` writes them)."""
+    from packforcing.core.build import blocks_for, build_for_planning
+
+    if not seconds > 0:
+        raise ValueError(f"--seconds: expected a number > 0, got {seconds}")
+    env = build_for_planning(config)
+    assert env.geometry is not None
+    return max(1, blocks_for(env.geometry, seconds, config.run.fps, pixel_frames_per_latent=1))

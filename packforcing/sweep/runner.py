@@ -1,0 +1,109 @@
+"""Running one sweep job where it was scheduled (a Ray worker, or this process).
+
+A job is one ordinary ``generate`` run into ``DIR/runs/<config>-<prompt>-<seed>/``; this
+module only decides how to call it (fresh, or over an unfinished earlier attempt) and turns
+what it wrote into one ``results.jsonl`` record. Errors never escape: a failing job becomes a
+``"failed"`` record with its one-line error, so it cannot stop the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from packforcing.sweep.jobs import SweepJob
+
+COMPLETE = "complete"
+FAILED = "failed"
+
+
+def one_line_error(exc: BaseException) -> str:
+    """``exc`` as one line; our own errors (config, cache) as they read, others prefixed with
+    their type (``RuntimeError: ...``)."""
+    from packforcing.cli import one_line
+    from packforcing.core.errors import ConfigError
+
+    text = one_line(exc)
+    if isinstance(exc, (ConfigError, LookupError, OSError)) or type(exc).__module__.startswith("packforcing"):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def generate_run(job: SweepJob, run_dir: Path) -> None:
+    """The seam to ``packforcing generate``: run ``job`` exactly as the command line would,
+    writing video, report and memory plot into ``run_dir`` (its own stdout kept quiet)."""
+    from packforcing.cli import generate
+
+    args = argparse.Namespace(
+        config=job.config_path,
+        blocks=None,
+        seed=None,
+        batch_size=None,
+        out=str(run_dir),
+        overrides=job.job_overrides(),
+        no_progress=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        generate.run(args)
+
+
+def _numbers(data: Any, prefix: str = "") -> dict[str, float]:
+    """Finite numeric leaves of nested mappings as ``{"a.b": x}`` (lists and text skipped)."""
+    out: dict[str, float] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(_numbers(value, f"{prefix}{key}."))
+    elif isinstance(data, (int, float)) and not isinstance(data, bool) and math.isfinite(data):
+        out[prefix[:-1]] = float(data)
+    return out
+
+
+def read_report(run_dir: Path) -> dict[str, Any]:
+    """The figures a sweep keeps from a finished run's ``report.json``."""
+    report = json.loads((run_dir / "report.json").read_text())
+    blocks = len(report.get("blocks", []))
+    total = float(report.get("total_seconds", 0.0))
+    figures: dict[str, Any] = {
+        "blocks_done": blocks,
+        "peak_cache_bytes": int(report.get("peak_cache_bytes", 0)),
+        "archive_bytes": int(report.get("archive_bytes", 0)),
+        "full_cache_bytes": int(report.get("full_cache_bytes", 0)),
+        "generate_seconds": total,
+        "ms_per_block": 1000.0 * total / blocks if blocks else None,
+    }
+    if figures["full_cache_bytes"]:
+        figures["cache_ratio"] = figures["peak_cache_bytes"] / figures["full_cache_bytes"]
+    fidelity = _numbers(report.get("fidelity"))
+    if fidelity:
+        figures["fidelity"] = fidelity
+    return figures
+
+
+def execute(job: SweepJob, out: str, threads: int | None = None) -> dict[str, Any]:
+    """Run ``job`` into ``out/runs/<job.name>/`` and return its ``results.jsonl`` record:
+    the job's identity, ``status`` (``complete`` or ``failed`` with ``error``), wall
+    ``seconds``, the host, and the run's figures (peak cache bytes, fidelity, ...)."""
+    started = time.time()
+    record: dict[str, Any] = {**job.as_record(), "run_dir": str(Path("runs") / job.name), "host": socket.gethostname()}
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+        run_dir = Path(out) / "runs" / job.name
+        generate_run(job, run_dir)
+        record.update(read_report(run_dir))
+        record["status"] = COMPLETE
+    except Exception as exc:
+        record["status"] = FAILED
+        record["error"] = one_line_error(exc)
+    record["seconds"] = round(time.time() - started, 3)
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return record

@@ -1,0 +1,233 @@
+"""``packforcing sweep``: job expansion, results and summary, and small local sweeps on Ray."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from packforcing.cli import main
+from packforcing.core.errors import ConfigError
+from packforcing.sweep import ResultsFile, expand_jobs, load_prompts, parse_seeds, summarize
+from packforcing.sweep.jobs import Prompt, config_names
+from packforcing.sweep.runner import execute
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.latent_height=4",
+    "model.latent_width=4",
+    "sampler.steps=2",
+]
+"""Overrides making every job a few milliseconds per block."""
+
+
+def _sets(overrides=TINY):
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+# ---------------------------------------------------------------------- jobs, without Ray
+def test_seeds_and_config_names():
+    assert parse_seeds("0,1,2") == [0, 1, 2]
+    assert parse_seeds("3-5,1,4") == [3, 4, 5, 1]
+    with pytest.raises(ValueError, match="--seeds"):
+        parse_seeds("1,x")
+    assert config_names(["configs/full.yaml", "configs/sink_recent.yaml"]) == ["full", "sink_recent"]
+    assert config_names(["configs/packforcing.yaml", "configs/wan1.3b/packforcing.yaml"]) == [
+        "configs_packforcing",
+        "wan1.3b_packforcing",
+    ]
+
+
+def test_prompt_files(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("# VBench-style list\na red fox runs\n\na city at night, rain\n")
+    prompts = load_prompts(txt)
+    assert [p.name for p in prompts] == ["a_red_fox_runs", "a_city_at_night_rain"]
+    assert prompts[0].schedule == ({"from_block": 0, "prompt": "a red fox runs"},)
+    yml = tmp_path / "p.yaml"
+    yml.write_text(
+        "- {scene: 2}\n- {name: cut, schedule: [{from_block: 0, scene: 0}, {from_block: 4, scene: 1}]}\n- hello\n"
+    )
+    prompts = load_prompts(yml)
+    assert [p.name for p in prompts] == ["scene2", "cut", "hello"]
+    assert prompts[1].schedule == ({"from_block": 0, "scene": 0}, {"from_block": 4, "scene": 1})
+    bad = tmp_path / "dup.yaml"
+    bad.write_text("- {name: a, scene: 1}\n- {name: a, scene: 2}\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: \[1\]: prompt name 'a' repeats item \[0\]"):
+        load_prompts(bad)
+    bad.write_text("{scene: 1}\n")
+    with pytest.raises(ConfigError, match="expected a list of prompts"):
+        load_prompts(bad)
+
+
+def test_expand_jobs_cross_product_and_keys():
+    configs = [str(REPO / "configs/full.yaml"), str(REPO / "configs/sink_recent.yaml")]
+    prompts = [Prompt("a", ({"from_block": 0, "prompt": "x"},)), Prompt("b", ({"from_block": 0, "prompt": "y"},))]
+    jobs = expand_jobs(configs, prompts=prompts, seeds=[0, 1], blocks=3, overrides=TINY)
+    assert len(jobs) == 2 * 2 * 2
+    assert [j.name for j in jobs[:4]] == ["full-a-0", "full-a-1", "full-b-0", "full-b-1"]
+    assert len({j.key for j in jobs}) == 8
+    # one config hash per config: seeds, length and prompts are matched on their own
+    assert len({j.config_hash for j in jobs if j.config_name == "full"}) == 1
+    assert {j.policy for j in jobs} == {"full", "sink_recent"}
+    assert jobs[0].job_overrides()[-4:] == [
+        "run.device=cpu",
+        "run.seed=0",
+        "run.blocks=3",
+        'run.prompts=[{"from_block":0,"prompt":"x"}]',
+    ]
+    # a different resolved config is a different job, even under the same file name
+    other = expand_jobs(configs[:1], seeds=[0], blocks=3, overrides=[*TINY, "sampler.steps=3"])
+    assert other[0].config_hash != jobs[0].config_hash
+    # the length defaults to run.blocks; a bad config is one located error before anything runs
+    assert expand_jobs(configs[:1], overrides=TINY)[0].blocks == 16
+    with pytest.raises(ConfigError, match=r"--set: policy.window_frames"):
+        expand_jobs(configs[1:], overrides=[*TINY, "policy.window_frames=-1"])
+
+
+def test_seconds_convert_with_the_geometry():
+    jobs = expand_jobs([str(REPO / "configs/full.yaml")], seconds=2.0, overrides=TINY)
+    # 2 s at 16 fps = 32 frames, one latent frame each, 4 frames per block
+    assert jobs[0].blocks == 8
+
+
+def test_failed_job_is_one_line_record(tmp_path):
+    (job,) = expand_jobs([str(REPO / "configs/full.yaml")], blocks=1, overrides=TINY)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / job.name).write_text("a file where the run directory should be")
+    record = execute(job, str(tmp_path))
+    assert record["status"] == "failed"
+    assert "\n" not in record["error"] and "File exists" in record["error"]
+    assert record["job"] == "full-default-0" and record["seed"] == 0 and record["blocks"] == 1
+
+
+def test_results_file_and_summary(tmp_path):
+    configs = [str(REPO / "configs/full.yaml"), str(REPO / "configs/sink_recent.yaml")]
+    jobs = expand_jobs(configs, seeds=[0, 1, 2], blocks=2, overrides=TINY)
+    results = ResultsFile(tmp_path / "results.jsonl")
+    peaks = {}
+    for i, job in enumerate(jobs):
+        if job.name == "sink_recent-default-2":
+            results.append({**job.as_record(), "status": "failed", "error": "boom"})
+            continue
+        peaks[job.name] = 1000 * (i + 1)
+        fidelity = {"return_psnr_db": 20.0 + i}
+        results.append(
+            {**job.as_record(), "status": "complete", "peak_cache_bytes": peaks[job.name], "fidelity": fidelity}
+        )
+    # a sweep killed mid-write leaves a torn last line: ignored, and the next line starts fresh
+    with results.path.open("a") as f:
+        f.write('{"job": "torn')
+    assert len(results.read()) == 6
+    results.append({**jobs[0].as_record(), "status": "complete", "peak_cache_bytes": 7, "fidelity": {}})
+    assert len(results.read()) == 7
+    assert results.complete_keys() == {j.key for j in jobs if j.name != "sink_recent-default-2"}
+    summary = summarize(jobs, results.latest())
+    full, sink = summary["rows"]
+    assert (full["complete"], full["failed"], sink["complete"], sink["failed"]) == (3, 0, 2, 1)
+    full_peaks = [7, peaks["full-default-1"], peaks["full-default-2"]]  # the latest line of full-default-0 counts
+    assert full["stats"]["peak_cache_bytes"]["mean"] == pytest.approx(statistics.fmean(full_peaks))
+    assert full["stats"]["peak_cache_bytes"]["std"] == pytest.approx(statistics.stdev(full_peaks))
+    assert sink["stats"]["fidelity.return_psnr_db"]["n"] == 2
+    assert summary["failures"] == [{"job": "sink_recent-default-2", "error": "boom"}]
+
+
+# ---------------------------------------------------------------------- sweeps on a local Ray
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance (2 CPUs) for the module: sweeps reuse it instead of starting their own."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def test_sweep_runs_like_generate_skips_on_rerun_and_records_failures(local_ray, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    configs = [str(REPO / f"configs/{name}.yaml") for name in ("full", "sink_recent", "sliding_window")]
+    # the two sliding_window jobs cannot create their run directory: they fail, the others go on
+    (out / "runs").mkdir(parents=True)
+    for seed in (0, 1):
+        (out / "runs" / f"sliding_window-default-{seed}").write_text("in the way")
+    args = ["sweep", *configs, "--seeds", "0,1", "--blocks", "3", *_sets(), "--out", str(out)]
+    assert main([*args, "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert (result["jobs"], result["complete"], result["failed"], result["skipped"]) == (6, 4, 2, 0)
+    records = ResultsFile(out / "results.jsonl").read()
+    assert len(records) == 6
+    by_job = {r["job"]: r for r in records}
+    for seed in (0, 1):
+        failed = by_job[f"sliding_window-default-{seed}"]
+        assert failed["status"] == "failed" and "File exists" in failed["error"] and "\n" not in failed["error"]
+
+    complete = [r for r in records if r["status"] == "complete"]
+    assert sorted(r["job"] for r in complete) == [
+        "full-default-0",
+        "full-default-1",
+        "sink_recent-default-0",
+        "sink_recent-default-1",
+    ]
+    for record in complete:
+        # each job is exactly `packforcing generate` with the same config, seed and length
+        run_dir = out / record["run_dir"]
+        alone = tmp_path / "alone" / record["job"]
+        config = f"configs/{record['config']}.yaml"
+        overrides = _sets([*TINY, "run.device=cpu"])
+        assert main(["generate", "--config", config, "--seed", str(record["seed"]), "--blocks", "3", *overrides,
+                     "--out", str(alone), "--no-progress"]) == 0  # fmt: skip
+        ours, theirs = (json.loads((d / "report.json").read_text()) for d in (run_dir, alone))
+        assert ours["config"] == theirs["config"]
+        assert [b["cache_bytes"] for b in ours["blocks"]] == [b["cache_bytes"] for b in theirs["blocks"]]
+        assert (run_dir / "video.mp4").read_bytes() == (alone / "video.mp4").read_bytes()
+        assert (run_dir / "memory.png").exists()
+        assert record["peak_cache_bytes"] == theirs["peak_cache_bytes"] > 0
+        assert record["blocks_done"] == 3 and record["seconds"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "| full | full | 3 | 2 / 0 |" in summary and "| sliding_window | sliding_window | 3 | 0 / 2 |" in summary
+    assert "`sliding_window-default-0`: " in summary
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the rerun skips the four complete jobs and retries only the failed ones (now unblocked)
+    capsys.readouterr()
+    for seed in (0, 1):
+        (out / "runs" / f"sliding_window-default-{seed}").unlink()
+    assert main([*args, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "6 jobs, 4 skipped (already complete" in captured.err
+    assert "2 complete, 0 failed, 4 skipped" in captured.out
+    latest = ResultsFile(out / "results.jsonl").latest()
+    assert len(latest) == 6 and all(r["status"] == "complete" for r in latest.values())
+    assert "| sliding_window | sliding_window | 3 | 2 / 0 |" in (out / "summary.md").read_text()
+
+
+def test_dead_workers_are_retried_a_bounded_number_of_times(local_ray, tmp_path):
+    from packforcing.sweep import run_sweep
+
+    jobs = expand_jobs([str(REPO / "configs/full.yaml")], seeds=[0, 1], blocks=1, overrides=TINY)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def crashing(job, out, threads):
+        """Kills its worker process: seed 0 on every attempt, seed 1 on its first only."""
+        import os
+
+        from packforcing.sweep.runner import execute
+
+        attempts = len(list(marks.glob(f"{job.name}.*")))
+        (marks / f"{job.name}.{attempts}").touch()
+        if job.seed == 0 or attempts == 0:
+            os._exit(1)
+        return execute(job, out, threads)
+
+    result = run_sweep(jobs, tmp_path / "out", retries=1, execute_job=crashing)
+    by_job = {r["job"]: r for r in result.records}
+    assert by_job["full-default-1"]["status"] == "complete"
+    assert by_job["full-default-0"]["status"] == "failed"
+    assert by_job["full-default-0"]["error"].startswith("worker died 2 times (retried 1)")
+    assert sorted(p.name for p in marks.iterdir()) == ["full-default-0.0", "full-default-0.1", "full-default-1.0",
+                                                      "full-default-1.1"]  # fmt: skip
