@@ -59,6 +59,9 @@ def test_prompt_files(tmp_path):
     bad.write_text("- {name: a, scene: 1}\n- {name: a, scene: 2}\n")
     with pytest.raises(ConfigError, match=r"dup.yaml: \[1\]: prompt name 'a' repeats item \[0\]"):
         load_prompts(bad)
+    bad.write_text("- {name: a, schedule: [{from_block: 0, scene: 1}, {from_block: 0, scene: 2}]}\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: \[0\]: schedule\[1\].from_block: must be greater"):
+        load_prompts(bad)
     bad.write_text("{scene: 1}\n")
     with pytest.raises(ConfigError, match="expected a list of prompts"):
         load_prompts(bad)

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import yaml
 
+from packforcing.core.conditions import ConditionError, ConditionSchedule
 from packforcing.core.errors import ConfigError
 
 DEFAULT_PROMPT = "default"
@@ -129,6 +130,10 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     for index, entry in enumerate(entries):
         where = f"{label}: [{index}]"
         schedule = _schedule(entry, where)
+        try:
+            ConditionSchedule.parse(list(schedule), name="schedule")
+        except ConditionError as exc:
+            raise ConfigError(str(exc), source=where) from None
         name = _prompt_name(entry, schedule, index)
         if name in seen:
             raise ConfigError(
