@@ -15,11 +15,11 @@ from packforcing.models.wan.text import (
     TextEncoder,
     TextEncoderParams,
     encode_schedule,
-    latent_frame_of,
     load_prompt_embeds,
     read_prompt_file,
     to_block_schedule,
 )
+from packforcing.output.video import latent_frame_of
 from tests.tiny_wan_io import TEXT_DIM, write_text_encoder
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -139,6 +139,9 @@ def test_json_prompt_files_and_relative_embeds(tmp_path):
     path = tmp_path / "sub" / "p.json"
     path.parent.mkdir()
     path.write_text(json.dumps([{"from_block": 0, "embeds": "e.safetensors"}]))
+    with pytest.raises(ValueError, match=r"p\.json: \[0\]\.embeds: file not found"):
+        read_prompt_file(path)
+    (path.parent / "e.safetensors").write_bytes(b"")
     assert read_prompt_file(path) == [{"from_block": 0, "embeds": str((path.parent / "e.safetensors").resolve())}]
 
 

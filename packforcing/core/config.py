@@ -1,7 +1,8 @@
 """Loading, composing and validating run configurations.
 
 A config is a mapping with the top-level keys ``model``, ``policy``, ``compressor``,
-``selector``, ``positional``, ``attention``, ``sampler`` and ``run``. Component blocks are
+``selector``, ``positional``, ``attention``, ``sampler`` and ``run`` (plus ``text_encoder``
+for models conditioned on text prompts). Component blocks are
 ``name:`` plus that component's parameters (declared by its plugin as an attrs class); a
 ``sampler`` block without a ``name`` is the default ``euler`` sampler.
 
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 import yaml
 
 from packforcing.core.conditions import ConditionError, ConditionSchedule
@@ -41,7 +43,7 @@ from packforcing.core.structure import show, structure, unstructure
 from packforcing.core.validators import non_negative, one_of, positive
 
 COMPONENT_KEYS = ("model", "policy", "compressor", "selector", "positional", "attention", "sampler")
-TOP_KEYS = (*COMPONENT_KEYS, "run")
+TOP_KEYS = (*COMPONENT_KEYS, "run", "text_encoder")
 DEFAULT_COMPONENTS = {"model": "tiny_dit", "positional": "identity", "attention": "auto", "sampler": "euler"}
 NAME_OPTIONAL = ("sampler",)
 """Component blocks whose ``name`` may be left out (the default component is meant)."""
@@ -85,6 +87,45 @@ class RunParams:
         return ConditionSchedule.parse(self.prompts, name="run.prompts")
 
 
+def _device_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value != "auto":
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{attribute.name}: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}") from None
+
+
+def _dtype_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value != "auto" and value not in DTYPES:
+        raise ValueError(f"{attribute.name}: expected 'auto' or one of {sorted(DTYPES)}, got {value!r}")
+
+
+@attrs.frozen
+class TextEncoderParams:
+    """Where and how to run the UMT5 text encoder (the ``text_encoder:`` config block).
+
+    ``path``: a diffusers pipeline root (``text_encoder/`` + ``tokenizer/``) or the encoder
+    folder; ``tokenizer``: its folder when it is elsewhere; ``device``: ``auto`` (CUDA when
+    available) or a torch device; ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on the CPU).
+    """
+
+    path: str | None = None
+    tokenizer: str | None = None
+    device: str = attrs.field(default="auto", validator=_device_name)
+    dtype: str = attrs.field(default="auto", validator=_dtype_name)
+    max_length: int = attrs.field(default=512, validator=positive)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+
 @attrs.frozen
 class ComponentSpec:
     """A resolved component: its registered ``name`` and structured ``params``."""
@@ -103,6 +144,7 @@ class Config:
     components: dict[str, ComponentSpec | None]
     run: RunParams
     sources: dict[KeyPath, str] = attrs.field(factory=dict, repr=False)
+    text_encoder: TextEncoderParams = attrs.field(factory=lambda: TextEncoderParams())
 
     @property
     def sampler(self) -> Any:
@@ -118,6 +160,8 @@ class Config:
             spec = self.components.get(key)
             out[key] = None if spec is None else {"name": spec.name, **unstructure(spec.params)}
         out["run"] = unstructure(self.run)
+        if self.text_encoder != TextEncoderParams():
+            out["text_encoder"] = unstructure(self.text_encoder)
         return out
 
     def source_of(self, path: str | None) -> str | None:
@@ -454,4 +498,9 @@ def load_config(
         run = structure(RunParams, {} if block is None else block, "run")
     except ConfigError as exc:
         raise _locate(exc, sources, label) from None
-    return Config(data=data, source=label, components=components, run=run, sources=sources)
+    try:
+        block = data.get("text_encoder")
+        text_encoder = structure(TextEncoderParams, {} if block is None else block, "text_encoder")
+    except ConfigError as exc:
+        raise _locate(exc, sources, label) from None
+    return Config(data=data, source=label, components=components, run=run, sources=sources, text_encoder=text_encoder)

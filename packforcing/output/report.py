@@ -19,6 +19,8 @@ class RunReport:
     full_bytes_per_block: int
     conditions: list[dict[str, Any]] | None = None
     """The condition schedule the run used (``[{from_block: N, **spec}]``), or ``None``."""
+    details: dict[str, Any] = attrs.field(factory=dict)
+    """Further top-level entries (e.g. ``video``: requested seconds, blocks, frames)."""
     blocks: list[dict[str, Any]] = attrs.field(factory=list)
     peak_cache_bytes: int = 0
     peak_archive_bytes: int = 0
@@ -46,6 +48,7 @@ class RunReport:
         return {
             "config": self.config,
             "conditions": self.conditions,
+            **self.details,
             "blocks": self.blocks,
             "peak_cache_bytes": self.peak_cache_bytes,
             "archive_bytes": self.peak_archive_bytes,

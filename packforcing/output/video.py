@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def pixel_frames(latent_frames: int, temporal_stride: int = 1) -> int:
+    """Pixel frames decoded from ``latent_frames`` by a causal video VAE: the first latent frame
+    is one pixel frame, each later one ``temporal_stride`` (Wan: ``1 + 4(F - 1)``)."""
+    return 0 if latent_frames <= 0 else 1 + temporal_stride * (latent_frames - 1)
+
+
+def latent_frame_of(second: float, fps: float, temporal_stride: int = 1) -> int:
+    """The latent frame holding pixel frame ``round(second * fps)``."""
+    pixel = round(second * fps)
+    return 0 if pixel <= 0 else (pixel - 1) // temporal_stride + 1
+
+
+def blocks_for_seconds(seconds: float, fps: float, frames_per_block: int, temporal_stride: int = 1) -> int:
+    """Whole blocks whose decoded video lasts at least ``seconds`` at ``fps`` (at least one)."""
+    pixels = max(1, math.ceil(seconds * fps - 1e-9))
+    latent = 1 + math.ceil((pixels - 1) / temporal_stride)
+    return max(1, math.ceil(latent / frames_per_block))
+
+
+def temporal_stride_of(model: object) -> int:
+    """Pixel frames per latent frame after the first: the model's ``pixel_frames_per_latent``, else
+    its codec's ``temporal_stride``, else 1 (a codec that decodes one frame per latent frame)."""
+    stride = getattr(model, "pixel_frames_per_latent", None)
+    if stride is None:
+        stride = getattr(getattr(model, "codec", None), "temporal_stride", 1)
+    return int(stride)
 
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:

@@ -27,56 +27,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import torch
 
-from packforcing.core.geometry import DTYPES
+from packforcing.core.config import TextEncoderParams
+from packforcing.output.video import latent_frame_of
 
 EMBEDS_KEY = "prompt_embeds"
 FORMAT = "packforcing.prompt_embeds/1"
 MAX_LENGTH = 512
 """Wan's text length in tokens."""
+__all__ = ["TextEncoder", "TextEncoderParams"]
 START_KEYS = ("from_block", "from_second")
 SPEC_KEYS = ("prompt", "embeds")
-
-
-def _device_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value != "auto":
-        try:
-            torch.device(value)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"{attribute.name}: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}") from None
-
-
-def _dtype_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value != "auto" and value not in DTYPES:
-        raise ValueError(f"{attribute.name}: expected 'auto' or one of {sorted(DTYPES)}, got {value!r}")
-
-
-@attrs.frozen
-class TextEncoderParams:
-    """Where and how to run the UMT5 text encoder (the ``text_encoder:`` config block).
-
-    ``path``: a diffusers pipeline root (``text_encoder/`` + ``tokenizer/``) or the encoder
-    folder; ``tokenizer``: its folder when it is elsewhere; ``device``: ``auto`` (CUDA when
-    available) or a torch device; ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on the CPU).
-    """
-
-    path: str | None = None
-    tokenizer: str | None = None
-    device: str = attrs.field(default="auto", validator=_device_name)
-    dtype: str = attrs.field(default="auto", validator=_dtype_name)
-    max_length: int = attrs.field(default=MAX_LENGTH, validator=attrs.validators.ge(1))
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
 
 
 def locate(path: str | Path, tokenizer: str | Path | None = None) -> tuple[Path, Path]:
@@ -276,18 +238,14 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         raise ValueError(f"{path}: not valid {kind}: {' '.join(str(exc).split())}") from None
     segments = _check_segments(data, str(path))
-    for seg in segments:
+    for i, seg in enumerate(segments):
         if "embeds" in seg:
             file = Path(seg["embeds"]).expanduser()
-            seg["embeds"] = str(file if file.is_absolute() else (path.parent / file).resolve())
+            file = file if file.is_absolute() else (path.parent / file).resolve()
+            if not file.is_file():
+                raise ValueError(f"{path}: [{i}].embeds: file not found: {file}")
+            seg["embeds"] = str(file)
     return segments
-
-
-def latent_frame_of(second: float, fps: float, temporal_stride: int) -> int:
-    """Latent frame holding pixel frame ``round(second * fps)`` of a causal VAE: pixel frame 0 is
-    latent 0, then ``temporal_stride`` pixel frames per latent frame."""
-    pixel = round(second * fps)
-    return 0 if pixel == 0 else (pixel - 1) // temporal_stride + 1
 
 
 def to_block_schedule(
@@ -326,10 +284,10 @@ def encode_schedule(
     texts = list(dict.fromkeys(seg["prompt"] for seg in segments if "prompt" in seg))
     files: dict[str, str] = {}
     if texts:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         with TextEncoder.from_params(params) as encoder:
             embeds = encoder.encode(texts)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
         for i, (text, tensor) in enumerate(zip(texts, embeds, strict=True)):
             files[text] = str(save_prompt_embeds(out / f"prompt_{i:03d}.safetensors", tensor, text))
     result = []

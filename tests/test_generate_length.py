@@ -1,0 +1,82 @@
+"""``generate --seconds`` / ``--prompt(s)`` / the CPU refusal, and the video-length arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from packforcing.cli import main
+from packforcing.output.video import blocks_for_seconds, latent_frame_of, pixel_frames
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / "configs" / "sink_recent.yaml")
+TINY = ["--set", "model.hidden_size=32", "--set", "model.num_layers=2", "--set", "run.device=cpu"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "fps", "fpb", "stride", "blocks"),
+    [
+        # Wan: 1,920 pixel frames need 1 + ceil(1919 / 4) = 481 latent frames (480 give 1,917): 161 blocks
+        (120, 16, 3, 4, 161),
+        (5, 16, 3, 4, 7),
+        (1 / 16, 16, 3, 4, 1),
+        (3, 16, 4, 1, 12),  # tiny_dit: one pixel frame per latent frame
+    ],
+)
+def test_seconds_to_blocks(seconds, fps, fpb, stride, blocks):
+    got = blocks_for_seconds(seconds, fps, fpb, stride)
+    assert got == blocks
+    # the decoded video is at least that long, and one block fewer would be shorter
+    assert pixel_frames(got * fpb, stride) >= round(seconds * fps)
+    assert got == 1 or pixel_frames((got - 1) * fpb, stride) < round(seconds * fps)
+
+
+def test_latent_frame_of_a_moment():
+    assert [latent_frame_of(s, 16, 4) for s in (0, 1 / 16, 4 / 16, 5 / 16, 5)] == [0, 1, 1, 2, 20]
+    assert pixel_frames(21, 4) == 81  # Wan's 81-frame clip is 21 latent frames
+
+
+def test_generate_seconds_records_both(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["generate", "--config", CONFIG, "--seconds", "1.5", "--out", str(out), "--no-progress", *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["video"] == {
+        "seconds_requested": 1.5,
+        "blocks": 6,
+        "latent_frames": 24,
+        "pixel_frames": 24,
+        "fps": 16.0,
+        "video_seconds": 1.5,
+    }
+    assert len(report["blocks"]) == 6 and report["config"]["run"]["blocks"] == 6
+
+
+def test_text_prompts_need_a_text_encoder(tmp_path, capsys):
+    code = main(["generate", "--config", CONFIG, "--prompt", "a fox", "--out", str(tmp_path / "o"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "text_encoder.path" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_prompt_file_is_one_line(tmp_path, capsys):
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("- {from_second: 1, prompt: a}\n")
+    code = main(["generate", "--config", CONFIG, "--prompts", str(prompts), "--out", str(tmp_path / "o"), *TINY])
+    err = capsys.readouterr().err
+    assert (
+        code == 1 and err.count("\n") == 1 and f"{prompts}: [0].from_second: the first segment must start at 0" in err
+    )
+
+
+def test_full_size_model_on_the_cpu_is_refused_up_front(tmp_path, capsys):
+    wan_sized = [
+        "--set", "model.hidden_size=1536", "--set", "model.num_heads=12", "--set", "model.num_layers=30",
+        "--set", "model.latent_height=60", "--set", "model.latent_width=104", "--set", "run.device=cpu",
+    ]  # fmt: skip
+    code = main(["generate", "--config", CONFIG, "--seconds", "120", "--out", str(tmp_path / "o"), *wan_sized])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "min per block on a CPU" in err and "--force" in err and "6,240 tokens per block" in err
+    assert not (tmp_path / "o").exists()
