@@ -94,6 +94,11 @@ class Rope3D:
         out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
         return out.reshape(x.shape).to(dtype)
 
+    def rotate(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [B, N, H, D]`` by precomputed :meth:`angles` ``[N, D/2]`` (reuse them across
+        layers: one angle table per forward pass)."""
+        return self._rotate(x, angles)
+
     def apply(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Apply the full 3D rotation to ``x [B, N, H, D]`` at positions ``[N]``."""
         return self._rotate(x, self.angles(t, h, w))

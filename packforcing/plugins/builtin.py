@@ -8,6 +8,7 @@ from packforcing.compressors.pool import PoolCompressor, PoolParams
 from packforcing.core.sampler import EulerSampler, SelfForcingSampler
 from packforcing.models.geometry_only import GeometryOnlyModel, GeometryParams
 from packforcing.models.tiny_dit import TinyDiT, TinyDiTParams
+from packforcing.models.wan.params import WanParams
 from packforcing.plugins.factory import ComponentFactory, no_params
 from packforcing.plugins.hookspecs import hookimpl
 from packforcing.policies.packforcing import PackForcingParams, build_packforcing
@@ -30,9 +31,20 @@ def _tiny_dit(params: TinyDiTParams, env) -> TinyDiT:
     return TinyDiT(params, dtype=dtype_name).to(device=env.device, dtype=env.dtype)
 
 
+def _wan(params: WanParams, env):
+    try:  # imports diffusers: only when a wan model is built
+        from packforcing.models.wan.adapter import build_wan
+    except ImportError as exc:
+        raise ValueError(
+            f"name: model wan needs the optional 'wan' dependencies (pip install 'packforcing[wan]'): {exc}"
+        ) from None
+    return build_wan(params, env)
+
+
 @hookimpl
 def packforcing_models():
     return {
+        "wan": ComponentFactory(WanParams, _wan, "Wan2.1 / Self-Forcing transformer through diffusers (extra: wan)"),
         "tiny_dit": ComponentFactory(TinyDiTParams, _tiny_dit, "small Wan-like causal DiT defined in code"),
         "geometry": ComponentFactory(
             GeometryParams,

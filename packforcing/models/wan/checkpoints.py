@@ -1,0 +1,250 @@
+"""Reading Wan2.1 transformer checkpoints from disk (nothing is downloaded).
+
+Three formats, each turned into diffusers' ``WanTransformer3DModel`` config and state dict:
+
+- ``diffusers``: a folder with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or
+  its sharded ``.index.json``): a pipeline root with ``transformer/`` or that folder itself.
+- ``wan``: the official single ``.safetensors`` file (``blocks.0.self_attn.q.weight``,
+  ``head.modulation``, …), converted by diffusers' own ``convert_wan_transformer_to_diffusers``.
+- ``self_forcing``: a Self-Forcing / CausVid training checkpoint, a torch file holding
+  ``generator_ema`` (preferred) or ``generator`` with keys ``model.<official name>``. It is read
+  with ``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary
+  objects.
+
+For the single-file formats the architecture comes from a ``config.json`` next to the file
+(official names ``dim``, ``num_heads``, … or diffusers names), else from the tensor shapes with
+Wan2.1's head dim of 128. Every problem is a ``ValueError("path: <file>: <problem>")`` naming
+the first bad tensor, which the builder reports as one line at ``model.path``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+TRANSFORMER_SUBFOLDER = "transformer"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+SELF_FORCING_KEYS = ("generator_ema", "generator")
+SELF_FORCING_PREFIX = "model."
+WAN21_HEAD_DIM = 128
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+OFFICIAL_CONFIG = {
+    "dim": None,  # -> num_attention_heads * attention_head_dim
+    "num_heads": "num_attention_heads",
+    "num_layers": "num_layers",
+    "ffn_dim": "ffn_dim",
+    "freq_dim": "freq_dim",
+    "in_dim": "in_channels",
+    "out_dim": "out_channels",
+    "text_dim": "text_dim",
+    "eps": "eps",
+    "patch_size": "patch_size",
+    "cross_attn_norm": "cross_attn_norm",
+}
+"""Official Wan ``config.json`` keys → diffusers ``WanTransformer3DModel`` arguments."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; ``str()`` is ``"path: <file>: <problem>"``."""
+
+    def __init__(self, file: str | Path, problem: str) -> None:
+        self.file = str(file)
+        self.problem = problem
+        super().__init__(f"path: {file}: {problem}")
+
+
+@attrs.frozen
+class Checkpoint:
+    """A checkpoint found on disk: its ``format``, the ``file`` (or folder) and where its config is."""
+
+    format: str
+    file: Path
+    config_file: Path | None
+
+    def config(self) -> dict[str, Any]:
+        """diffusers ``WanTransformer3DModel`` config (from the config file or the tensor shapes)."""
+        if self.config_file is not None:
+            return _read_config(self.config_file)
+        return infer_config(self.shapes(), self.file)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name (diffusers naming) → shape, from file headers (no tensor data is read)."""
+        return {k: tuple(v.shape) for k, v in self.state_dict(meta=True).items()}
+
+    def state_dict(self, *, meta: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors in diffusers naming (``meta``: shapes only, as meta-device tensors)."""
+        if self.format == "diffusers":
+            return _read_diffusers(self.file, meta)
+        if self.format == "wan":
+            return to_diffusers_names(_read_safetensors(self.file, meta), self.file)
+        return to_diffusers_names(_read_self_forcing(self.file, meta=meta), self.file)
+
+
+def locate(path: str | Path, fmt: str = "auto") -> Checkpoint:
+    """The checkpoint at ``path`` in format ``fmt`` (``auto``: decided by what is on disk)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise CheckpointError(path, "no such file or directory")
+    if root.is_dir():
+        if fmt not in ("auto", "diffusers"):
+            raise CheckpointError(path, f"format {fmt} expects a file, got a directory")
+        folder = root / TRANSFORMER_SUBFOLDER if (root / TRANSFORMER_SUBFOLDER / "config.json").is_file() else root
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(path, f"not a diffusers folder: no config.json here or in {TRANSFORMER_SUBFOLDER}/")
+        if not ((folder / WEIGHTS).is_file() or (folder / WEIGHTS_INDEX).is_file()):
+            raise CheckpointError(folder, f"no {WEIGHTS} (or its .index.json) next to config.json")
+        return Checkpoint("diffusers", folder, folder / "config.json")
+    if fmt == "diffusers":
+        raise CheckpointError(path, "format diffusers expects a folder, got a file")
+    if fmt == "auto":
+        fmt = _sniff(root)
+    beside = root.parent / "config.json"
+    return Checkpoint(fmt, root, beside if beside.is_file() else None)
+
+
+def _sniff(file: Path) -> str:
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+    if head[:2] == b"PK" or file.suffix in TORCH_SUFFIXES:
+        return "self_forcing"
+    if len(head) == 8 and int.from_bytes(head, "little") < 100_000_000 and file.suffix == ".safetensors":
+        return "wan"
+    raise CheckpointError(
+        file, "not a diffusers folder, an official Wan .safetensors file or a Self-Forcing torch file"
+    )
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(file, f"unreadable config: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, Mapping):
+        raise CheckpointError(file, "config.json is not a JSON object")
+    if "dim" in data or "num_heads" in data:  # official naming
+        out: dict[str, Any] = {}
+        for key, target in OFFICIAL_CONFIG.items():
+            if target is not None and key in data:
+                out[target] = data[key]
+        if "num_heads" not in data or "dim" not in data:
+            raise CheckpointError(file, "official config needs both dim and num_heads")
+        out["attention_head_dim"] = int(data["dim"]) // int(data["num_heads"])
+        data = out
+    if data.get("image_dim") is not None or data.get("added_kv_proj_dim") is not None:
+        raise CheckpointError(file, "image-conditioned Wan (I2V) is not supported; use a text-to-video checkpoint")
+    from diffusers import WanTransformer3DModel
+
+    allowed = set(inspect.signature(WanTransformer3DModel.__init__).parameters) - {"self"}
+    return {k: v for k, v in data.items() if k in allowed}
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]], file: Path) -> dict[str, Any]:
+    """A diffusers config from tensor shapes (diffusers naming), assuming Wan2.1's head dim 128."""
+
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in shapes:
+            raise CheckpointError(file, f"missing tensor {name!r} (needed to infer the architecture)")
+        return shapes[name]
+
+    dim, in_channels, *patch = shape("patch_embedding.weight")
+    layers = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")), default=-1)
+    if dim % WAN21_HEAD_DIM:
+        raise CheckpointError(file, f"hidden size {dim} is not a multiple of 128: put a config.json next to the file")
+    return {
+        "patch_size": list(patch),
+        "num_attention_heads": dim // WAN21_HEAD_DIM,
+        "attention_head_dim": WAN21_HEAD_DIM,
+        "in_channels": in_channels,
+        "out_channels": shape("proj_out.weight")[0] // (patch[0] * patch[1] * patch[2]),
+        "text_dim": shape("condition_embedder.text_embedder.linear_1.weight")[1],
+        "freq_dim": shape("condition_embedder.time_embedder.linear_1.weight")[1],
+        "ffn_dim": shape("blocks.0.ffn.net.0.proj.weight")[0],
+        "num_layers": layers,
+        "cross_attn_norm": "blocks.0.norm2.weight" in shapes,
+    }
+
+
+def _read_safetensors(file: Path, meta: bool = False) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        if not meta:
+            return load_file(str(file))
+        with safe_open(str(file), framework="pt") as handle:
+            return {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(file, f"not a readable safetensors file: {' '.join(str(exc).split())}") from None
+
+
+def _read_diffusers(folder: Path, meta: bool = False) -> dict[str, torch.Tensor]:
+    single = folder / WEIGHTS
+    if single.is_file():
+        return _read_safetensors(single, meta)
+    index_file = folder / WEIGHTS_INDEX
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(index_file, f"unreadable shard index: {' '.join(str(exc).split())}") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(_read_safetensors(folder / shard, meta))
+    return state
+
+
+def _read_self_forcing(file: Path, *, meta: bool) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # pickle errors, refused globals, truncated files
+        raise CheckpointError(
+            file, f"not a readable torch checkpoint (weights only): {' '.join(str(exc).split())}"
+        ) from None
+    if not isinstance(data, Mapping):
+        raise CheckpointError(file, f"expected a dict holding {' or '.join(SELF_FORCING_KEYS)}")
+    for key in SELF_FORCING_KEYS:
+        if key in data:
+            state = data[key]
+            break
+    else:
+        raise CheckpointError(file, f"no {' or '.join(SELF_FORCING_KEYS)} entry (found: {', '.join(map(str, data))})")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(file, f"{key} is not a state dict")
+    out = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(file, f"{key}.{name} is not a tensor")
+        out[name.removeprefix(SELF_FORCING_PREFIX)] = torch.empty(tensor.shape, device="meta") if meta else tensor
+    return out
+
+
+def to_diffusers_names(state: Mapping[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    """Official Wan tensor names → diffusers', with diffusers' own converter."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    if not any(k.startswith("blocks.") or k.startswith("model.diffusion_model.blocks.") for k in state):
+        raise CheckpointError(file, "no official Wan tensors (blocks.N.self_attn...) found")
+    return convert_wan_transformer_to_diffusers(dict(state))
+
+
+def check_state(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], file: str | Path
+) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, unexpected or mis-shaped tensor."""
+    for name, shape in expected.items():
+        if name not in found:
+            more = sum(1 for n in expected if n not in found) - 1
+            extra = f" (and {more} more)" if more else ""
+            raise CheckpointError(file, f"missing tensor {name!r}{extra}")
+        if tuple(found[name]) != tuple(shape):
+            raise CheckpointError(file, f"tensor {name!r} has shape {list(found[name])}, expected {list(shape)}")
+    for name in found:
+        if name not in expected:
+            raise CheckpointError(file, f"unexpected tensor {name!r}")
