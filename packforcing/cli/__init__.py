@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 from packforcing.core.errors import ConfigError
 
-VERBS = ("generate", "plan", "validate", "plugins", "train-compressor", "encode-prompts", "sweep")
+VERBS = ("generate", "plan", "validate", "plugins", "train-compressor", "train-model", "encode-prompts", "sweep")
 """Modules under packforcing.cli, one per verb, in help order."""
 
 EXIT_OK = 0
@@ -33,6 +33,7 @@ EXAMPLES = """examples:
   packforcing plugins
   packforcing train-compressor --config configs/packforcing.yaml --steps 1000
   packforcing encode-prompts --text-encoder WAN_DIR --prompts prompts.yaml --out embeds/
+  packforcing train-model --config configs/packforcing.yaml --steps 3000 --out W.safetensors
   packforcing sweep configs/full.yaml configs/packforcing.yaml --seeds 0,1 --blocks 48 --out sweeps/a
 """
 

@@ -6,7 +6,13 @@ per layer: shift/scale/gate for attention and MLP); self-attention with RMS-norm
 queries and keys and Wan's 3D RoPE (temporal band first); a GELU MLP; an adaLN output head
 that unpatchifies back to latents. Attention goes through the :class:`AttentionContext`,
 which adds the cached history (``[context | block]``). Weights are a seeded random init
-unless ``weights`` points at a safetensors file.
+unless ``weights`` points at a safetensors file (``pkg:NAME`` for one shipped in
+``packforcing/weights/``).
+
+Conditioning (off unless ``num_conditions > 0``): a condition is a scene index; its learned
+embedding is added to the per-frame timestep embedding, so it steers every layer's adaLN
+modulation (and hence the keys the cache stores). ``encode_condition({"scene": i})`` turns a
+spec into the index; ``None`` means unconditioned, exactly as a model without conditions.
 """
 
 from __future__ import annotations
@@ -22,8 +28,13 @@ from torch import nn
 from packforcing.core.geometry import Geometry, Grid
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
-from packforcing.core.validators import positive, positive_triple
-from packforcing.models.codec import LinearPatchCodec
+from packforcing.core.validators import non_negative, positive, positive_triple
+from packforcing.models.codec import BASES, LinearPatchCodec
+
+
+def _codec_basis(instance, attribute, value) -> None:
+    if value not in BASES:
+        raise ValueError(f"{attribute.name}: expected one of {list(BASES)}, got {value!r}")
 
 
 @attrs.frozen
@@ -42,6 +53,8 @@ class TinyDiTParams:
     rope_theta: float = 10000.0
     seed: int = 0
     codec_stride: int = attrs.field(default=8, validator=positive)
+    codec: str = attrs.field(default="random", validator=_codec_basis)
+    num_conditions: int = attrs.field(default=0, validator=non_negative)
     weights: str | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -60,11 +73,6 @@ class TinyDiTParams:
             frames_per_block=self.frames_per_block,
             dtype=dtype,
         )
-
-
-def _unconditional(condition: Any) -> None:
-    if condition is not None:
-        raise ValueError(f"model tiny_dit is unconditional; got a condition {type(condition).__name__}")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -138,7 +146,9 @@ class DiTLayer(nn.Module):
 class TinyDiT(nn.Module):
     """A block-causal video DiT implementing :class:`packforcing.core.interfaces.BlockModel`."""
 
-    def __init__(self, params: TinyDiTParams | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self, params: TinyDiTParams | None = None, dtype: str = "float32", config_source: str | None = None
+    ) -> None:
         super().__init__()
         self.params = params = params or TinyDiTParams()
         self.geometry = params.geometry(dtype)
@@ -153,12 +163,16 @@ class TinyDiT(nn.Module):
         self.out_modulation = nn.Parameter(torch.zeros(1, 2, dim))
         pt, ph, pw = params.patch
         self.head = nn.Linear(dim, pt * ph * pw * params.latent_channels)
-        self.codec = LinearPatchCodec(params.latent_channels, params.codec_stride, seed=params.seed)
+        self.codec = LinearPatchCodec(params.latent_channels, params.codec_stride, seed=params.seed, basis=params.codec)
+        # registered last, so the seeded initialisation of everything else is unchanged
+        self.condition_embed = nn.Embedding(params.num_conditions, dim) if params.num_conditions else None
         self._init_weights(params.seed)
         if params.weights:
             from safetensors.torch import load_file
 
-            self.load_state_dict(load_file(params.weights))
+            from packforcing.compressors.dual_branch import resolve_weights
+
+            self.load_state_dict(load_file(str(resolve_weights(params.weights, config_source))))
         self.requires_grad_(False)
         self.eval()
 
@@ -181,7 +195,9 @@ class TinyDiT(nn.Module):
         pt, ph, pw = self.params.patch
         return f // pt, h // ph, w // pw
 
-    def _embed(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Grid]:
+    def _embed(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Grid]:
         b, _, f, _, _ = latents.shape
         grid = self._grid(latents)
         gt, gh, gw = grid
@@ -190,8 +206,21 @@ class TinyDiT(nn.Module):
             timesteps = timesteps[:, None].expand(b, f)
         t_tok = timesteps[:, :: self.params.patch[0]]  # [B, gt]
         emb = self.time_embed(timestep_embedding(t_tok, 256).to(x.dtype))  # [B, gt, dim]
+        if condition is not None:
+            emb = emb + self._condition_embedding(condition, b, f).to(emb.dtype)
         emb = emb[:, :, None, :].expand(b, gt, gh * gw, -1).reshape(b, gt * gh * gw, -1)
         return x, emb, grid
+
+    def _condition_embedding(self, condition: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+        """``[B, gt, dim]`` embedding of scene indices ``condition`` (``[]``, ``[B]`` or ``[B, F]``)."""
+        if self.condition_embed is None:
+            raise ValueError("model: tiny_dit has no conditions (num_conditions is 0)")
+        idx = torch.as_tensor(condition, dtype=torch.long, device=self.condition_embed.weight.device)
+        if idx.dim() == 0:
+            idx = idx.expand(batch, frames)
+        elif idx.dim() == 1:
+            idx = idx[:, None].expand(batch, frames)
+        return self.condition_embed(idx[:, :: self.params.patch[0]])
 
     def _run(
         self,
@@ -200,8 +229,9 @@ class TinyDiT(nn.Module):
         context: AttentionContext,
         collect: list[tuple[torch.Tensor, torch.Tensor]] | None,
         head: bool = True,
+        condition: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        x, emb, grid = self._embed(latents, timesteps)
+        x, emb, grid = self._embed(latents, timesteps, condition)
         b = x.shape[0]
         mod = self.time_proj(emb).view(b, x.shape[1], 6, -1).transpose(1, 2)  # [B, 6, N, dim]
         positions = self.rope.grid_positions(grid, context.position, self.params.patch[0], device=x.device)
@@ -218,30 +248,42 @@ class TinyDiT(nn.Module):
         return out.reshape(b, c, gt * pt, gh * ph, gw * pw)
 
     # ------------------------------------------------------------------ BlockModel
-    def encode_condition(self, spec: Mapping[str, Any] | None) -> None:
-        """``tiny_dit`` is unconditional: only ``None`` (no condition) is accepted."""
-        if spec:
+    def encode_condition(self, spec: Mapping[str, Any] | None) -> torch.Tensor | None:
+        """The condition object for ``spec``: ``{"scene": i}`` → the index ``i`` (a 0-d long tensor,
+        ``0 <= i < num_conditions``); ``None`` (or ``{}``) → ``None``, unconditioned."""
+        if not spec:
+            return None
+        n = self.params.num_conditions
+        if n == 0:
             raise ValueError(f"{next(iter(spec))}: model tiny_dit is unconditional and takes no condition")
+        unknown = sorted(set(spec) - {"scene"})
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown condition key (tiny_dit takes 'scene')")
+        scene = spec.get("scene")
+        if isinstance(scene, bool) or not isinstance(scene, int) or not 0 <= scene < n:
+            raise ValueError(f"scene: expected an integer in [0, {n}), got {scene!r}")
+        return torch.tensor(scene, dtype=torch.long)
 
     def denoise(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, context: AttentionContext, condition: Any = None
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: AttentionContext,
+        condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Velocity ``[B, C, F, H, W]`` for ``latents [B, C, F, H, W]`` at ``timesteps [B]`` or ``[B, F]``.
-
-        ``condition`` must be ``None`` (the model is unconditional)."""
-        _unconditional(condition)
-        out = self._run(latents, timesteps, context, None)
+        """Velocity ``[B, C, F, H, W]`` for ``latents [B, C, F, H, W]`` at ``timesteps [B]`` or ``[B, F]``
+        under ``condition`` (scene indices ``[]``, ``[B]`` or ``[B, F]``, or ``None``)."""
+        out = self._run(latents, timesteps, context, None, condition=condition)
         assert out is not None
         return out
 
     def clean_kv(
-        self, latents: torch.Tensor, context: AttentionContext, condition: Any = None
+        self, latents: torch.Tensor, context: AttentionContext, condition: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer ``K, V [B, N, H, D]`` of the clean block at t = 0, keys rotated at ``context.position``."""
-        _unconditional(condition)
         collect: list[tuple[torch.Tensor, torch.Tensor]] = []
         t0 = torch.zeros(latents.shape[0], device=latents.device)
-        self._run(latents, t0, context, collect, head=False)
+        self._run(latents, t0, context, collect, head=False, condition=condition)
         return [k for k, _ in collect], [v for _, v in collect]
 
     def project_kv(

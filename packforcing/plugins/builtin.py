@@ -28,7 +28,8 @@ from packforcing.selectors.topk import TopKParams, TopKSelector
 
 def _tiny_dit(params: TinyDiTParams, env) -> TinyDiT:
     dtype_name = str(env.dtype).removeprefix("torch.")
-    return TinyDiT(params, dtype=dtype_name).to(device=env.device, dtype=env.dtype)
+    source = env.config.source if env.config is not None else None
+    return TinyDiT(params, dtype=dtype_name, config_source=source).to(device=env.device, dtype=env.dtype)
 
 
 def _wan(params: WanParams, env):

@@ -1,0 +1,378 @@
+"""Training the block-causal model on short clips of a procedural world.
+
+Objective: block-causal teacher forcing with flow matching. A clip of ``train_blocks`` blocks
+is rendered by :class:`~packforcing.worlds.SceneWorld` (a fresh random world per clip, scene
+indices as conditions) and encoded to latents. The model runs twice over the clip:
+
+1. a *clean pass* at timestep 0 over the clean latents with a block-causal mask — exactly the
+   K/V the cache would hold after committing those blocks (:meth:`BlockModel.clean_kv`);
+2. a *noisy pass* over ``x_σ = (1 − σ) x₀ + σ ε`` with an independent noise level ``σ`` per
+   block (diffusion-forcing style); noisy block ``i`` attends the clean K/V of blocks
+   ``< i`` and its own noisy tokens, at the same RoPE positions.
+
+``loss = mean |v̂ − (ε − x₀)|²`` over every block: each block of the clip is one example of
+"generate the next block from a clean history", the situation the engine is in at inference.
+Half the noise levels are the sampler's own steps, half are drawn from its shifted schedule.
+
+Command line: ``packforcing train-model --config configs/packforcing.yaml --out W.safetensors``.
+The config supplies the model (its ``weights`` are ignored: training starts from the seeded
+initialisation) and the sampler. Weights are written every ``checkpoint_every`` steps and at
+the end (and on Ctrl-C), as safetensors with metadata recording the world, the steps done, the
+seed, the clip length and the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from packforcing.attention.backends import SdpaBackend
+from packforcing.core.config import Config, load_config
+from packforcing.core.context import MaskedContext
+from packforcing.core.interfaces import AttentionBackend, AttentionContext, BlockModel
+from packforcing.core.sampler import FlowMatchSampler
+from packforcing.testing.reference import block_causal_mask
+from packforcing.worlds import SceneWorld, SceneWorldParams, revisit_schedule
+
+DEFAULT_OUT = "packforcing/weights/world_tiny.safetensors"
+FORMAT = "packforcing.block_model/1"
+
+
+class TeacherContext(AttentionContext):
+    """The noisy pass: per layer, attend ``[clean K/V of the clip | own noisy K/V]`` under ``mask``
+    ``[N, 2N]`` (noisy block ``i`` sees clean blocks ``< i`` and itself)."""
+
+    def __init__(
+        self,
+        backend: AttentionBackend,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        mask: torch.Tensor,
+    ) -> None:
+        self._backend = backend
+        self._keys = keys
+        self._values = values
+        self._mask = mask
+
+    @property
+    def position(self) -> float:
+        return 0.0
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k = torch.cat([self._keys[layer], k], dim=1)
+        v = torch.cat([self._values[layer], v], dim=1)
+        return self._backend.attend(q, k, v, self._mask)
+
+
+def teacher_masks(num_blocks: int, tokens_per_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(clean [N, N], noisy [N, 2N])`` boolean masks for a clip of ``num_blocks`` blocks."""
+    clean = block_causal_mask(num_blocks, tokens_per_block, range)
+    earlier = block_causal_mask(num_blocks, tokens_per_block, range) & ~block_causal_mask(
+        num_blocks, tokens_per_block, lambda i: ()
+    )
+    own = block_causal_mask(num_blocks, tokens_per_block, lambda i: ())
+    return clean, torch.cat([earlier, own], dim=1)
+
+
+def teacher_forcing_loss(
+    model: BlockModel,
+    backend: AttentionBackend,
+    clean: torch.Tensor,
+    condition: torch.Tensor | None,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    masks: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Flow-matching loss of ``clean [B, C, T, H, W]`` (``T`` = whole blocks) with per-block noise
+    levels ``sigma [B, T // F]``, ``noise`` like ``clean`` and per-frame ``condition [B, T]``."""
+    f = model.geometry.frames_per_block
+    keys, values = model.clean_kv(clean, MaskedContext(backend, masks[0]), condition=condition)
+    s = sigma.repeat_interleave(f, dim=1)  # [B, T]
+    s5 = s[:, None, :, None, None]
+    noisy = (1 - s5) * clean + s5 * noise
+    velocity = model.denoise(noisy, 1000.0 * s, TeacherContext(backend, keys, values, masks[1]), condition=condition)
+    return (velocity - (noise - clean)).pow(2).mean()
+
+
+def world_params_for(model: BlockModel, num_scenes: int | None = None, **overrides: Any) -> SceneWorldParams:
+    """World parameters matching ``model``'s resolution, block length and number of conditions."""
+    g = model.geometry
+    stride = getattr(getattr(model, "codec", None), "stride", 8)
+    scenes = num_scenes or getattr(getattr(model, "params", None), "num_conditions", 0) or 8
+    return SceneWorldParams(
+        num_scenes=scenes,
+        height=g.latent_height * stride,
+        width=g.latent_width * stride,
+        frames_per_block=g.frames_per_block,
+        **overrides,
+    )
+
+
+def render_clips(
+    model: BlockModel, world: SceneWorldParams, num_blocks: int, seeds: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents ``[B, C, T, H, W]`` and per-frame scene indices ``[B, T]`` of one clip per seed
+    (each its own world and revisiting schedule)."""
+    latents, scenes = [], []
+    for seed in seeds:
+        schedule = revisit_schedule(num_blocks, world.num_scenes, seed)
+        pixels = SceneWorld(world, seed).render(schedule)
+        latents.append(model.codec.encode(pixels[None]))
+        scenes.append(torch.tensor(schedule).repeat_interleave(world.frames_per_block))
+    return torch.cat(latents), torch.stack(scenes)
+
+
+class ClipPool:
+    """Clips ``0 … clips-1`` of a training run, rendered on first use and kept (a clip is
+    ``[C, T, H, W]`` latents plus ``[T]`` scene indices, ~100 KB for the tiny model)."""
+
+    def __init__(self, model: BlockModel, world: SceneWorldParams, num_blocks: int, seed: int) -> None:
+        self._model = model
+        self._world = world
+        self._num_blocks = num_blocks
+        self._seed = seed
+        self._clips: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents ``[B, C, T, H, W]`` and scene indices ``[B, T]`` of clips ``indices``."""
+        for i in indices:
+            if i not in self._clips:
+                latents, scenes = render_clips(self._model, self._world, self._num_blocks, [self._seed * 1_000_003 + i])
+                self._clips[i] = (latents[0], scenes[0])
+        return torch.stack([self._clips[i][0] for i in indices]), torch.stack([self._clips[i][1] for i in indices])
+
+
+def sample_sigmas(sampler: FlowMatchSampler, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Noise levels: half the sampler's own steps, half from its shifted schedule."""
+    levels = torch.tensor(sampler.sigmas()[:-1])
+    pick = levels[torch.randint(len(levels), shape, generator=gen)]
+    u = torch.rand(shape, generator=gen)
+    shifted = sampler.shift * u / (1 + (sampler.shift - 1) * u)
+    return torch.where(torch.rand(shape, generator=gen) < 0.5, pick, shifted).clamp(1e-3, 1.0)
+
+
+def git_commit() -> str:
+    """The commit of the source tree this runs from, or ``unknown``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@attrs.frozen
+class TrainModelParams:
+    """Options of :func:`train_model`."""
+
+    steps: int = 3000
+    lr: float = 1e-3
+    batch_size: int = 4
+    clips: int = 2048
+    train_blocks: int = 6
+    seed: int = 0
+    warmup: int = 100
+    checkpoint_every: int = 250
+
+
+def _save(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of weights written by :func:`train_model` (JSON values decoded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata() or {}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def train_model(
+    config: Config | str,
+    params: TrainModelParams | None = None,
+    out_path: str | Path | None = DEFAULT_OUT,
+    *,
+    world: SceneWorldParams | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[float]:
+    """Train ``config``'s model from its seeded initialisation; returns the loss per step.
+
+    Writes ``out_path`` (unless ``None``) every ``checkpoint_every`` steps, at the end and when
+    interrupted; the metadata's ``steps`` says how many steps the weights have seen."""
+    from tqdm import tqdm
+
+    from packforcing.core.build import build_engine
+
+    params = params or TrainModelParams()
+    cfg = config if isinstance(config, Config) else load_config(config, ["model.weights=null", "run.dtype=float32"])
+    engine = build_engine(cfg)
+    model = engine.model
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model: {type(model).__name__} is not a trainable torch module")
+    world = world or world_params_for(model)
+    sampler = cfg.sampler
+    backend = SdpaBackend()
+    g = model.geometry
+    masks = teacher_masks(params.train_blocks, g.tokens_per_block)
+    torch.manual_seed(params.seed)
+    model.requires_grad_(True)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.01, betas=(0.9, 0.99))
+
+    def lr_at(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(params.warmup, 1))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, params.steps) / max(params.steps, 1)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    gen = torch.Generator().manual_seed(params.seed)
+    model_params = getattr(model, "params", None)
+    base_meta = {
+        "format": FORMAT,
+        "model": json.dumps(
+            {k: v for k, v in attrs.asdict(model_params).items() if k != "weights"} if model_params else {}
+        ),
+        "world": json.dumps({"name": "scenes", **world.as_dict()}),
+        "train_blocks": str(params.train_blocks),
+        "seed": str(params.seed),
+        "batch_size": str(params.batch_size),
+        "clips": str(params.clips),
+        "lr": str(params.lr),
+        "sampler": json.dumps(attrs.asdict(sampler)),
+        "objective": "block-causal teacher forcing, flow matching, per-block noise levels",
+        "commit": git_commit(),
+    }
+    losses: list[float] = []
+    started = time.perf_counter()
+    pool = ClipPool(model, world, params.train_blocks, params.seed)
+    out = Path(out_path) if out_path is not None else None
+
+    def checkpoint() -> None:
+        if out is None:
+            return
+        tail = losses[-50:]
+        meta = {
+            **base_meta,
+            "steps": str(len(losses)),
+            "planned_steps": str(params.steps),
+            "seconds": f"{time.perf_counter() - started:.1f}",
+            "final_loss": f"{sum(tail) / max(len(tail), 1):.6f}",
+        }
+        _save(model, out, meta)
+
+    bar = tqdm(total=params.steps, unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        for step in range(params.steps):
+            picks = torch.randint(params.clips, (params.batch_size,), generator=gen).tolist()
+            clean, scenes = pool.get(picks)
+            sigma = sample_sigmas(sampler, (params.batch_size, params.train_blocks), gen)
+            noise = torch.randn(clean.shape, generator=gen)
+            loss = teacher_forcing_loss(model, backend, clean, scenes, sigma, noise, masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            bar.update(1)
+            if params.checkpoint_every and (step + 1) % params.checkpoint_every == 0:
+                checkpoint()
+            if log is not None and (step % 50 == 0 or step == params.steps - 1):
+                log(f"step {step:6d}  loss {losses[-1]:.4f}  {time.perf_counter() - started:.0f}s")
+    finally:
+        bar.close()
+        model.requires_grad_(False)
+        model.eval()
+        checkpoint()
+    if log is not None and out is not None:
+        log(f"wrote {out} ({out.stat().st_size} bytes) after {len(losses)} steps, {time.perf_counter() - started:.0f}s")
+    return losses
+
+
+EXAMPLE = f"example:\n  packforcing train-model --config configs/packforcing.yaml --steps 3000 --out {DEFAULT_OUT}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training options (shared by ``packforcing train-model`` and ``python -m``)."""
+    d = TrainModelParams()
+    parser.add_argument("--config", required=True, help="YAML config naming the model (its weights are ignored)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"safetensors to write (default {DEFAULT_OUT})")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, cosine decay (default {d.lr})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"clips per step (default {d.batch_size})")
+    parser.add_argument(
+        "--train-blocks", type=int, default=d.train_blocks, help=f"blocks per training clip (default {d.train_blocks})"
+    )
+    parser.add_argument("--clips", type=int, default=d.clips, help=f"distinct training clips (default {d.clips})")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="write the weights every N steps (0: end only)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("steps", "batch_size", "train_blocks", "clips"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    params = TrainModelParams(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        train_blocks=args.train_blocks,
+        clips=args.clips,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    train_model(args.config, params, args.out, progress=not args.no_progress, log=print)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m packforcing.training.model",
+        description="Train the block-causal model on clips of the scenes world (teacher forcing).",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
