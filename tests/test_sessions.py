@@ -83,6 +83,24 @@ def test_observed_blocks_condition_the_next_exactly_as_generated_ones(policy):
     assert nxt.index == 3 and bits(nxt.latents) == bits(reference[3].latents)
 
 
+@pytest.mark.parametrize("policy", [FULL, {"name": "sliding_window", "window_frames": 4}])
+def test_predict_samples_the_next_block_without_committing(policy):
+    reference = generate(engine_for(policy), 4, seed=6)
+    engine = engine_for(policy)
+    with engine.session(seed=6) as session:
+        for block in reference[:2]:
+            session.observe(block.latents)
+        before = engine.policy.stats()
+        first = session.predict()
+        again = session.predict()
+        assert session.blocks_done == 2 and engine.policy.stats() == before
+        # teacher forcing: commit the true block 2, then block 3 continues as in the reference
+        session.observe(reference[2].latents)
+        last = session.step()
+    assert bits(first) == bits(again) == bits(reference[2].latents)
+    assert bits(last.latents) == bits(reference[3].latents)
+
+
 def test_observed_latents_really_steer_the_continuation():
     engine = engine_for(FULL)
     reference = generate(engine, 3, seed=4)

@@ -104,9 +104,21 @@ class GenerationSession:
     def step(self) -> GeneratedBlock:
         """Sample the next block from its seeded noise and commit it."""
         self._check_open()
-        engine = self.engine
         started = time.perf_counter()
         index = self._blocks_done
+        latents = self._sample(index)
+        return self._commit(self.engine.query(index), latents, self._condition(index), started, observed=False)
+
+    @torch.no_grad()
+    def predict(self) -> torch.Tensor:
+        """Sample the next block exactly as :meth:`step` would, ``[B, C, F, H, W]``, without
+        committing it: the cache and :attr:`blocks_done` are unchanged. With :meth:`observe`
+        this measures teacher-forced prediction (predict a block, then commit the true one)."""
+        self._check_open()
+        return self._sample(self._blocks_done)
+
+    def _sample(self, index: int) -> torch.Tensor:
+        engine = self.engine
         query = engine.query(index)
         condition = self._condition(index)
         shape = engine.block_shape(self.batch_size)
@@ -116,8 +128,7 @@ class GenerationSession:
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return engine.model.denoise(x, t, engine.policy.context(query), condition=condition)
 
-        latents = engine.sampler.sample(noise, velocity, fresh)
-        return self._commit(query, latents, condition, started, observed=False)
+        return engine.sampler.sample(noise, velocity, fresh)
 
     @torch.no_grad()
     def observe(self, latents: torch.Tensor) -> GeneratedBlock:
