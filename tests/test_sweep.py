@@ -234,3 +234,12 @@ def test_dead_workers_are_retried_a_bounded_number_of_times(local_ray, tmp_path)
     assert by_job["full-default-0"]["error"].startswith("worker died 2 times (retried 1)")
     assert sorted(p.name for p in marks.iterdir()) == ["full-default-0.0", "full-default-0.1", "full-default-1.0",
                                                       "full-default-1.1"]  # fmt: skip
+
+
+def test_gpus_per_job_on_a_cluster_without_gpus_is_one_line(local_ray, tmp_path, capsys):
+    config = str(REPO / "configs/full.yaml")
+    code = main(["sweep", config, "--blocks", "1", *_sets(), "--gpus-per-job", "1", "--out", str(tmp_path), "--json"])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --gpus-per-job 1: the Ray cluster has 0 GPUs (leave it out to run on CPUs)"
+    assert not (tmp_path / "runs").exists()
