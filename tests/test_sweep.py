@@ -145,7 +145,7 @@ def local_ray():
     """One local Ray instance (2 CPUs) for the module: sweeps reuse it instead of starting their own."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

@@ -154,8 +154,8 @@ def _run_on_ray(
         }
         if address:
             ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=local_cpus, **kwargs)
+        else:  # "local": a new instance, even where `ray start` left one running on this machine
+            ray.init(address="local", num_cpus=local_cpus, **kwargs)
     try:
         resources = ray.cluster_resources()
         if gpus_per_job > 0 and resources.get("GPU", 0) < gpus_per_job:

@@ -263,12 +263,14 @@ def expand_jobs(
 
 
 def blocks_for_seconds(config: Any, seconds: float) -> int:
-    """Blocks covering ``seconds`` of video for ``config`` (the model's geometry at
-    ``run.fps``; one latent frame per written frame, as ``generate`` writes them)."""
-    from packforcing.core.build import blocks_for, build_for_planning
+    """Blocks covering ``seconds`` of video for ``config``: the conversion ``generate
+    --seconds`` makes (the model's geometry, its VAE's temporal stride, ``run.fps``)."""
+    from packforcing.core.build import build_for_planning
+    from packforcing.output.video import blocks_for_seconds as blocks_for
+    from packforcing.output.video import temporal_stride_of
 
-    if not seconds > 0:
+    if not 0 < seconds < float("inf"):
         raise ValueError(f"--seconds: expected a number > 0, got {seconds}")
     env = build_for_planning(config)
     assert env.geometry is not None
-    return max(1, blocks_for(env.geometry, seconds, config.run.fps, pixel_frames_per_latent=1))
+    return blocks_for(seconds, config.run.fps, env.geometry.frames_per_block, temporal_stride_of(env.model))

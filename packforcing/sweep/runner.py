@@ -8,11 +8,11 @@ what it wrote into one ``results.jsonl`` record. Errors never escape: a failing 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import math
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -36,22 +36,21 @@ def one_line_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def generate_run(job: SweepJob, run_dir: Path) -> None:
-    """The seam to ``packforcing generate``: run ``job`` exactly as the command line would,
-    writing video, report and memory plot into ``run_dir`` (its own stdout kept quiet)."""
-    from packforcing.cli import generate
+def generate_argv(job: SweepJob, run_dir: Path) -> list[str]:
+    """The ``packforcing generate`` command line of ``job`` (what a user would type to rerun it)."""
+    sets = [arg for override in job.job_overrides() for arg in ("--set", override)]
+    return ["generate", "--config", job.config_path, *sets, "--out", str(run_dir), "--no-progress"]
 
-    args = argparse.Namespace(
-        config=job.config_path,
-        blocks=None,
-        seed=None,
-        batch_size=None,
-        out=str(run_dir),
-        overrides=job.job_overrides(),
-        no_progress=True,
-    )
+
+def generate_run(job: SweepJob, run_dir: Path) -> None:
+    """The seam to ``packforcing generate``: run ``job`` exactly as its command line
+    (:func:`generate_argv`) would, writing video, report and memory plot into ``run_dir``
+    (its own stdout kept quiet); errors are raised, not printed."""
+    from packforcing.cli import build_parser
+
+    args = build_parser().parse_args(generate_argv(job, run_dir))
     with contextlib.redirect_stdout(io.StringIO()):
-        generate.run(args)
+        args.func(args)
 
 
 def _numbers(data: Any, prefix: str = "") -> dict[str, float]:
@@ -98,6 +97,7 @@ def execute(job: SweepJob, out: str, threads: int | None = None) -> dict[str, An
 
             torch.set_num_threads(max(1, threads))
         run_dir = Path(out) / "runs" / job.name
+        record["command"] = shlex.join(["packforcing", *generate_argv(job, run_dir)])
         generate_run(job, run_dir)
         record.update(read_report(run_dir))
         record["status"] = COMPLETE
