@@ -243,3 +243,32 @@ def test_gpus_per_job_on_a_cluster_without_gpus_is_one_line(local_ray, tmp_path,
     err = capsys.readouterr().err.strip()
     assert err == "error: --gpus-per-job 1: the Ray cluster has 0 GPUs (leave it out to run on CPUs)"
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_figures_include_fidelity(tmp_path):
+    from packforcing.sweep.runner import read_report
+
+    report = {
+        "blocks": [{"index": i} for i in range(4)],
+        "peak_cache_bytes": 300,
+        "full_cache_bytes": 1200,
+        "total_seconds": 2.0,
+        "returns": [
+            {"block": 2, "condition": {"scene": 0}, "blocks_since": 1, "psnr_db": 30.0},
+            {"block": 3, "condition": {"scene": 1}, "blocks_since": 2, "psnr_db": 20.0},
+        ],
+        "fidelity": {"drift": 0.25, "note": "text is skipped", "nested": {"x": 1}},
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    figures = read_report(tmp_path)
+    assert figures["cache_ratio"] == 0.25 and figures["ms_per_block"] == 500.0 and figures["blocks_done"] == 4
+    assert figures["fidelity"] == {
+        "drift": 0.25,
+        "nested.x": 1.0,
+        "return_psnr_db": 25.0,
+        "min_return_psnr_db": 20.0,
+        "returns": 2,
+    }
+    del report["returns"], report["fidelity"]
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert "fidelity" not in read_report(tmp_path)

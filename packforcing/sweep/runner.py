@@ -65,7 +65,10 @@ def _numbers(data: Any, prefix: str = "") -> dict[str, float]:
 
 
 def read_report(run_dir: Path) -> dict[str, Any]:
-    """The figures a sweep keeps from a finished run's ``report.json``."""
+    """The figures a sweep keeps from a finished run's ``report.json``: memory, time, and as
+    ``fidelity`` every number of the report's ``fidelity`` section plus, where the run cut back
+    to earlier conditions, the mean and minimum return PSNR (``returns[].psnr_db``) and their
+    count."""
     report = json.loads((run_dir / "report.json").read_text())
     blocks = len(report.get("blocks", []))
     total = float(report.get("total_seconds", 0.0))
@@ -80,6 +83,13 @@ def read_report(run_dir: Path) -> dict[str, Any]:
     if figures["full_cache_bytes"]:
         figures["cache_ratio"] = figures["peak_cache_bytes"] / figures["full_cache_bytes"]
     fidelity = _numbers(report.get("fidelity"))
+    returns = [r["psnr_db"] for r in report.get("returns") or [] if isinstance(r.get("psnr_db"), (int, float))]
+    if returns:
+        # cuts back to a condition seen before: PSNR of the first frame back against the last
+        # frame seen under it (the run's per-return fidelity)
+        fidelity.update(
+            return_psnr_db=sum(returns) / len(returns), min_return_psnr_db=min(returns), returns=len(returns)
+        )
     if fidelity:
         figures["fidelity"] = fidelity
     return figures
