@@ -142,10 +142,13 @@ def test_results_file_and_summary(tmp_path):
 # ---------------------------------------------------------------------- sweeps on a local Ray
 @pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray instance (2 CPUs) for the module: sweeps reuse it instead of starting their own."""
+    """One local Ray instance for the module (sweeps reuse it instead of starting their own):
+    2 CPUs, and 2 GPUs declared as resources (there are none: only Ray's bookkeeping of them)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(
+        address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR"
+    )
     yield ray
     ray.shutdown()
 
@@ -236,13 +239,46 @@ def test_dead_workers_are_retried_a_bounded_number_of_times(local_ray, tmp_path)
                                                       "full-default-1.1"]  # fmt: skip
 
 
-def test_gpus_per_job_on_a_cluster_without_gpus_is_one_line(local_ray, tmp_path, capsys):
+def test_gpus_per_job_beyond_the_cluster_is_one_line(local_ray, tmp_path, capsys):
     config = str(REPO / "configs/full.yaml")
-    code = main(["sweep", config, "--blocks", "1", *_sets(), "--gpus-per-job", "1", "--out", str(tmp_path), "--json"])
+    code = main(["sweep", config, "--blocks", "1", *_sets(), "--gpus-per-job", "3", "--out", str(tmp_path), "--json"])
     assert code == 1
     err = capsys.readouterr().err.strip()
-    assert err == "error: --gpus-per-job 1: the Ray cluster has 0 GPUs (leave it out to run on CPUs)"
+    assert err == "error: --gpus-per-job 3: the Ray cluster has 2 GPUs (leave it out to run on CPUs)"
     assert not (tmp_path / "runs").exists()
+
+
+def test_each_job_holds_a_gpu_of_its_own(local_ray, tmp_path):
+    from packforcing.sweep import run_sweep
+
+    jobs = expand_jobs([str(REPO / "configs/full.yaml")], seeds=range(4), blocks=1, overrides=TINY, device="cuda")
+
+    marks = tmp_path / "started"
+    marks.mkdir()
+
+    def pinned(job, out, threads):
+        """Where the job would generate on ``cuda``: reports the devices Ray made visible to it
+        (the first two jobs wait for each other, so two run at the same time)."""
+        import os
+        import time
+
+        start = time.time()
+        (marks / job.name).touch()
+        while len(list(marks.iterdir())) < 2 and time.time() < start + 60:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return {**job.as_record(), "status": "complete", "gpus": visible, "start": start, "end": time.time()}
+
+    result = run_sweep(jobs, tmp_path, gpus_per_job=1, execute_job=pinned)
+    assert result.complete == 4
+    records = result.records
+    assert all(r["device"] == "cuda" and r["gpus"] in ("0", "1") for r in records)
+    overlapping = [
+        (a, b) for a in records for b in records if a is not b and a["start"] < b["end"] and b["start"] < a["end"]
+    ]
+    assert overlapping and all(a["gpus"] != b["gpus"] for a, b in overlapping)
+    assert all("run.device=cuda" in job.job_overrides() for job in jobs)
 
 
 def test_report_figures_include_fidelity(tmp_path):

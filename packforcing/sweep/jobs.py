@@ -148,8 +148,9 @@ def load_prompts(path: str | Path) -> list[Prompt]:
 class SweepJob:
     """One ``generate`` run of a sweep, as plain data.
 
-    ``overrides`` are the user's ``--set`` values plus the device the job is pinned to;
-    :meth:`job_overrides` adds the job's own seed, length and prompt schedule.
+    ``overrides`` are the user's ``--set`` values; :meth:`job_overrides` adds the ``device``
+    the job is pinned to (``cpu``, or ``cuda``: the GPU Ray gives the task) and the job's own
+    seed, length and prompt schedule.
     """
 
     config_path: str
@@ -160,6 +161,7 @@ class SweepJob:
     seed: int
     blocks: int
     overrides: tuple[str, ...] = ()
+    device: str = "cpu"
 
     @property
     def name(self) -> str:
@@ -172,7 +174,7 @@ class SweepJob:
         return (self.config_hash, self.prompt.key, self.seed, self.blocks)
 
     def job_overrides(self) -> list[str]:
-        out = [*self.overrides, f"run.seed={self.seed}", f"run.blocks={self.blocks}"]
+        out = [*self.overrides, f"run.device={self.device}", f"run.seed={self.seed}", f"run.blocks={self.blocks}"]
         if self.prompt.schedule is not None:
             out.append(f"run.prompts={canonical(list(self.prompt.schedule))}")
         return out
@@ -189,6 +191,7 @@ class SweepJob:
             "prompt_schedule": None if self.prompt.schedule is None else list(self.prompt.schedule),
             "seed": self.seed,
             "blocks": self.blocks,
+            "device": self.device,
         }
 
 
@@ -242,6 +245,7 @@ def expand_jobs(
         raise ValueError("give --blocks or --seconds, not both")
     if not configs:
         raise ValueError("no configs given")
+    overrides = tuple(overrides)
     base = [*overrides, f"run.device={device}"]
     prompts = list(prompts) if prompts else [Prompt(DEFAULT_PROMPT)]
     jobs: list[SweepJob] = []
@@ -255,7 +259,9 @@ def expand_jobs(
         for prompt in prompts:
             chash = config_hash(resolved, without_prompts=prompt.schedule is not None)
             for seed in seeds:
-                jobs.append(SweepJob(str(Path(path).resolve()), name, chash, policy, prompt, seed, length, tuple(base)))
+                jobs.append(
+                    SweepJob(str(Path(path).resolve()), name, chash, policy, prompt, seed, length, overrides, device)
+                )
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError("two jobs would share a run directory; give the configs or prompts distinct names")

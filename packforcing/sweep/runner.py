@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import shlex
 import socket
 import time
@@ -106,6 +107,8 @@ def execute(job: SweepJob, out: str, threads: int | None = None) -> dict[str, An
             import torch
 
             torch.set_num_threads(max(1, threads))
+        if job.device.startswith("cuda"):  # the GPU(s) Ray gave this task, and no other running task
+            record["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
         run_dir = Path(out) / "runs" / job.name
         record["command"] = shlex.join(["packforcing", *generate_argv(job, run_dir)])
         generate_run(job, run_dir)
