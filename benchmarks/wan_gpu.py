@@ -1,0 +1,684 @@
+"""Wan2.1-1.3B at full size on one GPU: time, memory and cache management per policy.
+
+The full-size Wan2.1-T2V-1.3B transformer (30 layers, 12 heads × 128, 832×480 → 60×104
+latents, 3-frame blocks as Self-Forcing, its 4-step sampler + the clean pass) is built with
+random weights directly on the GPU in bf16 (no checkpoint: the structure is what costs time and
+memory). One script, one run, every section under a time cap so the whole finishes in about
+6 minutes of GPU time; results are rewritten after every section, so an interrupted run keeps
+what it measured:
+
+1. attention: SDPA (math / flash / efficient / cuDNN kernels), xformers and flash-attn (when
+   importable) on the real context shapes — one block's 4,680 queries over the PackForcing
+   context, Self-Forcing's 21-frame window and the full cache at 60 s;
+2. per policy (packforcing, sliding_window, sink_recent, full): per-block wall time early vs
+   late, blocks/s and latent frames/s against real time (16 fps = 4 latent frames/s),
+   ``torch.cuda.max_memory_allocated`` and the cache bytes held (checked against ``plan``)
+   against video length — PackForcing to 120 s, the full cache until it runs out of memory;
+3. the cache-management share of a PackForcing block at a full cache (compress, select,
+   gather + realign, bookkeeping), from the instrumented engine.
+
+    python benchmarks/wan_gpu.py [--out benchmarks/results] [--budget 330]
+    python benchmarks/wan_gpu.py --smoke --out /tmp/x     # the same code paths on the CPU, tiny model
+
+Writes ``wan_gpu.json`` and ``wan_gpu.md`` in ``--out`` and prints the tables at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import RESULTS, machine, markdown_table  # noqa: E402
+
+import packforcing as pf  # noqa: E402
+from packforcing.core.instrument import SectionTimer, timing_wrapper  # noqa: E402
+from packforcing.plugins import ComponentFactory, hookimpl  # noqa: E402
+from packforcing.plugins.factory import no_params  # noqa: E402
+from packforcing.plugins.manager import Registry  # noqa: E402
+
+REAL_TIME_LATENT_FPS = 4.0
+"""Self-Forcing's "real time": 16 pixel frames/s = 4 latent frames/s."""
+
+# Wan2.1-T2V-1.3B (diffusers' WanTransformer3DModel config)
+WAN_1_3B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+TINY = {
+    **WAN_1_3B,
+    "num_attention_heads": 2,
+    "attention_head_dim": 32,
+    "text_dim": 32,
+    "freq_dim": 32,
+    "ffn_dim": 64,
+    "num_layers": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+}
+
+
+@attrs.frozen
+class Sizes:
+    """One run's scale: the real GPU run or the CPU smoke run of the same code paths."""
+
+    device: str
+    dtype: torch.dtype
+    transformer: dict[str, Any]
+    latent: tuple[int, int]
+    text_tokens: int
+    max_blocks: dict[str, int]
+    caps: dict[str, float]
+    """Seconds per section (the run also stops at the global budget)."""
+    attention_contexts: dict[str, int]
+    """Key counts (history tokens + the block itself) of the attention section."""
+    steady_extra_blocks: int
+    timed_blocks: int
+    mid_blocks: int
+    """PackForcing's mid bank (compressed blocks), of which ``top_k`` enter attention."""
+    top_k: int
+    memory_marks: tuple[float, ...]
+    """Video lengths (s) of the memory table."""
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+
+FRAMES_PER_BLOCK = 3
+GPU = Sizes(
+    device="cuda",
+    dtype=torch.bfloat16,
+    transformer=WAN_1_3B,
+    latent=(60, 104),
+    text_tokens=512,
+    # 120 s at 16 fps = 1,920 pixel frames ≤ 1 + 4·(483 - 1): 161 blocks of 3 latent frames
+    max_blocks={"packforcing": 161, "sliding_window": 24, "sink_recent": 24, "full": 400},
+    caps={"attention": 45, "packforcing": 80, "sliding_window": 25, "sink_recent": 25, "shares": 45, "full": 110},
+    attention_contexts={"self_forcing_window_21f": 21 * 1560, "full_60s": 240 * 1560 + 3 * 1560},
+    steady_extra_blocks=2,
+    timed_blocks=6,
+    mid_blocks=16,
+    top_k=8,
+    memory_marks=(10, 30, 60, 90, 120),
+)
+SMOKE = Sizes(
+    device="cpu",
+    dtype=torch.float32,
+    transformer=TINY,
+    latent=(8, 16),
+    text_tokens=8,
+    max_blocks={"packforcing": 10, "sliding_window": 3, "sink_recent": 3, "full": 4},
+    caps={"attention": 10, "packforcing": 30, "sliding_window": 10, "sink_recent": 10, "shares": 20, "full": 20},
+    attention_contexts={"self_forcing_window_21f": 21 * 32, "full_60s": 64 * 32},
+    steady_extra_blocks=1,
+    timed_blocks=2,
+    mid_blocks=2,
+    top_k=1,
+    memory_marks=(1, 2, 4, 8),
+)
+
+
+class Budget:
+    """The whole script's wall-clock budget; each section gets ``min(cap, what is left)``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.perf_counter())
+
+    def cap(self, seconds: float) -> float:
+        return min(seconds, self.left())
+
+
+class Results:
+    """Accumulated results, rewritten as JSON + markdown after every section."""
+
+    def __init__(self, out: Path, sizes: Sizes) -> None:
+        self.out = out
+        self.data: dict[str, Any] = {"benchmark": "wan_gpu", "machine": machine(), "sections": {}}
+        self.tables: dict[str, str] = {}
+        self.sizes = sizes
+
+    def add(self, name: str, data: Any, *tables: str) -> None:
+        self.data["sections"][name] = data
+        self.tables[name] = "\n".join(tables)
+        self.write()
+
+    def text(self) -> str:
+        order = ("attention", "policies", "shares")
+        return "\n".join(self.tables[k] for k in sorted(self.tables, key=lambda k: order.index(k) if k in order else 9))
+
+    def write(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "wan_gpu.json").write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        head = f"### wan_gpu\n\nMachine: {self.data['machine']}\n\n"
+        (self.out / "wan_gpu.md").write_text(head + self.text())
+
+
+def sync(sizes: Sizes) -> None:
+    if sizes.cuda:
+        torch.cuda.synchronize()
+
+
+def free_memory(sizes: Sizes) -> None:
+    gc.collect()
+    if sizes.cuda:
+        torch.cuda.empty_cache()
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# ---- attention backends ------------------------------------------------------------------
+
+
+def _sdpa(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "math": SDPBackend.MATH,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }[kernel]
+
+    def attend(q, k, v):
+        with sdpa_kernel(backend):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            )
+        return out.transpose(1, 2)
+
+    return attend
+
+
+def attention_backends(sizes: Sizes) -> dict[str, Callable | str]:
+    """Name → ``attend(q, k, v)`` over ``[B, N, H, D]``, or the reason it is unavailable."""
+    found: dict[str, Callable | str] = {}
+    kernels = ("math", "flash", "efficient", "cudnn") if sizes.cuda else ("math",)
+    for kernel in kernels:
+        found[f"sdpa_{kernel}"] = _sdpa(kernel)
+    try:
+        import xformers.ops as xops
+
+        if not sizes.cuda:
+            raise ImportError("CPU run")
+        found["xformers"] = lambda q, k, v: xops.memory_efficient_attention(q, k, v)
+    except Exception as exc:  # ImportError, or a build that does not match this torch
+        found["xformers"] = f"unavailable: {type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+    try:
+        from flash_attn import flash_attn_func
+
+        if not sizes.cuda:
+            raise ImportError("CPU run")
+        found["flash_attn"] = lambda q, k, v: flash_attn_func(q, k, v)
+    except Exception as exc:
+        found["flash_attn"] = f"unavailable: {type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+    return found
+
+
+def timed(fn: Callable[[], Any], sizes: Sizes, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` (CUDA events on the GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sizes.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def attention_section(sizes: Sizes, contexts: dict[str, int], heads: int, head_dim: int, cap: float) -> dict:
+    nq = contexts.pop("_queries")
+    backends = attention_backends(sizes)
+    rows = []
+    started = time.perf_counter()
+    gen = torch.Generator(device=sizes.device).manual_seed(0)
+    for label, nk in contexts.items():
+        q = torch.randn(1, nq, heads, head_dim, device=sizes.device, dtype=sizes.dtype, generator=gen)
+        k = torch.randn(1, nk, heads, head_dim, device=sizes.device, dtype=sizes.dtype, generator=gen)
+        v = torch.randn_like(k)
+        flops = 4 * nq * nk * heads * head_dim
+        reference = None
+        for name, fn in backends.items():
+            row: dict[str, Any] = {"context": label, "queries": nq, "keys": nk, "backend": name}
+            if isinstance(fn, str):
+                row["error"] = fn
+            elif time.perf_counter() - started > cap:
+                row["error"] = "skipped: section time cap reached"
+            else:
+                try:
+                    out = fn(q, k, v)
+                    seconds = timed(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), sizes, repeats=3 if nk > 100_000 else 5)
+                    out = out.float()
+                    if reference is None:
+                        reference, row["reference"] = out, True
+                    row.update(
+                        ms=seconds * 1e3,
+                        tflops=flops / seconds / 1e12,
+                        max_abs_diff=float((out - reference).abs().max()),
+                    )
+                    del out
+                except Exception as exc:  # OOM, or a kernel that refuses these shapes/dtype
+                    row["error"] = (
+                        "OOM" if is_oom(exc) else type(exc).__name__
+                    ) + f": {' '.join(str(exc).split())[:100]}"
+                    free_memory(sizes)
+            rows.append(row)
+        del q, k, v, reference
+        free_memory(sizes)
+    return {"rows": rows}
+
+
+def attention_table(data: dict) -> str:
+    rows = [
+        [
+            r["context"],
+            r["keys"],
+            r["backend"],
+            r.get("ms", "-"),
+            r.get("tflops", "-"),
+            r.get("max_abs_diff", r.get("error", "-")),
+        ]
+        for r in data["rows"]
+    ]
+    return "Attention, one block's queries (bf16 on GPU):\n\n" + markdown_table(
+        ["context", "keys", "backend", "ms", "TFLOP/s", "max |diff| vs first / error"], rows
+    )
+
+
+# ---- the model ---------------------------------------------------------------------------
+
+
+def random_wan(sizes: Sizes) -> Any:
+    """packforcing's ``wan`` model around diffusers' ``WanTransformer3DModel`` with random weights,
+    initialised directly on the device (no CPU copy, no checkpoint) and cast like
+    ``from_pretrained(torch_dtype=...)`` (diffusers' float32 modules stay float32)."""
+    from diffusers import WanTransformer3DModel
+
+    from packforcing.models.wan.adapter import WanBlockModel, _cast
+    from packforcing.models.wan.params import WanParams
+
+    torch.manual_seed(0)
+    with torch.device(sizes.device):
+        transformer = WanTransformer3DModel(**sizes.transformer)
+    _cast(transformer, sizes.dtype)
+    transformer.requires_grad_(False).eval()
+    height, width = sizes.latent
+    params = WanParams(frames_per_block=FRAMES_PER_BLOCK, latent_height=height, latent_width=width)
+    return WanBlockModel(transformer, params, sizes.dtype)
+
+
+class SharedModel:
+    """A plugin providing model ``wan_benchmark``: the one prebuilt model every engine shares."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    @hookimpl
+    def packforcing_models(self) -> dict[str, ComponentFactory]:
+        return {"wan_benchmark": no_params(lambda env: self.model, "the benchmark's prebuilt random Wan")}
+
+
+def prompt_embeds_file(sizes: Sizes, folder: Path) -> Path:
+    """A random ``prompt_embeds [L, text_dim]`` safetensors file (the text condition)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(sizes.text_tokens, sizes.transformer["text_dim"], generator=gen).to(sizes.dtype)
+    path = folder / "prompt_embeds.safetensors"
+    save_file({"prompt_embeds": embeds}, str(path))
+    return path
+
+
+# ---- engines -----------------------------------------------------------------------------
+
+
+def policy_blocks(sizes: Sizes) -> dict[str, dict[str, Any]]:
+    """The compared caches at 3-frame blocks: Self-Forcing's 21-frame window, LongLive's sink of
+    3 frames + 12-frame window, PackForcing's preset (sink 6 frames, 16 compressed mid blocks of
+    which 8 enter, recent 6 frames; the training-free ``pool`` compressor, since no trained
+    Wan compressor weights exist), and the full cache."""
+    fpb = FRAMES_PER_BLOCK
+    return {
+        "packforcing": {
+            "policy": {
+                "name": "packforcing",
+                "sink_frames": 2 * fpb,
+                "recent_frames": 2 * fpb,
+                "mid_capacity_blocks": sizes.mid_blocks,
+            },
+            "compressor": {"name": "pool"},
+            "selector": {"name": "topk", "k": sizes.top_k},
+            "positional": {"name": "temporal_rope_shift", "anchor": "absolute"},
+        },
+        "sliding_window": {"policy": {"name": "sliding_window", "window_frames": 21 - fpb}},
+        "sink_recent": {"policy": {"name": "sink_recent", "sink_frames": fpb, "window_frames": 12 - 2 * fpb}},
+        "full": {"policy": {"name": "full"}},
+    }
+
+
+def video_seconds(blocks: int, fps: float = 16.0, temporal_stride: int = 4) -> float:
+    """Seconds of pixels decoded from ``blocks`` blocks (Wan's causal VAE: 1 + 4(F - 1) frames)."""
+    latent = blocks * FRAMES_PER_BLOCK
+    return (1 + temporal_stride * (latent - 1)) / fps if latent else 0.0
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else math.nan
+
+
+def run_policy(engine: Any, sizes: Sizes, *, cap: float, max_blocks: int, conditions: list[dict]) -> dict:
+    """Generate until ``max_blocks``, the time cap or out of memory; one row per block."""
+    rows: list[dict[str, Any]] = []
+    if sizes.cuda:
+        free_memory(sizes)
+        torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated() if sizes.cuda else 0
+    stopped, error = "max_blocks", None
+    started = time.perf_counter()
+    try:
+        with engine.session(seed=0, batch_size=1, conditions=conditions) as session:
+            for index in range(max_blocks):
+                if time.perf_counter() - started > cap:
+                    stopped = "time cap"
+                    break
+                block = session.step()
+                rows.append(
+                    {
+                        "block": index,
+                        "seconds": block.seconds,
+                        "video_seconds": video_seconds(index + 1),
+                        "context_tokens": block.context_tokens,
+                        "cache_bytes": block.stats.bytes,
+                        "plan_bytes": engine.policy.plan(index + 1).bytes,
+                        "max_allocated": torch.cuda.max_memory_allocated() if sizes.cuda else 0,
+                    }
+                )
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        stopped, error = "OOM", " ".join(str(exc).split())[:200]
+    free_memory(sizes)
+    predicted = None
+    if sizes.cuda and stopped != "OOM" and len(rows) >= 10:
+        # extrapolate max_memory_allocated linearly over the last blocks to the device's memory
+        a, z = rows[-10], rows[-1]
+        slope = (z["max_allocated"] - a["max_allocated"]) / (z["block"] - a["block"])
+        total = torch.cuda.get_device_properties(0).total_memory
+        if slope > 0:
+            predicted = z["block"] + 1 + int((total - z["max_allocated"]) / slope)
+    times = [r["seconds"] for r in rows]
+    early, late = median(times[1:6]), median(times[-5:])
+    return {
+        "blocks": len(rows),
+        "video_seconds": video_seconds(len(rows)),
+        "stopped": stopped,
+        "error": error,
+        "baseline_allocated": baseline,
+        "early_ms": early * 1e3,
+        "late_ms": late * 1e3,
+        "late_over_early": late / early if early else math.nan,
+        "blocks_per_second_late": 1 / late if late else math.nan,
+        "latent_frames_per_second_late": FRAMES_PER_BLOCK / late if late else math.nan,
+        "real_time_factor_late": FRAMES_PER_BLOCK / late / REAL_TIME_LATENT_FPS if late else math.nan,
+        "peak_allocated": max((r["max_allocated"] for r in rows), default=0),
+        "final_cache_bytes": rows[-1]["cache_bytes"] if rows else 0,
+        "cache_equals_plan": all(r["cache_bytes"] == r["plan_bytes"] for r in rows),
+        "predicted_oom_blocks": predicted,
+        "predicted_oom_video_seconds": video_seconds(predicted) if predicted else None,
+        "rows": rows,
+    }
+
+
+def policy_table(runs: dict[str, dict]) -> str:
+    rows = [
+        [
+            name,
+            r["blocks"],
+            r["video_seconds"],
+            r["stopped"]
+            + (
+                f" (OOM extrapolated at ~{r['predicted_oom_blocks']} blocks, {r['predicted_oom_video_seconds']:.0f} s)"
+                if r.get("predicted_oom_blocks")
+                else ""
+            ),
+            r["early_ms"],
+            r["late_ms"],
+            r["late_over_early"],
+            r["blocks_per_second_late"],
+            r["real_time_factor_late"],
+            r["peak_allocated"] / 2**30,
+            r["final_cache_bytes"] / 2**30,
+            r["cache_equals_plan"],
+        ]
+        for name, r in runs.items()
+    ]
+    return "Per policy (3-frame blocks, 4 sampler steps + the clean pass per block):\n\n" + markdown_table(
+        [
+            "policy",
+            "blocks",
+            "video s",
+            "stopped by",
+            "early ms/block",
+            "late ms/block",
+            "late/early",
+            "blocks/s (late)",
+            "x real time (late)",
+            "max allocated GiB",
+            "cache GiB (end)",
+            "cache == plan",
+        ],
+        rows,
+    )
+
+
+def memory_table(runs: dict[str, dict], marks: tuple[float, ...]) -> str:
+    """``max_memory_allocated`` and cache bytes at given video lengths."""
+    rows = []
+    for name, r in runs.items():
+        cells: list[Any] = [name]
+        for second in marks:
+            hit = [row for row in r["rows"] if row["video_seconds"] >= second]
+            if hit:
+                cells.append(f"{hit[0]['max_allocated'] / 2**30:.2f} / {hit[0]['cache_bytes'] / 2**30:.2f}")
+            else:
+                cells.append(r["stopped"] if r["stopped"] == "OOM" else "-")
+        rows.append(cells)
+    return "Max allocated / cache GiB against video length (first block reaching it):\n\n" + markdown_table(
+        ["policy", *(f"{s:g} s" for s in marks)], rows
+    )
+
+
+def shares_section(engine: Any, timer: SectionTimer, sizes: Sizes, *, warm: int, cap: float, conditions) -> dict:
+    """Cache-management share of block time at a full PackForcing cache (instrumented engine)."""
+    started = time.perf_counter()
+    measured: list[float] = []
+    with engine.session(seed=0, batch_size=1, conditions=conditions) as session:
+        for _ in range(warm):
+            if time.perf_counter() - started > cap:
+                break
+            session.step()
+        timer.reset()
+        for _ in range(sizes.timed_blocks):
+            if time.perf_counter() - started > cap and measured:
+                break
+            measured.append(session.step().seconds)
+    total = sum(measured)
+    parts = timer.breakdown(total)
+    shares = {k: v / total for k, v in parts.items()} if total else {}
+    cache = ("compression", "selection", "realignment", "bookkeeping")
+    return {
+        "warm_blocks": warm,
+        "timed_blocks": len(measured),
+        "block_ms": 1e3 * total / len(measured) if measured else math.nan,
+        "seconds": dict(timer.seconds),
+        "share": shares,
+        "cache_management_share": sum(shares.get(k, 0.0) for k in cache),
+        "realignment_share": shares.get("realignment", math.nan),
+    }
+
+
+def shares_table(data: dict) -> str:
+    s = data["share"]
+    return (
+        f"Where a PackForcing block's time goes at a full cache ({data['timed_blocks']} blocks after "
+        f"{data['warm_blocks']}; instrumented: synchronises at every section boundary):\n\n"
+        + markdown_table(
+            ["block ms", "forward %", "compress %", "select %", "gather+realign %", "bookkeeping %", "cache mgmt %"],
+            [
+                [
+                    data["block_ms"],
+                    100 * s.get("model_forward", math.nan),
+                    100 * s.get("compression", math.nan),
+                    100 * s.get("selection", math.nan),
+                    100 * s.get("realignment", math.nan),
+                    100 * s.get("bookkeeping", math.nan),
+                    100 * data["cache_management_share"],
+                ]
+            ],
+        )
+    )
+
+
+def engine_for(name: str, registry: Registry, sizes: Sizes, wrap: Any = None) -> Any:
+    dtype = str(sizes.dtype).removeprefix("torch.")
+    config = {
+        "model": {"name": "wan_benchmark"},
+        **policy_blocks(sizes)[name],
+        "attention": {"name": "sdpa"},
+        "sampler": {"name": "self_forcing"},
+        "run": {"device": sizes.device, "dtype": dtype},
+    }
+    return pf.build_engine(config, registry=registry, wrap=wrap)
+
+
+def steady_blocks(engine: Any) -> int:
+    """Blocks until every tier of the policy is full (PackForcing: sink + mid bank + recent)."""
+    plan = engine.policy.plan(10_000)
+    return sum(t.blocks for t in plan.tiers.values()) + 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where wan_gpu.json / wan_gpu.md go")
+    parser.add_argument("--budget", type=float, default=330.0, help="wall-clock seconds for the whole run")
+    parser.add_argument("--smoke", action="store_true", help="the same code paths on the CPU with a tiny Wan")
+    args = parser.parse_args(argv)
+    sizes = SMOKE if args.smoke else GPU
+    if sizes.cuda and not torch.cuda.is_available():
+        print("benchmarks/wan_gpu.py needs CUDA (--smoke runs it on the CPU with a tiny model)", file=sys.stderr)
+        return 1
+    budget = Budget(args.budget)
+    results = Results(args.out, sizes)
+    tf = sizes.transformer
+    heads, head_dim = tf["num_attention_heads"], tf["attention_head_dim"]
+    started = time.perf_counter()
+    model = random_wan(sizes)
+    sync(sizes)
+    g = model.geometry
+    results.data["setup"] = {
+        "device": torch.cuda.get_device_name(0) if sizes.cuda else "CPU (smoke run)",
+        "total_memory": torch.cuda.get_device_properties(0).total_memory if sizes.cuda else None,
+        "dtype": str(sizes.dtype),
+        "transformer": tf,
+        "latent": sizes.latent,
+        "frames_per_block": g.frames_per_block,
+        "tokens_per_block": g.tokens_per_block,
+        "weights_bytes": sum(p.numel() * p.element_size() for p in model.transformer.parameters()),
+        "build_seconds": time.perf_counter() - started,
+        "budget_seconds": args.budget,
+    }
+    registry = Registry.create(entry_points=False, extra_plugins=[(SharedModel(model), "wan-gpu-benchmark")])
+    with tempfile.TemporaryDirectory() as tmp:
+        conditions = [{"from_block": 0, "embeds": str(prompt_embeds_file(sizes, Path(tmp)))}]
+
+        # 1. attention kernels on the real context shapes
+        pf_engine = engine_for("packforcing", registry, sizes)
+        contexts = {
+            "_queries": g.tokens_per_block,
+            "packforcing": pf_engine.policy.plan(sizes.max_blocks["packforcing"]).context_tokens + g.tokens_per_block,
+            **sizes.attention_contexts,
+        }
+        del pf_engine
+        attention = attention_section(sizes, contexts, heads, head_dim, budget.cap(sizes.caps["attention"]))
+        results.add("attention", attention, attention_table(attention))
+
+        # 2. per policy: time and memory against video length (full last: it runs until OOM)
+        runs: dict[str, dict] = {}
+        for name in ("packforcing", "sliding_window", "sink_recent", "full"):
+            if budget.left() < 5:
+                runs[name] = {"skipped": "budget spent"}
+                continue
+            engine = engine_for(name, registry, sizes)
+            runs[name] = run_policy(
+                engine,
+                sizes,
+                cap=budget.cap(sizes.caps[name]),
+                max_blocks=sizes.max_blocks[name],
+                conditions=conditions,
+            )
+            engine.policy.reset()
+            del engine
+            free_memory(sizes)
+            done = {k: v for k, v in runs.items() if "rows" in v}
+            results.add("policies", runs, policy_table(done), memory_table(done, sizes.memory_marks))
+            if name == "packforcing" and budget.left() > 5:
+                # 3. cache-management share at a full PackForcing cache (instrumented engine)
+                timer = SectionTimer(sync=sizes.cuda)
+                timed_engine = engine_for("packforcing", registry, sizes, wrap=timing_wrapper(timer))
+                warm = steady_blocks(timed_engine) + sizes.steady_extra_blocks
+                shares = shares_section(
+                    timed_engine, timer, sizes, warm=warm, cap=budget.cap(sizes.caps["shares"]), conditions=conditions
+                )
+                timed_engine.policy.reset()
+                del timed_engine
+                free_memory(sizes)
+                results.add("shares", shares, shares_table(shares))
+    results.data["total_seconds"] = time.perf_counter() - started
+    results.write()
+    print(results.text())
+    print(f"wrote {args.out / 'wan_gpu.json'} and {args.out / 'wan_gpu.md'} in {results.data['total_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
