@@ -13,12 +13,17 @@ import types
 import warnings
 from pathlib import Path
 
+import attrs
 import pytest
 
 import packforcing as pf
 from packforcing.cli import main
+from packforcing.compressors.pool import PoolCompressor, PoolParams
+from packforcing.core.interfaces import Compressor
+from packforcing.core.records import CompressedKV
 from packforcing.plugins import ComponentFactory, hookimpl, no_params
-from packforcing.plugins.manager import DISABLE_ENV, PluginWarning, Registry, UnknownComponentError
+from packforcing.plugins.manager import DISABLE_ENV, PluginWarning, Registry, UnknownComponentError, entry_points_in
+from packforcing.positional.identity import IdentityRealigner
 from packforcing.testing import check_compressor, check_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +39,6 @@ def plugin(name: str, **hooks) -> types.ModuleType:
 
 
 def realigners(*names: str):
-    from packforcing.positional.identity import IdentityRealigner
-
     return lambda: {n: no_params(lambda env: IdentityRealigner(), f"from a plugin ({n})") for n in names}
 
 
@@ -65,6 +68,144 @@ def test_a_plugin_adds_components():
     assert provided.dist == "extra-dist"
     config = pf.load_config({"policy": "full", "positional": "still", "run": {"device": "cpu"}}, registry=registry)
     assert config.components["positional"].name == "still"
+
+
+# ---------------------------------------------------------------------- registering a class
+class MyPool(PoolCompressor):
+    """Average pooling, registered under a name of my own."""
+
+
+@attrs.frozen
+class Halves(Compressor):
+    """Keep the first ``keep`` temporal tokens (an attrs class that is its own parameters)."""
+
+    keep: int = 1
+    model_width: int = 0  # set from the environment by from_env
+
+    @classmethod
+    def from_env(cls, params: Halves, env) -> Halves:
+        return attrs.evolve(params, model_width=env.model.hidden_size)
+
+    def output_grid(self, grid):
+        return (min(self.keep, grid[0]), grid[1], grid[2])
+
+    def compress(self, block, model):
+        t, h, w = self.output_grid(block.grid)
+        first = lambda x: x[:, : t * h * w].clone()  # noqa: E731
+        return CompressedKV(
+            grid=(t, h, w),
+            temporal_stride=block.temporal_stride,
+            position=block.position,
+            keys=[first(k) for k in block.keys],
+            values=[first(v) for v in block.values],
+            hw_stride=block.hw_stride,
+        )
+
+
+@attrs.frozen
+class StillParams:
+    shift: float = 0.0
+
+
+class Still(IdentityRealigner):
+    """A realigner whose parameters come from a ``Params`` attribute."""
+
+    Params = StillParams
+
+    def __init__(self, params: StillParams) -> None:
+        self.params = params
+
+
+def classes() -> types.ModuleType:
+    return plugin(
+        "classes",
+        packforcing_compressors=lambda: {"my_pool": MyPool, "halves": Halves},
+        packforcing_realigners=lambda: {"still": Still},
+    )
+
+
+def test_a_hook_may_return_component_classes():
+    registry, problems = create((classes(), "class-dist"))
+    assert problems == []
+    pool = registry.get("compressor", "my_pool").factory
+    assert pool.params is PoolParams and pool.component is MyPool  # from __init__'s annotation
+    assert pool.description == "Average pooling, registered under a name of my own."
+    halves = registry.get("compressor", "halves").factory
+    assert halves.params is Halves
+    assert registry.get("positional", "still").factory.params is StillParams
+    rows = {(p.kind, p.name): p.factory.description for p in registry.providers()}
+    assert rows[("positional", "still")] == "A realigner whose parameters come from a Params attribute."
+
+
+def test_the_registry_names_a_registered_class_everywhere(tmp_path):
+    """A subclass of PoolCompressor registered as my_pool is my_pool, also in stored block records."""
+    registry, _ = create((classes(), "class-dist"))
+    config = pf.load_config(
+        {
+            "model": {"name": "tiny_dit", "latent_height": 4, "latent_width": 4},
+            "policy": {"name": "packforcing", "sink_frames": 4, "recent_frames": 4, "mid_capacity_blocks": 2},
+            "compressor": {"name": "my_pool", "window": [2, 2, 2]},
+            "selector": {"name": "recency", "k": 1},
+            "positional": {"name": "still", "shift": 0.5},
+            "sampler": {"steps": 1},
+            "run": {"device": "cpu"},
+        },
+        registry=registry,
+    )
+    assert config.components["positional"].params == StillParams(shift=0.5)
+    engine = pf.build_engine(config, registry=registry)
+    assert isinstance(engine.policy.realigner, Still) and engine.policy.realigner.name == "still"
+    list(engine.generate(5, seed=0))
+    mid = engine.policy.tier_blocks("mid")
+    assert mid and {b.fidelity for b in mid} == {"my_pool"}
+    assert engine.policy.tier_compressor("mid").name == "my_pool"
+    assert PoolCompressor.name == "pool" and MyPool.name == "pool"  # classes are left alone
+
+
+def test_an_attrs_class_is_built_through_from_env():
+    registry, _ = create((classes(), "class-dist"))
+    config = pf.load_config(
+        {"policy": "full", "compressor": {"name": "halves", "keep": 2}, "run": {"device": "cpu"}}, registry=registry
+    )
+    engine = pf.build_engine(config, registry=registry)
+    assert config.components["compressor"].params == Halves(keep=2)
+    built = next(c for path, c, _ in _built(config, registry) if path == "compressor")
+    assert built == Halves(keep=2, model_width=engine.model.hidden_size) and built.name == "halves"
+    check_compressor(registry.factory("compressor", "halves"), {"keep": 2}, max_examples=3)
+
+
+def _built(config, registry):
+    from packforcing.core.build import build_for_planning
+
+    return build_for_planning(config, registry=registry).built
+
+
+@pytest.mark.parametrize(
+    ("hook", "expected"),
+    [
+        (lambda: {"x": IdentityRealigner}, "returned class IdentityRealigner for 'x', expected a ComponentFactory or "
+         "a subclass of Compressor"),
+        (lambda: {"x": type("Loose", (PoolCompressor,), {"__init__": lambda self, params: None})},
+         "returned class Loose for 'x': Loose.__init__(params) must be annotated with an attrs class"),
+    ],
+    ids=["wrong-base", "unannotated-params"],
+)  # fmt: skip
+def test_a_class_that_cannot_be_registered_is_reported(hook, expected):
+    registry, problems = create((plugin("bad", packforcing_compressors=hook), "bad-dist"))
+    assert len(problems) == 1 and "bad-dist" in problems[0] and expected in problems[0], problems
+    assert "x" not in registry.names("compressor")
+
+
+def test_a_hook_function_without_hookimpl_is_reported_like_a_typo():
+    module = types.ModuleType("forgot")
+    module.packforcing_compressors = lambda: {"my_pool": MyPool}  # no @hookimpl
+    module.packforcing_selectr = lambda: {}  # misspelled and unmarked
+    registry, problems = create((module, "forgot-dist"))
+    assert len(problems) == 1 and "\n" not in problems[0]
+    assert "forgot-dist" in problems[0]
+    assert "hook 'packforcing_compressors' is not marked @hookimpl" in problems[0]
+    assert "'packforcing_selectr' (did you mean 'packforcing_selectors'?) is not marked @hookimpl" in problems[0]
+    assert "my_pool" not in registry.names("compressor")
 
 
 # ---------------------------------------------------------------------- broken plugins are isolated
@@ -147,7 +288,7 @@ def test_dist_qualified_name_picks_one(tmp_path):
     config = pf.load_config(path, registry=registry)
     assert config.components["positional"].name == "dist-one:twin"
     engine = pf.build_engine(config, registry=registry)
-    assert engine.policy.realigner.name == "identity"
+    assert engine.policy.realigner.name == "twin"  # named by the registry, not by its class
 
 
 def test_duplicate_in_yaml_is_one_config_error_line(tmp_path):
@@ -171,7 +312,10 @@ def test_disabled_distributions_are_skipped(monkeypatch):
 # ---------------------------------------------------------------------- real entry points
 @pytest.fixture
 def fake_distributions(tmp_path, monkeypatch):
-    """``add(dist, module_source or None, entry_points)``: an installed distribution on sys.path."""
+    """``add(dist, module_source or None, entry_points)``: an installed distribution on sys.path.
+
+    Registries in these tests read the entry points of ``add.site`` only, so other packforcing
+    plugins installed in the environment do not change what they see."""
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.syspath_prepend(str(site))
@@ -187,6 +331,7 @@ def fake_distributions(tmp_path, monkeypatch):
         added.append(module)
         importlib.invalidate_caches()
 
+    add.site = site  # type: ignore[attr-defined]
     yield add
     for module in added:
         sys.modules.pop(module, None)
@@ -207,7 +352,7 @@ def test_entry_points_are_loaded_and_import_failures_isolated(fake_distributions
     fake_distributions("pf-good", "pf_good_plugin", GOOD_SOURCE)
     fake_distributions("pf-missing", "pf_missing_module", None)
     fake_distributions("pf-crash", "pf_crash_plugin", "raise RuntimeError('boom at import')\n")
-    registry, problems = create(entry_points=True)
+    registry, problems = create(entry_points=entry_points_in(fake_distributions.site))
     provided = registry.get("positional", "from_entry_point")
     assert (provided.dist, provided.version) == ("pf-good", "1.2.3")
     assert len(problems) == 2
@@ -222,7 +367,7 @@ def test_entry_points_are_loaded_and_import_failures_isolated(fake_distributions
 def test_disable_env_var_skips_entry_point_distributions(fake_distributions, monkeypatch):
     fake_distributions("pf-good", "pf_good_plugin", GOOD_SOURCE)
     monkeypatch.setenv(DISABLE_ENV, "pf_good")
-    registry, problems = create(entry_points=True)
+    registry, problems = create(entry_points=entry_points_in(fake_distributions.site))
     assert "from_entry_point" not in registry.names("positional") and problems == []
 
 
@@ -283,20 +428,22 @@ def subprocess_env(site: Path) -> dict[str, str]:
 
 
 def test_template_is_a_separate_distribution_found_by_entry_point(installed_template):
-    registry, problems = create(entry_points=True)
+    registry, problems = create(entry_points=entry_points_in(installed_template))
     assert problems == []
     provided = registry.get("compressor", "strided")
     assert (provided.dist, provided.version) == ("packforcing-strided", "0.1.0")
-    assert provided.factory.params.__name__ == "StridedParams"
+    assert provided.factory.component.__name__ == "StridedCompressor"  # a class, its own parameters
+    assert provided.factory.params is provided.factory.component
     assert Path(sys.modules["packforcing_strided"].__file__).is_relative_to(installed_template)
 
 
 def test_template_passes_the_test_kit(installed_template):
-    factory = Registry.create().factory("compressor", "strided")
+    registry = Registry.create(entry_points=entry_points_in(installed_template))
+    factory = registry.factory("compressor", "strided")
     check_compressor(factory)
     check_compressor(factory, {"stride": [2, 2, 2]})
     tiered = {"tiers": [{"name": "mid", "blocks": 2, "fidelity": "compressed"}, {"name": "recent", "blocks": 1}]}
-    check_policy(Registry.create().factory("policy", "tiered"), tiered, compressor=factory)
+    check_policy(registry.factory("policy", "tiered"), tiered, compressor=factory)
 
 
 def test_generate_selects_the_template_from_yaml(installed_template, tmp_path):

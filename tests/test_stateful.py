@@ -387,9 +387,11 @@ class CacheMachine(RuleBasedStateMachine):
         assert (archived, dropped) == ((overflowed, []) if self.overflow == "archive" else ([], overflowed))
         seen.extend(archived + dropped)
         assert sorted(seen) == list(range(self.committed))  # none duplicated, none lost
+        home = {block_id: name for name, ids in placement.items() for block_id in ids}
+        home.update(dict.fromkeys(archived, "archive"))
+        home.update(dict.fromkeys(dropped, "drop"))
         for block_id in range(self.committed):
-            where = self.policy.location(block_id)
-            assert where in ({"archive"} if block_id in archived else {"drop"} if block_id in dropped else {where})
+            assert self.policy.location(block_id) == home[block_id], f"block {block_id}"
 
     @invariant()
     def compressed_blocks_respect_the_ratio(self):

@@ -77,8 +77,6 @@ POLICIES = [
 
 @pytest.mark.parametrize(("name", "params", "parts"), POLICIES, ids=lambda v: v if isinstance(v, str) else None)
 def test_builtin_policies_conform(name, params, parts):
-    if name not in BUILTINS.names("policy") or any(p not in BUILTINS.names(k) for k, p in parts.items()):
-        pytest.skip(f"{name} or its parts are not registered")
     built = {}
     if "compressor" in parts:
         factory = BUILTINS.factory("compressor", parts["compressor"])
@@ -90,8 +88,6 @@ def test_builtin_policies_conform(name, params, parts):
 
 
 def test_realigner_parameters_are_passed():
-    if "temporal_rope_shift" not in BUILTINS.names("positional"):
-        pytest.skip("temporal_rope_shift not registered")
     check_realigner(BUILTINS.factory("positional", "temporal_rope_shift"), {"anchor": "window"}, **FAST)
 
 
@@ -200,18 +196,15 @@ class NeedsLatentsQuietly(KeepFirstFrames):
         (MixesBatch, "depends on the other items"),
         (OutsideTheBlock, "outside the block's span"),
         (Bigger, "more tokens than its input"),
-        (NeedsLatentsQuietly, ""),
+        (NeedsLatentsQuietly, "failed on a block without latents (blocks carry latents only when the"),
     ],
     ids=lambda v: getattr(v, "__name__", None),
 )
 def test_broken_compressors_are_caught(cls, message):
-    expected = (ConformanceError, AssertionError)
-    with pytest.raises(expected) as info:
+    with pytest.raises(ConformanceError) as info:
         check_compressor(factory_of(cls), max_examples=20, hypothesis_settings=NO_SHRINK)
+    assert str(info.value).startswith("compressor 'keep_first': ")
     assert message in str(info.value)
-    if message:
-        assert isinstance(info.value, ConformanceError)
-        assert str(info.value).startswith("compressor 'keep_first': ")
 
 
 @attrs.frozen

@@ -43,7 +43,9 @@ def xformers_available() -> bool:
 
 
 class XformersBackend(AttentionBackend):
-    """``xformers.ops.memory_efficient_attention`` (CUDA, fp16/bf16). Imported on first use."""
+    """``xformers.ops.memory_efficient_attention`` (CUDA, fp16/bf16).
+
+    Imported on first use."""
 
     name = "xformers"
 

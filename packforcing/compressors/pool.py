@@ -57,7 +57,7 @@ def pool_tokens(x: torch.Tensor, grid: Grid, window: tuple[int, int, int]) -> to
 
 
 class PoolCompressor(Compressor):
-    """RoPE-aware average pooling of K/V over a token window (see the module docstring)."""
+    """Training-free, RoPE-aware average pooling of K/V over a token window (see the module docstring)."""
 
     name = "pool"
     needs_latents = False

@@ -39,16 +39,30 @@ class BlockCommit:
 
 @attrs.frozen
 class CompressedKV:
-    """A compressor's output: per-layer ``[B, N', H, D]`` keys (rotated at ``position`` on the
-    compressed ``grid`` with ``temporal_stride`` frames per temporal token and ``hw_stride``
-    full-grid tokens per spatial token) and values."""
+    """A compressor's output: the K/V of one block on a coarser token grid.
+
+    RoPE semantics (what a compressor must respect): temporal token ``i`` of the compressed
+    grid sits at temporal position ``position + i * temporal_stride`` and spatial token
+    ``(j, l)`` at ``(j * hw_stride, l * hw_stride)``; ``keys`` must be rotated at exactly those
+    positions, because realigners later move them by rotating from ``position`` (the block's
+    home) to wherever the block is packed. Subsampling real tokens keeps their rotation;
+    averaging keys needs the rotation undone first and redone on the coarse grid (see
+    :class:`~packforcing.compressors.pool.PoolCompressor`).
+    """
 
     grid: Grid
+    """Compressed token grid ``(t, h, w)``; t-major token order, ``N' = t * h * w``."""
     temporal_stride: float
+    """Latent frames one temporal token spans (the block's stride times the temporal reduction)."""
     position: float
+    """Temporal RoPE position of temporal token 0 (normally the block's own ``position``)."""
     keys: Sequence[torch.Tensor]
+    """One ``[B, N', H, D]`` tensor per layer, rotated on ``grid`` as described above, in the
+    block's dtype and on its device. Fresh tensors: never views of the block's storage."""
     values: Sequence[torch.Tensor]
+    """One ``[B, N', H, D]`` tensor per layer (values carry no rotation)."""
     hw_stride: float = 1.0
+    """Full-resolution tokens one spatial token spans along height and width."""
 
     @property
     def num_tokens(self) -> int:
@@ -58,27 +72,34 @@ class CompressedKV:
 
 @attrs.frozen(eq=False)
 class CachedBlock:
-    """One block held by the cache.
+    """One block held by the cache: what compressors, selectors and realigners read.
 
-    ``fidelity`` is ``"full"`` or the name of the compressor that produced it; ``grid`` is its
-    token grid ``(t, h, w)``; ``position`` is the temporal position its stored keys are rotated
-    at (the cache never rotates stored keys afterwards: realigners rotate gathered copies from
-    this home position, so precision does not decay with video length). ``temporal_stride`` is
-    how many latent frames one temporal token spans and ``hw_stride`` how many full-grid tokens
-    one spatial token spans (the spatial RoPE positions are ``j * hw_stride``). K/V live in the
-    store slot. ``condition`` is the JSON-able condition spec the block was committed under.
+    The cache never rotates stored keys after the commit: realigners rotate gathered copies from
+    the block's home ``position``, so precision does not decay with video length. Read K/V with
+    :meth:`layer_kv` (or :attr:`keys` / :attr:`values`): they are views into the cache's
+    storage and must never be written to.
     """
 
     block_id: int
+    """Index of the block in generation order (0 = the first block)."""
     start_frame: int
+    """First latent frame of the block in the video."""
     num_frames: int
+    """Latent frames the block covers."""
     fidelity: str
+    """``"full"``, or the registered name of the compressor that produced it."""
     grid: Grid
+    """Token grid ``(t, h, w)`` of the stored K/V (t-major order)."""
     position: float
+    """Temporal RoPE position the stored keys are rotated at (their home; see :class:`CompressedKV`)."""
     temporal_stride: float
+    """Latent frames one temporal token spans (the patch size in time for a full block)."""
     slot: Slot
+    """The store slot holding the K/V (and latents, when the tier keeps them)."""
     hw_stride: float = 1.0
+    """Full-resolution tokens one spatial token spans (spatial positions are ``j * hw_stride``)."""
     condition: Any = None
+    """The JSON-able condition spec the block was committed under (``None`` without one)."""
 
     @property
     def num_tokens(self) -> int:
@@ -90,16 +111,22 @@ class CachedBlock:
         return self.fidelity != FULL
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, N, H, D]`` of ``layer`` (views into the store)."""
+        """Keys and values ``[B, N, H, D]`` of ``layer`` (read-only views into the store)."""
         return self.slot.layer_kv(layer)
 
     @property
     def keys(self) -> list[torch.Tensor]:
+        """Per-layer keys ``[B, N, H, D]`` rotated at :attr:`position` on :attr:`grid` (read-only views)."""
         return [self.slot.layer_kv(i)[0] for i in range(self.slot.num_layers)]
 
     @property
     def values(self) -> list[torch.Tensor]:
+        """Per-layer values ``[B, N, H, D]`` (read-only views)."""
         return [self.slot.layer_kv(i)[1] for i in range(self.slot.num_layers)]
+
+    @property
+    def num_layers(self) -> int:
+        return self.slot.num_layers
 
     @property
     def latents(self) -> torch.Tensor | None:

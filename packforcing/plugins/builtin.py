@@ -1,10 +1,14 @@
-"""packforcing's own components, registered through the same hooks as any plugin."""
+"""packforcing's own components, registered through the same hooks as any plugin.
+
+Most are registered as classes (parameters, build and description come from the class); the
+models, ``dual_branch``, ``auto`` and the policy presets need a build function of their own and
+register a :class:`ComponentFactory`."""
 
 from __future__ import annotations
 
 from packforcing.attention.backends import SdpaBackend, XformersBackend, pick_backend
 from packforcing.compressors.dual_branch import DualBranchCompressor, DualBranchParams
-from packforcing.compressors.pool import PoolCompressor, PoolParams
+from packforcing.compressors.pool import PoolCompressor
 from packforcing.core.sampler import EulerSampler, SelfForcingSampler
 from packforcing.models.geometry_only import GeometryOnlyModel, GeometryParams
 from packforcing.models.tiny_dit import TinyDiT, TinyDiTParams
@@ -21,9 +25,9 @@ from packforcing.policies.presets import (
 )
 from packforcing.policies.tiered import TieredParams
 from packforcing.positional.identity import IdentityRealigner
-from packforcing.positional.temporal_shift import TemporalRopeShift, TemporalRopeShiftParams
-from packforcing.selectors.recency import RecencyParams, RecencySelector
-from packforcing.selectors.topk import TopKParams, TopKSelector
+from packforcing.positional.temporal_shift import TemporalRopeShift
+from packforcing.selectors.recency import RecencySelector
+from packforcing.selectors.topk import TopKSelector
 
 
 def _tiny_dit(params: TinyDiTParams, env) -> TinyDiT:
@@ -58,22 +62,15 @@ def packforcing_models():
 @hookimpl
 def packforcing_attention_backends():
     return {
-        "sdpa": no_params(lambda env: SdpaBackend(), "torch scaled_dot_product_attention (any device)"),
-        "xformers": no_params(lambda env: XformersBackend(), "xformers memory_efficient_attention (CUDA)"),
+        "sdpa": SdpaBackend,
+        "xformers": XformersBackend,
         "auto": no_params(lambda env: pick_backend(env.device, env.dtype), "xformers on CUDA fp16/bf16, else sdpa"),
     }
 
 
 @hookimpl
 def packforcing_realigners():
-    return {
-        "identity": no_params(lambda env: IdentityRealigner(), "keep stored (absolute) positions"),
-        "temporal_rope_shift": ComponentFactory(
-            TemporalRopeShiftParams,
-            lambda p, env: TemporalRopeShift(p),
-            "pack the context contiguously; rotate temporal bands from home positions",
-        ),
-    }
+    return {"identity": IdentityRealigner, "temporal_rope_shift": TemporalRopeShift}
 
 
 def _dual_branch(params: DualBranchParams, env) -> DualBranchCompressor:
@@ -96,22 +93,13 @@ def packforcing_compressors():
         "dual_branch": ComponentFactory(
             DualBranchParams, _dual_branch, "PackForcing's trained HR-conv + LR pool/VAE/patch compressor (32x)"
         ),
-        "pool": ComponentFactory(
-            PoolParams, lambda p, env: PoolCompressor(p), "training-free RoPE-aware average pooling of K/V"
-        ),
+        "pool": PoolCompressor,
     }
 
 
 @hookimpl
 def packforcing_selectors():
-    return {
-        "topk": ComponentFactory(
-            TopKParams, lambda p, env: TopKSelector(p), "top-k blocks by mean attention logit of sampled queries"
-        ),
-        "recency": ComponentFactory(
-            RecencyParams, lambda p, env: RecencySelector(p), "the newest k blocks (FIFO baseline)"
-        ),
-    }
+    return {"topk": TopKSelector, "recency": RecencySelector}
 
 
 @hookimpl
@@ -134,8 +122,10 @@ def packforcing_policies():
 @hookimpl
 def packforcing_samplers():
     return {
-        "euler": ComponentFactory.of(EulerSampler, "Euler steps over shifted flow-matching noise levels (default)"),
-        "self_forcing": ComponentFactory.of(
+        "euler": ComponentFactory.from_class(
+            EulerSampler, "Euler steps over shifted flow-matching noise levels (default)"
+        ),
+        "self_forcing": ComponentFactory.from_class(
             SelfForcingSampler, "Self-Forcing's few-step sampler: predict x0, re-noise with fresh seeded noise"
         ),
     }

@@ -1,8 +1,10 @@
 """The plugin manager: built-ins plus the ``packforcing`` entry-point group.
 
 This module is the only place that knows pluggy. A :class:`Registry` collects, per component
-kind, the factories every plugin returns; a plugin that fails to import, or whose hook raises
-or returns the wrong thing, is reported once (a warning naming its distribution) and skipped.
+kind (:mod:`packforcing.plugins.kinds`), what every plugin's hook returns — component classes
+or factories — calling each plugin's hook through pluggy's hook caller; a plugin that fails to
+import, or whose hook raises or returns the wrong thing, is reported once (a warning naming its
+distribution) and skipped.
 """
 
 from __future__ import annotations
@@ -12,29 +14,28 @@ import functools
 import importlib.metadata
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 import pluggy
 
 from packforcing.plugins import hookspecs
-from packforcing.plugins.factory import ComponentFactory
+from packforcing.plugins.factory import ComponentFactory, as_factory
+from packforcing.plugins.kinds import BY_KEY
+from packforcing.plugins.kinds import KINDS as KIND_TABLE
 
 ENTRY_POINT_GROUP = "packforcing"
 DISABLE_ENV = "PACKFORCING_DISABLE_PLUGINS"
 BUILTIN = "packforcing"
 
-KINDS: dict[str, str] = {
-    "model": "packforcing_models",
-    "attention": "packforcing_attention_backends",
-    "positional": "packforcing_realigners",
-    "selector": "packforcing_selectors",
-    "compressor": "packforcing_compressors",
-    "policy": "packforcing_policies",
-    "sampler": "packforcing_samplers",
-}
-"""Config key → hook name."""
+KINDS: dict[str, str] = {k.key: k.hook for k in KIND_TABLE}
+"""Config key → hook name (read from :data:`packforcing.plugins.kinds.KINDS`)."""
+
+EntryPoints = Iterable[importlib.metadata.EntryPoint]
+EntryPointSource = bool | EntryPoints | Callable[[], EntryPoints]
+"""``True``: the installed ``packforcing`` entry points; ``False``: none; or the entry points
+themselves (an iterable, or a callable returning one), e.g. a test's own fake distributions."""
 
 
 class PluginWarning(UserWarning):
@@ -83,13 +84,14 @@ class Registry:
     def create(
         cls,
         *,
-        entry_points: bool = True,
+        entry_points: EntryPointSource = True,
         extra_plugins: Iterable[tuple[object, str]] = (),
         disabled: Iterable[str] | None = None,
     ) -> Registry:
         """A fresh registry: built-ins, then ``extra_plugins`` ``(module, dist name)``, then the
-        ``packforcing`` entry-point group, minus the distributions named in ``disabled``
-        (default: the comma-separated ``$PACKFORCING_DISABLE_PLUGINS``)."""
+        entry points (see :data:`EntryPointSource`; by default the installed ``packforcing``
+        group), minus the distributions named in ``disabled`` (default: the comma-separated
+        ``$PACKFORCING_DISABLE_PLUGINS``)."""
         from packforcing.plugins import builtin
 
         pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -102,18 +104,17 @@ class Registry:
         for plugin, dist in extra_plugins:
             if _norm(dist) not in skip:
                 registry._register(plugin, f"{dist}:{getattr(plugin, '__name__', id(plugin))}", dist, "")
-        if entry_points:
-            for ep in _entry_points():
-                dist = ep.dist.name if ep.dist is not None else ep.value.split(".")[0]
-                version = ep.dist.version if ep.dist is not None else ""
-                if _norm(dist) in skip:
-                    continue
-                try:
-                    plugin = ep.load()
-                except Exception as exc:
-                    registry._problem(f"plugin {ep.name!r} from distribution {dist} failed to load: {_describe(exc)}")
-                    continue
-                registry._register(plugin, f"{dist}:{ep.name}", dist, version)
+        for ep in _entry_point_list(entry_points):
+            dist = ep.dist.name if ep.dist is not None else ep.value.split(".")[0]
+            version = ep.dist.version if ep.dist is not None else ""
+            if _norm(dist) in skip:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                registry._problem(f"plugin {ep.name!r} from distribution {dist} failed to load: {_describe(exc)}")
+                continue
+            registry._register(plugin, f"{dist}:{ep.name}", dist, version)
         return registry
 
     def _problem(self, message: str) -> None:
@@ -138,24 +139,28 @@ class Registry:
     def _collect(self) -> dict[str, dict[str, list[Provided]]]:
         if self._table is not None:
             return self._table
-        table: dict[str, dict[str, list[Provided]]] = {kind: {} for kind in KINDS}
-        for kind, hook_name in KINDS.items():
-            hook = getattr(self._pm.hook, hook_name)
-            for impl in hook.get_hookimpls():  # registration order: built-ins first
+        table: dict[str, dict[str, list[Provided]]] = {k.key: {} for k in KIND_TABLE}
+        plugins = self._pm.get_plugins()
+        for kind in KIND_TABLE:
+            for impl in getattr(self._pm.hook, kind.hook).get_hookimpls():  # registration order: built-ins first
                 dist, version = self._dists.get(id(impl.plugin), (impl.plugin_name, ""))
+                # this plugin's implementation alone, through pluggy's hook caller (which passes
+                # each implementation the hookspec arguments it asks for)
+                caller = self._pm.subset_hook_caller(kind.hook, [p for p in plugins if p is not impl.plugin])
                 try:
-                    result = _checked(impl.function())
+                    results = caller()
+                    result = _checked(results[0] if results else None, kind.base_class())
                 except Exception as exc:
                     self._problem(
-                        f"plugin {impl.plugin_name!r} from distribution {dist}: {hook_name}() {_describe(exc)}; "
+                        f"plugin {impl.plugin_name!r} from distribution {dist}: {kind.hook}() {_describe(exc)}; "
                         "its components are skipped"
                     )
                     continue
                 for name, factory in result.items():
-                    providers = table[kind].setdefault(name, [])
+                    providers = table[kind.key].setdefault(name, [])
                     if any(p.dist == dist for p in providers):
                         continue  # the same distribution through two entry points
-                    providers.append(Provided(name, kind, factory, dist, version))
+                    providers.append(Provided(name, kind.key, factory.named(name), dist, version))
         self._table = table
         return table
 
@@ -175,8 +180,8 @@ class Registry:
     def get(self, kind: str, name: str) -> Provided:
         """The factory for ``name``; ``"<distribution>:<name>"`` picks one distribution's when
         several provide the same name."""
-        if kind not in KINDS:
-            raise UnknownComponentError(f"unknown component kind {kind!r}; expected one of {', '.join(KINDS)}")
+        if kind not in BY_KEY:
+            raise UnknownComponentError(f"unknown component kind {kind!r}; expected one of {', '.join(BY_KEY)}")
         table = self._collect()[kind]
         dist = None
         if ":" in name:
@@ -204,11 +209,34 @@ class Registry:
         return candidates[0]
 
     def factory(self, kind: str, name: str) -> ComponentFactory:
+        """The factory registered as ``name`` (its :meth:`~ComponentFactory.create` names what it builds)."""
         return self.get(kind, name).factory
 
+    def build(self, kind: str, name: str, params: Any, env: Any) -> Any:
+        """Build ``name`` of ``kind`` from already-structured ``params``; the component's ``name``
+        is the registered one."""
+        return self.factory(kind, name).create(params, env)
 
-def _entry_points() -> list[importlib.metadata.EntryPoint]:
-    return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.value, ep.name))
+
+def _entry_point_list(source: EntryPointSource) -> list[importlib.metadata.EntryPoint]:
+    if source is True:
+        found: Iterable[importlib.metadata.EntryPoint] = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    elif source is False:
+        found = ()
+    elif callable(source):
+        found = source()
+    else:
+        found = source
+    return sorted(found, key=lambda ep: (ep.value, ep.name))
+
+
+def entry_points_in(*paths: str | os.PathLike[str]) -> list[importlib.metadata.EntryPoint]:
+    """The ``packforcing`` entry points of the distributions installed in ``paths`` only (e.g. a
+    test's own site directory), for :meth:`Registry.create`'s ``entry_points``."""
+    found = []
+    for dist in importlib.metadata.distributions(path=[os.fspath(p) for p in paths]):
+        found.extend(ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP)
+    return found
 
 
 def _describe(exc: BaseException) -> str:
@@ -218,33 +246,40 @@ def _describe(exc: BaseException) -> str:
 
 
 def _unknown_hooks(plugin: object) -> str:
-    """A message for ``@hookimpl`` functions that match no hook (typos), or ``""``."""
+    """A message for ``@hookimpl`` functions that match no hook (typos) and for functions named
+    like a hook but not marked ``@hookimpl``, or ``""``."""
     marker = f"{hookspecs.PROJECT}_impl"
-    known = [name for name in dir(hookspecs) if getattr(getattr(hookspecs, name), f"{hookspecs.PROJECT}_spec", None)]
+    known = [k.hook for k in KIND_TABLE]
     problems = []
     for attr in dir(plugin):
         try:
             value = getattr(plugin, attr)
         except Exception:
             continue
-        if getattr(value, marker, None) is None or attr in known:
+        marked = getattr(value, marker, None) is not None
+        if marked and attr in known:
             continue
         hint = difflib.get_close_matches(attr, known, n=1)
-        did = f" (did you mean {hint[0]!r}?)" if hint else ""
-        problems.append(f"unknown hook {attr!r}{did}")
+        did = f" (did you mean {hint[0]!r}?)" if hint and hint[0] != attr else ""
+        if marked:
+            problems.append(f"unknown hook {attr!r}{did}")
+        elif callable(value) and attr.startswith(f"{hookspecs.PROJECT}_") and not isinstance(value, type):
+            what = "hook" if attr in known else "function named like a hook"
+            problems.append(f"{what} {attr!r}{did} is not marked @hookimpl")
     return "; ".join(problems)
 
 
-def _checked(result: Any) -> Mapping[str, ComponentFactory]:
-    """A hook's result if it is a mapping of valid names to factories, else a TypeError."""
+def _checked(result: Any, base: type | None) -> dict[str, ComponentFactory]:
+    """A hook's result as ``name -> factory`` if it is a mapping of valid names to factories or
+    component classes (subclasses of ``base``), else a TypeError."""
     if not isinstance(result, Mapping):
-        raise TypeError(f"returned {type(result).__name__}, expected a mapping of name -> ComponentFactory")
-    for name, factory in result.items():
+        raise TypeError(f"returned {type(result).__name__}, expected a mapping of name -> component class or factory")
+    out = {}
+    for name, value in result.items():
         if not isinstance(name, str) or not name or ":" in name or name != name.strip():
             raise TypeError(f"returned an invalid component name {name!r} (a non-empty string without ':')")
-        if not isinstance(factory, ComponentFactory):
-            raise TypeError(f"returned {type(factory).__name__} for {name!r}, expected a ComponentFactory")
-    return result
+        out[name] = as_factory(name, value, base)
+    return out
 
 
 def _norm(dist: str) -> str:
@@ -255,8 +290,3 @@ def _norm(dist: str) -> str:
 def default_registry() -> Registry:
     """The process-wide registry (plugins load, and problems are reported, once)."""
     return Registry.create()
-
-
-def build_component(registry: Registry, kind: str, name: str, params: Any, env: Any) -> Any:
-    """Build ``name`` of ``kind`` from already-structured ``params``."""
-    return registry.factory(kind, name).build(params, env)

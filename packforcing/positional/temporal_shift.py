@@ -69,8 +69,10 @@ class TemporalRopeShiftParams:
 
 
 class TemporalRopeShift(PositionalRealigner):
-    """Packs the context contiguously and rotates each gathered key's temporal band from its
-    home position to its packed one (see the module docstring)."""
+    """Packs the context contiguously; rotates temporal bands from home positions.
+
+    Each gathered key's temporal band is rotated from its home position to its packed one (see
+    the module docstring)."""
 
     name = "temporal_rope_shift"
 

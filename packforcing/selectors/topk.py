@@ -87,7 +87,9 @@ def top_k_in_time_order(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class TopKSelector(Selector):
-    """Top-``k`` blocks by mean attention logit of sampled queries (see the module docstring)."""
+    """Top-``k`` blocks by mean attention logit of sampled queries.
+
+    See the module docstring."""
 
     name = "topk"
 

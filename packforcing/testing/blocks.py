@@ -18,7 +18,8 @@ from packforcing.core.geometry import Geometry, Grid
 from packforcing.core.records import FULL, BlockCommit, BlockQuery, CachedBlock
 from packforcing.core.store import TierStore
 from packforcing.core.structure import structure
-from packforcing.plugins.factory import ComponentFactory
+from packforcing.plugins.factory import ComponentFactory, as_factory
+from packforcing.plugins.kinds import KINDS
 
 __all__ = ["build_component", "make_block", "make_commit", "make_env", "random_kv", "tiny_model"]
 
@@ -45,19 +46,26 @@ def tiny_model(geometry: Geometry, *, seed: int = 0, device: torch.device | str 
 def build_component(factory: Any, params: Any, env: BuildEnv, what: str = "component", base: type | None = None) -> Any:
     """Build ``factory`` with ``params`` in ``env``.
 
-    ``factory``: a :class:`ComponentFactory` (or a registry entry holding one), an instance of
-    ``base`` (used as is) or a callable ``env -> component``. ``params``: ``None`` for the
-    defaults, a mapping as written in YAML, or a params instance."""
+    ``factory``: a component class (a subclass of ``base``, as a hook would return it), a
+    registered name (``"tiered"``, looked up in ``env.registry`` as the kind of ``base``), a
+    :class:`ComponentFactory` (or a registry entry holding one), an instance of ``base`` (used as
+    is) or a callable ``env -> component``. ``params``: ``None`` for the defaults, a mapping as
+    written in YAML, or a params instance."""
+    if isinstance(factory, str):
+        key = next((k.key for k in KINDS if base is not None and k.base_class() is base), what)
+        factory = env.registry.factory(key, factory)
     factory = getattr(factory, "factory", factory)  # a registry ``Provided``
+    if isinstance(factory, type) and (base is None or issubclass(factory, base)):
+        factory = as_factory(getattr(factory, "name", None) or factory.__name__, factory, base)
     if isinstance(factory, ComponentFactory):
         if params is None or isinstance(params, dict):
             try:
                 params = structure(factory.params, params or {}, what)
             except ConfigError as exc:
                 raise ValueError(f"cannot build the {what} from its parameters: {exc}") from None
-        return factory.build(params, env)
+        return factory.create(params, env)
     if params is not None:
-        raise TypeError(f"params given, but {factory!r} is not a ComponentFactory")
+        raise TypeError(f"params given, but {factory!r} is not a component class or a ComponentFactory")
     if base is not None and isinstance(factory, base):
         return factory
     if callable(factory):

@@ -1,15 +1,19 @@
 """Conformance checks for plugin components, run by a plugin's own test suite.
 
-Each check builds the component from its factory (as the registry would, with the defaults or
-the ``params`` you give) on many small random geometries and blocks (Hypothesis), and asserts
+Each check builds the component (as the registry would, with the defaults or the ``params``
+you give, as YAML would) on many small random geometries and blocks (Hypothesis), and asserts
 the contracts the built-in components are held to::
 
-    from packforcing.testing import check_compressor
-    from my_plugin import compressors
+    from packforcing.testing import check_compressor, check_policy
+    from my_plugin import StridedCompressor
 
     def test_conforms():
-        check_compressor(compressors()["strided"])                 # the hook's factory
-        check_compressor(compressors()["strided"], {"stride": [2, 2, 2]})
+        check_compressor(StridedCompressor)                        # the class the hook returns
+        check_compressor(StridedCompressor, {"stride": [2, 2, 2]})
+        check_policy("tiered", {"tiers": [...]}, compressor=StridedCompressor)
+
+The component may be given as its class, a registered name (``"tiered"``), a
+:class:`~packforcing.plugins.factory.ComponentFactory` or a registry entry.
 
 A violation raises :class:`ConformanceError` (an ``AssertionError``) naming the component, the
 contract and the offending value; Hypothesis shrinks it to a small example first. The number
@@ -70,6 +74,11 @@ class ConformanceError(AssertionError):
 def _fail(kind: str, component: Any, message: str) -> None:
     name = getattr(component, "name", type(component).__name__)
     raise ConformanceError(f"{kind} {name!r}: {message}")
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _snapshot(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -165,7 +174,17 @@ def check_compressor(
             _fail(kind, comp, f"output_grid({grid}) = {out} has more tokens than its input")
         block = make_block(g, block_id=3, batch_size=batch, latents=comp.needs_latents, seed=seed)
         before = _snapshot(_block_tensors(block))
-        ckv = comp.compress(block, env.model)
+        try:
+            ckv = comp.compress(block, env.model)
+        except Exception as exc:
+            if comp.needs_latents:
+                raise
+            _fail(
+                kind,
+                comp,
+                "compress() failed on a block without latents (blocks carry latents only when the compressor "
+                f"sets needs_latents = True): {_describe(exc)}",
+            )
         _check_ckv(comp, ckv, block, out, g, batch)
         if not _unchanged(before, _block_tensors(block)):
             _fail(kind, comp, "compress() modified the block it was given (keys, values or latents)")

@@ -1,7 +1,7 @@
 """``strided``: keep every ``stride``-th cached token along (time, height, width).
 
 A packforcing plugin in one module. packforcing finds it through the ``packforcing`` entry
-point in ``pyproject.toml``, calls :func:`packforcing_compressors` and registers what it
+point in ``pyproject.toml``, calls :func:`packforcing_compressors` and registers the class it
 returns; YAML then selects it with ``compressor: {name: strided, stride: [1, 2, 2]}``.
 
 Subsampling keeps real tokens, so their keys are already rotated (RoPE) at exactly the
@@ -17,10 +17,7 @@ import math
 import attrs
 import torch
 
-from packforcing.core.geometry import Grid
-from packforcing.core.interfaces import BlockModel, Compressor
-from packforcing.core.records import CachedBlock, CompressedKV
-from packforcing.plugins import ComponentFactory, hookimpl
+from packforcing.api import BlockModel, CachedBlock, CompressedKV, Compressor, Grid, hookimpl
 
 __version__ = "0.1.0"
 
@@ -35,43 +32,35 @@ def _stride(instance: object, attribute: attrs.Attribute, value: tuple[int, int,
 
 
 @attrs.frozen
-class StridedParams:
-    """The YAML parameters of ``strided``: ``stride: [t, h, w]`` in tokens (``h == w``)."""
+class StridedCompressor(Compressor):
+    """Keep every n-th K/V token along time/height/width (plugin template).
+
+    An attrs class is its own parameters: the YAML block is ``name: strided`` plus its fields,
+    here ``stride: [t, h, w]`` in tokens (``h == w``).
+    """
 
     stride: tuple[int, int, int] = attrs.field(default=(1, 2, 2), converter=tuple, validator=_stride)
 
-
-class StridedCompressor(Compressor):
-    """Keeps tokens ``(i * st, j * sh, k * sw)`` of a block's t-major token grid."""
-
-    name = "strided"
     needs_latents = False  # works on K/V alone: tiers feeding it need not keep latents
 
-    def __init__(self, params: StridedParams | None = None) -> None:
-        self.params = params or StridedParams()
-
     def output_grid(self, grid: Grid) -> Grid:
-        t, h, w = (math.ceil(g / s) for g, s in zip(grid, self.params.stride, strict=True))
+        t, h, w = (math.ceil(g / s) for g, s in zip(grid, self.stride, strict=True))
         return t, h, w
 
     def compress(self, block: CachedBlock, model: BlockModel) -> CompressedKV:
-        st, sh, _ = self.params.stride
-        keys, values = [], []
-        for layer in range(block.slot.num_layers):
-            k, v = block.layer_kv(layer)  # [B, N, H, D] views into the cache: never write to them
-            keys.append(self._subsample(k, block.grid))
-            values.append(self._subsample(v, block.grid))
+        st, sh, _ = self.stride
         return CompressedKV(
             grid=self.output_grid(block.grid),
             temporal_stride=block.temporal_stride * st,
             position=block.position,
-            keys=keys,
-            values=values,
+            # block.keys / block.values: per-layer [B, N, H, D] views into the cache; never write to them
+            keys=[self._subsample(k, block.grid) for k in block.keys],
+            values=[self._subsample(v, block.grid) for v in block.values],
             hw_stride=block.hw_stride * sh,
         )
 
     def _subsample(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        st, sh, sw = self.params.stride
+        st, sh, sw = self.stride
         b, _, heads, dim = x.shape
         kept = x.reshape(b, *grid, heads, dim)[:, ::st, ::sh, ::sw]
         return kept.reshape(b, -1, heads, dim).clone()  # a copy, never a view of the cache
@@ -79,11 +68,5 @@ class StridedCompressor(Compressor):
 
 @hookimpl
 def packforcing_compressors():
-    """``name -> ComponentFactory(params class, build(params, env), description)``."""
-    return {
-        "strided": ComponentFactory(
-            StridedParams,
-            lambda params, env: StridedCompressor(params),
-            "keep every n-th K/V token along time/height/width (plugin template)",
-        )
-    }
+    """``name -> component class``: the registry names it, reads its parameters and description."""
+    return {"strided": StridedCompressor}

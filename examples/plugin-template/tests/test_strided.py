@@ -10,30 +10,29 @@ from pathlib import Path
 import packforcing_strided
 import pytest
 import torch
+from packforcing_strided import StridedCompressor
 
 import packforcing as pf
-from packforcing.plugins.manager import Registry, default_registry
+from packforcing.plugins.manager import Registry
 from packforcing.testing import check_compressor, check_policy
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "strided.yaml"
-FACTORY = packforcing_strided.packforcing_compressors()["strided"]
 
 
 @pytest.mark.parametrize("stride", [[1, 2, 2], [2, 1, 1], [2, 3, 3]])
 def test_conforms_to_the_compressor_contracts(stride):
-    check_compressor(FACTORY, {"stride": stride})
+    check_compressor(StridedCompressor, {"stride": stride})
 
 
 def test_a_tiered_policy_with_it_conforms():
     policy = {"tiers": [{"name": "mid", "blocks": 2, "fidelity": "compressed"}, {"name": "recent", "blocks": 1}]}
-    check_policy(default_registry().factory("policy", "tiered"), policy, compressor=FACTORY)
+    check_policy("tiered", policy, compressor=StridedCompressor)
 
 
 def test_registered_through_the_entry_point():
-    provided = Registry.create().get("compressor", "strided")
-    assert provided.dist == "packforcing-strided"
+    provided = Registry.create().get("compressor", "packforcing-strided:strided")
     assert provided.version == packforcing_strided.__version__
-    assert provided.factory.params is packforcing_strided.StridedParams
+    assert provided.factory.component is StridedCompressor
 
 
 def test_generates_from_yaml():

@@ -1,0 +1,103 @@
+"""Everything a plugin reads or implements, importable from one place.
+
+A plugin implements one of the interfaces below and returns the class from a hook::
+
+    from packforcing.api import Compressor, hookimpl
+
+    class MyPool(PoolCompressor): ...
+
+    @hookimpl
+    def packforcing_compressors():
+        return {"my_pool": MyPool}
+
+Parameters
+    A registered class's YAML parameters come from the class itself: an attrs class is its own
+    parameters; otherwise its ``Params`` attribute, or the attrs class annotating the
+    ``params`` argument of ``__init__``. A class that needs collaborators (the model, the
+    geometry, the backend, …) defines ``from_env(cls, params, env)``, where ``env`` is a
+    :class:`BuildEnv` holding everything built before it. The description shown by
+    ``packforcing plugins`` is the first paragraph of the class docstring. A
+    :class:`ComponentFactory` spells out ``(params class, build(params, env), description)``
+    for the rare component that needs its own build function.
+
+Names
+    The registry names a component by the key it was registered under: ``component.name`` is
+    that key, and so is the ``fidelity`` recorded in every block a compressor produces.
+
+Shapes
+    Keys, values and queries are ``[B, N, H, D]`` (batch, tokens, heads, head dim); latents are
+    ``[B, C, F, H, W]``; a token grid is ``(t, h, w)`` in t-major order.
+
+RoPE positions (what a compressor must respect)
+    A :class:`CachedBlock`'s keys are rotated at its home temporal ``position``: temporal
+    token ``i`` at ``position + i * temporal_stride``, spatial token ``(j, l)`` at
+    ``(j * hw_stride, l * hw_stride)``. A compressor returns a :class:`CompressedKV` whose keys
+    are rotated at exactly the positions its own ``grid``, ``position``, ``temporal_stride`` and
+    ``hw_stride`` declare, because realigners later rotate gathered copies from that home to the
+    block's packed position (temporal band only); stored keys are never rotated in place.
+    Subsampled tokens keep their rotation; averaged keys must be un-rotated first
+    (``model.rope.unapply_grid``) and re-rotated on the coarse grid (``model.rope.apply_grid``).
+    A compressor never writes to the block it is given and returns fresh tensors in the block's
+    dtype and on its device.
+
+Testing
+    :mod:`packforcing.testing` holds the conformance checks (``check_compressor``,
+    ``check_selector``, ``check_realigner``, ``check_policy``) that take the class (or factory)
+    and parameters as YAML would give them.
+"""
+
+from __future__ import annotations
+
+from packforcing.core.build import BuildEnv
+from packforcing.core.errors import ConfigError
+from packforcing.core.geometry import Geometry, Grid
+from packforcing.core.interfaces import (
+    AttentionBackend,
+    AttentionContext,
+    BlockModel,
+    CachePolicy,
+    Compressor,
+    LatentCodec,
+    PositionalRealigner,
+    Selector,
+)
+from packforcing.core.records import (
+    FULL,
+    BlockCommit,
+    BlockQuery,
+    CachedBlock,
+    CacheStats,
+    CompressedKV,
+    MemoryPlan,
+    TierStats,
+)
+from packforcing.core.rope import Rope3D
+from packforcing.plugins.factory import ComponentFactory, no_params
+from packforcing.plugins.hookspecs import hookimpl
+
+__all__ = [
+    "FULL",
+    "AttentionBackend",
+    "AttentionContext",
+    "BlockCommit",
+    "BlockModel",
+    "BlockQuery",
+    "BuildEnv",
+    "CachePolicy",
+    "CacheStats",
+    "CachedBlock",
+    "ComponentFactory",
+    "CompressedKV",
+    "Compressor",
+    "ConfigError",
+    "Geometry",
+    "Grid",
+    "LatentCodec",
+    "MemoryPlan",
+    "PositionalRealigner",
+    "Rope3D",
+    "Selector",
+    "TierStats",
+    "hookimpl",
+    "no_params",
+]
