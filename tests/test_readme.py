@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+from packforcing.plugins.manager import Registry, entry_points_in
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -28,3 +34,58 @@ def test_ci_runs_the_readme_test_command():
     ci = (README.parent / ".ci" / "run").read_text()
     assert test_command in ci.splitlines()
     assert "set -euo pipefail" in ci
+
+
+def section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def test_a_plugin_written_from_the_readme_installs_and_generates(tmp_path, monkeypatch):
+    """The "Writing a plugin" section alone: its module, its entry-point table, installed with pip
+    as its own distribution, then its generate command run from an unrelated directory."""
+    text = section("Writing a plugin")
+    module = next(b for b in re.findall(r"```py\n(.*?)```", text, flags=re.S) if "@hookimpl" in b)
+    (entry_points,) = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    project = tmp_path / "my-plugin"
+    project.mkdir()
+    (project / "my_plugin.py").write_text(module)
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=70.1"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        '[project]\nname = "my-plugin"\nversion = "0.1.0"\n\n[tool.setuptools]\npy-modules = ["my_plugin"]\n\n'
+        + entry_points
+    )
+    site = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index"]
+    result = subprocess.run([*install, "--target", str(site), str(project)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "my_plugin", raising=False)
+    try:
+        registry = Registry.create(entry_points=entry_points_in(site))
+    finally:
+        sys.modules.pop("my_plugin", None)
+    provided = registry.get("compressor", "every_nth")
+    assert (provided.dist, provided.version) == ("my-plugin", "0.1.0")
+    assert provided.factory.description == "Keep every stride-th latent frame's tokens."
+
+    (command,) = [
+        line for line in text.splitlines() if line.startswith("$ .venv/bin/packforcing generate --config pack")
+    ]
+    argv = command.removeprefix("$ .venv/bin/packforcing ").split()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(README.parent)])}
+    env.pop("PACKFORCING_DISABLE_PLUGINS", None)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "packforcing", *argv, "--no-progress"], capture_output=True, text=True, env=env, cwd=cwd
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((cwd / "out" / "mine" / "report.json").read_text())
+    assert report["config"]["compressor"] == {"name": "every_nth", "stride": 2}
+    # tiny_dit blocks are 4 x 4 x 4 tokens; every other frame keeps 2 x 4 x 4 of them
+    mid = report["blocks"][-1]["tiers"]["mid"]
+    assert mid["blocks"] > 0 and mid["tokens"] == mid["blocks"] * 32

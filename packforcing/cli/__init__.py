@@ -19,7 +19,17 @@ from collections.abc import Iterator, Sequence
 
 from packforcing.core.errors import ConfigError
 
-VERBS = ("generate", "plan", "validate", "plugins", "train-compressor", "train-model", "encode-prompts", "sweep")
+VERBS = (
+    "generate",
+    "plan",
+    "validate",
+    "plugins",
+    "presets",
+    "train-compressor",
+    "train-model",
+    "encode-prompts",
+    "sweep",
+)
 """Modules under packforcing.cli, one per verb, in help order."""
 
 EXIT_OK = 0
@@ -27,11 +37,12 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 EXAMPLES = """examples:
-  packforcing generate --config configs/packforcing.yaml --blocks 120 --out out/
-  packforcing plan --config configs/wan1.3b/packforcing.yaml --seconds 120
+  packforcing generate --blocks 120 --out out/          # the default preset, 'packforcing'
+  packforcing plan --config wan1.3b/packforcing --seconds 120
   packforcing validate configs/
   packforcing plugins
-  packforcing train-compressor --config configs/packforcing.yaml --steps 1000
+  packforcing presets
+  packforcing train-compressor --config packforcing --steps 1000 --out W.safetensors
   packforcing encode-prompts --text-encoder WAN_DIR --prompts prompts.yaml --out embeds/
   packforcing train-model --config configs/packforcing.yaml --steps 3000 --out W.safetensors
   packforcing sweep configs/full.yaml configs/packforcing.yaml --seeds 0,1 --blocks 48 --out sweeps/a
@@ -46,10 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES + "\n'packforcing VERB --help' shows each verb's options and an example.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb in VERBS:
         importlib.import_module(f"packforcing.cli.{verb.replace('-', '_')}").register(sub)
     return parser
+
+
+def _version() -> str:
+    from packforcing import __version__
+
+    return __version__
 
 
 def add_verb(
@@ -79,7 +97,7 @@ def add_overrides(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. policy.window_frames=64 (YAML-typed, repeatable, applied last)",
+        help="override a config value, e.g. policy.recent_frames=8 (YAML-typed, repeatable, applied last)",
     )
 
 
@@ -111,9 +129,13 @@ def plugin_warnings_on_one_line() -> Iterator[None]:
             warnings.showwarning = original
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from packforcing.core.store import NonFiniteError
+def _non_finite(exc: BaseException) -> bool:
+    """``exc`` is the cache's refusal of NaN/Inf values (its module is loaded by then if so)."""
+    store = sys.modules.get("packforcing.core.store")
+    return store is not None and isinstance(exc, store.NonFiniteError)
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verb is None:
@@ -127,15 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
-    except NonFiniteError as exc:
-        if args.debug:
-            raise
-        print(f"error: non-finite values refused by the cache (not stored): {one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
     except (LookupError, ValueError, OSError) as exc:
         if args.debug:
             raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        if _non_finite(exc):
+            print(f"error: non-finite values refused by the cache (not stored): {one_line(exc)}", file=sys.stderr)
+        else:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         if args.debug:

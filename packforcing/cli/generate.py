@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from packforcing.cli import add_overrides, add_verb
-from packforcing.core.errors import ConfigError
-
-DEFAULT_CONFIG = "configs/packforcing.yaml"
+from packforcing.presets import DEFAULT as DEFAULT_CONFIG
 
 EXAMPLE = """example:
-  packforcing generate --config configs/packforcing.yaml --blocks 120 --seed 0 --out out/pf
-  packforcing generate --config configs/sliding_window.yaml --blocks 40 --out out/sw --set policy.window_frames=16
-  packforcing generate --config configs/wan2.1-1.3b/packforcing.yaml --set model.path=CKPT \
+  packforcing generate --blocks 120 --seed 0 --out out/pf      # the 'packforcing' preset
+  packforcing generate --blocks 40 --out out/pf8 --set policy.recent_frames=8
+  packforcing generate --config sliding_window --blocks 40 --out out/sw --set policy.window_frames=16
+  packforcing generate --config wan2.1-1.3b/packforcing --set model.path=CKPT \
       --prompt "a red fox running through snow" --seconds 120 --out out/fox
 
+--config takes a YAML file or a preset name ('packforcing presets' lists them).
 --prompts FILE is a YAML/JSON list of {from_block: N | from_second: S, prompt: TEXT | embeds: FILE}
 (the first from 0); text is encoded with the text_encoder: {path: ...} of the config, which is freed
 before the model is loaded (packforcing encode-prompts precomputes the embeddings once).
@@ -34,7 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(cache bytes per tier against block index, stacked, with the full cache for reference).",
         example=EXAMPLE,
     )
-    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG} in the working directory)")
+    p.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"YAML config file or preset name (default: the {DEFAULT_CONFIG!r} preset)",
+    )
     p.add_argument("--blocks", type=int, default=None, help="number of blocks (default: run.blocks)")
     p.add_argument(
         "--seconds",
@@ -114,19 +118,13 @@ def prompt_segments(args: argparse.Namespace, config: Any) -> list[dict[str, Any
     return config.run.prompts
 
 
-def default_config_path() -> str:
-    """``configs/packforcing.yaml`` relative to the working directory (the repository root)."""
-    if Path(DEFAULT_CONFIG).exists():
-        return DEFAULT_CONFIG
-    raise ConfigError(f"no --config given and the default {DEFAULT_CONFIG} is not in the working directory")
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from packforcing.core.build import build_engine, build_for_planning
     from packforcing.core.conditions import ConditionError
     from packforcing.core.config import load_config
+    from packforcing.core.errors import ConfigError
     from packforcing.models.wan.text import encode_schedule, to_block_schedule
     from packforcing.output.plot import plot_memory
     from packforcing.output.report import RunReport
@@ -142,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     for key, value in (("run.blocks", args.blocks), ("run.seed", args.seed), ("run.batch_size", args.batch_size)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    config_path = args.config or default_config_path()
+    config_path = args.config
     config = load_config(config_path, overrides)
     # geometry first (no weights): seconds -> blocks, the prompt schedule, the CPU check
     env = build_for_planning(config)

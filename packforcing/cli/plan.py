@@ -9,8 +9,8 @@ from typing import Any
 from packforcing.cli import add_overrides, add_verb
 
 EXAMPLE = """example:
-  packforcing plan --config configs/wan1.3b/packforcing.yaml --seconds 120
-  packforcing plan --config configs/wan1.3b/sliding_window.yaml --seconds 120 --fps 16 --json
+  packforcing plan --config wan1.3b/packforcing --seconds 120
+  packforcing plan --config wan1.3b/sliding_window --seconds 120 --fps 16 --json
 
 Nothing is allocated and no weights are loaded: the numbers come from the model's geometry and
 the policy's tier layout (the same bookkeeping the live cache runs). Bytes are K and V over all
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bytes per tier at their peak, the total, and the full cache for comparison.",
         example=EXAMPLE,
     )
-    p.add_argument("--config", required=True, help="YAML config")
+    p.add_argument("--config", required=True, help="YAML config file or preset name (packforcing presets)")
     p.add_argument("--seconds", type=_positive_float, required=True, help="video length in seconds")
     p.add_argument("--fps", type=_positive_float, default=16.0, help="pixel frames per second (default: 16)")
     p.add_argument(

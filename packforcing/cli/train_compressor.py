@@ -8,7 +8,7 @@ from packforcing.cli import add_verb
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from packforcing.training.compressor import EXAMPLE, add_arguments, run
+    from packforcing.training.options import EXAMPLE, add_arguments
 
     p = add_verb(
         sub,
@@ -21,3 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_arguments(p)
     p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from packforcing.training.compressor import run as train
+
+    return train(args)

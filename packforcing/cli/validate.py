@@ -10,6 +10,7 @@ from packforcing.cli import EXIT_CONFIG, add_overrides, add_verb, one_line
 
 EXAMPLE = """example:
   packforcing validate configs/packforcing.yaml configs/sink_recent.yaml
+  packforcing validate packforcing wan1.3b/full        # preset names
   packforcing validate configs/                    # every *.yaml below the directory
   packforcing validate configs/full.yaml --set policy.page_blocks=0
 
@@ -28,19 +29,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Check that each CONFIG loads, composes, builds and plans.",
         example=EXAMPLE,
     )
-    p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML files, or directories of them")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML files, directories of them, or preset names")
     add_overrides(p)
     p.set_defaults(func=run)
 
 
 def expand(paths: list[str]) -> list[str]:
-    """Files as given; directories become their ``*.yaml``/``*.yml`` files, sorted."""
+    """Files and preset names as given; directories become their ``*.yaml``/``*.yml`` files,
+    sorted (a directory without any that shares its name with a preset is the preset)."""
+    from packforcing import presets
+
     out: list[str] = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
             out.extend(str(p) for p in found)
+            if not found and presets.path(name) is not None:
+                out.append(name)
         else:
             out.append(name)
     return out

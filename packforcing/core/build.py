@@ -23,6 +23,7 @@ from packforcing.core.interfaces import (
 from packforcing.core.records import MemoryPlan
 from packforcing.core.sampler import Sampler
 from packforcing.core.structure import show, structure
+from packforcing.core.threads import apply_threads
 
 
 @attrs.define
@@ -67,7 +68,7 @@ class BuildEnv:
             raise ConfigError(str(exc.args[0]), path=f"{path}.name") from None
         params = structure(factory.params, {k: v for k, v in block.items() if k != "name"}, path)
         try:
-            component = factory.build(params, self)
+            component = factory.create(params, self)
         except ConfigError as exc:
             raise ConfigError(exc.message, source=exc.source, path=_under(path, exc.path)) from None
         except ValueError as exc:
@@ -142,7 +143,7 @@ def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap
         if spec is None:
             continue
         try:
-            component = registry.factory(key, spec.name).build(spec.params, env)
+            component = registry.build(key, spec.name, spec.params, env)
         except ValueError as exc:  # ConfigError included
             raise _locate(_config_error(exc, key, [(key, spec.params)]), config) from None
         env.built.append((key, component, spec.params))
@@ -158,7 +159,7 @@ def _policy(config: Config, env: BuildEnv) -> Any:
     spec = config.components["policy"]
     assert spec is not None
     try:
-        policy = env.registry.factory("policy", spec.name).build(spec.params, env)
+        policy = env.registry.build("policy", spec.name, spec.params, env)
     except ValueError as exc:  # ConfigError included
         # a message naming another component's parameter (e.g. a compressor window too large
         # for the block) is attributed to that component
@@ -196,7 +197,8 @@ def _under(prefix: str, path: str | None) -> str:
 def build_engine(
     config: Config | Mapping[str, Any] | str, *, registry: Any = None, wrap: Wrap | None = None
 ) -> GenerationEngine:
-    """A ready :class:`GenerationEngine` for ``config`` (a :class:`Config`, mapping or YAML path).
+    """A ready :class:`GenerationEngine` for ``config`` (a :class:`Config`, mapping, YAML path or
+    preset name). On the CPU it sets PyTorch's intra-op threads from ``run.threads``.
 
     ``wrap(kind, component)``, if given, may return a wrapper for each component as it is built
     (kinds: the config keys, ``"policy"`` last), e.g. :mod:`packforcing.core.instrument`'s timers.
@@ -208,7 +210,8 @@ def build_engine(
     policy = _policy(config, env)
     if wrap is not None:
         policy = wrap("policy", policy)
-    assert env.model is not None and env.sampler is not None
+    assert env.model is not None and env.sampler is not None and env.geometry is not None
+    apply_threads(config.run.threads, env.geometry, env.device)
     return GenerationEngine(env.model, policy, env.sampler, device=env.device, dtype=env.dtype, config=config)
 
 

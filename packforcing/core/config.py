@@ -36,6 +36,7 @@ import attrs
 import torch
 import yaml
 
+from packforcing import presets
 from packforcing.core.conditions import ConditionError, ConditionSchedule
 from packforcing.core.errors import ConfigError
 from packforcing.core.geometry import DTYPES
@@ -67,6 +68,12 @@ def _prompts(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ValueError(str(exc)) from None
 
 
+def _threads(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    raise ValueError(f"{attribute.name}: expected an integer >= 1 or auto, got {show(value)}")
+
+
 @attrs.frozen
 class RunParams:
     """The ``run:`` block."""
@@ -78,6 +85,9 @@ class RunParams:
     dtype: str = attrs.field(default="float32", validator=one_of(*DTYPES))
     fps: float = attrs.field(default=16.0, validator=_positive_number)
     """Frames per second of the written video (one latent frame decodes to one frame)."""
+    threads: int | str = attrs.field(default="auto", validator=_threads)
+    """CPU intra-op threads: an integer >= 1, or ``auto`` (from the model size and the cores;
+    see :mod:`packforcing.core.threads`)."""
     prompts: list[dict[str, Any]] | None = attrs.field(default=None, validator=_prompts)
     """Per-block condition schedule ``[{from_block: 0, **spec}, ...]`` (model-specific specs, e.g.
     ``{embeds: FILE}`` for ``wan``); ``None``: unconditional."""
@@ -244,6 +254,9 @@ def _missing_file(path: Path) -> str:
         siblings = {p.stem: p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")}
         close = difflib.get_close_matches(path.stem, list(siblings), n=1)
         hint = f" (did you mean {siblings[close[0]]!r}?)" if close else ""
+    if not hint and len(path.parts) == 1:
+        close = difflib.get_close_matches(path.stem, presets.names(), n=1)
+        hint = f" (did you mean the preset {close[0]!r}?)" if close else " (nor a preset: see 'packforcing presets')"
     return f"file not found{hint}"
 
 
@@ -423,7 +436,8 @@ def load_config(
     *,
     registry: Any = None,
 ) -> Config:
-    """Load, compose and validate a config from a YAML path or a mapping."""
+    """Load, compose and validate a config from a YAML path, a preset name (``"sink_recent"``,
+    see :mod:`packforcing.presets`) or a mapping."""
     if isinstance(source, Mapping):
         data = copy.deepcopy(dict(source))
         label = None
@@ -431,8 +445,11 @@ def load_config(
         if "extends" in data:
             raise ConfigError("only supported in files", path="extends")
     else:
-        data, sources = _load_file(Path(source), ())
-        label = file_label(Path(source).resolve())
+        path = presets.resolve(source)  # a file, else a packaged preset name ("sink_recent")
+        if not path.exists():
+            raise ConfigError(_missing_file(path), source=str(source))
+        data, sources = _load_file(path, ())
+        label = file_label(path.resolve())
     for override in overrides:
         data = apply_override(data, override, sources)
     for key in data:

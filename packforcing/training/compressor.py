@@ -58,8 +58,7 @@ from packforcing.core.build import build_engine
 from packforcing.core.config import Config, load_config
 from packforcing.core.interfaces import AttentionBackend, AttentionContext, BlockModel
 from packforcing.core.sampler import Sampler, block_noise, fresh_noise
-
-DEFAULT_OUT = "packforcing/weights/dual_branch_tiny.safetensors"
+from packforcing.training.options import DEFAULT_OUT
 
 
 class _RecordingContext(AttentionContext):
@@ -404,32 +403,6 @@ def train_compressor(
     return losses
 
 
-EXAMPLE = f"example:\n  packforcing train-compressor --config configs/packforcing.yaml --steps 1000 --out {DEFAULT_OUT}"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The training options (shared by ``packforcing train-compressor`` and ``python -m``)."""
-    parser.add_argument("--config", required=True, help="YAML config with the model and a dual_branch compressor")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default 2e-3)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"safetensors to write (default {DEFAULT_OUT})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--videos", type=int, default=16, help="videos generated for the data (default 16)")
-    parser.add_argument("--blocks", type=int, default=6, help="blocks per video (default 6)")
-    parser.add_argument("--batch", type=int, default=4, help="batch items per video (default 4)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m packforcing.training.compressor",
-        description="Fit the dual_branch compressor to a frozen model by attention matching.",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return parser
-
-
 def run(args: argparse.Namespace) -> int:
     train_compressor(
         args.config,
@@ -446,6 +419,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from packforcing.training.options import build_parser
+
     return run(build_parser().parse_args(argv))
 
 

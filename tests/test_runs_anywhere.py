@@ -1,0 +1,166 @@
+"""Presets shipped in the package, the command line from any directory, start-up, CPU threads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import packforcing as pf
+from packforcing import presets
+from packforcing.cli import main
+from packforcing.core.geometry import Geometry
+from packforcing.core.threads import WORK_PER_THREAD, auto_threads, block_work
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "packforcing", *argv], capture_output=True, text=True, cwd=cwd, env=env
+    )
+
+
+# ---------------------------------------------------------------------- presets
+def test_the_packaged_presets_are_the_repository_configs():
+    """One source: the package's presets directory is this repository's configs/ (no copies)."""
+    assert presets.directory().resolve() == (ROOT / "configs").resolve()
+    files = sorted(
+        p.relative_to(ROOT / "configs").with_suffix("").as_posix() for p in (ROOT / "configs").rglob("*.yaml")
+    )
+    assert presets.names() == files
+    assert {"packforcing", "full", "sliding_window", "sink_recent", "wan1.3b/packforcing"} <= set(files)
+    assert presets.DEFAULT == "packforcing"
+
+
+def test_a_preset_name_loads_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = pf.load_config("sink_recent", ["policy.window_frames=16"])
+    assert config.components["policy"].name == "sink_recent"
+    assert config.components["policy"].params.window_frames == 16
+    assert pf.load_config("wan1.3b/packforcing.yaml").components["model"].name == "geometry"
+
+
+def test_an_existing_file_wins_over_a_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "full").write_text("policy: {name: sliding_window, window_frames: 8}\n")
+    assert pf.load_config("full").components["policy"].name == "sliding_window"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("packforcng", "packforcng: file not found (did you mean the preset 'packforcing'?)"),
+        ("zzz", "zzz: file not found (nor a preset: see 'packforcing presets')"),
+    ],
+)
+def test_a_missing_config_says_so_and_names_presets(tmp_path, monkeypatch, name, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pf.ConfigError) as info:
+        pf.load_config(name)
+    assert str(info.value) == message
+
+
+def test_generate_with_no_config_runs_the_default_preset_outside_the_repository(tmp_path):
+    result = run_cli(
+        "generate", "--blocks", "3", "--out", "out", "--no-progress", "--set", "sampler.steps=1", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"]["policy"]["name"] == "packforcing" and len(report["blocks"]) == 3
+    assert (tmp_path / "out" / "video.mp4").stat().st_size > 0
+
+
+def test_presets_verb_lists_names_and_files(capsys):
+    assert main(["presets", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(presets.names())
+    assert rows["packforcing"]["description"].startswith("PackForcing")
+    assert Path(rows["sink_recent"]["path"]).read_text() == (ROOT / "configs" / "sink_recent.yaml").read_text()
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("packforcing ") and line.endswith("(default)") for line in lines)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"packforcing {pf.__version__}"
+
+
+def test_every_help_example_of_generate_and_plan_is_valid(capsys):
+    """The examples in --help run against the default config (here: validated, nothing generated)."""
+    from packforcing.cli import build_parser
+    from packforcing.cli.generate import EXAMPLE as GENERATE
+    from packforcing.cli.plan import EXAMPLE as PLAN
+
+    parser = build_parser()
+    commands = [
+        line.split("#")[0].split() for line in (GENERATE + PLAN).splitlines() if line.startswith("  packforcing")
+    ]
+    assert len(commands) >= 5
+    for command in commands:
+        args = parser.parse_args(command[1:])
+        if args.config == "my.yaml" or any("model.path=" in o for o in args.overrides):
+            continue  # placeholders (a file of your own, a checkpoint)
+        overrides = list(args.overrides)
+        assert main(["validate", args.config, *(f"--set={o}" for o in overrides)]) == 0, command
+    assert "--set policy.recent_frames=8" in GENERATE
+    help_text = parser._subparsers._group_actions[0].choices["generate"].format_help()
+    assert "policy.recent_frames=8" in help_text
+
+
+# ---------------------------------------------------------------------- start-up
+def test_help_and_version_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from packforcing.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "import packforcing\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------- threads
+def geometry(latent: int, hidden: int, heads: int, layers: int = 4) -> Geometry:
+    return Geometry(
+        latent_height=latent,
+        latent_width=latent,
+        num_layers=layers,
+        num_heads=heads,
+        head_dim=hidden // heads,
+        dtype="float32",
+    )
+
+
+def test_auto_threads_follow_the_measured_rule():
+    tiny = geometry(8, 64, 2)
+    assert block_work(tiny) == 64 * 64 * 64 * 4  # 64 tokens per block, hidden 64, 4 layers
+    cpu = torch.device("cpu")
+    assert auto_threads(tiny, cpu, cores=2) == 1
+    assert auto_threads(tiny, cpu, cores=64) == 1
+    big = geometry(64, 1024, 16, layers=30)
+    assert block_work(big) >= 8 * WORK_PER_THREAD
+    assert auto_threads(big, cpu, cores=4) == 4  # bounded by the cores
+    assert auto_threads(big, cpu, cores=1) == 1
+
+
+def test_run_threads_is_validated_and_applied(torch_single_thread):
+    with pytest.raises(pf.ConfigError, match=r"^--set: run.threads: expected an integer >= 1 or auto, got 0$"):
+        pf.load_config("sink_recent", ["run.threads=0"])
+    assert pf.load_config("sink_recent").run.threads == "auto"
+    pf.build_engine(pf.load_config("sink_recent", ["run.threads=2", "run.device=cpu"]))
+    assert torch.get_num_threads() == 2
+    pf.build_engine(pf.load_config("sink_recent", ["run.device=cpu"]))
+    assert torch.get_num_threads() == 1  # auto, tiny_dit
