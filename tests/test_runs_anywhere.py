@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -102,9 +103,8 @@ def test_every_help_example_of_generate_and_plan_is_valid(capsys):
     from packforcing.cli.plan import EXAMPLE as PLAN
 
     parser = build_parser()
-    commands = [
-        line.split("#")[0].split() for line in (GENERATE + PLAN).splitlines() if line.startswith("  packforcing")
-    ]
+    text = (GENERATE + PLAN).replace("\\\n", " ")  # join continued lines
+    commands = [shlex.split(line, comments=True) for line in text.splitlines() if line.startswith("  packforcing")]
     assert len(commands) >= 5
     for command in commands:
         args = parser.parse_args(command[1:])
