@@ -1,0 +1,71 @@
+"""Start-up time of the command line: wall and CPU seconds of each quick verb, and of ``import torch``.
+
+Each command runs ``--repeats`` times as a fresh process from a temporary directory (so the
+packaged presets are what it finds); the median wall time and the median CPU time (user + sys
+of the child) are kept. CPU time is what the command itself costs; wall time also shows how
+loaded the machine was (the load average is recorded).
+
+    python benchmarks/startup.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import ROOT, markdown_table, write_results
+
+COMMANDS = {
+    "python -c pass": [sys.executable, "-c", "pass"],
+    "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+    "packforcing --help": [sys.executable, "-m", "packforcing", "--help"],
+    "packforcing --version": [sys.executable, "-m", "packforcing", "--version"],
+    "packforcing presets": [sys.executable, "-m", "packforcing", "presets"],
+    "packforcing plugins": [sys.executable, "-m", "packforcing", "plugins"],
+    "packforcing validate packforcing": [sys.executable, "-m", "packforcing", "validate", "packforcing"],
+    "packforcing plan --config wan1.3b/packforcing --seconds 120": [
+        sys.executable, "-m", "packforcing", "plan", "--config", "wan1.3b/packforcing", "--seconds", "120",
+    ],
+}  # fmt: skip
+
+
+def timed(command: list[str], cwd: str, env: dict[str, str]) -> tuple[float, float]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    results, rows = {}, []
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as cwd:
+        for name, command in COMMANDS.items():
+            timed(command, cwd, env)  # warm the file cache
+            runs = [timed(command, cwd, env) for _ in range(args.repeats)]
+            wall = statistics.median(r[0] for r in runs)
+            cpu = statistics.median(r[1] for r in runs)
+            results[name] = {"wall_seconds": [r[0] for r in runs], "cpu_seconds": [r[1] for r in runs]}
+            rows.append([name, f"{wall:.2f}", f"{cpu:.2f}"])
+            print(rows[-1], flush=True)
+    load_after = os.getloadavg()[0]
+    table = markdown_table(["command", "median wall s", "median CPU s"], rows)
+    table += f"\nMedian of {args.repeats} fresh processes; 1-minute load average {load:.1f} before, {load_after:.1f} after.\n"
+    write_results("startup", {"repeats": args.repeats, "load_average": [load, load_after], "commands": results}, table)
+
+
+if __name__ == "__main__":
+    main()
