@@ -63,7 +63,8 @@ def main() -> None:
             print(rows[-1], flush=True)
     load_after = os.getloadavg()[0]
     table = markdown_table(["command", "median wall s", "median CPU s"], rows)
-    table += f"\nMedian of {args.repeats} fresh processes; 1-minute load average {load:.1f} before, {load_after:.1f} after.\n"
+    table += f"\nMedian of {args.repeats} fresh processes; 1-minute load average {load:.1f} before, "
+    table += f"{load_after:.1f} after.\n"
     write_results("startup", {"repeats": args.repeats, "load_average": [load, load_after], "commands": results}, table)
 
 

@@ -8,7 +8,7 @@ from packforcing.cli import add_verb
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from packforcing.training.model import EXAMPLE, add_arguments, run
+    from packforcing.training.options import MODEL_EXAMPLE, add_model_arguments
 
     p = add_verb(
         sub,
@@ -18,7 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "of the procedural scenes world, conditioned on the scene index: block-causal teacher forcing "
         "(clean history, noisy current block) with flow matching. Writes safetensors (with metadata) "
         "that YAML loads with model.weights, every --checkpoint-every steps and at the end.",
-        example=EXAMPLE,
+        example=MODEL_EXAMPLE,
     )
-    add_arguments(p)
+    add_model_arguments(p)
     p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from packforcing.training.model import run as train
+
+    return train(args)

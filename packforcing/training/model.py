@@ -42,9 +42,12 @@ from packforcing.core.context import MaskedContext
 from packforcing.core.interfaces import AttentionBackend, AttentionContext, BlockModel
 from packforcing.core.sampler import FlowMatchSampler
 from packforcing.testing.reference import block_causal_mask
+from packforcing.training.options import MODEL_DEFAULT_OUT as DEFAULT_OUT
+from packforcing.training.options import MODEL_EXAMPLE as EXAMPLE
+from packforcing.training.options import TrainModelParams
+from packforcing.training.options import add_model_arguments as add_arguments
 from packforcing.worlds import SceneWorld, SceneWorldParams, revisit_schedule
 
-DEFAULT_OUT = "packforcing/weights/world_tiny.safetensors"
 FORMAT = "packforcing.block_model/1"
 
 
@@ -177,20 +180,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-@attrs.frozen
-class TrainModelParams:
-    """Options of :func:`train_model`."""
-
-    steps: int = 3000
-    lr: float = 1e-3
-    batch_size: int = 4
-    clips: int = 2048
-    train_blocks: int = 6
-    seed: int = 0
-    warmup: int = 100
-    checkpoint_every: int = 250
-
-
 def _save(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -318,28 +307,6 @@ def train_model(
     if log is not None and out is not None:
         log(f"wrote {out} ({out.stat().st_size} bytes) after {len(losses)} steps, {time.perf_counter() - started:.0f}s")
     return losses
-
-
-EXAMPLE = f"example:\n  packforcing train-model --config configs/packforcing.yaml --steps 3000 --out {DEFAULT_OUT}"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The training options (shared by ``packforcing train-model`` and ``python -m``)."""
-    d = TrainModelParams()
-    parser.add_argument("--config", required=True, help="YAML config naming the model (its weights are ignored)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"safetensors to write (default {DEFAULT_OUT})")
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, cosine decay (default {d.lr})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"clips per step (default {d.batch_size})")
-    parser.add_argument(
-        "--train-blocks", type=int, default=d.train_blocks, help=f"blocks per training clip (default {d.train_blocks})"
-    )
-    parser.add_argument("--clips", type=int, default=d.clips, help=f"distinct training clips (default {d.clips})")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument(
-        "--checkpoint-every", type=int, default=d.checkpoint_every, help="write the weights every N steps (0: end only)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,15 @@
-"""Command-line options of ``packforcing train-compressor`` (also ``python -m
-packforcing.training.compressor``): one definition, importable without torch."""
+"""Command-line options of the training verbs, one definition each, importable without torch
+(``packforcing --help`` lists every verb without loading the training code).
+
+- ``packforcing train-compressor`` (also ``python -m packforcing.training.compressor``)
+- ``packforcing train-model`` (also ``python -m packforcing.training.model``)
+"""
 
 from __future__ import annotations
 
 import argparse
+
+import attrs
 
 DEFAULT_OUT = "packforcing/weights/dual_branch_tiny.safetensors"
 
@@ -31,3 +37,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(parser)
     return parser
+
+
+# ---------------------------------------------------------------------- train-model
+MODEL_DEFAULT_OUT = "packforcing/weights/world_tiny.safetensors"
+
+
+@attrs.frozen
+class TrainModelParams:
+    """Options of :func:`train_model`."""
+
+    steps: int = 3000
+    lr: float = 1e-3
+    batch_size: int = 4
+    clips: int = 2048
+    train_blocks: int = 6
+    seed: int = 0
+    warmup: int = 100
+    checkpoint_every: int = 250
+
+
+MODEL_EXAMPLE = f"example:\n  packforcing train-model --config packforcing --steps 3000 --out {MODEL_DEFAULT_OUT}"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training options (shared by ``packforcing train-model`` and ``python -m``)."""
+    d = TrainModelParams()
+    parser.add_argument("--config", required=True, help="YAML config naming the model (its weights are ignored)")
+    parser.add_argument("--out", default=MODEL_DEFAULT_OUT, help=f"safetensors to write (default {MODEL_DEFAULT_OUT})")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, cosine decay (default {d.lr})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"clips per step (default {d.batch_size})")
+    parser.add_argument(
+        "--train-blocks", type=int, default=d.train_blocks, help=f"blocks per training clip (default {d.train_blocks})"
+    )
+    parser.add_argument("--clips", type=int, default=d.clips, help=f"distinct training clips (default {d.clips})")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="write the weights every N steps (0: end only)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
