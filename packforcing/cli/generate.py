@@ -118,6 +118,20 @@ def prompt_segments(args: argparse.Namespace, config: Any) -> list[dict[str, Any
     return config.run.prompts
 
 
+def text_encoder_params(config: Any) -> Any:
+    """``text_encoder:``, its path defaulting to the model's diffusers pipeline root when that
+    holds a ``text_encoder/`` folder."""
+    import attrs
+
+    params = config.text_encoder
+    if params.path is None:
+        pipeline_root = getattr(config.components["model"].params, "pipeline_root", None)
+        root = pipeline_root() if callable(pipeline_root) else None
+        if root is not None and (root / "text_encoder").is_dir():
+            params = attrs.evolve(params, path=str(root))
+    return params
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -163,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     if segments is not None and any("prompt" in seg for seg in segments):
         texts = [{"from_block": seg["from_block"], "prompt": seg["prompt"]} for seg in segments if "prompt" in seg]
         # the text encoder runs (and is freed) before the model is built
-        segments = encode_schedule(segments, config.text_encoder, out / "prompts")
+        segments = encode_schedule(segments, text_encoder_params(config), out / "prompts")
     extra = [f"run.blocks={blocks}"]
     if segments is not None:
         extra.append(f"run.prompts={json.dumps(segments)}")

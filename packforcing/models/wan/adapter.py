@@ -204,10 +204,14 @@ class WanBlockModel:
 
     ``latents [B, C, F, H, W]`` are in the transformer's (normalised VAE) latent space; the
     model predicts the flow ``v = ε - x₀`` like Wan. Conditions are text embeddings
-    (``{"embeds": FILE}``). ``codec`` is ``None``: decoding to pixels is the VAE's job.
+    (``{"embeds": FILE}``). ``codec`` is the Wan VAE when ``model.vae`` (or the pipeline root's
+    ``vae/``) is there, else ``None`` (no video is written).
     """
 
-    codec = None
+    codec: Any = None
+    """The Wan VAE codec (:class:`~packforcing.models.wan.vae.WanVAECodec`) when one is configured."""
+    pixel_frames_per_latent = 4
+    """Wan's causal VAE: ``1 + 4k`` pixel frames per ``1 + k`` latent frames."""
 
     def __init__(self, transformer: Any, params: WanParams, dtype: torch.dtype) -> None:
         cfg = transformer.config
@@ -408,4 +412,19 @@ def build_wan(params: WanParams, env: Any) -> WanBlockModel:
     """The ``wan`` model factory: weights loaded unless building for the planner."""
     dtype = resolve_dtype(params.dtype) if params.dtype is not None else env.dtype
     transformer, _ = build_transformer(params, dtype=dtype, device=env.device, plan_only=env.plan_only)
-    return WanBlockModel(transformer, params, dtype)
+    model = WanBlockModel(transformer, params, dtype)
+    vae = params.vae_path()
+    if vae is not None and not env.plan_only:
+        from packforcing.models.wan.vae import WanVAECodec
+
+        try:
+            codec = WanVAECodec.from_path(vae, dtype=torch.float32, device=env.device)
+        except ValueError as exc:
+            raise ValueError(f"vae: {exc}") from None
+        if codec.latent_channels != model.geometry.latent_channels:
+            raise ValueError(
+                f"vae: {vae} has {codec.latent_channels} latent channels, the transformer "
+                f"{model.geometry.latent_channels}"
+            )
+        model.codec = codec
+    return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -54,6 +55,28 @@ class WanParams:
     latent_height: int = attrs.field(default=60, validator=positive)
     latent_width: int = attrs.field(default=104, validator=positive)
     dtype: str | None = attrs.field(default=None, validator=_optional_dtype)
+    vae: str | None = None
+    """The Wan VAE that decodes the video (and feeds ``dual_branch``'s LR branch): a diffusers
+    pipeline root with ``vae/`` or the VAE folder. Default: the pipeline root ``path`` belongs
+    to, when it has a ``vae/`` folder. Without a VAE no video is written."""
+
+    def pipeline_root(self) -> Path | None:
+        """The diffusers pipeline root ``path`` is (or is the ``transformer/`` folder of), if any:
+        where the VAE, text encoder and tokenizer are looked for by default."""
+        if self.path is None:
+            return None
+        path = Path(self.path).expanduser()
+        for root in (path, path.parent):
+            if (root / "model_index.json").is_file() or (root / "vae" / "config.json").is_file():
+                return root
+        return None
+
+    def vae_path(self) -> str | None:
+        """``vae``, else the pipeline root's ``vae/`` when there is one."""
+        if self.vae is not None:
+            return self.vae
+        root = self.pipeline_root()
+        return str(root) if root is not None and (root / "vae" / "config.json").is_file() else None
 
     def cannot_generate(self) -> str | None:
         """Why this config can plan but not generate, or ``None``."""

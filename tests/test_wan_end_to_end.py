@@ -1,0 +1,121 @@
+"""Wan end to end on the CPU: a tiny random diffusers pipeline folder (transformer, VAE, UMT5
+text encoder, tokenizer), text prompts with a switch, --seconds, the MP4 streamed through the VAE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from packforcing.cli import main
+from packforcing.models.wan.text import load_prompt_embeds
+from packforcing.output.video import pixel_frames
+
+from .tiny_wan_io import write_text_encoder, write_tiny_vae
+from .wan_fixtures import tiny_transformer, write_diffusers
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+FPB = 2
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wan") / "Wan2.1-tiny-Diffusers"
+    write_diffusers(tiny_transformer(), root, pipeline=True)
+    write_tiny_vae(root, pipeline=True)
+    write_text_encoder(root, pipeline=True)
+    return root
+
+
+def wan_config(folder: Path, root: Path, **model) -> Path:
+    config = {
+        "model": {
+            "name": "wan",
+            "path": str(root),
+            "frames_per_block": FPB,
+            "latent_height": 4,
+            "latent_width": 6,
+            **model,
+        },
+        "policy": {"name": "sink_recent", "sink_frames": FPB, "window_frames": 2 * FPB},
+        "attention": "sdpa",
+        "sampler": {"name": "self_forcing"},
+        "text_encoder": {"max_length": 16},
+        "run": {"device": "cpu", "dtype": "float32", "fps": 16},
+    }
+    path = folder / "wan.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_text_prompts_to_a_streamed_mp4(tmp_path, pipeline):
+    import imageio.v2 as imageio
+
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(
+        yaml.safe_dump(
+            [{"from_second": 0, "prompt": "a red fox running"}, {"from_second": 0.5, "prompt": "a blue whale"}]
+        )
+    )
+    out = tmp_path / "out"
+    argv = ["generate", "--config", str(wan_config(tmp_path, pipeline)), "--prompts", str(prompts)]
+    assert main([*argv, "--seconds", "1", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    # 1 s at 16 fps = 16 frames <= 1 + 4 (k - 1): k = 5 latent frames -> 3 blocks of 2
+    assert report["video"] == {
+        "seconds_requested": 1.0,
+        "blocks": 3,
+        "latent_frames": 6,
+        "pixel_frames": 21,
+        "fps": 16.0,
+        "video_seconds": 21 / 16,
+    }
+    # 0.5 s = pixel frame 8, in latent frame 2 = block 1
+    starts = [seg["from_block"] for seg in report["conditions"]]
+    assert starts == [0, 1] and report["prompts"][1] == {"from_block": 1, "prompt": "a blue whale"}
+    assert [b["condition"]["embeds"] for b in report["blocks"]] == [
+        report["conditions"][i]["embeds"] for i in (0, 1, 1)
+    ]
+    embeds, text = load_prompt_embeds(report["conditions"][1]["embeds"])
+    assert text == "a blue whale" and embeds.shape == (16, 32)
+    reader = imageio.get_reader(str(out / "video.mp4"))
+    count = sum(1 for _ in reader)
+    first = reader.get_data(0)
+    reader.close()
+    assert count == pixel_frames(6, 4) == 21
+    assert first.shape == (32, 48, 3)
+
+
+def test_the_vae_found_beside_the_transformer_folder(tmp_path, pipeline):
+    from packforcing.core.build import build_engine
+    from packforcing.core.config import load_config
+
+    engine = build_engine(load_config(wan_config(tmp_path, pipeline / "transformer")))
+    assert engine.model.codec is not None and engine.model.codec.temporal_stride == 4
+    assert engine.model.pixel_frames_per_latent == 4
+
+
+def test_a_bad_vae_is_one_line(tmp_path, pipeline, capsys):
+    config = wan_config(tmp_path, pipeline, vae=str(tmp_path))
+    code = main(["generate", "--config", str(config), "--blocks", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "model.vae" in err and "not a Wan VAE folder" in err
+
+
+def test_streamed_video_equals_decoding_the_whole_latent_video(tmp_path, pipeline):
+    """The frames written block by block are the VAE's decode of the whole latent video."""
+    from packforcing.core.build import build_engine
+    from packforcing.core.config import load_config
+
+    engine = build_engine(load_config(wan_config(tmp_path, pipeline)))
+    codec = engine.model.codec
+    stream = codec.streaming_decoder()
+    with engine.session(seed=0) as session:
+        blocks = [session.step().latents for _ in range(3)]
+    streamed = torch.cat([stream.decode(b) for b in blocks], dim=2)
+    whole = codec.decode(torch.cat(blocks, dim=2))
+    assert streamed.shape[2] == 1 + 4 * (3 * FPB - 1)
+    assert (streamed - whole).abs().max() <= 1e-5
