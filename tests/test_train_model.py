@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,44 @@ def test_train_model_verb(tmp_path: Path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["train-model", "--config", str(config), "--steps", "0"]) == 1
     assert "--steps: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_generate_uses_the_models_revisiting_schedule_and_reports_returns(tmp_path: Path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(small_config()))
+    out = tmp_path / "run"
+    argv = ["generate", "--config", str(config), "--blocks", "16", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    scenes = [b["condition"]["scene"] for b in report["blocks"]]
+    assert report["conditions"][0] == {"from_block": 0, "scene": scenes[0]}
+    assert len(set(scenes)) == 3  # every scene shown ...
+    assert report["returns"], "... and come back to"
+    for r in report["returns"]:
+        assert scenes[r["block"]] == r["condition"]["scene"] != scenes[r["block"] - 1]
+        assert scenes[r["block"] - r["blocks_since"]] == r["condition"]["scene"]
+        assert math.isfinite(r["psnr_db"])
+    assert report["return_psnr_db"] == pytest.approx(
+        sum(r["psnr_db"] for r in report["returns"]) / len(report["returns"])
+    )
+    assert (out / "memory.png").is_file() and (out / "video.mp4").is_file()
+    # an explicit schedule wins over the model's default
+    assert main([*argv, "--set", "run.prompts=[{from_block: 0, scene: 1}]"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["conditions"] == [{"from_block": 0, "scene": 1}] and report["returns"] == []
+
+
+def test_compressor_training_on_world_clips(tmp_path: Path):
+    from packforcing.training.compressor import train_compressor
+
+    config = {**small_config(), "compressor": {"name": "dual_branch", "hr_channels": [4, 8, 8, 16]}}
+    config["model"] = {**config["model"], "latent_height": 8, "latent_width": 8, "frames_per_block": 4}
+    summary: dict = {}
+    out = tmp_path / "c.safetensors"
+    losses = train_compressor(
+        pf.load_config(config), steps=2, out_path=out, videos=2, blocks=3, batch=2, data_source="world", summary=summary
+    )
+    assert len(losses) == 2 and out.is_file()
+    assert 0 < summary["held_out_drop"] and math.isfinite(summary["held_out_after"])
+    with pytest.raises(ValueError, match="--data: expected one of"):
+        train_compressor(pf.load_config(config), steps=1, out_path=None, data_source="web")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +133,36 @@ def text_encoder_params(config: Any) -> Any:
     return params
 
 
+class ReturnTracker:
+    """Per-return fidelity of a run: at each cut back to a condition seen before, the PSNR of
+    the block's first frame against the last frame generated under that condition (for a
+    world whose off-screen scenes are frozen, they should match)."""
+
+    def __init__(self, report: Any) -> None:
+        self.report = report
+        self.last: dict[str, tuple[int, Any]] = {}
+        self.previous: str | None = None
+
+    def add(self, index: int, condition: Any, pixels: Any) -> None:
+        """Block ``index`` under ``condition``, decoded ``pixels [B, 3, F, H, W]``."""
+        from packforcing.core.conditions import spec_key
+
+        if condition is None or pixels.shape[2] == 0:
+            return
+        key = spec_key(condition)
+        if key != self.previous and key in self.last:
+            seen, frame = self.last[key]
+            mse = float((pixels[:, :, 0].clamp(-1, 1) - frame.clamp(-1, 1)).pow(2).mean())
+            self.report.add_return(index, condition, index - seen, 10 * math.log10(4.0 / max(mse, 1e-10)))
+        self.last[key] = (index, pixels[:, :, -1])
+        self.previous = key
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from packforcing.core.build import build_engine, build_for_planning
-    from packforcing.core.conditions import ConditionError
+    from packforcing.core.conditions import ConditionError, ConditionSchedule
     from packforcing.core.config import load_config
     from packforcing.core.errors import ConfigError
     from packforcing.models.wan.text import encode_schedule, to_block_schedule
@@ -186,6 +212,11 @@ def run(args: argparse.Namespace) -> int:
     run_params = config.run
     full_per_block = g.tokens_per_block * g.bytes_per_token * run_params.batch_size
     schedule = run_params.schedule()
+    if not schedule.starts and hasattr(engine.model, "default_conditions"):
+        # a conditional model's own default schedule (tiny_dit with scenes: revisit scenes)
+        schedule = ConditionSchedule.parse(
+            engine.model.default_conditions(run_params.blocks, run_params.seed), name="run.prompts"
+        )
     latent_frames = run_params.blocks * g.frames_per_block
     video = {
         "seconds_requested": args.seconds,
@@ -216,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
         for item in range(run_params.batch_size):
             name = "video.mp4" if item == 0 else f"video_{item}.mp4"
             writers.append(VideoWriter(out / name, fps=run_params.fps))
+    returns = ReturnTracker(report)
     bar = tqdm(total=run_params.blocks, unit="block", disable=args.no_progress, dynamic_ncols=True)
     try:
         for _ in range(run_params.blocks):
@@ -223,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
             record = report.add(block)
             if writers:
                 pixels = decoder.decode(block.latents.float())
+                returns.add(block.index, block.condition, pixels)
                 for item, writer in enumerate(writers):
                     writer.append(to_uint8_frames(pixels[item]))
             bar.set_postfix(cache=f"{record['cache_bytes'] / 2**20:.1f}MiB", ctx=record["context_tokens"])

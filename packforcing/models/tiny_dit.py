@@ -264,6 +264,16 @@ class TinyDiT(nn.Module):
             raise ValueError(f"scene: expected an integer in [0, {n}), got {scene!r}")
         return torch.tensor(scene, dtype=torch.long)
 
+    def default_conditions(self, num_blocks: int, seed: int = 0) -> list[dict[str, int]] | None:
+        """The schedule ``packforcing generate`` uses when the config sets none: for a model with
+        scenes, a random schedule that keeps cutting back to scenes after long absences
+        (:func:`packforcing.worlds.revisit_schedule`); ``None`` for an unconditional one."""
+        if not self.params.num_conditions or num_blocks < 1:
+            return None
+        from packforcing.worlds import conditions, revisit_schedule
+
+        return conditions(revisit_schedule(num_blocks, self.params.num_conditions, seed, segment_blocks=(1, 3)))
+
     def denoise(
         self,
         latents: torch.Tensor,

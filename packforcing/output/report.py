@@ -22,6 +22,8 @@ class RunReport:
     details: dict[str, Any] = attrs.field(factory=dict)
     """Further top-level entries (e.g. ``video``: requested seconds, blocks, frames)."""
     blocks: list[dict[str, Any]] = attrs.field(factory=list)
+    returns: list[dict[str, Any]] = attrs.field(factory=list)
+    """Cuts back to an earlier condition: ``{block, condition, blocks_since, psnr_db}``."""
     peak_cache_bytes: int = 0
     peak_archive_bytes: int = 0
     total_seconds: float = 0.0
@@ -44,11 +46,21 @@ class RunReport:
         self.total_seconds += block.seconds
         return record
 
+    def add_return(self, block: int, condition: Any, blocks_since: int, psnr_db: float) -> None:
+        """A cut back to ``condition`` at ``block``, last seen ``blocks_since`` blocks before;
+        ``psnr_db`` compares the first frame back with the last frame seen under it."""
+        self.returns.append(
+            {"block": block, "condition": condition, "blocks_since": blocks_since, "psnr_db": round(psnr_db, 4)}
+        )
+
     def as_dict(self) -> dict[str, Any]:
+        psnrs = [r["psnr_db"] for r in self.returns]
         return {
             "config": self.config,
             "conditions": self.conditions,
             **self.details,
+            "returns": self.returns,
+            "return_psnr_db": sum(psnrs) / len(psnrs) if psnrs else None,
             "blocks": self.blocks,
             "peak_cache_bytes": self.peak_cache_bytes,
             "archive_bytes": self.peak_archive_bytes,

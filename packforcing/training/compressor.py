@@ -58,7 +58,7 @@ from packforcing.core.build import build_engine
 from packforcing.core.config import Config, load_config
 from packforcing.core.interfaces import AttentionBackend, AttentionContext, BlockModel
 from packforcing.core.sampler import Sampler, block_noise, fresh_noise
-from packforcing.training.options import DEFAULT_OUT
+from packforcing.training.options import DATA_SOURCES, DEFAULT_OUT
 
 
 class _RecordingContext(AttentionContext):
@@ -128,9 +128,15 @@ def collect(
     seed: int,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    clips: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> AttentionData:
     """Generate ``videos × batch`` sequences of ``blocks`` blocks with a full cache, recording
-    what the objective needs (see the module docstring)."""
+    what the objective needs (see the module docstring).
+
+    ``clips(video)``, if given, supplies each video's clean latents ``[batch, C, blocks*F, H, W]``
+    and per-frame conditions (``[batch, blocks*F]`` or ``None``): the sampler passes still run
+    (their queries are recorded), but the clean latents committed are the clip's — teacher
+    forcing on real data instead of the model's own samples."""
     g = model.geometry
     f = g.frames_per_block
     shape = (batch, g.latent_channels, f, g.latent_height, g.latent_width)
@@ -138,15 +144,23 @@ def collect(
     for video in range(videos):
         history: list[tuple[torch.Tensor, torch.Tensor]] = []
         lat, ks, vs, qs, kqs, vqs = [], [], [], [], [], []
+        clip, clip_conditions = clips(video) if clips is not None else (None, None)
         for index in range(blocks):
             position = float(index * f)
             passes: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+            frames = slice(index * f, (index + 1) * f)
+            condition = clip_conditions[:, frames] if clip_conditions is not None else None
 
             def velocity(
-                x: torch.Tensor, t: torch.Tensor, position: float = position, passes=passes, history=history
+                x: torch.Tensor,
+                t: torch.Tensor,
+                position: float = position,
+                passes=passes,
+                history=history,
+                condition=condition,
             ) -> torch.Tensor:
                 ctx = _RecordingContext(backend, history, position)
-                out = model.denoise(x, t, ctx)
+                out = model.denoise(x, t, ctx, condition=condition)
                 passes.append(ctx.records)
                 return out
 
@@ -156,8 +170,10 @@ def collect(
                 velocity,
                 fresh_noise(video_seed, index, shape, dtype, device),
             )
+            if clip is not None:
+                latents = clip[:, :, frames].to(device=device, dtype=dtype)
             ctx = _RecordingContext(backend, history, position)
-            keys, values = model.clean_kv(latents, ctx)
+            keys, values = model.clean_kv(latents, ctx, condition=condition)
             passes.append(ctx.records)
             layers = len(keys)
             history = [
@@ -302,6 +318,7 @@ def train_compressor(
     batch: int = 4,
     batch_size: int = 32,
     max_gap_blocks: int = 8,
+    data_source: str = "generated",
     log: Callable[[str], None] | None = None,
     summary: dict[str, Any] | None = None,
 ) -> list[float]:
@@ -320,6 +337,20 @@ def train_compressor(
     backend = SdpaBackend()
     torch.manual_seed(seed)
     started = time.perf_counter()
+    if data_source not in DATA_SOURCES:
+        raise ValueError(f"--data: expected one of {list(DATA_SOURCES)}, got {data_source!r}")
+    clips = None
+    if data_source == "world":
+        from packforcing.training.model import render_clips, world_params_for
+
+        world = world_params_for(model)
+        conditioned = bool(getattr(getattr(model, "params", None), "num_conditions", 0))
+
+        def clips(video: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            seeds = [seed * 7919 + video * batch + i for i in range(batch)]
+            latents, scenes = render_clips(model, world, blocks, seeds)
+            return latents, scenes if conditioned else None
+
     data = collect(
         model,
         backend,
@@ -330,6 +361,7 @@ def train_compressor(
         seed=seed,
         device=engine.device,
         dtype=torch.float32,
+        clips=clips,
     )
     g = model.geometry
     holder = DualBranchCompressor(
@@ -396,6 +428,7 @@ def train_compressor(
             held_out_before=round(before, 6),
             held_out_after=round(after, 6),
             held_out_pool=round(pooled, 6),
+            data=data_source,
         )
         save_file(state, str(out), metadata=meta)
         if log is not None:
@@ -413,6 +446,7 @@ def run(args: argparse.Namespace) -> int:
         videos=args.videos,
         blocks=args.blocks,
         batch=args.batch,
+        data_source=args.data,
         log=print,
     )
     return 0

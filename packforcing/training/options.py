@@ -12,6 +12,10 @@ import argparse
 import attrs
 
 DEFAULT_OUT = "packforcing/weights/dual_branch_tiny.safetensors"
+DATA_SOURCES = ("generated", "world")
+"""Where train-compressor's recorded videos come from: the frozen model's own samples, or clips of
+the scenes world (:mod:`packforcing.worlds`) committed by teacher forcing, under their scene
+conditions."""
 
 EXAMPLE = f"example:\n  packforcing train-compressor --config packforcing --steps 1000 --out {DEFAULT_OUT}"
 
@@ -26,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--videos", type=int, default=16, help="videos generated for the data (default 16)")
     parser.add_argument("--blocks", type=int, default=6, help="blocks per video (default 6)")
     parser.add_argument("--batch", type=int, default=4, help="batch items per video (default 4)")
+    parser.add_argument(
+        "--data",
+        choices=DATA_SOURCES,
+        default="generated",
+        help="videos: the model's own samples (default) or clips of the scenes world under their conditions",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
