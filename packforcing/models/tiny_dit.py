@@ -31,10 +31,17 @@ from packforcing.core.rope import Rope3D
 from packforcing.core.validators import non_negative, positive, positive_triple
 from packforcing.models.codec import BASES, LinearPatchCodec
 
+PREDICTIONS = ("velocity", "sample")
+"""What the output head predicts: the flow velocity ``ε − x₀`` directly, or the clean sample
+``x̂₀`` (turned into the velocity ``(x_σ − x̂₀) / σ``, so the engine always gets a velocity)."""
 
-def _codec_basis(instance, attribute, value) -> None:
-    if value not in BASES:
-        raise ValueError(f"{attribute.name}: expected one of {list(BASES)}, got {value!r}")
+MIN_SIGMA = 0.05
+"""``sample`` prediction divides by ``σ``; below this it is clamped (the sampler never goes there)."""
+
+
+def _one_of(options: tuple[str, ...], attribute: attrs.Attribute, value: object) -> None:
+    if value not in options:
+        raise ValueError(f"{attribute.name}: expected one of {list(options)}, got {value!r}")
 
 
 @attrs.frozen
@@ -53,8 +60,9 @@ class TinyDiTParams:
     rope_theta: float = 10000.0
     seed: int = 0
     codec_stride: int = attrs.field(default=8, validator=positive)
-    codec: str = attrs.field(default="random", validator=_codec_basis)
+    codec: str = attrs.field(default="random", validator=lambda i, a, v: _one_of(BASES, a, v))
     num_conditions: int = attrs.field(default=0, validator=non_negative)
+    prediction: str = attrs.field(default="velocity", validator=lambda i, a, v: _one_of(PREDICTIONS, a, v))
     weights: str | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -285,6 +293,12 @@ class TinyDiT(nn.Module):
         under ``condition`` (scene indices ``[]``, ``[B]`` or ``[B, F]``, or ``None``)."""
         out = self._run(latents, timesteps, context, None, condition=condition)
         assert out is not None
+        if self.params.prediction == "sample":
+            # out is x̂₀; the velocity of x_σ = (1 − σ) x₀ + σ ε is (x_σ − x̂₀) / σ
+            b, _, f, _, _ = latents.shape
+            sigma = (timesteps.float() / 1000.0).clamp_min(MIN_SIGMA)
+            sigma = (sigma[:, None].expand(b, f) if sigma.dim() == 1 else sigma)[:, None, :, None, None]
+            out = (latents - out) / sigma.to(out.dtype)
         return out
 
     def clean_kv(

@@ -12,7 +12,7 @@ indices as conditions) and encoded to latents. The model runs twice over the cli
 
 ``loss = mean |v̂ − (ε − x₀)|²`` over every block: each block of the clip is one example of
 "generate the next block from a clean history", the situation the engine is in at inference.
-Half the noise levels are the sampler's own steps, half are drawn from its shifted schedule.
+Half the noise levels are the sampler's own steps, half uniform between its lowest step and 1.
 
 Command line: ``packforcing train-model --config configs/packforcing.yaml --out W.safetensors``.
 The config supplies the model (its ``weights`` are ignored: training starts from the seeded
@@ -40,7 +40,6 @@ from packforcing.attention.backends import SdpaBackend
 from packforcing.core.config import Config, load_config
 from packforcing.core.context import MaskedContext
 from packforcing.core.interfaces import AttentionBackend, AttentionContext, BlockModel
-from packforcing.core.sampler import FlowMatchSampler
 from packforcing.testing.reference import block_causal_mask
 from packforcing.training.options import MODEL_DEFAULT_OUT as DEFAULT_OUT
 from packforcing.training.options import MODEL_EXAMPLE as EXAMPLE
@@ -155,13 +154,14 @@ class ClipPool:
         return torch.stack([self._clips[i][0] for i in indices]), torch.stack([self._clips[i][1] for i in indices])
 
 
-def sample_sigmas(sampler: FlowMatchSampler, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Noise levels: half the sampler's own steps, half from its shifted schedule."""
-    levels = torch.tensor(sampler.sigmas()[:-1])
+def sample_sigmas(sampler: Any, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Noise levels where the sampler works: half its own steps, half uniform between its lowest
+    non-zero step and 1 (a few-step sampler never asks for anything else)."""
+    levels = torch.tensor([s for s in sampler.sigmas() if s > 0], dtype=torch.float32)
     pick = levels[torch.randint(len(levels), shape, generator=gen)]
-    u = torch.rand(shape, generator=gen)
-    shifted = sampler.shift * u / (1 + (sampler.shift - 1) * u)
-    return torch.where(torch.rand(shape, generator=gen) < 0.5, pick, shifted).clamp(1e-3, 1.0)
+    low = float(levels.min())
+    uniform = low + (1 - low) * torch.rand(shape, generator=gen)
+    return torch.where(torch.rand(shape, generator=gen) < 0.5, pick, uniform)
 
 
 def git_commit() -> str:
@@ -237,7 +237,14 @@ def train_model(
     model.requires_grad_(True)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    # query/key norm gains set how sharp attention can get (RMS-normalised q, k bound the
+    # logits); a faster rate lets a short run learn to attend to one frame of the history
+    gains = [p for n, p in model.named_parameters() if n.endswith(("norm_q.weight", "norm_k.weight"))]
+    others = [p for p in trainable if all(p is not g for g in gains)]
+    groups = [{"params": others}, {"params": gains, "lr": params.lr * params.gain_lr_scale, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=params.lr, weight_decay=0.01, betas=(0.9, 0.99)
+    )
 
     def lr_at(step: int) -> float:
         warm = min(1.0, (step + 1) / max(params.warmup, 1))
@@ -257,6 +264,7 @@ def train_model(
         "batch_size": str(params.batch_size),
         "clips": str(params.clips),
         "lr": str(params.lr),
+        "gain_lr_scale": str(params.gain_lr_scale),
         "sampler": json.dumps(attrs.asdict(sampler)),
         "objective": "block-causal teacher forcing, flow matching, per-block noise levels",
         "commit": git_commit(),
@@ -319,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         train_blocks=args.train_blocks,
         clips=args.clips,
+        gain_lr_scale=args.gain_lr_scale,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )

@@ -57,14 +57,16 @@ MODEL_DEFAULT_OUT = "packforcing/weights/world_tiny.safetensors"
 class TrainModelParams:
     """Options of :func:`train_model`."""
 
-    steps: int = 3000
-    lr: float = 1e-3
+    steps: int = 2400
+    lr: float = 3e-3
     batch_size: int = 4
     clips: int = 2048
     train_blocks: int = 6
     seed: int = 0
     warmup: int = 100
     checkpoint_every: int = 250
+    gain_lr_scale: float = 10.0
+    """Learning-rate multiplier of the attention query/key norm gains."""
 
 
 MODEL_EXAMPLE = f"example:\n  packforcing train-model --config packforcing --steps 3000 --out {MODEL_DEFAULT_OUT}"
@@ -80,6 +82,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"clips per step (default {d.batch_size})")
     parser.add_argument(
         "--train-blocks", type=int, default=d.train_blocks, help=f"blocks per training clip (default {d.train_blocks})"
+    )
+    parser.add_argument(
+        "--gain-lr-scale",
+        type=float,
+        default=d.gain_lr_scale,
+        help=f"learning-rate multiplier of the query/key norm gains (default {d.gain_lr_scale})",
     )
     parser.add_argument("--clips", type=int, default=d.clips, help=f"distinct training clips (default {d.clips})")
     parser.add_argument("--seed", type=int, default=d.seed)
