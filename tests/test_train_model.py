@@ -184,3 +184,19 @@ def test_compressor_training_on_world_clips(tmp_path: Path):
     assert 0 < summary["held_out_drop"] and math.isfinite(summary["held_out_after"])
     with pytest.raises(ValueError, match="--data: expected one of"):
         train_compressor(pf.load_config(config), steps=1, out_path=None, data_source="web")
+
+
+def test_sample_prediction_turns_the_head_into_a_velocity():
+    """prediction: sample reads the head as x̂₀ and returns (x_σ − x̂₀) / σ; same weights."""
+    velocity = TinyDiT(TinyDiTParams(**SMALL))
+    sample = TinyDiT(TinyDiTParams(**SMALL, prediction="sample"))
+    x = torch.randn(2, 16, 2, 4, 4)
+    ctx = MaskedContext(SdpaBackend(), torch.ones(8, 8, dtype=torch.bool))
+    t = torch.tensor([1000.0, 625.0])
+    head = velocity.denoise(x, t, ctx)
+    expected = (x - head) / (t / 1000)[:, None, None, None, None]
+    assert torch.allclose(sample.denoise(x, t, ctx), expected, atol=1e-5)
+    per_frame = torch.tensor([[1000.0, 1000.0], [625.0, 625.0]])
+    assert torch.allclose(sample.denoise(x, per_frame, ctx), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction: expected one of"):
+        TinyDiTParams(prediction="noise")
