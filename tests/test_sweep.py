@@ -55,6 +55,19 @@ def test_prompt_files(tmp_path):
     prompts = load_prompts(yml)
     assert [p.name for p in prompts] == ["scene2", "cut", "hello"]
     assert prompts[1].schedule == ({"from_block": 0, "scene": 0}, {"from_block": 4, "scene": 1})
+    timed = tmp_path / "timed.yaml"
+    timed.write_text(
+        "- {name: cut, schedule: [{from_second: 0, scene: 0}, {from_second: 1.5, scene: 1}]}\n"
+        "- {name: emb, embeds: e/p0.safetensors}\n"
+    )
+    cut, emb = load_prompts(timed)
+    assert emb.schedule == ({"from_block": 0, "embeds": str(tmp_path / "e/p0.safetensors")},)
+    # seconds become blocks per config: 1.5 s at 16 fps = pixel frame 24 = latent frame 24 → block 6
+    (job,) = expand_jobs([str(REPO / "configs/full.yaml")], prompts=[cut], blocks=8, overrides=TINY)
+    assert job.prompt.schedule == ({"from_block": 0, "scene": 0}, {"from_block": 6, "scene": 1})
+    timed.write_text("- {schedule: [{from_second: 0, scene: 0}, {from_second: 0, scene: 1}]}\n")
+    with pytest.raises(ConfigError, match=r"timed.yaml: \[0\]: schedule\[1\].from_second: must be greater than 0"):
+        load_prompts(timed)
     bad = tmp_path / "dup.yaml"
     bad.write_text("- {name: a, scene: 1}\n- {name: a, scene: 2}\n")
     with pytest.raises(ConfigError, match=r"dup.yaml: \[1\]: prompt name 'a' repeats item \[0\]"):

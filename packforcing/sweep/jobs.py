@@ -81,6 +81,64 @@ def _schedule(entry: Any, where: str) -> tuple[dict[str, Any], ...]:
     raise ConfigError(f"expected a string or a mapping, got {type(entry).__name__}", source=where)
 
 
+def _resolve_embeds(schedule: tuple[dict[str, Any], ...], base: Path) -> tuple[dict[str, Any], ...]:
+    """``embeds`` files named relative to the prompts file, made absolute (as ``generate
+    --prompts`` does), so a job finds them from any working directory."""
+    out = []
+    for segment in schedule:
+        if isinstance(segment.get("embeds"), str):
+            file = Path(segment["embeds"]).expanduser()
+            segment = {**segment, "embeds": str(file if file.is_absolute() else (base / file).resolve())}
+        out.append(segment)
+    return tuple(out)
+
+
+def _check_schedule(schedule: tuple[dict[str, Any], ...], where: str) -> None:
+    """A schedule as ``run.prompts`` takes it; ``from_second`` starts (converted per config, at
+    its fps and geometry) must be numbers >= 0 starting at 0 and increasing."""
+    starts = [seg.get("from_second") for seg in schedule if "from_second" in seg]
+    if starts:
+        if len(starts) != len(schedule) or any("from_block" in seg for seg in schedule):
+            raise ConfigError("schedule: give every segment from_second, or every one from_block", source=where)
+        for i, start in enumerate(starts):
+            if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < float("inf"):
+                raise ConfigError(f"schedule[{i}].from_second: expected a number >= 0, got {start!r}", source=where)
+            if (i == 0 and start != 0) or (i > 0 and start <= starts[i - 1]):
+                problem = "must be 0" if i == 0 else f"must be greater than {starts[i - 1]}"
+                raise ConfigError(f"schedule[{i}].from_second: {problem}, got {start!r}", source=where)
+        # the rest is checked as run.prompts would check it, with the segments' order as blocks
+        schedule = tuple({"from_block": i, **{k: v for k, v in seg.items() if k != "from_second"}}
+                         for i, seg in enumerate(schedule))  # fmt: skip
+    try:
+        ConditionSchedule.parse(list(schedule), name="schedule")
+    except ConditionError as exc:
+        raise ConfigError(str(exc), source=where) from None
+
+
+def _in_blocks(prompt: Prompt, config: Any) -> Prompt:
+    """``prompt`` with ``from_second`` starts turned into ``from_block`` for ``config`` (as
+    ``generate --prompts`` converts them: its fps, block length and VAE temporal stride)."""
+    if prompt.schedule is None or not any("from_second" in seg for seg in prompt.schedule):
+        return prompt
+    from packforcing.core.build import build_for_planning
+    from packforcing.models.wan.text import to_block_schedule
+    from packforcing.output.video import temporal_stride_of
+
+    env = build_for_planning(config)
+    assert env.geometry is not None
+    try:
+        segments = to_block_schedule(
+            prompt.schedule,
+            fps=config.run.fps,
+            frames_per_block=env.geometry.frames_per_block,
+            temporal_stride=temporal_stride_of(env.model),
+            where=f"prompt {prompt.name!r}",
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=config.source) from None
+    return Prompt(prompt.name, tuple(segments))
+
+
 def _prompt_name(entry: Any, schedule: tuple[dict[str, Any], ...], index: int) -> str:
     if isinstance(entry, Mapping) and entry.get("name") is not None:
         return slug(str(entry["name"]))
@@ -100,7 +158,9 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     - ``.yaml`` / ``.yml`` / ``.json``: a list whose items are a text (``"a red fox"``), a
       mapping of condition keys with an optional ``name`` (``{name: s2, scene: 2}``), or
       ``{name: ..., schedule: [{from_block: 0, ...}, {from_block: 8, ...}]}`` for a
-      schedule that changes along the video.
+      schedule that changes along the video (``from_second`` instead of ``from_block`` is
+      converted per config, as ``generate --prompts`` converts it; ``embeds`` files are
+      relative to the prompts file).
 
     Names (given, or made from the text) become the ``<prompt>`` part of run directories and
     must be distinct.
@@ -129,11 +189,8 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     seen: dict[str, int] = {}
     for index, entry in enumerate(entries):
         where = f"{label}: [{index}]"
-        schedule = _schedule(entry, where)
-        try:
-            ConditionSchedule.parse(list(schedule), name="schedule")
-        except ConditionError as exc:
-            raise ConfigError(str(exc), source=where) from None
+        schedule = _resolve_embeds(_schedule(entry, where), path.parent)
+        _check_schedule(schedule, where)
         name = _prompt_name(entry, schedule, index)
         if name in seen:
             raise ConfigError(
@@ -257,6 +314,7 @@ def expand_jobs(
             length = blocks_for_seconds(config, seconds)
         policy = resolved["policy"]["name"]
         for prompt in prompts:
+            prompt = _in_blocks(prompt, config)
             chash = config_hash(resolved, without_prompts=prompt.schedule is not None)
             for seed in seeds:
                 jobs.append(
