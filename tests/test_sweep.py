@@ -105,6 +105,13 @@ def test_expand_jobs_cross_product_and_keys():
         expand_jobs(configs[1:], overrides=[*TINY, "policy.window_frames=-1"])
 
 
+def test_preset_names_work_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    jobs = expand_jobs(["full", "sink_recent"], blocks=1, overrides=TINY)
+    assert [j.name for j in jobs] == ["full-default-0", "sink_recent-default-0"]
+    assert all(Path(j.config_path).is_absolute() and Path(j.config_path).is_file() for j in jobs)
+
+
 def test_seconds_convert_with_the_geometry():
     jobs = expand_jobs([str(REPO / "configs/full.yaml")], seconds=2.0, overrides=TINY)
     # 2 s at 16 fps = 32 frames, one latent frame each, 4 frames per block

@@ -11,8 +11,7 @@ from typing import Any
 from packforcing.cli import EXIT_FAILURE, add_overrides, add_verb
 
 EXAMPLE = """example:
-  packforcing sweep configs/full.yaml configs/sliding_window.yaml configs/packforcing.yaml \\
-      --seeds 0,1,2 --blocks 48 --out sweeps/policies
+  packforcing sweep full sliding_window packforcing --seeds 0,1,2 --blocks 48 --out sweeps/policies
   packforcing sweep configs/ --prompts prompts.txt --seconds 120 --gpus-per-job 1 \\
       --address HEAD_NODE:6379 --out /shared/sweeps/long
 
@@ -53,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "memory, speed and fidelity per config.",
         example=EXAMPLE,
     )
-    p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML configs, or directories of them")
+    p.add_argument(
+        "configs", nargs="+", metavar="CONFIG", help="YAML configs, preset names (sink_recent) or directories of them"
+    )
     p.add_argument(
         "--prompts",
         metavar="FILE",

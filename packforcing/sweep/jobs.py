@@ -306,7 +306,8 @@ def expand_jobs(
     base = [*overrides, f"run.device={device}"]
     prompts = list(prompts) if prompts else [Prompt(DEFAULT_PROMPT)]
     jobs: list[SweepJob] = []
-    for path, name in zip(configs, config_names(configs), strict=True):
+    files = [_config_file(path) for path in configs]
+    for path, name in zip(files, config_names(files), strict=True):
         config = check_config(load_config(path, base))
         resolved = config.resolved()
         length = blocks if blocks is not None else config.run.blocks
@@ -317,13 +318,20 @@ def expand_jobs(
             prompt = _in_blocks(prompt, config)
             chash = config_hash(resolved, without_prompts=prompt.schedule is not None)
             for seed in seeds:
-                jobs.append(
-                    SweepJob(str(Path(path).resolve()), name, chash, policy, prompt, seed, length, overrides, device)
-                )
+                jobs.append(SweepJob(path, name, chash, policy, prompt, seed, length, overrides, device))
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError("two jobs would share a run directory; give the configs or prompts distinct names")
     return jobs
+
+
+def _config_file(source: str) -> str:
+    """A config file or preset name (``sink_recent``) as an absolute file path, so a job finds
+    it from any working directory (left as given when missing: the loader reports it)."""
+    from packforcing import presets
+
+    path = presets.resolve(source)
+    return str(path.resolve()) if path.is_file() else source
 
 
 def blocks_for_seconds(config: Any, seconds: float) -> int:
