@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,7 +11,14 @@ import packforcing as pf
 from packforcing.core.sampler import block_noise, fresh_noise
 from packforcing.testing import block_causal_mask
 
-from .wan_fixtures import tiny_transformer, write_diffusers, write_embeds, write_self_forcing, write_wan
+from .wan_fixtures import (
+    official_state,
+    tiny_transformer,
+    write_diffusers,
+    write_embeds,
+    write_self_forcing,
+    write_wan,
+)
 
 pytest.importorskip("diffusers")
 
@@ -207,3 +216,217 @@ def test_import_and_tiny_dit_do_not_import_diffusers():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------- equivalences, memory
+def latents_of(engine, wan_dir, blocks=NUM_BLOCKS, seed=3):
+    return [b.latents for b in engine.generate(blocks, seed=seed, conditions=prompt(wan_dir))]
+
+
+def test_full_equals_a_covering_window_and_sink_recent_without_sink_equals_the_window(wan_dir):
+    path = wan_dir / "pipeline"
+    full = latents_of(pf.build_engine(wan_config(path, {"name": "full"})), wan_dir)
+    covering = {"name": "sliding_window", "window_frames": NUM_BLOCKS * FRAMES}
+    wide = latents_of(pf.build_engine(wan_config(path, covering)), wan_dir)
+    assert all(torch.equal(a, b) for a, b in zip(full, wide, strict=True))
+    window = latents_of(pf.build_engine(wan_config(path, {"name": "sliding_window", "window_frames": FRAMES})), wan_dir)
+    no_sink = {"name": "sink_recent", "sink_frames": 0, "window_frames": FRAMES}
+    sink_recent = latents_of(pf.build_engine(wan_config(path, no_sink)), wan_dir)
+    assert all(torch.equal(a, b) for a, b in zip(window, sink_recent, strict=True))
+    assert not torch.equal(full[-1], window[-1])
+
+
+BIG = {"latent_height": 8, "latent_width": 8}  # 4 x 4 tokens per frame: room to pool
+PACKFORCING = {
+    "policy": {"name": "packforcing", "sink_frames": FRAMES, "recent_frames": FRAMES, "mid_capacity_blocks": 3},
+    "compressor": {"name": "pool", "window": [2, 2, 2]},
+    "selector": {"name": "topk", "k": 2, "min_queries": 4},
+    "positional": {"name": "temporal_rope_shift"},
+}
+
+
+def packforcing_config(wan_dir, **sections):
+    config = wan_config(wan_dir / "pipeline", PACKFORCING["policy"], **BIG)
+    config.update({k: v for k, v in PACKFORCING.items() if k != "policy"}, **sections)
+    return config
+
+
+def test_packforcing_with_pool_runs_on_wan_with_flat_memory_equal_to_the_plan(wan_dir):
+    config = packforcing_config(wan_dir)
+    blocks = 9
+    planned = pf.plan(config, num_blocks=blocks)
+    engine = pf.build_engine(config)
+    stats = [b.stats for b in engine.generate(blocks, seed=1, conditions=prompt(wan_dir))]
+    held = [s.bytes for s in stats]
+    assert held[-1] == max(held) == planned.bytes
+    assert stats[-1].tiers == planned.tiers
+    assert held[-4:] == [held[-1]] * 4  # flat once sink, mid bank and recent are full
+    assert stats[-1].archive.blocks == blocks - 1 - 3 - 1  # all but sink, the mid bank and recent
+    full = wan_config(wan_dir / "pipeline", {"name": "full"}, **BIG)
+    assert pf.plan(full, num_blocks=blocks).bytes > 2 * planned.bytes
+
+
+@pytest.mark.filterwarnings("ignore::packforcing.compressors.dual_branch.UntrainedCompressorWarning")
+def test_dual_branch_hr_branch_runs_on_wan_through_project_kv(wan_dir):
+    config = packforcing_config(wan_dir, compressor={"name": "dual_branch", "lr": False, "hr_channels": [4, 8, 8, 16]})
+    engine = pf.build_engine(config)
+    blocks = list(engine.generate(7, seed=2, conditions=prompt(wan_dir)))
+    mid = engine.policy.tier_blocks("mid")
+    assert mid and all(b.fidelity == "dual_branch" for b in mid)
+    assert all(torch.isfinite(b.latents).all() for b in blocks)
+    assert blocks[-1].stats.bytes == pf.plan(config, num_blocks=7).bytes
+
+
+def test_project_kv_of_the_full_hidden_states_reproduces_clean_kv_at_timestep_zero(wan_dir):
+    """project_kv runs each layer's own norm, t=0 modulation, K/V projections and RoPE: on the
+    first layer's input it equals the clean pass's first-layer K/V."""
+    from packforcing.core.context import EmptyContext
+
+    engine = pf.build_engine(wan_config(wan_dir / "pipeline", {"name": "full"}))
+    model = engine.model
+    latents = torch.randn(1, 4, FRAMES, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(0))
+    cond = model.encode_condition({"embeds": str(wan_dir / "prompt.safetensors")})
+    keys, values = model.clean_kv(latents, EmptyContext(pf.attention.SdpaBackend(), 5.0), cond)
+    hidden = model.transformer.patch_embedding(latents).flatten(2).transpose(1, 2)
+    pk, pv = model.project_kv(hidden, (FRAMES, HEIGHT // 2, WIDTH // 2), 5.0, 1.0, 1.0)
+    assert len(pk) == len(keys) == 2
+    assert torch.allclose(pk[0], keys[0], atol=1e-5) and torch.allclose(pv[0], values[0], atol=1e-5)
+
+
+# ---------------------------------------------------------------------- conditions
+def test_cross_attention_kv_is_computed_once_per_condition_and_layer(wan_dir):
+    engine = pf.build_engine(wan_config(wan_dir / "pipeline", {"name": "full"}))
+    calls = []
+    for i, block in enumerate(engine.model.transformer.blocks):
+        block.attn2.to_k.register_forward_hook(lambda module, args, out, i=i: calls.append(i))
+    schedule = [*prompt(wan_dir), {"from_block": 2, "embeds": str(wan_dir / "other.safetensors")}]
+    blocks = list(engine.generate(4, seed=0, conditions=schedule))
+    assert calls == [0, 1, 0, 1]  # 4 blocks x (4 sampler steps + clean pass): two conditions, once per layer
+    list(engine.generate(2, seed=0, conditions=schedule))
+    assert len(calls) == 4  # the engine keeps encoded conditions across sessions
+    first, second = ({"embeds": segment["embeds"]} for segment in schedule)
+    assert [b.condition for b in blocks] == [first, first, second, second]
+
+
+def test_a_prompt_switch_takes_effect_at_the_block_boundary_and_is_recorded_in_the_cache(wan_dir):
+    config = wan_config(wan_dir / "pipeline", {"name": "full"})
+    schedule = [*prompt(wan_dir), {"from_block": 2, "embeds": str(wan_dir / "other.safetensors")}]
+    switched_engine = pf.build_engine(config)
+    switched = [b.latents for b in switched_engine.generate(4, seed=4, conditions=schedule)]
+    constant = latents_of(pf.build_engine(config), wan_dir, blocks=4, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(switched[:2], constant[:2], strict=True))
+    assert rel_err(switched[2], constant[2]) > 1e-3
+    policy = switched_engine.policy
+    cached = sorted((b for t in policy.tier_names for b in policy.tier_blocks(t)), key=lambda b: b.block_id)
+    assert [b.condition["embeds"] for b in cached] == [schedule[0]["embeds"]] * 2 + [schedule[1]["embeds"]] * 2
+
+
+def test_bad_condition_specs_are_one_line_errors_naming_the_segment(wan_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    engine = pf.build_engine(wan_config(wan_dir / "pipeline", {"name": "full"}))
+    save_file({"prompt_embeds": torch.zeros(5, 7)}, str(tmp_path / "wrong_dim.safetensors"))
+    save_file({"embeds": torch.zeros(5, 32)}, str(tmp_path / "wrong_key.safetensors"))
+    cases = {
+        "conditions[0].embeds: missing.safetensors: no such file": {"embeds": "missing.safetensors"},
+        "expected [L, 32]": {"embeds": str(tmp_path / "wrong_dim.safetensors")},
+        "no tensor 'prompt_embeds' (found: embeds)": {"embeds": str(tmp_path / "wrong_key.safetensors")},
+        "conditions[0].prompt: model wan takes a condition {embeds: FILE}": {"prompt": "a fox"},
+    }
+    for message, spec in cases.items():
+        with pytest.raises(pf.ConditionError) as info:
+            engine.session(conditions=[{"from_block": 0, **spec}])
+        assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------- checkpoint errors
+class NotATensor:
+    """Something a weights-only load must refuse to unpickle."""
+
+
+def broken_checkpoints(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """Files with one problem each, and the message expected for each."""
+    from safetensors.torch import save_file
+
+    model = tiny_transformer()
+    cases = {}
+    state = official_state(model)
+    missing = tmp / "missing"
+    write_wan(model, missing)
+    save_file({k: v for k, v in state.items() if k != "blocks.1.ffn.2.bias"}, str(missing / "wan2.1_t2v.safetensors"))
+    cases["missing"] = (missing / "wan2.1_t2v.safetensors", "missing tensor 'blocks.1.ffn.net.2.bias'")
+    shaped = tmp / "shaped"
+    write_wan(model, shaped)
+    save_file({**state, "head.head.weight": torch.zeros(3, 64)}, str(shaped / "wan2.1_t2v.safetensors"))
+    cases["mis-shaped"] = (
+        shaped / "wan2.1_t2v.safetensors",
+        "tensor 'proj_out.weight' has shape [3, 64], expected [16, 64]",
+    )
+    extra = tmp / "extra"
+    write_wan(model, extra)
+    save_file({**state, "blocks.0.lora.weight": torch.zeros(2)}, str(extra / "wan2.1_t2v.safetensors"))
+    cases["unexpected"] = (extra / "wan2.1_t2v.safetensors", "unexpected tensor 'blocks.0.lora.weight'")
+    garbage = tmp / "garbage.safetensors"
+    garbage.write_text("this is not a checkpoint at all\n")
+    cases["garbage"] = (
+        garbage,
+        "not a diffusers folder, an official Wan .safetensors file or a Self-Forcing torch file",
+    )
+    no_generator = tmp / "nogen" / "ckpt.pt"
+    no_generator.parent.mkdir()
+    torch.save({"critic": {}}, str(no_generator))
+    cases["no generator"] = (no_generator, "no generator_ema or generator entry (found: critic)")
+    pickled = tmp / "pickled" / "ckpt.pt"
+    pickled.parent.mkdir()
+    torch.save({"generator_ema": NotATensor()}, str(pickled))
+    cases["arbitrary object"] = (pickled, "not a readable torch checkpoint (weights only)")
+    return cases
+
+
+def test_bad_checkpoints_are_one_line_errors_at_model_path_in_build_and_validate(tmp_path, capsys):
+    from packforcing.cli import main
+
+    for name, (file, message) in broken_checkpoints(tmp_path).items():
+        config = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        config.write_text(
+            f"model: {{name: wan, path: '{file}', frames_per_block: 2, latent_height: 4, latent_width: 6}}\n"
+            "policy: full\nattention: sdpa\nsampler: {name: self_forcing}\nrun: {device: cpu}\n"
+        )
+        with pytest.raises(pf.ConfigError) as info:
+            pf.build_engine(str(config))
+        text = str(info.value)
+        assert text.startswith(f"{config.name}: model.path: {file}: ") or text.startswith(
+            f"{config}: model.path: {file}: "
+        ), (name, text)
+        assert message in text and "\n" not in text, (name, text)
+        assert main(["validate", str(config)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "model.path" in err and message in err, (name, err)
+
+
+def test_generate_cli_runs_a_wan_preset_given_a_checkpoint(wan_dir, tmp_path, capsys):
+    import json
+
+    from packforcing.cli import main
+
+    out = tmp_path / "run"
+    sets = [
+        f"model.path={wan_dir / 'pipeline'}",
+        f"model.frames_per_block={FRAMES}",
+        f"model.latent_height={HEIGHT}",
+        f"model.latent_width={WIDTH}",
+        "run.device=cpu",
+        "run.dtype=float32",
+        "attention.name=sdpa",
+        f"run.prompts=[{{from_block: 0, embeds: '{wan_dir / 'prompt.safetensors'}'}}]",
+    ]
+    args = ["generate", "--config", "configs/wan2.1-1.3b/self_forcing.yaml", "--blocks", "3", "--out", str(out)]
+    code = main([*args, "--no-progress", *(x for s in sets for x in ("--set", s))])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["model"]["name"] == "wan" and len(report["blocks"]) == 3
+    assert report["conditions"] == [{"from_block": 0, "embeds": str(wan_dir / "prompt.safetensors")}]
+    planned = pf.plan(pf.load_config("configs/wan2.1-1.3b/self_forcing.yaml", sets), num_blocks=3)
+    assert report["blocks"][-1]["cache_bytes"] == report["peak_cache_bytes"] == planned.bytes > 0
+    assert not (out / "video.mp4").exists()  # the transformer alone has no decoder
+    assert "video.mp4" not in capsys.readouterr().out

@@ -161,7 +161,7 @@ class ReturnTracker:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from packforcing.core.build import build_engine, build_for_planning
+    from packforcing.core.build import build_engine, build_for_planning, generation_blocker
     from packforcing.core.conditions import ConditionError, ConditionSchedule
     from packforcing.core.config import load_config
     from packforcing.core.errors import ConfigError
@@ -183,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
     config_path = args.config
     config = load_config(config_path, overrides)
     # geometry first (no weights): seconds -> blocks, the prompt schedule, the CPU check
+    blocker = generation_blocker(config)
+    if blocker is not None:  # a shapes-only preset: say so before anything else
+        raise ConfigError(f"cannot generate: {blocker}", source=config.source_of("model"), path="model")
     env = build_for_planning(config)
     g = env.geometry
     stride = temporal_stride_of(env.model)
@@ -267,8 +270,9 @@ def run(args: argparse.Namespace) -> int:
             writer.close()
     report.write(out / "report.json")
     plot_memory(report.as_dict(), out / "memory.png", full_per_block)
+    video_note = f"{out / 'video.mp4'}, " if writers else ""
     print(
-        f"wrote {out / 'video.mp4'}, {out / 'report.json'}, {out / 'memory.png'}: {run_params.blocks} blocks "
+        f"wrote {video_note}{out / 'report.json'}, {out / 'memory.png'}: {run_params.blocks} blocks "
         f"in {report.total_seconds:.1f}s, peak cache {report.peak_cache_bytes / 2**20:.2f} MiB"
     )
     return 0

@@ -15,9 +15,11 @@ EXAMPLE = """example:
   packforcing validate configs/full.yaml --set policy.page_blocks=0
 
 Each config is loaded (extends, overrides), every component is built as for planning (no
-weights, nothing allocated) and cross-checked, and its memory plan is computed. Prints
-'<file>: OK' per valid config and one 'error: <file>: <key.path>: <problem>' line per invalid
-one; the exit status is 2 if any config is invalid.
+weights, nothing allocated; a checkpoint's tensor names and shapes are checked from its
+headers) and cross-checked, and its memory plan is computed. Prints '<file>: OK' per valid
+config (noting configs that can plan but not generate, e.g. a shapes-only model) and one
+'error: <file>: <key.path>: <problem>' line per invalid one; the exit status is 2 if any
+config is invalid.
 """
 
 
@@ -53,7 +55,7 @@ def expand(paths: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from packforcing.core.build import check_config
+    from packforcing.core.build import check_config, generation_blocker
     from packforcing.core.config import load_config
     from packforcing.core.errors import ConfigError
 
@@ -71,5 +73,7 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             print(f"error: {one_line(exc)}", file=sys.stderr)
             continue
-        print(f"{config.source or name}: OK")
+        blocker = generation_blocker(config)
+        note = f" (plans memory only, cannot generate: {blocker})" if blocker else ""
+        print(f"{config.source or name}: OK{note}")
     return EXIT_CONFIG if failed else 0

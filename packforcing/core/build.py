@@ -194,6 +194,14 @@ def _under(prefix: str, path: str | None) -> str:
     return f"{prefix}.{path}"
 
 
+def generation_blocker(config: Config) -> str | None:
+    """Why ``config`` can plan memory but not generate (its model params' ``cannot_generate()``,
+    e.g. a shapes-only model or a real model without weights), or ``None``."""
+    spec = config.components.get("model")
+    check = getattr(spec.params, "cannot_generate", None) if spec is not None else None
+    return check() if callable(check) else None
+
+
 def build_engine(
     config: Config | Mapping[str, Any] | str, *, registry: Any = None, wrap: Wrap | None = None
 ) -> GenerationEngine:
@@ -206,6 +214,9 @@ def build_engine(
     registry = _registry(registry)
     if not isinstance(config, Config):
         config = load_config(config, registry=registry)
+    blocker = generation_blocker(config)
+    if blocker is not None:
+        raise ConfigError(f"cannot generate: {blocker}", source=config.source_of("model"), path="model")
     env = _environment(config, registry, wrap=wrap)
     policy = _policy(config, env)
     if wrap is not None:

@@ -27,6 +27,10 @@ class GeometryParams:
     frames_per_block: int = attrs.field(default=4, validator=positive)
     hidden_size: int | None = None
 
+    def cannot_generate(self) -> str | None:
+        """Why this model cannot generate (it has shapes, no weights)."""
+        return "model geometry only describes shapes, for planning memory (use a real model such as wan)"
+
 
 class GeometryOnlyModel:
     """Satisfies the shape side of :class:`~packforcing.core.interfaces.BlockModel`."""

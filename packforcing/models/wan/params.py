@@ -81,5 +81,5 @@ class WanParams:
     def cannot_generate(self) -> str | None:
         """Why this config can plan but not generate, or ``None``."""
         if self.path is None:
-            return "model wan has no path: it plans Wan2.1-T2V-1.3B memory but cannot generate (set model.path)"
+            return "model wan has no path: it plans Wan2.1-T2V-1.3B memory only (set model.path to a checkpoint)"
         return None
