@@ -236,7 +236,12 @@ def run(args: argparse.Namespace) -> int:
         details={"video": video, **({"prompts": texts} if texts else {})},
     )
     try:
-        session = engine.session(seed=run_params.seed, batch_size=run_params.batch_size, conditions=schedule)
+        session = engine.session(
+            seed=run_params.seed,
+            batch_size=run_params.batch_size,
+            conditions=schedule,
+            recache=run_params.recache,
+        )
     except ConditionError as exc:
         path = exc.path("run.prompts")
         raise ConfigError(exc.message, source=config.source_of(path), path=path) from None

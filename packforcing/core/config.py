@@ -91,6 +91,9 @@ class RunParams:
     prompts: list[dict[str, Any]] | None = attrs.field(default=None, validator=_prompts)
     """Per-block condition schedule ``[{from_block: 0, **spec}, ...]`` (model-specific specs, e.g.
     ``{embeds: FILE}`` for ``wan``); ``None``: unconditional."""
+    recache: bool = False
+    """At each prompt switch, re-run the clean pass of the blocks held at full resolution under the
+    new prompt (LongLive's KV re-cache)."""
 
     def schedule(self) -> ConditionSchedule:
         """``prompts`` as a :class:`~packforcing.core.conditions.ConditionSchedule`."""

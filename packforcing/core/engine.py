@@ -72,9 +72,18 @@ class GenerationEngine:
         return self._conditions[key]
 
     def session(
-        self, *, seed: int = 0, batch_size: int = 1, conditions: Sequence[Mapping[str, Any]] | None = None
+        self,
+        *,
+        seed: int = 0,
+        batch_size: int = 1,
+        conditions: Sequence[Mapping[str, Any]] | None = None,
+        recache: bool = False,
     ) -> GenerationSession:
         """A new video from an empty cache (the cache is reset).
+
+        ``recache``: at each switch of condition, re-run the clean pass of the blocks the policy
+        holds at full resolution under the new condition (LongLive's KV re-cache; see
+        :meth:`GenerationSession.recache`).
 
         ``conditions``: a schedule ``[{"from_block": 0, **spec}, ...]`` (see
         :mod:`packforcing.core.conditions`); every distinct spec is encoded before this returns, so
@@ -103,7 +112,9 @@ class GenerationEngine:
                     raise ConditionError(rest, index=i, key=head) from None
                 raise ConditionError(message, index=i) from None
         self.policy.reset()
-        session = GenerationSession(self, seed=seed, batch_size=batch_size, schedule=schedule, encoded=encoded)
+        session = GenerationSession(
+            self, seed=seed, batch_size=batch_size, schedule=schedule, encoded=encoded, recache=recache
+        )
         self._session = weakref.ref(session)
         return session
 

@@ -183,6 +183,13 @@ class TimedPolicy(CachePolicy):
     def plan(self, num_blocks: int, batch_size: int = 1) -> MemoryPlan:
         return self.inner.plan(num_blocks, batch_size)
 
+    def full_resolution_blocks(self) -> list[CachedBlock]:
+        return self.inner.full_resolution_blocks()
+
+    def replace_kv(self, block_id, keys, values, *, position, condition=None) -> None:
+        with self.timer.section("commit"):
+            self.inner.replace_kv(block_id, keys, values, position=position, condition=condition)
+
     def stats(self) -> CacheStats:
         return self.inner.stats()
 

@@ -220,6 +220,24 @@ class CachePolicy(abc.ABC):
     def context(self, query: BlockQuery) -> AttentionContext:
         """Attention context for a forward pass of the block ``query``."""
 
+    def full_resolution_blocks(self) -> list[CachedBlock]:
+        """Blocks held at full resolution, oldest first: what a prompt-switch re-cache recomputes
+        (:meth:`replace_kv`). The default holds none (re-caching is then a no-op)."""
+        return []
+
+    def replace_kv(
+        self,
+        block_id: int,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        *,
+        position: float,
+        condition: Any = None,
+    ) -> None:
+        """Overwrite the per-layer K/V ``[B, N, H, D]`` of full-resolution block ``block_id`` in
+        place (keys rotated at ``position``), recording ``condition``; nothing else moves."""
+        raise NotImplementedError(f"policy {self.name!r} cannot replace a cached block's K/V")
+
     @abc.abstractmethod
     def plan(self, num_blocks: int, batch_size: int = 1) -> MemoryPlan:
         """Peak tokens and bytes per tier over ``num_blocks`` commits, without allocating."""

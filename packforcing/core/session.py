@@ -58,8 +58,13 @@ class GenerationSession:
         batch_size: int,
         schedule: ConditionSchedule,
         encoded: list[Any],
+        recache: bool = False,
     ) -> None:
         self.engine = engine
+        self.recache_on_switch = recache
+        """Re-cache the full-resolution blocks under the new condition at every switch."""
+        self._latents: dict[int, torch.Tensor] = {}
+        """Clean latents of the blocks the policy holds at full resolution (kept for re-caching)."""
         self.seed = seed
         self.batch_size = batch_size
         self.schedule = schedule
@@ -106,6 +111,7 @@ class GenerationSession:
         self._check_open()
         started = time.perf_counter()
         index = self._blocks_done
+        self._recache_at_switch(index)
         latents = self._sample(index)
         return self._commit(self.engine.query(index), latents, self._condition(index), started, observed=False)
 
@@ -116,6 +122,36 @@ class GenerationSession:
         this measures teacher-forced prediction (predict a block, then commit the true one)."""
         self._check_open()
         return self._sample(self._blocks_done)
+
+    def _recache_at_switch(self, index: int) -> None:
+        if self.recache_on_switch and index > 0 and index in self.schedule.starts:
+            if self.condition_spec(index) != self.condition_spec(index - 1):
+                self.recache(index)
+
+    @torch.no_grad()
+    def recache(self, index: int | None = None) -> int:
+        """Re-run the clean pass of every block the policy holds at full resolution under the
+        condition of block ``index`` (default: the next block), oldest first, each attending only
+        the blocks before it, and replace their cached K/V in place: LongLive's KV re-cache on a
+        prompt switch, so the recent history carries the new prompt. Needs the blocks' latents,
+        kept by a session opened with ``recache=True``. Returns the number of blocks re-cached.
+        """
+        self._check_open()
+        engine = self.engine
+        index = self._blocks_done if index is None else index
+        condition, spec = self._condition(index), self.condition_spec(index)
+        done = 0
+        for block in engine.policy.full_resolution_blocks():
+            latents = self._latents.get(block.block_id)
+            if latents is None:
+                raise SessionError(
+                    f"recache: the latents of block {block.block_id} were not kept (open the session with recache=True)"
+                )
+            context = engine.policy.context(engine.query(block.block_id))
+            keys, values = engine.model.clean_kv(latents, context, condition=condition)
+            engine.policy.replace_kv(block.block_id, keys, values, position=context.position, condition=spec)
+            done += 1
+        return done
 
     def _sample(self, index: int) -> torch.Tensor:
         engine = self.engine
@@ -149,6 +185,7 @@ class GenerationSession:
             raise ValueError("observe: the latents hold NaN or Inf values")
         latents = latents.to(device=engine.device, dtype=engine.dtype)
         index = self._blocks_done
+        self._recache_at_switch(index)
         return self._commit(engine.query(index), latents, self._condition(index), started, observed=True)
 
     def _commit(
@@ -172,6 +209,10 @@ class GenerationSession:
             )
         )
         self._blocks_done += 1
+        if self.recache_on_switch:
+            held = {b.block_id for b in engine.policy.full_resolution_blocks()}
+            self._latents[query.block_id] = latents
+            self._latents = {i: x for i, x in self._latents.items() if i in held}
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
         return GeneratedBlock(

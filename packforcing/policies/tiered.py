@@ -389,11 +389,48 @@ class TieredPolicy(CachePolicy):
             self._where[move.block_id] = move.dst
         self._last_block_id = commit.block_id
 
+    def full_resolution_blocks(self) -> list[CachedBlock]:
+        """Blocks of the full-fidelity tiers (sink, recent, ...), oldest first."""
+        held = [b for t in self._tiers if t.compressor is None for b in t.blocks]
+        return sorted(held, key=lambda b: b.block_id)
+
+    def replace_kv(
+        self,
+        block_id: int,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        *,
+        position: float,
+        condition: Any = None,
+    ) -> None:
+        where = self._where.get(block_id)
+        tier = self._tiers[where] if isinstance(where, int) else None
+        if tier is None or tier.compressor is not None:
+            raise ValueError(f"block {block_id} is not held at full resolution (it is in {where or 'no tier'})")
+        check_finite(keys, values, f"block {block_id}")
+        i = next(i for i, b in enumerate(tier.blocks) if b.block_id == block_id)
+        block = tier.blocks[i]
+        n = block.slot.num_layers
+        slots = [block.slot.layer_kv(layer) for layer in range(n)]
+        if (
+            len(keys) != n
+            or len(values) != n
+            or any(keys[i].shape != slots[i][0].shape or values[i].shape != slots[i][1].shape for i in range(n))
+        ):
+            raise ValueError(f"block {block_id}: the new K/V do not match the cached block's layers and shapes")
+        for (k, v), (k_slot, v_slot) in zip(zip(keys, values, strict=True), slots, strict=True):  # checked first
+            k_slot.copy_(k)
+            v_slot.copy_(v)
+        tier.blocks[i] = attrs.evolve(block, position=position, condition=condition)
+
     # ------------------------------------------------------------------ attention
     def context(self, query: BlockQuery) -> TieredContext:
-        groups: list[tuple[list[CachedBlock], bool]] = [
-            (list(t.blocks), t.spec.select) for t in self._tiers if t.blocks
-        ]
+        # only blocks before the query (all of them while generating; the older ones on a re-cache)
+        groups: list[tuple[list[CachedBlock], bool]] = []
+        for t in self._tiers:
+            blocks = [b for b in t.blocks if b.block_id < query.block_id]
+            if blocks:
+                groups.append((blocks, t.spec.select))
         return TieredContext(
             groups=groups,
             query=query,
