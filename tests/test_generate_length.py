@@ -12,7 +12,16 @@ from packforcing.output.video import blocks_for_seconds, latent_frame_of, pixel_
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "sink_recent.yaml")
-TINY = ["--set", "model.hidden_size=32", "--set", "model.num_layers=2", "--set", "run.device=cpu"]
+TINY = [
+    "--set",
+    "model.hidden_size=32",
+    "--set",
+    "model.num_layers=2",
+    "--set",
+    "model.weights=null",
+    "--set",
+    "run.device=cpu",
+]
 
 
 @pytest.mark.parametrize(
@@ -74,6 +83,7 @@ def test_full_size_model_on_the_cpu_is_refused_up_front(tmp_path, capsys):
     wan_sized = [
         "--set", "model.hidden_size=1536", "--set", "model.num_heads=12", "--set", "model.num_layers=30",
         "--set", "model.latent_height=60", "--set", "model.latent_width=104", "--set", "run.device=cpu",
+        "--set", "model.weights=null",
     ]  # fmt: skip
     code = main(["generate", "--config", CONFIG, "--seconds", "120", "--out", str(tmp_path / "o"), *wan_sized])
     err = capsys.readouterr().err
