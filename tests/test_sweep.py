@@ -14,15 +14,29 @@ from packforcing.sweep import ResultsFile, expand_jobs, load_prompts, parse_seed
 from packforcing.sweep.jobs import Prompt, config_names
 from packforcing.sweep.runner import execute
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.latent_height=4",
-    "model.latent_width=4",
-    "sampler.steps=2",
-]
-"""Overrides making every job a few milliseconds per block."""
+TINY = ["sampler.steps=2"]
+"""A ``--set`` every job gets (the configs say 3 steps)."""
+
+CONFIGS = {
+    "full": """# tiny, untrained tiny_dit with the full cache
+model: {name: tiny_dit, hidden_size: 32, num_heads: 2, num_layers: 2, latent_height: 4, latent_width: 4}
+policy: {name: full}
+attention: {name: sdpa}
+sampler: {steps: 3}
+run: {blocks: 16, device: auto}
+""",
+    "sink_recent": "extends: full.yaml\npolicy: {name: sink_recent, sink_frames: 4, window_frames: 4}\n",
+    "sliding_window": "extends: full.yaml\npolicy: {name: sliding_window, window_frames: 8}\n",
+}
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    """The sweep's config files, written for the module: name -> path."""
+    root = tmp_path_factory.mktemp("configs")
+    for name, text in CONFIGS.items():
+        (root / f"{name}.yaml").write_text(text)
+    return {name: str(root / f"{name}.yaml") for name in CONFIGS}
 
 
 def _sets(overrides=TINY):
@@ -42,7 +56,7 @@ def test_seeds_and_config_names():
     ]
 
 
-def test_prompt_files(tmp_path):
+def test_prompt_files(cfg, tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("# VBench-style list\na red fox runs\n\na city at night, rain\n")
     prompts = load_prompts(txt)
@@ -63,7 +77,7 @@ def test_prompt_files(tmp_path):
     cut, emb = load_prompts(timed)
     assert emb.schedule == ({"from_block": 0, "embeds": str(tmp_path / "e/p0.safetensors")},)
     # seconds become blocks per config: 1.5 s at 16 fps = pixel frame 24 = latent frame 24 → block 6
-    (job,) = expand_jobs([str(REPO / "configs/full.yaml")], prompts=[cut], blocks=8, overrides=TINY)
+    (job,) = expand_jobs([cfg["full"]], prompts=[cut], blocks=8, overrides=TINY)
     assert job.prompt.schedule == ({"from_block": 0, "scene": 0}, {"from_block": 6, "scene": 1})
     timed.write_text("- {schedule: [{from_second: 0, scene: 0}, {from_second: 0, scene: 1}]}\n")
     with pytest.raises(ConfigError, match=r"timed.yaml: \[0\]: schedule\[1\].from_second: must be greater than 0"):
@@ -80,8 +94,8 @@ def test_prompt_files(tmp_path):
         load_prompts(bad)
 
 
-def test_expand_jobs_cross_product_and_keys():
-    configs = [str(REPO / "configs/full.yaml"), str(REPO / "configs/sink_recent.yaml")]
+def test_expand_jobs_cross_product_and_keys(cfg):
+    configs = [cfg["full"], cfg["sink_recent"]]
     prompts = [Prompt("a", ({"from_block": 0, "prompt": "x"},)), Prompt("b", ({"from_block": 0, "prompt": "y"},))]
     jobs = expand_jobs(configs, prompts=prompts, seeds=[0, 1], blocks=3, overrides=TINY)
     assert len(jobs) == 2 * 2 * 2
@@ -107,19 +121,19 @@ def test_expand_jobs_cross_product_and_keys():
 
 def test_preset_names_work_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    jobs = expand_jobs(["full", "sink_recent"], blocks=1, overrides=TINY)
+    jobs = expand_jobs(["full", "sink_recent"], blocks=1, overrides=[*TINY, "model.weights=null"])
     assert [j.name for j in jobs] == ["full-default-0", "sink_recent-default-0"]
     assert all(Path(j.config_path).is_absolute() and Path(j.config_path).is_file() for j in jobs)
 
 
-def test_seconds_convert_with_the_geometry():
-    jobs = expand_jobs([str(REPO / "configs/full.yaml")], seconds=2.0, overrides=TINY)
+def test_seconds_convert_with_the_geometry(cfg):
+    jobs = expand_jobs([cfg["full"]], seconds=2.0, overrides=TINY)
     # 2 s at 16 fps = 32 frames, one latent frame each, 4 frames per block
     assert jobs[0].blocks == 8
 
 
-def test_failed_job_is_one_line_record(tmp_path):
-    (job,) = expand_jobs([str(REPO / "configs/full.yaml")], blocks=1, overrides=TINY)
+def test_failed_job_is_one_line_record(cfg, tmp_path):
+    (job,) = expand_jobs([cfg["full"]], blocks=1, overrides=TINY)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / job.name).write_text("a file where the run directory should be")
     record = execute(job, str(tmp_path))
@@ -128,8 +142,8 @@ def test_failed_job_is_one_line_record(tmp_path):
     assert record["job"] == "full-default-0" and record["seed"] == 0 and record["blocks"] == 1
 
 
-def test_results_file_and_summary(tmp_path):
-    configs = [str(REPO / "configs/full.yaml"), str(REPO / "configs/sink_recent.yaml")]
+def test_results_file_and_summary(cfg, tmp_path):
+    configs = [cfg["full"], cfg["sink_recent"]]
     jobs = expand_jobs(configs, seeds=[0, 1, 2], blocks=2, overrides=TINY)
     results = ResultsFile(tmp_path / "results.jsonl")
     peaks = {}
@@ -173,9 +187,9 @@ def local_ray():
     ray.shutdown()
 
 
-def test_sweep_runs_like_generate_skips_on_rerun_and_records_failures(local_ray, tmp_path, capsys):
+def test_sweep_runs_like_generate_skips_on_rerun_and_records_failures(local_ray, cfg, tmp_path, capsys):
     out = tmp_path / "sweep"
-    configs = [str(REPO / f"configs/{name}.yaml") for name in ("full", "sink_recent", "sliding_window")]
+    configs = [cfg[name] for name in ("full", "sink_recent", "sliding_window")]
     # the two sliding_window jobs cannot create their run directory: they fail, the others go on
     (out / "runs").mkdir(parents=True)
     for seed in (0, 1):
@@ -202,7 +216,7 @@ def test_sweep_runs_like_generate_skips_on_rerun_and_records_failures(local_ray,
         # each job is exactly `packforcing generate` with the same config, seed and length
         run_dir = out / record["run_dir"]
         alone = tmp_path / "alone" / record["job"]
-        config = f"configs/{record['config']}.yaml"
+        config = cfg[record["config"]]
         overrides = _sets([*TINY, "run.device=cpu"])
         assert main(["generate", "--config", config, "--seed", str(record["seed"]), "--blocks", "3", *overrides,
                      "--out", str(alone), "--no-progress"]) == 0  # fmt: skip
@@ -231,10 +245,10 @@ def test_sweep_runs_like_generate_skips_on_rerun_and_records_failures(local_ray,
     assert "| sliding_window | sliding_window | 3 | 2 / 0 |" in (out / "summary.md").read_text()
 
 
-def test_dead_workers_are_retried_a_bounded_number_of_times(local_ray, tmp_path):
+def test_dead_workers_are_retried_a_bounded_number_of_times(local_ray, cfg, tmp_path):
     from packforcing.sweep import run_sweep
 
-    jobs = expand_jobs([str(REPO / "configs/full.yaml")], seeds=[0, 1], blocks=1, overrides=TINY)
+    jobs = expand_jobs([cfg["full"]], seeds=[0, 1], blocks=1, overrides=TINY)
     marks = tmp_path / "marks"
     marks.mkdir()
 
@@ -259,8 +273,8 @@ def test_dead_workers_are_retried_a_bounded_number_of_times(local_ray, tmp_path)
                                                       "full-default-1.1"]  # fmt: skip
 
 
-def test_gpus_per_job_beyond_the_cluster_is_one_line(local_ray, tmp_path, capsys):
-    config = str(REPO / "configs/full.yaml")
+def test_gpus_per_job_beyond_the_cluster_is_one_line(local_ray, cfg, tmp_path, capsys):
+    config = cfg["full"]
     code = main(["sweep", config, "--blocks", "1", *_sets(), "--gpus-per-job", "3", "--out", str(tmp_path), "--json"])
     assert code == 1
     err = capsys.readouterr().err.strip()
@@ -268,10 +282,10 @@ def test_gpus_per_job_beyond_the_cluster_is_one_line(local_ray, tmp_path, capsys
     assert not (tmp_path / "runs").exists()
 
 
-def test_each_job_holds_a_gpu_of_its_own(local_ray, tmp_path):
+def test_each_job_holds_a_gpu_of_its_own(local_ray, cfg, tmp_path):
     from packforcing.sweep import run_sweep
 
-    jobs = expand_jobs([str(REPO / "configs/full.yaml")], seeds=range(4), blocks=1, overrides=TINY, device="cuda")
+    jobs = expand_jobs([cfg["full"]], seeds=range(4), blocks=1, overrides=TINY, device="cuda")
 
     marks = tmp_path / "started"
     marks.mkdir()
