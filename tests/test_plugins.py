@@ -484,3 +484,60 @@ def test_template_own_test_suite_passes(installed_template):
     result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(installed_template), cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+
+
+# ---------------------------------------------------------------------- one table of kinds
+def test_every_part_reads_the_table_of_kinds():
+    from packforcing.cli import build_parser
+    from packforcing.core.build import BuildEnv
+    from packforcing.core.config import COMPONENT_KEYS, DEFAULT_COMPONENTS, OPTIONAL_COMPONENTS
+    from packforcing.plugins import hookspecs
+    from packforcing.plugins.kinds import KINDS
+
+    registry, _ = create()
+    assert [k.key for k in KINDS] == list(COMPONENT_KEYS)
+    assert {k.key: k.default for k in KINDS if k.default} == DEFAULT_COMPONENTS
+    assert {k.key for k in KINDS if k.optional} == set(OPTIONAL_COMPONENTS)
+    specs = {name for name in dir(hookspecs) if getattr(getattr(hookspecs, name), "packforcing_spec", None)}
+    assert specs == {k.hook for k in KINDS}
+    assert {p.kind for p in registry.providers()} == {k.key for k in KINDS}
+    fields = {f.name for f in attrs.fields(BuildEnv)}
+    for k in KINDS:
+        assert k.env_attr in fields
+        base = k.base_class()
+        classes = [p.factory.component for p in registry.providers() if p.kind == k.key and p.factory.component]
+        assert all(issubclass(c, base) for c in classes) or getattr(base, "_is_protocol", False)
+        assert base.__name__ in hookspecs.__dict__[k.hook].__doc__
+    plugins = build_parser()._subparsers._group_actions[0].choices["plugins"]
+    (kind_option,) = [a for a in plugins._actions if a.dest == "kind"]
+    assert kind_option.choices == [k.key for k in KINDS]
+
+
+def test_kinds_are_built_in_table_order():
+    """Each factory sees in its BuildEnv exactly the kinds listed before its own."""
+    from packforcing.plugins.kinds import KINDS
+
+    seen: dict[str, set[str]] = {}
+
+    def spy(kind):
+        def build(params, env):
+            seen[kind.key] = {k.key for k in KINDS if getattr(env, k.env_attr) is not None}
+            return Registry.create(entry_points=False).build(kind.key, default[kind.key], params, env)
+
+        return build
+
+    default = {"model": "tiny_dit", "attention": "sdpa", "positional": "identity", "selector": "recency",
+               "compressor": "pool", "sampler": "euler", "policy": "packforcing"}  # fmt: skip
+    builtins = Registry.create(entry_points=False)
+    hooks = {
+        k.hook: (lambda k=k: {"spy": ComponentFactory(builtins.factory(k.key, default[k.key]).params, spy(k))})
+        for k in KINDS
+    }
+    registry, problems = create((plugin("spies", **hooks), "spy-dist"))
+    assert problems == []
+    config = {k.key: {"name": "spy"} for k in KINDS}
+    config["policy"] = {"name": "spy", "sink_frames": 4, "recent_frames": 4, "mid_capacity_blocks": 2}
+    config["selector"] = {"name": "spy", "k": 1}
+    pf.build_engine({**config, "run": {"device": "cpu"}}, registry=registry)
+    order = [k.key for k in KINDS]
+    assert seen == {key: set(order[:i]) for i, key in enumerate(order)}

@@ -32,7 +32,6 @@ VERBS = (
 )
 """Modules under packforcing.cli, one per verb, in help order."""
 
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 

@@ -22,7 +22,7 @@ distributions provide the same name, select one in YAML as '<distribution>:<name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from packforcing.plugins.manager import KINDS
+    from packforcing.plugins.kinds import KINDS
 
     p = add_verb(
         sub,
@@ -32,7 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "attention backends, models, samplers) with the distribution and version that provide it.",
         example=EXAMPLE,
     )
-    p.add_argument("--kind", choices=list(KINDS), help="only this kind (a config key)")
+    p.add_argument(
+        "--kind",
+        choices=[k.key for k in KINDS],
+        help="only this kind (its config key): " + ", ".join(f"{k.key} ({k.description})" for k in KINDS),
+    )
     p.add_argument(
         "--json", action="store_true", help="print a JSON list of {kind, name, distribution, version, description}"
     )

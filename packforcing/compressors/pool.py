@@ -57,7 +57,9 @@ def pool_tokens(x: torch.Tensor, grid: Grid, window: tuple[int, int, int]) -> to
 
 
 class PoolCompressor(Compressor):
-    """Training-free, RoPE-aware average pooling of K/V over a token window (see the module docstring)."""
+    """Training-free, RoPE-aware average pooling of K/V over a token window.
+
+    See the module docstring."""
 
     name = "pool"
     needs_latents = False

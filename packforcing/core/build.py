@@ -24,6 +24,7 @@ from packforcing.core.records import MemoryPlan
 from packforcing.core.sampler import Sampler
 from packforcing.core.structure import show, structure
 from packforcing.core.threads import apply_threads
+from packforcing.plugins.kinds import KINDS
 
 
 @attrs.define
@@ -131,14 +132,10 @@ def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap
         config=config,
         plan_only=plan_only,
     )
-    for key, attr in (
-        ("model", "model"),
-        ("attention", "backend"),
-        ("positional", "realigner"),
-        ("selector", "selector"),
-        ("compressor", "compressor"),
-        ("sampler", "sampler"),
-    ):
+    for kind in KINDS:
+        key = kind.key
+        if key == "policy":
+            continue  # built last, by _policy, once every other kind is in the environment
         spec = config.components.get(key)
         if spec is None:
             continue
@@ -149,7 +146,7 @@ def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap
         env.built.append((key, component, spec.params))
         if wrap is not None:
             component = wrap(key, component)
-        setattr(env, attr, component)
+        setattr(env, kind.env_attr, component)
         if key == "model":
             env.geometry = component.geometry
     return env

@@ -42,13 +42,15 @@ from packforcing.core.errors import ConfigError
 from packforcing.core.geometry import DTYPES
 from packforcing.core.structure import show, structure, unstructure
 from packforcing.core.validators import non_negative, one_of, positive
+from packforcing.plugins.kinds import KINDS
 
-COMPONENT_KEYS = ("model", "policy", "compressor", "selector", "positional", "attention", "sampler")
+COMPONENT_KEYS = tuple(k.key for k in KINDS)
+"""Config keys of the component sections, in build order (from :data:`packforcing.plugins.kinds.KINDS`)."""
 TOP_KEYS = (*COMPONENT_KEYS, "run", "text_encoder")
-DEFAULT_COMPONENTS = {"model": "tiny_dit", "positional": "identity", "attention": "auto", "sampler": "euler"}
-NAME_OPTIONAL = ("sampler",)
+DEFAULT_COMPONENTS = {k.key: k.default for k in KINDS if k.default is not None}
+NAME_OPTIONAL = tuple(k.key for k in KINDS if k.name_optional)
 """Component blocks whose ``name`` may be left out (the default component is meant)."""
-OPTIONAL_COMPONENTS = ("compressor", "selector")
+OPTIONAL_COMPONENTS = tuple(k.key for k in KINDS if k.optional)
 OVERRIDE_SOURCE = "--set"
 
 KeyPath = tuple[str, ...]

@@ -194,7 +194,7 @@ class TimedPolicy(CachePolicy):
         return self.inner.stats()
 
 
-_WRAPPERS: dict[str, type] = {
+_WRAPPERS: dict[str, type] = {  # by kind (packforcing.plugins.kinds); samplers are timed as the model calls they make
     "model": TimedModel,
     "attention": TimedBackend,
     "selector": TimedSelector,

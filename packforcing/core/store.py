@@ -114,10 +114,6 @@ class TierStore:
         """Bytes of every tensor this store holds (allocated pages, used or not)."""
         return sum(p.nbytes for p in self.pages) + sum(p.nbytes for p in self.latent_pages)
 
-    @property
-    def kv_nbytes(self) -> int:
-        return sum(p.nbytes for p in self.pages)
-
     # ------------------------------------------------------------------ writes
     def _init_from(self, keys: Sequence[torch.Tensor], latents: torch.Tensor | None) -> None:
         self._batch = keys[0].shape[0]

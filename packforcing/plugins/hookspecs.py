@@ -1,18 +1,24 @@
-"""Hook specifications of packforcing's plugin system.
+"""Hook specifications of packforcing's plugin system, one per kind of component.
 
-Every hook returns a mapping ``name -> ComponentFactory`` (see
-:mod:`packforcing.plugins.factory`). The built-in components register through these same
-hooks (:mod:`packforcing.plugins.builtin`); external packages provide a module under the
-``packforcing`` entry-point group that implements any of them with ``@hookimpl``.
+The hooks are generated from the table of kinds (:data:`packforcing.plugins.kinds.KINDS`):
+``packforcing_models``, ``packforcing_attention_backends``, ``packforcing_realigners``,
+``packforcing_selectors``, ``packforcing_compressors``, ``packforcing_samplers`` and
+``packforcing_policies``. Each returns a mapping ``name -> component class`` (a subclass of the
+kind's interface) or ``name -> ComponentFactory`` (see :mod:`packforcing.plugins.factory`).
+The built-in components register through these same hooks (:mod:`packforcing.plugins.builtin`);
+external packages provide a module under the ``packforcing`` entry-point group that implements
+any of them with ``@hookimpl``. Hooks take no arguments today; pluggy passes an implementation
+only the arguments it names, so a hook can gain arguments without breaking plugins.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pluggy
 
-from packforcing.plugins.factory import ComponentFactory
+from packforcing.plugins.kinds import KINDS, Kind
 
 PROJECT = "packforcing"
 
@@ -20,38 +26,20 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-@hookspec
-def packforcing_policies() -> Mapping[str, ComponentFactory]:
-    """Cache policies (:class:`~packforcing.core.interfaces.CachePolicy`), selected by ``policy.name``."""
+def _spec(kind: Kind) -> Callable[[], Mapping[str, Any]]:
+    def spec() -> Mapping[str, Any]:
+        raise NotImplementedError  # a specification: plugins implement it
+
+    spec.__name__ = spec.__qualname__ = kind.hook
+    spec.__module__ = __name__
+    interface = kind.base.replace(":", ".")
+    spec.__doc__ = (
+        f"{kind.description.capitalize()} (subclasses of :class:`~{interface}`), selected by "
+        f"``{kind.key}.name``: return ``{{name: class or ComponentFactory}}``."
+    )
+    return hookspec(spec)
 
 
-@hookspec
-def packforcing_compressors() -> Mapping[str, ComponentFactory]:
-    """Compressors (:class:`~packforcing.core.interfaces.Compressor`), selected by ``compressor.name``
-    or by a tier's ``fidelity`` mapping."""
-
-
-@hookspec
-def packforcing_selectors() -> Mapping[str, ComponentFactory]:
-    """Relevance selectors (:class:`~packforcing.core.interfaces.Selector`), by ``selector.name``."""
-
-
-@hookspec
-def packforcing_realigners() -> Mapping[str, ComponentFactory]:
-    """Positional realigners (:class:`~packforcing.core.interfaces.PositionalRealigner`), by
-    ``positional.name``."""
-
-
-@hookspec
-def packforcing_attention_backends() -> Mapping[str, ComponentFactory]:
-    """Attention backends (:class:`~packforcing.core.interfaces.AttentionBackend`), by ``attention.name``."""
-
-
-@hookspec
-def packforcing_models() -> Mapping[str, ComponentFactory]:
-    """Models implementing :class:`~packforcing.core.interfaces.BlockModel`, by ``model.name``."""
-
-
-@hookspec
-def packforcing_samplers() -> Mapping[str, ComponentFactory]:
-    """Samplers (:class:`~packforcing.core.sampler.Sampler`), by ``sampler.name``."""
+for _kind in KINDS:
+    globals()[_kind.hook] = _spec(_kind)
+del _kind

@@ -13,7 +13,6 @@ The table names base classes by import path, so reading it (``packforcing --help
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 import attrs
 
@@ -34,6 +33,8 @@ class Kind:
     """Component used when the config has no such section (``None``: required or optional)."""
     optional: bool = False
     """The config may leave the section out and nothing is built."""
+    name_optional: bool = False
+    """A section without ``name`` means the default component (e.g. ``sampler: {steps: 8}``)."""
     description: str = ""
 
     def base_class(self) -> type:
@@ -56,26 +57,10 @@ KINDS: tuple[Kind, ...] = (
     Kind("compressor", "packforcing_compressors", f"{_INTERFACES}:Compressor", "compressor", optional=True,
          description="compressors"),
     Kind("sampler", "packforcing_samplers", "packforcing.core.sampler:Sampler", "sampler", default="euler",
-         description="samplers"),
+         name_optional=True, description="samplers"),
     Kind("policy", "packforcing_policies", f"{_INTERFACES}:CachePolicy", "policy",
          description="cache policies"),
 )  # fmt: skip
 """Every kind, in build order."""
 
 BY_KEY: dict[str, Kind] = {k.key: k for k in KINDS}
-
-
-def kind(key: str) -> Kind:
-    """The kind whose config key is ``key``; a ``LookupError`` naming the known ones otherwise."""
-    try:
-        return BY_KEY[key]
-    except KeyError:
-        raise LookupError(f"unknown component kind {key!r}; expected one of {', '.join(BY_KEY)}") from None
-
-
-def keys() -> list[str]:
-    return [k.key for k in KINDS]
-
-
-def is_protocol(cls: Any) -> bool:
-    return bool(getattr(cls, "_is_protocol", False))
