@@ -207,6 +207,29 @@ def test_broken_compressors_are_caught(cls, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("cls", "contract"),
+    [
+        (MutatesInput, "leaves_the_block_untouched"),
+        (WrongDtype, "returns_the_declared_kv"),
+        (Noisy, "is_deterministic"),
+        (MixesBatch, "treats_batch_items_independently"),
+        (Bigger, "output_grid_is_valid"),
+        (NeedsLatentsQuietly, "works_without_latents"),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_a_failure_names_its_contract(cls, contract):
+    """Each contract is a named function of packforcing.testing.checks.compressor; a failure names it."""
+    from packforcing.testing.checks import compressor
+
+    with pytest.raises(ConformanceError) as info:
+        check_compressor(factory_of(cls), max_examples=20, hypothesis_settings=NO_SHRINK)
+    assert info.value.contract == contract
+    assert str(info.value).endswith(f"[contract: {contract}]")
+    assert callable(getattr(compressor, contract))
+
+
 @attrs.frozen
 class KParams:
     k: int = 2
