@@ -15,7 +15,8 @@ LR branch
     ``lr_pool`` (t, h, w), re-encode, and patch-embed (kernel = stride = ``lr_patch``) to the
     model width on the same grid.
 
-Either branch can be switched off (``hr: false`` / ``lr: false``, for ablations). The tokens
+Either branch can be switched off (``hr: false`` / ``lr: false``, for ablations; ``lr_branch:
+none`` also drops the LR branch, e.g. for a model whose VAE is not loaded). The tokens
 become per-layer K/V through the model's own projections (``model.project_kv``), keys rotated
 on the compressed grid at the block's temporal position (temporal stride 2 frames per token ×
 the block's, spatial stride 4 full-grid tokens).
@@ -85,10 +86,16 @@ class DualBranchParams:
     proj_kernel: int = attrs.field(default=1, validator=_odd)
     lr_pool: tuple[int, int, int] = attrs.field(default=(1, 4, 4), converter=tuple, validator=positive_triple)
     lr_patch: tuple[int, int, int] = attrs.field(default=(2, 2, 2), converter=tuple, validator=positive_triple)
+    lr_branch: str = attrs.field(default="codec", validator=one_of("codec", "none"))
+    """What the LR branch's "decode → pool → re-encode" runs through: ``codec``, the model's own
+    (the Wan VAE for ``wan``, the linear patch codec for ``tiny_dit``); ``none`` drops the branch
+    (``lr`` becomes false)."""
     weights: str | None = None
     seed: int = 0
 
     def __attrs_post_init__(self) -> None:
+        if self.lr_branch == "none":
+            object.__setattr__(self, "lr", False)  # frozen: the one derived field, set once here
         if not (self.hr or self.lr):
             raise ValueError("hr: at least one of the hr and lr branches must be on")
 
@@ -192,7 +199,7 @@ class DualBranchNet(nn.Module):
 
     def lr_branch(self, latents: torch.Tensor, codec: LatentCodec | None, grid: Grid) -> torch.Tensor:
         if codec is None:
-            raise RuntimeError("dual_branch: the LR branch needs the model's codec (set lr: false to ablate it)")
+            raise RuntimeError("dual_branch: the LR branch needs the model's codec (set lr_branch: none to drop it)")
         pool = self.params.lr_pool
         pixels = codec.decode(latents)
         pixels = _crop_to(pixels, pool)
@@ -246,6 +253,14 @@ class DualBranchCompressor(Compressor):
         self._warned = False
         if not lazy:
             _ = self.net
+
+    def validate(self, env: Any) -> None:
+        """The LR branch needs the model's codec (for ``wan``, its VAE): refuse up front without."""
+        if self.params.lr and not env.plan_only and env.model is not None and env.model.codec is None:
+            raise ValueError(
+                "lr_branch: the LR branch decodes and re-encodes through the model's codec, and this model has "
+                "none (for wan: set model.vae); or drop the branch with lr_branch: none"
+            )
 
     @property
     def trained(self) -> bool:
