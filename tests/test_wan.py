@@ -430,3 +430,65 @@ def test_generate_cli_runs_a_wan_preset_given_a_checkpoint(wan_dir, tmp_path, ca
     assert report["blocks"][-1]["cache_bytes"] == report["peak_cache_bytes"] == planned.bytes > 0
     assert not (out / "video.mp4").exists()  # the transformer alone has no decoder
     assert "video.mp4" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- per-frame time, dtypes, shards
+def test_per_frame_timesteps_equal_diffusers_per_token_timesteps(wan_dir):
+    """One block with a different timestep per latent frame (Self-Forcing's [B, F] modulation)."""
+    from diffusers import WanTransformer3DModel
+
+    from packforcing.core.context import EmptyContext
+
+    engine = pf.build_engine(wan_config(wan_dir / "pipeline", {"name": "full"}))
+    model = engine.model
+    cond = model.encode_condition({"embeds": str(wan_dir / "prompt.safetensors")})
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, 3, HEIGHT, WIDTH, generator=gen)
+    steps = torch.tensor([[937.5, 500.0, 0.0], [250.0, 999.0, 12.0]])
+    ours = model.denoise(latents, steps, EmptyContext(pf.attention.SdpaBackend(), 0.0), cond)
+    reference = WanTransformer3DModel.from_pretrained(str(wan_dir / "pipeline"), subfolder="transformer").eval()
+    tokens = steps.repeat_interleave((HEIGHT // 2) * (WIDTH // 2), dim=1)
+    with torch.no_grad():
+        expected = reference(
+            hidden_states=latents,
+            timestep=tokens,
+            encoder_hidden_states=read_embeds(wan_dir)[None].expand(2, -1, -1),
+            return_dict=False,
+        )[0]
+    assert rel_err(ours, expected) <= 1e-5
+    uniform = model.denoise(latents, steps[:, 1], EmptyContext(pf.attention.SdpaBackend(), 0.0), cond)
+    assert rel_err(uniform, expected) > 1e-3  # the per-frame timesteps really are used
+
+
+def test_a_sharded_diffusers_folder_loads_the_same_weights(wan_dir, tmp_path):
+    model = tiny_transformer()
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    single = pf.build_engine(wan_config(wan_dir / "pipeline", {"name": "full"})).model.transformer.state_dict()
+    sharded = pf.build_engine(wan_config(tmp_path / "sharded", {"name": "full"})).model.transformer.state_dict()
+    assert single.keys() == sharded.keys() and all(torch.equal(single[k], sharded[k]) for k in single)
+
+
+def test_bfloat16_weights_keep_diffusers_float32_modules_and_plan_equals_held_bytes(wan_dir):
+    config = wan_config(wan_dir / "pipeline", {"name": "sliding_window", "window_frames": FRAMES}, dtype="bfloat16")
+    engine = pf.build_engine(config)
+    tr = engine.model.transformer
+    assert tr.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert tr.blocks[0].scale_shift_table.dtype == torch.float32  # diffusers' _keep_in_fp32_modules
+    assert tr.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    blocks = list(engine.generate(3, seed=0, conditions=prompt(wan_dir)))
+    assert all(torch.isfinite(b.latents).all() and b.latents.dtype == torch.float32 for b in blocks)
+    assert blocks[-1].stats.bytes == pf.plan(config, num_blocks=3).bytes
+    assert engine.geometry.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("preset", ["configs/wan2.1-1.3b/self_forcing.yaml", "configs/wan1.3b/full.yaml"])
+def test_a_shapes_only_preset_asked_to_generate_says_so_in_one_line(preset, tmp_path, capsys):
+    from packforcing.cli import main
+
+    assert main(["generate", "--config", preset, "--blocks", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {preset}: model: cannot generate: ")
+    assert not (tmp_path / "out").exists()
+    assert main(["validate", preset]) == 0
+    assert "plans memory only, cannot generate" in capsys.readouterr().out
