@@ -1,30 +1,17 @@
-"""Fitting the ``dual_branch`` compressor against a frozen model.
+"""Fitting the ``dual_branch`` compressor against a frozen model: the training loop.
 
-Objective (attention matching). A compressed block is good if the blocks generated after it
-read the same thing from it as from its full K/V. Data come from the frozen model itself: we
-generate a few videos with a full cache and record, for every block, its clean latents, its
-per-layer clean K/V (what the cache stores) and, for every sampler pass and the clean pass,
-its rotated queries and its own keys/values. A training example pairs a block ``X`` with a
-later block ``Y`` of the same video and one of ``Y``'s passes; per layer ``l``::
+Attention matching: a compressed block is good if the blocks generated after it read the same
+thing from it as from its full K/V. The data come from the frozen model itself
+(:mod:`packforcing.training.data`), the objective is :func:`~packforcing.training.objective.attention_loss`
+(1.0 = as bad as dropping the block, 0.0 = perfect), and ``K_X^comp`` is ``model.project_kv`` of
+the compressor's tokens, so gradients flow through the model's own K/V projections into the
+compressor while the model stays frozen. Both versions of a block are placed at the same
+temporal position, a random number of blocks before the reading block (``max_gap_blocks``), as
+the temporal RoPE shift would place a selected mid block.
 
-    full_l = attn(q_Y, [K_X      | K_Y], [V_X      | V_Y])     # X at full resolution
-    comp_l = attn(q_Y, [K_X^comp | K_Y], [V_X^comp | V_Y])     # X compressed
-    drop_l = attn(q_Y,            K_Y ,             V_Y )      # X absent
+Command line (options in :mod:`packforcing.training.options`)::
 
-    loss = Σ_l mean|comp_l − full_l|² / Σ_l mean|drop_l − full_l|²
-
-so 1.0 means "as bad as dropping the block" and 0.0 is perfect. Including ``Y``'s own tokens
-makes the compressed block carry the right attention *mass*, not only the right average
-value. ``K_X^comp`` is ``model.project_kv`` of the compressor's tokens (the model's own K/V
-projections, gradients flow through them into the compressor; the model stays frozen).
-Both versions of ``X`` are placed at the same temporal position, a random number of blocks
-before ``Y`` (``max_gap_blocks``), as the temporal RoPE shift would place a selected mid
-block.
-
-Command line (the lead wires it as ``packforcing train-compressor``)::
-
-    python -m packforcing.training.compressor --config configs/packforcing.yaml \
-        --out packforcing/weights/dual_branch_tiny.safetensors
+    packforcing train-compressor --config packforcing --out packforcing/weights/dual_branch_tiny.safetensors
 
 The config supplies the model and the compressor's architecture (its ``weights`` are
 ignored: training starts from the seeded initialisation).
@@ -41,262 +28,31 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 
 from packforcing.attention.backends import SdpaBackend
 from packforcing.compressors.dual_branch import (
-    SPATIAL_REDUCTION,
-    TEMPORAL_REDUCTION,
     DualBranchCompressor,
-    DualBranchNet,
     DualBranchParams,
-    compressed_grid,
     weights_metadata,
 )
-from packforcing.compressors.pool import pool_tokens, pooled_grid
 from packforcing.core.build import build_engine
 from packforcing.core.config import Config, load_config
-from packforcing.core.interfaces import AttentionBackend, AttentionContext, BlockModel
-from packforcing.core.sampler import Sampler, block_noise, fresh_noise
+from packforcing.training.data import AttentionData, Batch, collect, sample_batch
+from packforcing.training.objective import attention_loss, dual_branch_kv, pool_kv
 from packforcing.training.options import DATA_SOURCES, DEFAULT_OUT
 
-
-class _RecordingContext(AttentionContext):
-    """Full history at absolute positions; records the block's rotated ``q, k, v`` per layer."""
-
-    def __init__(
-        self,
-        backend: AttentionBackend,
-        history: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
-        position: float,
-    ) -> None:
-        self._backend = backend
-        self._history = history
-        self._position = position
-        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    @property
-    def position(self) -> float:
-        return self._position
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.records.append((q, k, v))
-        if self._history:
-            hk, hv = self._history[layer]
-            k, v = torch.cat([hk, k], dim=1), torch.cat([hv, v], dim=1)
-        return self._backend.attend(q, k, v)
-
-
-@attrs.frozen
-class AttentionData:
-    """Recorded tensors; ``S`` sequences (video × batch item) of ``nb`` blocks, ``P`` passes.
-
-    ``latents [S, nb, C, F, H, W]``; ``keys``/``values`` ``[S, nb, L, N, H, D]`` (clean, stored
-    at absolute position ``block * F``); ``q``/``k``/``v`` ``[S, nb, P, L, N, H, D]``.
-    """
-
-    latents: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    frames_per_block: int
-
-    @property
-    def num_sequences(self) -> int:
-        return self.latents.shape[0]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.latents.shape[1]
-
-    @property
-    def num_passes(self) -> int:
-        return self.q.shape[2]
-
-
-@torch.no_grad()
-def collect(
-    model: BlockModel,
-    backend: AttentionBackend,
-    sampler: Sampler,
-    *,
-    videos: int,
-    blocks: int,
-    batch: int,
-    seed: int,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    clips: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
-) -> AttentionData:
-    """Generate ``videos × batch`` sequences of ``blocks`` blocks with a full cache, recording
-    what the objective needs (see the module docstring).
-
-    ``clips(video)``, if given, supplies each video's clean latents ``[batch, C, blocks*F, H, W]``
-    and per-frame conditions (``[batch, blocks*F]`` or ``None``): the sampler passes still run
-    (their queries are recorded), but the clean latents committed are the clip's — teacher
-    forcing on real data instead of the model's own samples."""
-    g = model.geometry
-    f = g.frames_per_block
-    shape = (batch, g.latent_channels, f, g.latent_height, g.latent_width)
-    per_video = []
-    for video in range(videos):
-        history: list[tuple[torch.Tensor, torch.Tensor]] = []
-        lat, ks, vs, qs, kqs, vqs = [], [], [], [], [], []
-        clip, clip_conditions = clips(video) if clips is not None else (None, None)
-        for index in range(blocks):
-            position = float(index * f)
-            passes: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
-            frames = slice(index * f, (index + 1) * f)
-            condition = clip_conditions[:, frames] if clip_conditions is not None else None
-
-            def velocity(
-                x: torch.Tensor,
-                t: torch.Tensor,
-                position: float = position,
-                passes=passes,
-                history=history,
-                condition=condition,
-            ) -> torch.Tensor:
-                ctx = _RecordingContext(backend, history, position)
-                out = model.denoise(x, t, ctx, condition=condition)
-                passes.append(ctx.records)
-                return out
-
-            video_seed = seed * 7919 + video
-            latents = sampler.sample(
-                block_noise(video_seed, index, shape, dtype, device),
-                velocity,
-                fresh_noise(video_seed, index, shape, dtype, device),
-            )
-            if clip is not None:
-                latents = clip[:, :, frames].to(device=device, dtype=dtype)
-            ctx = _RecordingContext(backend, history, position)
-            keys, values = model.clean_kv(latents, ctx, condition=condition)
-            passes.append(ctx.records)
-            layers = len(keys)
-            history = [
-                (torch.cat([history[i][0], keys[i]], 1), torch.cat([history[i][1], values[i]], 1))
-                if history
-                else (keys[i], values[i])
-                for i in range(layers)
-            ]
-            lat.append(latents)
-            ks.append(torch.stack(keys, 1))  # [B, L, N, H, D]
-            vs.append(torch.stack(values, 1))
-            for store, j in ((qs, 0), (kqs, 1), (vqs, 2)):
-                store.append(torch.stack([torch.stack([rec[j] for rec in p], 1) for p in passes], 1))
-        per_video.append([torch.stack(x, 1) for x in (lat, ks, vs, qs, kqs, vqs)])  # [B, nb, ...]
-    tensors = [torch.cat([v[i] for v in per_video], 0).float() for i in range(6)]
-    return AttentionData(*tensors, frames_per_block=f)
-
-
-@attrs.frozen
-class Batch:
-    """One minibatch of ``(X, Y, pass)`` examples, ``M`` rows."""
-
-    latents: torch.Tensor  # [M, C, F, H, W]
-    keys: torch.Tensor  # [M, L, N, H, D], X's clean keys at its home position
-    values: torch.Tensor
-    home: torch.Tensor  # [M] X's home position
-    target: torch.Tensor  # [M] where X is placed for the example
-    q: torch.Tensor  # [M, L, N, H, D]
-    k: torch.Tensor
-    v: torch.Tensor
-
-
-def sample_batch(
-    data: AttentionData, sequences: Sequence[int], size: int, gen: torch.Generator, max_gap_blocks: int
-) -> Batch:
-    """``size`` random examples from ``sequences``: a block X, a later block Y, one of Y's passes,
-    and X placed ``gap`` blocks before Y (``gap`` uniform in ``[0, max_gap_blocks]``)."""
-    nb, npass, f = data.num_blocks, data.num_passes, data.frames_per_block
-    seq = torch.tensor(sequences)[torch.randint(len(sequences), (size,), generator=gen)]
-    y = torch.randint(1, nb, (size,), generator=gen)
-    x = (torch.rand(size, generator=gen) * y).long()
-    p = torch.randint(npass, (size,), generator=gen)
-    gap = torch.randint(max_gap_blocks + 1, (size,), generator=gen)
-    home = (x * f).double()
-    target = ((y - 1 - gap) * f).double()
-    return Batch(
-        latents=data.latents[seq, x],
-        keys=data.keys[seq, x],
-        values=data.values[seq, x],
-        home=home,
-        target=target,
-        q=data.q[seq, y, p],
-        k=data.k[seq, y, p],
-        v=data.v[seq, y, p],
-    )
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-
-def attention_loss(
-    model: BlockModel,
-    batch: Batch,
-    compressed: Callable[[Batch], tuple[list[torch.Tensor], list[torch.Tensor]]] | None,
-) -> torch.Tensor:
-    """The objective of the module docstring for ``compressed(batch) -> (keys, values)`` per
-    layer ``[M, N', H, D]`` (keys rotated at ``batch.target``); ``None`` drops the block (1.0)."""
-    rope = model.rope
-    full_keys = rope.shift_temporal(batch.keys.flatten(1, 2), batch.target - batch.home).view_as(batch.keys)
-    ck, cv = compressed(batch) if compressed is not None else (None, None)
-    num = torch.zeros((), dtype=torch.float32)
-    den = torch.zeros((), dtype=torch.float32)
-    for layer in range(batch.q.shape[1]):
-        q, k, v = batch.q[:, layer], batch.k[:, layer], batch.v[:, layer]
-        full = _attend(q, torch.cat([full_keys[:, layer], k], 1), torch.cat([batch.values[:, layer], v], 1))
-        drop = _attend(q, k, v)
-        den = den + (drop - full).pow(2).mean()
-        if ck is None:
-            num = num + (drop - full).pow(2).mean()
-        else:
-            comp = _attend(q, torch.cat([ck[layer], k], 1), torch.cat([cv[layer], v], 1))
-            num = num + (comp - full).pow(2).mean()
-    return num / den
-
-
-def dual_branch_kv(
-    net: DualBranchNet, model: BlockModel
-) -> Callable[[Batch], tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """``batch -> per-layer (keys, values)`` of the network's compressed tokens at ``batch.target``."""
-    g = model.geometry
-    grid = compressed_grid(g.block_grid)
-    t_stride = float(g.patch[0] * TEMPORAL_REDUCTION)
-
-    def kv(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        tokens = net(batch.latents, model.codec, grid).flatten(2).transpose(1, 2)
-        keys, values = model.project_kv(tokens, grid, 0.0, t_stride, float(SPATIAL_REDUCTION))
-        return [model.rope.shift_temporal(k, batch.target) for k in keys], values
-
-    return kv
-
-
-def pool_kv(
-    model: BlockModel, window: tuple[int, int, int] = (2, 4, 4)
-) -> Callable[[Batch], tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """The training-free ``pool`` baseline on the same examples."""
-    g = model.geometry
-    rope = model.rope
-    grid = g.block_grid
-    out = pooled_grid(grid, window, "window")
-    t_stride = float(g.patch[0])
-
-    def kv(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        keys, values = [], []
-        for layer in range(batch.keys.shape[1]):
-            at_zero = rope.shift_temporal(batch.keys[:, layer], -batch.home)
-            raw = rope.unapply_grid(at_zero, grid, 0.0, t_stride)
-            pooled = rope.apply_grid(pool_tokens(raw, grid, window), out, 0.0, t_stride * window[0], window[1])
-            keys.append(rope.shift_temporal(pooled, batch.target))
-            values.append(pool_tokens(batch.values[:, layer], grid, window))
-        return keys, values
-
-    return kv
+__all__ = [
+    "AttentionData",
+    "Batch",
+    "attention_loss",
+    "collect",
+    "dual_branch_kv",
+    "main",
+    "pool_kv",
+    "run",
+    "sample_batch",
+    "train_compressor",
+]
 
 
 def _split(num: int) -> tuple[list[int], list[int]]:
