@@ -107,6 +107,9 @@ def train_compressor(
             latents, scenes = render_clips(model, world, blocks, seeds)
             return latents, scenes if conditioned else None
 
+    # the data's condition: the config's first prompt segment, if it has any (e.g. a Wan prompt)
+    specs = cfg.run.schedule().specs
+    condition = engine.encode_condition(specs[0]) if specs else None
     data = collect(
         model,
         backend,
@@ -118,6 +121,7 @@ def train_compressor(
         device=engine.device,
         dtype=torch.float32,
         clips=clips,
+        condition=condition,
     )
     g = model.geometry
     holder = DualBranchCompressor(
@@ -192,15 +196,29 @@ def train_compressor(
     return losses
 
 
+def within_budget(videos: int, blocks: int, max_blocks: int | None) -> tuple[int, int]:
+    """``(videos, blocks)`` with ``videos × blocks <= max_blocks``: fewer videos first, then shorter
+    ones (a training pair needs two blocks of one video)."""
+    if max_blocks is None:
+        return videos, blocks
+    if max_blocks < 2:
+        raise ValueError(f"--max-blocks: expected at least 2 (a block and a later one), got {max_blocks}")
+    blocks = min(blocks, max_blocks)
+    return max(1, min(videos, max_blocks // blocks)), blocks
+
+
 def run(args: argparse.Namespace) -> int:
+    videos, blocks = within_budget(args.videos, args.blocks, args.max_blocks)
+    if (videos, blocks) != (args.videos, args.blocks):
+        print(f"--max-blocks {args.max_blocks}: {videos} videos of {blocks} blocks")
     train_compressor(
         args.config,
         steps=args.steps,
         lr=args.lr,
         out_path=args.out,
         seed=args.seed,
-        videos=args.videos,
-        blocks=args.blocks,
+        videos=videos,
+        blocks=blocks,
         batch=args.batch,
         data_source=args.data,
         log=print,

@@ -10,6 +10,7 @@ in :mod:`packforcing.training.objective`, the loop in :mod:`packforcing.training
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -86,6 +87,7 @@ def collect(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     clips: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    condition: Any = None,
 ) -> AttentionData:
     """Generate ``videos × batch`` sequences of ``blocks`` blocks with a full cache, recording
     what the objective needs (see the module docstring).
@@ -93,7 +95,8 @@ def collect(
     ``clips(video)``, if given, supplies each video's clean latents ``[batch, C, blocks*F, H, W]``
     and per-frame conditions (``[batch, blocks*F]`` or ``None``): the sampler passes still run
     (their queries are recorded), but the clean latents committed are the clip's — teacher
-    forcing on real data instead of the model's own samples."""
+    forcing on real data instead of the model's own samples. ``condition`` (a model condition
+    object, e.g. a Wan prompt) is used for every block when the clips bring none."""
     g = model.geometry
     f = g.frames_per_block
     shape = (batch, g.latent_channels, f, g.latent_height, g.latent_width)
@@ -106,7 +109,7 @@ def collect(
             position = float(index * f)
             passes: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
             frames = slice(index * f, (index + 1) * f)
-            condition = clip_conditions[:, frames] if clip_conditions is not None else None
+            block_condition = clip_conditions[:, frames] if clip_conditions is not None else condition
 
             def velocity(
                 x: torch.Tensor,
@@ -114,7 +117,7 @@ def collect(
                 position: float = position,
                 passes=passes,
                 history=history,
-                condition=condition,
+                condition=block_condition,
             ) -> torch.Tensor:
                 ctx = _RecordingContext(backend, history, position)
                 out = model.denoise(x, t, ctx, condition=condition)
@@ -130,7 +133,7 @@ def collect(
             if clip is not None:
                 latents = clip[:, :, frames].to(device=device, dtype=dtype)
             ctx = _RecordingContext(backend, history, position)
-            keys, values = model.clean_kv(latents, ctx, condition=condition)
+            keys, values = model.clean_kv(latents, ctx, condition=block_condition)
             passes.append(ctx.records)
             layers = len(keys)
             history = [

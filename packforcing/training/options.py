@@ -31,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", type=int, default=6, help="blocks per video (default 6)")
     parser.add_argument("--batch", type=int, default=4, help="batch items per video (default 4)")
     parser.add_argument(
+        "--max-blocks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="budget of blocks generated for the data (videos x blocks, fewer videos to fit; "
+        "for a large model such as Wan, where generating is the cost)",
+    )
+    parser.add_argument(
         "--data",
         choices=DATA_SOURCES,
         default="generated",

@@ -1,0 +1,73 @@
+"""train-compressor on a Wan config: attention matching through Wan's own K/V projections (and its
+VAE for the LR branch) within a --max-blocks budget; the weights load by compressor.weights."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+import packforcing as pf
+from packforcing.cli import main
+from packforcing.compressors.dual_branch import UntrainedCompressorWarning
+from packforcing.training.compressor import within_budget
+
+from .tiny_wan_io import write_tiny_vae
+from .wan_fixtures import tiny_transformer, write_diffusers, write_embeds
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def wan_config(tmp_path: Path) -> Path:
+    root = tmp_path / "pipe"
+    write_diffusers(tiny_transformer(), root, pipeline=True)
+    write_tiny_vae(root, pipeline=True)
+    config = {
+        "model": {"name": "wan", "path": str(root), "frames_per_block": 2, "latent_height": 8, "latent_width": 8},
+        "policy": {"name": "packforcing", "sink_frames": 2, "recent_frames": 2, "mid_capacity_blocks": 2},
+        "compressor": {"name": "dual_branch", "hr_channels": [4, 8, 8, 8], "weights": None},
+        "selector": {"name": "topk", "k": 1},
+        "positional": {"name": "temporal_rope_shift"},
+        "attention": "sdpa",
+        "sampler": {"name": "self_forcing"},
+        "run": {
+            "device": "cpu",
+            "dtype": "float32",
+            "prompts": [{"from_block": 0, "embeds": str(write_embeds(tmp_path / "p.safetensors"))}],
+        },
+    }
+    path = tmp_path / "wan.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_within_budget():
+    assert within_budget(16, 6, None) == (16, 6)
+    assert within_budget(16, 6, 20) == (3, 6)
+    assert within_budget(16, 6, 4) == (1, 4)
+    with pytest.raises(ValueError, match="--max-blocks"):
+        within_budget(16, 6, 1)
+
+
+def test_train_compressor_on_wan_and_load_the_weights(tmp_path, capsys):
+    config = wan_config(tmp_path)
+    weights = tmp_path / "wan_dual_branch.safetensors"
+    argv = ["train-compressor", "--config", str(config), "--steps", "1", "--blocks", "2", "--batch", "1"]
+    assert main([*argv, "--max-blocks", "4", "--out", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert "--max-blocks 4: 2 videos of 2 blocks" in out and "held-out loss" in out
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        meta = handle.metadata()
+    assert json.loads(meta["architecture"])["lr"] is True and meta["hidden_size"] == "64"
+    engine = pf.build_engine(pf.load_config(str(config), [f"compressor.weights={weights}"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedCompressorWarning)  # trained weights: no warning
+        with engine.session(seed=0, conditions=engine.config.run.prompts) as session:
+            for _ in range(4):
+                session.step()
+    assert [b.fidelity for b in engine.policy.tier_blocks("mid")] == ["dual_branch", "dual_branch"]
