@@ -20,7 +20,6 @@ from packforcing.compressors.dual_branch import (
     resolve_weights,
 )
 from packforcing.core.build import BuildEnv
-from packforcing.core.store import TierStore
 from packforcing.models.tiny_dit import TinyDiT, TinyDiTParams
 from packforcing.plugins.manager import default_registry
 from packforcing.training.compressor import train_compressor
@@ -55,18 +54,18 @@ def dual_branch(model, **params) -> DualBranchCompressor:
 def stored_block(model, keys, values, latents=None, *, position=0.0, grid=None, t_stride=1.0, hw_stride=1.0):
     """A :class:`CachedBlock` holding per-layer ``keys``/``values``."""
     g = model.geometry
-    _, n, h, d = keys[0].shape
-    store = TierStore(
-        name="t",
-        slot_tokens=n,
-        num_layers=len(keys),
-        num_heads=h,
-        head_dim=d,
-        capacity=None,
-        keep_latents=latents is not None,
+    return pf.CachedBlock.from_tensors(
+        keys,
+        values,
+        latents=latents,
+        block_id=0,
+        start_frame=0,
+        num_frames=g.frames_per_block,
+        grid=grid or g.block_grid,
+        position=position,
+        temporal_stride=t_stride,
+        hw_stride=hw_stride,
     )
-    slot = store.put(keys, values, latents)
-    return pf.CachedBlock(0, 0, g.frames_per_block, "full", grid or g.block_grid, position, t_stride, slot, hw_stride)
 
 
 def committed_block(model, batch: int = 1, position: float = 0.0, seed: int = 0):

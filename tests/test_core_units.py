@@ -124,3 +124,43 @@ def test_rope_shift_equals_recomputed_rope_and_touches_only_the_temporal_band():
     assert torch.equal(shifted[..., 12:], at5[..., 12:])
     per_item = rope.shift_temporal(at5, torch.tensor([4.0, 0.0]))
     assert torch.allclose(per_item[0], at9[0], atol=1e-5) and torch.equal(per_item[1], at5[1])
+
+
+def test_a_cached_block_from_tensors_reads_like_a_stored_one():
+    """CachedBlock.from_tensors holds the given tensors (no store, no copy) with a slot's interface."""
+    from packforcing.core.records import CachedBlock
+
+    keys, values = kv(batch=2, tokens=4)
+    latents = torch.randn(2, 16, 4, 8, 8)
+    block = CachedBlock.from_tensors(
+        keys, values, latents=latents, block_id=3, start_frame=12, num_frames=4, grid=(1, 2, 2), position=12.0,
+        temporal_stride=1.0,
+    )  # fmt: skip
+    assert block.num_layers == 2 and block.num_tokens == 4
+    assert all(a is b for a, b in zip(block.keys, keys, strict=True))
+    assert all(a is b for a, b in zip(block.values, values, strict=True))
+    assert block.layer_kv(1) == (keys[1], values[1]) and block.latents is latents
+    store = make_store(capacity=None, tokens=4)
+    stored = CachedBlock(3, 12, 4, "full", (1, 2, 2), 12.0, 1.0, store.put(keys, values))
+    assert all(torch.equal(a, b) for a, b in zip(stored.keys + stored.values, block.keys + block.values, strict=True))
+    with pytest.raises(ValueError, match=r"layer 0: expected keys and values \[B, 8, H, D\] for grid \(2, 2, 2\)"):
+        CachedBlock.from_tensors(keys, values, block_id=0, start_frame=0, num_frames=4, grid=(2, 2, 2), position=0.0,
+                                 temporal_stride=1.0)  # fmt: skip
+
+
+def test_a_compressed_entry_tier_compresses_the_commit_itself():
+    """The newest tier compressed: each commit is seen as a block (CachedBlock.from_tensors) and
+    compressed before it is stored; nothing else holds it, and the plan equals the live cache."""
+    import packforcing as pf
+
+    config = {
+        "policy": {"name": "tiered", "tiers": [{"name": "recent", "blocks": 2, "fidelity": "compressed"}]},
+        "compressor": {"name": "pool", "window": [1, 2, 2]},
+        "sampler": {"steps": 1},
+        "run": {"device": "cpu"},
+    }
+    engine = pf.build_engine(config)
+    blocks = list(engine.generate(3, seed=0))
+    held = engine.policy.tier_blocks("recent")
+    assert [(b.block_id, b.fidelity, b.grid) for b in held] == [(1, "pool", (4, 2, 2)), (2, "pool", (4, 2, 2))]
+    assert blocks[-1].stats.bytes == engine.policy.plan(3).bytes

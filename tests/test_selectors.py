@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 import packforcing as pf
 from packforcing.core.geometry import Geometry
-from packforcing.core.store import TierStore
 from packforcing.selectors import RecencyParams, RecencySelector, TopKParams, TopKSelector
 from packforcing.selectors.topk import head_sample, query_sample
 
@@ -20,13 +19,14 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 def make_blocks(keys: list[torch.Tensor]) -> list[pf.CachedBlock]:
     """Candidate blocks holding ``keys[i] [B, N, H, D]`` (layer 0; values are zeros)."""
-    _, n, h, d = keys[0].shape
-    store = TierStore(name="mid", slot_tokens=n, num_layers=1, num_heads=h, head_dim=d, capacity=None)
-    blocks = []
-    for i, k in enumerate(keys):
-        slot = store.put([k], [torch.zeros_like(k)])
-        blocks.append(pf.CachedBlock(i, 4 * i, 4, "full", (1, 1, n), 4.0 * i, 1.0, slot))
-    return blocks
+    n = keys[0].shape[1]
+    return [
+        pf.CachedBlock.from_tensors(
+            [k], [torch.zeros_like(k)], block_id=i, start_frame=4 * i, num_frames=4, grid=(1, 1, n),
+            position=4.0 * i, temporal_stride=1.0,
+        )
+        for i, k in enumerate(keys)
+    ]  # fmt: skip
 
 
 def brute_force(queries, blocks, params: TopKParams, layer: int = 0) -> tuple[list[list[int]], list[float]]:

@@ -83,7 +83,7 @@ class PoolCompressor(Compressor):
         t_stride = block.temporal_stride * window[0]
         hw_stride = block.hw_stride * window[1]
         keys, values = [], []
-        for layer in range(block.slot.num_layers):
+        for layer in range(block.num_layers):
             k, v = block.layer_kv(layer)
             raw = rope.unapply_grid(k.float(), block.grid, block.position, block.temporal_stride, block.hw_stride)
             pooled = pool_tokens(raw, block.grid, window)

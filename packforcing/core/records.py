@@ -94,8 +94,9 @@ class CachedBlock:
     """Temporal RoPE position the stored keys are rotated at (their home; see :class:`CompressedKV`)."""
     temporal_stride: float
     """Latent frames one temporal token spans (the patch size in time for a full block)."""
-    slot: Slot
-    """The store slot holding the K/V (and latents, when the tier keeps them)."""
+    slot: Slot | HeldTensors
+    """Where the K/V (and latents, when the tier keeps them) live: a store slot, or plain tensors
+    for a block built by :meth:`from_tensors`."""
     hw_stride: float = 1.0
     """Full-resolution tokens one spatial token spans (spatial positions are ``j * hw_stride``)."""
     condition: Any = None
@@ -132,6 +133,68 @@ class CachedBlock:
     def latents(self) -> torch.Tensor | None:
         """The clean block ``[B, C, F, H, W]`` when the tier keeps it (for latent compressors)."""
         return self.slot.latents()
+
+    @classmethod
+    def from_tensors(
+        cls,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        *,
+        block_id: int,
+        start_frame: int,
+        num_frames: int,
+        grid: Grid,
+        position: float,
+        temporal_stride: float,
+        latents: torch.Tensor | None = None,
+        fidelity: str = FULL,
+        hw_stride: float = 1.0,
+        condition: Any = None,
+    ) -> CachedBlock:
+        """A block over per-layer ``keys``/``values`` ``[B, N, H, D]`` (and ``latents``) as given,
+        without a store: e.g. a commit seen as a block, or a block built by a test. The tensors
+        are held, not copied."""
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} layers of keys but {len(values)} of values")
+        t, h, w = grid
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            if k.ndim != 4 or k.shape != v.shape or k.shape[1] != t * h * w:
+                raise ValueError(
+                    f"layer {layer}: expected keys and values [B, {t * h * w}, H, D] for grid {tuple(grid)}, "
+                    f"got {tuple(k.shape)} / {tuple(v.shape)}"
+                )
+        return cls(
+            block_id=block_id,
+            start_frame=start_frame,
+            num_frames=num_frames,
+            fidelity=fidelity,
+            grid=grid,
+            position=position,
+            temporal_stride=temporal_stride,
+            slot=HeldTensors(tuple(keys), tuple(values), latents),
+            hw_stride=hw_stride,
+            condition=condition,
+        )
+
+
+@attrs.frozen(eq=False)
+class HeldTensors:
+    """K/V of a :class:`CachedBlock` held as plain tensors rather than in a store page (the
+    same read interface as a store slot)."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    latent_block: torch.Tensor | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer], self.values[layer]
+
+    def latents(self) -> torch.Tensor | None:
+        return self.latent_block
 
 
 @attrs.frozen

@@ -320,26 +320,16 @@ class TieredPolicy(CachePolicy):
 
     def _transient(self, commit: BlockCommit) -> CachedBlock:
         """A commit seen as a block (for compressing straight into a compressed entry tier)."""
-        store = TierStore(
-            name="entry",
-            slot_tokens=self.geometry.tokens_per_block,
-            num_layers=self.geometry.num_layers,
-            num_heads=self.geometry.num_heads,
-            head_dim=self.geometry.head_dim,
-            capacity=1,
-            page_blocks=1,
-            keep_latents=commit.latents is not None,
-        )
-        slot = store.put(commit.keys, commit.values, commit.latents)
-        return CachedBlock(
-            commit.block_id,
-            commit.start_frame,
-            commit.num_frames,
-            FULL,
-            commit.grid,
-            commit.position,
-            float(self.geometry.patch[0]),
-            slot,
+        return CachedBlock.from_tensors(
+            commit.keys,
+            commit.values,
+            latents=commit.latents,
+            block_id=commit.block_id,
+            start_frame=commit.start_frame,
+            num_frames=commit.num_frames,
+            grid=commit.grid,
+            position=commit.position,
+            temporal_stride=float(self.geometry.patch[0]),
             condition=commit.condition,
         )
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 import torch
 
 from packforcing.core.build import BuildEnv
 from packforcing.core.errors import ConfigError
 from packforcing.core.geometry import Geometry, Grid
 from packforcing.core.records import FULL, BlockCommit, BlockQuery, CachedBlock
-from packforcing.core.store import TierStore
 from packforcing.core.structure import structure
 from packforcing.plugins.factory import ComponentFactory, as_factory
 from packforcing.plugins.kinds import KINDS
@@ -154,8 +152,8 @@ def make_block(
     scale: float = 1.0,
     device: torch.device | str = "cpu",
 ) -> CachedBlock:
-    """A :class:`CachedBlock` as a tier would hold it: K/V (random unless given) in a one-slot
-    store, at its absolute position ``block_id * frames_per_block`` unless ``position`` is given."""
+    """A :class:`CachedBlock` as a tier would hold it: K/V (random unless given) at its absolute
+    position ``block_id * frames_per_block`` unless ``position`` is given."""
     g = geometry
     grid = tuple(grid) if grid is not None else g.block_grid  # type: ignore[assignment]
     t, h, w = grid
@@ -168,19 +166,11 @@ def make_block(
         clean = latents
     else:
         clean = _latents(g, batch_size, seed, device, dtype) if latents else None
-    store = TierStore(
-        name="test",
-        slot_tokens=tokens,
-        num_layers=g.num_layers,
-        num_heads=g.num_heads,
-        head_dim=g.head_dim,
-        capacity=1,
-        page_blocks=1,
-        keep_latents=clean is not None,
-    )
-    slot = store.put(keys, values, clean)
     start = block_id * g.frames_per_block
-    return CachedBlock(
+    return CachedBlock.from_tensors(
+        keys,
+        values,
+        latents=clean,
         block_id=block_id,
         start_frame=start,
         num_frames=g.frames_per_block,
@@ -188,8 +178,7 @@ def make_block(
         grid=grid,  # type: ignore[arg-type]
         position=float(start) if position is None else float(position),
         temporal_stride=float(g.patch[0]) if temporal_stride is None else float(temporal_stride),
-        slot=slot,
-        **({"hw_stride": float(hw_stride)} if "hw_stride" in attrs.fields_dict(CachedBlock) else {}),
+        hw_stride=float(hw_stride),
     )
 
 
