@@ -371,24 +371,24 @@ def prompt_embeds_file(sizes: Sizes, folder: Path) -> Path:
 # ---- engines -----------------------------------------------------------------------------
 
 
+PRESET = ROOT / "configs" / "wan2.1-1.3b" / "packforcing.yaml"
+
+
 def policy_blocks(sizes: Sizes) -> dict[str, dict[str, Any]]:
-    """The compared caches at 3-frame blocks: Self-Forcing's 21-frame window, LongLive's sink of
-    3 frames + 12-frame window, PackForcing's preset (sink 6 frames, 16 compressed mid blocks of
-    which 8 enter, recent 6 frames; the training-free ``pool`` compressor, since no trained
-    Wan compressor weights exist), and the full cache."""
+    """The compared caches at 3-frame blocks: the shipped PackForcing preset
+    (``configs/wan2.1-1.3b/packforcing.yaml``: sink 6 frames, 16 mid blocks pooled 4,680 → 91
+    tokens of which the top 8 enter, recent 6 frames; the mid bank and ``k`` scaled down in the
+    smoke run), Self-Forcing's 21-frame window (``self_forcing.yaml``), LongLive's sink of 3 frames
+    + 12-frame window, and the full cache."""
+    import yaml
+
+    preset = yaml.safe_load(PRESET.read_text())
+    packforcing = {key: dict(preset[key]) for key in ("policy", "compressor", "selector", "positional")}
+    packforcing["policy"]["mid_capacity_blocks"] = sizes.mid_blocks
+    packforcing["selector"]["k"] = sizes.top_k
     fpb = FRAMES_PER_BLOCK
     return {
-        "packforcing": {
-            "policy": {
-                "name": "packforcing",
-                "sink_frames": 2 * fpb,
-                "recent_frames": 2 * fpb,
-                "mid_capacity_blocks": sizes.mid_blocks,
-            },
-            "compressor": {"name": "pool"},
-            "selector": {"name": "topk", "k": sizes.top_k},
-            "positional": {"name": "temporal_rope_shift", "anchor": "absolute"},
-        },
+        "packforcing": packforcing,
         "sliding_window": {"policy": {"name": "sliding_window", "window_frames": 21 - fpb}},
         "sink_recent": {"policy": {"name": "sink_recent", "sink_frames": fpb, "window_frames": 12 - 2 * fpb}},
         "full": {"policy": {"name": "full"}},
