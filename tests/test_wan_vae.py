@@ -69,3 +69,17 @@ def test_a_folder_without_a_vae_is_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"not a Wan VAE folder") as info:
         WanVAECodec.from_path(tmp_path)
     assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_the_stream_holds_constant_memory_between_blocks(codec):
+    """What the decoder keeps between blocks (the causal cache) does not grow with the video."""
+
+    def held(stream) -> int:
+        return sum(t.nbytes for t in stream._cache if isinstance(t, torch.Tensor))
+
+    stream = codec.streaming_decoder()
+    sizes = []
+    for i in range(5):
+        stream.decode(latent_video(2, seed=10 + i))
+        sizes.append(held(stream))
+    assert sizes[1] == sizes[2] == sizes[3] == sizes[4] > 0
