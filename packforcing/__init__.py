@@ -24,6 +24,7 @@ _EXPORTS = {
     "GenerationSession": "packforcing.core.engine",
     "SessionError": "packforcing.core.engine",
     "ConfigError": "packforcing.core.errors",
+    "PluginError": "packforcing.core.errors",
     "Geometry": "packforcing.core.geometry",
     "BlockCommit": "packforcing.core.records",
     "BlockQuery": "packforcing.core.records",
@@ -48,6 +49,7 @@ __all__ = [
     "GenerationSession",
     "Geometry",
     "MemoryPlan",
+    "PluginError",
     "SessionError",
     "TierStats",
     "build_engine",
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
     from packforcing.core.conditions import ConditionError, ConditionSchedule
     from packforcing.core.config import Config, load_config
     from packforcing.core.engine import GeneratedBlock, GenerationEngine, GenerationSession, SessionError
-    from packforcing.core.errors import ConfigError
+    from packforcing.core.errors import ConfigError, PluginError
     from packforcing.core.geometry import Geometry
     from packforcing.core.records import BlockCommit, BlockQuery, CachedBlock, CacheStats, MemoryPlan, TierStats
 

@@ -70,7 +70,11 @@ def test_plan_json_for_the_tiny_model(capsys):
         "peak_cache_bytes",
         "full_cache_bytes",
         "ratio",
+        "archive_bytes",
+        "archive_device",
+        "archive_max_blocks",
     }
+    assert (data["archive_bytes"], data["archive_device"], data["archive_max_blocks"]) == (0, None, None)  # drops
     engine = pf.build_engine("configs/sliding_window.yaml")
     g = engine.geometry
     assert (data["seconds"], data["fps"]) == (10.0, 16.0)
@@ -263,9 +267,9 @@ def test_non_finite_values_from_a_plugin_are_refused_in_one_line(capsys, monkeyp
     code, _, err = run(capsys, *argv)
     assert code == 1
     assert err.count("\n") == 1
-    assert err.startswith("error: non-finite values refused by the cache (not stored): ")
-    assert "tier 'mid'" in err
-    from packforcing.core.store import NonFiniteError
+    assert err.startswith("error: compressor 'nan' (distribution nan-dist), block 0: tier 'mid': ")
+    assert err.strip().endswith("contains non-finite values (NaN/Inf)")
+    from packforcing.core.errors import PluginError
 
-    with pytest.raises(NonFiniteError):
-        main([*argv, "--debug"])
+    with pytest.raises(PluginError):
+        main([*argv, "--debug", "--overwrite"])

@@ -214,7 +214,7 @@ def test_weights_errors_are_located():
         pf.build_engine(
             pf.load_config("configs/packforcing.yaml", overrides=["compressor.weights=nowhere.safetensors"])
         )
-    with pytest.raises(pf.ConfigError, match=r"weights: dual_branch_tiny\.safetensors was trained with hr_channels"):
+    with pytest.raises(pf.ConfigError, match=r"\S+/dual_branch_tiny\.safetensors was trained with hr_channels"):
         pf.build_engine(pf.load_config("configs/packforcing.yaml", overrides=["compressor.hr_channels=[4, 4, 8, 8]"]))
 
 
@@ -255,6 +255,7 @@ def test_a_short_training_run_lowers_the_objective_and_saves_loadable_weights(tm
         TRAIN_CONFIG, steps=40, lr=5e-3, out_path=out, seed=0, videos=2, blocks=4, batch=2, summary=summary
     )
     assert len(losses) == 40
+    assert out.stat().st_mode & 0o777 == 0o644  # readable by others
     assert summary["held_out_after"] < summary["held_out_before"]
     assert sum(losses[-5:]) < sum(losses[:5])
     config = {**TRAIN_CONFIG, "compressor": {**TRAIN_CONFIG["compressor"], "weights": str(out)}}
@@ -348,3 +349,13 @@ def test_pool_parameters_are_validated():
         PoolParams(window=(1, 2, 3))
     with pytest.raises(pf.ConfigError, match=r"compressor\.window: expected three integers >= 1"):
         pf.load_config({**TRAIN_CONFIG, "compressor": {"name": "pool", "window": [0, 2, 2]}})
+
+
+def test_train_compressor_requires_out(capsys):
+    """It never writes over the packaged weights by default: ``--out`` is required."""
+    from packforcing.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["train-compressor", "--config", "configs/packforcing.yaml", "--steps", "1"])
+    assert caught.value.code == 2
+    assert "the following arguments are required: --out" in capsys.readouterr().err

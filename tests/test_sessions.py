@@ -262,7 +262,7 @@ def test_cli_records_the_schedule_and_refuses_a_spec_in_one_line(tmp_path, capsy
     assert report["config"]["run"]["prompts"] == [{"from_block": 0}]
     assert [b["condition"] for b in report["blocks"]] == [None, None]
     capsys.readouterr()
-    code = main([*args, "--set", "run.prompts=[{from_block: 0, embeds: p.safetensors}]"])
+    code = main([*args, "--overwrite", "--set", "run.prompts=[{from_block: 0, embeds: p.safetensors}]"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
     assert err == "error: --set: run.prompts[0].embeds: model tiny_dit is unconditional and takes no condition"

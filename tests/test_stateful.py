@@ -12,7 +12,12 @@ every step:
 4. (after each forward) the context is ``[pinned | selected, by time | recent]`` with
    temporal positions strictly increasing and contiguous, ending right before the current
    block (``absolute``) or inside the window (``window``);
-5. a compressed block holds at most ``1/ratio`` of a full block's tokens.
+5. a compressed block holds at most ``1/ratio`` of a full block's tokens;
+6. the bookkeeping agrees with itself (``policy.audit()``: no slot leaked or shared).
+
+A rule injects plugin failures (the compressor raising or returning NaN, the wrong shape,
+grid, layer count, batch, dtype or device) at random steps: the commit raises
+:class:`PluginError` and the cache is exactly as it was, which the invariants then re-check.
 
 CI runs ≥ 200 examples per policy; ``HYPOTHESIS_PROFILE=long`` runs many more.
 """
@@ -30,11 +35,14 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import packforcing as pf
 from packforcing.attention.backends import SdpaBackend
 from packforcing.core.build import BuildEnv
+from packforcing.core.errors import PluginError
 from packforcing.core.interfaces import PositionalRealigner
 from packforcing.core.structure import structure
 from packforcing.models.tiny_dit import TinyDiT, TinyDiTParams
 from packforcing.plugins.manager import default_registry
 from packforcing.positional import IdentityRealigner, TemporalRopeShift, TemporalRopeShiftParams
+
+from .faults import COMPRESSOR_FAULTS, FaultyCompressor
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -144,10 +152,11 @@ class CacheMachine(RuleBasedStateMachine):
         env.selector = env.build("selector", selector_block, "selector")
         top_window = None
         if compressor_name == "dual_branch":
-            env.compressor = env.build("compressor", {"name": "dual_branch", "hr_channels": [2, 4, 4, 8]}, "compressor")
+            compressor = env.build("compressor", {"name": "dual_branch", "hr_channels": [2, 4, 4, 8]}, "compressor")
         else:
             top_window = self._window(draw, g.block_grid)
-            env.compressor = env.build("compressor", {"name": "pool", "window": top_window}, "compressor")
+            compressor = env.build("compressor", {"name": "pool", "window": top_window}, "compressor")
+        env.compressor = self.faulty = FaultyCompressor(compressor)
         page = draw(st.integers(1, 4), label="page_blocks")
         params = self._policy_params(draw, kind, g, page, top_window)
         factory = registry.factory("policy", kind)
@@ -297,6 +306,42 @@ class CacheMachine(RuleBasedStateMachine):
         self._commit(query, position, keys, values, self._latents(gen), raw)
         self.recorder.gathers.clear()
 
+    @rule(seed=st.integers(0, 2**16), fault=st.sampled_from(COMPRESSOR_FAULTS))
+    def commit_with_a_failing_compressor(self, seed, fault):
+        """A commit whose compression fails is refused whole: the cache is exactly as before."""
+        before = self._state()
+        calls = self.faulty.calls
+        self.faulty.fault = fault
+        try:
+            self.commit_random(seed)
+        except PluginError as exc:
+            assert self.faulty.calls > calls and str(exc).startswith("compressor ")
+            after = self._state()
+            assert {k: v for k, v in after.items() if k != "kv"} == {k: v for k, v in before.items() if k != "kv"}
+            for name, _, _ in self.specs:
+                for block in self.policy.tier_blocks(name):
+                    keys, values = before["kv"][block.block_id]
+                    assert all(torch.equal(a, b) for a, b in zip(block.keys + block.values, keys + values, strict=True))
+        else:
+            assert self.faulty.calls == calls  # nothing was compressed: nothing could fail
+        finally:
+            self.faulty.fault = None
+
+    def _state(self) -> dict[str, Any]:
+        tiers = {name: self.policy.tier_blocks(name) for name, _, _ in self.specs}
+        return {
+            "ids": {name: [b.block_id for b in held] for name, held in tiers.items()},
+            "archive": [b.block_id for b in self.policy.archived],
+            "dropped": self.policy.dropped,
+            "stats": self.policy.stats(),
+            "committed": self.committed,
+            "kv": {
+                b.block_id: ([k.clone() for k in b.keys], [v.clone() for v in b.values])
+                for held in tiers.values()
+                for b in held
+            },
+        }
+
     @rule(seed=st.integers(0, 2**16), t=st.floats(0, 1000))
     def generate(self, seed, t):
         """One denoising pass and the clean pass of a real (tiny) model, then commit."""
@@ -373,6 +418,10 @@ class CacheMachine(RuleBasedStateMachine):
             assert tier.blocks == len(blocks)
             assert tier.tokens == sum(b.num_tokens for b in blocks)
             assert tier.bytes >= tier.tokens * g.bytes_per_token * self.batch
+
+    @invariant()
+    def bookkeeping_agrees_with_itself(self):
+        self.policy.audit()
 
     @invariant()
     def every_block_in_exactly_one_place(self):

@@ -34,6 +34,7 @@ VERBS = (
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 EXAMPLES = """examples:
   packforcing generate --blocks 120 --out out/          # the default preset, 'packforcing'
@@ -135,6 +136,20 @@ def _non_finite(exc: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; Ctrl-C at any moment (start-up included) exits 130 in one line."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        print(f"error: {one_line(exc)}" if str(exc) else "interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    from packforcing.core.errors import PluginError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verb is None:
@@ -148,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
-    except (LookupError, ValueError, OSError) as exc:
+    except (LookupError, ValueError, OSError, PluginError) as exc:
         if args.debug:
             raise
         if _non_finite(exc):
@@ -156,8 +171,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("interrupted", file=sys.stderr)
-        return 130

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packforcing.cli import add_overrides, add_verb
+from packforcing.core.errors import ConfigError
 from packforcing.presets import DEFAULT as DEFAULT_CONFIG
+
+if TYPE_CHECKING:
+    import torch
+
+    from packforcing.core.config import Config
+
 
 EXAMPLE = """example:
   packforcing generate --blocks 120 --seed 0 --out out/pf      # the 'packforcing' preset
@@ -17,6 +30,8 @@ EXAMPLE = """example:
   packforcing generate --config sliding_window --blocks 40 --out out/sw --set policy.window_frames=16
   packforcing generate --config wan2.1-1.3b/packforcing --set model.path=CKPT \
       --prompt "a red fox running through snow" --seconds 120 --out out/fox
+
+  packforcing generate --resume out/pf                    # continue an interrupted run where it stopped
 
 --config takes a YAML file or a preset name ('packforcing presets' lists them).
 --prompts FILE is a YAML/JSON list of {from_block: N | from_second: S, prompt: TEXT | embeds: FILE}
@@ -32,12 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="generate a video block by block and report the cache",
         description="Generate a video block by block, streaming frames to DIR/video.mp4, and write "
         "DIR/report.json (per-block time, context tokens, cache bytes per tier) and DIR/memory.png "
-        "(cache bytes per tier against block index, stacked, with the full cache for reference).",
+        "(cache bytes per tier against block index, stacked, with the full cache for reference). "
+        "report.json is rewritten after every block (status running/complete/interrupted/failed) and the "
+        "MP4 stays playable whatever happens; an interrupted run (Ctrl-C, SIGTERM) saves a checkpoint "
+        "that --resume continues bit-exactly.",
         example=EXAMPLE,
     )
     p.add_argument(
         "--config",
-        default=DEFAULT_CONFIG,
+        default=None,
         help=f"YAML config file or preset name (default: the {DEFAULT_CONFIG!r} preset)",
     )
     p.add_argument("--blocks", type=int, default=None, help="number of blocks (default: run.blocks)")
@@ -55,7 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: run.seed)")
     p.add_argument("--batch-size", type=int, default=None, help="videos generated together (default: run.batch_size)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", default=None, help="output directory (required unless --resume)")
+    p.add_argument("--resume", metavar="DIR", default=None, help="continue the interrupted run in DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--save-latents", action="store_true", help="also write DIR/latents.safetensors (every block)")
     add_overrides(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -159,33 +180,38 @@ class ReturnTracker:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from packforcing.core.build import build_engine, build_for_planning, generation_blocker
-    from packforcing.core.conditions import ConditionError, ConditionSchedule
+    from packforcing.core.build import build_for_planning, generation_blocker
     from packforcing.core.config import load_config
-    from packforcing.core.errors import ConfigError
     from packforcing.models.wan.text import encode_schedule, to_block_schedule
-    from packforcing.output.plot import plot_memory
-    from packforcing.output.report import RunReport
-    from packforcing.output.video import (
-        VideoWriter,
-        blocks_for_seconds,
-        pixel_frames,
-        temporal_stride_of,
-        to_uint8_frames,
-    )
+    from packforcing.output.video import blocks_for_seconds, pixel_frames, temporal_stride_of
 
     overrides = list(args.overrides)
+    labels = ["--set"] * len(overrides)
     for key, value in (("run.blocks", args.blocks), ("run.seed", args.seed), ("run.batch_size", args.batch_size)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    config_path = args.config
-    config = load_config(config_path, overrides)
-    # geometry first (no weights): seconds -> blocks, the prompt schedule, the CPU check
+            labels.append("--" + key.split(".")[1].replace("_", "-"))
+    common = {"save_latents": args.save_latents, "progress": not args.no_progress}
+    if args.resume is not None:
+        if args.out is not None and Path(args.out) != Path(args.resume):
+            raise RunError("give --resume DIR alone (the run directory), or --out equal to it")
+        changed = [opt for opt, v in (("--config", args.config), ("--seconds", args.seconds), ("--prompt", args.prompt),
+                                      ("--prompts", args.prompts)) if v is not None]  # fmt: skip
+        if changed or args.overwrite:
+            raise RunError(
+                f"--resume continues the run as it was started: drop {', '.join(changed or ['--overwrite'])}"
+            )
+        report = run_job(None, args.resume, overrides=overrides, labels=labels, resume=True, **common)
+        return _done(Path(args.resume), report)
+    if args.out is None:
+        raise RunError("--out DIR is required (or --resume DIR)")
+    out = Path(args.out)
+    config_path = args.config or DEFAULT_CONFIG
+    config = load_config(config_path, overrides, labels=labels)
     blocker = generation_blocker(config)
     if blocker is not None:  # a shapes-only preset: say so before anything else
         raise ConfigError(f"cannot generate: {blocker}", source=config.source_of("model"), path="model")
+    # geometry first (no weights): seconds -> blocks, the prompt schedule, the CPU check
     env = build_for_planning(config)
     g = env.geometry
     stride = temporal_stride_of(env.model)
@@ -201,17 +227,269 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.force:
         refuse_cpu_run(env, blocks)
-    out = Path(args.out)
+    check_output(out, resume=False, overwrite=args.overwrite)  # before any text is encoded into it
     texts = None
     if segments is not None and any("prompt" in seg for seg in segments):
         texts = [{"from_block": seg["from_block"], "prompt": seg["prompt"]} for seg in segments if "prompt" in seg]
+        if args.overwrite and (out / "prompts").is_dir():
+            shutil.rmtree(out / "prompts")  # no stale embeddings of the earlier run
         # the text encoder runs (and is freed) before the model is built
         segments = encode_schedule(segments, text_encoder_params(config), out / "prompts")
     extra = [f"run.blocks={blocks}"]
+    extra_labels = ["--seconds" if args.seconds is not None else config.source_of("run.blocks") or "--set"]
     if segments is not None:
         extra.append(f"run.prompts={json.dumps(segments)}")
-    config = load_config(config_path, [*overrides, *extra])
-    engine = build_engine(config)
+        from_config = not (args.prompts or args.prompt)
+        extra_labels.append(config.source_of("run.prompts") or "--set" if from_config else where)
+    latent_frames = blocks * g.frames_per_block
+    video = {
+        "seconds_requested": args.seconds,
+        "blocks": blocks,
+        "latent_frames": latent_frames,
+        "pixel_frames": pixel_frames(latent_frames, stride),
+        "fps": fps,
+        "video_seconds": pixel_frames(latent_frames, stride) / fps,
+    }
+    report = run_job(
+        config_path,
+        out,
+        overrides=[*overrides, *extra],
+        labels=[*labels, *extra_labels],
+        overwrite=args.overwrite,
+        details={"video": video, **({"prompts": texts} if texts else {})},
+        **common,
+    )
+    return _done(out, report)
+
+
+def _done(out: Path, report: dict[str, Any]) -> int:
+    peak = report["peak_cache_bytes"] / 2**20
+    video_note = f"{out / 'video.mp4'}, " if (out / "video.mp4").exists() else ""
+    print(
+        f"wrote {video_note}{out / 'report.json'}, {out / 'memory.png'}: "
+        f"{report['blocks_done']} blocks in {report['total_seconds']:.1f}s, peak cache {peak:.2f} MiB"
+    )
+    return 0
+
+
+class RunError(ValueError):
+    """A problem with the run directory or the run's inputs (one line, exit status 1)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT or SIGTERM; ``resume_dir`` holds a checkpoint to continue."""
+
+    def __init__(
+        self, signal_name: str = "SIGINT", blocks_done: int | None = None, resume_dir: Path | None = None
+    ) -> None:
+        self.signal_name = signal_name
+        self.blocks_done = blocks_done
+        self.resume_dir = resume_dir
+        done = f" after {blocks_done} blocks" if blocks_done is not None else ""
+        where = f"; resume with: packforcing generate --resume {resume_dir}" if resume_dir is not None else ""
+        super().__init__(f"interrupted ({signal_name}){done}{where}")
+
+
+RUN_FILES = ("report.json", "memory.png", "latents.safetensors", "video.mp4")
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _run_files(out: Path) -> list[Path]:
+    """The files of a run in ``out`` (only names this job writes)."""
+    found = [out / name for name in (*RUN_FILES, CHECKPOINT_DIR) if (out / name).exists()]
+    found += sorted(p for p in out.glob("video_*.mp4") if p.name[6:-4].isdigit())
+    return found
+
+
+def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Check the run directory before anything expensive happens, changing nothing: it must be
+    creatable and writable; an existing run is refused unless ``overwrite`` or ``resume`` (which
+    needs a checkpoint)."""
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: exists and is not a directory")
+    if resume:
+        if not (out / CHECKPOINT_DIR / "state.json").is_file():
+            what = "no run here" if not out.exists() else "no checkpoint here"
+            raise RunError(f"{out}: nothing to resume ({what}; checkpoints are written on interruption and every "
+                           "run.checkpoint_every blocks)")  # fmt: skip
+    elif out.exists():
+        existing = _run_files(out)
+        if existing and not overwrite:
+            names = ", ".join(p.name for p in existing[:4])
+            raise RunError(
+                f"{out}: already holds a run ({names}); pass --overwrite to replace it or --resume to continue it"
+            )
+    parent = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise RunError(f"{out}: cannot create the output directory: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunError(f"{out}: cannot create or write the output directory ({parent} is not writable)")
+
+
+def prepare_output(out: Path, *, overwrite: bool) -> None:
+    """Create the run directory; with ``overwrite``, first remove the earlier run's files (only
+    names this job writes), so no stale file of it is left beside the new ones."""
+    if overwrite and out.is_dir():
+        for path in _run_files(out):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"{out}: cannot create the output directory: {exc.strerror}") from None
+
+
+class _Stop:
+    """SIGINT/SIGTERM while blocks are generated: the first one asks the run to stop after the
+    current block (so every saved state is a whole number of blocks); a second one, or one
+    before generation starts, stops at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.deferred = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if not self.deferred or self.requested is not None:
+            raise Interrupted(signal_name=name)
+        self.requested = name
+
+
+@contextlib.contextmanager
+def _catching_signals(stop: _Stop) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``stop`` (main thread only; elsewhere signals are not ours)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _shielded() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM while the run's state is being saved on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config minus what a resumed run may change (the block count)."""
+    run_block = {k: v for k, v in resolved.get("run", {}).items() if k not in ("blocks", "checkpoint_every")}
+    return {**resolved, "run": run_block}
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Key paths where two JSON-able values differ."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path or "config"]
+
+
+def run_job(
+    config: Config | Mapping[str, Any] | str | os.PathLike[str] | None,
+    out_dir: str | os.PathLike[str],
+    *,
+    overrides: Sequence[str] = (),
+    labels: Sequence[str] | None = None,
+    details: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    save_latents: bool = False,
+    progress: bool = False,
+    registry: Any = None,
+    wrap: Any = None,
+    on_block: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Generate one run into ``out_dir`` (``video.mp4``, ``report.json``, ``memory.png``, and
+    ``latents.safetensors`` with ``save_latents``); returns the report as a dict.
+
+    The output directory is checked first. ``report.json`` is rewritten atomically after every
+    block (``status: running``) and on the way out (``complete``, ``interrupted``, ``failed``);
+    ``memory.png`` is drawn on every exit path; the MP4 is playable after any block. On SIGINT
+    or SIGTERM the whole generation state is saved to ``out_dir/checkpoint`` (also every
+    ``run.checkpoint_every`` blocks) and :class:`Interrupted` is raised. ``resume=True``
+    continues that run (``config`` may be ``None``: the run's own config is used) and gives
+    latents bit-identical to an uninterrupted run. ``labels[i]`` names where ``overrides[i]``
+    came from in errors; ``details`` are extra top-level report entries; ``wrap`` is passed to
+    ``build_engine``; ``on_block(blocks_done)`` is called after each block is written.
+    """
+    out = Path(out_dir)
+    check_output(out, resume=resume, overwrite=overwrite)
+    stop = _Stop()
+    with _catching_signals(stop):
+        return _run(
+            config, out, stop, overrides, labels, details, resume, overwrite, save_latents, progress, registry, wrap,
+            on_block,
+        )  # fmt: skip
+
+
+def _run(
+    config: Any,
+    out: Path,
+    stop: _Stop,
+    overrides: Sequence[str],
+    labels: Sequence[str] | None,
+    details: Mapping[str, Any] | None,
+    resume: bool,
+    overwrite: bool,
+    save_latents: bool,
+    progress: bool,
+    registry: Any,
+    wrap: Any,
+    on_block: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from packforcing.core.build import build_engine, check_config
+    from packforcing.core.checkpoint import load_checkpoint, save_checkpoint
+    from packforcing.core.conditions import ConditionError, ConditionSchedule
+    from packforcing.core.config import Config, load_config
+    from packforcing.output.plot import plot_memory
+    from packforcing.output.report import RunReport
+    from packforcing.output.video import FragmentedMP4Writer, to_uint8_frames
+
+    state, extra = load_checkpoint(out / CHECKPOINT_DIR) if resume else (None, {})
+    source = config if config is not None else extra.get("config_source")
+    earlier = list(extra.get("overrides", [])) if resume and config is None else []
+    all_overrides = [*earlier, *overrides]
+    all_labels = ["--set"] * len(earlier) + list(labels if labels is not None else ["--set"] * len(overrides))
+    if isinstance(source, Config) and not all_overrides:
+        config = source
+    else:
+        base = source.data if isinstance(source, Config) else extra["config_data"] if source is None else source
+        config = load_config(base, all_overrides, registry=registry, labels=all_labels)
+    if resume:
+        changed = _differences(_comparable(extra.get("config", {})), _comparable(config.resolved()))
+        if changed:
+            raise RunError(
+                f"{out}: the config differs from the one the run was started with ({', '.join(changed[:3])}); "
+                "resume it unchanged (only run.blocks may change)"
+            )
+    config = check_config(config, registry=registry)
+    prepare_output(out, overwrite=overwrite)
+    engine = build_engine(config, registry=registry, wrap=wrap)
+    g = engine.geometry
     run_params = config.run
     full_per_block = g.tokens_per_block * g.bytes_per_token * run_params.batch_size
     schedule = run_params.schedule()
@@ -220,64 +498,148 @@ def run(args: argparse.Namespace) -> int:
         schedule = ConditionSchedule.parse(
             engine.model.default_conditions(run_params.blocks, run_params.seed), name="run.prompts"
         )
-    latent_frames = run_params.blocks * g.frames_per_block
-    video = {
-        "seconds_requested": args.seconds,
-        "blocks": run_params.blocks,
-        "latent_frames": latent_frames,
-        "pixel_frames": pixel_frames(latent_frames, stride),
-        "fps": fps,
-        "video_seconds": pixel_frames(latent_frames, stride) / fps,
-    }
     report = RunReport(
         config=config.resolved(),
         full_bytes_per_block=full_per_block,
         conditions=schedule.as_list() or None,
-        details={"video": video, **({"prompts": texts} if texts else {})},
+        details=dict(details or extra.get("details") or {}),
+        blocks_planned=run_params.blocks,
     )
     try:
-        session = engine.session(
-            seed=run_params.seed,
-            batch_size=run_params.batch_size,
-            conditions=schedule,
-            recache=run_params.recache,
-        )
+        if state is not None:
+            session = engine.load_state_dict(state)
+        else:
+            session = engine.session(
+                seed=run_params.seed,
+                batch_size=run_params.batch_size,
+                conditions=schedule,
+                recache=run_params.recache,
+            )
     except ConditionError as exc:
         path = exc.path("run.prompts")
         raise ConfigError(exc.message, source=config.source_of(path), path=path) from None
-    out.mkdir(parents=True, exist_ok=True)
+    latents: list[torch.Tensor] = []
+    if state is not None:
+        report.restore(extra.get("report_blocks", []), extra.get("report_returns"))
+        done = session.blocks_done
+        latents = [state["tensors"][f"run.latents.{i}"] for i in range(done) if f"run.latents.{i}" in state["tensors"]]
+        save_latents = save_latents or bool(extra.get("save_latents"))
+        if save_latents and len(latents) != done:
+            raise RunError(f"{out}: --save-latents, but the run was started without it")
     codec = engine.model.codec
-    writers = []
     # a codec that decodes across blocks (the Wan VAE's causal cache) streams; others decode per block
     make_stream = getattr(codec, "streaming_decoder", None)
     decoder = make_stream() if callable(make_stream) else codec
+    if state is not None and decoder is not codec and "run.last_latents" in state["tensors"]:
+        # warm the causal decoder with the last block before the resume point (its frames are
+        # already in the video); the frames after it follow from that state
+        decoder.decode(state["tensors"]["run.last_latents"].to(engine.device).float())
+    last: list[torch.Tensor] = []
+    writers = []
     if codec is not None:
+        sizes = extra.get("video_bytes", [])
         for item in range(run_params.batch_size):
             name = "video.mp4" if item == 0 else f"video_{item}.mp4"
-            writers.append(VideoWriter(out / name, fps=run_params.fps))
+            resume_bytes = sizes[item] if state is not None and item < len(sizes) else None
+            frames = session.blocks_done * g.frames_per_block if resume_bytes else 0
+            writers.append(
+                FragmentedMP4Writer(out / name, run_params.fps, resume_bytes=resume_bytes, resume_frames=frames)
+            )
+    keep = {
+        "config_source": str(Path(config.source).resolve()) if config.source else None,
+        "config_data": config.data,
+        "overrides": list(all_overrides),
+        "config": config.resolved(),
+        "save_latents": save_latents,
+        "details": report.details,
+    }
+
+    def checkpoint() -> None:
+        saved = session.state_dict()
+        if last:
+            saved["tensors"]["run.last_latents"] = last[0].detach().to("cpu")
+        if save_latents:
+            saved["tensors"].update({f"run.latents.{i}": t for i, t in enumerate(latents)})
+        info = {
+            **keep,
+            "report_blocks": report.blocks,
+            "report_returns": report.returns,
+            "video_bytes": [w.nbytes for w in writers],
+        }
+        save_checkpoint(out / CHECKPOINT_DIR, saved, info)
+
+    def finish(status: str, error: str | None = None) -> None:
+        report.status, report.error = status, error
+        report.write(out / "report.json")
+        plot_memory(report.as_dict(), out / "memory.png", full_per_block)
+
+    def consistent() -> bool:
+        """Every output holds exactly the blocks the session has made (so a checkpoint is whole)."""
+        done = session.blocks_done
+        last = getattr(engine.policy, "last_block_id", done - 1)
+        fpb = g.frames_per_block
+        return (
+            last == done - 1
+            and len(report.blocks) == done
+            and all(w.frames == done * fpb for w in writers)
+            and (not save_latents or len(latents) == done)
+        )
+
     returns = ReturnTracker(report)
-    bar = tqdm(total=run_params.blocks, unit="block", disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=run_params.blocks, initial=session.blocks_done, unit="block", disable=not progress, dynamic_ncols=True
+    )
     try:
-        for _ in range(run_params.blocks):
+        report.write(out / "report.json")
+        stop.deferred = True
+        while session.blocks_done < run_params.blocks:
             block = session.step()
-            record = report.add(block)
             if writers:
                 pixels = decoder.decode(block.latents.float())
-                returns.add(block.index, block.condition, pixels)
                 for item, writer in enumerate(writers):
                     writer.append(to_uint8_frames(pixels[item]))
+                returns.add(block.index, block.condition, pixels)
+            if save_latents:
+                latents.append(block.latents.detach().to("cpu", copy=True))
+            last[:] = [block.latents]
+            record = report.add(block)
+            report.write(out / "report.json")
+            every = run_params.checkpoint_every
+            if every and session.blocks_done % every == 0 and session.blocks_done < run_params.blocks:
+                checkpoint()
             bar.set_postfix(cache=f"{record['cache_bytes'] / 2**20:.1f}MiB", ctx=record["context_tokens"])
             bar.update(1)
-    finally:
-        session.close()
+            if on_block is not None:
+                on_block(session.blocks_done)
+            if stop.requested is not None:
+                raise Interrupted(signal_name=stop.requested)
+    except KeyboardInterrupt as exc:
         bar.close()
-        for writer in writers:
-            writer.close()
-    report.write(out / "report.json")
-    plot_memory(report.as_dict(), out / "memory.png", full_per_block)
-    video_note = f"{out / 'video.mp4'}, " if writers else ""
-    print(
-        f"wrote {video_note}{out / 'report.json'}, {out / 'memory.png'}: {run_params.blocks} blocks "
-        f"in {report.total_seconds:.1f}s, peak cache {report.peak_cache_bytes / 2**20:.2f} MiB"
-    )
-    return 0
+        signal_name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+        with _shielded():
+            saved = consistent()
+            if saved:
+                checkpoint()
+            finish("interrupted")
+            session.close()
+        resumable = (out / CHECKPOINT_DIR / "state.json").is_file()
+        raise Interrupted(signal_name, session.blocks_done, out if resumable else None) from None
+    except BaseException as exc:
+        bar.close()
+        with _shielded():
+            finish("failed", " ".join(str(exc).split()) or type(exc).__name__)
+            session.close()
+        raise
+    bar.close()
+    session.close()
+    if save_latents:
+        from safetensors.torch import save_file
+
+        tmp = out / ".latents.safetensors.tmp"
+        save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(tmp), metadata={"blocks": str(len(latents))})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out / "latents.safetensors")
+    finish("complete")
+    if (out / CHECKPOINT_DIR).exists() and not run_params.checkpoint_every:
+        shutil.rmtree(out / CHECKPOINT_DIR)
+    return report.as_dict()

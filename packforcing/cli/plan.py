@@ -92,6 +92,9 @@ def summary(env: Any, seconds: float, fps: float, pixel_frames_per_latent: int =
         "peak_cache_bytes": plan.bytes,
         "full_cache_bytes": plan.full_cache_bytes,
         "ratio": plan.bytes / plan.full_cache_bytes if plan.full_cache_bytes else 0.0,
+        "archive_bytes": plan.archive.bytes,
+        "archive_device": plan.archive_device,
+        "archive_max_blocks": plan.archive_max_blocks,
     }
     return data, plan
 
@@ -133,6 +136,14 @@ def table(env: Any, data: dict[str, Any], plan: Any) -> str:
             lines.append("  ".join("-" * w for w in widths))
     if a.blocks:
         lines.append("* archived blocks are outside the active budget (not counted in the total)")
+    if plan.archive_device is not None:
+        where = {
+            "auto": "pinned host memory when generating on CUDA, else beside the cache",
+            "pinned": "pinned host memory",
+        }.get(plan.archive_device, plan.archive_device)
+        bound = plan.archive_max_blocks
+        limit = "unbounded (archive_max_blocks: null)" if bound is None else f"at most {bound:,} blocks"
+        lines.append(f"archive: in {where} (archive_device: {plan.archive_device}), {limit}")
     lines.append("")
     own = g.tokens_per_block
     lines.append(

@@ -42,10 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from packforcing.core.config import file_label
 from packforcing.core.geometry import Grid
 from packforcing.core.interfaces import BlockModel, Compressor, LatentCodec
 from packforcing.core.records import CachedBlock, CompressedKV
 from packforcing.core.validators import one_of, positive_triple
+from packforcing.core.weightfiles import check_tensors, read_header, resolve_weights_path
 
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 """Where ``pkg:NAME`` weights live."""
@@ -120,18 +122,9 @@ def compressed_grid(grid: Grid) -> Grid:
 
 
 def resolve_weights(spec: str, config_source: str | None = None) -> Path:
-    """Path of ``weights``: ``pkg:NAME``, absolute, relative to the CWD, or to the config file."""
-    if spec.startswith("pkg:"):
-        path = PACKAGE_WEIGHTS / spec[4:]
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_absolute() and not path.exists() and config_source:
-            beside = Path(config_source).parent / path
-            if beside.exists():
-                path = beside
-    if not path.is_file():
-        raise ValueError(f"weights: file not found: {spec}")
-    return path
+    """Path of ``weights``: ``pkg:NAME``, absolute, or relative — beside the config file first,
+    then in the working directory (the error names where it looked)."""
+    return resolve_weights_path(spec, config_source, package_dir=PACKAGE_WEIGHTS)
 
 
 def _fit(x: torch.Tensor, size: Grid) -> torch.Tensor:
@@ -255,12 +248,17 @@ class DualBranchCompressor(Compressor):
             _ = self.net
 
     def validate(self, env: Any) -> None:
-        """The LR branch needs the model's codec (for ``wan``, its VAE): refuse up front without."""
+        """The LR branch needs the model's codec (for ``wan``, its VAE): refuse up front without;
+        the weights file must be one for this architecture."""
         if self.params.lr and not env.plan_only and env.model is not None and env.model.codec is None:
             raise ValueError(
                 "lr_branch: the LR branch decodes and re-encodes through the model's codec, and this model has "
                 "none (for wan: set model.vae); or drop the branch with lr_branch: none"
             )
+        if self.weights_path is not None:
+            # open the configured weights file (header only: names, shapes, metadata) and check it
+            # was written for this architecture and model: ValueError("weights: ...") if not
+            check_weights(self.weights_path, self)
 
     @property
     def trained(self) -> bool:
@@ -329,21 +327,33 @@ def weights_metadata(params: DualBranchParams, hidden_size: int, latent_channels
     return meta
 
 
-def load_weights(net: DualBranchNet, path: Path, owner: DualBranchCompressor) -> None:
-    """Load ``path`` into ``net`` after checking it was trained for the same architecture."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
+def check_weights(path: Path, owner: DualBranchCompressor) -> None:
+    """``path`` is a readable dual_branch weight file for ``owner``'s architecture and model:
+    its header, metadata, tensor names and shapes are checked; no tensor data is read."""
+    tensors, meta = read_header(path)
+    label = file_label(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"weights: {path} is not a dual_branch weight file (format {meta.get('format')!r})")
-    trained = json.loads(meta["architecture"])
+        raise ValueError(f"weights: {label} is not a dual_branch weight file (format {meta.get('format')!r})")
+    try:
+        trained = json.loads(meta["architecture"])
+        assert isinstance(trained, dict)
+    except (KeyError, ValueError, AssertionError):
+        raise ValueError(f"weights: {label}: corrupt metadata (architecture)") from None
     expected = owner.params.architecture()
     diff = [f"{k}={trained.get(k)!r} (config: {expected[k]!r})" for k in expected if trained.get(k) != expected[k]]
     for key, have in (("hidden_size", owner.hidden_size), ("latent_channels", owner.latent_channels)):
-        if int(meta.get(key, -1)) != have:
+        if str(meta.get(key)) != str(have):
             diff.append(f"{key}={meta.get(key)} (model: {have})")
     if diff:
-        raise ValueError(f"weights: {path.name} was trained with " + ", ".join(diff))
+        raise ValueError(f"weights: {label} was trained with " + ", ".join(diff))
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in owner.new_net().state_dict().items()}
+    check_tensors(path, tensors, shapes)
+
+
+def load_weights(net: DualBranchNet, path: Path, owner: DualBranchCompressor) -> None:
+    """Load ``path`` into ``net`` after checking it was trained for the same architecture."""
+    from safetensors.torch import load_file
+
+    check_weights(path, owner)
     net.load_state_dict(load_file(str(path)))

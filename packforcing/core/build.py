@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
 
+from packforcing.core.boundary import Origin
 from packforcing.core.config import TOP_KEYS, Config, load_config
 from packforcing.core.engine import GenerationEngine
 from packforcing.core.errors import ConfigError
@@ -55,6 +57,17 @@ class BuildEnv:
     """True when building for the memory planner: models may skip their weights."""
     built: list[tuple[str, Any, Any]] = attrs.field(factory=list, repr=False)
     """``(key path, component, params)`` of everything built, unwrapped, in build order."""
+    origins: dict[str, Origin] = attrs.field(factory=dict, repr=False)
+    """Key path → which plugin (kind, name, distribution) was built there, for error messages."""
+
+    def _provided(self, kind: str, name: str, path: str) -> Any:
+        """The registry's factory for ``name``, recording its distribution under ``path``."""
+        get = getattr(self.registry, "get", None)
+        if get is None:  # a minimal registry that only has factory()
+            return self.registry.factory(kind, name)
+        provided = get(kind, name)
+        self.origins[path] = Origin(kind, provided.name, provided.dist)
+        return provided.factory
 
     def build(self, kind: str, block: Mapping[str, Any] | str, path: str) -> Any:
         """Build a nested component (e.g. a tier's own compressor) from ``{name: ..., **params}``."""
@@ -64,7 +77,7 @@ class BuildEnv:
         if not isinstance(name, str):
             raise ConfigError(f"expected a mapping with a 'name', got {show(dict(block))}", path=path)
         try:
-            factory = self.registry.factory(kind, name)
+            factory = self._provided(kind, name, path)
         except LookupError as exc:
             raise ConfigError(str(exc.args[0]), path=f"{path}.name") from None
         params = structure(factory.params, {k: v for k, v in block.items() if k != "name"}, path)
@@ -125,9 +138,13 @@ def _locate(error: ConfigError, config: Config) -> ConfigError:
 
 
 def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap: Wrap | None = None) -> BuildEnv:
+    device = resolve_device(config.run.device) if not plan_only else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        error = ConfigError(f"{config.run.device!r}: this torch build has no CUDA (use cpu or auto)", path="run.device")
+        raise _locate(error, config)
     env = BuildEnv(
         registry=registry,
-        device=resolve_device(config.run.device) if not plan_only else torch.device("cpu"),
+        device=device,
         dtype=resolve_dtype(config.run.dtype),
         config=config,
         plan_only=plan_only,
@@ -140,7 +157,7 @@ def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap
         if spec is None:
             continue
         try:
-            component = registry.build(key, spec.name, spec.params, env)
+            component = env._provided(key, spec.name, key).create(spec.params, env)
         except ValueError as exc:  # ConfigError included
             raise _locate(_config_error(exc, key, [(key, spec.params)]), config) from None
         env.built.append((key, component, spec.params))
@@ -156,7 +173,7 @@ def _policy(config: Config, env: BuildEnv) -> Any:
     spec = config.components["policy"]
     assert spec is not None
     try:
-        policy = env.registry.build("policy", spec.name, spec.params, env)
+        policy = env._provided("policy", spec.name, "policy").create(spec.params, env)
     except ValueError as exc:  # ConfigError included
         # a message naming another component's parameter (e.g. a compressor window too large
         # for the block) is attributed to that component
@@ -236,14 +253,59 @@ def build_for_planning(config: Config | Mapping[str, Any] | str, *, registry: An
 
 def check_config(config: Config | Mapping[str, Any] | str, *, registry: Any = None) -> Config:
     """Load ``config``, build every component (plan-only) and plan one run of ``run.blocks``:
-    returns the :class:`Config`, or raises the first :class:`ConfigError`."""
+    returns the :class:`Config`, or raises the first :class:`ConfigError` — including a plan
+    that needs more memory than the run's device has."""
     env = build_for_planning(config, registry=registry)
     assert env.config is not None and env.policy is not None
     try:
-        env.policy.plan(env.config.run.blocks, batch_size=env.config.run.batch_size)
+        planned = env.policy.plan(env.config.run.blocks, batch_size=env.config.run.batch_size)
     except ValueError as exc:
         raise _locate(_config_error(exc, "policy"), env.config) from None
+    check_memory(planned, env, resolve_device(env.config.run.device))
     return env.config
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes (host RAM for the CPU), or ``None`` if unknown."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if nbytes < 1000 or unit == "PB":
+            return f"{nbytes:.3g} {unit}"
+        nbytes /= 1000
+    raise AssertionError
+
+
+def check_memory(planned: MemoryPlan, env: BuildEnv, device: torch.device) -> None:
+    """Refuse a plan whose cache (active tiers and archive) needs more than ``device`` holds,
+    naming the key to blame: ``policy.page_blocks`` when the blocks themselves would fit and
+    the preallocated pages do not, ``run.blocks`` otherwise."""
+    limit = device_memory(device)
+    if limit is None or env.config is None or env.geometry is None:
+        return
+    total = planned.bytes + planned.archive.bytes
+    if total <= limit:
+        return
+    batch = env.config.run.batch_size
+    held = (planned.tokens + planned.archive.tokens) * env.geometry.bytes_per_token * batch
+    key = "policy.page_blocks" if held <= limit else "run.blocks"
+    error = ConfigError(
+        f"the cache would allocate {total} bytes ({_human(total)}) over {planned.num_blocks} blocks, "
+        f"more than the {limit} bytes ({_human(limit)}) of {device.type} memory",
+        path=key,
+    )
+    raise _locate(error, env.config)
 
 
 def blocks_for(geometry: Geometry, seconds: float, fps: float, pixel_frames_per_latent: int = 4) -> int:

@@ -28,6 +28,7 @@ import difflib
 import math
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from packforcing.core.conditions import ConditionError, ConditionSchedule
 from packforcing.core.errors import ConfigError
 from packforcing.core.geometry import DTYPES
 from packforcing.core.structure import show, structure, unstructure
-from packforcing.core.validators import non_negative, one_of, positive
+from packforcing.core.validators import non_negative, one_of, optional_positive, positive
 from packforcing.plugins.kinds import KINDS
 
 COMPONENT_KEYS = tuple(k.key for k in KINDS)
@@ -54,6 +55,7 @@ OPTIONAL_COMPONENTS = tuple(k.key for k in KINDS if k.optional)
 OVERRIDE_SOURCE = "--set"
 
 KeyPath = tuple[str, ...]
+_KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 
 
 def _positive_number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -96,6 +98,8 @@ class RunParams:
     recache: bool = False
     """At each prompt switch, re-run the clean pass of the blocks held at full resolution under the
     new prompt (LongLive's KV re-cache)."""
+    checkpoint_every: int | None = attrs.field(default=None, validator=optional_positive)
+    """``generate`` saves the whole generation state every N blocks (and always when interrupted)."""
 
     def schedule(self) -> ConditionSchedule:
         """``prompts`` as a :class:`~packforcing.core.conditions.ConditionSchedule`."""
@@ -265,25 +269,88 @@ def _missing_file(path: Path) -> str:
     return f"file not found{hint}"
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""Config files larger than this (1 MiB) are refused unread."""
+MAX_YAML_NODES = 100_000
+"""A YAML document whose aliases expand to more nodes than this is refused (alias bombs)."""
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a config file (missing, a directory, a FIFO or device, not
+    ``.yaml``/``.yml``, too large), without opening it; ``None`` if it may be read."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return _missing_file(path)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror}"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory, not a YAML file"
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
+        return f"is {kind}, not a regular file"
+    if path.suffix.lower() not in YAML_SUFFIXES:
+        return "not a YAML file (config files end in .yaml or .yml)"
+    if info.st_size > MAX_CONFIG_BYTES:
+        return f"is {info.st_size} bytes; config files are limited to {MAX_CONFIG_BYTES} bytes"
+    return None
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes ``node`` stands for once every alias is expanded (stops past the limit)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = MAX_YAML_NODES + 1  # a node reached again while expanding itself: unbounded
+    count = 1
+    if isinstance(node, yaml.SequenceNode):
+        children: list[yaml.Node] = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    for child in children:
+        count += _expanded_nodes(child, memo)
+        if count > MAX_YAML_NODES:
+            break
+    memo[key] = count
+    return count
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     label = file_label(path)
+    problem = file_problem(path)
+    if problem:
+        raise ConfigError(problem, source=label)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(_missing_file(path), source=label) from None
-    except IsADirectoryError:
-        raise ConfigError("is a directory, not a YAML file", source=label) from None
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", source=label) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"is larger than {MAX_CONFIG_BYTES} bytes, the limit for config files", source=label)
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError("not a text file", source=label) from None
+    loader = _StrictLoader(text)
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        node = loader.get_single_node()
+        if node is not None and _expanded_nodes(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(
+                f"YAML aliases expand to more than {MAX_YAML_NODES} nodes; refusing it (an alias bomb?)", source=label
+            )
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{label}:{mark.line + 1}" if mark is not None else label
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"invalid YAML: {problem}", source=where) from None
+    except RecursionError:
+        raise ConfigError("YAML nested too deeply", source=label) from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -361,8 +428,9 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dic
     for i, parent in enumerate(parents):
         parent_path = path.parent / parent
         where = "extends" if single else f"extends[{i}]"
-        if not parent_path.is_file():
-            raise ConfigError(f"{parent}: {_missing_file(parent_path)}", source=label, path=where)
+        problem = file_problem(parent_path)
+        if problem:
+            raise ConfigError(f"{parent}: {problem}", source=label, path=where)
         pdata, psources = _load_file(parent_path, (*stack, path))
         merged, sources = _compose(merged, sources, pdata, psources)
     return _compose(merged, sources, data, dict.fromkeys(_key_paths(data), label))
@@ -378,13 +446,16 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def apply_override(data: dict[str, Any], override: str, sources: dict[KeyPath, str] | None = None) -> dict[str, Any]:
+def apply_override(
+    data: dict[str, Any], override: str, sources: dict[KeyPath, str] | None = None, label: str = OVERRIDE_SOURCE
+) -> dict[str, Any]:
     """Apply ``"a.b.c=value"`` (value parsed as YAML; ``a.list[1].b`` or ``a.list.1.b`` index lists)
-    to a copy of ``data``; records ``--set`` as the source of the key in ``sources``."""
+    to a copy of ``data``; records ``label`` (``--set``, or the option that set it, e.g.
+    ``--blocks``) as the source of the key in ``sources``."""
     key, sep, raw = override.partition("=")
     key = key.strip()
     if not sep or not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"expected KEY.PATH=VALUE, got {override!r}", source=OVERRIDE_SOURCE)
+        raise ConfigError(f"expected KEY.PATH=VALUE, got {override!r}", source=label)
     value = _parse_value(raw)
     parts = _split_path(key)
     out = copy.deepcopy(data)
@@ -394,14 +465,10 @@ def apply_override(data: dict[str, Any], override: str, sources: dict[KeyPath, s
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit():
-                raise ConfigError(
-                    f"{'.'.join(parts[:i])} is a list: index it with a number", source=OVERRIDE_SOURCE, path=key
-                )
+                raise ConfigError(f"{'.'.join(parts[:i])} is a list: index it with a number", source=label, path=key)
             index = int(part)
             if index >= len(node):
-                raise ConfigError(
-                    f"index {index} is out of range ({len(node)} items)", source=OVERRIDE_SOURCE, path=key
-                )
+                raise ConfigError(f"index {index} is out of range ({len(node)} items)", source=label, path=key)
             if last:
                 node[index] = value
             else:
@@ -409,7 +476,7 @@ def apply_override(data: dict[str, Any], override: str, sources: dict[KeyPath, s
             continue
         if not isinstance(node, dict):
             raise ConfigError(
-                f"cannot set it: {'.'.join(parts[:i])} is {show(node)}, not a mapping", source=OVERRIDE_SOURCE, path=key
+                f"cannot set it: {'.'.join(parts[:i])} is {show(node)}, not a mapping", source=label, path=key
             )
         if last:
             current = node.get("name", DEFAULT_COMPONENTS.get(parts[0]) if parts[0] in NAME_OPTIONAL else None)
@@ -427,10 +494,10 @@ def apply_override(data: dict[str, Any], override: str, sources: dict[KeyPath, s
                 child = node[part] = {"name": child}  # "policy: full" spelled as a string
             node = child
         if sources is not None:
-            sources[_split_path(here)] = OVERRIDE_SOURCE
+            sources[_split_path(here)] = label
     if sources is not None:
         for p in [p for p in sources if p[: len(parts)] == parts and len(p) > len(parts)]:
-            sources[p] = OVERRIDE_SOURCE
+            sources[p] = label
     return out
 
 
@@ -440,9 +507,11 @@ def load_config(
     overrides: Iterable[str] = (),
     *,
     registry: Any = None,
+    labels: Iterable[str] | None = None,
 ) -> Config:
     """Load, compose and validate a config from a YAML path, a preset name (``"sink_recent"``,
-    see :mod:`packforcing.presets`) or a mapping."""
+    see :mod:`packforcing.presets`) or a mapping. ``labels[i]`` names where ``overrides[i]`` came
+    from in error messages (default ``--set``)."""
     if isinstance(source, Mapping):
         data = copy.deepcopy(dict(source))
         label = None
@@ -455,16 +524,20 @@ def load_config(
             raise ConfigError(_missing_file(path), source=str(source))
         data, sources = _load_file(path, ())
         label = file_label(path.resolve())
-    for override in overrides:
-        data = apply_override(data, override, sources)
+    overrides = list(overrides)
+    labels = list(labels) if labels is not None else []
+    for i, override in enumerate(overrides):
+        data = apply_override(data, override, sources, labels[i] if i < len(labels) else OVERRIDE_SOURCE)
     for key in data:
         if key not in TOP_KEYS:
             hint = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
             did = f"; did you mean {hint[0]!r}?" if hint else ""
+            shown = str(key) if _KEY_NAME.fullmatch(str(key)) else None  # never echo other text
             raise ConfigError(
-                f"unknown top-level key{did} (expected one of: {', '.join(TOP_KEYS)})",
+                f"{'unknown top-level key' if shown else 'a top-level key that is not a name'}{did} "
+                f"(expected one of: {', '.join(TOP_KEYS)})",
                 source=_source_of(sources, str(key), label),
-                path=str(key),
+                path=shown,
             )
     if registry is None:
         from packforcing.plugins.manager import default_registry

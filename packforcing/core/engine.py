@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -12,7 +13,7 @@ from packforcing.core.conditions import ConditionError, ConditionSchedule, spec_
 from packforcing.core.interfaces import BlockModel, CachePolicy
 from packforcing.core.records import BlockQuery
 from packforcing.core.sampler import EulerSampler, Sampler
-from packforcing.core.session import GeneratedBlock, GenerationSession, SessionError
+from packforcing.core.session import STATE_FORMAT, GeneratedBlock, GenerationSession, SessionError
 
 __all__ = ["GeneratedBlock", "GenerationEngine", "GenerationSession", "SessionError"]
 
@@ -46,6 +47,7 @@ class GenerationEngine:
         self.dtype = dtype
         self._conditions: dict[str, Any] = {}
         self._session: weakref.ref[GenerationSession] | None = None
+        self._opening = threading.Lock()  # two threads opening sessions at once: one wins
 
     @property
     def geometry(self):
@@ -92,6 +94,12 @@ class GenerationEngine:
         """
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        with self._opening:
+            return self._open_session(seed, batch_size, conditions, recache)
+
+    def _open_session(
+        self, seed: int, batch_size: int, conditions: Sequence[Mapping[str, Any]] | None, recache: bool
+    ) -> GenerationSession:
         live = self._session() if self._session is not None else None
         if live is not None and not live.closed:
             raise SessionError(
@@ -116,6 +124,40 @@ class GenerationEngine:
             self, seed=seed, batch_size=batch_size, schedule=schedule, encoded=encoded, recache=recache
         )
         self._session = weakref.ref(session)
+        return session
+
+    def state_dict(self) -> dict[str, Any]:
+        """The open session's :meth:`GenerationSession.state_dict` (the video in progress)."""
+        live = self._session() if self._session is not None else None
+        if live is None or live.closed:
+            raise SessionError("no open generation session to save")
+        return live.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> GenerationSession:
+        """A session continuing the video saved by :meth:`state_dict`: the cache restored bit for
+        bit (on this engine's device), the next :meth:`GenerationSession.step` makes the same
+        block the saved run would have made next."""
+        meta = state["meta"]
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"checkpoint: format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
+        session = self.session(
+            seed=int(meta["seed"]),
+            batch_size=int(meta["batch_size"]),
+            conditions=meta.get("conditions") or None,
+            recache=bool(meta.get("recache", False)),
+        )
+        cache, kept = {}, {}
+        for name, tensor in state["tensors"].items():
+            if name.startswith("session.latents."):
+                kept[int(name.rsplit(".", 1)[1])] = tensor.to(self.device)
+            elif not name.startswith(("session.", "run.")):
+                cache[name] = tensor.to(self.device)
+        try:
+            self.policy.load_state_dict(cache, meta["cache"])
+        except BaseException:
+            session.close()
+            raise
+        session._restore(int(meta["blocks_done"]), kept)
         return session
 
     def generate(

@@ -193,6 +193,12 @@ class TimedPolicy(CachePolicy):
     def stats(self) -> CacheStats:
         return self.inner.stats()
 
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, tensors, meta) -> None:
+        self.inner.load_state_dict(tensors, meta)
+
 
 _WRAPPERS: dict[str, type] = {  # by kind (packforcing.plugins.kinds); samplers are timed as the model calls they make
     "model": TimedModel,

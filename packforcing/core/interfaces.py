@@ -245,3 +245,11 @@ class CachePolicy(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> CacheStats:
         """Blocks, tokens and bytes per tier, from the tensors actually held."""
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The cache as ``(tensors, JSON-able meta)`` for a checkpoint (optional capability)."""
+        raise NotImplementedError(f"policy {self.name!r} cannot be checkpointed")
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Replace the cache with a :meth:`state_dict` (optional capability)."""
+        raise NotImplementedError(f"policy {self.name!r} cannot be checkpointed")

@@ -251,6 +251,10 @@ class MemoryPlan:
     context_tokens: int
     full_cache_tokens: int
     full_cache_bytes: int
+    archive_device: str | None = None
+    """Where archived blocks live (the policy's ``archive_device`` setting), if it archives."""
+    archive_max_blocks: int | None = None
+    """The archive's bound (``None``: unbounded)."""
 
     @property
     def bytes(self) -> int:

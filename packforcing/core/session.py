@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from packforcing.core.engine import GenerationEngine
 
 
+STATE_FORMAT = "packforcing.session/1"
+
+
 class SessionError(RuntimeError):
     """A session used after it was closed, or a second one opened on a busy engine."""
 
@@ -103,6 +106,33 @@ class GenerationSession:
     def _check_open(self) -> None:
         if self._closed:
             raise SessionError("this generation session is closed")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this video bit for bit: ``{"tensors": {name: tensor},
+        "meta": {...}}`` — the cache (every tier's and the archive's blocks with K/V, latents and
+        positions), the seed (noise is keyed by seed and block index, so that is the whole RNG
+        state), batch size, condition schedule and blocks done. JSON + safetensors-able
+        (:mod:`packforcing.core.checkpoint` writes it); restore with
+        :meth:`GenerationEngine.load_state_dict`."""
+        tensors, cache = self.engine.policy.state_dict()
+        tensors.update({f"session.latents.{i}": x for i, x in self._latents.items()})  # kept for recache
+        return {
+            "tensors": tensors,
+            "meta": {
+                "format": STATE_FORMAT,
+                "seed": self.seed,
+                "batch_size": self.batch_size,
+                "blocks_done": self._blocks_done,
+                "conditions": self.schedule.as_list(),
+                "recache": self.recache_on_switch,
+                "cache": cache,
+            },
+        }
+
+    def _restore(self, blocks_done: int, latents: dict[int, torch.Tensor]) -> None:
+        self._blocks_done = blocks_done
+        self._latents = dict(latents)
 
     # ------------------------------------------------------------------ blocks
     @torch.no_grad()

@@ -76,6 +76,7 @@ class TierStore:
         page_blocks: int = 4,
         keep_latents: bool = False,
         device: torch.device | str | None = None,
+        pin_memory: bool = False,
     ) -> None:
         if capacity is not None and capacity < 0:
             raise ValueError(f"tier {name!r}: capacity must be >= 0")
@@ -88,6 +89,8 @@ class TierStore:
         self.page_blocks = max(1, min(page_blocks, capacity) if capacity else page_blocks)
         self.keep_latents = keep_latents
         self.device = torch.device(device) if device is not None else None
+        self.pin_memory = pin_memory
+        """Pages in page-locked host memory (fast, asynchronous copies to and from CUDA)."""
         self.pages: list[torch.Tensor] = []
         self.latent_pages: list[torch.Tensor] = []
         self._free: list[tuple[int, int]] = []
@@ -126,41 +129,89 @@ class TierStore:
             self._latent_shape = tuple(latents.shape[1:])
 
     def _new_page(self) -> None:
+        """Append one page (K/V, and latents if kept); on an allocation failure nothing is added."""
         assert self._batch is not None and self._dtype is not None
         shape = (2, self.num_layers, self._batch, self.page_blocks, self.slot_tokens, self.num_heads, self.head_dim)
-        self.pages.append(torch.empty(shape, dtype=self._dtype, device=self.device))
+        page_kv = torch.empty(shape, dtype=self._dtype, device=self.device, pin_memory=self.pin_memory)
+        page_latents = None
         if self.keep_latents:
             assert self._latent_shape is not None
-            self.latent_pages.append(
-                torch.empty((self._batch, self.page_blocks, *self._latent_shape), dtype=self._dtype, device=self.device)
+            page_latents = torch.empty(
+                (self._batch, self.page_blocks, *self._latent_shape), dtype=self._dtype, device=self.device
             )
+        self.pages.append(page_kv)
+        if page_latents is not None:
+            self.latent_pages.append(page_latents)
         page = len(self.pages) - 1
         # LIFO free list: lowest index first
         self._free.extend((page, i) for i in reversed(range(self.page_blocks)))
+
+    def check(
+        self,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        latents: torch.Tensor | None = None,
+    ) -> None:
+        """Raise (``ValueError``, :class:`NonFiniteError`) if :meth:`put` would refuse the block;
+        changes nothing."""
+        if len(keys) != self.num_layers or len(values) != self.num_layers:
+            raise ValueError(f"tier {self.name!r}: expected {self.num_layers} layers, got {len(keys)}")
+        expected = (self.slot_tokens, self.num_heads, self.head_dim)
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            if tuple(k.shape[1:]) != expected or k.shape != v.shape:
+                raise ValueError(
+                    f"tier {self.name!r}, layer {layer}: expected K/V [B, {expected[0]}, {expected[1]}, "
+                    f"{expected[2]}], got {tuple(k.shape)} / {tuple(v.shape)}"
+                )
+            if self._dtype is not None and (k.dtype != self._dtype or v.dtype != self._dtype):
+                raise ValueError(f"tier {self.name!r}, layer {layer}: dtype {k.dtype}/{v.dtype}, holds {self._dtype}")
+        check_finite(keys, values, f"tier {self.name!r}")
+        if self._batch is not None and keys[0].shape[0] != self._batch:
+            raise ValueError(f"tier {self.name!r}: batch size changed from {self._batch} to {keys[0].shape[0]}")
+        if self.keep_latents:
+            if latents is None:
+                raise ValueError(f"tier {self.name!r} keeps latents but none were given")
+            if self._latent_shape is not None and tuple(latents.shape[1:]) != self._latent_shape:
+                raise ValueError(
+                    f"tier {self.name!r}: latents {tuple(latents.shape)}, expected [B, *{self._latent_shape}]"
+                )
+
+    @property
+    def allocated_slots(self) -> int:
+        return len(self.pages) * self.page_blocks
+
+    def reserve(self, live: int, keys: Sequence[torch.Tensor], latents: torch.Tensor | None = None) -> Reservation:
+        """Allocate pages now so that ``live`` blocks fit (``keys``/``latents`` of one block give the
+        dtype, device and batch of a fresh store). Undo it with :meth:`Reservation.undo`; if the
+        allocation fails, nothing is left allocated."""
+        reservation = Reservation(self, 0, self._batch is None, self.device)
+        try:
+            if self.allocated_slots < live and self._batch is None:
+                self._init_from(keys, latents)
+            while self.allocated_slots < live:
+                self._new_page()
+                reservation.pages += 1
+        except BaseException:
+            reservation.undo()
+            raise
+        return reservation
 
     def put(
         self,
         keys: Sequence[torch.Tensor],
         values: Sequence[torch.Tensor],
         latents: torch.Tensor | None = None,
+        *,
+        checked: bool = False,
     ) -> Slot:
-        """Copy per-layer ``keys``/``values`` ``[B, N, H, D]`` into a free slot."""
-        if len(keys) != self.num_layers or len(values) != self.num_layers:
-            raise ValueError(f"tier {self.name!r}: expected {self.num_layers} layers, got {len(keys)}")
-        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            expected = (self.slot_tokens, self.num_heads, self.head_dim)
-            if tuple(k.shape[1:]) != expected or k.shape != v.shape:
-                raise ValueError(
-                    f"tier {self.name!r}, layer {layer}: expected K/V [B, {expected[0]}, {expected[1]}, "
-                    f"{expected[2]}], got {tuple(k.shape)} / {tuple(v.shape)}"
-                )
-        check_finite(keys, values, f"tier {self.name!r}")
+        """Copy per-layer ``keys``/``values`` ``[B, N, H, D]`` into a free slot (``checked``: the
+        caller already ran :meth:`check` on them)."""
+        if not checked:
+            self.check(keys, values, latents)
         if self.capacity is not None and self._live >= self.capacity:
             raise RuntimeError(f"tier {self.name!r} is full ({self.capacity} blocks)")
         if self._batch is None:
             self._init_from(keys, latents)
-        if keys[0].shape[0] != self._batch:
-            raise ValueError(f"tier {self.name!r}: batch size changed from {self._batch} to {keys[0].shape[0]}")
         if not self._free:
             self._new_page()
         page, index = self._free.pop()
@@ -190,3 +241,33 @@ class TierStore:
         self._live = 0
         self._batch = None
         self._dtype = None
+        self._latent_shape = None
+
+
+class Reservation:
+    """Pages :meth:`TierStore.reserve` allocated, so a failed commit can give them back."""
+
+    __slots__ = ("device", "fresh", "pages", "store")
+
+    def __init__(self, store: TierStore, pages: int, fresh: bool, device: torch.device | None) -> None:
+        self.store = store
+        self.pages = pages
+        self.fresh = fresh
+        self.device = device
+
+    def undo(self) -> None:
+        """Free the reserved pages (all their slots are free) and, for a store that was empty,
+        forget the dtype/batch it took."""
+        store = self.store
+        for _ in range(self.pages):
+            page = len(store.pages) - 1
+            store.pages.pop()
+            if store.keep_latents:
+                store.latent_pages.pop()
+            store._free = [(p, i) for p, i in store._free if p != page]
+        self.pages = 0
+        if self.fresh and not store.pages:
+            store._batch = None
+            store._dtype = None
+            store._latent_shape = None
+            store.device = self.device

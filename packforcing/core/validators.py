@@ -22,6 +22,11 @@ def optional_non_negative(instance: Any, attribute: attrs.Attribute, value: Any)
         non_negative(instance, attribute, value)
 
 
+def optional_positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None:
+        positive(instance, attribute, value)
+
+
 def positive_triple(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if (
         not isinstance(value, tuple)

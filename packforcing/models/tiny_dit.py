@@ -29,6 +29,7 @@ from packforcing.core.geometry import Geometry, Grid
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
 from packforcing.core.validators import non_negative, positive, positive_triple
+from packforcing.core.weightfiles import check_tensors, read_header
 from packforcing.models.codec import BASES, LinearPatchCodec
 
 PREDICTIONS = ("velocity", "sample")
@@ -180,7 +181,10 @@ class TinyDiT(nn.Module):
 
             from packforcing.compressors.dual_branch import resolve_weights
 
-            self.load_state_dict(load_file(str(resolve_weights(params.weights, config_source))))
+            path = resolve_weights(params.weights, config_source)
+            tensors, _ = read_header(path)
+            check_tensors(path, tensors, {name: tuple(t.shape) for name, t in self.state_dict().items()})
+            self.load_state_dict(load_file(str(path)))
         self.requires_grad_(False)
         self.eval()
 

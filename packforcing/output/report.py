@@ -27,6 +27,11 @@ class RunReport:
     peak_cache_bytes: int = 0
     peak_archive_bytes: int = 0
     total_seconds: float = 0.0
+    status: str = "running"
+    """``running`` (written after every block), ``complete``, ``interrupted`` or ``failed``."""
+    error: str | None = None
+    """The one-line error of a ``failed`` run."""
+    blocks_planned: int | None = None
 
     def add(self, block: GeneratedBlock) -> dict[str, Any]:
         stats = block.stats
@@ -53,9 +58,21 @@ class RunReport:
             {"block": block, "condition": condition, "blocks_since": blocks_since, "psnr_db": round(psnr_db, 4)}
         )
 
+    def restore(self, blocks: list[dict[str, Any]], returns: list[dict[str, Any]] | None = None) -> None:
+        """Continue from the per-block records (and returns) of an earlier (interrupted) run."""
+        self.blocks = [dict(b) for b in blocks]
+        self.returns = [dict(r) for r in returns or []]
+        self.peak_cache_bytes = max((b["cache_bytes"] for b in self.blocks), default=0)
+        self.peak_archive_bytes = max((b["archive_bytes"] for b in self.blocks), default=0)
+        self.total_seconds = sum(b["seconds"] for b in self.blocks)
+
     def as_dict(self) -> dict[str, Any]:
         psnrs = [r["psnr_db"] for r in self.returns]
         return {
+            "status": self.status,
+            "blocks_done": len(self.blocks),
+            "blocks_planned": self.blocks_planned,
+            **({"error": self.error} if self.error is not None else {}),
             "config": self.config,
             "conditions": self.conditions,
             **self.details,
@@ -69,4 +86,7 @@ class RunReport:
         }
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+        """Write atomically: a reader (or a crash) sees the previous report or this one."""
+        from packforcing.core.checkpoint import write_atomic
+
+        write_atomic(Path(path), (json.dumps(self.as_dict(), indent=2) + "\n").encode())

@@ -64,6 +64,12 @@ class TierLayout:
         self.overflow = overflow
         self.members: list[deque[int]] = [deque() for _ in tiers]
 
+    def copy(self) -> TierLayout:
+        """An independent layout in the same state (to try a commit before applying it)."""
+        twin = TierLayout(self.specs, self.overflow)
+        twin.members = [deque(m) for m in self.members]
+        return twin
+
     def reset(self) -> None:
         for m in self.members:
             m.clear()

@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 
 from packforcing.core.errors import ConfigError
-from packforcing.core.validators import non_negative, one_of, positive
+from packforcing.core.validators import non_negative, one_of, optional_non_negative, positive
 from packforcing.policies.layout import ARCHIVE, DROP
 from packforcing.policies.presets import build_tiered
 from packforcing.policies.tiered import TieredParams, TieredPolicy, TierSpec
@@ -40,6 +40,10 @@ class PackForcingParams:
     recent_frames: int = attrs.field(default=4, validator=positive)
     mid_capacity_blocks: int = attrs.field(default=16, validator=positive)
     mid_overflow: str = attrs.field(default=ARCHIVE, validator=one_of(ARCHIVE, DROP))
+    archive_device: str = "auto"
+    """Where archived mid blocks live: ``auto`` = pinned host memory when generating on CUDA."""
+    archive_max_blocks: int | None = attrs.field(default=None, validator=optional_non_negative)
+    """Bound on the archive (the oldest archived block is dropped beyond it); ``None``: unbounded."""
     page_blocks: int = attrs.field(default=4, validator=positive)
 
     def tiers(self) -> TieredParams:
@@ -50,6 +54,8 @@ class PackForcingParams:
                 TierSpec(name="recent", frames=self.recent_frames),
             ),
             overflow=self.mid_overflow,
+            archive_device=self.archive_device,
+            archive_max_blocks=self.archive_max_blocks,
             page_blocks=self.page_blocks,
         )
 

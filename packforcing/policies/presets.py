@@ -16,6 +16,8 @@ def build_tiered(params: TieredParams, env: Any, name: str = "tiered") -> Tiered
     """A :class:`TieredPolicy` wired to the environment's model, backend, realigner, selector
     and compressors (``fidelity: compressed`` → the top-level compressor; a mapping → its own)."""
     compressors = {}
+    known = getattr(env, "origins", {})
+    origins = {key: known[key] for key in ("selector", "positional", "attention") if key in known}
     for i, tier in enumerate(params.tiers):
         if tier.fidelity == "full":
             continue
@@ -26,8 +28,12 @@ def build_tiered(params: TieredParams, env: Any, name: str = "tiered") -> Tiered
                     f"tier {tier.name!r} is compressed but no top-level compressor is configured", path=path
                 )
             compressors[tier.name] = env.compressor
+            if "compressor" in known:
+                origins[f"compressor:{tier.name}"] = known["compressor"]
         elif isinstance(tier.fidelity, dict):
             compressors[tier.name] = env.build("compressor", tier.fidelity, path)
+            if path in known:
+                origins[f"compressor:{tier.name}"] = known[path]
         else:
             raise ConfigError(f"expected full, compressed or a compressor mapping, got {tier.fidelity!r}", path=path)
     return TieredPolicy(
@@ -39,6 +45,7 @@ def build_tiered(params: TieredParams, env: Any, name: str = "tiered") -> Tiered
         selector=env.selector,
         compressors=compressors,
         name=name,
+        origins=origins,
     )
 
 

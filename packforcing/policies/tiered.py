@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import torch
 
+from packforcing.core.boundary import Origin, kv_problem, number_problem, selection_problem, tensor_problem
 from packforcing.core.geometry import Geometry, Grid
 from packforcing.core.interfaces import (
     AttentionBackend,
@@ -40,12 +41,16 @@ from packforcing.core.records import (
     BlockQuery,
     CachedBlock,
     CacheStats,
+    CompressedKV,
     MemoryPlan,
     TierStats,
 )
-from packforcing.core.store import TierStore, check_finite
+from packforcing.core.store import Reservation, TierStore, check_finite
 from packforcing.core.validators import one_of, optional_non_negative, positive
 from packforcing.policies.layout import ARCHIVE, DROP, TierLayout, TierSlotSpec
+
+MAX_PLAN_BLOCKS = 10_000_000
+"""Runs longer than this are refused (at 4 frames a block and 16 fps, 79 years of video)."""
 
 
 def _fidelity(value: Any) -> str | dict[str, Any]:
@@ -101,13 +106,39 @@ def _tiers(value: Any) -> tuple[TierSpec, ...]:
     return tuple(out)
 
 
+def _archive_device(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{attribute.name}: expected auto, pinned, cpu or a device name, got {value!r}")
+    if value not in ("auto", "pinned"):
+        try:
+            torch.device(value)
+        except RuntimeError:
+            raise ValueError(
+                f"{attribute.name}: expected auto, pinned, cpu or a device name such as cuda:0, got {value!r}"
+            ) from None
+
+
+def archive_placement(setting: str, cache_device: torch.device) -> tuple[torch.device, bool]:
+    """``(device, pinned)`` of the archive for ``archive_device: setting`` when the cache lives
+    on ``cache_device``."""
+    if setting == "auto":
+        return (torch.device("cpu"), True) if cache_device.type == "cuda" else (cache_device, False)
+    if setting == "pinned":
+        return torch.device("cpu"), torch.cuda.is_available()
+    return torch.device(setting), False
+
+
 @attrs.frozen
 class TieredParams:
     """Parameters of the ``tiered`` policy."""
 
     tiers: tuple[TierSpec, ...] = attrs.field(converter=_tiers)
     overflow: str = attrs.field(default=DROP, validator=one_of(ARCHIVE, DROP))
-    archive_device: str | None = None
+    archive_device: str = attrs.field(default="auto", validator=_archive_device)
+    """Where archived blocks live: ``auto`` (pinned host memory when the cache is on CUDA, else
+    beside the cache), ``pinned`` (pinned host memory), ``cpu``, or a torch device (``cuda:1``)."""
+    archive_max_blocks: int | None = attrs.field(default=None, validator=optional_non_negative)
+    """At most this many archived blocks (the oldest is dropped beyond it); ``None``: unbounded."""
     page_blocks: int = attrs.field(default=4, validator=positive)
 
 
@@ -126,6 +157,40 @@ class _Tier:
         return self.spec.name
 
 
+class _Put:
+    """A block checked and ready to be copied into ``store`` (phase two of a commit)."""
+
+    def __init__(
+        self,
+        store: TierStore,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        latents: torch.Tensor | None,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.values = values
+        self.latents = latents
+        self.record: dict[str, Any] = {}
+
+    def check(self) -> None:
+        self.store.check(self.keys, self.values, self.latents)
+
+    def apply(self) -> CachedBlock:
+        slot = self.store.put(self.keys, self.values, self.latents, checked=True)
+        return CachedBlock(slot=slot, **self.record)
+
+
+@attrs.frozen
+class _Step:
+    """One move of a commit with the block it moves and what will be stored where."""
+
+    move: Any
+    src: _Tier | None
+    block: CachedBlock | None
+    put: _Put | None
+
+
 class TieredPolicy(CachePolicy):
     """A cache of ordered tiers; see the module docstring for the rules."""
 
@@ -142,8 +207,12 @@ class TieredPolicy(CachePolicy):
         selector: Selector | None = None,
         compressors: Mapping[str, Compressor] | None = None,
         name: str | None = None,
+        origins: Mapping[str, Origin] | None = None,
     ) -> None:
         self.params = params
+        self.origins = dict(origins or {})
+        """Which plugin each part is, for error messages: keys ``selector``, ``positional``,
+        ``attention`` and ``compressor:<tier name>``."""
         if name is not None:
             self.name = name
         self.geometry = geometry
@@ -237,6 +306,14 @@ class TieredPolicy(CachePolicy):
         """Ids of blocks dropped by the overflow rule."""
         return list(self._dropped)
 
+    @property
+    def last_block_id(self) -> int:
+        """The id of the last block committed (``-1`` for an empty cache)."""
+        return self._last_block_id
+
+    def _origin(self, key: str, kind: str, component: Any) -> Origin:
+        return self.origins.get(key) or Origin.of(kind, component)
+
     def location(self, block_id: int) -> int | str:
         """Tier name, ``"archive"`` or ``"drop"`` for a committed block."""
         where = self._where[block_id]
@@ -256,6 +333,36 @@ class TieredPolicy(CachePolicy):
                     f"({tier.capacity} blocks)"
                 )
 
+    def audit(self) -> None:
+        """Raise ``AssertionError`` if the bookkeeping disagrees with itself: each tier holds the
+        layout's blocks in order, every store's live slots are exactly the slots its blocks hold
+        (none leaked, none shared), and every block's location is where it is."""
+        seen: set[int] = set()
+        for i, (tier, members) in enumerate(zip(self._tiers, self.layout.members, strict=True)):
+            ids = [b.block_id for b in tier.blocks]
+            assert ids == list(members), f"tier {tier.name!r} holds {ids}, layout says {list(members)}"
+            assert tier.store is not None
+            slots = {(b.slot.page, b.slot.index) for b in tier.blocks}
+            assert all(b.slot.live and b.slot._store is tier.store for b in tier.blocks), f"tier {tier.name!r}"
+            assert len(slots) == len(ids) == tier.store.live_blocks, (
+                f"tier {tier.name!r}: {len(ids)} blocks, {len(slots)} distinct slots, "
+                f"{tier.store.live_blocks} live slots in its store"
+            )
+            assert not slots & set(tier.store._free), f"tier {tier.name!r}: a held slot is also free"
+            for block_id in ids:
+                assert self._where.get(block_id) == i, f"block {block_id}: location {self._where.get(block_id)!r}"
+            seen.update(ids)
+        archived = [b.block_id for b in self._archive]
+        live = self._archive_store.live_blocks if self._archive_store is not None else 0
+        assert live == len(archived), f"archive: {len(archived)} blocks, {live} live slots"
+        for block_id in archived:
+            assert self._where.get(block_id) == ARCHIVE, f"block {block_id}: location {self._where.get(block_id)!r}"
+        for block_id in self._dropped:
+            assert self._where.get(block_id) == DROP, f"block {block_id}: location {self._where.get(block_id)!r}"
+        every = seen | set(archived) | set(self._dropped)
+        assert len(every) == len(seen) + len(archived) + len(self._dropped), "a block is in two places"
+        assert every == set(self._where), f"locations {sorted(self._where)} vs blocks held {sorted(every)}"
+
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
         self.layout.reset()
@@ -270,53 +377,174 @@ class TieredPolicy(CachePolicy):
         self._where.clear()
         self._last_block_id = -1
 
-    def _store_block(self, tier: _Tier, source: BlockCommit | CachedBlock) -> CachedBlock:
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The whole cache as ``(tensors, meta)``: every tier's and the archive's blocks (K/V
+        stacked per block ``[2, L, B, N, H, D]``, latents ``[B, C, F, H, W]`` where kept) and the
+        JSON-able bookkeeping (block records, dropped ids, last block). Safe to write with
+        safetensors + JSON; :meth:`load_state_dict` restores it bit for bit."""
+        tensors: dict[str, torch.Tensor] = {}
+
+        def records(prefix: str, blocks: Sequence[CachedBlock]) -> list[dict[str, Any]]:
+            out = []
+            for i, block in enumerate(blocks):
+                key = f"{prefix}.{i}"
+                tensors[f"{key}.kv"] = torch.stack([torch.stack(block.keys), torch.stack(block.values)]).contiguous()
+                latents = block.latents
+                if latents is not None:
+                    tensors[f"{key}.latents"] = latents.contiguous()
+                out.append(
+                    {
+                        "key": key,
+                        "block_id": block.block_id,
+                        "start_frame": block.start_frame,
+                        "num_frames": block.num_frames,
+                        "fidelity": block.fidelity,
+                        "grid": list(block.grid),
+                        "position": block.position,
+                        "temporal_stride": block.temporal_stride,
+                        "hw_stride": block.hw_stride,
+                        "condition": block.condition,
+                    }
+                )
+            return out
+
+        meta = {
+            "policy": self.name,
+            "tiers": {t.name: records(f"tier.{t.name}", t.blocks) for t in self._tiers},
+            "archive": records("archive", self._archive),
+            "dropped": list(self._dropped),
+            "last_block_id": self._last_block_id,
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Replace the cache with a :meth:`state_dict` (checked against this policy's tiers and
+        geometry first: on a mismatch ``ValueError`` and the cache is left as it was)."""
+        names = [t.name for t in self._tiers]
+        if meta.get("policy") != self.name or sorted(meta.get("tiers", {})) != sorted(names):
+            raise ValueError(
+                f"checkpoint: the cache was saved by policy {meta.get('policy')!r} with tiers "
+                f"{sorted(meta.get('tiers', {}))}, this policy is {self.name!r} with tiers {sorted(names)}"
+            )
+        g = self.geometry
+
+        def unpack(record: Mapping[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor], Any]:
+            kv = tensors.get(f"{record['key']}.kv")
+            grid = tuple(int(x) for x in record["grid"])
+            tokens = grid[0] * grid[1] * grid[2]
+            if kv is None or kv.ndim != 6 or tuple(kv.shape[:2]) != (2, g.num_layers) or kv.shape[3] != tokens:
+                raise ValueError(f"checkpoint: block {record.get('block_id')}: K/V missing or of the wrong shape")
+            fields = {k: record[k] for k in ("block_id", "start_frame", "num_frames", "fidelity", "position")}
+            fields.update(
+                grid=grid,
+                temporal_stride=float(record["temporal_stride"]),
+                hw_stride=float(record["hw_stride"]),
+                condition=record.get("condition"),
+            )
+            return fields, list(kv[0]), list(kv[1]), tensors.get(f"{record['key']}.latents")
+
+        staged = {t.name: [unpack(r) for r in meta["tiers"][t.name]] for t in self._tiers}
+        archived = [unpack(r) for r in meta.get("archive", [])]
+        for tier in self._tiers:
+            if tier.capacity is not None and len(staged[tier.name]) > tier.capacity:
+                raise ValueError(f"checkpoint: tier {tier.name!r} holds more blocks than its capacity")
+            for fields, _, _, latents in staged[tier.name]:
+                if tuple(fields["grid"]) != tuple(tier.grid) or (tier.keep_latents and latents is None):
+                    raise ValueError(f"checkpoint: block {fields['block_id']} does not fit tier {tier.name!r}")
+        self.reset()
+        for i, tier in enumerate(self._tiers):
+            assert tier.store is not None
+            for fields, keys, values, latents in staged[tier.name]:
+                slot = tier.store.put(keys, values, latents if tier.keep_latents else None)
+                tier.blocks.append(CachedBlock(slot=slot, **fields))
+                self.layout.members[i].append(fields["block_id"])
+                self._where[fields["block_id"]] = i
+        for fields, keys, values, _ in archived:
+            block_tokens = fields["grid"][0] * fields["grid"][1] * fields["grid"][2]
+            if self._archive_store is None or self._archive_store.slot_tokens != block_tokens:
+                self._archive_store = self._new_archive_store(block_tokens, keys[0].device)
+            slot = self._archive_store.put(keys, values)
+            self._archive.append(CachedBlock(slot=slot, **fields))
+            self._where[fields["block_id"]] = ARCHIVE
+        self._dropped = [int(b) for b in meta.get("dropped", [])]
+        for block_id in self._dropped:
+            self._where[block_id] = DROP
+        self._last_block_id = int(meta.get("last_block_id", -1))
+
+    # ------------------------------------------------------------------ commit
+    def _prepare_block(self, tier: _Tier, source: BlockCommit | CachedBlock) -> _Put:
+        """Everything that can fail about storing ``source`` in ``tier`` (compression, checks),
+        without changing the cache."""
         assert tier.store is not None
+        latents = source.latents if tier.keep_latents else None
         if tier.compressor is not None and not (
             isinstance(source, CachedBlock) and source.fidelity == tier.compressor.name and source.grid == tier.grid
         ):
             block = source if isinstance(source, CachedBlock) else self._transient(source)
-            ckv = tier.compressor.compress(block, self.model)
-            if ckv.grid != tier.grid:
-                raise RuntimeError(f"compressor {tier.compressor.name!r} produced grid {ckv.grid}, planned {tier.grid}")
-            latents = source.latents if tier.keep_latents else None
-            slot = tier.store.put(ckv.keys, ckv.values, latents)
-            return CachedBlock(
-                block_id=source.block_id,
-                start_frame=source.start_frame,
-                num_frames=source.num_frames,
+            origin = self._origin(f"compressor:{tier.name}", "compressor", tier.compressor)
+            ckv = origin.call(source.block_id, tier.compressor.compress, block, self.model)
+            self._check_compressed(origin, ckv, tier, block)
+            put = _Put(tier.store, ckv.keys, ckv.values, latents)
+            put.record = dict(
                 fidelity=tier.compressor.name,
-                grid=ckv.grid,
-                position=ckv.position,
-                temporal_stride=ckv.temporal_stride,
-                slot=slot,
-                hw_stride=ckv.hw_stride,
-                condition=source.condition,
+                grid=tuple(ckv.grid),
+                position=float(ckv.position),
+                temporal_stride=float(ckv.temporal_stride),
+                hw_stride=float(ckv.hw_stride),
             )
-        if isinstance(source, CachedBlock):
-            keys, values = source.keys, source.values
-            stride = source.temporal_stride
-            hw_stride = source.hw_stride
-            fidelity = source.fidelity
+        elif isinstance(source, CachedBlock):
+            put = _Put(tier.store, source.keys, source.values, latents)
+            put.record = dict(
+                fidelity=source.fidelity,
+                grid=source.grid,
+                position=source.position,
+                temporal_stride=source.temporal_stride,
+                hw_stride=source.hw_stride,
+            )
         else:
-            keys, values = list(source.keys), list(source.values)
-            stride = float(self.geometry.patch[0])
-            hw_stride = 1.0
-            fidelity = FULL
-        latents = source.latents if tier.keep_latents else None
-        slot = tier.store.put(keys, values, latents)
-        return CachedBlock(
+            put = _Put(tier.store, list(source.keys), list(source.values), latents)
+            put.record = dict(
+                fidelity=FULL,
+                grid=source.grid,
+                position=source.position,
+                temporal_stride=float(self.geometry.patch[0]),
+                hw_stride=1.0,
+            )
+        put.record.update(
             block_id=source.block_id,
             start_frame=source.start_frame,
             num_frames=source.num_frames,
-            fidelity=fidelity,
-            grid=source.grid,
-            position=source.position,
-            temporal_stride=stride,
-            slot=slot,
-            hw_stride=hw_stride,
             condition=source.condition,
         )
+        put.check()
+        return put
+
+    def _check_compressed(self, origin: Origin, ckv: Any, tier: _Tier, block: CachedBlock) -> None:
+        """A compressor's output against what the tier stores: grid, layers, batch, dtype,
+        device, finiteness and the positions it reports."""
+        g = self.geometry
+        if not isinstance(ckv, CompressedKV):
+            raise origin.error(f"returned a {type(ckv).__name__}, expected a CompressedKV", block.block_id)
+        if tuple(ckv.grid) != tuple(tier.grid):
+            raise origin.error(f"produced grid {tuple(ckv.grid)}, planned {tier.grid}", block.block_id)
+        like = block.keys[0]
+        t, h, w = tier.grid
+        problem = (
+            kv_problem(
+                ckv.keys,
+                ckv.values,
+                num_layers=g.num_layers,
+                shape=(like.shape[0], t * h * w, g.num_heads, g.head_dim),
+                dtype=like.dtype,
+                device=like.device,
+            )
+            or number_problem("position", ckv.position)
+            or number_problem("temporal_stride", ckv.temporal_stride, positive=True)
+            or number_problem("hw_stride", ckv.hw_stride, positive=True)
+        )
+        if problem:
+            raise origin.error(f"tier {tier.name!r}: {problem}", block.block_id)
 
     def _transient(self, commit: BlockCommit) -> CachedBlock:
         """A commit seen as a block (for compressing straight into a compressed entry tier)."""
@@ -333,50 +561,93 @@ class TieredPolicy(CachePolicy):
             condition=commit.condition,
         )
 
-    def _archive_block(self, block: CachedBlock) -> CachedBlock:
-        if self._archive_store is None or self._archive_store.slot_tokens != block.num_tokens:
-            if self._archive_store is not None and self._archive_store.live_blocks:
-                raise RuntimeError("archive holds blocks of another size")
-            g = self.geometry
-            self._archive_store = TierStore(
-                name=ARCHIVE,
-                slot_tokens=block.num_tokens,
-                num_layers=g.num_layers,
-                num_heads=g.num_heads,
-                head_dim=g.head_dim,
-                capacity=None,
-                page_blocks=self.params.page_blocks,
-                device=self.params.archive_device,
-            )
-        slot = self._archive_store.put(block.keys, block.values)
-        return attrs.evolve(block, slot=slot)
+    def _archive_store_for(self, block: CachedBlock) -> TierStore:
+        """The archive store ``block`` goes to (a new one if the archive is empty and sized
+        for other blocks); not installed until the commit is applied."""
+        current = self._archive_store
+        if current is not None and current.slot_tokens == block.num_tokens:
+            return current
+        if current is not None and current.live_blocks:
+            raise RuntimeError("archive holds blocks of another size")
+        return self._new_archive_store(block.num_tokens, block.keys[0].device)
+
+    def _new_archive_store(self, slot_tokens: int, cache_device: torch.device) -> TierStore:
+        g = self.geometry
+        device, pinned = archive_placement(self.params.archive_device, cache_device)
+        return TierStore(
+            name=ARCHIVE,
+            slot_tokens=slot_tokens,
+            num_layers=g.num_layers,
+            num_heads=g.num_heads,
+            head_dim=g.head_dim,
+            capacity=None,
+            page_blocks=self.params.page_blocks,
+            device=device,
+            pin_memory=pinned,
+        )
 
     def commit(self, commit: BlockCommit) -> None:
+        """Admit a block, atomically: every plugin call and check runs first, and every page the
+        moves need is allocated; only then are blocks moved. A failure (a compressor raising or
+        returning something wrong, an allocation) leaves the cache exactly as it was."""
         if commit.grid != self.geometry.block_grid:
             raise ValueError(f"commit grid {commit.grid} differs from the geometry's {self.geometry.block_grid}")
         if commit.block_id <= self._last_block_id:
             raise ValueError(f"block {commit.block_id} committed after block {self._last_block_id}")
-        # refuse before any bookkeeping changes, so a bad block leaves the cache as it was
         check_finite(commit.keys, commit.values, f"block {commit.block_id}")
-        for move in self.layout.commit(commit.block_id):
+        layout = self.layout.copy()
+        steps: list[_Step] = []
+        popped = [0] * len(self._tiers)
+        archive_store = self._archive_store
+        for move in layout.commit(commit.block_id):
             if move.src is None:
                 tier = self._tiers[move.dst]  # type: ignore[index]
-                tier.blocks.append(self._store_block(tier, commit))
-                self._where[move.block_id] = move.dst
+                steps.append(_Step(move, None, None, self._prepare_block(tier, commit)))
                 continue
             src = self._tiers[move.src]
-            block = src.blocks.popleft()
+            block = src.blocks[popped[move.src]]
+            popped[move.src] += 1
             assert block.block_id == move.block_id
+            put = None
+            if move.dst == ARCHIVE and self.params.archive_max_blocks == 0:
+                move = attrs.evolve(move, dst=DROP)  # a bound of 0: nothing is kept
             if move.dst == ARCHIVE:
-                self._archive.append(self._archive_block(block))
+                archive_store = self._archive_store_for(block)
+                put = _Put(archive_store, block.keys, block.values, None)
+                put.record = {f.name: getattr(block, f.name) for f in attrs.fields(CachedBlock) if f.name != "slot"}
+                put.check()
+            elif move.dst != DROP:
+                put = self._prepare_block(self._tiers[move.dst], block)  # type: ignore[index]
+            steps.append(_Step(move, src, block, put))
+        bound = self.params.archive_max_blocks
+        incoming = sum(1 for step in steps if step.move.dst == ARCHIVE)
+        evict = max(0, len(self._archive) + incoming - bound) if bound is not None else 0
+        releases = {id(archive_store): evict} if evict else {}
+        self._reserve(steps, releases)
+        # nothing below can fail: apply the moves
+        for _ in range(evict):  # the archive is full: its oldest blocks are dropped
+            old = self._archive.popleft()
+            assert self._archive_store is not None
+            self._archive_store.release(old.slot)
+            self._dropped.append(old.block_id)
+            self._where[old.block_id] = DROP
+        if archive_store is not self._archive_store:
+            self._archive_store = archive_store
+        for step in steps:
+            move = step.move
+            stored = step.put.apply() if step.put is not None else None
+            if step.src is not None:
+                assert step.src.store is not None and step.block is not None
+                step.src.blocks.popleft()
+                step.src.store.release(step.block.slot)
+            if move.dst == ARCHIVE:
+                self._archive.append(stored)
             elif move.dst == DROP:
-                self._dropped.append(block.block_id)
+                self._dropped.append(move.block_id)
             else:
-                dst = self._tiers[move.dst]  # type: ignore[index]
-                dst.blocks.append(self._store_block(dst, block))
-            assert src.store is not None
-            src.store.release(block.slot)
+                self._tiers[move.dst].blocks.append(stored)  # type: ignore[index]
             self._where[move.block_id] = move.dst
+        self.layout.members = layout.members
         self._last_block_id = commit.block_id
 
     def full_resolution_blocks(self) -> list[CachedBlock]:
@@ -413,6 +684,33 @@ class TieredPolicy(CachePolicy):
             v_slot.copy_(v)
         tier.blocks[i] = attrs.evolve(block, position=position, condition=condition)
 
+    @staticmethod
+    def _reserve(steps: Sequence[_Step], releases: Mapping[int, int] | None = None) -> None:
+        """Allocate the pages every store needs after the moves (releases come before puts in a
+        tier; ``releases``: more slots freed first, by store id); if one allocation fails, the
+        others are given back."""
+        change: dict[int, list[Any]] = {}
+        for step in steps:
+            if step.put is not None:
+                entry = change.setdefault(id(step.put.store), [step.put.store, 0, step.put])
+                entry[1] += 1
+            if step.src is not None:
+                assert step.src.store is not None
+                entry = change.setdefault(id(step.src.store), [step.src.store, 0, None])
+                entry[1] -= 1
+        for key, count in (releases or {}).items():
+            if key in change:
+                change[key][1] -= count
+        done: list[Reservation] = []
+        try:
+            for store, delta, put in change.values():
+                if put is not None and delta > 0:
+                    done.append(store.reserve(store.live_blocks + delta, put.keys, put.latents))
+        except BaseException:
+            for reservation in reversed(done):
+                reservation.undo()
+            raise
+
     # ------------------------------------------------------------------ attention
     def context(self, query: BlockQuery) -> TieredContext:
         # only blocks before the query (all of them while generating; the older ones on a re-cache)
@@ -428,6 +726,11 @@ class TieredPolicy(CachePolicy):
             realigner=self.realigner,
             backend=self.backend,
             rope=self.model.rope,
+            origins=(
+                self._origin("selector", "selector", self.selector),
+                self._origin("positional", "positional", self.realigner),
+                self._origin("attention", "attention", self.backend),
+            ),
         )
 
     # ------------------------------------------------------------------ memory
@@ -454,15 +757,20 @@ class TieredPolicy(CachePolicy):
         return nbytes
 
     def plan(self, num_blocks: int, batch_size: int = 1) -> MemoryPlan:
+        if num_blocks > MAX_PLAN_BLOCKS:
+            raise ValueError(f"run.blocks: {num_blocks} blocks is more than the {MAX_PLAN_BLOCKS} a run may plan")
         layout = TierLayout(self.layout.specs, self.layout.overflow)
         peak = [0] * len(self._tiers)
         archived = 0
+        bound = self.params.archive_max_blocks
         context_tokens = 0
         for block_id in range(num_blocks):
             context_tokens = max(context_tokens, self._planned_context(layout))
             for move in layout.commit(block_id):
                 if move.dst == ARCHIVE:
                     archived += 1
+            if bound is not None:
+                archived = min(archived, bound)
             for i, members in enumerate(layout.members):
                 peak[i] = max(peak[i], len(members))
         tiers: dict[str, TierStats] = {}
@@ -491,6 +799,8 @@ class TieredPolicy(CachePolicy):
             context_tokens=context_tokens,
             full_cache_tokens=full_tokens,
             full_cache_bytes=full_tokens * self.geometry.bytes_per_token * batch_size,
+            archive_device=self.params.archive_device if self.params.overflow == ARCHIVE else None,
+            archive_max_blocks=self.params.archive_max_blocks,
         )
 
     def _planned_context(self, layout: TierLayout) -> int:
@@ -510,7 +820,9 @@ class TieredContext(AttentionContext):
 
     Selection runs per layer with that layer's queries (or once per pass when the selector is
     shared across layers) and per batch item. Gathered keys are rotated from each block's home
-    position to the realigner's target; stored keys are never modified.
+    position to the realigner's target; stored keys are never modified. What the selector,
+    the realigner and the backend return is checked on every call (see
+    :mod:`packforcing.core.boundary`); a violation is a :class:`~packforcing.core.errors.PluginError`.
     """
 
     def __init__(
@@ -522,6 +834,7 @@ class TieredContext(AttentionContext):
         realigner: PositionalRealigner,
         backend: AttentionBackend,
         rope: Any,
+        origins: tuple[Origin, Origin, Origin] | None = None,
     ) -> None:
         self._groups = groups
         self._query = query
@@ -529,6 +842,11 @@ class TieredContext(AttentionContext):
         self._realigner = realigner
         self._backend = backend
         self._rope = rope
+        self._origins = origins or (
+            Origin.of("selector", selector),
+            Origin.of("positional", realigner),
+            Origin.of("attention", backend),
+        )
         self._shared: dict[int, torch.Tensor] = {}
         self._context_tokens = 0
         self.selections: dict[tuple[int, int], torch.Tensor] = {}
@@ -538,7 +856,7 @@ class TieredContext(AttentionContext):
         for blocks, select in groups:
             count = selector.budget(len(blocks)) if select and selector is not None else len(blocks)
             spans.extend((b.position, b.num_frames) for b in blocks[:count])
-        _, self._position = realigner.assign(spans, query)
+        _, self._position = self._assign(spans)
 
     @property
     def position(self) -> float:
@@ -548,10 +866,30 @@ class TieredContext(AttentionContext):
     def context_tokens(self) -> int:
         return self._context_tokens
 
+    def _assign(self, spans: list[tuple[float, float]]) -> tuple[list[float], float]:
+        """The realigner's target positions, checked: one finite number per span, and the query's."""
+        origin = self._origins[1]
+        block = self._query.block_id
+        result = origin.call(block, self._realigner.assign, spans, self._query)
+        try:
+            targets, qpos = result
+            targets = list(targets)
+        except (TypeError, ValueError):
+            raise origin.error(f"assign() returned {result!r}, expected (targets, query position)", block) from None
+        if len(targets) != len(spans):
+            raise origin.error(f"assign() returned {len(targets)} targets for {len(spans)} context blocks", block)
+        problem = number_problem("the query position", qpos) or next(
+            (p for i, t in enumerate(targets) if (p := number_problem(f"target {i}", t))), None
+        )
+        if problem:
+            raise origin.error(f"assign(): {problem}", block)
+        return targets, qpos
+
     def _choose(self, layer: int, q: torch.Tensor) -> list[list[CachedBlock]]:
         """Ordered context blocks for each batch item."""
         batch = q.shape[0]
         rows: list[list[CachedBlock]] = [[] for _ in range(batch)]
+        origin = self._origins[0]
         for g, (blocks, select) in enumerate(self._groups):
             if not select:
                 for row in rows:
@@ -561,15 +899,18 @@ class TieredContext(AttentionContext):
             if self._selector.shared_across_layers and g in self._shared:
                 idx = self._shared[g]
             else:
-                idx = self._selector.select(q, blocks, layer)
+                idx = origin.call(self._query.block_id, self._selector.select, q, blocks, layer)
+                problem = selection_problem(
+                    idx,
+                    batch=batch,
+                    budget=self._selector.budget(len(blocks)),
+                    candidates=len(blocks),
+                    device=q.device,
+                )
+                if problem:
+                    raise origin.error(f"layer {layer}: {problem}", self._query.block_id)
                 if self._selector.shared_across_layers:
                     self._shared[g] = idx
-            expected = self._selector.budget(len(blocks))
-            if tuple(idx.shape) != (batch, expected):
-                raise RuntimeError(
-                    f"selector {self._selector.name!r} returned indices of shape {tuple(idx.shape)}, "
-                    f"expected ({batch}, {expected})"
-                )
             self.selections[(layer, g)] = idx
             for b, row in enumerate(rows):
                 row.extend(blocks[i] for i in idx[b].tolist())
@@ -581,24 +922,42 @@ class TieredContext(AttentionContext):
         """Keys and values ``[B', N_ctx + N, H, D]`` of ``blocks`` (batch rows ``item``) followed by
         the block's own ``k_self, v_self``; keys moved to the realigner's targets."""
         spans = [(b.position, b.num_frames) for b in blocks]
-        targets, qpos = self._realigner.assign(spans, self._query)
+        targets, qpos = self._assign(spans)
+        origin = self._origins[1]
         if qpos != self._position:
-            raise RuntimeError(
-                f"realigner {self._realigner.name!r} moved the query from {self._position} to {qpos} "
-                "depending on which blocks were selected"
+            raise origin.error(
+                f"moved the query from {self._position} to {qpos} depending on which blocks were selected",
+                self._query.block_id,
             )
         ks, vs = [], []
         for block in blocks:
             k, v = block.layer_kv(layer)
             ks.append(k[item])
             vs.append(v[item])
-        keys = self._realigner.gather(ks, blocks, targets, self._rope, tail=k_self)
+        keys = origin.call(self._query.block_id, self._realigner.gather, ks, blocks, targets, self._rope, k_self)
+        shape = (k_self.shape[0], sum(b.num_tokens for b in blocks) + k_self.shape[1], *k_self.shape[2:])
+        problem = tensor_problem("gather() keys", keys, shape, k_self.dtype, k_self.device, finite=False)
+        if problem:
+            raise origin.error(f"layer {layer}: {problem}", self._query.block_id)
         return keys, torch.cat([*vs, v_self], dim=1)
+
+    def _attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The backend's output, checked: ``q``'s shape, dtype and device, finite. Non-finite
+        output is blamed on the realigner if the keys it gathered are non-finite."""
+        origin = self._origins[2]
+        block = self._query.block_id
+        out = origin.call(block, self._backend.attend, q, keys, values)
+        problem = tensor_problem("output", out, tuple(q.shape), q.dtype, q.device)
+        if problem:
+            if not bool(torch.isfinite(keys).all()):
+                raise self._origins[1].error(f"layer {layer}: gather() keys hold non-finite values (NaN/Inf)", block)
+            raise origin.error(f"layer {layer}: {problem}", block)
+        return out
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self._groups:
             self._context_tokens = 0
-            return self._backend.attend(q, k, v)
+            return self._attend(layer, q, k, v)
         rows = self._choose(layer, q)
         batch = q.shape[0]
         same = all(len(r) == len(rows[0]) and all(a is b for a, b in zip(r, rows[0], strict=False)) for r in rows[1:])
@@ -609,4 +968,4 @@ class TieredContext(AttentionContext):
             keys = torch.cat([kv[0] for kv in per_item], dim=0)
             values = torch.cat([kv[1] for kv in per_item], dim=0)
         self._context_tokens = keys.shape[1] - k.shape[1]
-        return self._backend.attend(q, keys, values)
+        return self._attend(layer, q, keys, values)

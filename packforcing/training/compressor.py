@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,7 +40,7 @@ from packforcing.core.build import build_engine
 from packforcing.core.config import Config, load_config
 from packforcing.training.data import AttentionData, Batch, collect, sample_batch
 from packforcing.training.objective import attention_loss, dual_branch_kv, pool_kv
-from packforcing.training.options import DATA_SOURCES, DEFAULT_OUT
+from packforcing.training.options import DATA_SOURCES
 
 __all__ = [
     "AttentionData",
@@ -66,7 +67,7 @@ def train_compressor(
     config: Config | Mapping[str, Any] | str,
     steps: int = 1000,
     lr: float = 2e-3,
-    out_path: str | Path | None = DEFAULT_OUT,
+    out_path: str | Path | None = None,
     seed: int = 0,
     *,
     videos: int = 16,
@@ -190,7 +191,10 @@ def train_compressor(
             held_out_pool=round(pooled, 6),
             data=data_source,
         )
-        save_file(state, str(out), metadata=meta)
+        tmp = out.with_name(f".{out.name}.tmp")
+        save_file(state, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o644)  # readable by others, whatever the umask of a private temp file
+        os.replace(tmp, out)
         if log is not None:
             log(f"wrote {out} ({out.stat().st_size} bytes)")
     return losses

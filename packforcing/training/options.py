@@ -12,12 +12,13 @@ import argparse
 import attrs
 
 DEFAULT_OUT = "packforcing/weights/dual_branch_tiny.safetensors"
+"""The shipped tiny weights: written only when ``--out`` names them explicitly."""
 DATA_SOURCES = ("generated", "world")
 """Where train-compressor's recorded videos come from: the frozen model's own samples, or clips of
 the scenes world (:mod:`packforcing.worlds`) committed by teacher forcing, under their scene
 conditions."""
 
-EXAMPLE = f"example:\n  packforcing train-compressor --config packforcing --steps 1000 --out {DEFAULT_OUT}"
+EXAMPLE = "example:\n  packforcing train-compressor --config packforcing --steps 1000 --out my_compressor.safetensors"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config with the model and a dual_branch compressor")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default 2e-3)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"safetensors to write (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", required=True, help=f"safetensors to write (required: the shipped weights are {DEFAULT_OUT})"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--videos", type=int, default=16, help="videos generated for the data (default 16)")
     parser.add_argument("--blocks", type=int, default=6, help="blocks per video (default 6)")

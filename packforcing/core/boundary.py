@@ -1,0 +1,129 @@
+"""Checks on what plugins return, at the boundary where the cache takes it (every call).
+
+The checks are cheap: shapes, dtypes and devices are metadata; finiteness is one reduction
+over the plugin's *output* (a compressed block, ``[B, Nq, H, D]`` attention output), never
+over the whole cache. Each violation becomes a :class:`~packforcing.core.errors.PluginError`
+naming the plugin (kind, name, distribution), the block and what was wrong, in one line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import attrs
+import torch
+
+from packforcing.core.errors import PluginError
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class Origin:
+    """Which plugin a component is: its kind (config key), registered name and distribution."""
+
+    kind: str
+    name: str
+    distribution: str | None = None
+
+    @classmethod
+    def of(cls, kind: str, component: Any, distribution: str | None = None) -> Origin:
+        """The origin of ``component`` as far as it tells (its ``name`` attribute)."""
+        return cls(kind, str(getattr(component, "name", type(component).__name__)), distribution)
+
+    def error(self, problem: str, block: int | None = None) -> PluginError:
+        return PluginError(problem, kind=self.kind, name=self.name, distribution=self.distribution, block=block)
+
+    def call(self, block: int | None, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``; an exception from the plugin becomes a :class:`PluginError` (chained)."""
+        with self.calling(block):
+            return fn(*args)
+
+    @contextmanager
+    def calling(self, block: int | None) -> Iterator[None]:
+        try:
+            yield
+        except PluginError:
+            raise
+        except Exception as exc:  # a plugin may raise anything; KeyboardInterrupt passes through
+            detail = " ".join(str(exc).split())
+            raise self.error(f"raised {type(exc).__name__}" + (f": {detail}" if detail else ""), block) from exc
+
+
+def _describe(x: Any) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def tensor_problem(
+    what: str, x: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *, finite: bool = True
+) -> str | None:
+    """What is wrong with tensor ``x`` against the expected ``shape``/``dtype``/``device``
+    (and finiteness), or ``None``."""
+    if not isinstance(x, torch.Tensor):
+        return f"{what} is a {type(x).__name__}, expected a tensor"
+    if tuple(x.shape) != tuple(shape):
+        return f"{what} has shape {tuple(x.shape)}, expected {tuple(shape)}"
+    if x.dtype != dtype:
+        return f"{what} is {x.dtype}, expected {dtype}"
+    if x.device != device:
+        return f"{what} is on {x.device}, expected {device}"
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        return f"{what} contains non-finite values (NaN/Inf)"
+    return None
+
+
+def kv_problem(
+    keys: Sequence[Any],
+    values: Sequence[Any],
+    *,
+    num_layers: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> str | None:
+    """What is wrong with per-layer ``keys``/``values`` ``[B, N, H, D]``, or ``None``."""
+    if len(keys) != num_layers or len(values) != num_layers:
+        return f"returned {len(keys)} layers of keys and {len(values)} of values, expected {num_layers}"
+    for what, tensors in (("keys", keys), ("values", values)):
+        for layer, x in enumerate(tensors):
+            if isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[0] != shape[0] and x.shape[1:] == shape[1:]:
+                return f"{what} of layer {layer} have batch {x.shape[0]}, expected {shape[0]}"
+            problem = tensor_problem(f"{what} of layer {layer}", x, shape, dtype, device)
+            if problem:
+                return problem
+    return None
+
+
+def number_problem(what: str, value: Any, *, positive: bool = False) -> str | None:
+    """What is wrong with a plain finite number (``> 0`` if ``positive``), or ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{what} must be a finite number, got {value!r}"
+    if positive and value <= 0:
+        return f"{what} must be > 0, got {value!r}"
+    return None
+
+
+def selection_problem(idx: Any, *, batch: int, budget: int, candidates: int, device: torch.device) -> str | None:
+    """What is wrong with a selector's indices ``[B, k']``: integers on the queries' device,
+    shape ``(batch, budget)``, in ``[0, candidates)``, strictly increasing (unique, time order)."""
+    if not isinstance(idx, torch.Tensor):
+        return f"returned a {type(idx).__name__}, expected an int64 tensor [B, k']"
+    if idx.dtype not in (torch.int64, torch.int32):
+        return f"returned {idx.dtype} indices, expected int64"
+    if tuple(idx.shape) != (batch, budget):
+        return f"returned indices of shape {tuple(idx.shape)}, expected ({batch}, {budget}) [B, k']"
+    if idx.device != device:
+        return f"returned indices on {idx.device}, expected {device}"
+    if budget == 0:
+        return None
+    ordered = idx[:, 1:] > idx[:, :-1]
+    if bool((idx[:, 0] >= 0).all() & (idx[:, -1] < candidates).all() & ordered.all()):
+        return None  # one reduction on the happy path; the details only when something is wrong
+    if bool(((idx < 0) | (idx >= candidates)).any()):
+        return f"returned indices outside [0, {candidates}): {idx.tolist()}"
+    if any(len(set(row)) < len(row) for row in idx.tolist()):
+        return f"returned duplicate indices: {idx.tolist()}"
+    return f"returned indices not in increasing (time) order: {idx.tolist()}"

@@ -1,0 +1,139 @@
+"""Finding and checking safetensors weight files without loading them.
+
+:func:`resolve_weights_path` finds a configured file (relative paths: beside the config file
+first, then the working directory). :func:`read_header` parses a safetensors header (8-byte
+length, JSON) and checks that every tensor's byte range lies inside the file and matches its
+dtype and shape, reading no tensor data; :func:`check_tensors` compares names and shapes with
+what a module expects. Problems are ``ValueError("weights: <file>: <problem>")`` so a config
+error names ``<component>.weights`` and the file in one line. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+from packforcing.core.config import file_label
+
+MAX_HEADER_BYTES = 100 << 20
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
+
+
+def resolve_weights_path(spec: str, config_source: str | os.PathLike[str] | None, *, package_dir: Path) -> Path:
+    """Path of a ``weights:`` value: ``pkg:NAME`` (in ``package_dir``), absolute, or relative —
+    beside the config file first, then in the working directory. The error says where it looked."""
+    if spec.startswith("pkg:"):
+        candidates = [package_dir / spec[4:]]
+    else:
+        path = Path(spec).expanduser()
+        candidates = [path] if path.is_absolute() else []
+        if not candidates:
+            if config_source:
+                candidates.append(Path(config_source).parent / path)
+            candidates.append(Path.cwd() / path)
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    looked = " and ".join(str(c.absolute()) for c in dict.fromkeys(candidates))
+    raise ValueError(f"weights: file not found: {spec} (looked for {looked})")
+
+
+def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """``({tensor name: (dtype, shape)}, metadata)`` of a safetensors file, checked for
+    truncation and corruption without reading tensor data."""
+    label = file_label(path)
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"weights: {label}: {problem}")
+
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise bad(f"cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise bad("not a regular file")
+    size = info.st_size
+    if size == 0:
+        raise bad("empty file")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise bad(f"truncated: {size} bytes, not a safetensors file")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise bad("not a safetensors file (corrupt or truncated header)")
+            raw = handle.read(length)
+    except OSError as exc:
+        raise bad(f"cannot read: {exc.strerror}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad("not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise bad("not a safetensors file (header is not a mapping)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise bad("corrupt header: __metadata__ is not a mapping")
+    data_bytes = size - 8 - length
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    end_max = 0
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"corrupt header entry for tensor {name!r}") from None
+        if dtype not in DTYPE_BYTES or not (0 <= begin <= end) or any(d < 0 for d in shape):
+            raise bad(f"corrupt header entry for tensor {name!r}")
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise bad(f"corrupt: tensor {name!r} of shape {list(shape)} {dtype} does not fit its {end - begin} bytes")
+        if end > data_bytes:
+            raise bad(f"truncated: tensor {name!r} ends at byte {end} of {data_bytes} data bytes")
+        end_max = max(end_max, end)
+        tensors[name] = (dtype, shape)
+    if end_max != data_bytes:
+        raise bad(f"corrupt: {data_bytes - end_max} bytes after the last tensor")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def check_tensors(
+    path: Path, tensors: Mapping[str, tuple[str, tuple[int, ...]]], expected: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Names and shapes of ``tensors`` (from :func:`read_header`) against ``expected``."""
+    label = file_label(path)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(
+                f"missing {len(missing)} tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+            )
+        if extra:
+            parts.append(f"{len(extra)} unexpected tensors ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})")
+        raise ValueError(f"weights: {label}: not weights for this architecture: {'; '.join(parts)}")
+    for name, shape in expected.items():
+        have = tensors[name][1]
+        if tuple(have) != tuple(shape):
+            raise ValueError(f"weights: {label}: tensor {name!r} has shape {list(have)}, expected {list(shape)}")

@@ -1,0 +1,244 @@
+"""The cache is atomic and plugin outputs are checked at the boundary.
+
+A plugin failing during a commit (raising, NaN, wrong shape, grid, layer count, batch, dtype or
+device) leaves the cache exactly as it was; the error is one :class:`PluginError` naming the
+plugin (kind, name, distribution) and the block, with the plugin's own exception chained.
+Selector, realigner and backend outputs are checked on every call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import packforcing as pf
+from packforcing.core.errors import PluginError
+from packforcing.core.interfaces import CachePolicy
+
+from .faults import BACKEND_FAULTS, COMPRESSOR_FAULTS, REALIGNER_FAULTS, SELECTOR_FAULTS, Boom, faulty
+from .helpers import TINY_MODEL
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+CONFIG: dict[str, Any] = {
+    "model": TINY_MODEL,  # 4 frames x (2 x 3) tokens per block
+    "policy": {
+        "name": "packforcing",
+        "sink_frames": 4,
+        "recent_frames": 4,
+        "mid_capacity_blocks": 3,
+        "mid_overflow": "archive",
+        "page_blocks": 2,
+    },
+    "compressor": {"name": "pool", "window": [2, 1, 1]},
+    "selector": {"name": "topk", "k": 2, "min_queries": 2},
+    "positional": "temporal_rope_shift",
+    "attention": "sdpa",
+    "sampler": {"steps": 2},
+    "run": {"device": "cpu", "dtype": "float32"},
+}
+BLOCKS = 9
+# block 0 -> sink; from block 2 on, the block leaving recent is compressed into mid;
+# from block 5 on, mid's oldest block is also archived in the same commit
+
+
+class Recording(CachePolicy):
+    """Delegates to a policy and keeps every commit it receives."""
+
+    def __init__(self, inner: CachePolicy) -> None:
+        self.inner, self.name = inner, inner.name
+        self.commits: list[pf.BlockCommit] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def commit(self, commit):
+        self.commits.append(commit)
+        self.inner.commit(commit)
+
+    def context(self, query):
+        return self.inner.context(query)
+
+    def plan(self, num_blocks, batch_size=1):
+        return self.inner.plan(num_blocks, batch_size)
+
+    def stats(self):
+        return self.inner.stats()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Every commit of an uninterrupted run, and the cache it ends with."""
+    holder: dict[str, Recording] = {}
+
+    def wrap(kind, component):
+        if kind == "policy":
+            holder["policy"] = Recording(component)
+            return holder["policy"]
+        return component
+
+    engine = pf.build_engine(CONFIG, wrap=wrap)
+    list(engine.generate(BLOCKS, seed=3))
+    policy = holder["policy"]
+    return policy.commits, snapshot(policy.inner)
+
+
+def snapshot(policy) -> dict[str, Any]:
+    """Everything observable about the cache: blocks per tier with their K/V, archive, dropped,
+    locations and stats."""
+
+    def blocks(held):
+        return [
+            (b.block_id, b.fidelity, b.grid, b.position, b.temporal_stride, [t.clone() for t in (*b.keys, *b.values)])
+            for b in held
+        ]
+
+    return {
+        "tiers": {name: blocks(policy.tier_blocks(name)) for name in policy.tier_names},
+        "archive": blocks(policy.archived),
+        "dropped": policy.dropped,
+        "where": dict(policy._where),
+        "stats": policy.stats(),
+    }
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def eq(x, y):
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(eq(p, q) for p, q in zip(x, y, strict=True))
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        return x == y
+
+    return eq(a, b)
+
+
+def faulty_engine():
+    made: dict[str, Any] = {}
+    engine = pf.build_engine(CONFIG, wrap=faulty(made))
+    return engine, made
+
+
+@pytest.mark.parametrize("at", [2, 6], ids=["first-compression", "while-archiving"])
+@pytest.mark.parametrize("fault", COMPRESSOR_FAULTS)
+def test_failing_compressor_leaves_the_cache_exactly_as_before(reference, fault, at):
+    commits, final = reference
+    engine, made = faulty_engine()
+    policy = engine.policy
+    for commit in commits[:at]:
+        policy.commit(commit)
+    before = snapshot(policy)
+    made["compressor"].fault = fault
+    with pytest.raises(PluginError) as caught:
+        policy.commit(commits[at])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"compressor 'pool' (distribution packforcing), block {at - 1}: "), message
+    assert (caught.value.kind, caught.value.name, caught.value.block) == ("compressor", "pool", at - 1)
+    if fault == "raise":
+        assert isinstance(caught.value.__cause__, Boom)
+    assert same(snapshot(policy), before)
+    policy.audit()
+    assert policy.stats().tiers == policy.plan(at).tiers
+    with pytest.raises(KeyError):
+        policy.location(at)
+    # the same commit goes through once the plugin behaves, and nothing was lost on the way
+    made["compressor"].fault = None
+    for commit in commits[at:]:
+        policy.commit(commit)
+    policy.audit()
+    assert same(snapshot(policy), final)
+
+
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [
+        ("nan", "non-finite"),
+        ("int64", "torch.int64, expected torch.float32"),
+        ("float64", "torch.float64, expected torch.float32"),
+        ("grid", "produced grid (3, 2, 3), planned (2, 2, 3)"),
+        ("layers", "returned 1 layers of keys and 1 of values, expected 2"),
+        ("batch", "have batch 2, expected 1"),
+        ("device", "is on meta, expected cpu"),
+        ("tokens", "has shape (1, 11, 2, 16), expected (1, 12, 2, 16)"),
+        ("type", "returned a list, expected a CompressedKV"),
+    ],
+)
+def test_compressor_output_problems_are_named(reference, fault, problem):
+    commits, _ = reference
+    engine, made = faulty_engine()
+    for commit in commits[:2]:
+        engine.policy.commit(commit)
+    made["compressor"].fault = fault
+    with pytest.raises(PluginError, match="compressor 'pool'") as caught:
+        engine.policy.commit(commits[2])
+    assert problem in str(caught.value)
+
+
+def test_generation_stops_with_the_plugin_error_and_keeps_the_cache():
+    """The issue's case through the engine: the compressor fails while blocks are generated."""
+    engine, made = faulty_engine()
+    stream = engine.generate(BLOCKS, seed=3)
+    done = [next(stream) for _ in range(6)]
+    before = snapshot(engine.policy)
+    made["compressor"].fault = "raise"
+    with pytest.raises(PluginError, match=r"^compressor 'pool' \(distribution packforcing\), block 5: raised Boom"):
+        next(stream)
+    assert same(snapshot(engine.policy), before)
+    assert len(done) == 6
+    engine.policy.audit()
+
+
+def _run_until_selection(fault_kind: str, fault: str, blocks: int = 6):
+    engine, made = faulty_engine()
+    made[fault_kind].fault = fault
+    with pytest.raises(PluginError) as caught:
+        list(engine.generate(blocks, seed=1))
+    return caught.value
+
+
+@pytest.mark.parametrize("fault", SELECTOR_FAULTS)
+def test_selector_output_is_checked(fault):
+    # mid holds 3 blocks (k=2) from block 4 on: selection with a real choice
+    err = _run_until_selection("selector", fault)
+    assert str(err).startswith("selector 'topk' (distribution packforcing), block ")
+    expected = {
+        "raise": "raised Boom",
+        "out_of_range": "outside [0, ",
+        "negative": "outside [0, ",
+        "duplicate": "duplicate indices",
+        "reversed": "not in increasing (time) order",
+        "float": "torch.float32 indices, expected int64",
+        "shape": "expected (1, ",
+    }[fault]
+    assert expected in str(err), str(err)
+
+
+@pytest.mark.parametrize("fault", REALIGNER_FAULTS)
+def test_realigner_output_is_checked(fault):
+    err = _run_until_selection("positional", fault)
+    assert str(err).startswith("positional 'temporal_rope_shift' (distribution packforcing), block "), str(err)
+    expected = {
+        "raise": "raised Boom",
+        "targets": "targets for",
+        "nan_target": "must be a finite number",
+        "shape": "gather() keys has shape",
+        "dtype": "gather() keys is torch.float64",
+        "nan_keys": "non-finite",
+    }[fault]
+    assert expected in str(err), str(err)
+
+
+@pytest.mark.parametrize("fault", BACKEND_FAULTS)
+def test_backend_output_is_checked(fault):
+    err = _run_until_selection("attention", fault, blocks=1)
+    assert str(err).startswith("attention 'sdpa' (distribution packforcing), block 0: "), str(err)
+    expected = {"raise": "raised Boom", "nan": "non-finite", "shape": "has shape", "dtype": "torch.float64"}[fault]
+    assert expected in str(err), str(err)

@@ -1,0 +1,347 @@
+"""Runs survive interruption, and resume bit-exactly.
+
+``run_job`` (what ``packforcing generate`` runs) is interrupted in-process at chosen blocks —
+between blocks, inside a commit that compresses and archives, during the first blocks — then
+resumed; the latents must be bit-identical to an uninterrupted run and the MP4 must hold
+every frame once. Real signals (SIGINT, SIGTERM, SIGKILL) are sent to a CLI subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from packforcing.cli import main
+from packforcing.cli.generate import Interrupted, run_job
+
+from .faults import FaultyCompressor
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = {
+    "name": "tiny_dit",
+    "hidden_size": 16,
+    "num_heads": 2,
+    "num_layers": 1,
+    "latent_channels": 4,
+    "latent_height": 4,
+    "latent_width": 4,
+    "frames_per_block": 2,
+    "codec_stride": 4,
+}
+POLICIES: dict[str, dict[str, Any]] = {
+    "full": {"policy": {"name": "full"}},
+    "sliding_window": {"policy": {"name": "sliding_window", "window_frames": 4}},
+    "sink_recent": {"policy": {"name": "sink_recent", "sink_frames": 2, "window_frames": 2}},
+    "packforcing": {
+        "policy": {
+            "name": "packforcing",
+            "sink_frames": 2,
+            "recent_frames": 2,
+            "mid_capacity_blocks": 2,
+            "mid_overflow": "archive",
+        },
+        "compressor": {"name": "pool", "window": [1, 2, 2]},
+        "selector": {"name": "topk", "k": 1, "min_queries": 2},
+        "positional": "temporal_rope_shift",
+    },
+    "tiered": {
+        "policy": {
+            "name": "tiered",
+            "overflow": "archive",
+            "tiers": [
+                {"name": "sink", "frames": 2, "pinned": True},
+                {"name": "far", "blocks": 1, "fidelity": {"name": "pool", "window": [2, 1, 1]}},
+                {"name": "mid", "blocks": 1, "fidelity": "compressed", "select": True},
+                {"name": "recent", "blocks": 1},
+            ],
+        },
+        "compressor": {"name": "pool", "window": [1, 2, 2]},
+        "selector": {"name": "recency", "k": 1},
+    },
+}
+BLOCKS = 6  # packforcing/tiered: compression from block 2, archiving from block 4
+
+
+def write_config(tmp_path: Path, policy: str, **run: Any) -> Path:
+    config = {
+        "model": MODEL,
+        **POLICIES[policy],
+        "attention": "sdpa",
+        "sampler": {"steps": 2},
+        "run": {"device": "cpu", "blocks": BLOCKS, "seed": 5, **run},
+    }
+    path = tmp_path / f"{policy}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def frames_of(path: Path) -> np.ndarray:
+    return np.stack(imageio.mimread(path))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+    out: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+    for policy in POLICIES:
+        tmp = tmp_path_factory.mktemp(policy)
+        run_job(write_config(tmp, policy), tmp / "run", save_latents=True)
+        out[policy] = (load_file(str(tmp / "run" / "latents.safetensors"))["latents"], frames_of(tmp / "run/video.mp4"))
+    return out
+
+
+def stop_at(block: int):
+    def on_block(done: int) -> None:
+        if done == block:
+            raise KeyboardInterrupt
+
+    return on_block
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("at", [1, 4])
+def test_interrupted_then_resumed_is_bit_identical(tmp_path, uninterrupted, policy, at):
+    config = write_config(tmp_path, policy)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as caught:
+        run_job(config, out, save_latents=True, on_block=stop_at(at))
+    assert caught.value.blocks_done == at and caught.value.resume_dir == out
+    report = json.loads((out / "report.json").read_text())
+    assert (report["status"], report["blocks_done"]) == ("interrupted", at)
+    assert (out / "memory.png").stat().st_size > 0
+    assert len(frames_of(out / "video.mp4")) == at * MODEL["frames_per_block"]  # playable, every finished block
+    result = run_job(None, out, resume=True)
+    assert (result["status"], result["blocks_done"]) == ("complete", BLOCKS)
+    latents, frames = uninterrupted[policy]
+    resumed = load_file(str(out / "latents.safetensors"))["latents"]
+    assert resumed.numpy().tobytes() == latents.numpy().tobytes()
+    got = frames_of(out / "video.mp4")
+    assert got.shape == frames.shape  # every frame once
+    assert np.array_equal(got, frames)
+    assert [b["index"] for b in result["blocks"]] == list(range(BLOCKS))
+    assert not (out / "checkpoint").exists()
+
+
+class InterruptingCompressor(FaultyCompressor):
+    """Raises KeyboardInterrupt inside a commit (a second Ctrl-C landing mid-block), or sends
+    the process SIGINT (a first Ctrl-C) while block ``at`` is being compressed and archived."""
+
+    def __init__(self, inner, at: int, how: str) -> None:
+        super().__init__(inner)
+        self.at, self.how, self.fired = at, how, False
+
+    def compress(self, block, model):
+        if block.block_id == self.at and not self.fired:
+            self.fired = True
+            if self.how == "raise":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().compress(block, model)
+
+
+@pytest.mark.parametrize("how", ["raise", "signal"])
+def test_interrupted_while_archiving_resumes_bit_identical(tmp_path, uninterrupted, how):
+    config = write_config(tmp_path, "packforcing")
+    out = tmp_path / "run"
+
+    def wrap(kind, component):
+        return InterruptingCompressor(component, at=3, how=how) if kind == "compressor" else component
+
+    # block 5's commit compresses block 3 (leaving recent) and archives block 1 (leaving mid)
+    with pytest.raises(Interrupted) as caught:
+        run_job(config, out, save_latents=True, wrap=wrap)
+    done = 4 if how == "raise" else 5  # a signal lets the block finish; a raise aborts its commit whole
+    assert caught.value.blocks_done == done
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["meta"]["blocks_done"] == done
+    run_job(None, out, resume=True)
+    latents, frames = uninterrupted["packforcing"]
+    assert load_file(str(out / "latents.safetensors"))["latents"].numpy().tobytes() == latents.numpy().tobytes()
+    assert np.array_equal(frames_of(out / "video.mp4"), frames)
+
+
+def test_checkpoint_every_and_resume_after_a_lost_tail(tmp_path, uninterrupted):
+    """SIGKILL after block 5 with checkpoints every 2 blocks: the MP4 and report hold 5 blocks,
+    the checkpoint 4; resuming cuts both back to 4 and continues bit-exactly."""
+    config = write_config(tmp_path, "packforcing", checkpoint_every=2)
+    out = tmp_path / "run"
+
+    def killed(done: int) -> None:
+        if done == 5:
+            raise SystemExit("simulated SIGKILL")  # nothing is saved on the way out of a kill
+
+    with pytest.raises(SystemExit):
+        run_job(config, out, save_latents=True, on_block=killed)
+    assert json.loads((out / "checkpoint/state.json").read_text())["meta"]["blocks_done"] == 4
+    assert len(frames_of(out / "video.mp4")) == 5 * MODEL["frames_per_block"]
+    run_job(None, out, resume=True)
+    latents, frames = uninterrupted["packforcing"]
+    assert load_file(str(out / "latents.safetensors"))["latents"].numpy().tobytes() == latents.numpy().tobytes()
+    assert np.array_equal(frames_of(out / "video.mp4"), frames)
+    assert (out / "checkpoint").exists()  # kept: run.checkpoint_every asks for checkpoints
+
+
+def test_engine_state_dict_round_trip_is_bit_exact(uninterrupted):
+    import packforcing as pf
+    from packforcing.core.checkpoint import load_checkpoint, save_checkpoint
+
+    config = yaml.safe_load(write_config(Path(os.environ.get("TMPDIR", "/tmp")), "packforcing").read_text())
+    engine = pf.build_engine(config)
+    session = engine.session(seed=5)
+    first = [session.step().latents for _ in range(3)]
+    state = engine.state_dict()
+    rest = [session.step().latents for _ in range(3)]
+    session.close()
+    other = pf.build_engine(config)
+    resumed = other.load_state_dict(state)
+    assert resumed.blocks_done == 3
+    again = [resumed.step().latents for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(rest, again, strict=True))
+    assert torch.cat([*first, *rest], dim=2).numpy().tobytes() == uninterrupted["packforcing"][0].numpy().tobytes()
+    resumed.close()
+    # and through the on-disk format (safetensors + JSON)
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"pf-state-{os.getpid()}"
+    save_checkpoint(tmp, state)
+    loaded, _ = load_checkpoint(tmp)
+    third = pf.build_engine(config).load_state_dict(loaded)
+    assert torch.equal(third.step().latents, rest[0])
+
+
+def test_existing_run_dir_is_refused_unless_overwrite(tmp_path, capsys):
+    config = write_config(tmp_path, "full", blocks=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "video_1.mp4").write_bytes(b"stale")
+    (out / "notes.txt").write_text("mine")
+    argv = ["generate", "--config", str(config), "--out", str(out), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"error: {out}: already holds a run (video_1.mp4); pass --overwrite to replace it or --resume to continue it"
+    )
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (out / "video_1.mp4").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "report.json").read_text())["status"] == "complete"
+
+
+def test_output_dir_is_checked_before_the_model_is_built(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config = write_config(tmp_path, "full", blocks=1)
+    started = time.perf_counter()
+    assert main(["generate", "--config", str(config), "--out", str(blocker / "run"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {blocker / 'run'}: cannot create the output directory"), err
+    assert main(["generate", "--config", str(config), "--out", str(blocker), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {blocker}: exists and is not a directory"
+    assert main(["generate", "--resume", str(tmp_path / "none")]) == 1
+    assert "nothing to resume" in capsys.readouterr().err
+    assert time.perf_counter() - started < 5
+
+
+def test_failed_run_reports_failed_with_the_error(tmp_path):
+    config = write_config(tmp_path, "full")
+    out = tmp_path / "run"
+
+    def boom(done: int) -> None:
+        if done == 2:
+            raise RuntimeError("disk on fire\nsecond line")
+
+    with pytest.raises(RuntimeError):
+        run_job(config, out, on_block=boom)
+    report = json.loads((out / "report.json").read_text())
+    assert (report["status"], report["blocks_done"], report["error"]) == ("failed", 2, "disk on fire second line")
+    assert (out / "memory.png").stat().st_size > 0
+
+
+def test_cuda_on_a_cpu_build_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this torch build has CUDA")
+    config = write_config(tmp_path, "full", blocks=1)
+    assert main(["generate", "--config", str(config), "--out", str(tmp_path / "o"), "--set", "run.device=cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --set: run.device: 'cuda': this torch build has no CUDA (use cpu or auto)"
+
+
+def test_blocks_errors_are_labelled_blocks(tmp_path, capsys):
+    config = write_config(tmp_path, "full")
+    assert main(["generate", "--config", str(config), "--out", str(tmp_path / "o"), "--blocks", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --blocks: run.blocks: expected an integer >= 1, got 0"
+
+
+# ---------------------------------------------------------------------- real signals
+def _cli(config: Path, out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "packforcing", "generate", "--config", str(config), "--out", str(out)]
+    return subprocess.Popen(
+        [*cmd, "--no-progress", "--save-latents", *extra], env=env, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_blocks(out: Path, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads((out / "report.json").read_text())["blocks_done"] >= count:
+                return
+        except (OSError, ValueError):
+            pass
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    raise AssertionError("the run did not get going")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_real_signals(tmp_path, uninterrupted, sig):
+    config = write_config(tmp_path, "packforcing", blocks=400)
+    out = tmp_path / "run"
+    proc = _cli(config, out)
+    _wait_for_blocks(out, 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    report = json.loads((out / "report.json").read_text())
+    done = report["blocks_done"]
+    frames = frames_of(out / "video.mp4")  # playable whatever the signal
+    assert len(frames) >= done * MODEL["frames_per_block"] and done >= 2
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL and report["status"] == "running"
+        return
+    assert proc.returncode == 130
+    assert err.strip() == (
+        f"error: interrupted ({sig.name}) after {done} blocks; resume with: packforcing generate --resume {out}"
+    )
+    assert report["status"] == "interrupted" and (out / "memory.png").exists()
+    assert len(frames) == done * MODEL["frames_per_block"]
+    # resume (shortened to 6 blocks) gives the uninterrupted run's first blocks bit for bit
+    if done < BLOCKS:
+        assert main(["generate", "--resume", str(out), "--blocks", str(BLOCKS), "--no-progress"]) == 0
+        latents, video = uninterrupted["packforcing"]
+        assert load_file(str(out / "latents.safetensors"))["latents"].numpy().tobytes() == latents.numpy().tobytes()
+        assert np.array_equal(frames_of(out / "video.mp4"), video)
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    config = write_config(tmp_path, "full", blocks=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "packforcing", "generate", "--config", str(config), "--out", str(tmp_path / "o")]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch, building the parser
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
