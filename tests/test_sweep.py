@@ -138,7 +138,7 @@ def test_failed_job_is_one_line_record(cfg, tmp_path):
     (tmp_path / "runs" / job.name).write_text("a file where the run directory should be")
     record = execute(job, str(tmp_path))
     assert record["status"] == "failed"
-    assert "\n" not in record["error"] and "File exists" in record["error"]
+    assert "\n" not in record["error"] and record["error"].endswith("exists and is not a directory")
     assert record["job"] == "full-default-0" and record["seed"] == 0 and record["blocks"] == 1
 
 
@@ -203,7 +203,11 @@ def test_sweep_runs_like_generate_skips_on_rerun_and_records_failures(local_ray,
     by_job = {r["job"]: r for r in records}
     for seed in (0, 1):
         failed = by_job[f"sliding_window-default-{seed}"]
-        assert failed["status"] == "failed" and "File exists" in failed["error"] and "\n" not in failed["error"]
+        assert (
+            failed["status"] == "failed"
+            and "exists and is not a directory" in failed["error"]
+            and "\n" not in failed["error"]
+        )
 
     complete = [r for r in records if r["status"] == "complete"]
     assert sorted(r["job"] for r in complete) == [

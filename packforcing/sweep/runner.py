@@ -38,9 +38,10 @@ def one_line_error(exc: BaseException) -> str:
 
 
 def generate_argv(job: SweepJob, run_dir: Path) -> list[str]:
-    """The ``packforcing generate`` command line of ``job`` (what a user would type to rerun it)."""
+    """The ``packforcing generate`` command line of ``job`` (what a user would type to rerun it;
+    ``--overwrite``: a rerun replaces what an earlier, failed attempt left in ``run_dir``)."""
     sets = [arg for override in job.job_overrides() for arg in ("--set", override)]
-    return ["generate", "--config", job.config_path, *sets, "--out", str(run_dir), "--no-progress"]
+    return ["generate", "--config", job.config_path, *sets, "--out", str(run_dir), "--overwrite", "--no-progress"]
 
 
 def generate_run(job: SweepJob, run_dir: Path) -> None:
