@@ -106,7 +106,7 @@ def test_non_config_contents_are_never_echoed(tmp_path):
     path.write_text(f"extends: {secret}\n")
     message = error_of(path)
     assert "hunter2" not in message and "zqroot" not in message
-    assert message.endswith("not a YAML file (config files end in .yaml or .yml)")
+    assert message.endswith("not a YAML file (files given to extends end in .yaml or .yml)")
     # a .yaml file that is not a config: its keys are not echoed either
     renamed = tmp_path / "shadow.yaml"
     renamed.write_text(secret.read_text())

@@ -165,7 +165,7 @@ def test_generate_uses_the_models_revisiting_schedule_and_reports_returns(tmp_pa
     )
     assert (out / "memory.png").is_file() and (out / "video.mp4").is_file()
     # an explicit schedule wins over the model's default
-    assert main([*argv, "--set", "run.prompts=[{from_block: 0, scene: 1}]"]) == 0
+    assert main([*argv, "--overwrite", "--set", "run.prompts=[{from_block: 0, scene: 1}]"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["conditions"] == [{"from_block": 0, "scene": 1}] and report["returns"] == []
 

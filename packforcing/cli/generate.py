@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--config",
-        default=None,
+        default=DEFAULT_CONFIG,
         help=f"YAML config file or preset name (default: the {DEFAULT_CONFIG!r} preset)",
     )
     p.add_argument("--blocks", type=int, default=None, help="number of blocks (default: run.blocks)")
@@ -195,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
             raise RunError("give --resume DIR alone (the run directory), or --out equal to it")
-        changed = [opt for opt, v in (("--config", args.config), ("--seconds", args.seconds), ("--prompt", args.prompt),
+        explicit = args.config if args.config != DEFAULT_CONFIG else None
+        changed = [opt for opt, v in (("--config", explicit), ("--seconds", args.seconds), ("--prompt", args.prompt),
                                       ("--prompts", args.prompts)) if v is not None]  # fmt: skip
         if changed or args.overwrite:
             raise RunError(

@@ -276,9 +276,10 @@ MAX_YAML_NODES = 100_000
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
-def file_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be a config file (missing, a directory, a FIFO or device, not
-    ``.yaml``/``.yml``, too large), without opening it; ``None`` if it may be read."""
+def file_problem(path: Path, *, yaml_suffix: bool = False) -> str | None:
+    """Why ``path`` cannot be a config file (missing, a directory, a FIFO or device, too large;
+    with ``yaml_suffix``, not named ``.yaml``/``.yml``), without opening it; ``None`` if it may
+    be read."""
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -290,10 +291,10 @@ def file_problem(path: Path) -> str | None:
     if not stat.S_ISREG(info.st_mode):
         kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
         return f"is {kind}, not a regular file"
-    if path.suffix.lower() not in YAML_SUFFIXES:
-        return "not a YAML file (config files end in .yaml or .yml)"
     if info.st_size > MAX_CONFIG_BYTES:
         return f"is {info.st_size} bytes; config files are limited to {MAX_CONFIG_BYTES} bytes"
+    if yaml_suffix and path.suffix.lower() not in YAML_SUFFIXES:
+        return "not a YAML file (files given to extends end in .yaml or .yml)"
     return None
 
 
@@ -428,7 +429,7 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dic
     for i, parent in enumerate(parents):
         parent_path = path.parent / parent
         where = "extends" if single else f"extends[{i}]"
-        problem = file_problem(parent_path)
+        problem = file_problem(parent_path, yaml_suffix=True)  # never read /etc/shadow as a parent
         if problem:
             raise ConfigError(f"{parent}: {problem}", source=label, path=where)
         pdata, psources = _load_file(parent_path, (*stack, path))
