@@ -912,8 +912,8 @@ class TieredContext(AttentionContext):
                 if self._selector.shared_across_layers:
                     self._shared[g] = idx
             self.selections[(layer, g)] = idx
-            for b, row in enumerate(rows):
-                row.extend(blocks[i] for i in idx[b].tolist())
+            for row, chosen in zip(rows, idx.tolist(), strict=True):
+                row.extend(blocks[i] for i in chosen)
         return rows
 
     def _gather(
