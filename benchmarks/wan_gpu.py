@@ -433,10 +433,9 @@ def run_policy(engine: Any, sizes: Sizes, *, cap: float, max_blocks: int, condit
                         "max_allocated": torch.cuda.max_memory_allocated() if sizes.cuda else 0,
                     }
                 )
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        stopped, error = "OOM", " ".join(str(exc).split())[:200]
+    except Exception as exc:  # out of memory is a result; anything else is recorded, and the run goes on
+        stopped = "OOM" if is_oom(exc) else f"error ({type(exc).__name__})"
+        error = " ".join(str(exc).split())[:300]
     free_memory(sizes)
     predicted = None
     if sizes.cuda and stopped != "OOM" and len(rows) >= 10:
@@ -666,13 +665,21 @@ def main(argv: list[str] | None = None) -> int:
                 timer = SectionTimer(sync=sizes.cuda)
                 timed_engine = engine_for("packforcing", registry, sizes, wrap=timing_wrapper(timer))
                 warm = steady_blocks(timed_engine) + sizes.steady_extra_blocks
-                shares = shares_section(
-                    timed_engine, timer, sizes, warm=warm, cap=budget.cap(sizes.caps["shares"]), conditions=conditions
-                )
+                try:
+                    shares = shares_section(
+                        timed_engine,
+                        timer,
+                        sizes,
+                        warm=warm,
+                        cap=budget.cap(sizes.caps["shares"]),
+                        conditions=conditions,
+                    )
+                except Exception as exc:  # recorded; the remaining policies still run
+                    shares = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
                 timed_engine.policy.reset()
                 del timed_engine
                 free_memory(sizes)
-                results.add("shares", shares, shares_table(shares))
+                results.add("shares", shares, shares_table(shares) if "error" not in shares else shares["error"])
     results.data["total_seconds"] = time.perf_counter() - started
     results.write()
     print(results.text())
