@@ -270,3 +270,13 @@ def test_cli_records_the_schedule_and_refuses_a_spec_in_one_line(tmp_path, capsy
 
 def generate_with(engine, conditions, blocks: int = 4):
     return list(engine.generate(blocks, seed=3, conditions=conditions))
+
+
+def test_a_new_session_drops_conditions_its_schedule_does_not_use():
+    engine = offset_engine()
+    generate_with(engine, [{"from_block": 0, "offset": 0.25}, {"from_block": 2, "offset": 0.5}])
+    assert len(engine._conditions) == 2
+    generate_with(engine, [{"from_block": 0, "offset": 0.5}])
+    assert len(engine._conditions) == 1 and len(engine.model.encoded) == 2  # 0.5 reused, 0.25 dropped
+    generate_with(engine, [{"from_block": 0, "offset": 0.25}])
+    assert len(engine.model.encoded) == 3

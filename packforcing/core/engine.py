@@ -65,7 +65,8 @@ class GenerationEngine:
         )
 
     def encode_condition(self, spec: Mapping[str, Any] | None) -> Any:
-        """The model's condition object for ``spec``, encoded once per distinct spec."""
+        """The model's condition object for ``spec``, encoded once per distinct spec (kept while
+        sessions use it: a new session drops the conditions its schedule does not name)."""
         if spec is None:
             return None
         key = spec_key(spec)
@@ -119,6 +120,9 @@ class GenerationEngine:
                 if sep and " " not in head and spec is not None and head.split(".")[0] in spec:
                     raise ConditionError(rest, index=i, key=head) from None
                 raise ConditionError(message, index=i) from None
+        # keep only this schedule's conditions (a model's condition may hold per-layer tensors)
+        wanted = {spec_key(spec) for spec in schedule.specs if spec is not None}
+        self._conditions = {k: v for k, v in self._conditions.items() if k in wanted}
         self.policy.reset()
         session = GenerationSession(
             self, seed=seed, batch_size=batch_size, schedule=schedule, encoded=encoded, recache=recache
