@@ -15,7 +15,10 @@ what it measured:
    ``torch.cuda.max_memory_allocated`` and the cache bytes held (checked against ``plan``)
    against video length — PackForcing to 120 s, the full cache until it runs out of memory;
 3. the cache-management share of a PackForcing block at a full cache (compress, select,
-   gather + realign, bookkeeping), from the instrumented engine.
+   gather + realign, bookkeeping), from the instrumented engine;
+4. the per-layer copy of the whole context into one tensor at the PackForcing shape, against
+   attention over the stored pieces merged by their log-sum-exp (no copy; checked equal), per
+   block and as a share of the measured PackForcing block time.
 
     python benchmarks/wan_gpu.py [--out benchmarks/results] [--budget 330]
     python benchmarks/wan_gpu.py --smoke --out /tmp/x     # the same code paths on the CPU, tiny model
@@ -111,6 +114,8 @@ class Sizes:
 
 
 FRAMES_PER_BLOCK = 3
+CALLS_PER_BLOCK = 5
+"""Model calls per block: Self-Forcing's 4 sampler steps and the clean pass."""
 GPU = Sizes(
     device="cuda",
     dtype=torch.bfloat16,
@@ -172,7 +177,7 @@ class Results:
         self.write()
 
     def text(self) -> str:
-        order = ("attention", "policies", "shares")
+        order = ("attention", "copy", "policies", "shares")
         return "\n".join(self.tables[k] for k in sorted(self.tables, key=lambda k: order.index(k) if k in order else 9))
 
     def write(self) -> None:
@@ -324,6 +329,76 @@ def attention_table(data: dict) -> str:
     )
 
 
+# ---- the per-layer context copy, and attention without it ---------------------------------
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention over ``[B, H, N, D]`` returning ``(out [B, H, Nq, D], logsumexp [B, H, Nq])``."""
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out, lse
+
+
+def merged_attention(q: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention of ``q`` over the concatenation of ``pieces`` without concatenating them: one
+    attention per piece, merged by their log-sum-exp weights (as flash-decoding merges splits)."""
+    outs, lses = zip(*(attention_with_lse(q, k, v) for k, v in pieces), strict=True)
+    weights = torch.softmax(torch.stack(lses).float(), dim=0)  # exp(lse_i - logsumexp_j lse_j)
+    return sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs, strict=True)).to(q.dtype)
+
+
+def copy_section(sizes: Sizes, pieces_tokens: list[int], nq: int, heads: int, head_dim: int) -> dict:
+    """One layer of a PackForcing forward at the real shapes: the per-layer copy of the context
+    into one tensor (what the engine does today) + attention, against attention over the stored
+    pieces merged by log-sum-exp (no copy)."""
+    gen = torch.Generator(device=sizes.device).manual_seed(1)
+
+    def rand(n: int) -> torch.Tensor:  # stored as the cache stores it: [B, N, H, D]
+        return torch.randn(1, n, heads, head_dim, device=sizes.device, dtype=sizes.dtype, generator=gen)
+
+    q = rand(nq).transpose(1, 2)
+    stored = [(rand(n), rand(n)) for n in pieces_tokens]
+
+    def gather() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([k for k, _ in stored], 1), torch.cat([v for _, v in stored], 1)
+
+    keys, values = gather()
+    k_t, v_t = keys.transpose(1, 2), values.transpose(1, 2)
+    pieces = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in stored]
+    gathered_out = attention_with_lse(q, k_t, v_t)[0]
+    merged_out = merged_attention(q, pieces)
+    return {
+        "pieces_tokens": pieces_tokens,
+        "queries": nq,
+        "copy_ms": timed(gather, sizes) * 1e3,
+        "attend_gathered_ms": timed(lambda: attention_with_lse(q, k_t, v_t), sizes) * 1e3,
+        "attend_merged_ms": timed(lambda: merged_attention(q, pieces), sizes) * 1e3,
+        "max_abs_diff": float((merged_out.float() - gathered_out.float()).abs().max()),
+    }
+
+
+def copy_table(data: dict, layers: int, calls_per_block: int, block_ms: float | None) -> str:
+    per_block = layers * calls_per_block
+    copy, gathered, merged = (data[k] * per_block for k in ("copy_ms", "attend_gathered_ms", "attend_merged_ms"))
+    share = f"{100 * copy / block_ms:.2f} %" if block_ms else "-"
+    return (
+        f"Per-layer context copy at the PackForcing shape ({data['queries']} queries over pieces of "
+        f"{data['pieces_tokens']} tokens), x {layers} layers x {calls_per_block} model calls per block:\n\n"
+        + markdown_table(
+            [
+                "copy ms/block",
+                "copy share of a block",
+                "copy + attention ms/block",
+                "merged attention ms/block",
+                "max |merged - gathered|",
+            ],
+            [[copy, share, copy + gathered, merged, data["max_abs_diff"]]],
+        )
+    )
+
+
 # ---- the model ---------------------------------------------------------------------------
 
 
@@ -393,6 +468,13 @@ def policy_blocks(sizes: Sizes) -> dict[str, dict[str, Any]]:
         "sink_recent": {"policy": {"name": "sink_recent", "sink_frames": fpb, "window_frames": 12 - 2 * fpb}},
         "full": {"policy": {"name": "full"}},
     }
+
+
+def pf_preset_mid_tokens(sizes: Sizes, g: Any) -> int:
+    """Tokens of one pooled mid block under the PackForcing preset's ``pool`` window."""
+    window = policy_blocks(sizes)["packforcing"]["compressor"].get("window", (2, 4, 4))
+    t, h, w = g.block_grid
+    return max(1, t // window[0]) * max(1, h // window[1]) * max(1, w // window[2])
 
 
 def video_seconds(blocks: int, fps: float = 16.0, temporal_stride: int = 4) -> float:
@@ -640,6 +722,16 @@ def main(argv: list[str] | None = None) -> int:
         del pf_engine
         attention = attention_section(sizes, contexts, heads, head_dim, budget.cap(sizes.caps["attention"]))
         results.add("attention", attention, attention_table(attention))
+        try:  # the per-layer context copy vs attention over the stored pieces (no copy)
+            tpb, fpb = g.tokens_per_block, g.frames_per_block
+            pool = pf_preset_mid_tokens(sizes, g)
+            policy = policy_blocks(sizes)["packforcing"]["policy"]
+            sink, recent = policy["sink_frames"] // fpb, policy["recent_frames"] // fpb
+            pieces = [tpb] * sink + [pool] * sizes.top_k + [tpb] * recent + [tpb]  # ... + the block itself
+            copy = copy_section(sizes, pieces, tpb, heads, head_dim)
+        except Exception as exc:  # recorded; the rest still runs
+            copy = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+        results.add("copy", copy)
 
         # 2. per policy: time and memory against video length (full last: it runs until OOM)
         runs: dict[str, dict] = {}
@@ -660,6 +752,10 @@ def main(argv: list[str] | None = None) -> int:
             free_memory(sizes)
             done = {k: v for k, v in runs.items() if "rows" in v}
             results.add("policies", runs, policy_table(done), memory_table(done, sizes.memory_marks))
+            copy = results.data["sections"].get("copy", {})
+            if "error" not in copy and copy:
+                block_ms = runs.get("packforcing", {}).get("late_ms")
+                results.add("copy", copy, copy_table(copy, g.num_layers, CALLS_PER_BLOCK, block_ms))
             if name == "packforcing" and budget.left() > 5:
                 # 3. cache-management share at a full PackForcing cache (instrumented engine)
                 timer = SectionTimer(sync=sizes.cuda)

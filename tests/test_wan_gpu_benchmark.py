@@ -24,7 +24,9 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "wan_gpu.json").read_text())
     sections = data["sections"]
-    assert set(sections) == {"attention", "policies", "shares"}
+    assert set(sections) == {"attention", "copy", "policies", "shares"}
+    copy = sections["copy"]  # attention over the stored pieces, merged by log-sum-exp, equals the gathered one
+    assert copy["max_abs_diff"] < 1e-5 and copy["copy_ms"] > 0 and copy["attend_merged_ms"] > 0
     assert any(row["backend"] == "sdpa_math" and row["ms"] > 0 for row in sections["attention"]["rows"])
     assert all("error" in row for row in sections["attention"]["rows"] if row["backend"] in ("xformers", "flash_attn"))
     runs = sections["policies"]
@@ -38,4 +40,4 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     shares = sections["shares"]
     assert shares["timed_blocks"] > 0 and 0 < shares["cache_management_share"] < 1
     md = (tmp_path / "wan_gpu.md").read_text()
-    assert "cache mgmt %" in md and "| packforcing |" in md and "x real time" in md
+    assert "cache mgmt %" in md and "| packforcing |" in md and "x real time" in md and "copy share of a block" in md
