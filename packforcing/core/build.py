@@ -288,24 +288,34 @@ def _human(nbytes: float) -> str:
 
 
 def check_memory(planned: MemoryPlan, env: BuildEnv, device: torch.device) -> None:
-    """Refuse a plan whose cache (active tiers and archive) needs more than ``device`` holds,
-    naming the key to blame: ``policy.page_blocks`` when the blocks themselves would fit and
-    the preallocated pages do not, ``run.blocks`` otherwise."""
-    limit = device_memory(device)
-    if limit is None or env.config is None or env.geometry is None:
+    """Refuse a plan whose cache needs more than ``device`` holds (the archive counts where it
+    lives: on the host when ``archive_device`` puts it there), naming the key to blame:
+    ``policy.page_blocks`` when the blocks themselves would fit and the preallocated pages do
+    not, ``run.blocks`` otherwise."""
+    if env.config is None or env.geometry is None:
         return
-    total = planned.bytes + planned.archive.bytes
-    if total <= limit:
-        return
-    batch = env.config.run.batch_size
-    held = (planned.tokens + planned.archive.tokens) * env.geometry.bytes_per_token * batch
-    key = "policy.page_blocks" if held <= limit else "run.blocks"
-    error = ConfigError(
-        f"the cache would allocate {total} bytes ({_human(total)}) over {planned.num_blocks} blocks, "
-        f"more than the {limit} bytes ({_human(limit)}) of {device.type} memory",
-        path=key,
-    )
-    raise _locate(error, env.config)
+    from packforcing.policies.tiered import archive_placement
+
+    archive_on = device
+    if planned.archive_device is not None:
+        archive_on, _ = archive_placement(planned.archive_device, device)
+    per_device = {device: (planned.bytes, planned.tokens)}
+    if planned.archive.bytes:
+        bytes_, tokens = per_device.get(archive_on, (0, 0))
+        per_device[archive_on] = (bytes_ + planned.archive.bytes, tokens + planned.archive.tokens)
+    for where, (total, tokens) in per_device.items():
+        limit = device_memory(where)
+        if limit is None or total <= limit:
+            continue
+        held = tokens * env.geometry.bytes_per_token * env.config.run.batch_size
+        key = "policy.page_blocks" if held <= limit else "run.blocks"
+        what = "the cache" if where == device else "the archive"
+        error = ConfigError(
+            f"{what} would allocate {total} bytes ({_human(total)}) over {planned.num_blocks} blocks, "
+            f"more than the {limit} bytes ({_human(limit)}) of {where.type} memory",
+            path=key,
+        )
+        raise _locate(error, env.config)
 
 
 def blocks_for(geometry: Geometry, seconds: float, fps: float, pixel_frames_per_latent: int = 4) -> int:

@@ -159,6 +159,7 @@ class FragmentedMP4Writer:
         cmd = [
             self._exe, "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
             "-r", f"{self.fps}", "-i", "-", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264",
+            "-preset", "veryfast",
             "-pix_fmt", "yuv420p", "-bf", "0", "-g", str(max(1, t)), "-crf", str(self.crf),
             "-movflags", "frag_keyframe+empty_moov+default_base_moof", "-f", "mp4", "-",
         ]  # fmt: skip
