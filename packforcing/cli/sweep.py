@@ -84,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--local-cpus", type=_positive_int, help="CPUs a local Ray instance may use (default: all; no --address only)"
     )
     p.add_argument("--retries", type=int, default=2, help="times a job whose worker died is retried (default: 2)")
+    p.add_argument(
+        "--save-latents", action="store_true", help="each job also writes latents.safetensors (generate --save-latents)"
+    )
     p.add_argument("--json", action="store_true", help="no progress bar; print one JSON object at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -104,7 +107,8 @@ class _Bar:
         self.bar.update(progress.done - self.bar.n)
         self.bar.set_postfix(running=progress.running, failed=progress.failed, refresh=True)
         if progress.record is not None and progress.record["status"] != "complete":
-            self.bar.write(f"failed: {progress.record['job']}: {progress.record.get('error', '')}", file=sys.stderr)
+            record = progress.record
+            self.bar.write(f"{record['status']}: {record['job']}: {record.get('error', '')}", file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -131,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         overrides=args.overrides,
         device=device,
+        save_latents=args.save_latents,
     )
     out = Path(args.out)
     quiet = args.json
@@ -181,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         if args.no_progress:
             for record in result.records:
                 if record["status"] != "complete":
-                    print(f"failed: {record['job']}: {record.get('error', '')}", file=sys.stderr)
+                    print(f"{record['status']}: {record['job']}: {record.get('error', '')}", file=sys.stderr)
         print(
             f"{result.complete} complete, {result.failed} failed, {result.skipped} skipped; wrote "
             f"{out / RESULTS}, {out / SUMMARY_MD}, {out / SUMMARY_PNG}"

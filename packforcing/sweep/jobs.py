@@ -219,6 +219,8 @@ class SweepJob:
     blocks: int
     overrides: tuple[str, ...] = ()
     device: str = "cpu"
+    save_latents: bool = attrs.field(default=False, eq=False)
+    """Also write ``latents.safetensors`` (not part of the job's identity)."""
 
     @property
     def name(self) -> str:
@@ -288,6 +290,7 @@ def expand_jobs(
     seconds: float | None = None,
     overrides: Sequence[str] = (),
     device: str = "cpu",
+    save_latents: bool = False,
 ) -> list[SweepJob]:
     """The cross product configs × prompts × seeds, each job pinned to ``device``.
 
@@ -318,7 +321,7 @@ def expand_jobs(
             prompt = _in_blocks(prompt, config)
             chash = config_hash(resolved, without_prompts=prompt.schedule is not None)
             for seed in seeds:
-                jobs.append(SweepJob(path, name, chash, policy, prompt, seed, length, overrides, device))
+                jobs.append(SweepJob(path, name, chash, policy, prompt, seed, length, overrides, device, save_latents))
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError("two jobs would share a run directory; give the configs or prompts distinct names")

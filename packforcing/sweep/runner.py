@@ -23,6 +23,7 @@ from packforcing.sweep.jobs import SweepJob
 
 COMPLETE = "complete"
 FAILED = "failed"
+INTERRUPTED = "interrupted"
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -37,20 +38,56 @@ def one_line_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def generate_argv(job: SweepJob, run_dir: Path) -> list[str]:
-    """The ``packforcing generate`` command line of ``job`` (what a user would type to rerun it;
-    ``--overwrite``: a rerun replaces what an earlier, failed attempt left in ``run_dir``)."""
+JOB_MARKER = "sweep-job.json"
+"""Written into a run directory before its job starts: which sweep job (key) the run is, so a
+later sweep resumes only its own interrupted runs."""
+
+
+def claim(job: SweepJob, run_dir: Path) -> None:
+    """Mark ``run_dir`` as ``job``'s (a path that is not a directory is left for ``generate``
+    to report)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / JOB_MARKER).write_text(json.dumps({"job": job.name, "key": list(job.key)}) + "\n")
+
+
+def resumable(job: SweepJob, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds an unfinished run of ``job`` that ``generate --resume`` can
+    continue: its marker names this job, a checkpoint is there and the report is not complete."""
+    from packforcing.cli.generate import CHECKPOINT_DIR
+
+    try:
+        marker = json.loads((run_dir / JOB_MARKER).read_text())
+        status = json.loads((run_dir / "report.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return False
+    return (
+        marker.get("key") == list(job.key)
+        and (run_dir / CHECKPOINT_DIR / "state.json").is_file()
+        and status != COMPLETE
+    )
+
+
+def generate_argv(job: SweepJob, run_dir: Path, *, resume: bool = False) -> list[str]:
+    """The ``packforcing generate`` command line of ``job`` (what a user would type to rerun it):
+    a new run (``--overwrite``: it replaces what an earlier, failed attempt left in ``run_dir``),
+    or with ``resume`` the continuation of the interrupted run in ``run_dir``."""
+    latents = ["--save-latents"] if job.save_latents else []
+    if resume:
+        return ["generate", "--resume", str(run_dir), *latents, "--no-progress"]
     sets = [arg for override in job.job_overrides() for arg in ("--set", override)]
-    return ["generate", "--config", job.config_path, *sets, "--out", str(run_dir), "--overwrite", "--no-progress"]
+    return ["generate", "--config", job.config_path, *sets, "--out", str(run_dir), "--overwrite", *latents,
+            "--no-progress"]  # fmt: skip
 
 
-def generate_run(job: SweepJob, run_dir: Path) -> None:
-    """The seam to ``packforcing generate``: run ``job`` exactly as its command line
-    (:func:`generate_argv`) would, writing video, report and memory plot into ``run_dir``
-    (its own stdout kept quiet); errors are raised, not printed."""
+def generate_run(argv: list[str]) -> None:
+    """The seam to ``packforcing generate``: run the command line ``argv`` (from
+    :func:`generate_argv`) as the command would, its own stdout kept quiet; errors are raised,
+    not printed."""
     from packforcing.cli import build_parser
 
-    args = build_parser().parse_args(generate_argv(job, run_dir))
+    args = build_parser().parse_args(argv)
     with contextlib.redirect_stdout(io.StringIO()):
         args.func(args)
 
@@ -99,8 +136,9 @@ def read_report(run_dir: Path) -> dict[str, Any]:
 
 def execute(job: SweepJob, out: str, threads: int | None = None) -> dict[str, Any]:
     """Run ``job`` into ``out/runs/<job.name>/`` and return its ``results.jsonl`` record:
-    the job's identity, ``status`` (``complete`` or ``failed`` with ``error``), wall
-    ``seconds``, the host, and the run's figures (peak cache bytes, fidelity, ...)."""
+    the job's identity, ``status`` (``complete``; ``failed`` or ``interrupted`` with ``error``),
+    wall ``seconds``, the host, and the run's figures (peak cache bytes, fidelity, ...). An
+    unfinished earlier run of the same job there is resumed (``resumed: true``)."""
     started = time.time()
     record: dict[str, Any] = {**job.as_record(), "run_dir": str(Path("runs") / job.name), "host": socket.gethostname()}
     try:
@@ -112,11 +150,19 @@ def execute(job: SweepJob, out: str, threads: int | None = None) -> dict[str, An
             record["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
         run_dir = Path(out) / "runs" / job.name
         record["command"] = shlex.join(["packforcing", *generate_argv(job, run_dir)])
-        generate_run(job, run_dir)
+        resume = resumable(job, run_dir)
+        if resume:
+            record["resumed"] = True
+        else:
+            claim(job, run_dir)
+        generate_run(generate_argv(job, run_dir, resume=resume))
         record.update(read_report(run_dir))
         record["status"] = COMPLETE
     except Exception as exc:
         record["status"] = FAILED
+        record["error"] = one_line_error(exc)
+    except KeyboardInterrupt as exc:  # Ctrl-C / a cancelled task: generate saved a checkpoint
+        record["status"] = INTERRUPTED
         record["error"] = one_line_error(exc)
     record["seconds"] = round(time.time() - started, 3)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
