@@ -21,9 +21,14 @@ what it measured:
    block and as a share of the measured PackForcing block time.
 
     python benchmarks/wan_gpu.py [--out benchmarks/results] [--budget 330]
+    python benchmarks/wan_gpu.py --only packforcing,sliding_window,shares --budget 200   # a short re-measurement
     python benchmarks/wan_gpu.py --smoke --out /tmp/x     # the same code paths on the CPU, tiny model
 
 Writes ``wan_gpu.json`` and ``wan_gpu.md`` in ``--out`` and prints the tables at the end.
+``--only`` runs just the named sections (``attention``, the policies, ``shares``) and writes
+``wan_gpu_<sections>.{json,md}`` instead, so a short run never overwrites the full results.
+The shares section also counts the host-device synchronisations of one block
+(:class:`~packforcing.core.instrument.HostSyncCounter`, in an extra untimed block).
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import RESULTS, machine, markdown_table  # noqa: E402
 
 import packforcing as pf  # noqa: E402
-from packforcing.core.instrument import SectionTimer, timing_wrapper  # noqa: E402
+from packforcing.core.instrument import HostSyncCounter, SectionTimer, timing_wrapper  # noqa: E402
+from packforcing.core.interfaces import AttentionContext  # noqa: E402
+from packforcing.core.sampler import block_noise, fresh_noise  # noqa: E402
 from packforcing.plugins import ComponentFactory, hookimpl  # noqa: E402
 from packforcing.plugins.factory import no_params  # noqa: E402
 from packforcing.plugins.manager import Registry  # noqa: E402
@@ -162,11 +169,25 @@ class Budget:
         return min(seconds, self.left())
 
 
+POLICIES = ("packforcing", "sliding_window", "sink_recent", "full")
+SECTIONS = ("attention", "copy", *POLICIES, "shares")
+
+
+def parse_only(value: str) -> tuple[str, ...]:
+    """``--only a,b``: known section names, in run order."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {unknown or value!r}; choose from {', '.join(SECTIONS)}")
+    return tuple(n for n in SECTIONS if n in names)
+
+
 class Results:
     """Accumulated results, rewritten as JSON + markdown after every section."""
 
-    def __init__(self, out: Path, sizes: Sizes) -> None:
+    def __init__(self, out: Path, sizes: Sizes, stem: str = "wan_gpu") -> None:
         self.out = out
+        self.stem = stem
         self.data: dict[str, Any] = {"benchmark": "wan_gpu", "machine": machine(), "sections": {}}
         self.tables: dict[str, str] = {}
         self.sizes = sizes
@@ -182,9 +203,9 @@ class Results:
 
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "wan_gpu.json").write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        head = f"### wan_gpu\n\nMachine: {self.data['machine']}\n\n"
-        (self.out / "wan_gpu.md").write_text(head + self.text())
+        (self.out / f"{self.stem}.json").write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        head = f"### {self.stem}\n\nMachine: {self.data['machine']}\n\n"
+        (self.out / f"{self.stem}.md").write_text(head + self.text())
 
 
 def sync(sizes: Sizes) -> None:
@@ -609,8 +630,61 @@ def memory_table(runs: dict[str, dict], marks: tuple[float, ...]) -> str:
     )
 
 
+class FixedContext(AttentionContext):
+    """A context of fixed per-layer K/V ``[B, T, H, D]``: the same attention work as a cache of
+    ``T`` tokens with no cache management at all (the reference for the unperturbed share)."""
+
+    def __init__(self, backend: Any, keys: list[torch.Tensor], values: list[torch.Tensor], position: float) -> None:
+        self._backend, self._keys, self._values, self._position = backend, keys, values, position
+
+    @property
+    def position(self) -> float:
+        return self._position
+
+    @property
+    def context_tokens(self) -> int:
+        return self._keys[0].shape[1]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys = torch.cat([self._keys[layer], k], dim=1)
+        values = torch.cat([self._values[layer], v], dim=1)
+        return self._backend.attend(q, keys, values)
+
+
+def fixed_context_block_seconds(
+    engine: Any, sizes: Sizes, tokens: int, position: float, conditions, blocks: int
+) -> float:
+    """Median seconds of a block's model work (the sampler's steps + the clean pass) over a
+    :class:`FixedContext` of ``tokens`` history tokens: PackForcing's block minus its cache."""
+    model, g = engine.model, engine.geometry
+    gen = torch.Generator(device=sizes.device).manual_seed(0)
+    shape = (1, tokens, g.num_heads, g.head_dim)
+    keys = [torch.randn(shape, generator=gen, device=sizes.device, dtype=sizes.dtype) for _ in range(g.num_layers)]
+    values = [torch.randn(shape, generator=gen, device=sizes.device, dtype=sizes.dtype) for _ in range(g.num_layers)]
+    context = FixedContext(engine.policy.backend, keys, values, position)
+    spec = {k: v for k, v in conditions[0].items() if k != "from_block"}
+    condition = engine.encode_condition(spec)
+    shape = engine.block_shape(1)
+    clean = torch.randn(shape, generator=gen, device=sizes.device, dtype=sizes.dtype)
+    times = []
+    with torch.no_grad():
+        for index in range(blocks + 1):
+            sync(sizes)
+            t0 = time.perf_counter()
+            noise = block_noise(0, index, shape, engine.dtype, engine.device)
+            fresh = fresh_noise(0, index, shape, engine.dtype, engine.device)
+            engine.sampler.sample(noise, lambda x, t: model.denoise(x, t, context, condition=condition), fresh)
+            model.clean_kv(clean, context, condition=condition)
+            sync(sizes)
+            times.append(time.perf_counter() - t0)
+    return median(times[1:])
+
+
 def shares_section(engine: Any, timer: SectionTimer, sizes: Sizes, *, warm: int, cap: float, conditions) -> dict:
-    """Cache-management share of block time at a full PackForcing cache (instrumented engine)."""
+    """Cache-management share of block time at a full PackForcing cache: from the instrumented
+    engine (sections synchronised, which exposes every host-side cost), and unperturbed — the
+    same engine's blocks timed without section syncs against the same model work over a fixed
+    context of as many tokens (:func:`fixed_context_block_seconds`)."""
     started = time.perf_counter()
     measured: list[float] = []
     with engine.session(seed=0, batch_size=1, conditions=conditions) as session:
@@ -623,15 +697,43 @@ def shares_section(engine: Any, timer: SectionTimer, sizes: Sizes, *, warm: int,
             if time.perf_counter() - started > cap and measured:
                 break
             measured.append(session.step().seconds)
-    total = sum(measured)
-    parts = timer.breakdown(total)
+        total = sum(measured)
+        parts = timer.breakdown(total)
+        seconds = dict(timer.seconds)
+        syncs = None
+        plain: list[float] = []
+        tokens, position = 0, 0.0
+        if time.perf_counter() - started < cap:
+            with HostSyncCounter() as counter:
+                session.step()
+            syncs = {"reads": dict(counter.reads), "writes": dict(counter.writes), "total": counter.total}
+            timer.sync = False  # the wrappers now only read the clock
+            for _ in range(sizes.timed_blocks):
+                if time.perf_counter() - started > cap and plain:
+                    break
+                block = session.step()
+                plain.append(block.seconds)
+                tokens = block.context_tokens
+            position = engine.policy.context(engine.query(session.blocks_done)).position
+    unperturbed: dict[str, Any] = {}
+    if plain and tokens:
+        fixed = fixed_context_block_seconds(engine, sizes, tokens, position, conditions, sizes.timed_blocks)
+        late = median(plain)
+        unperturbed = {
+            "block_ms": late * 1e3,
+            "fixed_context_block_ms": fixed * 1e3,
+            "context_tokens": tokens,
+            "cache_management_share": (late - fixed) / late,
+        }
     shares = {k: v / total for k, v in parts.items()} if total else {}
     cache = ("compression", "selection", "realignment", "bookkeeping")
     return {
+        "host_syncs_per_block": syncs,
+        "unperturbed": unperturbed,
         "warm_blocks": warm,
         "timed_blocks": len(measured),
         "block_ms": 1e3 * total / len(measured) if measured else math.nan,
-        "seconds": dict(timer.seconds),
+        "seconds": seconds,
         "share": shares,
         "cache_management_share": sum(shares.get(k, 0.0) for k in cache),
         "realignment_share": shares.get("realignment", math.nan),
@@ -640,11 +742,32 @@ def shares_section(engine: Any, timer: SectionTimer, sizes: Sizes, *, warm: int,
 
 def shares_table(data: dict) -> str:
     s = data["share"]
+    syncs = data.get("host_syncs_per_block")
+    u = data.get("unperturbed") or {}
+    unperturbed = (
+        "\nUnperturbed (no section syncs): PackForcing block vs the same model work over a fixed context of "
+        "as many tokens (no cache management):\n\n"
+        + markdown_table(
+            ["context tokens", "packforcing block ms", "fixed-context block ms", "cache mgmt %"],
+            [[u["context_tokens"], u["block_ms"], u["fixed_context_block_ms"], 100 * u["cache_management_share"]]],
+        )
+        if u
+        else ""
+    )
     return (
         f"Where a PackForcing block's time goes at a full cache ({data['timed_blocks']} blocks after "
         f"{data['warm_blocks']}; instrumented: synchronises at every section boundary):\n\n"
         + markdown_table(
-            ["block ms", "forward %", "compress %", "select %", "gather+realign %", "bookkeeping %", "cache mgmt %"],
+            [
+                "block ms",
+                "forward %",
+                "compress %",
+                "select %",
+                "gather+realign %",
+                "bookkeeping %",
+                "cache mgmt %",
+                "host syncs / block",
+            ],
             [
                 [
                     data["block_ms"],
@@ -654,9 +777,11 @@ def shares_table(data: dict) -> str:
                     100 * s.get("realignment", math.nan),
                     100 * s.get("bookkeeping", math.nan),
                     100 * data["cache_management_share"],
+                    syncs["total"] if syncs else "-",
                 ]
             ],
         )
+        + unperturbed
     )
 
 
@@ -683,13 +808,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where wan_gpu.json / wan_gpu.md go")
     parser.add_argument("--budget", type=float, default=330.0, help="wall-clock seconds for the whole run")
     parser.add_argument("--smoke", action="store_true", help="the same code paths on the CPU with a tiny Wan")
+    parser.add_argument(
+        "--only",
+        type=parse_only,
+        default=SECTIONS,
+        help=f"comma-separated sections to run (of {','.join(SECTIONS)}); writes wan_gpu_<sections>.*",
+    )
     args = parser.parse_args(argv)
+    only: tuple[str, ...] = args.only
+    stem = "wan_gpu" if only == SECTIONS else "wan_gpu_" + "_".join(only)
     sizes = SMOKE if args.smoke else GPU
     if sizes.cuda and not torch.cuda.is_available():
         print("benchmarks/wan_gpu.py needs CUDA (--smoke runs it on the CPU with a tiny model)", file=sys.stderr)
         return 1
     budget = Budget(args.budget)
-    results = Results(args.out, sizes)
+    results = Results(args.out, sizes, stem)
     tf = sizes.transformer
     heads, head_dim = tf["num_attention_heads"], tf["attention_head_dim"]
     started = time.perf_counter()
@@ -707,57 +840,64 @@ def main(argv: list[str] | None = None) -> int:
         "weights_bytes": sum(p.numel() * p.element_size() for p in model.transformer.parameters()),
         "build_seconds": time.perf_counter() - started,
         "budget_seconds": args.budget,
+        "sections": list(only),
     }
     registry = Registry.create(entry_points=False, extra_plugins=[(SharedModel(model), "wan-gpu-benchmark")])
     with tempfile.TemporaryDirectory() as tmp:
         conditions = [{"from_block": 0, "embeds": str(prompt_embeds_file(sizes, Path(tmp)))}]
 
         # 1. attention kernels on the real context shapes
-        pf_engine = engine_for("packforcing", registry, sizes)
-        contexts = {
-            "_queries": g.tokens_per_block,
-            "packforcing": pf_engine.policy.plan(sizes.max_blocks["packforcing"]).context_tokens + g.tokens_per_block,
-            **sizes.attention_contexts,
-        }
-        del pf_engine
-        attention = attention_section(sizes, contexts, heads, head_dim, budget.cap(sizes.caps["attention"]))
-        results.add("attention", attention, attention_table(attention))
-        try:  # the per-layer context copy vs attention over the stored pieces (no copy)
-            tpb, fpb = g.tokens_per_block, g.frames_per_block
-            pool = pf_preset_mid_tokens(sizes, g)
-            policy = policy_blocks(sizes)["packforcing"]["policy"]
-            sink, recent = policy["sink_frames"] // fpb, policy["recent_frames"] // fpb
-            pieces = [tpb] * sink + [pool] * sizes.top_k + [tpb] * recent + [tpb]  # ... + the block itself
-            copy = copy_section(sizes, pieces, tpb, heads, head_dim)
-        except Exception as exc:  # recorded; the rest still runs
-            copy = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
-        results.add("copy", copy)
+        if "attention" in only:
+            pf_engine = engine_for("packforcing", registry, sizes)
+            contexts = {
+                "_queries": g.tokens_per_block,
+                "packforcing": pf_engine.policy.plan(sizes.max_blocks["packforcing"]).context_tokens
+                + g.tokens_per_block,
+                **sizes.attention_contexts,
+            }
+            del pf_engine
+            attention = attention_section(sizes, contexts, heads, head_dim, budget.cap(sizes.caps["attention"]))
+            results.add("attention", attention, attention_table(attention))
+        if "copy" in only:
+            try:  # the per-layer context copy vs attention over the stored pieces (no copy)
+                tpb, fpb = g.tokens_per_block, g.frames_per_block
+                pool = pf_preset_mid_tokens(sizes, g)
+                policy = policy_blocks(sizes)["packforcing"]["policy"]
+                sink, recent = policy["sink_frames"] // fpb, policy["recent_frames"] // fpb
+                pieces = [tpb] * sink + [pool] * sizes.top_k + [tpb] * recent + [tpb]  # ... + the block itself
+                copy = copy_section(sizes, pieces, tpb, heads, head_dim)
+            except Exception as exc:  # recorded; the rest still runs
+                copy = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+            results.add("copy", copy)
 
         # 2. per policy: time and memory against video length (full last: it runs until OOM)
         runs: dict[str, dict] = {}
-        for name in ("packforcing", "sliding_window", "sink_recent", "full"):
-            if budget.left() < 5:
-                runs[name] = {"skipped": "budget spent"}
-                continue
-            engine = engine_for(name, registry, sizes)
-            runs[name] = run_policy(
-                engine,
-                sizes,
-                cap=budget.cap(sizes.caps[name]),
-                max_blocks=sizes.max_blocks[name],
-                conditions=conditions,
-            )
-            engine.policy.reset()
-            del engine
-            free_memory(sizes)
-            done = {k: v for k, v in runs.items() if "rows" in v}
-            results.add("policies", runs, policy_table(done), memory_table(done, sizes.memory_marks))
-            copy = results.data["sections"].get("copy", {})
-            if "error" not in copy and copy:
-                block_ms = runs.get("packforcing", {}).get("late_ms")
-                results.add("copy", copy, copy_table(copy, g.num_layers, CALLS_PER_BLOCK, block_ms))
-            if name == "packforcing" and budget.left() > 5:
-                # 3. cache-management share at a full PackForcing cache (instrumented engine)
+        for name in (*(p for p in POLICIES if p in only), None):
+            if name is not None:
+                if budget.left() < 5:
+                    runs[name] = {"skipped": "budget spent"}
+                    continue
+                engine = engine_for(name, registry, sizes)
+                runs[name] = run_policy(
+                    engine,
+                    sizes,
+                    cap=budget.cap(sizes.caps[name]),
+                    max_blocks=sizes.max_blocks[name],
+                    conditions=conditions,
+                )
+                engine.policy.reset()
+                del engine
+                free_memory(sizes)
+                done = {k: v for k, v in runs.items() if "rows" in v}
+                results.add("policies", runs, policy_table(done), memory_table(done, sizes.memory_marks))
+                copy = results.data["sections"].get("copy", {})
+                if "error" not in copy and copy:
+                    block_ms = runs.get("packforcing", {}).get("late_ms")
+                    results.add("copy", copy, copy_table(copy, g.num_layers, CALLS_PER_BLOCK, block_ms))
+            # 3. right after packforcing (or first, without it): the cache-management share at a
+            # full PackForcing cache (instrumented engine)
+            first = name == "packforcing" or (name is None and "packforcing" not in only)
+            if "shares" in only and first and budget.left() > 5:
                 timer = SectionTimer(sync=sizes.cuda)
                 timed_engine = engine_for("packforcing", registry, sizes, wrap=timing_wrapper(timer))
                 warm = steady_blocks(timed_engine) + sizes.steady_extra_blocks
@@ -779,7 +919,9 @@ def main(argv: list[str] | None = None) -> int:
     results.data["total_seconds"] = time.perf_counter() - started
     results.write()
     print(results.text())
-    print(f"wrote {args.out / 'wan_gpu.json'} and {args.out / 'wan_gpu.md'} in {results.data['total_seconds']:.0f} s")
+    print(
+        f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')} in {results.data['total_seconds']:.0f} s"
+    )
     return 0
 
 

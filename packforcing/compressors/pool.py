@@ -83,11 +83,18 @@ class PoolCompressor(Compressor):
         t_stride = block.temporal_stride * window[0]
         hw_stride = block.hw_stride * window[1]
         keys, values = [], []
+        device = block.layer_kv(0)[0].device
+        # one rotation table each way, shared by every layer (the grids and positions are the same)
+        home = rope.grid_positions(block.grid, block.position, block.temporal_stride, block.hw_stride, device=device)
+        undo = rope.rotation(-rope.angles(*home))
+        redo = rope.rotation(
+            rope.angles(*rope.grid_positions(grid, block.position, t_stride, hw_stride, device=device))
+        )
         for layer in range(block.num_layers):
             k, v = block.layer_kv(layer)
-            raw = rope.unapply_grid(k.float(), block.grid, block.position, block.temporal_stride, block.hw_stride)
+            raw = rope.rotate(k.float(), undo)
             pooled = pool_tokens(raw, block.grid, window)
-            keys.append(rope.apply_grid(pooled, grid, block.position, t_stride, hw_stride).to(k.dtype))
+            keys.append(rope.rotate(pooled, redo).to(k.dtype))
             values.append(pool_tokens(v, block.grid, window))
         return CompressedKV(
             grid=grid,

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from packforcing.core.interfaces import (
     AttentionBackend,
@@ -117,6 +118,7 @@ class TimedSelector(Selector):
 class TimedRealigner(PositionalRealigner):
     def __init__(self, inner: PositionalRealigner, timer: SectionTimer) -> None:
         self.inner, self.timer, self.name = inner, timer, inner.name
+        self.targets_from_frames, self.rotates = inner.targets_from_frames, inner.rotates
 
     def assign(self, spans, query: BlockQuery):
         with self.timer.section("realign"):
@@ -129,6 +131,10 @@ class TimedRealigner(PositionalRealigner):
     def gather(self, keys, blocks, targets, rope, tail):
         with self.timer.section("realign"):
             return self.inner.gather(keys, blocks, targets, rope, tail)
+
+    def gather_shifted(self, keys, deltas, rope, tail):
+        with self.timer.section("realign"):
+            return self.inner.gather_shifted(keys, deltas, rope, tail)
 
 
 class TimedCompressor(Compressor):
@@ -218,3 +224,60 @@ def timing_wrapper(timer: SectionTimer) -> Callable[[str, Any], Any]:
         return cls(component, timer) if cls is not None else component
 
     return wrap
+
+
+_HOST_READS = frozenset({"__bool__", "item", "tolist", "__float__", "__int__", "__index__", "numpy", "cpu"})
+"""Tensor methods that read a tensor's data on the host: on an accelerator each one waits for
+the device (a host-device synchronisation)."""
+_HOST_MADE = frozenset({"tensor", "as_tensor", "from_numpy", "pin_memory"})
+"""Functions that make a tensor from host data (it must then be copied to the device)."""
+_MOVES = frozenset({"to", "cuda"})
+
+
+def _names_device(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether a ``to`` call names a device or takes a CPU tensor's device (a possible
+    host-to-device copy), rather than only changing the dtype."""
+    if "device" in kwargs:
+        return True
+    for arg in args[1:]:
+        if isinstance(arg, (str, torch.device)) or (isinstance(arg, torch.Tensor) and arg.device.type == "cpu"):
+            return True
+    return False
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Counts the tensor operations that synchronise the host with an accelerator, on any device.
+
+    On a GPU, reading a tensor on the host (``bool(t)``, ``.item()``, ``.tolist()``, ``.cpu()``,
+    ...) waits for every queued kernel, and so does an ordinary copy of host-made data to the
+    device (``torch.tensor(...)``, ``.to(device)`` of a CPU tensor): the GPU then idles while
+    Python catches up. This mode counts such calls where they happen, so a CPU test can assert
+    that a code path has none (``reads`` / ``writes`` by call name; ``.to(dtype)`` is not
+    counted). It counts conservatively: on the CPU every ``.to(device)`` is counted even though
+    it moves nothing. Use as ``with HostSyncCounter() as counter: ...``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: dict[str, int] = defaultdict(int)
+        self.writes: dict[str, int] = defaultdict(int)
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _HOST_READS:
+            self.reads[name] += 1
+        elif name in _HOST_MADE:
+            self.writes[name] += 1
+        elif name in _MOVES and _names_device(args, kwargs):
+            self.writes[name] += 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        """All counted calls."""
+        return sum(self.reads.values()) + sum(self.writes.values())
+
+    def reset(self) -> None:
+        self.reads.clear()
+        self.writes.clear()

@@ -160,6 +160,13 @@ class PositionalRealigner(abc.ABC):
     """Assigns temporal positions to a context and rotates cached keys to them."""
 
     name: str = "abstract"
+    targets_from_frames: bool = False
+    """Capability flag: :meth:`assign`'s targets depend only on the spans' frame counts (in
+    order), not on their home positions. A context can then place a selector's picks before
+    knowing which blocks they are, so selection indices stay on the device (no host sync)."""
+    rotates: bool = True
+    """Capability flag: ``False`` when :meth:`assign` always returns the home positions (keys are
+    never moved), which also lets a context keep selection indices on the device."""
 
     @abc.abstractmethod
     def assign(self, spans: Sequence[tuple[float, float]], query: BlockQuery) -> tuple[list[float], float]:
@@ -201,6 +208,23 @@ class PositionalRealigner(abc.ABC):
         """
         moved = [self.realign(k, b, t, rope) for k, b, t in zip(keys, blocks, targets, strict=True)]
         return torch.cat([*moved, tail], dim=1)
+
+    def gather_shifted(
+        self, keys: Sequence[torch.Tensor], deltas: torch.Tensor | None, rope: Rope3D, tail: torch.Tensor
+    ) -> torch.Tensor:
+        """One ``[B, ΣN + N_tail, H, D]`` tensor: ``keys`` (pieces ``[B, N_i, H, D]``) in order,
+        followed by ``tail``; the first ``M`` tokens moved by ``deltas [B or 1, M]`` (float64, on
+        the keys' device; ``None``: nothing moves). The device-side form of :meth:`gather`, for
+        contexts whose selection is not known on the host: the deltas come from
+        :meth:`assign`'s targets minus the picked blocks' home positions, computed on the device.
+        Stored keys are not modified (one rotation from the home position, as :meth:`realign`).
+        """
+        out = torch.cat([*keys, tail], dim=1)
+        if deltas is None:
+            return out
+        end = deltas.shape[-1]
+        out[:, :end] = rope.shift_temporal_tokens(out[:, :end], deltas)
+        return out
 
 
 class CachePolicy(abc.ABC):

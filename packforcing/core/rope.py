@@ -27,6 +27,13 @@ def _ladder(theta: float, pairs: int) -> torch.Tensor:
     return 1.0 / (theta**exponents)
 
 
+@functools.lru_cache(maxsize=64)
+def _ladder_on(theta: float, pairs: int, device: torch.device) -> torch.Tensor:
+    """:func:`_ladder` on ``device``, copied there once: a per-call ``.to(device)`` of a host tensor
+    would synchronise the host with an accelerator on every rotation."""
+    return _ladder(theta, pairs).to(device)
+
+
 @attrs.frozen
 class Rope3D:
     """Rotary embedding over ``(t, h, w)`` positions for keys/queries ``[B, N, H, D]``."""
@@ -45,18 +52,19 @@ class Rope3D:
         spatial = d // 6
         return (d - 4 * spatial) // 2, spatial, spatial
 
-    def _band_freqs(self, band: int) -> torch.Tensor:
-        return _ladder(self.theta, self.band_pairs[band])
+    def _band_freqs(self, band: int, device: torch.device | str | None = None) -> torch.Tensor:
+        if device is None:
+            return _ladder(self.theta, self.band_pairs[band])
+        return _ladder_on(self.theta, self.band_pairs[band], torch.device(device))
 
-    def temporal_freqs(self) -> torch.Tensor:
-        """Angular frequencies of the temporal band, ``[Pt]`` float64."""
-        return self._band_freqs(0)
+    def temporal_freqs(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Angular frequencies of the temporal band, ``[Pt]`` float64 (on ``device``, held there)."""
+        return self._band_freqs(0, device)
 
     def angles(self, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Rotation angles ``[N, D/2]`` (float64) for token positions ``t, h, w`` of shape ``[N]``."""
         parts = [
-            pos.to(torch.float64)[:, None] * self._band_freqs(i)[None, :].to(pos.device)
-            for i, pos in enumerate((t, h, w))
+            pos.to(torch.float64)[:, None] * self._band_freqs(i, pos.device)[None, :] for i, pos in enumerate((t, h, w))
         ]
         return torch.cat(parts, dim=1)
 
@@ -82,21 +90,29 @@ class Rope3D:
         return tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)
 
     @staticmethod
-    def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        """Rotate pairs of ``x [B, N, H, 2P]`` by ``angles [N, P]`` (or ``[B, N, P]``) in float32."""
-        dtype = x.dtype
-        xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    def rotation(angles: torch.Tensor, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` (float32, ``[1 or B, N, 1, P]``) of ``angles [N, P]`` (or ``[B, N, P]``): a
+        rotation table that :meth:`rotate` reuses (compute it once per forward pass, not per layer)."""
         if angles.dim() == 2:
             angles = angles[None]
-        cos = torch.cos(angles).to(device=x.device, dtype=torch.float32)[:, :, None, :]
-        sin = torch.sin(angles).to(device=x.device, dtype=torch.float32)[:, :, None, :]
+        if device is not None and angles.device != torch.device(device):
+            angles = angles.to(device)
+        return torch.cos(angles).to(torch.float32)[:, :, None, :], torch.sin(angles).to(torch.float32)[:, :, None, :]
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, angles: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate pairs of ``x [B, N, H, 2P]`` by ``angles [N, P]`` (or ``[B, N, P]``, or their
+        :meth:`rotation` table) in float32."""
+        dtype = x.dtype
+        xf = x.float().reshape(*x.shape[:-1], -1, 2)
+        cos, sin = angles if isinstance(angles, tuple) else Rope3D.rotation(angles, x.device)
         real, imag = xf[..., 0], xf[..., 1]
         out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
         return out.reshape(x.shape).to(dtype)
 
-    def rotate(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [B, N, H, D]`` by precomputed :meth:`angles` ``[N, D/2]`` (reuse them across
-        layers: one angle table per forward pass)."""
+    def rotate(self, x: torch.Tensor, angles: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate ``x [B, N, H, D]`` by precomputed :meth:`angles` ``[N, D/2]`` or their
+        :meth:`rotation` table (reuse it across layers: one table per forward pass)."""
         return self._rotate(x, angles)
 
     def apply(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -128,7 +144,7 @@ class Rope3D:
         """
         pt = self.band_pairs[0]
         band = 2 * pt
-        freqs = self.temporal_freqs().to(x.device)
+        freqs = self.temporal_freqs(x.device)
         # one angle per pair (per batch item), broadcast over tokens and heads
         if isinstance(delta, torch.Tensor):
             ang = delta.to(device=x.device, dtype=torch.float64)[:, None, None] * freqs[None, None, :]  # [B, 1, Pt]
@@ -137,8 +153,12 @@ class Rope3D:
         return torch.cat([self._rotate(x[..., :band], ang), x[..., band:]], dim=-1)
 
     def shift_temporal_tokens(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Like :meth:`shift_temporal` with one shift per token: ``delta [N]`` for ``x [B, N, H, D]``."""
+        """Like :meth:`shift_temporal` with one shift per token: ``delta [N]`` (the same for every
+        batch item) or ``[B, N]`` for ``x [B, N, H, D]``. ``delta`` should be on ``x``'s device (a
+        host tensor is copied there, which synchronises with an accelerator)."""
         band = 2 * self.band_pairs[0]
-        freqs = self.temporal_freqs().to(x.device)
-        ang = delta.to(device=x.device, dtype=torch.float64)[:, None] * freqs[None, :]  # [N, Pt]
+        freqs = self.temporal_freqs(x.device)
+        if delta.device != x.device:
+            delta = delta.to(x.device)
+        ang = delta.to(torch.float64)[..., None] * freqs  # [N, Pt] or [B, N, Pt]
         return torch.cat([self._rotate(x[..., :band], ang), x[..., band:]], dim=-1)

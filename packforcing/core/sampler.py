@@ -17,6 +17,7 @@ from collections.abc import Callable
 import attrs
 import torch
 
+from packforcing.core.transfer import to_device
 from packforcing.core.validators import positive
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,7 +130,7 @@ def block_noise(
     """The initial noise of block ``block_id``: drawn on the CPU from a per-block generator,
     so it is the same on every device and independent of how many blocks came before."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + block_id) % (2**63))
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    return to_device(torch.randn(shape, generator=gen, dtype=torch.float32), device, dtype)
 
 
 def step_noise(
@@ -140,7 +141,7 @@ def step_noise(
     another block's or step's stream), then moved to ``device``."""
     digest = hashlib.blake2b(f"packforcing:{seed}:{block_id}:{step}".encode(), digest_size=8).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    return to_device(torch.randn(shape, generator=gen, dtype=torch.float32), device, dtype)
 
 
 def fresh_noise(

@@ -46,6 +46,7 @@ from packforcing.core.records import (
     TierStats,
 )
 from packforcing.core.store import Reservation, TierStore, check_finite
+from packforcing.core.transfer import to_device
 from packforcing.core.validators import one_of, optional_non_negative, positive
 from packforcing.policies.layout import ARCHIVE, DROP, TierLayout, TierSlotSpec
 
@@ -815,6 +816,39 @@ class TieredPolicy(CachePolicy):
         return total
 
 
+def _on_device(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """``values`` as a float64 tensor on ``device``, copied without a host sync."""
+    return to_device(torch.tensor(values, dtype=torch.float64), device)
+
+
+@attrs.define
+class _Piece:
+    """A run of context blocks in packed order: fixed blocks, or one ``select: true`` group."""
+
+    blocks: list[CachedBlock]
+    group: int | None = None
+    """Index of the selected group (``None``: every block enters)."""
+    count: int = 0
+    """Blocks that enter (the selector's budget for a group)."""
+    tokens: int = 0
+    """Tokens per block of a selected group."""
+    deltas: torch.Tensor | None = None
+    """Fixed blocks: per-token shifts ``[T]``; a group: home positions of its candidates ``[C]``."""
+    targets: torch.Tensor | None = None
+    """A group: target positions of its ``count`` picks ``[k]`` (they depend only on frames)."""
+
+
+@attrs.define
+class _DeviceLayout:
+    """What a context needs to gather on the device, made once per forward pass."""
+
+    pieces: list[_Piece]
+    moved_pieces: int
+    """Leading pieces whose tokens may move (0: nothing moves)."""
+    batch_rows: torch.Tensor
+    """``[B, 1]`` batch indices (to gather each item's picks)."""
+
+
 class TieredContext(AttentionContext):
     """History of one forward pass: tiers' blocks, selected, realigned and gathered.
 
@@ -823,6 +857,17 @@ class TieredContext(AttentionContext):
     position to the realigner's target; stored keys are never modified. What the selector,
     the realigner and the backend return is checked on every call (see
     :mod:`packforcing.core.boundary`); a violation is a :class:`~packforcing.core.errors.PluginError`.
+
+    When the realigner's targets do not depend on which blocks are picked
+    (``targets_from_frames``, or a realigner that never ``rotates``) and every selected tier's
+    blocks have one size, the selection stays on the device: picks are gathered with index
+    tensors and their shifts computed on the device, so a layer makes no host-device
+    synchronisation. The per-pass invariants (layout, targets, shifts of the fixed blocks) are
+    computed once, on the first layer. The checks of what lives on the device (indices in range
+    and increasing, finite output) are then made on the device, indices clamped so a bad one
+    cannot fault the gather, and read once, at the pass's last layer (which raises the same
+    :class:`~packforcing.core.errors.PluginError`, naming the first bad layer). Otherwise picks
+    and checks are read on the host at every layer.
     """
 
     def __init__(
@@ -849,6 +894,9 @@ class TieredContext(AttentionContext):
         )
         self._shared: dict[int, torch.Tensor] = {}
         self._context_tokens = 0
+        self._layout: _DeviceLayout | None = None
+        self._pending: list[tuple[int, int | None, torch.Tensor, Any]] = []
+        """Device-side checks not read yet: ``(layer, group or None for the output, ok flag, what)``."""
         self.selections: dict[tuple[int, int], torch.Tensor] = {}
         """(layer, group index) → ``[B, k']`` indices chosen by the selector (for inspection)."""
         # Query position depends on how many blocks enter, not on which: use the first k'.
@@ -856,7 +904,11 @@ class TieredContext(AttentionContext):
         for blocks, select in groups:
             count = selector.budget(len(blocks)) if select and selector is not None else len(blocks)
             spans.extend((b.position, b.num_frames) for b in blocks[:count])
-        _, self._position = self._assign(spans)
+        self._targets, self._position = self._assign(spans)
+        self._on_device = (realigner.targets_from_frames or not realigner.rotates) and all(
+            len({(b.num_tokens, b.num_frames) for b in blocks}) == 1 for blocks, select in groups if select
+        )
+        self._last_layer = groups[0][0][0].num_layers - 1 if groups else -1
 
     @property
     def position(self) -> float:
@@ -954,10 +1006,156 @@ class TieredContext(AttentionContext):
             raise origin.error(f"layer {layer}: {problem}", block)
         return out
 
+    def _pick(self, layer: int, g: int, q: torch.Tensor) -> torch.Tensor:
+        """Indices ``[B, k']`` the selector picks from group ``g`` at ``layer``, kept on the device:
+        shape, dtype and device checked now, values on the device (read at the pass's end)."""
+        blocks = self._groups[g][0]
+        assert self._selector is not None
+        if self._selector.shared_across_layers and g in self._shared:
+            idx = self._shared[g]
+        else:
+            origin = self._origins[0]
+            idx = origin.call(self._query.block_id, self._selector.select, q, blocks, layer)
+            budget = self._selector.budget(len(blocks))
+            problem = selection_problem(
+                idx, batch=q.shape[0], budget=budget, candidates=len(blocks), device=q.device, read=False
+            )
+            if problem:
+                raise origin.error(f"layer {layer}: {problem}", self._query.block_id)
+            if budget:
+                ok = ((idx >= 0) & (idx < len(blocks))).all() & (idx[:, 1:] > idx[:, :-1]).all()
+                self._pending.append((layer, g, ok, idx))
+                idx = idx.clamp(0, len(blocks) - 1)
+            if self._selector.shared_across_layers:
+                self._shared[g] = idx
+        self.selections[(layer, g)] = idx
+        return idx
+
+    def _device_layout(self, q: torch.Tensor) -> _DeviceLayout:
+        """Pieces in packed order with their shifts on ``q``'s device: one asynchronous
+        host-to-device copy per forward pass."""
+        pieces: list[_Piece] = []
+        parts: list[list[float] | None] = []
+        """Per piece, what it needs on the device: per-token shifts of fixed blocks, or a group's
+        candidates' homes followed by its picks' targets; ``None`` when the piece cannot move."""
+        rotates = self._realigner.rotates
+        targets = iter(self._targets)
+        for g, (blocks, select) in enumerate(self._groups):
+            if select:
+                assert self._selector is not None
+                count = self._selector.budget(len(blocks))
+                picked = [float(next(targets)) for _ in range(count)]
+                pieces.append(_Piece(blocks, g, count, blocks[0].num_tokens))
+                parts.append([b.position for b in blocks] + picked if rotates and count else None)
+            else:
+                deltas = [float(next(targets)) - b.position for b in blocks]
+                pieces.append(_Piece(blocks, count=len(blocks)))
+                moves = rotates and any(d != 0 for d in deltas)
+                per_token = [d for b, d in zip(blocks, deltas, strict=True) for _ in range(b.num_tokens)]
+                parts.append(per_token if moves else None)
+        moved = max((i + 1 for i, part in enumerate(parts) if part is not None), default=0)
+        flat: list[float] = []
+        for piece, part in zip(pieces[:moved], parts[:moved], strict=True):
+            if part is None:  # inside the moved prefix but not moving itself: zero shifts
+                part = [] if piece.group is not None else [0.0] * sum(b.num_tokens for b in piece.blocks)
+            flat.extend(part)
+        values = _on_device(flat, q.device) if flat else None
+        offset = 0
+        for piece in pieces[:moved]:
+            assert values is not None
+            if piece.group is None:
+                n = sum(b.num_tokens for b in piece.blocks)
+                piece.deltas = values[offset : offset + n]
+                offset += n
+            elif piece.count:
+                c = len(piece.blocks)
+                piece.deltas = values[offset : offset + c]
+                piece.targets = values[offset + c : offset + c + piece.count]
+                offset += c + piece.count
+        rows = torch.arange(q.shape[0], device=q.device)[:, None]
+        return _DeviceLayout(pieces, moved, rows)
+
+    def _verify(self) -> None:
+        """Read the pass's device-side checks (one host read); raise for the first bad one."""
+        pending, self._pending = self._pending, []
+        if not pending or bool(torch.stack([ok for _, _, ok, _ in pending]).all()):
+            return
+        block = self._query.block_id
+        for layer, g, ok, what in pending:
+            if bool(ok):
+                continue
+            if g is not None:
+                problem = selection_problem(
+                    what,
+                    batch=what.shape[0],
+                    budget=what.shape[1],
+                    candidates=len(self._groups[g][0]),
+                    device=what.device,
+                )
+                raise self._origins[0].error(f"layer {layer}: {problem}", block)
+            if not bool(what):  # the keys the realigner gathered for that layer were non-finite
+                raise self._origins[1].error(f"layer {layer}: gather() keys hold non-finite values (NaN/Inf)", block)
+            raise self._origins[2].error(f"layer {layer}: output contains non-finite values (NaN/Inf)", block)
+
+    def _attend_on_device(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`attend` with the picks kept on the device (see the class docstring)."""
+        if self._layout is None:
+            self._layout = self._device_layout(q)
+        layout = self._layout
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        shifts: list[torch.Tensor] = []
+        batch = q.shape[0]
+        for i, piece in enumerate(layout.pieces):
+            if piece.group is None:
+                for block in piece.blocks:
+                    kb, vb = block.layer_kv(layer)
+                    keys.append(kb)
+                    values.append(vb)
+                if i < layout.moved_pieces:
+                    assert piece.deltas is not None
+                    shifts.append(piece.deltas[None].expand(batch, -1))
+                continue
+            if piece.count == 0:
+                continue
+            idx = self._pick(layer, piece.group, q)  # [B, k]
+            kv = [block.layer_kv(layer) for block in piece.blocks]
+            stacked_k = torch.stack([kb for kb, _ in kv], dim=1)  # [B, C, n, H, D]
+            stacked_v = torch.stack([vb for _, vb in kv], dim=1)
+            keys.append(stacked_k[layout.batch_rows, idx].flatten(1, 2))  # [B, k·n, H, D]
+            values.append(stacked_v[layout.batch_rows, idx].flatten(1, 2))
+            if piece.targets is not None:
+                assert piece.deltas is not None
+                picked = piece.targets[None] - piece.deltas[idx]  # [B, k]: target − home of each pick
+                shifts.append(picked[:, :, None].expand(-1, -1, piece.tokens).flatten(1, 2))
+        deltas = torch.cat(shifts, dim=1) if shifts else None
+        origin = self._origins[1]
+        block = self._query.block_id
+        gathered = origin.call(block, self._realigner.gather_shifted, keys, deltas, self._rope, k)
+        shape = (k.shape[0], sum(x.shape[1] for x in keys) + k.shape[1], *k.shape[2:])
+        problem = tensor_problem("gather_shifted() keys", gathered, shape, k.dtype, k.device, finite=False)
+        if problem:
+            raise origin.error(f"layer {layer}: {problem}", block)
+        values_all = torch.cat([*values, v], dim=1)
+        self._context_tokens = gathered.shape[1] - k.shape[1]
+        backend = self._origins[2]
+        out = backend.call(block, self._backend.attend, q, gathered, values_all)
+        problem = tensor_problem("output", out, tuple(q.shape), q.dtype, q.device, finite=False)
+        if problem:
+            raise backend.error(f"layer {layer}: {problem}", block)
+        if out.is_floating_point():
+            # flags only (holding the tensors would keep every layer's context alive)
+            self._pending.append((layer, None, torch.isfinite(out).all(), torch.isfinite(gathered).all()))
+        if layer >= self._last_layer:
+            self._verify()
+        return out
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self._groups:
             self._context_tokens = 0
             return self._attend(layer, q, k, v)
+        if self._on_device:
+            return self._attend_on_device(layer, q, k, v)
         rows = self._choose(layer, q)
         batch = q.shape[0]
         same = all(len(r) == len(rows[0]) and all(a is b for a, b in zip(r, rows[0], strict=False)) for r in rows[1:])

@@ -15,6 +15,7 @@ class IdentityRealigner(PositionalRealigner):
     """
 
     name = "identity"
+    rotates = False
 
     def assign(self, spans: Sequence[tuple[float, float]], query: BlockQuery) -> tuple[list[float], float]:
         return [home for home, _ in spans], float(query.start_frame)

@@ -75,6 +75,7 @@ class TemporalRopeShift(PositionalRealigner):
     the module docstring)."""
 
     name = "temporal_rope_shift"
+    targets_from_frames = True  # assign() packs by frame counts only
 
     def __init__(self, params: TemporalRopeShiftParams | None = None) -> None:
         self.params = params or TemporalRopeShiftParams()

@@ -56,12 +56,14 @@ class TopKParams:
     shared_across_layers: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
 
-def query_sample(num_queries: int, fraction: float, minimum: int) -> torch.Tensor:
+def query_sample(
+    num_queries: int, fraction: float, minimum: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Evenly spaced query indices ``[n]`` (strictly increasing), ``n = max(minimum, ceil(fraction · N))``
-    capped at ``N``."""
+    capped at ``N``; made on ``device`` (no host-to-device copy)."""
     n = min(num_queries, max(minimum, math.ceil(fraction * num_queries)))
     n = max(n, 1)
-    return torch.arange(n, dtype=torch.int64) * num_queries // n
+    return torch.arange(n, dtype=torch.int64, device=device) * num_queries // n
 
 
 def head_sample(num_heads: int, params: TopKParams) -> torch.Tensor:
@@ -97,6 +99,7 @@ class TopKSelector(Selector):
         self.params = params or TopKParams()
         self.shared_across_layers = self.params.shared_across_layers
         self._means: weakref.WeakKeyDictionary[CachedBlock, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
+        self._samples: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_scores: torch.Tensor | None = None
         """``[B, C]`` scores of the last :meth:`select` call (for inspection)."""
 
@@ -114,14 +117,23 @@ class TopKSelector(Selector):
             mean = per_layer[layer] = block.layer_kv(layer)[0].float().mean(dim=1)
         return mean
 
+    def _sample(self, num_queries: int, num_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query and head indices on ``device``, made once per shape: a host-made index copied to
+        an accelerator on every call would synchronise the two (once per layer and pass)."""
+        key = (num_queries, num_heads, device)
+        found = self._samples.get(key)
+        if found is None:
+            qi = query_sample(num_queries, self.params.query_fraction, self.params.min_queries, device)
+            found = self._samples[key] = (qi, head_sample(num_heads, self.params).to(device))
+        return found
+
     def budget(self, num_candidates: int) -> int:
         return min(self.params.k, num_candidates)
 
     def scores(self, queries: torch.Tensor, candidates: Sequence[CachedBlock], layer: int) -> torch.Tensor:
         """Importance ``[B, C]`` (float32) of each candidate for ``queries [B, Nq, H, D]``."""
         _, nq, h, d = queries.shape
-        qi = query_sample(nq, self.params.query_fraction, self.params.min_queries).to(queries.device)
-        hi = head_sample(h, self.params).to(queries.device)
+        qi, hi = self._sample(nq, h, queries.device)
         q_mean = queries.index_select(1, qi).index_select(2, hi).float().mean(dim=1)  # [B, h', D]
         k_mean = torch.stack([self._key_mean(c, layer) for c in candidates], dim=1).index_select(2, hi)  # [B, C, h', D]
         return torch.einsum("bhd,bchd->bc", q_mean, k_mean) / (hi.numel() * math.sqrt(d))

@@ -70,7 +70,8 @@ class _Pass:
     """What the attention processors need during one forward pass of a block."""
 
     context: AttentionContext
-    angles: torch.Tensor
+    angles: tuple[torch.Tensor, torch.Tensor]
+    """The pass's RoPE rotation table (:meth:`Rope3D.rotation`), made once and used by every layer."""
     collect: list[tuple[torch.Tensor, torch.Tensor]] | None
     condition: WanCondition
 
@@ -315,7 +316,8 @@ class WanBlockModel:
         mod_tokens = mod[:, :, None].expand(b, gt, gh * gw, *mod.shape[2:]).reshape(b, gt * gh * gw, *mod.shape[2:])
         text = cond.text.expand(b, -1, -1)
         positions = self.rope.grid_positions(grid, context.position, pt, device=hidden.device)
-        self._slot.current = _Pass(context, self.rope.angles(*positions), collect, cond)
+        table = self.rope.rotation(self.rope.angles(*positions))
+        self._slot.current = _Pass(context, table, collect, cond)
         try:
             for block in tr.blocks:
                 hidden = block(hidden, text, mod_tokens, None)
@@ -367,8 +369,10 @@ class WanBlockModel:
         b = hidden.shape[0]
         hidden = hidden.to(self.dtype)
         _, mod = self._time(torch.zeros(b, 1, device=hidden.device), hidden)  # [B, 1, 6, dim]
-        angles = self.rope.angles(
-            *self.rope.grid_positions(grid, position, temporal_stride, hw_stride, device=hidden.device)
+        angles = self.rope.rotation(
+            self.rope.angles(
+                *self.rope.grid_positions(grid, position, temporal_stride, hw_stride, device=hidden.device)
+            )
         )
         keys, values = [], []
         for block in tr.blocks:
