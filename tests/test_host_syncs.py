@@ -4,7 +4,8 @@ On a GPU every host read of a tensor (``.tolist()``, ``bool()``, ``.item()``) an
 copy of host-made data to the device stalls the GPU until Python catches up; at Wan scale the
 context runs 150 times per block. :class:`HostSyncCounter` counts those calls on the CPU, so
 these tests pin down that a full PackForcing context attends every layer without one (one
-asynchronous copy of the pass's layout on the first layer), and that this device-side path
+asynchronous copy of the pass's layout on the first layer, one read of the pass's checks on
+the last), and that this device-side path
 gives exactly what the host path (picks read on the host) gives.
 """
 
@@ -60,9 +61,12 @@ def test_a_full_packforcing_context_attends_without_host_syncs(engine):
     assert sum(first.reads.values()) == 0, dict(first.reads)
     assert first.total <= 2, (dict(first.reads), dict(first.writes))
     with HostSyncCounter() as rest:
-        for layer in range(1, len(layers)):
+        for layer in range(1, len(layers) - 1):
             ctx.attend(layer, *layers[layer])
     assert rest.total == 0, (dict(rest.reads), dict(rest.writes))
+    with HostSyncCounter() as last:  # the pass's device-side checks, read once
+        ctx.attend(len(layers) - 1, *layers[-1])
+    assert dict(last.reads) == {"__bool__": 1} and last.total == 1, (dict(last.reads), dict(last.writes))
     assert ctx.context_tokens > 0 and len(ctx.selections) == len(layers)
 
 

@@ -92,6 +92,15 @@ def kv_problem(
         for layer, x in enumerate(tensors):
             if isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[0] != shape[0] and x.shape[1:] == shape[1:]:
                 return f"{what} of layer {layer} have batch {x.shape[0]}, expected {shape[0]}"
+            problem = tensor_problem(f"{what} of layer {layer}", x, shape, dtype, device, finite=False)
+            if problem:
+                return problem
+    # finiteness of every layer in one host read (each read waits for an accelerator)
+    tensors = [x for x in (*keys, *values) if x.is_floating_point()]
+    if not tensors or bool(torch.stack([torch.isfinite(x).all() for x in tensors]).all()):
+        return None
+    for what, group in (("keys", keys), ("values", values)):
+        for layer, x in enumerate(group):
             problem = tensor_problem(f"{what} of layer {layer}", x, shape, dtype, device)
             if problem:
                 return problem
