@@ -206,6 +206,7 @@ def test_results_file_and_summary(cfg, tmp_path):
     assert full["stats"]["peak_cache_bytes"]["mean"] == pytest.approx(statistics.fmean(full_peaks))
     assert full["stats"]["peak_cache_bytes"]["std"] == pytest.approx(statistics.stdev(full_peaks))
     assert sink["stats"]["fidelity.return_psnr_db"]["n"] == 2
+    assert ["fidelity.return_psnr_db", "return PSNR dB"] in summary["metrics"]
     assert summary["failures"] == [{"job": "sink_recent-default-2", "error": "boom"}]
 
 

@@ -79,6 +79,13 @@ METRICS: tuple[tuple[str, str, float], ...] = (
 )
 """Fixed columns: record key, label, scale applied for display."""
 
+FIDELITY_LABELS = {
+    "return_psnr_db": "return PSNR dB",
+    "min_return_psnr_db": "worst return PSNR dB",
+    "returns": "returns",
+}
+"""Fidelity figures shown first, in this order, with these labels (others follow by name)."""
+
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
     return {
@@ -107,13 +114,12 @@ def summarize(jobs: Sequence[SweepJob], records: dict[tuple[str, str, int, int],
     "blocks", "complete", "failed", "stats": {key: {"mean", "std", "min", "max", "n"}}}],
     "failures": [{"job", "error"}]}``.
     """
-    fidelity: list[str] = []
+    names: set[str] = set()
     for job in jobs:
-        record = records.get(job.key) or {}
-        for name in record.get("fidelity") or {}:
-            if f"fidelity.{name}" not in fidelity:
-                fidelity.append(f"fidelity.{name}")
-    metrics = [(key, label) for key, label, _ in METRICS] + [(key, key.split(".", 1)[1]) for key in fidelity]
+        names.update((records.get(job.key) or {}).get("fidelity") or {})
+    fidelity = [n for n in FIDELITY_LABELS if n in names] + sorted(names - set(FIDELITY_LABELS))
+    metrics = [(key, label) for key, label, _ in METRICS]
+    metrics += [(f"fidelity.{name}", FIDELITY_LABELS.get(name, name)) for name in fidelity]
     rows: dict[str, dict[str, Any]] = {}
     failures = []
     for job in jobs:
