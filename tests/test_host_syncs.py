@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import packforcing as pf
+from packforcing.core.errors import PluginError
 from packforcing.core.instrument import HostSyncCounter
+from packforcing.core.interfaces import Selector
 from packforcing.positional.identity import IdentityRealigner
 from packforcing.positional.temporal_shift import TemporalRopeShift, TemporalRopeShiftParams
 
@@ -123,3 +125,37 @@ def test_device_side_picks_equal_host_side_picks(engine, device_side, host_side)
     assert any(not torch.equal(idx[0], idx[1]) for idx in dev_sel.values()), "items should pick differently"
     for a, b in zip(dev, host, strict=True):
         assert torch.equal(a, b)
+
+
+class OutOfRange(Selector):
+    """``topk`` whose picks at one layer point past the candidates (a plugin bug)."""
+
+    name = "topk"
+
+    def __init__(self, inner: Selector, bad_layer: int) -> None:
+        self.inner, self.bad_layer = inner, bad_layer
+        self.shared_across_layers = inner.shared_across_layers
+
+    def budget(self, num_candidates):
+        return self.inner.budget(num_candidates)
+
+    def select(self, queries, candidates, layer):
+        idx = self.inner.select(queries, candidates, layer)
+        return idx + len(candidates) if layer == self.bad_layer else idx
+
+
+def test_device_side_checks_raise_at_the_end_of_the_pass_naming_the_layer(engine):
+    """Bad picks are clamped for the gather (no device fault), checked on the device, and the
+    pass's last layer raises the same PluginError as the host path, naming the bad layer."""
+    policy = engine.policy
+    saved = policy.selector
+    policy.selector = OutOfRange(saved, bad_layer=1)
+    try:
+        ctx = policy.context(engine.query(BLOCKS))
+        layers = _qkv(engine, 2)
+        for layer in range(len(layers) - 1):
+            ctx.attend(layer, *layers[layer])  # no error yet: nothing read on the host
+        with pytest.raises(PluginError, match=r"layer 1: returned indices outside \[0, "):
+            ctx.attend(len(layers) - 1, *layers[-1])
+    finally:
+        policy.selector = saved

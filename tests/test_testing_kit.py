@@ -318,12 +318,39 @@ class Reversed(SelectionDependentQuery):
         return [home for home, _ in reversed(spans)], float(query.start_frame)
 
 
+class _IdentityClaimingFrames(PositionalRealigner):
+    """Targets are the home positions, yet it claims they depend only on frame counts."""
+
+    name = "claims_frames"
+    targets_from_frames = True
+
+    def assign(self, spans, query):
+        return [home for home, _ in spans], float(query.start_frame)
+
+
+class _PackerClaimingNoRotation(PositionalRealigner):
+    """Packs blocks against the query (it moves them), yet claims it never rotates."""
+
+    name = "claims_still"
+    rotates = False
+
+    def assign(self, spans, query):
+        end = float(query.start_frame)
+        targets = []
+        for _, n in reversed(spans):
+            end -= n
+            targets.append(end)
+        return targets[::-1], float(query.start_frame)
+
+
 @pytest.mark.parametrize(
     ("cls", "message"),
     [
         (Shrinks, "must be a rotation"),
         (SelectionDependentQuery, "depends on which blocks are selected"),
         (Reversed, "out of time order"),
+        (_IdentityClaimingFrames, "declares targets_from_frames"),
+        (_PackerClaimingNoRotation, "declares rotates = False"),
     ],
     ids=lambda v: getattr(v, "__name__", None),
 )

@@ -109,6 +109,40 @@ def accepts_per_item_targets(realigner: PositionalRealigner, block: CachedBlock,
             fail(KIND, realigner, "realign() with a [B] tensor target differs from per-item float targets")
 
 
+@contract
+def capability_flags_hold(realigner: PositionalRealigner, spans: Sequence[Span], query: BlockQuery) -> None:
+    """``targets_from_frames``: moving the spans' home positions (same frame counts) does not
+    change the targets. ``rotates = False``: the targets are the home positions. (Contexts rely on
+    either to keep a selector's picks on the device.)"""
+    targets, _ = realigner.assign(list(spans), query)
+    if realigner.targets_from_frames:
+        moved = [(home - 5.0 + 7.0 * i, n) for i, (home, n) in enumerate(spans)]  # other homes and gaps, same order
+        if list(realigner.assign(moved, query)[0]) != list(targets):
+            fail(KIND, realigner, "declares targets_from_frames, but assign() depends on the home positions")
+    if not realigner.rotates and [float(t) for t in targets] != [float(home) for home, _ in spans]:
+        fail(KIND, realigner, f"declares rotates = False, but assign() moves blocks: {targets}")
+
+
+@contract
+def gather_shifted_moves_like_realign(
+    realigner: PositionalRealigner, block: CachedBlock, shift: float, rope: Any, tail: torch.Tensor
+) -> None:
+    """``gather_shifted`` with one shift per token equals realigning the block (one
+    rotation from its home position) followed by ``tail``; ``None`` shifts concatenate only."""
+    keys = block.keys[0]
+    before = keys.clone()
+    n = keys.shape[1]
+    deltas = torch.full((1, n), float(shift), dtype=torch.float64, device=keys.device)
+    got = realigner.gather_shifted([keys], deltas, rope, tail)
+    want = torch.cat([realigner.realign(keys, block, block.position + shift, rope), tail], dim=1)
+    if not torch.equal(keys, before):
+        fail(KIND, realigner, "gather_shifted() modified the keys it was given")
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+        fail(KIND, realigner, f"gather_shifted() by {shift:g} differs from realign() followed by the tail")
+    if not torch.equal(realigner.gather_shifted([keys], None, rope, tail), torch.cat([keys, tail], dim=1)):
+        fail(KIND, realigner, "gather_shifted() without shifts must only concatenate")
+
+
 def check_realigner(
     factory: Any,
     params: Any = None,
@@ -149,11 +183,14 @@ def check_realigner(
         is_a_realigner(realigner)
         query = make_query(g, query_start // g.frames_per_block)
         assigns_ordered_positions(realigner, spans, query)
+        capability_flags_hold(realigner, spans, query)
         if keep < len(spans):
             chosen = data.draw(st.lists(st.integers(0, len(spans) - 1), min_size=keep, max_size=keep, unique=True))
             query_position_depends_only_on_the_count(realigner, spans[:keep], [spans[i] for i in sorted(chosen)], query)
         block = make_block(g, block_id=max(0, query.block_id - 1), batch_size=batch, latents=False, seed=seed)
         realign_is_a_rotation(realigner, block, shift, env.model.rope, exact_rope)
         accepts_per_item_targets(realigner, block, shift, env.model.rope)
+        if exact_rope:
+            gather_shifted_moves_like_realign(realigner, block, shift, env.model.rope, block.keys[-1])
 
     run_examples(run, max_examples, hypothesis_settings)
