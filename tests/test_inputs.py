@@ -235,3 +235,13 @@ def test_absurd_block_count_is_refused_fast(tmp_path, capsys):
     assert err == "error: --blocks: run.blocks: 1000000000000 blocks is more than the 10000000 a run may plan"
     assert time.perf_counter() - started < 5
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_model_weights_are_one_line_naming_model_weights(tmp_path, capsys):
+    (tmp_path / "m.safetensors").write_bytes(b"\x00" * 12)
+    config = tmp_path / "m.yaml"
+    config.write_text("model: {name: tiny_dit, weights: m.safetensors}\npolicy: full\n")
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {config}: model.weights: ") and "m.safetensors" in err, err
+    assert "\n" not in err

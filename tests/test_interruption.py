@@ -345,3 +345,27 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_state_dict_of_a_recache_session_round_trips():
+    """A session re-caching at prompt switches keeps its blocks' latents: they are in the state."""
+    import packforcing as pf
+
+    config = {
+        "model": {**MODEL, "num_conditions": 3},
+        "policy": {"name": "sliding_window", "window_frames": 4},
+        "attention": "sdpa",
+        "sampler": {"steps": 2},
+        "run": {"device": "cpu"},
+    }
+    schedule = [{"from_block": 0, "scene": 0}, {"from_block": 3, "scene": 2}, {"from_block": 5, "scene": 1}]
+    engine = pf.build_engine(config)
+    with engine.session(seed=2, conditions=schedule, recache=True) as session:
+        for _ in range(2):
+            session.step()
+        state = engine.state_dict()
+        assert any(name.startswith("session.latents.") for name in state["tensors"])
+        rest = [session.step().latents for _ in range(4)]  # crosses both switches
+    with pf.build_engine(config).load_state_dict(state) as resumed:
+        again = [resumed.step().latents for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(rest, again, strict=True))
