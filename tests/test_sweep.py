@@ -255,7 +255,9 @@ def test_sweep_runs_like_generate_skips_on_rerun_and_records_failures(local_ray,
         run_dir = out / record["run_dir"]
         alone = tmp_path / "alone" / record["job"]
         config = cfg[record["config"]]
-        overrides = _sets([*TINY, "run.device=cpu"])
+        overrides = _sets([*TINY, "run.device=cpu", "run.threads=1"])  # a job holds 1 CPU: 1 thread
+        assert record["command"].endswith(f"{' '.join(overrides[-2:])} --out {run_dir} --overwrite --save-latents "
+                                          "--no-progress")  # fmt: skip
         assert main(["generate", "--config", config, "--seed", str(record["seed"]), "--blocks", "3", *overrides,
                      "--out", str(alone), "--save-latents", "--no-progress"]) == 0  # fmt: skip
         assert torch.equal(_latents(run_dir), _latents(alone))

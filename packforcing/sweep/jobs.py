@@ -24,9 +24,9 @@ from packforcing.core.errors import ConfigError
 DEFAULT_PROMPT = "default"
 """The name of the one prompt of a sweep without ``--prompts`` (the config's own conditions)."""
 
-JOB_KEYS = ("seed", "blocks")
+JOB_KEYS = ("seed", "blocks", "threads")
 """``run`` keys a job sets itself; they are left out of the config hash and matched separately
-(as is ``run.prompts`` when the sweep gives prompts)."""
+(as is ``run.prompts`` when the sweep gives prompts; ``run.threads`` changes speed, not output)."""
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -42,8 +42,8 @@ def canonical(data: Any) -> str:
 
 def config_hash(resolved: Mapping[str, Any], *, without_prompts: bool = False) -> str:
     """First 16 hex digits of the SHA-256 of the resolved config without the job's own keys
-    (``run.seed``, ``run.blocks`` and, if the sweep sets them, ``run.prompts``): equal for
-    every job of one config in a sweep."""
+    (``run.seed``, ``run.blocks``, ``run.threads`` and, if the sweep sets them,
+    ``run.prompts``): equal for every job of one config in a sweep."""
     data = json.loads(canonical(resolved))
     run = data.get("run") or {}
     for key in (*JOB_KEYS, "prompts") if without_prompts else JOB_KEYS:

@@ -69,14 +69,18 @@ def resumable(job: SweepJob, run_dir: Path) -> bool:
     )
 
 
-def generate_argv(job: SweepJob, run_dir: Path, *, resume: bool = False) -> list[str]:
+def generate_argv(job: SweepJob, run_dir: Path, *, resume: bool = False, threads: int | None = None) -> list[str]:
     """The ``packforcing generate`` command line of ``job`` (what a user would type to rerun it):
     a new run (``--overwrite``: it replaces what an earlier, failed attempt left in ``run_dir``),
-    or with ``resume`` the continuation of the interrupted run in ``run_dir``."""
+    or with ``resume`` the continuation of the interrupted run in ``run_dir``. ``threads``
+    (the CPUs the job holds) becomes ``run.threads`` unless the sweep's ``--set`` gives it."""
     latents = ["--save-latents"] if job.save_latents else []
     if resume:
         return ["generate", "--resume", str(run_dir), *latents, "--no-progress"]
-    sets = [arg for override in job.job_overrides() for arg in ("--set", override)]
+    overrides = job.job_overrides()
+    if threads and not any(o.startswith("run.threads=") for o in job.overrides):
+        overrides.append(f"run.threads={threads}")
+    sets = [arg for override in overrides for arg in ("--set", override)]
     return ["generate", "--config", job.config_path, *sets, "--out", str(run_dir), "--overwrite", *latents,
             "--no-progress"]  # fmt: skip
 
@@ -142,20 +146,16 @@ def execute(job: SweepJob, out: str, threads: int | None = None) -> dict[str, An
     started = time.time()
     record: dict[str, Any] = {**job.as_record(), "run_dir": str(Path("runs") / job.name), "host": socket.gethostname()}
     try:
-        if threads:
-            import torch
-
-            torch.set_num_threads(max(1, threads))
         if job.device.startswith("cuda"):  # the GPU(s) Ray gave this task, and no other running task
             record["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
         run_dir = Path(out) / "runs" / job.name
-        record["command"] = shlex.join(["packforcing", *generate_argv(job, run_dir)])
+        record["command"] = shlex.join(["packforcing", *generate_argv(job, run_dir, threads=threads)])
         resume = resumable(job, run_dir)
         if resume:
             record["resumed"] = True
         else:
             claim(job, run_dir)
-        generate_run(generate_argv(job, run_dir, resume=resume))
+        generate_run(generate_argv(job, run_dir, resume=resume, threads=threads))
         record.update(read_report(run_dir))
         record["status"] = COMPLETE
     except Exception as exc:
