@@ -20,6 +20,12 @@ Parameters
     :class:`ComponentFactory` spells out ``(params class, build(params, env), description)``
     for the rare component that needs its own build function.
 
+Errors
+    A parameter problem is a :class:`ParamError` carrying its key path, relative to the
+    component (``ParamError("window", "expected ...")`` in a validator, ``from_env`` or
+    ``validate(env)``) or absolute (``"selector.k"``); the user reads one line naming the file
+    and the full key path (``configs/x.yaml: compressor.window: expected ...``).
+
 Names
     The registry names a component by the key it was registered under: ``component.name`` is
     that key, and so is the ``fidelity`` recorded in every block a compressor produces.
@@ -49,7 +55,7 @@ Testing
 from __future__ import annotations
 
 from packforcing.core.build import BuildEnv
-from packforcing.core.errors import ConfigError
+from packforcing.core.errors import ConfigError, ParamError
 from packforcing.core.geometry import Geometry, Grid
 from packforcing.core.interfaces import (
     AttentionBackend,
@@ -94,6 +100,7 @@ __all__ = [
     "Grid",
     "LatentCodec",
     "MemoryPlan",
+    "ParamError",
     "PositionalRealigner",
     "Rope3D",
     "Selector",

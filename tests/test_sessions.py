@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import packforcing as pf
+from packforcing.api import ParamError
 from packforcing.cli import main
 from packforcing.core.conditions import ConditionError, ConditionSchedule
 from packforcing.core.engine import GenerationEngine, SessionError
@@ -34,7 +35,7 @@ class OffsetModel:
 
     def encode_condition(self, spec):
         if set(spec) != {"offset"}:
-            raise ValueError(f"{next(iter(set(spec) - {'offset'}))}: unknown condition key")
+            raise ParamError(next(iter(set(spec) - {"offset"})), "unknown condition key")
         self.encoded.append(dict(spec))
         return float(spec["offset"])
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from packforcing.core.config import file_label
+from packforcing.core.errors import ParamError
 from packforcing.core.geometry import Grid
 from packforcing.core.interfaces import BlockModel, Compressor, LatentCodec
 from packforcing.core.records import CachedBlock, CompressedKV
@@ -67,12 +68,12 @@ class UntrainedCompressorWarning(UserWarning):
 
 def _odd(instance: object, attribute: attrs.Attribute, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-        raise ValueError(f"{attribute.name}: expected an odd integer >= 1, got {value!r}")
+        raise ParamError(attribute.name, f"expected an odd integer >= 1, got {value!r}")
 
 
 def _channels(instance: object, attribute: attrs.Attribute, value: tuple[int, ...]) -> None:
     if len(value) != len(HR_STRIDES) or not all(isinstance(c, int) and c >= 1 for c in value):
-        raise ValueError(f"{attribute.name}: expected {len(HR_STRIDES)} integers >= 1, got {list(value)!r}")
+        raise ParamError(attribute.name, f"expected {len(HR_STRIDES)} integers >= 1, got {list(value)!r}")
 
 
 @attrs.frozen
@@ -99,7 +100,7 @@ class DualBranchParams:
         if self.lr_branch == "none":
             object.__setattr__(self, "lr", False)  # frozen: the one derived field, set once here
         if not (self.hr or self.lr):
-            raise ValueError("hr: at least one of the hr and lr branches must be on")
+            raise ParamError("hr", "at least one of the hr and lr branches must be on")
 
     def architecture(self) -> dict[str, Any]:
         return {name: _plain(getattr(self, name)) for name in ARCHITECTURE}
@@ -251,9 +252,10 @@ class DualBranchCompressor(Compressor):
         """The LR branch needs the model's codec (for ``wan``, its VAE): refuse up front without;
         the weights file must be one for this architecture."""
         if self.params.lr and not env.plan_only and env.model is not None and env.model.codec is None:
-            raise ValueError(
-                "lr_branch: the LR branch decodes and re-encodes through the model's codec, and this model has "
-                "none (for wan: set model.vae); or drop the branch with lr_branch: none"
+            raise ParamError(
+                "lr_branch",
+                "the LR branch decodes and re-encodes through the model's codec, and this model has "
+                "none (for wan: set model.vae); or drop the branch with lr_branch: none",
             )
         if self.weights_path is not None:
             # open the configured weights file (header only: names, shapes, metadata) and check it
@@ -333,19 +335,19 @@ def check_weights(path: Path, owner: DualBranchCompressor) -> None:
     tensors, meta = read_header(path)
     label = file_label(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"weights: {label} is not a dual_branch weight file (format {meta.get('format')!r})")
+        raise ParamError("weights", f"{label} is not a dual_branch weight file (format {meta.get('format')!r})")
     try:
         trained = json.loads(meta["architecture"])
         assert isinstance(trained, dict)
     except (KeyError, ValueError, AssertionError):
-        raise ValueError(f"weights: {label}: corrupt metadata (architecture)") from None
+        raise ParamError("weights", f"{label}: corrupt metadata (architecture)") from None
     expected = owner.params.architecture()
     diff = [f"{k}={trained.get(k)!r} (config: {expected[k]!r})" for k in expected if trained.get(k) != expected[k]]
     for key, have in (("hidden_size", owner.hidden_size), ("latent_channels", owner.latent_channels)):
         if str(meta.get(key)) != str(have):
             diff.append(f"{key}={meta.get(key)} (model: {have})")
     if diff:
-        raise ValueError(f"weights: {label} was trained with " + ", ".join(diff))
+        raise ParamError("weights", f"{label} was trained with " + ", ".join(diff))
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in owner.new_net().state_dict().items()}
     check_tensors(path, tensors, shapes)

@@ -16,6 +16,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from packforcing.core.errors import ParamError
 from packforcing.core.geometry import Grid
 from packforcing.core.interfaces import BlockModel, Compressor
 from packforcing.core.records import CachedBlock, CompressedKV
@@ -24,8 +25,8 @@ from packforcing.core.validators import positive_triple
 
 def _square(instance: object, attribute: attrs.Attribute, value: tuple[int, int, int]) -> None:
     if value[1] != value[2]:
-        raise ValueError(
-            f"{attribute.name}: height and width windows must be equal (RoPE uses one spatial stride), got {value!r}"
+        raise ParamError(
+            attribute.name, f"height and width windows must be equal (RoPE uses one spatial stride), got {value!r}"
         )
 
 
@@ -40,7 +41,7 @@ def pooled_grid(grid: Grid, window: tuple[int, int, int], name: str) -> Grid:
     """``floor(grid / window)``; a window larger than the grid is a configuration error."""
     out = tuple(g // w for g, w in zip(grid, window, strict=True))
     if min(out) < 1:
-        raise ValueError(f"{name}: window {list(window)} is larger than the block's token grid {list(grid)}")
+        raise ParamError(name, f"window {list(window)} is larger than the block's token grid {list(grid)}")
     return out  # type: ignore[return-value]
 
 

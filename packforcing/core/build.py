@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 import torch
 
 from packforcing.core.boundary import Origin
-from packforcing.core.config import TOP_KEYS, Config, load_config
+from packforcing.core.config import Config, load_config
 from packforcing.core.engine import GenerationEngine
 from packforcing.core.errors import ConfigError
 from packforcing.core.geometry import Geometry, resolve_dtype
@@ -36,9 +36,9 @@ class BuildEnv:
     After everything is built, any component (or its params object) that defines
     ``validate(env)`` is called with the finished environment (``env.policy`` set too): that is
     the place for checks across components, e.g. a selector's ``k`` against the capacity of the
-    tier it selects from. Raise ``ValueError("<param>: message")`` (or a :class:`ConfigError`
-    with a ``path`` relative to the component) and the user sees one line naming the file and
-    key path.
+    tier it selects from. Raise :class:`~packforcing.core.errors.ParamError` with the key path
+    (relative to the component, or absolute such as ``"selector.k"``) and the problem, and the
+    user sees one line naming the file and key path.
     """
 
     registry: Any
@@ -83,35 +83,23 @@ class BuildEnv:
         params = structure(factory.params, {k: v for k, v in block.items() if k != "name"}, path)
         try:
             component = factory.create(params, self)
-        except ConfigError as exc:
-            raise ConfigError(exc.message, source=exc.source, path=_under(path, exc.path)) from None
-        except ValueError as exc:
-            raise _config_error(exc, path, [(path, params)]) from None
+        except ValueError as exc:  # ParamError / ConfigError included
+            raise _config_error(exc, path) from None
         self.built.append((path, component, params))
         return component
 
+    def path_of(self, component: Any) -> str | None:
+        """The key path ``component`` was built at (``"compressor"``, ``"policy.tiers[1].fidelity"``)."""
+        return next((path for path, built, _ in self.built if built is component), None)
 
-def _fields(params: Any) -> set[str]:
-    return {f.name for f in attrs.fields(type(params))} if attrs.has(type(params)) else set()
 
-
-def _config_error(exc: ValueError, path: str, owners: Sequence[tuple[str, Any]] = ()) -> ConfigError:
-    """A component's ``ValueError("<param>: message")`` as a :class:`ConfigError` at ``path``.
-
-    ``owners`` are ``(config key, params object)`` pairs: when the message starts with a field of
-    one of them, the error names that key and field (the first owner is the component itself)."""
+def _config_error(exc: ValueError, path: str) -> ConfigError:
+    """A component's error as a :class:`ConfigError` under its key ``path``: a
+    :class:`~packforcing.core.errors.ParamError` (any :class:`ConfigError`) keeps its own key path,
+    taken relative to ``path`` unless absolute; any other ``ValueError`` is reported at ``path``."""
     if isinstance(exc, ConfigError):
-        return ConfigError(exc.message, source=exc.source, path=_under(path, exc.path))
-    message = str(exc)
-    head, sep, rest = message.partition(": ")
-    if sep and " " not in head:
-        root = head.split(".")[0].split("[")[0]
-        for key, params in owners:
-            if root in _fields(params):
-                return ConfigError(rest, path=f"{key}.{head}")
-        if root in TOP_KEYS:  # an absolute key path, e.g. "selector.k" named by the policy
-            return ConfigError(rest, path=head)
-    return ConfigError(message, path=path)
+        return exc.under(path)
+    return ConfigError(" ".join(str(exc).split()), path=path)
 
 
 def _registry(registry: Any) -> Any:
@@ -159,7 +147,7 @@ def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap
         try:
             component = env._provided(key, spec.name, key).create(spec.params, env)
         except ValueError as exc:  # ConfigError included
-            raise _locate(_config_error(exc, key, [(key, spec.params)]), config) from None
+            raise _locate(_config_error(exc, key), config) from None
         env.built.append((key, component, spec.params))
         if wrap is not None:
             component = wrap(key, component)
@@ -174,11 +162,8 @@ def _policy(config: Config, env: BuildEnv) -> Any:
     assert spec is not None
     try:
         policy = env._provided("policy", spec.name, "policy").create(spec.params, env)
-    except ValueError as exc:  # ConfigError included
-        # a message naming another component's parameter (e.g. a compressor window too large
-        # for the block) is attributed to that component
-        others = [(key, c.params) for key, c in config.components.items() if c is not None and key != "policy"]
-        raise _locate(_config_error(exc, "policy", [("policy", spec.params), *others]), config) from None
+    except ValueError as exc:  # ParamError / ConfigError included
+        raise _locate(_config_error(exc, "policy"), config) from None
     env.built.append(("policy", policy, spec.params))
     env.policy = policy
     _validate(config, env)
@@ -195,17 +180,7 @@ def _validate(config: Config, env: BuildEnv) -> None:
             try:
                 check(env)
             except ValueError as exc:
-                raise _locate(_config_error(exc, path, [(path, params)]), config) from None
-
-
-def _under(prefix: str, path: str | None) -> str:
-    """``path`` relative to the component at ``prefix``, unless it is already absolute."""
-    if not path:
-        return prefix
-    root = path.split(".")[0].split("[")[0]
-    if root in TOP_KEYS or path == prefix or path.startswith((f"{prefix}.", f"{prefix}[")):
-        return path
-    return f"{prefix}.{path}"
+                raise _locate(_config_error(exc, path), config) from None
 
 
 def generation_blocker(config: Config) -> str | None:

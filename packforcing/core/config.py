@@ -39,15 +39,15 @@ import yaml
 
 from packforcing import presets
 from packforcing.core.conditions import ConditionError, ConditionSchedule
-from packforcing.core.errors import ConfigError
+from packforcing.core.errors import ConfigError, ParamError
 from packforcing.core.geometry import DTYPES
 from packforcing.core.structure import show, structure, unstructure
 from packforcing.core.validators import non_negative, one_of, optional_positive, positive
-from packforcing.plugins.kinds import KINDS
+from packforcing.plugins.kinds import KINDS, SECTIONS
 
 COMPONENT_KEYS = tuple(k.key for k in KINDS)
 """Config keys of the component sections, in build order (from :data:`packforcing.plugins.kinds.KINDS`)."""
-TOP_KEYS = (*COMPONENT_KEYS, "run", "text_encoder")
+TOP_KEYS = (*COMPONENT_KEYS, *SECTIONS)
 DEFAULT_COMPONENTS = {k.key: k.default for k in KINDS if k.default is not None}
 NAME_OPTIONAL = tuple(k.key for k in KINDS if k.name_optional)
 """Component blocks whose ``name`` may be left out (the default component is meant)."""
@@ -60,7 +60,7 @@ _KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 
 def _positive_number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{attribute.name}: expected a number > 0, got {show(value)}")
+        raise ParamError(attribute.name, f"expected a number > 0, got {show(value)}")
 
 
 def _prompts(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -69,13 +69,13 @@ def _prompts(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     try:
         ConditionSchedule.parse(value, name=attribute.name)
     except ConditionError as exc:
-        raise ValueError(str(exc)) from None
+        raise ParamError(exc.path(attribute.name), exc.message) from None
 
 
 def _threads(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return
-    raise ValueError(f"{attribute.name}: expected an integer >= 1 or auto, got {show(value)}")
+    raise ParamError(attribute.name, f"expected an integer >= 1 or auto, got {show(value)}")
 
 
 @attrs.frozen
@@ -111,12 +111,12 @@ def _device_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
         try:
             torch.device(value)
         except (RuntimeError, TypeError):
-            raise ValueError(f"{attribute.name}: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}") from None
+            raise ParamError(attribute.name, f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}") from None
 
 
 def _dtype_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if value != "auto" and value not in DTYPES:
-        raise ValueError(f"{attribute.name}: expected 'auto' or one of {sorted(DTYPES)}, got {value!r}")
+        raise ParamError(attribute.name, f"expected 'auto' or one of {sorted(DTYPES)}, got {value!r}")
 
 
 @attrs.frozen

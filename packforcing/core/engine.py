@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from packforcing.core.conditions import ConditionError, ConditionSchedule, spec_key
+from packforcing.core.errors import ConfigError
 from packforcing.core.interfaces import BlockModel, CachePolicy
 from packforcing.core.records import BlockQuery
 from packforcing.core.sampler import EulerSampler, Sampler
@@ -114,12 +115,10 @@ class GenerationEngine:
                 encoded.append(self.encode_condition(spec))
             except ConditionError:
                 raise
+            except ConfigError as exc:  # a ParamError naming the key of the spec it is about
+                raise ConditionError(exc.message, index=i, key=exc.path) from None
             except (ValueError, OSError) as exc:
-                message = str(exc)
-                head, sep, rest = message.partition(": ")
-                if sep and " " not in head and spec is not None and head.split(".")[0] in spec:
-                    raise ConditionError(rest, index=i, key=head) from None
-                raise ConditionError(message, index=i) from None
+                raise ConditionError(" ".join(str(exc).split()), index=i) from None
         # keep only this schedule's conditions (a model's condition may hold per-layer tensors)
         wanted = {spec_key(spec) for spec in schedule.specs if spec is not None}
         self._conditions = {k: v for k, v in self._conditions.items() if k in wanted}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from packforcing.plugins.kinds import KINDS, SECTIONS
+
 
 class ConfigError(ValueError):
     """A configuration problem, located by source file and key path.
@@ -24,6 +26,38 @@ class ConfigError(ValueError):
         if self.source or not source:
             return self
         return ConfigError(self.message, source=source, path=self.path)
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its key path taken relative to ``prefix`` (a component's key path,
+        e.g. ``"policy"``), unless the path is already absolute (starts at a top-level key)."""
+        return ConfigError(self.message, source=self.source, path=join_path(prefix, self.path))
+
+
+class ParamError(ConfigError):
+    """A parameter problem raised by a component or its validators: the key path, relative to
+    the component (``"window"``, ``"tiers.mid"``, ``"hr_channels[2]"``) or absolute from the
+    config's top (``"selector.k"``), and the problem. The builder places it under the
+    component's key, so the user reads ``configs/x.yaml: compressor.window: <problem>``::
+
+        raise ParamError("window", f"expected three integers >= 1, got {value!r}")
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message, path=path)
+
+
+TOP_LEVEL_KEYS = frozenset((*(k.key for k in KINDS), *SECTIONS))
+"""The config's top-level keys: a path starting with one of them is absolute."""
+
+
+def join_path(prefix: str, path: str | None) -> str:
+    """``path`` relative to the component at ``prefix``, unless it is already absolute."""
+    if not path:
+        return prefix
+    root = path.split(".")[0].split("[")[0]
+    if root in TOP_LEVEL_KEYS or path == prefix or path.startswith((f"{prefix}.", f"{prefix}[")):
+        return path
+    return f"{prefix}.{path}"
 
 
 class PluginError(RuntimeError):

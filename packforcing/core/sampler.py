@@ -17,6 +17,7 @@ from collections.abc import Callable
 import attrs
 import torch
 
+from packforcing.core.errors import ParamError
 from packforcing.core.transfer import to_device
 from packforcing.core.validators import positive
 
@@ -79,9 +80,9 @@ def _timesteps(value: object) -> tuple[float, ...]:
 
 def _descending_in_range(instance: object, attribute: attrs.Attribute, value: tuple[float, ...]) -> None:
     if not value:
-        raise ValueError(f"{attribute.name}: expected at least one timestep")
+        raise ParamError(attribute.name, "expected at least one timestep")
     if any(not 0 < t <= 1000 for t in value) or any(a <= b for a, b in itertools.pairwise(value)):
-        raise ValueError(f"{attribute.name}: expected strictly decreasing timesteps in (0, 1000], got {list(value)}")
+        raise ParamError(attribute.name, f"expected strictly decreasing timesteps in (0, 1000], got {list(value)}")
 
 
 @attrs.frozen

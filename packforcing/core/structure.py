@@ -131,24 +131,15 @@ def structure(cls: type, data: Any, path: str) -> Any:
             raise ConfigError(f"unknown key{did} (expected one of: {allowed})", path=sub)
         field = init_names[key]
         kwargs[key] = coerce(value, hints.get(field.name, Any), sub)
+    missing = [n for n, f in init_names.items() if f.default is attrs.NOTHING and n not in kwargs]
+    if missing:
+        raise ConfigError("required key is missing", path=f"{path}.{missing[0]}" if path else missing[0])
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        message = str(exc)
-        head, sep, rest = message.partition(": ")
-        if sep and (head in init_names or head.split(".")[0].split("[")[0] in init_names):
-            return _raise(rest, f"{path}.{head}" if path else head)
-        if isinstance(exc, TypeError) and "missing" in message:
-            missing = [n for n, f in init_names.items() if f.default is attrs.NOTHING and n not in kwargs]
-            if missing:
-                return _raise("required key is missing", f"{path}.{missing[0]}" if path else missing[0])
-        return _raise(message, path)
-
-
-def _raise(message: str, path: str) -> Any:
-    raise ConfigError(message, path=path)
+    except ConfigError as exc:  # a ParamError from a validator: its path is relative to ``cls``
+        raise exc.under(path) if path else exc from None
+    except (TypeError, ValueError) as exc:  # e.g. attrs' own validators: the message names the field
+        raise ConfigError(" ".join(str(exc).split()), path=path or None) from None
 
 
 def unstructure(obj: Any) -> Any:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from packforcing.core.config import file_label
+from packforcing.core.errors import ParamError
 
 MAX_HEADER_BYTES = 100 << 20
 DTYPE_BYTES = {
@@ -56,7 +57,7 @@ def resolve_weights_path(spec: str, config_source: str | os.PathLike[str] | None
         if candidate.exists():
             return candidate
     looked = " and ".join(str(c.absolute()) for c in dict.fromkeys(candidates))
-    raise ValueError(f"weights: file not found: {spec} (looked for {looked})")
+    raise ParamError("weights", f"file not found: {spec} (looked for {looked})")
 
 
 def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
@@ -64,8 +65,8 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
     truncation and corruption without reading tensor data."""
     label = file_label(path)
 
-    def bad(problem: str) -> ValueError:
-        return ValueError(f"weights: {label}: {problem}")
+    def bad(problem: str) -> ParamError:
+        return ParamError("weights", f"{label}: {problem}")
 
     try:
         info = path.stat()
@@ -132,8 +133,8 @@ def check_tensors(
             )
         if extra:
             parts.append(f"{len(extra)} unexpected tensors ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})")
-        raise ValueError(f"weights: {label}: not weights for this architecture: {'; '.join(parts)}")
+        raise ParamError("weights", f"{label}: not weights for this architecture: {'; '.join(parts)}")
     for name, shape in expected.items():
         have = tensors[name][1]
         if tuple(have) != tuple(shape):
-            raise ValueError(f"weights: {label}: tensor {name!r} has shape {list(have)}, expected {list(shape)}")
+            raise ParamError("weights", f"{label}: tensor {name!r} has shape {list(have)}, expected {list(shape)}")

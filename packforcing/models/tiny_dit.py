@@ -25,6 +25,7 @@ import attrs
 import torch
 from torch import nn
 
+from packforcing.core.errors import ParamError
 from packforcing.core.geometry import Geometry, Grid
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
@@ -42,7 +43,7 @@ MIN_SIGMA = 0.05
 
 def _one_of(options: tuple[str, ...], attribute: attrs.Attribute, value: object) -> None:
     if value not in options:
-        raise ValueError(f"{attribute.name}: expected one of {list(options)}, got {value!r}")
+        raise ParamError(attribute.name, f"expected one of {list(options)}, got {value!r}")
 
 
 @attrs.frozen
@@ -267,13 +268,13 @@ class TinyDiT(nn.Module):
             return None
         n = self.params.num_conditions
         if n == 0:
-            raise ValueError(f"{next(iter(spec))}: model tiny_dit is unconditional and takes no condition")
+            raise ParamError(next(iter(spec)), "model tiny_dit is unconditional and takes no condition")
         unknown = sorted(set(spec) - {"scene"})
         if unknown:
-            raise ValueError(f"{unknown[0]}: unknown condition key (tiny_dit takes 'scene')")
+            raise ParamError(unknown[0], "unknown condition key (tiny_dit takes 'scene')")
         scene = spec.get("scene")
         if isinstance(scene, bool) or not isinstance(scene, int) or not 0 <= scene < n:
-            raise ValueError(f"scene: expected an integer in [0, {n}), got {scene!r}")
+            raise ParamError("scene", f"expected an integer in [0, {n}), got {scene!r}")
         return torch.tensor(scene, dtype=torch.long)
 
     def default_conditions(self, num_blocks: int, seed: int = 0) -> list[dict[str, int]] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from packforcing.attention.backends import SdpaBackend, XformersBackend, pick_backend
 from packforcing.compressors.dual_branch import DualBranchCompressor, DualBranchParams
 from packforcing.compressors.pool import PoolCompressor
+from packforcing.core.errors import ParamError
 from packforcing.core.sampler import EulerSampler, SelfForcingSampler
 from packforcing.models.geometry_only import GeometryOnlyModel, GeometryParams
 from packforcing.models.tiny_dit import TinyDiT, TinyDiTParams
@@ -40,8 +41,8 @@ def _wan(params: WanParams, env):
     try:  # imports diffusers: only when a wan model is built
         from packforcing.models.wan.adapter import build_wan
     except ImportError as exc:
-        raise ValueError(
-            f"name: model wan needs the optional 'wan' dependencies (pip install 'packforcing[wan]'): {exc}"
+        raise ParamError(
+            "name", f"model wan needs the optional 'wan' dependencies (pip install 'packforcing[wan]'): {exc}"
         ) from None
     return build_wan(params, env)
 

@@ -64,3 +64,6 @@ KINDS: tuple[Kind, ...] = (
 """Every kind, in build order."""
 
 BY_KEY: dict[str, Kind] = {k.key: k for k in KINDS}
+
+SECTIONS: tuple[str, ...] = ("run", "text_encoder")
+"""The config's other top-level sections (not components)."""

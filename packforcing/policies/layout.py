@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import attrs
 
+from packforcing.core.errors import ParamError
+
 ARCHIVE = "archive"
 DROP = "drop"
 NEW = None
@@ -45,21 +47,21 @@ class TierLayout:
 
     def __init__(self, tiers: Sequence[TierSlotSpec], overflow: str) -> None:
         if overflow not in (ARCHIVE, DROP):
-            raise ValueError(f"overflow: expected archive or drop, got {overflow!r}")
+            raise ParamError("overflow", f"expected archive or drop, got {overflow!r}")
         if not tiers:
-            raise ValueError("tiers: expected at least one tier")
+            raise ParamError("tiers", "expected at least one tier")
         seen_unpinned = False
         for spec in tiers:
             if spec.pinned and seen_unpinned:
-                raise ValueError(f"tiers.{spec.name}: pinned tiers must come first (oldest)")
+                raise ParamError(f"tiers.{spec.name}", "pinned tiers must come first (oldest)")
             if spec.pinned and spec.capacity is None:
-                raise ValueError(f"tiers.{spec.name}: a pinned tier needs a capacity")
+                raise ParamError(f"tiers.{spec.name}", "a pinned tier needs a capacity")
             if not spec.pinned:
                 seen_unpinned = True
                 if spec.capacity is not None and spec.capacity < 1:
-                    raise ValueError(f"tiers.{spec.name}: capacity must hold at least one block")
+                    raise ParamError(f"tiers.{spec.name}", "capacity must hold at least one block")
         if tiers[-1].pinned:
-            raise ValueError(f"tiers.{tiers[-1].name}: the newest tier cannot be pinned")
+            raise ParamError(f"tiers.{tiers[-1].name}", "the newest tier cannot be pinned")
         self.specs = tuple(tiers)
         self.overflow = overflow
         self.members: list[deque[int]] = [deque() for _ in tiers]

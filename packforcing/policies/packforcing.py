@@ -21,14 +21,14 @@ dropped. Context order: ``[sink | selected mid, by time | recent]``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
 from packforcing.core.errors import ConfigError
 from packforcing.core.validators import non_negative, one_of, optional_non_negative, positive
 from packforcing.policies.layout import ARCHIVE, DROP
-from packforcing.policies.presets import build_tiered
+from packforcing.policies.presets import build_preset
 from packforcing.policies.tiered import TieredParams, TieredPolicy, TierSpec
 
 
@@ -45,6 +45,13 @@ class PackForcingParams:
     archive_max_blocks: int | None = attrs.field(default=None, validator=optional_non_negative)
     """Bound on the archive (the oldest archived block is dropped beyond it); ``None``: unbounded."""
     page_blocks: int = attrs.field(default=4, validator=positive)
+
+    TIER_KEYS: ClassVar[dict[str, str]] = {
+        "sink": "sink_frames",
+        "mid": "mid_capacity_blocks",
+        "recent": "recent_frames",
+    }
+    """Tier name → the parameter that sizes it (where a problem with the tier is reported)."""
 
     def tiers(self) -> TieredParams:
         return TieredParams(
@@ -71,4 +78,4 @@ def build_packforcing(params: PackForcingParams, env: Any) -> TieredPolicy:
         raise ConfigError(
             "the packforcing policy selects mid blocks: configure a selector (e.g. selector: {name: topk, k: 16})"
         )
-    return build_tiered(params.tiers(), env, "packforcing")
+    return build_preset(params, env, "packforcing")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
-from packforcing.core.errors import ConfigError
+from packforcing.core.errors import ConfigError, ParamError
 from packforcing.core.validators import non_negative, positive
 from packforcing.policies.layout import DROP
 from packforcing.policies.tiered import TieredParams, TieredPolicy, TierSpec
@@ -18,6 +18,7 @@ def build_tiered(params: TieredParams, env: Any, name: str = "tiered") -> Tiered
     compressors = {}
     known = getattr(env, "origins", {})
     origins = {key: known[key] for key in ("selector", "positional", "attention") if key in known}
+    paths = {}
     for i, tier in enumerate(params.tiers):
         if tier.fidelity == "full":
             continue
@@ -28,10 +29,12 @@ def build_tiered(params: TieredParams, env: Any, name: str = "tiered") -> Tiered
                     f"tier {tier.name!r} is compressed but no top-level compressor is configured", path=path
                 )
             compressors[tier.name] = env.compressor
+            paths[tier.name] = "compressor"
             if "compressor" in known:
                 origins[f"compressor:{tier.name}"] = known["compressor"]
         elif isinstance(tier.fidelity, dict):
             compressors[tier.name] = env.build("compressor", tier.fidelity, path)
+            paths[tier.name] = path
             if path in known:
                 origins[f"compressor:{tier.name}"] = known[path]
         else:
@@ -46,6 +49,7 @@ def build_tiered(params: TieredParams, env: Any, name: str = "tiered") -> Tiered
         compressors=compressors,
         name=name,
         origins=origins,
+        compressor_paths=paths,
     )
 
 
@@ -54,6 +58,9 @@ class FullParams:
     """``full``: every block at full resolution, forever."""
 
     page_blocks: int = attrs.field(default=4, validator=positive)
+
+    TIER_KEYS: ClassVar[dict[str, str]] = {}
+    """Tier name → the parameter that sizes it (where a problem with the tier is reported)."""
 
     def tiers(self) -> TieredParams:
         return TieredParams(tiers=(TierSpec(name="history"),), overflow=DROP, page_blocks=self.page_blocks)
@@ -65,6 +72,9 @@ class SlidingWindowParams:
 
     window_frames: int = attrs.field(validator=positive)
     page_blocks: int = attrs.field(default=4, validator=positive)
+
+    TIER_KEYS: ClassVar[dict[str, str]] = {"window": "window_frames"}
+    """Tier name → the parameter that sizes it (where a problem with the tier is reported)."""
 
     def tiers(self) -> TieredParams:
         return TieredParams(
@@ -80,6 +90,9 @@ class SinkRecentParams:
     window_frames: int = attrs.field(validator=positive)
     page_blocks: int = attrs.field(default=4, validator=positive)
 
+    TIER_KEYS: ClassVar[dict[str, str]] = {"sink": "sink_frames", "recent": "window_frames"}
+    """Tier name → the parameter that sizes it (where a problem with the tier is reported)."""
+
     def tiers(self) -> TieredParams:
         return TieredParams(
             tiers=(
@@ -92,14 +105,24 @@ class SinkRecentParams:
 
 
 def preset_builder(name: str):
-    """Build function for a preset whose params class has ``tiers() -> TieredParams``."""
+    """Build function for a preset whose params class has ``tiers() -> TieredParams`` and
+    ``TIER_KEYS`` (tier name → the preset's own parameter that sizes it)."""
 
     def build(params: Any, env: Any) -> TieredPolicy:
-        # name the preset's own parameter, not the tier it becomes ("policy.window_frames: ...")
-        frames = getattr(params, "window_frames", None)
-        if isinstance(frames, int) and env.geometry is not None and frames < env.geometry.frames_per_block:
-            fpb = env.geometry.frames_per_block
-            raise ValueError(f"window_frames: {frames} frames is smaller than one block ({fpb} frames)")
-        return build_tiered(params.tiers(), env, name)
+        return build_preset(params, env, name)
 
     return build
+
+
+def build_preset(params: Any, env: Any, name: str) -> TieredPolicy:
+    """The tiered policy of a preset's ``params``; a problem with one of its tiers is reported on
+    the preset's own parameter that sizes the tier (``policy.window_frames``), not on a tier the
+    user never wrote."""
+    try:
+        return build_tiered(params.tiers(), env, name)
+    except ConfigError as exc:
+        parts = (exc.path or "").split(".")
+        key = getattr(params, "TIER_KEYS", {}).get(parts[1]) if len(parts) > 1 and parts[0] == "tiers" else None
+        if key is None:
+            raise
+        raise ParamError(key, exc.message) from None

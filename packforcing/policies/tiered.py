@@ -25,6 +25,7 @@ import attrs
 import torch
 
 from packforcing.core.boundary import Origin, kv_problem, number_problem, selection_problem, tensor_problem
+from packforcing.core.errors import ConfigError, ParamError
 from packforcing.core.geometry import Geometry, Grid
 from packforcing.core.interfaces import (
     AttentionBackend,
@@ -59,7 +60,7 @@ def _fidelity(value: Any) -> str | dict[str, Any]:
         return value
     if isinstance(value, Mapping) and isinstance(value.get("name"), str):
         return dict(value)
-    raise ValueError(f"fidelity: expected 'full', 'compressed' or a compressor mapping with a name, got {value!r}")
+    raise ParamError("fidelity", f"expected 'full', 'compressed' or a compressor mapping with a name, got {value!r}")
 
 
 @attrs.frozen
@@ -75,17 +76,17 @@ class TierSpec:
 
     def __attrs_post_init__(self) -> None:
         if self.frames is not None and self.blocks is not None:
-            raise ValueError(f"tiers.{self.name}: give frames or blocks, not both")
+            raise ParamError(f"tiers.{self.name}", "give frames or blocks, not both")
         if self.name == ARCHIVE:
-            raise ValueError("tiers: 'archive' is reserved for overflow")
+            raise ParamError("tiers", "'archive' is reserved for overflow")
 
     def capacity(self, geometry: Geometry) -> int | None:
         """Capacity in blocks (whole blocks that fit in ``frames``)."""
         if self.frames is not None:
             if not self.pinned and 0 < self.frames < geometry.frames_per_block:
-                raise ValueError(
-                    f"tiers.{self.name}: frames={self.frames} is smaller than one block "
-                    f"({geometry.frames_per_block} frames)"
+                raise ParamError(
+                    f"tiers.{self.name}.frames",
+                    f"{self.frames} frames is smaller than one block ({geometry.frames_per_block} frames)",
                 )
             return geometry.frames_to_blocks(self.frames)
         return self.blocks
@@ -99,23 +100,23 @@ def _tiers(value: Any) -> tuple[TierSpec, ...]:
         elif isinstance(t, Mapping):
             out.append(TierSpec(**t))
         else:
-            raise ValueError(f"tiers[{i}]: expected a mapping, got {t!r}")
+            raise ParamError(f"tiers[{i}]", f"expected a mapping, got {t!r}")
     names = [t.name for t in out]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise ValueError(f"tiers: duplicate tier names {sorted(dup)}")
+        raise ParamError("tiers", f"duplicate tier names {sorted(dup)}")
     return tuple(out)
 
 
 def _archive_device(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, str):
-        raise ValueError(f"{attribute.name}: expected auto, pinned, cpu or a device name, got {value!r}")
+        raise ParamError(attribute.name, f"expected auto, pinned, cpu or a device name, got {value!r}")
     if value not in ("auto", "pinned"):
         try:
             torch.device(value)
         except RuntimeError:
-            raise ValueError(
-                f"{attribute.name}: expected auto, pinned, cpu or a device name such as cuda:0, got {value!r}"
+            raise ParamError(
+                attribute.name, f"expected auto, pinned, cpu or a device name such as cuda:0, got {value!r}"
             ) from None
 
 
@@ -209,6 +210,7 @@ class TieredPolicy(CachePolicy):
         compressors: Mapping[str, Compressor] | None = None,
         name: str | None = None,
         origins: Mapping[str, Origin] | None = None,
+        compressor_paths: Mapping[str, str] | None = None,
     ) -> None:
         self.params = params
         self.origins = dict(origins or {})
@@ -222,15 +224,17 @@ class TieredPolicy(CachePolicy):
         self.realigner = realigner
         self.selector = selector
         compressors = dict(compressors or {})
+        self._compressor_paths = dict(compressor_paths or {})
+        """Tier name → config key path of its compressor, where its parameter errors are reported."""
         self._tiers: list[_Tier] = []
         for spec in params.tiers:
             comp = None
             if spec.fidelity != FULL:
                 if spec.name not in compressors:
-                    raise ValueError(f"tiers.{spec.name}: fidelity {spec.fidelity!r} needs a compressor")
+                    raise ParamError(f"tiers.{spec.name}", f"fidelity {spec.fidelity!r} needs a compressor")
                 comp = compressors[spec.name]
             if spec.select and selector is None:
-                raise ValueError(f"tiers.{spec.name}: select: true needs a selector")
+                raise ParamError(f"tiers.{spec.name}", "select: true needs a selector")
             self._tiers.append(_Tier(spec, spec.capacity(geometry), comp))
         self.layout = TierLayout(
             [TierSlotSpec(t.name, t.capacity, t.spec.pinned) for t in self._tiers], params.overflow
@@ -254,16 +258,21 @@ class TieredPolicy(CachePolicy):
                 source = entry
             else:
                 source = self._tiers[i + 1].grid
-            tier.grid = tier.compressor.output_grid(source) if tier.compressor else source
+            try:
+                tier.grid = tier.compressor.output_grid(source) if tier.compressor else source
+            except ConfigError as exc:  # a compressor parameter (e.g. a window larger than the block)
+                path = self._compressor_paths.get(tier.name)
+                raise exc.under(path) if path else exc from None
             needs_latents = tier.compressor is not None and tier.compressor.needs_latents
             if needs_latents and not tier.spec.pinned and i < n - 1:
                 # blocks arrive from the next newer tier: it must keep their latents,
                 # and only full-fidelity blocks carry them
                 feeder = self._tiers[i + 1]
                 if feeder.compressor is not None:
-                    raise ValueError(
-                        f"tiers.{tier.name}: compressor {tier.compressor.name!r} needs latents, "
-                        f"but tier {feeder.name!r} holds compressed blocks"
+                    raise ParamError(
+                        f"tiers.{tier.name}",
+                        f"compressor {tier.compressor.name!r} needs latents, "
+                        f"but tier {feeder.name!r} holds compressed blocks",
                     )
                 feeder.keep_latents = True
         for tier in self._tiers:
@@ -329,9 +338,9 @@ class TieredPolicy(CachePolicy):
             return
         for tier in self._tiers:
             if tier.spec.select and tier.capacity is not None and k > tier.capacity:
-                raise ValueError(
-                    f"selector.k: {k} is larger than the capacity of tier {tier.name!r} it selects from "
-                    f"({tier.capacity} blocks)"
+                raise ParamError(
+                    "selector.k",
+                    f"{k} is larger than the capacity of tier {tier.name!r} it selects from ({tier.capacity} blocks)",
                 )
 
     def audit(self) -> None:
@@ -759,7 +768,7 @@ class TieredPolicy(CachePolicy):
 
     def plan(self, num_blocks: int, batch_size: int = 1) -> MemoryPlan:
         if num_blocks > MAX_PLAN_BLOCKS:
-            raise ValueError(f"run.blocks: {num_blocks} blocks is more than the {MAX_PLAN_BLOCKS} a run may plan")
+            raise ParamError("run.blocks", f"{num_blocks} blocks is more than the {MAX_PLAN_BLOCKS} a run may plan")
         layout = TierLayout(self.layout.specs, self.layout.overflow)
         peak = [0] * len(self._tiers)
         archived = 0

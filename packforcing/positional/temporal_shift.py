@@ -42,6 +42,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
+from packforcing.core.errors import ParamError
 from packforcing.core.interfaces import PositionalRealigner
 from packforcing.core.records import BlockQuery, CachedBlock
 from packforcing.core.rope import Rope3D
@@ -65,7 +66,7 @@ class TemporalRopeShiftParams:
 
     def __attrs_post_init__(self) -> None:
         if self.origin < 0:
-            raise ValueError(f"origin: expected a number >= 0, got {self.origin!r}")
+            raise ParamError("origin", f"expected a number >= 0, got {self.origin!r}")
 
 
 class TemporalRopeShift(PositionalRealigner):

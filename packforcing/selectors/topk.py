@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
+from packforcing.core.errors import ParamError
 from packforcing.core.interfaces import Selector
 from packforcing.core.records import CachedBlock
 from packforcing.core.validators import fraction, non_negative, positive
@@ -32,7 +33,7 @@ def _heads(instance: object, attribute: attrs.Attribute, value: object) -> None:
     if value is None:
         return
     if not isinstance(value, tuple) or not value or not all(isinstance(h, int) and h >= 0 for h in value):
-        raise ValueError(f"{attribute.name}: expected a non-empty list of head indices >= 0, got {value!r}")
+        raise ParamError(attribute.name, f"expected a non-empty list of head indices >= 0, got {value!r}")
 
 
 @attrs.frozen
@@ -71,7 +72,7 @@ def head_sample(num_heads: int, params: TopKParams) -> torch.Tensor:
     if params.heads is not None:
         bad = [h for h in params.heads if h >= num_heads]
         if bad:
-            raise ValueError(f"heads: {bad} out of range for {num_heads} heads")
+            raise ParamError("heads", f"{bad} out of range for {num_heads} heads")
         return torch.tensor(sorted(set(params.heads)), dtype=torch.int64)
     n = max(1, math.ceil(params.head_fraction * num_heads))
     return torch.arange(n, dtype=torch.int64) * num_heads // n

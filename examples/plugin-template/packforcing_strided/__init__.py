@@ -17,18 +17,18 @@ import math
 import attrs
 import torch
 
-from packforcing.api import BlockModel, CachedBlock, CompressedKV, Compressor, Grid, hookimpl
+from packforcing.api import BlockModel, CachedBlock, CompressedKV, Compressor, Grid, ParamError, hookimpl
 
 __version__ = "0.1.0"
 
 
 def _stride(instance: object, attribute: attrs.Attribute, value: tuple[int, int, int]) -> None:
-    # The message starts with the parameter name: packforcing reports it as
+    # A ParamError carries the parameter's key path: packforcing reports it as
     # "<file>: compressor.stride: ..." on one line.
     if len(value) != 3 or not all(isinstance(v, int) and v >= 1 for v in value):
-        raise ValueError(f"{attribute.name}: expected three integers >= 1, got {list(value)}")
+        raise ParamError(attribute.name, f"expected three integers >= 1, got {list(value)}")
     if value[1] != value[2]:
-        raise ValueError(f"{attribute.name}: height and width strides must be equal, got {list(value)}")
+        raise ParamError(attribute.name, f"height and width strides must be equal, got {list(value)}")
 
 
 @attrs.frozen

@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import torch
 
+from packforcing.core.errors import ParamError
 from packforcing.core.geometry import Geometry, Grid, resolve_dtype
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
@@ -172,9 +173,10 @@ def build_transformer(
 
     if params.path is None:
         if not plan_only:
-            raise ValueError(
-                "path: model wan needs a checkpoint to generate (set model.path, e.g. --set model.path=DIR); "
-                "without one this config only plans Wan2.1-T2V-1.3B memory"
+            raise ParamError(
+                "path",
+                "model wan needs a checkpoint to generate (set model.path, e.g. --set model.path=DIR); "
+                "without one this config only plans Wan2.1-T2V-1.3B memory",
             )
         config = dict(WAN21_T2V_1_3B)
         checkpoint = None
@@ -217,9 +219,9 @@ class WanBlockModel:
     def __init__(self, transformer: Any, params: WanParams, dtype: torch.dtype) -> None:
         cfg = transformer.config
         if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
-            raise ValueError("path: image-conditioned Wan (I2V) is not supported; use a text-to-video checkpoint")
+            raise ParamError("path", "image-conditioned Wan (I2V) is not supported; use a text-to-video checkpoint")
         if (cfg.out_channels or cfg.in_channels) != cfg.in_channels:
-            raise ValueError(f"path: in_channels {cfg.in_channels} != out_channels {cfg.out_channels}")
+            raise ParamError("path", f"in_channels {cfg.in_channels} != out_channels {cfg.out_channels}")
         self.transformer = transformer
         self.params = params
         self.dtype = dtype
@@ -256,12 +258,12 @@ class WanBlockModel:
             return None
         unknown = sorted(set(spec) - {"embeds"})
         if unknown:
-            raise ValueError(f"{unknown[0]}: model wan takes a condition {{embeds: FILE}} (prompt_embeds safetensors)")
+            raise ParamError(unknown[0], "model wan takes a condition {embeds: FILE} (prompt_embeds safetensors)")
         if "embeds" not in spec:
-            raise ValueError("embeds: required key is missing (a safetensors file with prompt_embeds [L, text_dim])")
+            raise ParamError("embeds", "required key is missing (a safetensors file with prompt_embeds [L, text_dim])")
         file = spec["embeds"]
         if not isinstance(file, str):
-            raise ValueError(f"embeds: expected a file path, got {file!r}")
+            raise ParamError("embeds", f"expected a file path, got {file!r}")
         return self.condition_from(read_prompt_embeds(file, self.text_dim), source=file)
 
     @torch.no_grad()
@@ -392,23 +394,23 @@ def read_prompt_embeds(file: str | Path, text_dim: int) -> torch.Tensor:
 
     path = Path(file).expanduser()
     if not path.is_file():
-        raise ValueError(f"embeds: {file}: no such file")
+        raise ParamError("embeds", f"{file}: no such file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             if PROMPT_EMBEDS not in handle.keys():
                 found = ", ".join(handle.keys()) or "nothing"
-                raise ValueError(f"embeds: {file}: no tensor {PROMPT_EMBEDS!r} (found: {found})")
+                raise ParamError("embeds", f"{file}: no tensor {PROMPT_EMBEDS!r} (found: {found})")
             embeds = handle.get_tensor(PROMPT_EMBEDS)
     except ValueError:
         raise
     except Exception as exc:  # safetensors' own error types
-        raise ValueError(f"embeds: {file}: not a readable safetensors file: {' '.join(str(exc).split())}") from None
+        raise ParamError("embeds", f"{file}: not a readable safetensors file: {' '.join(str(exc).split())}") from None
     if embeds.dim() == 3 and embeds.shape[0] == 1:
         embeds = embeds[0]
     if embeds.dim() != 2 or embeds.shape[1] != text_dim:
-        raise ValueError(f"embeds: {file}: {PROMPT_EMBEDS} has shape {list(embeds.shape)}, expected [L, {text_dim}]")
+        raise ParamError("embeds", f"{file}: {PROMPT_EMBEDS} has shape {list(embeds.shape)}, expected [L, {text_dim}]")
     if not bool(torch.isfinite(embeds).all()):
-        raise ValueError(f"embeds: {file}: {PROMPT_EMBEDS} holds NaN or Inf")
+        raise ParamError("embeds", f"{file}: {PROMPT_EMBEDS} holds NaN or Inf")
     return embeds
 
 
@@ -424,11 +426,11 @@ def build_wan(params: WanParams, env: Any) -> WanBlockModel:
         try:
             codec = WanVAECodec.from_path(vae, dtype=torch.float32, device=env.device)
         except ValueError as exc:
-            raise ValueError(f"vae: {exc}") from None
+            raise ParamError("vae", f"{exc}") from None
         if codec.latent_channels != model.geometry.latent_channels:
-            raise ValueError(
-                f"vae: {vae} has {codec.latent_channels} latent channels, the transformer "
-                f"{model.geometry.latent_channels}"
+            raise ParamError(
+                "vae",
+                f"{vae} has {codec.latent_channels} latent channels, the transformer {model.geometry.latent_channels}",
             )
         model.codec = codec
     return model

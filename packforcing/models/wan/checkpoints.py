@@ -13,7 +13,7 @@ Three formats, each turned into diffusers' ``WanTransformer3DModel`` config and 
 
 For the single-file formats the architecture comes from a ``config.json`` next to the file
 (official names ``dim``, ``num_heads``, … or diffusers names), else from the tensor shapes with
-Wan2.1's head dim of 128. Every problem is a ``ValueError("path: <file>: <problem>")`` naming
+Wan2.1's head dim of 128. Every problem is a ``ParamError`` at ``path`` (``"path: <file>: <problem>"``) naming
 the first bad tensor, which the builder reports as one line at ``model.path``.
 """
 
@@ -27,6 +27,8 @@ from typing import Any
 
 import attrs
 import torch
+
+from packforcing.core.errors import ParamError
 
 TRANSFORMER_SUBFOLDER = "transformer"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -52,13 +54,14 @@ OFFICIAL_CONFIG = {
 """Official Wan ``config.json`` keys → diffusers ``WanTransformer3DModel`` arguments."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read; ``str()`` is ``"path: <file>: <problem>"``."""
+class CheckpointError(ParamError):
+    """A checkpoint that cannot be read: a :class:`ParamError` at ``path`` (``model.path`` once
+    placed); ``str()`` is ``"path: <file>: <problem>"``."""
 
     def __init__(self, file: str | Path, problem: str) -> None:
         self.file = str(file)
         self.problem = problem
-        super().__init__(f"path: {file}: {problem}")
+        super().__init__("path", f"{file}: {problem}")
 
 
 @attrs.frozen
