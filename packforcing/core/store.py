@@ -134,16 +134,34 @@ class TierStore:
                 raise ValueError(f"tier {self.name!r} keeps latents but none were given")
             self._latent_shape = tuple(latents.shape[1:])
 
+    def page_shape(self, batch: int) -> tuple[int, ...]:
+        """Shape of one K/V page, ``[2, L, B, P, N, H, D]``."""
+        return (2, self.num_layers, batch, self.page_blocks, self.slot_tokens, self.num_heads, self.head_dim)
+
+    def latent_page_shape(self, batch: int, latent_shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of one latent page, ``[B, P, C, F, H, W]`` for one block's latents ``[C, F, H, W]``."""
+        return (batch, self.page_blocks, *latent_shape)
+
+    def planned_nbytes(self, live: int, batch: int, itemsize: int, latent_shape: Sequence[int] | None = None) -> int:
+        """Bytes this store holds with ``live`` blocks of ``batch`` items, without allocating: the
+        pages :meth:`put` allocates (the same page shapes), ``itemsize`` bytes per element, plus the
+        latent pages when the store keeps latents (``latent_shape``: one block's ``[C, F, H, W]``)."""
+        pages = self.planned_slots(live, self.page_blocks, self.capacity) // self.page_blocks
+        nbytes = pages * math.prod(self.page_shape(batch)) * itemsize
+        if self.keep_latents and latent_shape is not None:
+            nbytes += pages * math.prod(self.latent_page_shape(batch, latent_shape)) * itemsize
+        return nbytes
+
     def _new_page(self) -> None:
         """Append one page (K/V, and latents if kept); on an allocation failure nothing is added."""
         assert self._batch is not None and self._dtype is not None
-        shape = (2, self.num_layers, self._batch, self.page_blocks, self.slot_tokens, self.num_heads, self.head_dim)
+        shape = self.page_shape(self._batch)
         page_kv = torch.empty(shape, dtype=self._dtype, device=self.device, pin_memory=self.pin_memory)
         page_latents = None
         if self.keep_latents:
             assert self._latent_shape is not None
             page_latents = torch.empty(
-                (self._batch, self.page_blocks, *self._latent_shape), dtype=self._dtype, device=self.device
+                self.latent_page_shape(self._batch, self._latent_shape), dtype=self._dtype, device=self.device
             )
         self.pages.append(page_kv)
         if page_latents is not None:

@@ -1,18 +1,15 @@
 """The general tiered cache policy; every shipped policy is a composition of it.
 
-YAML form::
+A cache of ordered tiers, oldest first: each commit moves blocks through the tiers as the
+:class:`~packforcing.policies.layout.TierLayout` decides, compressing them on demotion into a
+compressed tier, archiving or dropping what overflows, atomically (every plugin call and every
+allocation happens before any block moves). By concern:
 
-    policy:
-      name: tiered
-      overflow: archive          # or drop: what leaves the oldest non-pinned tier
-      tiers:                     # oldest first
-        - {name: sink, frames: 8, pinned: true}
-        - {name: mid, blocks: 16, fidelity: compressed, select: true}
-        - {name: recent, frames: 4}
-
-``fidelity`` is ``full``, ``compressed`` (the top-level ``compressor``) or a component
-mapping such as ``{name: pool, window: [1, 2, 2]}`` for a tier-specific compressor.
-``select: true`` means only the blocks the configured selector picks are attended.
+- :mod:`packforcing.policies.tier_specs`: the parameters (``TierSpec``, ``TieredParams``, the YAML form);
+- :mod:`packforcing.policies.tiers`: the live tiers (blocks, stores) and a commit's two-phase puts;
+- :mod:`packforcing.policies.tiered_context`: what one forward pass attends (selection, realignment);
+- :mod:`packforcing.policies.planner`: the memory plan, from the layout and the stores' own page arithmetic;
+- this module: :class:`TieredPolicy`, which commits, builds contexts, reports stats and checkpoints.
 """
 
 from __future__ import annotations
@@ -24,12 +21,11 @@ from typing import Any
 import attrs
 import torch
 
-from packforcing.core.boundary import Origin, kv_problem, number_problem, selection_problem, tensor_problem
+from packforcing.core.boundary import Origin, kv_problem, number_problem
 from packforcing.core.errors import ConfigError, ParamError
-from packforcing.core.geometry import Geometry, Grid
+from packforcing.core.geometry import Geometry
 from packforcing.core.interfaces import (
     AttentionBackend,
-    AttentionContext,
     BlockModel,
     CachePolicy,
     Compressor,
@@ -47,150 +43,20 @@ from packforcing.core.records import (
     TierStats,
 )
 from packforcing.core.store import Reservation, TierStore, check_finite
-from packforcing.core.transfer import to_device
-from packforcing.core.validators import one_of, optional_non_negative, positive
 from packforcing.policies.layout import ARCHIVE, DROP, TierLayout, TierSlotSpec
+from packforcing.policies.planner import plan_tiers
+from packforcing.policies.tier_specs import MAX_PLAN_BLOCKS, TieredParams, TierSpec, archive_placement
+from packforcing.policies.tiered_context import TieredContext
+from packforcing.policies.tiers import Put, Step, Tier
 
-MAX_PLAN_BLOCKS = 10_000_000
-"""Runs longer than this are refused (at 4 frames a block and 16 fps, 79 years of video)."""
-
-
-def _fidelity(value: Any) -> str | dict[str, Any]:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping) and isinstance(value.get("name"), str):
-        return dict(value)
-    raise ParamError("fidelity", f"expected 'full', 'compressed' or a compressor mapping with a name, got {value!r}")
-
-
-@attrs.frozen
-class TierSpec:
-    """One tier: capacity in latent ``frames`` or in ``blocks`` (neither: unbounded)."""
-
-    name: str = attrs.field(validator=attrs.validators.instance_of(str))
-    frames: int | None = attrs.field(default=None, validator=optional_non_negative)
-    blocks: int | None = attrs.field(default=None, validator=optional_non_negative)
-    fidelity: str | dict[str, Any] = attrs.field(default=FULL, converter=_fidelity)
-    pinned: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-    select: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-
-    def __attrs_post_init__(self) -> None:
-        if self.frames is not None and self.blocks is not None:
-            raise ParamError(f"tiers.{self.name}", "give frames or blocks, not both")
-        if self.name == ARCHIVE:
-            raise ParamError("tiers", "'archive' is reserved for overflow")
-
-    def capacity(self, geometry: Geometry) -> int | None:
-        """Capacity in blocks (whole blocks that fit in ``frames``)."""
-        if self.frames is not None:
-            if not self.pinned and 0 < self.frames < geometry.frames_per_block:
-                raise ParamError(
-                    f"tiers.{self.name}.frames",
-                    f"{self.frames} frames is smaller than one block ({geometry.frames_per_block} frames)",
-                )
-            return geometry.frames_to_blocks(self.frames)
-        return self.blocks
-
-
-def _tiers(value: Any) -> tuple[TierSpec, ...]:
-    out = []
-    for i, t in enumerate(value):
-        if isinstance(t, TierSpec):
-            out.append(t)
-        elif isinstance(t, Mapping):
-            out.append(TierSpec(**t))
-        else:
-            raise ParamError(f"tiers[{i}]", f"expected a mapping, got {t!r}")
-    names = [t.name for t in out]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise ParamError("tiers", f"duplicate tier names {sorted(dup)}")
-    return tuple(out)
-
-
-def _archive_device(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, str):
-        raise ParamError(attribute.name, f"expected auto, pinned, cpu or a device name, got {value!r}")
-    if value not in ("auto", "pinned"):
-        try:
-            torch.device(value)
-        except RuntimeError:
-            raise ParamError(
-                attribute.name, f"expected auto, pinned, cpu or a device name such as cuda:0, got {value!r}"
-            ) from None
-
-
-def archive_placement(setting: str, cache_device: torch.device) -> tuple[torch.device, bool]:
-    """``(device, pinned)`` of the archive for ``archive_device: setting`` when the cache lives
-    on ``cache_device``."""
-    if setting == "auto":
-        return (torch.device("cpu"), True) if cache_device.type == "cuda" else (cache_device, False)
-    if setting == "pinned":
-        return torch.device("cpu"), torch.cuda.is_available()
-    return torch.device(setting), False
-
-
-@attrs.frozen
-class TieredParams:
-    """Parameters of the ``tiered`` policy."""
-
-    tiers: tuple[TierSpec, ...] = attrs.field(converter=_tiers)
-    overflow: str = attrs.field(default=DROP, validator=one_of(ARCHIVE, DROP))
-    archive_device: str = attrs.field(default="auto", validator=_archive_device)
-    """Where archived blocks live: ``auto`` (pinned host memory when the cache is on CUDA, else
-    beside the cache), ``pinned`` (pinned host memory), ``cpu``, or a torch device (``cuda:1``)."""
-    archive_max_blocks: int | None = attrs.field(default=None, validator=optional_non_negative)
-    """At most this many archived blocks (the oldest is dropped beyond it); ``None``: unbounded."""
-    page_blocks: int = attrs.field(default=4, validator=positive)
-
-
-class _Tier:
-    def __init__(self, spec: TierSpec, capacity: int | None, compressor: Compressor | None) -> None:
-        self.spec = spec
-        self.capacity = capacity
-        self.compressor = compressor
-        self.blocks: deque[CachedBlock] = deque()
-        self.grid: Grid = (0, 0, 0)
-        self.keep_latents = False
-        self.store: TierStore | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-class _Put:
-    """A block checked and ready to be copied into ``store`` (phase two of a commit)."""
-
-    def __init__(
-        self,
-        store: TierStore,
-        keys: Sequence[torch.Tensor],
-        values: Sequence[torch.Tensor],
-        latents: torch.Tensor | None,
-    ) -> None:
-        self.store = store
-        self.keys = keys
-        self.values = values
-        self.latents = latents
-        self.record: dict[str, Any] = {}
-
-    def check(self) -> None:
-        self.store.check(self.keys, self.values, self.latents)
-
-    def apply(self) -> CachedBlock:
-        slot = self.store.put(self.keys, self.values, self.latents, checked=True)
-        return CachedBlock(slot=slot, **self.record)
-
-
-@attrs.frozen
-class _Step:
-    """One move of a commit with the block it moves and what will be stored where."""
-
-    move: Any
-    src: _Tier | None
-    block: CachedBlock | None
-    put: _Put | None
+__all__ = [
+    "MAX_PLAN_BLOCKS",
+    "TierSpec",
+    "TieredContext",
+    "TieredParams",
+    "TieredPolicy",
+    "archive_placement",
+]
 
 
 class TieredPolicy(CachePolicy):
@@ -226,7 +92,7 @@ class TieredPolicy(CachePolicy):
         compressors = dict(compressors or {})
         self._compressor_paths = dict(compressor_paths or {})
         """Tier name → config key path of its compressor, where its parameter errors are reported."""
-        self._tiers: list[_Tier] = []
+        self._tiers: list[Tier] = []
         for spec in params.tiers:
             comp = None
             if spec.fidelity != FULL:
@@ -235,7 +101,7 @@ class TieredPolicy(CachePolicy):
                 comp = compressors[spec.name]
             if spec.select and selector is None:
                 raise ParamError(f"tiers.{spec.name}", "select: true needs a selector")
-            self._tiers.append(_Tier(spec, spec.capacity(geometry), comp))
+            self._tiers.append(Tier(spec, spec.capacity(geometry), comp))
         self.layout = TierLayout(
             [TierSlotSpec(t.name, t.capacity, t.spec.pinned) for t in self._tiers], params.overflow
         )
@@ -287,6 +153,11 @@ class TieredPolicy(CachePolicy):
                 page_blocks=self.params.page_blocks,
                 keep_latents=tier.keep_latents,
             )
+
+    @property
+    def tiers(self) -> list[Tier]:
+        """The live tiers, oldest first."""
+        return list(self._tiers)
 
     @property
     def tier_names(self) -> list[str]:
@@ -473,7 +344,7 @@ class TieredPolicy(CachePolicy):
         for fields, keys, values, _ in archived:
             block_tokens = fields["grid"][0] * fields["grid"][1] * fields["grid"][2]
             if self._archive_store is None or self._archive_store.slot_tokens != block_tokens:
-                self._archive_store = self._new_archive_store(block_tokens, keys[0].device)
+                self._archive_store = self.new_archive_store(block_tokens, keys[0].device)
             slot = self._archive_store.put(keys, values)
             self._archive.append(CachedBlock(slot=slot, **fields))
             self._where[fields["block_id"]] = ARCHIVE
@@ -483,7 +354,7 @@ class TieredPolicy(CachePolicy):
         self._last_block_id = int(meta.get("last_block_id", -1))
 
     # ------------------------------------------------------------------ commit
-    def _prepare_block(self, tier: _Tier, source: BlockCommit | CachedBlock) -> _Put:
+    def _prepare_block(self, tier: Tier, source: BlockCommit | CachedBlock) -> Put:
         """Everything that can fail about storing ``source`` in ``tier`` (compression, checks),
         without changing the cache."""
         assert tier.store is not None
@@ -495,7 +366,7 @@ class TieredPolicy(CachePolicy):
             origin = self._origin(f"compressor:{tier.name}", "compressor", tier.compressor)
             ckv = origin.call(source.block_id, tier.compressor.compress, block, self.model)
             self._check_compressed(origin, ckv, tier, block)
-            put = _Put(tier.store, ckv.keys, ckv.values, latents)
+            put = Put(tier.store, ckv.keys, ckv.values, latents)
             put.record = dict(
                 fidelity=tier.compressor.name,
                 grid=tuple(ckv.grid),
@@ -504,7 +375,7 @@ class TieredPolicy(CachePolicy):
                 hw_stride=float(ckv.hw_stride),
             )
         elif isinstance(source, CachedBlock):
-            put = _Put(tier.store, source.keys, source.values, latents)
+            put = Put(tier.store, source.keys, source.values, latents)
             put.record = dict(
                 fidelity=source.fidelity,
                 grid=source.grid,
@@ -513,7 +384,7 @@ class TieredPolicy(CachePolicy):
                 hw_stride=source.hw_stride,
             )
         else:
-            put = _Put(tier.store, list(source.keys), list(source.values), latents)
+            put = Put(tier.store, list(source.keys), list(source.values), latents)
             put.record = dict(
                 fidelity=FULL,
                 grid=source.grid,
@@ -530,7 +401,7 @@ class TieredPolicy(CachePolicy):
         put.check()
         return put
 
-    def _check_compressed(self, origin: Origin, ckv: Any, tier: _Tier, block: CachedBlock) -> None:
+    def _check_compressed(self, origin: Origin, ckv: Any, tier: Tier, block: CachedBlock) -> None:
         """A compressor's output against what the tier stores: grid, layers, batch, dtype,
         device, finiteness and the positions it reports."""
         g = self.geometry
@@ -579,9 +450,10 @@ class TieredPolicy(CachePolicy):
             return current
         if current is not None and current.live_blocks:
             raise RuntimeError("archive holds blocks of another size")
-        return self._new_archive_store(block.num_tokens, block.keys[0].device)
+        return self.new_archive_store(block.num_tokens, block.keys[0].device)
 
-    def _new_archive_store(self, slot_tokens: int, cache_device: torch.device) -> TierStore:
+    def new_archive_store(self, slot_tokens: int, cache_device: torch.device) -> TierStore:
+        """The archive's store for blocks of ``slot_tokens`` (pages are allocated on first use)."""
         g = self.geometry
         device, pinned = archive_placement(self.params.archive_device, cache_device)
         return TierStore(
@@ -606,13 +478,13 @@ class TieredPolicy(CachePolicy):
             raise ValueError(f"block {commit.block_id} committed after block {self._last_block_id}")
         check_finite(commit.keys, commit.values, f"block {commit.block_id}")
         layout = self.layout.copy()
-        steps: list[_Step] = []
+        steps: list[Step] = []
         popped = [0] * len(self._tiers)
         archive_store = self._archive_store
         for move in layout.commit(commit.block_id):
             if move.src is None:
                 tier = self._tiers[move.dst]  # type: ignore[index]
-                steps.append(_Step(move, None, None, self._prepare_block(tier, commit)))
+                steps.append(Step(move, None, None, self._prepare_block(tier, commit)))
                 continue
             src = self._tiers[move.src]
             block = src.blocks[popped[move.src]]
@@ -623,12 +495,12 @@ class TieredPolicy(CachePolicy):
                 move = attrs.evolve(move, dst=DROP)  # a bound of 0: nothing is kept
             if move.dst == ARCHIVE:
                 archive_store = self._archive_store_for(block)
-                put = _Put(archive_store, block.keys, block.values, None)
+                put = Put(archive_store, block.keys, block.values, None)
                 put.record = {f.name: getattr(block, f.name) for f in attrs.fields(CachedBlock) if f.name != "slot"}
                 put.check()
             elif move.dst != DROP:
                 put = self._prepare_block(self._tiers[move.dst], block)  # type: ignore[index]
-            steps.append(_Step(move, src, block, put))
+            steps.append(Step(move, src, block, put))
         bound = self.params.archive_max_blocks
         incoming = sum(1 for step in steps if step.move.dst == ARCHIVE)
         evict = max(0, len(self._archive) + incoming - bound) if bound is not None else 0
@@ -695,7 +567,7 @@ class TieredPolicy(CachePolicy):
         tier.blocks[i] = attrs.evolve(block, position=position, condition=condition)
 
     @staticmethod
-    def _reserve(steps: Sequence[_Step], releases: Mapping[int, int] | None = None) -> None:
+    def _reserve(steps: Sequence[Step], releases: Mapping[int, int] | None = None) -> None:
         """Allocate the pages every store needs after the moves (releases come before puts in a
         tier; ``releases``: more slots freed first, by store id); if one allocation fails, the
         others are given back."""
@@ -758,421 +630,8 @@ class TieredPolicy(CachePolicy):
             dropped_blocks=len(self._dropped),
         )
 
-    def _slot_bytes(self, tokens: int, keep_latents: bool, batch_size: int) -> int:
-        g = self.geometry
-        nbytes = tokens * g.bytes_per_token * batch_size
-        if keep_latents:
-            t, h, w = g.frames_per_block, g.latent_height, g.latent_width
-            nbytes += g.latent_channels * t * h * w * g.itemsize * batch_size
-        return nbytes
-
     def plan(self, num_blocks: int, batch_size: int = 1) -> MemoryPlan:
-        if num_blocks > MAX_PLAN_BLOCKS:
-            raise ParamError("run.blocks", f"{num_blocks} blocks is more than the {MAX_PLAN_BLOCKS} a run may plan")
-        layout = TierLayout(self.layout.specs, self.layout.overflow)
-        peak = [0] * len(self._tiers)
-        archived = 0
-        bound = self.params.archive_max_blocks
-        context_tokens = 0
-        for block_id in range(num_blocks):
-            context_tokens = max(context_tokens, self._planned_context(layout))
-            for move in layout.commit(block_id):
-                if move.dst == ARCHIVE:
-                    archived += 1
-            if bound is not None:
-                archived = min(archived, bound)
-            for i, members in enumerate(layout.members):
-                peak[i] = max(peak[i], len(members))
-        tiers: dict[str, TierStats] = {}
-        for tier, live in zip(self._tiers, peak, strict=True):
-            t, h, w = tier.grid
-            tokens = t * h * w
-            slots = TierStore.planned_slots(live, self.params.page_blocks, tier.capacity)
-            tiers[tier.name] = TierStats(
-                blocks=live,
-                tokens=live * tokens,
-                bytes=slots * self._slot_bytes(tokens, tier.keep_latents, batch_size),
-            )
-        oldest = next((t for t in self._tiers if not t.spec.pinned), self._tiers[-1])
-        at, ah, aw = oldest.grid
-        archive_slots = TierStore.planned_slots(archived, self.params.page_blocks, None)
-        archive = TierStats(
-            blocks=archived,
-            tokens=archived * at * ah * aw,
-            bytes=archive_slots * self._slot_bytes(at * ah * aw, False, batch_size),
-        )
-        full_tokens = num_blocks * self.geometry.tokens_per_block
-        return MemoryPlan(
-            num_blocks=num_blocks,
-            tiers=tiers,
-            archive=archive,
-            context_tokens=context_tokens,
-            full_cache_tokens=full_tokens,
-            full_cache_bytes=full_tokens * self.geometry.bytes_per_token * batch_size,
-            archive_device=self.params.archive_device if self.params.overflow == ARCHIVE else None,
-            archive_max_blocks=self.params.archive_max_blocks,
-        )
-
-    def _planned_context(self, layout: TierLayout) -> int:
-        total = 0
-        for tier, members in zip(self._tiers, layout.members, strict=True):
-            t, h, w = tier.grid
-            count = len(members)
-            if tier.spec.select and count:
-                assert self.selector is not None
-                count = self.selector.budget(count)
-            total += count * t * h * w
-        return total
-
-
-def _on_device(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    """``values`` as a float64 tensor on ``device``, copied without a host sync."""
-    return to_device(torch.tensor(values, dtype=torch.float64), device)
-
-
-@attrs.define
-class _Piece:
-    """A run of context blocks in packed order: fixed blocks, or one ``select: true`` group."""
-
-    blocks: list[CachedBlock]
-    group: int | None = None
-    """Index of the selected group (``None``: every block enters)."""
-    count: int = 0
-    """Blocks that enter (the selector's budget for a group)."""
-    tokens: int = 0
-    """Tokens per block of a selected group."""
-    deltas: torch.Tensor | None = None
-    """Fixed blocks: per-token shifts ``[T]``; a group: home positions of its candidates ``[C]``."""
-    targets: torch.Tensor | None = None
-    """A group: target positions of its ``count`` picks ``[k]`` (they depend only on frames)."""
-
-
-@attrs.define
-class _DeviceLayout:
-    """What a context needs to gather on the device, made once per forward pass."""
-
-    pieces: list[_Piece]
-    moved_pieces: int
-    """Leading pieces whose tokens may move (0: nothing moves)."""
-    batch_rows: torch.Tensor
-    """``[B, 1]`` batch indices (to gather each item's picks)."""
-
-
-class TieredContext(AttentionContext):
-    """History of one forward pass: tiers' blocks, selected, realigned and gathered.
-
-    Selection runs per layer with that layer's queries (or once per pass when the selector is
-    shared across layers) and per batch item. Gathered keys are rotated from each block's home
-    position to the realigner's target; stored keys are never modified. What the selector,
-    the realigner and the backend return is checked on every call (see
-    :mod:`packforcing.core.boundary`); a violation is a :class:`~packforcing.core.errors.PluginError`.
-
-    When the realigner's targets do not depend on which blocks are picked
-    (``targets_from_frames``, or a realigner that never ``rotates``) and every selected tier's
-    blocks have one size, the selection stays on the device: picks are gathered with index
-    tensors and their shifts computed on the device, so a layer makes no host-device
-    synchronisation. The per-pass invariants (layout, targets, shifts of the fixed blocks) are
-    computed once, on the first layer. The checks of what lives on the device (indices in range
-    and increasing, finite output) are then made on the device, indices clamped so a bad one
-    cannot fault the gather, and read once, at the pass's last layer (which raises the same
-    :class:`~packforcing.core.errors.PluginError`, naming the first bad layer). Otherwise picks
-    and checks are read on the host at every layer.
-    """
-
-    def __init__(
-        self,
-        *,
-        groups: Sequence[tuple[list[CachedBlock], bool]],
-        query: BlockQuery,
-        selector: Selector | None,
-        realigner: PositionalRealigner,
-        backend: AttentionBackend,
-        rope: Any,
-        origins: tuple[Origin, Origin, Origin] | None = None,
-    ) -> None:
-        self._groups = groups
-        self._query = query
-        self._selector = selector
-        self._realigner = realigner
-        self._backend = backend
-        self._rope = rope
-        self._origins = origins or (
-            Origin.of("selector", selector),
-            Origin.of("positional", realigner),
-            Origin.of("attention", backend),
-        )
-        self._shared: dict[int, torch.Tensor] = {}
-        self._context_tokens = 0
-        self._layout: _DeviceLayout | None = None
-        self._pending: list[tuple[int, int | None, torch.Tensor, Any]] = []
-        """Device-side checks not read yet: ``(layer, group or None for the output, ok flag, what)``."""
-        self.selections: dict[tuple[int, int], torch.Tensor] = {}
-        """(layer, group index) → ``[B, k']`` indices chosen by the selector (for inspection)."""
-        # Query position depends on how many blocks enter, not on which: use the first k'.
-        spans: list[tuple[float, float]] = []
-        for blocks, select in groups:
-            count = selector.budget(len(blocks)) if select and selector is not None else len(blocks)
-            spans.extend((b.position, b.num_frames) for b in blocks[:count])
-        self._targets, self._position = self._assign(spans)
-        self._on_device = (realigner.targets_from_frames or not realigner.rotates) and all(
-            len({(b.num_tokens, b.num_frames) for b in blocks}) == 1 for blocks, select in groups if select
-        )
-        self._last_layer = groups[0][0][0].num_layers - 1 if groups else -1
-
-    @property
-    def position(self) -> float:
-        return self._position
-
-    @property
-    def context_tokens(self) -> int:
-        return self._context_tokens
-
-    def _assign(self, spans: list[tuple[float, float]]) -> tuple[list[float], float]:
-        """The realigner's target positions, checked: one finite number per span, and the query's."""
-        origin = self._origins[1]
-        block = self._query.block_id
-        result = origin.call(block, self._realigner.assign, spans, self._query)
-        try:
-            targets, qpos = result
-            targets = list(targets)
-        except (TypeError, ValueError):
-            raise origin.error(f"assign() returned {result!r}, expected (targets, query position)", block) from None
-        if len(targets) != len(spans):
-            raise origin.error(f"assign() returned {len(targets)} targets for {len(spans)} context blocks", block)
-        problem = number_problem("the query position", qpos) or next(
-            (p for i, t in enumerate(targets) if (p := number_problem(f"target {i}", t))), None
-        )
-        if problem:
-            raise origin.error(f"assign(): {problem}", block)
-        return targets, qpos
-
-    def _choose(self, layer: int, q: torch.Tensor) -> list[list[CachedBlock]]:
-        """Ordered context blocks for each batch item."""
-        batch = q.shape[0]
-        rows: list[list[CachedBlock]] = [[] for _ in range(batch)]
-        origin = self._origins[0]
-        for g, (blocks, select) in enumerate(self._groups):
-            if not select:
-                for row in rows:
-                    row.extend(blocks)
-                continue
-            assert self._selector is not None
-            if self._selector.shared_across_layers and g in self._shared:
-                idx = self._shared[g]
-            else:
-                idx = origin.call(self._query.block_id, self._selector.select, q, blocks, layer)
-                problem = selection_problem(
-                    idx,
-                    batch=batch,
-                    budget=self._selector.budget(len(blocks)),
-                    candidates=len(blocks),
-                    device=q.device,
-                )
-                if problem:
-                    raise origin.error(f"layer {layer}: {problem}", self._query.block_id)
-                if self._selector.shared_across_layers:
-                    self._shared[g] = idx
-            self.selections[(layer, g)] = idx
-            for row, chosen in zip(rows, idx.tolist(), strict=True):
-                row.extend(blocks[i] for i in chosen)
-        return rows
-
-    def _gather(
-        self, layer: int, blocks: list[CachedBlock], item: slice, k_self: torch.Tensor, v_self: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B', N_ctx + N, H, D]`` of ``blocks`` (batch rows ``item``) followed by
-        the block's own ``k_self, v_self``; keys moved to the realigner's targets."""
-        spans = [(b.position, b.num_frames) for b in blocks]
-        targets, qpos = self._assign(spans)
-        origin = self._origins[1]
-        if qpos != self._position:
-            raise origin.error(
-                f"moved the query from {self._position} to {qpos} depending on which blocks were selected",
-                self._query.block_id,
-            )
-        ks, vs = [], []
-        for block in blocks:
-            k, v = block.layer_kv(layer)
-            ks.append(k[item])
-            vs.append(v[item])
-        keys = origin.call(self._query.block_id, self._realigner.gather, ks, blocks, targets, self._rope, k_self)
-        shape = (k_self.shape[0], sum(b.num_tokens for b in blocks) + k_self.shape[1], *k_self.shape[2:])
-        problem = tensor_problem("gather() keys", keys, shape, k_self.dtype, k_self.device, finite=False)
-        if problem:
-            raise origin.error(f"layer {layer}: {problem}", self._query.block_id)
-        return keys, torch.cat([*vs, v_self], dim=1)
-
-    def _attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """The backend's output, checked: ``q``'s shape, dtype and device, finite. Non-finite
-        output is blamed on the realigner if the keys it gathered are non-finite."""
-        origin = self._origins[2]
-        block = self._query.block_id
-        out = origin.call(block, self._backend.attend, q, keys, values)
-        problem = tensor_problem("output", out, tuple(q.shape), q.dtype, q.device)
-        if problem:
-            if not bool(torch.isfinite(keys).all()):
-                raise self._origins[1].error(f"layer {layer}: gather() keys hold non-finite values (NaN/Inf)", block)
-            raise origin.error(f"layer {layer}: {problem}", block)
-        return out
-
-    def _pick(self, layer: int, g: int, q: torch.Tensor) -> torch.Tensor:
-        """Indices ``[B, k']`` the selector picks from group ``g`` at ``layer``, kept on the device:
-        shape, dtype and device checked now, values on the device (read at the pass's end)."""
-        blocks = self._groups[g][0]
-        assert self._selector is not None
-        if self._selector.shared_across_layers and g in self._shared:
-            idx = self._shared[g]
-        else:
-            origin = self._origins[0]
-            idx = origin.call(self._query.block_id, self._selector.select, q, blocks, layer)
-            budget = self._selector.budget(len(blocks))
-            problem = selection_problem(
-                idx, batch=q.shape[0], budget=budget, candidates=len(blocks), device=q.device, read=False
-            )
-            if problem:
-                raise origin.error(f"layer {layer}: {problem}", self._query.block_id)
-            if budget:
-                ok = ((idx >= 0) & (idx < len(blocks))).all() & (idx[:, 1:] > idx[:, :-1]).all()
-                self._pending.append((layer, g, ok, idx))
-                idx = idx.clamp(0, len(blocks) - 1)
-            if self._selector.shared_across_layers:
-                self._shared[g] = idx
-        self.selections[(layer, g)] = idx
-        return idx
-
-    def _device_layout(self, q: torch.Tensor) -> _DeviceLayout:
-        """Pieces in packed order with their shifts on ``q``'s device: one asynchronous
-        host-to-device copy per forward pass."""
-        pieces: list[_Piece] = []
-        parts: list[list[float] | None] = []
-        """Per piece, what it needs on the device: per-token shifts of fixed blocks, or a group's
-        candidates' homes followed by its picks' targets; ``None`` when the piece cannot move."""
-        rotates = self._realigner.rotates
-        targets = iter(self._targets)
-        for g, (blocks, select) in enumerate(self._groups):
-            if select:
-                assert self._selector is not None
-                count = self._selector.budget(len(blocks))
-                picked = [float(next(targets)) for _ in range(count)]
-                pieces.append(_Piece(blocks, g, count, blocks[0].num_tokens))
-                parts.append([b.position for b in blocks] + picked if rotates and count else None)
-            else:
-                deltas = [float(next(targets)) - b.position for b in blocks]
-                pieces.append(_Piece(blocks, count=len(blocks)))
-                moves = rotates and any(d != 0 for d in deltas)
-                per_token = [d for b, d in zip(blocks, deltas, strict=True) for _ in range(b.num_tokens)]
-                parts.append(per_token if moves else None)
-        moved = max((i + 1 for i, part in enumerate(parts) if part is not None), default=0)
-        flat: list[float] = []
-        for piece, part in zip(pieces[:moved], parts[:moved], strict=True):
-            if part is None:  # inside the moved prefix but not moving itself: zero shifts
-                part = [] if piece.group is not None else [0.0] * sum(b.num_tokens for b in piece.blocks)
-            flat.extend(part)
-        values = _on_device(flat, q.device) if flat else None
-        offset = 0
-        for piece in pieces[:moved]:
-            assert values is not None
-            if piece.group is None:
-                n = sum(b.num_tokens for b in piece.blocks)
-                piece.deltas = values[offset : offset + n]
-                offset += n
-            elif piece.count:
-                c = len(piece.blocks)
-                piece.deltas = values[offset : offset + c]
-                piece.targets = values[offset + c : offset + c + piece.count]
-                offset += c + piece.count
-        rows = torch.arange(q.shape[0], device=q.device)[:, None]
-        return _DeviceLayout(pieces, moved, rows)
-
-    def _verify(self) -> None:
-        """Read the pass's device-side checks (one host read); raise for the first bad one."""
-        pending, self._pending = self._pending, []
-        if not pending or bool(torch.stack([ok for _, _, ok, _ in pending]).all()):
-            return
-        block = self._query.block_id
-        for layer, g, ok, what in pending:
-            if bool(ok):
-                continue
-            if g is not None:
-                problem = selection_problem(
-                    what,
-                    batch=what.shape[0],
-                    budget=what.shape[1],
-                    candidates=len(self._groups[g][0]),
-                    device=what.device,
-                )
-                raise self._origins[0].error(f"layer {layer}: {problem}", block)
-            if not bool(what):  # the keys the realigner gathered for that layer were non-finite
-                raise self._origins[1].error(f"layer {layer}: gather() keys hold non-finite values (NaN/Inf)", block)
-            raise self._origins[2].error(f"layer {layer}: output contains non-finite values (NaN/Inf)", block)
-
-    def _attend_on_device(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """:meth:`attend` with the picks kept on the device (see the class docstring)."""
-        if self._layout is None:
-            self._layout = self._device_layout(q)
-        layout = self._layout
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
-        shifts: list[torch.Tensor] = []
-        batch = q.shape[0]
-        for i, piece in enumerate(layout.pieces):
-            if piece.group is None:
-                for block in piece.blocks:
-                    kb, vb = block.layer_kv(layer)
-                    keys.append(kb)
-                    values.append(vb)
-                if i < layout.moved_pieces:
-                    assert piece.deltas is not None
-                    shifts.append(piece.deltas[None].expand(batch, -1))
-                continue
-            if piece.count == 0:
-                continue
-            idx = self._pick(layer, piece.group, q)  # [B, k]
-            kv = [block.layer_kv(layer) for block in piece.blocks]
-            stacked_k = torch.stack([kb for kb, _ in kv], dim=1)  # [B, C, n, H, D]
-            stacked_v = torch.stack([vb for _, vb in kv], dim=1)
-            keys.append(stacked_k[layout.batch_rows, idx].flatten(1, 2))  # [B, k·n, H, D]
-            values.append(stacked_v[layout.batch_rows, idx].flatten(1, 2))
-            if piece.targets is not None:
-                assert piece.deltas is not None
-                picked = piece.targets[None] - piece.deltas[idx]  # [B, k]: target − home of each pick
-                shifts.append(picked[:, :, None].expand(-1, -1, piece.tokens).flatten(1, 2))
-        deltas = torch.cat(shifts, dim=1) if shifts else None
-        origin = self._origins[1]
-        block = self._query.block_id
-        gathered = origin.call(block, self._realigner.gather_shifted, keys, deltas, self._rope, k)
-        shape = (k.shape[0], sum(x.shape[1] for x in keys) + k.shape[1], *k.shape[2:])
-        problem = tensor_problem("gather_shifted() keys", gathered, shape, k.dtype, k.device, finite=False)
-        if problem:
-            raise origin.error(f"layer {layer}: {problem}", block)
-        values_all = torch.cat([*values, v], dim=1)
-        self._context_tokens = gathered.shape[1] - k.shape[1]
-        backend = self._origins[2]
-        out = backend.call(block, self._backend.attend, q, gathered, values_all)
-        problem = tensor_problem("output", out, tuple(q.shape), q.dtype, q.device, finite=False)
-        if problem:
-            raise backend.error(f"layer {layer}: {problem}", block)
-        if out.is_floating_point():
-            # flags only (holding the tensors would keep every layer's context alive)
-            self._pending.append((layer, None, torch.isfinite(out).all(), torch.isfinite(gathered).all()))
-        if layer >= self._last_layer:
-            self._verify()
-        return out
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if not self._groups:
-            self._context_tokens = 0
-            return self._attend(layer, q, k, v)
-        if self._on_device:
-            return self._attend_on_device(layer, q, k, v)
-        rows = self._choose(layer, q)
-        batch = q.shape[0]
-        same = all(len(r) == len(rows[0]) and all(a is b for a, b in zip(r, rows[0], strict=False)) for r in rows[1:])
-        if same:
-            keys, values = self._gather(layer, rows[0], slice(None), k, v)
-        else:
-            per_item = [self._gather(layer, rows[b], slice(b, b + 1), k[b : b + 1], v[b : b + 1]) for b in range(batch)]
-            keys = torch.cat([kv[0] for kv in per_item], dim=0)
-            values = torch.cat([kv[1] for kv in per_item], dim=0)
-        self._context_tokens = keys.shape[1] - k.shape[1]
-        return self._attend(layer, q, keys, values)
+        """Peak blocks, tokens and bytes per tier over ``num_blocks`` commits (see
+        :func:`packforcing.policies.planner.plan_tiers`): the same layout the live cache runs, and
+        the bytes of the very stores that hold the tiers."""
+        return plan_tiers(self, num_blocks, batch_size)

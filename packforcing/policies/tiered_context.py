@@ -1,0 +1,376 @@
+"""The attention context of the tiered policy: one forward pass over the tiers' blocks,
+selected per layer and batch item, realigned and gathered."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from packforcing.core.boundary import Origin, number_problem, selection_problem, tensor_problem
+from packforcing.core.interfaces import (
+    AttentionBackend,
+    AttentionContext,
+    PositionalRealigner,
+    Selector,
+)
+from packforcing.core.records import (
+    BlockQuery,
+    CachedBlock,
+)
+from packforcing.core.transfer import to_device
+
+
+def _on_device(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """``values`` as a float64 tensor on ``device``, copied without a host sync."""
+    return to_device(torch.tensor(values, dtype=torch.float64), device)
+
+
+@attrs.define
+class _Piece:
+    """A run of context blocks in packed order: fixed blocks, or one ``select: true`` group."""
+
+    blocks: list[CachedBlock]
+    group: int | None = None
+    """Index of the selected group (``None``: every block enters)."""
+    count: int = 0
+    """Blocks that enter (the selector's budget for a group)."""
+    tokens: int = 0
+    """Tokens per block of a selected group."""
+    deltas: torch.Tensor | None = None
+    """Fixed blocks: per-token shifts ``[T]``; a group: home positions of its candidates ``[C]``."""
+    targets: torch.Tensor | None = None
+    """A group: target positions of its ``count`` picks ``[k]`` (they depend only on frames)."""
+
+
+@attrs.define
+class _DeviceLayout:
+    """What a context needs to gather on the device, made once per forward pass."""
+
+    pieces: list[_Piece]
+    moved_pieces: int
+    """Leading pieces whose tokens may move (0: nothing moves)."""
+    batch_rows: torch.Tensor
+    """``[B, 1]`` batch indices (to gather each item's picks)."""
+
+
+class TieredContext(AttentionContext):
+    """History of one forward pass: tiers' blocks, selected, realigned and gathered.
+
+    Selection runs per layer with that layer's queries (or once per pass when the selector is
+    shared across layers) and per batch item. Gathered keys are rotated from each block's home
+    position to the realigner's target; stored keys are never modified. What the selector,
+    the realigner and the backend return is checked on every call (see
+    :mod:`packforcing.core.boundary`); a violation is a :class:`~packforcing.core.errors.PluginError`.
+
+    When the realigner's targets do not depend on which blocks are picked
+    (``targets_from_frames``, or a realigner that never ``rotates``) and every selected tier's
+    blocks have one size, the selection stays on the device: picks are gathered with index
+    tensors and their shifts computed on the device, so a layer makes no host-device
+    synchronisation. The per-pass invariants (layout, targets, shifts of the fixed blocks) are
+    computed once, on the first layer. The checks of what lives on the device (indices in range
+    and increasing, finite output) are then made on the device, indices clamped so a bad one
+    cannot fault the gather, and read once, at the pass's last layer (which raises the same
+    :class:`~packforcing.core.errors.PluginError`, naming the first bad layer). Otherwise picks
+    and checks are read on the host at every layer.
+    """
+
+    def __init__(
+        self,
+        *,
+        groups: Sequence[tuple[list[CachedBlock], bool]],
+        query: BlockQuery,
+        selector: Selector | None,
+        realigner: PositionalRealigner,
+        backend: AttentionBackend,
+        rope: Any,
+        origins: tuple[Origin, Origin, Origin] | None = None,
+    ) -> None:
+        self._groups = groups
+        self._query = query
+        self._selector = selector
+        self._realigner = realigner
+        self._backend = backend
+        self._rope = rope
+        self._origins = origins or (
+            Origin.of("selector", selector),
+            Origin.of("positional", realigner),
+            Origin.of("attention", backend),
+        )
+        self._shared: dict[int, torch.Tensor] = {}
+        self._context_tokens = 0
+        self._layout: _DeviceLayout | None = None
+        self._pending: list[tuple[int, int | None, torch.Tensor, Any]] = []
+        """Device-side checks not read yet: ``(layer, group or None for the output, ok flag, what)``."""
+        self.selections: dict[tuple[int, int], torch.Tensor] = {}
+        """(layer, group index) → ``[B, k']`` indices chosen by the selector (for inspection)."""
+        # Query position depends on how many blocks enter, not on which: use the first k'.
+        spans: list[tuple[float, float]] = []
+        for blocks, select in groups:
+            count = selector.budget(len(blocks)) if select and selector is not None else len(blocks)
+            spans.extend((b.position, b.num_frames) for b in blocks[:count])
+        self._targets, self._position = self._assign(spans)
+        self._on_device = (realigner.targets_from_frames or not realigner.rotates) and all(
+            len({(b.num_tokens, b.num_frames) for b in blocks}) == 1 for blocks, select in groups if select
+        )
+        self._last_layer = groups[0][0][0].num_layers - 1 if groups else -1
+
+    @property
+    def position(self) -> float:
+        return self._position
+
+    @property
+    def context_tokens(self) -> int:
+        return self._context_tokens
+
+    def _assign(self, spans: list[tuple[float, float]]) -> tuple[list[float], float]:
+        """The realigner's target positions, checked: one finite number per span, and the query's."""
+        origin = self._origins[1]
+        block = self._query.block_id
+        result = origin.call(block, self._realigner.assign, spans, self._query)
+        try:
+            targets, qpos = result
+            targets = list(targets)
+        except (TypeError, ValueError):
+            raise origin.error(f"assign() returned {result!r}, expected (targets, query position)", block) from None
+        if len(targets) != len(spans):
+            raise origin.error(f"assign() returned {len(targets)} targets for {len(spans)} context blocks", block)
+        problem = number_problem("the query position", qpos) or next(
+            (p for i, t in enumerate(targets) if (p := number_problem(f"target {i}", t))), None
+        )
+        if problem:
+            raise origin.error(f"assign(): {problem}", block)
+        return targets, qpos
+
+    def _choose(self, layer: int, q: torch.Tensor) -> list[list[CachedBlock]]:
+        """Ordered context blocks for each batch item."""
+        batch = q.shape[0]
+        rows: list[list[CachedBlock]] = [[] for _ in range(batch)]
+        origin = self._origins[0]
+        for g, (blocks, select) in enumerate(self._groups):
+            if not select:
+                for row in rows:
+                    row.extend(blocks)
+                continue
+            assert self._selector is not None
+            if self._selector.shared_across_layers and g in self._shared:
+                idx = self._shared[g]
+            else:
+                idx = origin.call(self._query.block_id, self._selector.select, q, blocks, layer)
+                problem = selection_problem(
+                    idx,
+                    batch=batch,
+                    budget=self._selector.budget(len(blocks)),
+                    candidates=len(blocks),
+                    device=q.device,
+                )
+                if problem:
+                    raise origin.error(f"layer {layer}: {problem}", self._query.block_id)
+                if self._selector.shared_across_layers:
+                    self._shared[g] = idx
+            self.selections[(layer, g)] = idx
+            for row, chosen in zip(rows, idx.tolist(), strict=True):
+                row.extend(blocks[i] for i in chosen)
+        return rows
+
+    def _gather(
+        self, layer: int, blocks: list[CachedBlock], item: slice, k_self: torch.Tensor, v_self: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B', N_ctx + N, H, D]`` of ``blocks`` (batch rows ``item``) followed by
+        the block's own ``k_self, v_self``; keys moved to the realigner's targets."""
+        spans = [(b.position, b.num_frames) for b in blocks]
+        targets, qpos = self._assign(spans)
+        origin = self._origins[1]
+        if qpos != self._position:
+            raise origin.error(
+                f"moved the query from {self._position} to {qpos} depending on which blocks were selected",
+                self._query.block_id,
+            )
+        ks, vs = [], []
+        for block in blocks:
+            k, v = block.layer_kv(layer)
+            ks.append(k[item])
+            vs.append(v[item])
+        keys = origin.call(self._query.block_id, self._realigner.gather, ks, blocks, targets, self._rope, k_self)
+        shape = (k_self.shape[0], sum(b.num_tokens for b in blocks) + k_self.shape[1], *k_self.shape[2:])
+        problem = tensor_problem("gather() keys", keys, shape, k_self.dtype, k_self.device, finite=False)
+        if problem:
+            raise origin.error(f"layer {layer}: {problem}", self._query.block_id)
+        return keys, torch.cat([*vs, v_self], dim=1)
+
+    def _attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The backend's output, checked: ``q``'s shape, dtype and device, finite. Non-finite
+        output is blamed on the realigner if the keys it gathered are non-finite."""
+        origin = self._origins[2]
+        block = self._query.block_id
+        out = origin.call(block, self._backend.attend, q, keys, values)
+        problem = tensor_problem("output", out, tuple(q.shape), q.dtype, q.device)
+        if problem:
+            if not bool(torch.isfinite(keys).all()):
+                raise self._origins[1].error(f"layer {layer}: gather() keys hold non-finite values (NaN/Inf)", block)
+            raise origin.error(f"layer {layer}: {problem}", block)
+        return out
+
+    def _pick(self, layer: int, g: int, q: torch.Tensor) -> torch.Tensor:
+        """Indices ``[B, k']`` the selector picks from group ``g`` at ``layer``, kept on the device:
+        shape, dtype and device checked now, values on the device (read at the pass's end)."""
+        blocks = self._groups[g][0]
+        assert self._selector is not None
+        if self._selector.shared_across_layers and g in self._shared:
+            idx = self._shared[g]
+        else:
+            origin = self._origins[0]
+            idx = origin.call(self._query.block_id, self._selector.select, q, blocks, layer)
+            budget = self._selector.budget(len(blocks))
+            problem = selection_problem(
+                idx, batch=q.shape[0], budget=budget, candidates=len(blocks), device=q.device, read=False
+            )
+            if problem:
+                raise origin.error(f"layer {layer}: {problem}", self._query.block_id)
+            if budget:
+                ok = ((idx >= 0) & (idx < len(blocks))).all() & (idx[:, 1:] > idx[:, :-1]).all()
+                self._pending.append((layer, g, ok, idx))
+                idx = idx.clamp(0, len(blocks) - 1)
+            if self._selector.shared_across_layers:
+                self._shared[g] = idx
+        self.selections[(layer, g)] = idx
+        return idx
+
+    def _device_layout(self, q: torch.Tensor) -> _DeviceLayout:
+        """Pieces in packed order with their shifts on ``q``'s device: one asynchronous
+        host-to-device copy per forward pass."""
+        pieces: list[_Piece] = []
+        parts: list[list[float] | None] = []
+        """Per piece, what it needs on the device: per-token shifts of fixed blocks, or a group's
+        candidates' homes followed by its picks' targets; ``None`` when the piece cannot move."""
+        rotates = self._realigner.rotates
+        targets = iter(self._targets)
+        for g, (blocks, select) in enumerate(self._groups):
+            if select:
+                assert self._selector is not None
+                count = self._selector.budget(len(blocks))
+                picked = [float(next(targets)) for _ in range(count)]
+                pieces.append(_Piece(blocks, g, count, blocks[0].num_tokens))
+                parts.append([b.position for b in blocks] + picked if rotates and count else None)
+            else:
+                deltas = [float(next(targets)) - b.position for b in blocks]
+                pieces.append(_Piece(blocks, count=len(blocks)))
+                moves = rotates and any(d != 0 for d in deltas)
+                per_token = [d for b, d in zip(blocks, deltas, strict=True) for _ in range(b.num_tokens)]
+                parts.append(per_token if moves else None)
+        moved = max((i + 1 for i, part in enumerate(parts) if part is not None), default=0)
+        flat: list[float] = []
+        for piece, part in zip(pieces[:moved], parts[:moved], strict=True):
+            if part is None:  # inside the moved prefix but not moving itself: zero shifts
+                part = [] if piece.group is not None else [0.0] * sum(b.num_tokens for b in piece.blocks)
+            flat.extend(part)
+        values = _on_device(flat, q.device) if flat else None
+        offset = 0
+        for piece in pieces[:moved]:
+            assert values is not None
+            if piece.group is None:
+                n = sum(b.num_tokens for b in piece.blocks)
+                piece.deltas = values[offset : offset + n]
+                offset += n
+            elif piece.count:
+                c = len(piece.blocks)
+                piece.deltas = values[offset : offset + c]
+                piece.targets = values[offset + c : offset + c + piece.count]
+                offset += c + piece.count
+        rows = torch.arange(q.shape[0], device=q.device)[:, None]
+        return _DeviceLayout(pieces, moved, rows)
+
+    def _verify(self) -> None:
+        """Read the pass's device-side checks (one host read); raise for the first bad one."""
+        pending, self._pending = self._pending, []
+        if not pending or bool(torch.stack([ok for _, _, ok, _ in pending]).all()):
+            return
+        block = self._query.block_id
+        for layer, g, ok, what in pending:
+            if bool(ok):
+                continue
+            if g is not None:
+                problem = selection_problem(
+                    what,
+                    batch=what.shape[0],
+                    budget=what.shape[1],
+                    candidates=len(self._groups[g][0]),
+                    device=what.device,
+                )
+                raise self._origins[0].error(f"layer {layer}: {problem}", block)
+            if not bool(what):  # the keys the realigner gathered for that layer were non-finite
+                raise self._origins[1].error(f"layer {layer}: gather() keys hold non-finite values (NaN/Inf)", block)
+            raise self._origins[2].error(f"layer {layer}: output contains non-finite values (NaN/Inf)", block)
+
+    def _attend_on_device(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`attend` with the picks kept on the device (see the class docstring)."""
+        if self._layout is None:
+            self._layout = self._device_layout(q)
+        layout = self._layout
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        shifts: list[torch.Tensor] = []
+        batch = q.shape[0]
+        for i, piece in enumerate(layout.pieces):
+            if piece.group is None:
+                for block in piece.blocks:
+                    kb, vb = block.layer_kv(layer)
+                    keys.append(kb)
+                    values.append(vb)
+                if i < layout.moved_pieces:
+                    assert piece.deltas is not None
+                    shifts.append(piece.deltas[None].expand(batch, -1))
+                continue
+            if piece.count == 0:
+                continue
+            idx = self._pick(layer, piece.group, q)  # [B, k]
+            kv = [block.layer_kv(layer) for block in piece.blocks]
+            stacked_k = torch.stack([kb for kb, _ in kv], dim=1)  # [B, C, n, H, D]
+            stacked_v = torch.stack([vb for _, vb in kv], dim=1)
+            keys.append(stacked_k[layout.batch_rows, idx].flatten(1, 2))  # [B, k·n, H, D]
+            values.append(stacked_v[layout.batch_rows, idx].flatten(1, 2))
+            if piece.targets is not None:
+                assert piece.deltas is not None
+                picked = piece.targets[None] - piece.deltas[idx]  # [B, k]: target − home of each pick
+                shifts.append(picked[:, :, None].expand(-1, -1, piece.tokens).flatten(1, 2))
+        deltas = torch.cat(shifts, dim=1) if shifts else None
+        origin = self._origins[1]
+        block = self._query.block_id
+        gathered = origin.call(block, self._realigner.gather_shifted, keys, deltas, self._rope, k)
+        shape = (k.shape[0], sum(x.shape[1] for x in keys) + k.shape[1], *k.shape[2:])
+        problem = tensor_problem("gather_shifted() keys", gathered, shape, k.dtype, k.device, finite=False)
+        if problem:
+            raise origin.error(f"layer {layer}: {problem}", block)
+        values_all = torch.cat([*values, v], dim=1)
+        self._context_tokens = gathered.shape[1] - k.shape[1]
+        backend = self._origins[2]
+        out = backend.call(block, self._backend.attend, q, gathered, values_all)
+        problem = tensor_problem("output", out, tuple(q.shape), q.dtype, q.device, finite=False)
+        if problem:
+            raise backend.error(f"layer {layer}: {problem}", block)
+        if out.is_floating_point():
+            # flags only (holding the tensors would keep every layer's context alive)
+            self._pending.append((layer, None, torch.isfinite(out).all(), torch.isfinite(gathered).all()))
+        if layer >= self._last_layer:
+            self._verify()
+        return out
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self._groups:
+            self._context_tokens = 0
+            return self._attend(layer, q, k, v)
+        if self._on_device:
+            return self._attend_on_device(layer, q, k, v)
+        rows = self._choose(layer, q)
+        batch = q.shape[0]
+        same = all(len(r) == len(rows[0]) and all(a is b for a, b in zip(r, rows[0], strict=False)) for r in rows[1:])
+        if same:
+            keys, values = self._gather(layer, rows[0], slice(None), k, v)
+        else:
+            per_item = [self._gather(layer, rows[b], slice(b, b + 1), k[b : b + 1], v[b : b + 1]) for b in range(batch)]
+            keys = torch.cat([kv[0] for kv in per_item], dim=0)
+            values = torch.cat([kv[1] for kv in per_item], dim=0)
+        self._context_tokens = keys.shape[1] - k.shape[1]
+        return self._attend(layer, q, keys, values)
