@@ -17,6 +17,7 @@ spec into the index; ``None`` means unconditioned, exactly as a model without co
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -157,26 +158,39 @@ class TinyDiT(nn.Module):
     """A block-causal video DiT implementing :class:`packforcing.core.interfaces.BlockModel`."""
 
     def __init__(
-        self, params: TinyDiTParams | None = None, dtype: str = "float32", config_source: str | None = None
+        self,
+        params: TinyDiTParams | None = None,
+        dtype: str = "float32",
+        config_source: str | None = None,
+        *,
+        plan_only: bool = False,
     ) -> None:
+        """``plan_only``: a weightless model for memory planning — its transformer parameters live
+        on the meta device (nothing initialised or loaded; a ``weights`` file's header is still
+        checked), so planning a full-size model costs no time and no memory."""
         super().__init__()
         self.params = params = params or TinyDiTParams()
         self.geometry = params.geometry(dtype)
         dim = params.hidden_size
         self.hidden_size = dim
         self.rope = Rope3D(self.geometry.head_dim, params.rope_theta)
-        self.patch_embed = nn.Conv3d(params.latent_channels, dim, kernel_size=params.patch, stride=params.patch)
-        self.time_embed = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.layers = nn.ModuleList(DiTLayer(dim, params.num_heads, params.mlp_ratio) for _ in range(params.num_layers))
-        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.out_modulation = nn.Parameter(torch.zeros(1, 2, dim))
-        pt, ph, pw = params.patch
-        self.head = nn.Linear(dim, pt * ph * pw * params.latent_channels)
+        with torch.device("meta") if plan_only else contextlib.nullcontext():
+            self.patch_embed = nn.Conv3d(params.latent_channels, dim, kernel_size=params.patch, stride=params.patch)
+            self.time_embed = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+            self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+            self.layers = nn.ModuleList(
+                DiTLayer(dim, params.num_heads, params.mlp_ratio) for _ in range(params.num_layers)
+            )
+            self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.out_modulation = nn.Parameter(torch.zeros(1, 2, dim))
+            pt, ph, pw = params.patch
+            self.head = nn.Linear(dim, pt * ph * pw * params.latent_channels)
         self.codec = LinearPatchCodec(params.latent_channels, params.codec_stride, seed=params.seed, basis=params.codec)
         # registered last, so the seeded initialisation of everything else is unchanged
-        self.condition_embed = nn.Embedding(params.num_conditions, dim) if params.num_conditions else None
-        self._init_weights(params.seed)
+        with torch.device("meta") if plan_only else contextlib.nullcontext():
+            self.condition_embed = nn.Embedding(params.num_conditions, dim) if params.num_conditions else None
+        if not plan_only:
+            self._init_weights(params.seed)
         if params.weights:
             from safetensors.torch import load_file
 
@@ -185,7 +199,8 @@ class TinyDiT(nn.Module):
             path = resolve_weights(params.weights, config_source)
             tensors, _ = read_header(path)
             check_tensors(path, tensors, {name: tuple(t.shape) for name, t in self.state_dict().items()})
-            self.load_state_dict(load_file(str(path)))
+            if not plan_only:
+                self.load_state_dict(load_file(str(path)))
         self.requires_grad_(False)
         self.eval()
 

@@ -34,6 +34,8 @@ from packforcing.selectors.topk import TopKSelector
 def _tiny_dit(params: TinyDiTParams, env) -> TinyDiT:
     dtype_name = str(env.dtype).removeprefix("torch.")
     source = env.config.source if env.config is not None else None
+    if env.plan_only:  # weightless (meta-device) model: planning a full-size model is instant
+        return TinyDiT(params, dtype=dtype_name, config_source=source, plan_only=True).to(dtype=env.dtype)
     return TinyDiT(params, dtype=dtype_name, config_source=source).to(device=env.device, dtype=env.dtype)
 
 
