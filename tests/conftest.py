@@ -2,7 +2,10 @@
 
 Choose with ``HYPOTHESIS_PROFILE=long`` or pytest's ``--hypothesis-profile=long``.
 ``ci`` is derandomized (the same examples every run, no example database) so CI is
-reproducible; ``long`` draws fresh random examples and many more of them.
+reproducible; ``long`` draws fresh random examples and many more of them. ``ci`` is sized so
+the whole suite stays within ~3 minutes on two idle cores: the stateful policy machines
+(``tests/test_stateful.py``, each example 25 steps) run 50 examples each under ``ci`` and the
+profile's 2000 under ``long`` (``HYPOTHESIS_PROFILE=long pytest tests/test_stateful.py``).
 """
 
 from __future__ import annotations
