@@ -18,7 +18,10 @@ Composition rules:
   applied last, with values parsed as YAML (``8`` is an integer, ``[1, 2, 2]`` a list).
 
 Every problem raises :class:`ConfigError` naming the file (or ``--set``) that set the
-offending key and the key path.
+offending key and the key path. By concern: :mod:`packforcing.core.yamlfile` reads one file,
+:mod:`packforcing.core.compose` follows ``extends``, :mod:`packforcing.core.overrides` applies
+``--set``, :mod:`packforcing.core.keypaths` locates keys; this module holds the schema
+(``run``, ``text_encoder``, the component sections) and :func:`load_config`.
 """
 
 from __future__ import annotations
@@ -28,33 +31,49 @@ import difflib
 import math
 import os
 import re
-import stat
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
-import yaml
 
 from packforcing import presets
+from packforcing.core.compose import deep_merge, load_file
 from packforcing.core.conditions import ConditionError, ConditionSchedule
 from packforcing.core.errors import ConfigError, ParamError
 from packforcing.core.geometry import DTYPES
+from packforcing.core.keypaths import KeyPath, locate, source_of
+from packforcing.core.overrides import (
+    COMPONENT_KEYS,
+    DEFAULT_COMPONENTS,
+    NAME_OPTIONAL,
+    OVERRIDE_SOURCE,
+    apply_override,
+)
 from packforcing.core.structure import show, structure, unstructure
 from packforcing.core.validators import non_negative, one_of, optional_positive, positive
+from packforcing.core.yamlfile import MAX_CONFIG_BYTES, file_label, missing_file
 from packforcing.plugins.kinds import KINDS, SECTIONS
 
-COMPONENT_KEYS = tuple(k.key for k in KINDS)
-"""Config keys of the component sections, in build order (from :data:`packforcing.plugins.kinds.KINDS`)."""
-TOP_KEYS = (*COMPONENT_KEYS, *SECTIONS)
-DEFAULT_COMPONENTS = {k.key: k.default for k in KINDS if k.default is not None}
-NAME_OPTIONAL = tuple(k.key for k in KINDS if k.name_optional)
-"""Component blocks whose ``name`` may be left out (the default component is meant)."""
-OPTIONAL_COMPONENTS = tuple(k.key for k in KINDS if k.optional)
-OVERRIDE_SOURCE = "--set"
+__all__ = [
+    "COMPONENT_KEYS",
+    "DEFAULT_COMPONENTS",
+    "MAX_CONFIG_BYTES",
+    "OPTIONAL_COMPONENTS",
+    "TOP_KEYS",
+    "ComponentSpec",
+    "Config",
+    "RunParams",
+    "TextEncoderParams",
+    "apply_override",
+    "deep_merge",
+    "file_label",
+    "load_config",
+]
 
-KeyPath = tuple[str, ...]
+TOP_KEYS = (*COMPONENT_KEYS, *SECTIONS)
+OPTIONAL_COMPONENTS = tuple(k.key for k in KINDS if k.optional)
+
 _KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 
 
@@ -186,323 +205,9 @@ class Config:
     def source_of(self, path: str | None) -> str | None:
         """The file (or ``--set``) that set key ``path`` (``"policy.tiers[1].blocks"``), or the
         closest enclosing key that was set; the config's own file if none was."""
-        return _source_of(self.sources, path, self.source)
+        return source_of(self.sources, path, self.source)
 
 
-def _split_path(path: str) -> KeyPath:
-    """``"policy.tiers[1].blocks"`` → ``("policy", "tiers", "1", "blocks")``."""
-    parts: list[str] = []
-    for part in path.split("."):
-        m = re.fullmatch(r"([^\[\]]*)((?:\[\d+\])*)", part)
-        if m is None:
-            parts.append(part)
-            continue
-        if m.group(1):
-            parts.append(m.group(1))
-        parts.extend(re.findall(r"\[(\d+)\]", m.group(2)))
-    return tuple(parts)
-
-
-def _source_of(sources: Mapping[KeyPath, str], path: str | None, default: str | None) -> str | None:
-    if not path:
-        return default
-    parts = _split_path(path)
-    for n in range(len(parts), 0, -1):
-        found = sources.get(parts[:n])
-        if found is not None:
-            return found
-    return default
-
-
-def _locate(exc: ConfigError, sources: Mapping[KeyPath, str], default: str | None) -> ConfigError:
-    """``exc`` attributed to the file that set its key path (if it names no file yet)."""
-    return exc.located(_source_of(sources, exc.path, default))
-
-
-# ---------------------------------------------------------------------- YAML files
-def file_label(path: Path) -> str:
-    """How a file is named in messages: relative to the working directory when below it."""
-    path = Path(path)
-    if not path.is_absolute():
-        return str(path)
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        rel = os.path.relpath(path)
-        return rel if not rel.startswith("..") else str(path)
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML that refuses duplicate keys (PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            duplicate = key in seen
-            seen.add(key)
-        except TypeError:  # unhashable key: let the base constructor report it
-            continue
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
-            )
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _missing_file(path: Path) -> str:
-    hint = ""
-    if path.parent.is_dir():
-        siblings = {p.stem: p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")}
-        close = difflib.get_close_matches(path.stem, list(siblings), n=1)
-        hint = f" (did you mean {siblings[close[0]]!r}?)" if close else ""
-    if not hint and len(path.parts) == 1:
-        close = difflib.get_close_matches(path.stem, presets.names(), n=1)
-        hint = f" (did you mean the preset {close[0]!r}?)" if close else " (nor a preset: see 'packforcing presets')"
-    return f"file not found{hint}"
-
-
-MAX_CONFIG_BYTES = 1 << 20
-"""Config files larger than this (1 MiB) are refused unread."""
-MAX_YAML_NODES = 100_000
-"""A YAML document whose aliases expand to more nodes than this is refused (alias bombs)."""
-YAML_SUFFIXES = (".yaml", ".yml")
-
-
-def file_problem(path: Path, *, yaml_suffix: bool = False) -> str | None:
-    """Why ``path`` cannot be a config file (missing, a directory, a FIFO or device, too large;
-    with ``yaml_suffix``, not named ``.yaml``/``.yml``), without opening it; ``None`` if it may
-    be read."""
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        return _missing_file(path)
-    except OSError as exc:
-        return f"cannot read: {exc.strerror}"
-    if stat.S_ISDIR(info.st_mode):
-        return "is a directory, not a YAML file"
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
-        return f"is {kind}, not a regular file"
-    if info.st_size > MAX_CONFIG_BYTES:
-        return f"is {info.st_size} bytes; config files are limited to {MAX_CONFIG_BYTES} bytes"
-    if yaml_suffix and path.suffix.lower() not in YAML_SUFFIXES:
-        return "not a YAML file (files given to extends end in .yaml or .yml)"
-    return None
-
-
-def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
-    """Nodes ``node`` stands for once every alias is expanded (stops past the limit)."""
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    memo[key] = MAX_YAML_NODES + 1  # a node reached again while expanding itself: unbounded
-    count = 1
-    if isinstance(node, yaml.SequenceNode):
-        children: list[yaml.Node] = list(node.value)
-    elif isinstance(node, yaml.MappingNode):
-        children = [part for pair in node.value for part in pair]
-    else:
-        children = []
-    for child in children:
-        count += _expanded_nodes(child, memo)
-        if count > MAX_YAML_NODES:
-            break
-    memo[key] = count
-    return count
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    label = file_label(path)
-    problem = file_problem(path)
-    if problem:
-        raise ConfigError(problem, source=label)
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", source=label) from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"is larger than {MAX_CONFIG_BYTES} bytes, the limit for config files", source=label)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("not a text file", source=label) from None
-    loader = _StrictLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is not None and _expanded_nodes(node, {}) > MAX_YAML_NODES:
-            raise ConfigError(
-                f"YAML aliases expand to more than {MAX_YAML_NODES} nodes; refusing it (an alias bomb?)", source=label
-            )
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{label}:{mark.line + 1}" if mark is not None else label
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"invalid YAML: {problem}", source=where) from None
-    except RecursionError:
-        raise ConfigError("YAML nested too deeply", source=label) from None
-    finally:
-        loader.dispose()
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}", source=label)
-    return dict(data)
-
-
-def _replaces(old: Any, new: Any) -> bool:
-    """``new`` names a different component than ``old``: it replaces it instead of merging."""
-    return (
-        isinstance(old, Mapping)
-        and isinstance(new, Mapping)
-        and "name" in old
-        and "name" in new
-        and new["name"] != old["name"]
-    )
-
-
-def deep_merge(
-    base: Mapping[str, Any], over: Mapping[str, Any], *, _prefix: KeyPath = (), _replaced: list[KeyPath] | None = None
-) -> dict[str, Any]:
-    """``over`` merged into ``base``; a component block naming another component replaces it."""
-    out = copy.deepcopy(dict(base))
-    for key, value in over.items():
-        old = out.get(key)
-        path = (*_prefix, str(key))
-        if isinstance(old, Mapping) and isinstance(value, Mapping) and not _replaces(old, value):
-            out[key] = deep_merge(old, value, _prefix=path, _replaced=_replaced)
-        else:
-            out[key] = copy.deepcopy(value)
-            if _replaced is not None and key in base:
-                _replaced.append(path)
-    return out
-
-
-def _key_paths(data: Any, prefix: KeyPath = ()) -> list[KeyPath]:
-    """Every mapping key path in ``data`` (lists are leaves: they are replaced, never merged)."""
-    out: list[KeyPath] = []
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            path = (*prefix, str(key))
-            out.append(path)
-            out.extend(_key_paths(value, path))
-    return out
-
-
-def _compose(
-    base: dict[str, Any], base_sources: dict[KeyPath, str], over: Mapping[str, Any], over_sources: dict[KeyPath, str]
-) -> tuple[dict[str, Any], dict[KeyPath, str]]:
-    replaced: list[KeyPath] = []
-    merged = deep_merge(base, over, _replaced=replaced)
-    sources = {p: s for p, s in base_sources.items() if not any(p[: len(r)] == r and len(p) > len(r) for r in replaced)}
-    sources.update(over_sources)
-    return merged, sources
-
-
-def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dict[KeyPath, str]]:
-    """Merged data of ``path`` and its ``extends`` chain, and the file that set each key path."""
-    path = path.resolve()
-    label = file_label(path)
-    if path in stack:
-        chain = " -> ".join(file_label(p) for p in (*stack, path))
-        raise ConfigError(f"cyclic extends: {chain}", source=file_label(stack[-1]), path="extends")
-    data = _read_yaml(path)
-    parents = data.pop("extends", None)
-    single = isinstance(parents, str)
-    if parents is None:
-        parents = []
-    elif single:
-        parents = [parents]
-    elif not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
-        raise ConfigError(f"expected a path or a list of paths, got {show(parents)}", source=label, path="extends")
-    merged: dict[str, Any] = {}
-    sources: dict[KeyPath, str] = {}
-    for i, parent in enumerate(parents):
-        parent_path = path.parent / parent
-        where = "extends" if single else f"extends[{i}]"
-        problem = file_problem(parent_path, yaml_suffix=True)  # never read /etc/shadow as a parent
-        if problem:
-            raise ConfigError(f"{parent}: {problem}", source=label, path=where)
-        pdata, psources = _load_file(parent_path, (*stack, path))
-        merged, sources = _compose(merged, sources, pdata, psources)
-    return _compose(merged, sources, data, dict.fromkeys(_key_paths(data), label))
-
-
-# ---------------------------------------------------------------------- overrides
-def _parse_value(raw: str) -> Any:
-    if not raw.strip():
-        return None
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def apply_override(
-    data: dict[str, Any], override: str, sources: dict[KeyPath, str] | None = None, label: str = OVERRIDE_SOURCE
-) -> dict[str, Any]:
-    """Apply ``"a.b.c=value"`` (value parsed as YAML; ``a.list[1].b`` or ``a.list.1.b`` index lists)
-    to a copy of ``data``; records ``label`` (``--set``, or the option that set it, e.g.
-    ``--blocks``) as the source of the key in ``sources``."""
-    key, sep, raw = override.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"expected KEY.PATH=VALUE, got {override!r}", source=label)
-    value = _parse_value(raw)
-    parts = _split_path(key)
-    out = copy.deepcopy(data)
-    node: Any = out
-    for i, part in enumerate(parts):
-        here = ".".join(parts[: i + 1])
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit():
-                raise ConfigError(f"{'.'.join(parts[:i])} is a list: index it with a number", source=label, path=key)
-            index = int(part)
-            if index >= len(node):
-                raise ConfigError(f"index {index} is out of range ({len(node)} items)", source=label, path=key)
-            if last:
-                node[index] = value
-            else:
-                node = node[index]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(
-                f"cannot set it: {'.'.join(parts[:i])} is {show(node)}, not a mapping", source=label, path=key
-            )
-        if last:
-            current = node.get("name", DEFAULT_COMPONENTS.get(parts[0]) if parts[0] in NAME_OPTIONAL else None)
-            if i == 1 and part == "name" and parts[0] in COMPONENT_KEYS and current not in (None, value):
-                node.clear()  # a different component: the old one's parameters do not carry over
-                if sources is not None:
-                    for p in [p for p in sources if p[:1] == parts[:1] and len(p) > 1]:
-                        del sources[p]
-            node[part] = value
-        else:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif isinstance(child, str) and i == 0 and part in COMPONENT_KEYS:
-                child = node[part] = {"name": child}  # "policy: full" spelled as a string
-            node = child
-        if sources is not None:
-            sources[_split_path(here)] = label
-    if sources is not None:
-        for p in [p for p in sources if p[: len(parts)] == parts and len(p) > len(parts)]:
-            sources[p] = label
-    return out
-
-
-# ---------------------------------------------------------------------- entry point
 def load_config(
     source: str | os.PathLike[str] | Mapping[str, Any],
     overrides: Iterable[str] = (),
@@ -522,8 +227,8 @@ def load_config(
     else:
         path = presets.resolve(source)  # a file, else a packaged preset name ("sink_recent")
         if not path.exists():
-            raise ConfigError(_missing_file(path), source=str(source))
-        data, sources = _load_file(path, ())
+            raise ConfigError(missing_file(path), source=str(source))
+        data, sources = load_file(path, ())
         label = file_label(path.resolve())
     overrides = list(overrides)
     labels = list(labels) if labels is not None else []
@@ -537,7 +242,7 @@ def load_config(
             raise ConfigError(
                 f"{'unknown top-level key' if shown else 'a top-level key that is not a name'}{did} "
                 f"(expected one of: {', '.join(TOP_KEYS)})",
-                source=_source_of(sources, str(key), label),
+                source=source_of(sources, str(key), label),
                 path=shown,
             )
     if registry is None:
@@ -546,7 +251,7 @@ def load_config(
         registry = default_registry()
     components: dict[str, ComponentSpec | None] = {}
     for key in COMPONENT_KEYS:
-        where = _source_of(sources, key, label)
+        where = source_of(sources, key, label)
         block = data.get(key)
         if block is None:
             if key in OPTIONAL_COMPONENTS:
@@ -574,7 +279,7 @@ def load_config(
             problem = "required key is missing" if name is None else f"expected a string, got {show(name)}"
             raise ConfigError(
                 f"{problem} (available: {available})",
-                source=_source_of(sources, f"{key}.name", where),
+                source=source_of(sources, f"{key}.name", where),
                 path=f"{key}.name",
             )
         params = {k: v for k, v in block.items() if k != "name"}
@@ -582,21 +287,21 @@ def load_config(
             factory = registry.factory(key, name)
         except LookupError as exc:
             raise ConfigError(
-                str(exc.args[0]), source=_source_of(sources, f"{key}.name", where), path=f"{key}.name"
+                str(exc.args[0]), source=source_of(sources, f"{key}.name", where), path=f"{key}.name"
             ) from None
         try:
             structured = structure(factory.params, params, key)
         except ConfigError as exc:
-            raise _locate(exc, sources, label) from None
+            raise locate(exc, sources, label) from None
         components[key] = ComponentSpec(name, structured)
     try:
         block = data.get("run")
         run = structure(RunParams, {} if block is None else block, "run")
     except ConfigError as exc:
-        raise _locate(exc, sources, label) from None
+        raise locate(exc, sources, label) from None
     try:
         block = data.get("text_encoder")
         text_encoder = structure(TextEncoderParams, {} if block is None else block, "text_encoder")
     except ConfigError as exc:
-        raise _locate(exc, sources, label) from None
+        raise locate(exc, sources, label) from None
     return Config(data=data, source=label, components=components, run=run, sources=sources, text_encoder=text_encoder)
