@@ -336,11 +336,13 @@ def test_real_signals(tmp_path, uninterrupted, sig):
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
-    config = write_config(tmp_path, "full", blocks=1)
+    # enough blocks that the run cannot finish before the signal, however late a loaded machine
+    # delivers it: the signal lands in start-up (importing torch, building the parser) or early on
+    config = write_config(tmp_path, "sliding_window", blocks=100_000)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "packforcing", "generate", "--config", str(config), "--out", str(tmp_path / "o")]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # importing torch, building the parser
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
