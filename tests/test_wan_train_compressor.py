@@ -52,10 +52,30 @@ def test_within_budget():
         within_budget(16, 6, 1)
 
 
+def test_bad_batch_size_is_one_line(tmp_path, capsys):
+    argv = ["train-compressor", "--config", "packforcing", "--batch-size", "0", "--out", str(tmp_path / "w")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--batch-size: expected an integer >= 1, got 0" in err
+    assert not (tmp_path / "w").exists()
+
+
 def test_train_compressor_on_wan_and_load_the_weights(tmp_path, capsys):
     config = wan_config(tmp_path)
     weights = tmp_path / "wan_dual_branch.safetensors"
-    argv = ["train-compressor", "--config", str(config), "--steps", "1", "--blocks", "2", "--batch", "1"]
+    argv = [
+        "train-compressor",
+        "--config",
+        str(config),
+        "--steps",
+        "1",
+        "--blocks",
+        "2",
+        "--batch",
+        "1",
+        "--batch-size",
+        "2",
+    ]
     assert main([*argv, "--max-blocks", "4", "--out", str(weights)]) == 0
     out = capsys.readouterr().out
     assert "--max-blocks 4: 2 videos of 2 blocks" in out and "held-out loss" in out

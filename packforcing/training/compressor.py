@@ -212,6 +212,8 @@ def within_budget(videos: int, blocks: int, max_blocks: int | None) -> tuple[int
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     videos, blocks = within_budget(args.videos, args.blocks, args.max_blocks)
     if (videos, blocks) != (args.videos, args.blocks):
         print(f"--max-blocks {args.max_blocks}: {videos} videos of {blocks} blocks")
@@ -224,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
         videos=videos,
         blocks=blocks,
         batch=args.batch,
+        batch_size=args.batch_size,
         data_source=args.data,
         log=print,
     )

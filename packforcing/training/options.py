@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", type=int, default=6, help="blocks per video (default 6)")
     parser.add_argument("--batch", type=int, default=4, help="batch items per video (default 4)")
     parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="training pairs per optimizer step; the held-out set is 4x as many (default 32)",
+    )
+    parser.add_argument(
         "--max-blocks",
         type=int,
         default=None,
