@@ -266,7 +266,8 @@ def test_cli_records_the_schedule_and_refuses_a_spec_in_one_line(tmp_path, capsy
     code = main([*args, "--overwrite", "--set", "run.prompts=[{from_block: 0, embeds: p.safetensors}]"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
-    assert err == "error: --set: run.prompts[0].embeds: model tiny_dit is unconditional and takes no condition"
+    # configs/full.yaml's tiny_dit is conditioned on scenes: it refuses other keys
+    assert err == "error: --set: run.prompts[0].embeds: unknown condition key (tiny_dit takes 'scene')"
 
 
 def generate_with(engine, conditions, blocks: int = 4):

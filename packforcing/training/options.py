@@ -74,7 +74,7 @@ MODEL_DEFAULT_OUT = "packforcing/weights/world_tiny.safetensors"
 class TrainModelParams:
     """Options of :func:`train_model`."""
 
-    steps: int = 2400
+    steps: int = 1800
     lr: float = 3e-3
     batch_size: int = 4
     clips: int = 2048
@@ -86,7 +86,7 @@ class TrainModelParams:
     """Learning-rate multiplier of the attention query/key norm gains."""
 
 
-MODEL_EXAMPLE = f"example:\n  packforcing train-model --config packforcing --steps 3000 --out {MODEL_DEFAULT_OUT}"
+MODEL_EXAMPLE = f"example:\n  packforcing train-model --config packforcing --steps 1800 --out {MODEL_DEFAULT_OUT}"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
