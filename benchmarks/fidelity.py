@@ -181,6 +181,45 @@ def run_one(engine: Any, world: SceneWorld, schedule: list[int], seed: int) -> d
     }
 
 
+def context_probe(engine: Any, world_params: Any, train_blocks: int, clips: int = 8) -> dict[str, Any]:
+    """Does the model read its context? One teacher-forced pass at σ = 1 (the block is pure
+    noise, so everything it can know about the block comes from the cached history) over
+    unseen training-length clips: the x̂₀ error per block position against the error of copying
+    the previous frame and of predicting the clips' mean; and how much x̂₀ moves when the
+    first two blocks of history are swapped between clips."""
+    from packforcing.attention.backends import SdpaBackend
+    from packforcing.core.context import MaskedContext
+    from packforcing.training.model import TeacherContext, render_clips, teacher_masks
+
+    model = engine.model
+    backend = SdpaBackend()
+    f = model.geometry.frames_per_block
+    clean, scenes = render_clips(model, world_params, train_blocks, [WORLD_SEED + 500 + i for i in range(clips)])
+    masks = teacher_masks(train_blocks, model.geometry.tokens_per_block)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    steps = torch.full(scenes.shape, 1000.0)
+
+    def x0(history: torch.Tensor) -> torch.Tensor:
+        keys, values = model.clean_kv(history, MaskedContext(backend, masks[0]), condition=scenes)
+        return noise - model.denoise(noise, steps, TeacherContext(backend, keys, values, masks[1]), condition=scenes)
+
+    with torch.no_grad():
+        predicted = x0(clean)
+        swapped = clean.clone()
+        swapped[:, :, : 2 * f] = swapped[:, :, : 2 * f].roll(1, dims=0)
+        moved = float((x0(swapped) - predicted)[:, :, 2 * f : 3 * f].pow(2).mean())
+    previous = torch.cat([clean[:, :, :1], clean[:, :, :-1]], dim=2)
+    per_block = (predicted - clean).pow(2).mean(dim=(1, 3, 4)).view(clips, train_blocks, f).mean(dim=(0, 2))
+    return {
+        "sigma": 1.0,
+        "x0_mse_by_block": [round(float(v), 4) for v in per_block],
+        "x0_mse": float((predicted - clean).pow(2).mean()),
+        "copy_previous_frame_mse": float((previous - clean).pow(2).mean()),
+        "mean_prediction_mse": float(clean.var()),
+        "x0_change_when_history_swapped": moved,
+    }
+
+
 def mean(xs: Sequence[float]) -> float:
     xs = [x for x in xs if not math.isnan(x)]
     return sum(xs) / len(xs) if xs else float("nan")
@@ -339,7 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
     diagnostics = []
+    probe = None
     if args.diagnose:
+        probe = context_probe(engine_for("full", overrides), world_params, train_blocks)
+        print(f"context probe (sigma = 1): {probe}", flush=True)
         multiple = max(args.multiples)
         blocks = multiple * train_blocks
         for policy in DIAGNOSTICS:
@@ -367,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train_blocks": train_blocks,
         "results": results,
         "diagnostics": diagnostics,
+        "context_probe": probe,
         "model": {"weights": weights, "steps": meta.get("steps"), "commit": meta.get("commit")},
         "world": world_params.as_dict(),
         "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
@@ -378,6 +421,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if diagnostics:
         rows = [r for r in results if r["horizon"] == diagnostics[0]["horizon"] and r["policy"] == "full"]
         md += "\nDiagnostics (PackForcing variants, " + diagnostics[0]["horizon"] + "):\n\n" + table(rows + diagnostics)
+    if probe is not None:
+        md += (
+            "\nContext probe (one teacher-forced pass at σ = 1, clips of the training length): x̂₀ MSE "
+            f"{probe['x0_mse']:.3f} (by block position {probe['x0_mse_by_block']}) vs copying the previous "
+            f"frame {probe['copy_previous_frame_mse']:.3f} and predicting the mean {probe['mean_prediction_mse']:.3f}; "
+            f"x̂₀ moves by {probe['x0_change_when_history_swapped']:.3f} (MSE) when two blocks of history are swapped.\n"
+        )
     (out / "fidelity.md").write_text(
         f"### fidelity\n\nModel `{weights}` ({meta.get('steps')} steps, clips of {train_blocks} blocks); "
         f"{args.seeds} seed(s); mean ± spread across seeds. Machine: {data['machine']}\n\n{md}"

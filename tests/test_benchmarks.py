@@ -1,4 +1,4 @@
-"""The GPU benchmark script's code paths run (on the CPU, at toy sizes); no timing is asserted."""
+"""The benchmark scripts' code paths run (on the CPU, at toy sizes); no timing is asserted."""
 
 from __future__ import annotations
 
@@ -21,3 +21,34 @@ def test_gpu_benchmark_smoke_run_exercises_every_section():
     out = result.stdout
     assert "| sdpa |" in out  # attention section
     assert "cache mgmt %" in out and "gather+realign %" in out  # instrumented engine section
+
+
+def test_fidelity_benchmark_smoke_run_writes_the_schema(tmp_path):
+    """benchmarks/fidelity.py --smoke: every policy at 1x and 2x on the shipped model, one seed,
+    one sampler step; the JSON has the issue's schema (no figure is asserted)."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "benchmarks/fidelity.py", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "fidelity.json").read_text())
+    assert isinstance(data["train_blocks"], int) and data["train_blocks"] >= 1
+    rows = data["results"]
+    policies = {"full", "sliding_window", "sink_recent", "packforcing", "packforcing_pool", "packforcing_recency"}
+    assert {r["policy"] for r in rows} == policies
+    assert {r["horizon"] for r in rows} == {"1x", "2x"}
+    keys = {"policy", "horizon", "blocks", "seeds", "peak_cache_bytes", "teacher_forced_return_psnr_db",
+            "free_return_psnr_db", "drift", "ms_per_block"}  # fmt: skip
+    for row in rows:
+        assert keys <= set(row)
+        assert row["blocks"] == data["train_blocks"] * int(row["horizon"][:-1])
+        assert row["seeds"] == 1 and row["peak_cache_bytes"] > 0
+    full = {r["horizon"]: r["peak_cache_bytes"] for r in rows if r["policy"] == "full"}
+    window = {r["horizon"]: r["peak_cache_bytes"] for r in rows if r["policy"] == "sliding_window"}
+    assert window["2x"] < full["2x"]  # bytes come from the tensors held
+    assert (tmp_path / "fidelity.md").is_file() and (tmp_path / "fidelity.png").is_file()

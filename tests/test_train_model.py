@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
@@ -125,6 +126,12 @@ def test_training_is_reproducible_and_writes_loadable_weights(tmp_path: Path):
     assert meta["steps"] == 3 and meta["train_blocks"] == 3 and meta["seed"] == 0
     assert meta["world"]["name"] == "scenes" and meta["world"]["num_scenes"] == 3
     assert meta["model"]["num_conditions"] == 3 and "commit" in meta
+    more = tmp_path / "more.safetensors"
+    cont = attrs.evolve(params, steps=2, init=str(out), pure_noise_fraction=0.5)
+    train_model(pf.load_config(small_config()), cont, more, progress=False)
+    meta2 = read_metadata(more)
+    assert meta2["steps"] == 2 and meta2["total_steps"] == 5 and meta2["init"]["steps"] == 3
+    assert meta2["pure_noise_fraction"] == 0.5
     engine = pf.build_engine(small_config(weights=str(out)))
     untrained = pf.build_engine(small_config())
     assert not torch.equal(engine.model.head.weight, untrained.model.head.weight)

@@ -228,6 +228,12 @@ def train_model(
     model = engine.model
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: {type(model).__name__} is not a trainable torch module")
+    init_meta: dict[str, Any] = {}
+    if params.init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(params.init))
+        init_meta = read_metadata(params.init)
     world = world or world_params_for(model)
     sampler = cfg.sampler
     backend = SdpaBackend()
@@ -265,6 +271,12 @@ def train_model(
         "clips": str(params.clips),
         "lr": str(params.lr),
         "gain_lr_scale": str(params.gain_lr_scale),
+        "pure_noise_fraction": str(params.pure_noise_fraction),
+        "init": json.dumps(
+            {k: init_meta.get(k) for k in ("steps", "seed", "lr", "pure_noise_fraction", "init", "commit")}
+            if params.init
+            else None
+        ),
         "sampler": json.dumps(attrs.asdict(sampler)),
         "objective": "block-causal teacher forcing, flow matching, per-block noise levels",
         "commit": git_commit(),
@@ -281,6 +293,7 @@ def train_model(
         meta = {
             **base_meta,
             "steps": str(len(losses)),
+            "total_steps": str(int(init_meta.get("total_steps", init_meta.get("steps", 0))) + len(losses)),
             "planned_steps": str(params.steps),
             "seconds": f"{time.perf_counter() - started:.1f}",
             "final_loss": f"{sum(tail) / max(len(tail), 1):.6f}",
@@ -293,6 +306,9 @@ def train_model(
             picks = torch.randint(params.clips, (params.batch_size,), generator=gen).tolist()
             clean, scenes = pool.get(picks)
             sigma = sample_sigmas(sampler, (params.batch_size, params.train_blocks), gen)
+            if params.pure_noise_fraction > 0:
+                pure = torch.rand(sigma.shape, generator=gen) < params.pure_noise_fraction
+                sigma = torch.where(pure, torch.ones_like(sigma), sigma)
             noise = torch.randn(clean.shape, generator=gen)
             loss = teacher_forcing_loss(model, backend, clean, scenes, sigma, noise, masks)
             optimizer.zero_grad(set_to_none=True)
@@ -328,6 +344,8 @@ def run(args: argparse.Namespace) -> int:
         train_blocks=args.train_blocks,
         clips=args.clips,
         gain_lr_scale=args.gain_lr_scale,
+        pure_noise_fraction=args.pure_noise_fraction,
+        init=args.init,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )

@@ -84,6 +84,10 @@ class TrainModelParams:
     checkpoint_every: int = 250
     gain_lr_scale: float = 10.0
     """Learning-rate multiplier of the attention query/key norm gains."""
+    pure_noise_fraction: float = 0.0
+    """Fraction of blocks trained at σ = 1 (pure noise: only the history can tell what comes)."""
+    init: str | None = None
+    """Weights to start from (continue a run) instead of the seeded initialisation."""
 
 
 MODEL_EXAMPLE = f"example:\n  packforcing train-model --config packforcing --steps 1800 --out {MODEL_DEFAULT_OUT}"
@@ -107,6 +111,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"learning-rate multiplier of the query/key norm gains (default {d.gain_lr_scale})",
     )
     parser.add_argument("--clips", type=int, default=d.clips, help=f"distinct training clips (default {d.clips})")
+    parser.add_argument(
+        "--pure-noise-fraction",
+        type=float,
+        default=d.pure_noise_fraction,
+        help="fraction of blocks trained at sigma = 1, where only the history helps (default 0)",
+    )
+    parser.add_argument("--init", default=None, help="weights to continue from (default: the seeded initialisation)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="write the weights every N steps (0: end only)"
