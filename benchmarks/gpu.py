@@ -149,6 +149,7 @@ WAN_LIKE_OVERRIDES: list[str] = [
     "selector.k=16",
     "compressor.weights=null",
     "compressor.hr_channels=[32, 128, 512, 2048]",
+    "model.weights=null",  # a resized model: the shipped weights are for the default shape
 ]
 
 

@@ -48,7 +48,7 @@ def main() -> None:
     counts = list(range(1, cores + 1))
     results, rows = {}, []
     for size in args.sizes:
-        overrides = ["run.device=cpu", "compressor.weights=null", "sampler.steps=2", *SIZES[size]]
+        overrides = ["run.device=cpu", "compressor.weights=null", "model.weights=null", "sampler.steps=2", *SIZES[size]]
         engine = pf.build_engine(pf.load_config("packforcing", overrides))
         seconds(engine, 2, 1)  # warm-up
         runs: dict[int, list[float]] = {n: [] for n in counts}

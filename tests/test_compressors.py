@@ -200,7 +200,7 @@ def test_shipped_weights_load_by_path_from_yaml():
     engine = pf.build_engine("configs/packforcing.yaml", registry=None)
     comp = engine.policy.tier_compressor("mid")
     assert isinstance(comp, DualBranchCompressor) and comp.trained
-    assert comp.weights_path == PACKAGE_WEIGHTS / "dual_branch_tiny.safetensors"
+    assert comp.weights_path == PACKAGE_WEIGHTS / "dual_branch_world.safetensors"
     assert comp.weights_path.stat().st_size < 1_000_000
     # a plain path works too (relative to the working directory, or to the config file)
     config = pf.load_config(
@@ -214,7 +214,7 @@ def test_weights_errors_are_located():
         pf.build_engine(
             pf.load_config("configs/packforcing.yaml", overrides=["compressor.weights=nowhere.safetensors"])
         )
-    with pytest.raises(pf.ConfigError, match=r"\S+/dual_branch_tiny\.safetensors was trained with hr_channels"):
+    with pytest.raises(pf.ConfigError, match=r"\S+/dual_branch_world\.safetensors was trained with hr_channels"):
         pf.build_engine(pf.load_config("configs/packforcing.yaml", overrides=["compressor.hr_channels=[4, 4, 8, 8]"]))
 
 
@@ -267,10 +267,12 @@ def test_a_short_training_run_lowers_the_objective_and_saves_loadable_weights(tm
 
 
 def test_shipped_weights_beat_untrained_and_pool_on_fresh_data():
-    """Held-out attention-matching loss of the shipped tiny weights (1.0 = dropping the block)."""
+    """Held-out attention-matching loss of the shipped weights (1.0 = dropping the block), on
+    fresh clips of the world the default model and its compressor were trained on."""
     from packforcing.attention.backends import SdpaBackend
     from packforcing.core.sampler import FlowMatchSampler
     from packforcing.training.compressor import attention_loss, collect, dual_branch_kv, pool_kv, sample_batch
+    from packforcing.training.model import render_clips, world_params_for
 
     engine = pf.build_engine(pf.load_config("configs/packforcing.yaml", overrides=["run.device=cpu"]))
     model = engine.model
@@ -281,7 +283,12 @@ def test_shipped_weights_beat_untrained_and_pool_on_fresh_data():
         latent_channels=16,
         patch=(1, 2, 2),
     )
-    data = collect(model, SdpaBackend(), FlowMatchSampler(steps=2), videos=1, blocks=4, batch=2, seed=123)
+    world = world_params_for(model)
+
+    def clips(video: int):
+        return render_clips(model, world, 4, [900_000 + 2 * video, 900_001 + 2 * video])
+
+    data = collect(model, SdpaBackend(), FlowMatchSampler(steps=2), videos=1, blocks=4, batch=2, seed=123, clips=clips)
     batch = sample_batch(data, [0, 1], 64, torch.Generator().manual_seed(5), max_gap_blocks=4)
     with torch.no_grad():
         trained = float(attention_loss(model, batch, dual_branch_kv(shipped.net, model)))
