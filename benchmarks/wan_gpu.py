@@ -57,6 +57,7 @@ import packforcing as pf  # noqa: E402
 from packforcing.core.instrument import HostSyncCounter, SectionTimer, timing_wrapper  # noqa: E402
 from packforcing.core.interfaces import AttentionContext  # noqa: E402
 from packforcing.core.sampler import block_noise, fresh_noise  # noqa: E402
+from packforcing.models.wan.params import WAN21_T2V_1_3B  # noqa: E402
 from packforcing.plugins import ComponentFactory, hookimpl  # noqa: E402
 from packforcing.plugins.factory import no_params  # noqa: E402
 from packforcing.plugins.manager import Registry  # noqa: E402
@@ -64,24 +65,8 @@ from packforcing.plugins.manager import Registry  # noqa: E402
 REAL_TIME_LATENT_FPS = 4.0
 """Self-Forcing's "real time": 16 pixel frames/s = 4 latent frames/s."""
 
-# Wan2.1-T2V-1.3B (diffusers' WanTransformer3DModel config)
-WAN_1_3B = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
 TINY = {
-    **WAN_1_3B,
+    **WAN21_T2V_1_3B,
     "num_attention_heads": 2,
     "attention_head_dim": 32,
     "text_dim": 32,
@@ -126,7 +111,7 @@ CALLS_PER_BLOCK = 5
 GPU = Sizes(
     device="cuda",
     dtype=torch.bfloat16,
-    transformer=WAN_1_3B,
+    transformer=WAN21_T2V_1_3B,
     latent=(60, 104),
     text_tokens=512,
     # 120 s at 16 fps = 1,920 pixel frames ≤ 1 + 4·(483 - 1): 161 blocks of 3 latent frames
