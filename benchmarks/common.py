@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,25 @@ def mib(nbytes: float) -> float:
 
 def gib(nbytes: float) -> float:
     return nbytes / 2**30
+
+
+def median_time(fn, cuda: bool, warmup: int = 3, repeats: int = 10) -> float:
+    """Median seconds per call (CUDA events on the GPU, perf_counter on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+    times.sort()
+    return times[len(times) // 2]

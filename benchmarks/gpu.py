@@ -18,7 +18,7 @@ import time
 
 import attrs
 import torch
-from common import POLICY_CONFIGS, markdown_table, write_results
+from common import POLICY_CONFIGS, markdown_table, median_time, write_results
 
 import packforcing as pf
 from packforcing.attention import SdpaBackend, XformersBackend, xformers_available
@@ -48,28 +48,6 @@ GPU = Sizes(
     ("model.latent_height=60", "model.latent_width=104", "model.hidden_size=1536", "model.num_heads=12"),
 )
 SMOKE = Sizes("cpu", torch.float32, (64, 256, 2, 32), 256, ("model.hidden_size=64", "model.num_heads=2"))
-
-
-def median_time(fn, cuda: bool, warmup: int = 3, repeats: int = 10) -> float:
-    """Median seconds per call (CUDA events on the GPU, perf_counter on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def matmul_peak(sizes: Sizes) -> float:

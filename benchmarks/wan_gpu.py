@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import RESULTS, machine, markdown_table  # noqa: E402
+from common import RESULTS, machine, markdown_table, median_time  # noqa: E402
 
 import packforcing as pf  # noqa: E402
 from packforcing.core.instrument import HostSyncCounter, SectionTimer, timing_wrapper  # noqa: E402
@@ -258,22 +258,7 @@ def attention_backends(sizes: Sizes) -> dict[str, Callable | str]:
 
 def timed(fn: Callable[[], Any], sizes: Sizes, repeats: int = 5, warmup: int = 2) -> float:
     """Median seconds of ``fn`` (CUDA events on the GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if sizes.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return median_time(fn, sizes.cuda, warmup=warmup, repeats=repeats)
 
 
 def attention_section(sizes: Sizes, contexts: dict[str, int], heads: int, head_dim: int, cap: float) -> dict:
