@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import signal
 import sys
 import textwrap
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -35,6 +37,9 @@ VERBS = (
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
+
+LIGHT_VERBS = ("presets",)
+"""Verbs that never import torch (the others import it first, with interrupts held)."""
 
 EXAMPLES = """examples:
   packforcing generate --blocks 120 --out out/          # the default preset, 'packforcing'
@@ -147,6 +152,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then raise :class:`KeyboardInterrupt` for one.
+
+    For importing torch: its native modules run Python code from C++ while they load, and an
+    interrupt raised there cannot unwind (the process aborts with a C++ error, exit -6) or is
+    swallowed. Held, the signal arrives a moment later as an ordinary Ctrl-C (one line, exit 130).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     from packforcing.core.errors import PluginError
 
@@ -155,6 +183,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return EXIT_CONFIG
+    if args.verb not in LIGHT_VERBS:
+        with interrupts_held():
+            import torch  # noqa: F401  (see interrupts_held)
     try:
         with plugin_warnings_on_one_line():
             return int(args.func(args) or 0)
