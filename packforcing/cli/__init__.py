@@ -18,6 +18,7 @@ import textwrap
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from packforcing.core.errors import ConfigError
 
@@ -153,6 +154,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
+def stop_signals_to(handler: Any) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``handler`` (a function or ``signal.SIG_IGN``) inside the
+    block, restoring the previous handlers after it; a no-op off the main thread, where signals
+    are not ours to take."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
     """Hold SIGINT/SIGTERM until the block ends, then raise :class:`KeyboardInterrupt` for one.
 
@@ -160,17 +177,9 @@ def interrupts_held() -> Iterator[None]:
     interrupt raised there cannot unwind (the process aborts with a C++ error, exit -6) or is
     swallowed. Held, the signal arrives a moment later as an ordinary Ctrl-C (one line, exit 130).
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     held: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in signals}
-    try:
+    with stop_signals_to(lambda signum, frame: held.append(signum)):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if held:
         raise KeyboardInterrupt
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import shutil
 import signal
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from packforcing.cli import add_overrides, add_verb
+from packforcing.cli import add_overrides, add_verb, stop_signals_to
 from packforcing.core.errors import ConfigError
 from packforcing.presets import DEFAULT as DEFAULT_CONFIG
 
@@ -360,34 +358,6 @@ class _Stop:
         self.requested = name
 
 
-@contextlib.contextmanager
-def _catching_signals(stop: _Stop) -> Iterator[None]:
-    """Route SIGINT and SIGTERM to ``stop`` (main thread only; elsewhere signals are not ours)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _shielded() -> Iterator[None]:
-    """Ignore SIGINT/SIGTERM while the run's state is being saved on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
     """A resolved config minus what a resumed run may change (the block count)."""
     run_block = {k: v for k, v in resolved.get("run", {}).items() if k not in ("blocks", "checkpoint_every")}
@@ -437,7 +407,7 @@ def run_job(
     out = Path(out_dir)
     check_output(out, resume=resume, overwrite=overwrite)
     stop = _Stop()
-    with _catching_signals(stop):
+    with stop_signals_to(stop.handle):
         return _run(
             config, out, stop, overrides, labels, details, resume, overwrite, save_latents, progress, registry, wrap,
             on_block,
@@ -617,7 +587,7 @@ def _run(
     except KeyboardInterrupt as exc:
         bar.close()
         signal_name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
-        with _shielded():
+        with stop_signals_to(signal.SIG_IGN):  # the run's state is being saved on the way out
             saved = consistent()
             if saved:
                 checkpoint()
@@ -627,7 +597,7 @@ def _run(
         raise Interrupted(signal_name, session.blocks_done, out if resumable else None) from None
     except BaseException as exc:
         bar.close()
-        with _shielded():
+        with stop_signals_to(signal.SIG_IGN):  # the run's state is being saved on the way out
             finish("failed", " ".join(str(exc).split()) or type(exc).__name__)
             session.close()
         raise
