@@ -64,7 +64,7 @@ DIAGNOSTICS: dict[str, tuple[str, list[str]]] = {
         "packforcing_tiered.yaml",
         ["policy.tiers[1].fidelity=full", "policy.tiers[1].blocks=64"],
     ),
-    "pf_window_anchor": ("packforcing.yaml", ["positional.anchor=window"]),
+    "pf_window_anchor": ("packforcing.yaml", ["realigner.anchor=window"]),
 }
 """``--diagnose``: PackForcing variants that isolate one part each — the compressor (mid kept at
 full resolution), the bank size (nothing archived within 64 blocks), both, and positions
@@ -124,7 +124,7 @@ def schedule_for(blocks: int, train_blocks: int, num_scenes: int, seed: int) -> 
 def engine_for(policy: str, overrides: Sequence[str]) -> Any:
     preset, extra = {**POLICIES, **DIAGNOSTICS}[policy]
     config = pf.load_config(
-        ROOT / "configs" / preset, [*extra, "run.device=cpu", "run.dtype=float32", "attention.name=sdpa", *overrides]
+        ROOT / "configs" / preset, [*extra, "run.device=cpu", "run.dtype=float32", "backend.name=sdpa", *overrides]
     )
     return pf.build_engine(config)
 

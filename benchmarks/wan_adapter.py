@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         config = {
             "model": {"name": "wan", "path": tmp, "frames_per_block": f, "latent_height": h, "latent_width": w},
             "policy": "full",
-            "attention": "sdpa",
+            "backend": "sdpa",
             "sampler": {"name": "self_forcing"},
             "run": {"device": "cpu", "dtype": "float32"},
         }

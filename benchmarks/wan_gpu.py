@@ -449,7 +449,7 @@ def policy_blocks(sizes: Sizes) -> dict[str, dict[str, Any]]:
     import yaml
 
     preset = yaml.safe_load(PRESET.read_text())
-    packforcing = {key: dict(preset[key]) for key in ("policy", "compressor", "selector", "positional")}
+    packforcing = {key: dict(preset[key]) for key in ("policy", "compressor", "selector", "realigner")}
     packforcing["policy"]["mid_capacity_blocks"] = sizes.mid_blocks
     packforcing["selector"]["k"] = sizes.top_k
     fpb = FRAMES_PER_BLOCK
@@ -760,7 +760,7 @@ def engine_for(name: str, registry: Registry, sizes: Sizes, wrap: Any = None) ->
     config = {
         "model": {"name": "wan_benchmark"},
         **policy_blocks(sizes)[name],
-        "attention": {"name": "sdpa"},
+        "backend": {"name": "sdpa"},
         "sampler": {"name": "self_forcing"},
         "run": {"device": sizes.device, "dtype": dtype},
     }

@@ -165,8 +165,8 @@ class FaultyBackend(_Delegating, AttentionBackend):
 WRAPPERS = {
     "compressor": FaultyCompressor,
     "selector": FaultySelector,
-    "positional": FaultyRealigner,
-    "attention": FaultyBackend,
+    "realigner": FaultyRealigner,
+    "backend": FaultyBackend,
 }
 
 

@@ -21,7 +21,7 @@ def engine_for(policy: dict[str, Any], *, model: dict[str, Any] | None = None, s
     config = {
         "model": model or TINY_MODEL,
         "policy": policy,
-        "attention": "sdpa",
+        "backend": "sdpa",
         "sampler": {"steps": steps},
         "run": {"device": "cpu", "dtype": "float32"},
         **sections,

@@ -21,7 +21,7 @@ def config(**policy):
         "policy": {"name": "packforcing", "sink_frames": 4, "recent_frames": 4, "mid_capacity_blocks": 2, **policy},
         "compressor": {"name": "pool", "window": [2, 1, 1]},
         "selector": {"name": "topk", "k": 1, "min_queries": 2},
-        "attention": "sdpa",
+        "backend": "sdpa",
         "sampler": {"steps": 1},
         "run": {"device": "cpu"},
     }

@@ -34,8 +34,8 @@ CONFIG: dict[str, Any] = {
     },
     "compressor": {"name": "pool", "window": [2, 1, 1]},
     "selector": {"name": "topk", "k": 2, "min_queries": 2},
-    "positional": "temporal_rope_shift",
-    "attention": "sdpa",
+    "realigner": "temporal_rope_shift",
+    "backend": "sdpa",
     "sampler": {"steps": 2},
     "run": {"device": "cpu", "dtype": "float32"},
 }
@@ -223,8 +223,8 @@ def test_selector_output_is_checked(fault):
 
 @pytest.mark.parametrize("fault", REALIGNER_FAULTS)
 def test_realigner_output_is_checked(fault):
-    err = _run_until_selection("positional", fault)
-    assert str(err).startswith("positional 'temporal_rope_shift' (distribution packforcing), block "), str(err)
+    err = _run_until_selection("realigner", fault)
+    assert str(err).startswith("realigner 'temporal_rope_shift' (distribution packforcing), block "), str(err)
     expected = {
         "raise": "raised Boom",
         "targets": "targets for",
@@ -238,7 +238,7 @@ def test_realigner_output_is_checked(fault):
 
 @pytest.mark.parametrize("fault", BACKEND_FAULTS)
 def test_backend_output_is_checked(fault):
-    err = _run_until_selection("attention", fault, blocks=1)
-    assert str(err).startswith("attention 'sdpa' (distribution packforcing), block 0: "), str(err)
+    err = _run_until_selection("backend", fault, blocks=1)
+    assert str(err).startswith("backend 'sdpa' (distribution packforcing), block 0: "), str(err)
     expected = {"raise": "raised Boom", "nan": "non-finite", "shape": "has shape", "dtype": "torch.float64"}[fault]
     assert expected in str(err), str(err)

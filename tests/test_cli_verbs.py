@@ -157,7 +157,7 @@ def test_plugins_table_lists_builtins_with_distribution_and_version(capsys):
     assert lines[0].split() == ["KIND", "NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION"]
     rows = {tuple(line.split()[:2]): line.split()[2:4] for line in lines[1:]}
     assert rows[("policy", "sink_recent")] == ["packforcing", pf.__version__]
-    assert ("model", "tiny_dit") in rows and ("attention", "sdpa") in rows
+    assert ("model", "tiny_dit") in rows and ("backend", "sdpa") in rows
 
 
 def test_plugins_json_and_kind_filter_include_a_plugin(capsys, monkeypatch):
@@ -261,7 +261,7 @@ def test_non_finite_values_from_a_plugin_are_refused_in_one_line(capsys, monkeyp
         "model: {name: tiny_dit, hidden_size: 16, num_heads: 2, num_layers: 1, latent_height: 4, latent_width: 4}\n"
         "policy:\n  name: tiered\n  tiers:\n    - {name: mid, blocks: 2, fidelity: compressed}\n"
         "    - {name: recent, blocks: 1}\n"
-        "compressor: nan\nattention: sdpa\nsampler: {steps: 1}\nrun: {device: cpu}\n"
+        "compressor: nan\nbackend: sdpa\nsampler: {steps: 1}\nrun: {device: cpu}\n"
     )
     argv = ["generate", "--config", str(config), "--blocks", "4", "--out", str(tmp_path / "out"), "--no-progress"]
     code, _, err = run(capsys, *argv)

@@ -242,7 +242,7 @@ TRAIN_CONFIG = {
     "policy": {"name": "packforcing", "sink_frames": 4, "recent_frames": 4, "mid_capacity_blocks": 2},
     "compressor": {"name": "dual_branch", "hr_channels": [4, 8, 8, 16]},
     "selector": {"name": "topk", "k": 1},
-    "attention": "sdpa",
+    "backend": "sdpa",
     "sampler": {"steps": 2},
     "run": {"device": "cpu"},
 }

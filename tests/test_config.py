@@ -10,7 +10,7 @@ import pytest
 
 from packforcing.core.build import check_config
 from packforcing.core.config import apply_override, deep_merge, load_config
-from packforcing.core.errors import ConfigError, ParamError
+from packforcing.core.errors import ConfigError, DeprecatedKeyWarning, ParamError
 from packforcing.plugins import ComponentFactory, hookimpl
 from packforcing.plugins.manager import Registry
 
@@ -50,7 +50,7 @@ BASE = textwrap.dedent(
       name: sink_recent
       sink_frames: 8
       window_frames: 8
-    attention: sdpa
+    backend: sdpa
     run: {device: cpu}
 """
 )
@@ -126,10 +126,59 @@ def test_override_values_are_yaml():
     assert apply_override({}, "run.device=cuda:1")["run"]["device"] == "cuda:1"
 
 
+# ---------------------------------------------------------------------- deprecated keys
+OLD_KEYS = BASE.replace("backend: sdpa", "attention: sdpa") + "positional: {name: temporal_rope_shift, anchor: window}"
+
+
+def test_deprecated_keys_are_read_as_the_kinds_names(tree):
+    """``attention:`` and ``positional:`` still work, as ``backend:`` and ``realigner:``."""
+    tree(old=OLD_KEYS)
+    with pytest.warns(DeprecatedKeyWarning) as caught:
+        config = load_config("old.yaml")
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [
+        "old.yaml: attention: deprecated key, read as backend (write backend instead)",
+        "old.yaml: positional: deprecated key, read as realigner (write realigner instead)",
+    ]
+    assert config.components["backend"].name == "sdpa"
+    assert (config.components["realigner"].name, config.components["realigner"].params.anchor) == (
+        "temporal_rope_shift",
+        "window",
+    )
+    assert "attention" not in config.resolved() and "positional" not in config.resolved()
+    with pytest.warns(DeprecatedKeyWarning):
+        mapping = load_config({"policy": "full", "attention": {"name": "sdpa"}, "positional": "identity"})
+    assert (mapping.components["backend"].name, mapping.components["realigner"].name) == ("sdpa", "identity")
+
+
+def test_deprecated_keys_in_set_overrides_and_extends(tree):
+    """``--set attention.name=x`` sets the backend; a file in the new keys extends one in the old."""
+    tree(old=OLD_KEYS, child="extends: old.yaml\nrealigner: {anchor: absolute}\nbackend: {name: auto}")
+    with pytest.warns(DeprecatedKeyWarning) as caught:
+        config = load_config("child.yaml", ["attention.name=sdpa", "positional.anchor=window"])
+    expected = "--set: attention: deprecated key, read as backend (write backend instead)"
+    assert expected in {str(w.message) for w in caught}
+    assert config.components["backend"].name == "sdpa"
+    assert config.components["realigner"].params.anchor == "window"
+    with pytest.warns(DeprecatedKeyWarning):
+        assert load_config("child.yaml").components["realigner"].params.anchor == "absolute"
+    with pytest.warns(DeprecatedKeyWarning):
+        message = error_of("child.yaml", ["attention.name=nope"])
+    assert message.startswith("--set: backend.name: unknown backend 'nope'"), message
+
+
+def test_old_and_new_key_together_is_an_error(tree):
+    tree(both=BASE + "attention: auto\n")
+    expected = "both.yaml: attention: both attention (deprecated) and backend are given; keep only backend"
+    assert error_of("both.yaml") == expected
+    message = error_of({"policy": "full", "positional": "identity", "realigner": "identity"})
+    assert message == "positional: both positional (deprecated) and realigner are given; keep only realigner"
+
+
 def test_mapping_configs_and_defaults():
     config = load_config({"policy": "full", "run": {"device": "cpu"}})
     assert config.components["model"].name == "tiny_dit"
-    assert config.components["attention"].name == "auto"
+    assert config.components["backend"].name == "auto"
     assert config.components["compressor"] is None
     assert config.source is None
 

@@ -38,7 +38,7 @@ class HostPathIdentity(IdentityRealigner):
 
 @pytest.fixture(scope="module")
 def engine():
-    config = pf.load_config("configs/packforcing.yaml", overrides=["run.device=cpu", "attention.name=sdpa"])
+    config = pf.load_config("configs/packforcing.yaml", overrides=["run.device=cpu", "backend.name=sdpa"])
     engine = pf.build_engine(config)
     session = engine.session(seed=0, batch_size=2)
     for _ in range(BLOCKS):

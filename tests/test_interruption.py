@@ -57,7 +57,7 @@ POLICIES: dict[str, dict[str, Any]] = {
         },
         "compressor": {"name": "pool", "window": [1, 2, 2]},
         "selector": {"name": "topk", "k": 1, "min_queries": 2},
-        "positional": "temporal_rope_shift",
+        "realigner": "temporal_rope_shift",
     },
     "tiered": {
         "policy": {
@@ -81,7 +81,7 @@ def write_config(tmp_path: Path, policy: str, **run: Any) -> Path:
     config = {
         "model": MODEL,
         **POLICIES[policy],
-        "attention": "sdpa",
+        "backend": "sdpa",
         "sampler": {"steps": 2},
         "run": {"device": "cpu", "blocks": BLOCKS, "seed": 5, **run},
     }
@@ -356,7 +356,7 @@ def test_state_dict_of_a_recache_session_round_trips():
     config = {
         "model": {**MODEL, "num_conditions": 3},
         "policy": {"name": "sliding_window", "window_frames": 4},
-        "attention": "sdpa",
+        "backend": "sdpa",
         "sampler": {"steps": 2},
         "run": {"device": "cpu"},
     }

@@ -12,7 +12,7 @@ from packforcing.output.report import RunReport
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-CPU = ["run.device=cpu", "attention.name=sdpa"]
+CPU = ["run.device=cpu", "backend.name=sdpa"]
 SINK, RECENT, MID = 2, 2, 8  # blocks, in configs/packforcing.yaml
 
 

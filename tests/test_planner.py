@@ -47,7 +47,7 @@ def test_wan_packforcing_plateaus_with_length():
 TINY_CONFIGS = [
     ("configs/packforcing.yaml", []),
     ("configs/packforcing.yaml", ["policy.mid_overflow=drop", "compressor={name: pool, window: [2, 4, 4]}"]),
-    ("configs/packforcing.yaml", ["positional.anchor=window", "selector={name: recency, k: 3}"]),
+    ("configs/packforcing.yaml", ["realigner.anchor=window", "selector={name: recency, k: 3}"]),
     ("configs/packforcing_4tier.yaml", []),
     ("configs/full.yaml", []),
     ("configs/sliding_window.yaml", []),
@@ -64,7 +64,7 @@ def test_tiny_plan_equals_what_the_engine_holds(path, overrides, batch_size):
         overrides=[
             *overrides,
             "run.device=cpu",
-            "attention.name=sdpa",
+            "backend.name=sdpa",
             "sampler.steps=1",
             f"run.batch_size={batch_size}",
         ],

@@ -17,6 +17,7 @@ import attrs
 import pytest
 
 import packforcing as pf
+from packforcing.attention.backends import SdpaBackend
 from packforcing.cli import main
 from packforcing.compressors.pool import PoolCompressor, PoolParams
 from packforcing.core.interfaces import Compressor
@@ -56,7 +57,7 @@ def test_builtins_register_through_the_hooks():
     registry, problems = create()
     assert problems == []
     kinds = {p.kind for p in registry.providers()}
-    assert kinds == {"model", "attention", "positional", "selector", "compressor", "policy", "sampler"}
+    assert kinds == {"model", "backend", "realigner", "selector", "compressor", "policy", "sampler"}
     assert {p.dist for p in registry.providers()} == {"packforcing"}
     assert {"full", "sliding_window", "sink_recent", "tiered"} <= set(registry.names("policy"))
 
@@ -64,10 +65,10 @@ def test_builtins_register_through_the_hooks():
 def test_a_plugin_adds_components():
     registry, problems = create((plugin("extra", packforcing_realigners=realigners("still")), "extra-dist"))
     assert problems == []
-    provided = registry.get("positional", "still")
+    provided = registry.get("realigner", "still")
     assert provided.dist == "extra-dist"
-    config = pf.load_config({"policy": "full", "positional": "still", "run": {"device": "cpu"}}, registry=registry)
-    assert config.components["positional"].name == "still"
+    config = pf.load_config({"policy": "full", "realigner": "still", "run": {"device": "cpu"}}, registry=registry)
+    assert config.components["realigner"].name == "still"
 
 
 # ---------------------------------------------------------------------- registering a class
@@ -132,9 +133,9 @@ def test_a_hook_may_return_component_classes():
     assert pool.description == "Average pooling, registered under a name of my own."
     halves = registry.get("compressor", "halves").factory
     assert halves.params is Halves
-    assert registry.get("positional", "still").factory.params is StillParams
+    assert registry.get("realigner", "still").factory.params is StillParams
     rows = {(p.kind, p.name): p.factory.description for p in registry.providers()}
-    assert rows[("positional", "still")] == "A realigner whose parameters come from a Params attribute."
+    assert rows[("realigner", "still")] == "A realigner whose parameters come from a Params attribute."
 
 
 def test_the_registry_names_a_registered_class_everywhere(tmp_path):
@@ -146,13 +147,13 @@ def test_the_registry_names_a_registered_class_everywhere(tmp_path):
             "policy": {"name": "packforcing", "sink_frames": 4, "recent_frames": 4, "mid_capacity_blocks": 2},
             "compressor": {"name": "my_pool", "window": [2, 2, 2]},
             "selector": {"name": "recency", "k": 1},
-            "positional": {"name": "still", "shift": 0.5},
+            "realigner": {"name": "still", "shift": 0.5},
             "sampler": {"steps": 1},
             "run": {"device": "cpu"},
         },
         registry=registry,
     )
-    assert config.components["positional"].params == StillParams(shift=0.5)
+    assert config.components["realigner"].params == StillParams(shift=0.5)
     engine = pf.build_engine(config, registry=registry)
     assert isinstance(engine.policy.realigner, Still) and engine.policy.realigner.name == "still"
     list(engine.generate(5, seed=0))
@@ -227,12 +228,12 @@ def test_a_hook_returning_the_wrong_thing_is_reported_once_and_skipped(hook, exp
     assert len(problems) == 1
     assert "bad-dist" in problems[0] and "packforcing_realigners" in problems[0] and expected in problems[0]
     assert "\n" not in problems[0]
-    assert "fine" in registry.names("positional") and "identity" in registry.names("positional")
+    assert "fine" in registry.names("realigner") and "identity" in registry.names("realigner")
     assert "unused" in registry.names("selector")  # the plugin's other, working hook still counts
     # the broken hook's components are skipped; asking again does not warn again
     with warnings.catch_warnings(record=True) as again:
         warnings.simplefilter("always")
-        registry.names("positional")
+        registry.names("realigner")
         registry.get("policy", "full")
     assert again == []
     assert registry.problems == problems
@@ -271,22 +272,22 @@ def duplicates():
 def test_two_plugins_with_one_name_is_a_clear_error_naming_both():
     registry, _ = create(*duplicates())
     with pytest.raises(UnknownComponentError) as info:
-        registry.get("positional", "twin")
+        registry.get("realigner", "twin")
     message = str(info.value)
     assert "dist-one" in message and "dist-two" in message and "'<distribution>:twin'" in message
 
 
 def test_dist_qualified_name_picks_one(tmp_path):
     registry, _ = create(*duplicates())
-    assert registry.get("positional", "dist-two:twin").dist == "dist-two"
-    assert registry.get("positional", "DIST_ONE:twin").dist == "dist-one"  # normalised like pip
+    assert registry.get("realigner", "dist-two:twin").dist == "dist-two"
+    assert registry.get("realigner", "DIST_ONE:twin").dist == "dist-one"  # normalised like pip
     with pytest.raises(UnknownComponentError, match="not provided by distribution packforcing"):
-        registry.get("positional", "packforcing:twin")
+        registry.get("realigner", "packforcing:twin")
     # from YAML
     path = tmp_path / "twin.yaml"
-    path.write_text("policy: full\npositional: {name: 'dist-one:twin'}\nrun: {device: cpu}\n")
+    path.write_text("policy: full\nrealigner: {name: 'dist-one:twin'}\nrun: {device: cpu}\n")
     config = pf.load_config(path, registry=registry)
-    assert config.components["positional"].name == "dist-one:twin"
+    assert config.components["realigner"].name == "dist-one:twin"
     engine = pf.build_engine(config, registry=registry)
     assert engine.policy.realigner.name == "twin"  # named by the registry, not by its class
 
@@ -294,19 +295,19 @@ def test_dist_qualified_name_picks_one(tmp_path):
 def test_duplicate_in_yaml_is_one_config_error_line(tmp_path):
     registry, _ = create(*duplicates())
     path = tmp_path / "twin.yaml"
-    path.write_text("policy: full\npositional: twin\n")
+    path.write_text("policy: full\nrealigner: twin\n")
     with pytest.raises(pf.ConfigError) as info:
         pf.load_config(path, registry=registry)
     message = str(info.value)
-    assert message.startswith(f"{path}: positional.name: positional 'twin' is provided by dist-one and dist-two")
+    assert message.startswith(f"{path}: realigner.name: realigner 'twin' is provided by dist-one and dist-two")
 
 
 def test_disabled_distributions_are_skipped(monkeypatch):
     registry, _ = create(*duplicates(), disabled=["dist-one"])
-    assert registry.get("positional", "twin").dist == "dist-two"
+    assert registry.get("realigner", "twin").dist == "dist-two"
     monkeypatch.setenv(DISABLE_ENV, "dist-two, other")
     registry, _ = create(*duplicates())
-    assert registry.get("positional", "twin").dist == "dist-one"
+    assert registry.get("realigner", "twin").dist == "dist-one"
 
 
 # ---------------------------------------------------------------------- real entry points
@@ -353,7 +354,7 @@ def test_entry_points_are_loaded_and_import_failures_isolated(fake_distributions
     fake_distributions("pf-missing", "pf_missing_module", None)
     fake_distributions("pf-crash", "pf_crash_plugin", "raise RuntimeError('boom at import')\n")
     registry, problems = create(entry_points=entry_points_in(fake_distributions.site))
-    provided = registry.get("positional", "from_entry_point")
+    provided = registry.get("realigner", "from_entry_point")
     assert (provided.dist, provided.version) == ("pf-good", "1.2.3")
     assert len(problems) == 2
     missing = next(p for p in problems if "pf-missing" in p)
@@ -368,7 +369,7 @@ def test_disable_env_var_skips_entry_point_distributions(fake_distributions, mon
     fake_distributions("pf-good", "pf_good_plugin", GOOD_SOURCE)
     monkeypatch.setenv(DISABLE_ENV, "pf_good")
     registry, problems = create(entry_points=entry_points_in(fake_distributions.site))
-    assert "from_entry_point" not in registry.names("positional") and problems == []
+    assert "from_entry_point" not in registry.names("realigner") and problems == []
 
 
 def test_cli_reports_a_broken_plugin_once_on_one_line(fake_distributions, monkeypatch, capsys):
@@ -495,22 +496,24 @@ def test_every_part_reads_the_table_of_kinds():
     from packforcing.plugins.kinds import KINDS
 
     registry, _ = create()
-    assert [k.key for k in KINDS] == list(COMPONENT_KEYS)
-    assert {k.key: k.default for k in KINDS if k.default} == DEFAULT_COMPONENTS
-    assert {k.key for k in KINDS if k.optional} == set(OPTIONAL_COMPONENTS)
+    assert [k.name for k in KINDS] == list(COMPONENT_KEYS)
+    assert {k.name: k.default for k in KINDS if k.default} == DEFAULT_COMPONENTS
+    assert {k.name for k in KINDS if k.optional} == set(OPTIONAL_COMPONENTS)
     specs = {name for name in dir(hookspecs) if getattr(getattr(hookspecs, name), "packforcing_spec", None)}
-    assert specs == {k.hook for k in KINDS}
-    assert {p.kind for p in registry.providers()} == {k.key for k in KINDS}
+    assert specs == {k.hook for k in KINDS} | {old for k in KINDS for old in k.deprecated_hooks}
+    assert all(k.hook == f"packforcing_{k.plural}" for k in KINDS)
+    assert {k.name: k.plural for k in KINDS if k.plural != f"{k.name}s"} == {"policy": "policies"}
+    assert {p.kind for p in registry.providers()} == {k.name for k in KINDS}
     fields = {f.name for f in attrs.fields(BuildEnv)}
     for k in KINDS:
-        assert k.env_attr in fields
+        assert k.name in fields
         base = k.base_class()
-        classes = [p.factory.component for p in registry.providers() if p.kind == k.key and p.factory.component]
+        classes = [p.factory.component for p in registry.providers() if p.kind == k.name and p.factory.component]
         assert all(issubclass(c, base) for c in classes) or getattr(base, "_is_protocol", False)
         assert base.__name__ in hookspecs.__dict__[k.hook].__doc__
     plugins = build_parser()._subparsers._group_actions[0].choices["plugins"]
     (kind_option,) = [a for a in plugins._actions if a.dest == "kind"]
-    assert kind_option.choices == [k.key for k in KINDS]
+    assert kind_option.choices == [k.name for k in KINDS]
 
 
 def test_kinds_are_built_in_table_order():
@@ -521,23 +524,50 @@ def test_kinds_are_built_in_table_order():
 
     def spy(kind):
         def build(params, env):
-            seen[kind.key] = {k.key for k in KINDS if getattr(env, k.env_attr) is not None}
-            return Registry.create(entry_points=False).build(kind.key, default[kind.key], params, env)
+            seen[kind.name] = {k.name for k in KINDS if getattr(env, k.name) is not None}
+            return Registry.create(entry_points=False).build(kind.name, default[kind.name], params, env)
 
         return build
 
-    default = {"model": "tiny_dit", "attention": "sdpa", "positional": "identity", "selector": "recency",
+    default = {"model": "tiny_dit", "backend": "sdpa", "realigner": "identity", "selector": "recency",
                "compressor": "pool", "sampler": "euler", "policy": "packforcing"}  # fmt: skip
     builtins = Registry.create(entry_points=False)
     hooks = {
-        k.hook: (lambda k=k: {"spy": ComponentFactory(builtins.factory(k.key, default[k.key]).params, spy(k))})
+        k.hook: (lambda k=k: {"spy": ComponentFactory(builtins.factory(k.name, default[k.name]).params, spy(k))})
         for k in KINDS
     }
     registry, problems = create((plugin("spies", **hooks), "spy-dist"))
     assert problems == []
-    config = {k.key: {"name": "spy"} for k in KINDS}
+    config = {k.name: {"name": "spy"} for k in KINDS}
     config["policy"] = {"name": "spy", "sink_frames": 4, "recent_frames": 4, "mid_capacity_blocks": 2}
     config["selector"] = {"name": "spy", "k": 1}
     pf.build_engine({**config, "run": {"device": "cpu"}}, registry=registry)
-    order = [k.key for k in KINDS]
+    order = [k.name for k in KINDS]
     assert seen == {key: set(order[:i]) for i, key in enumerate(order)}
+
+
+def test_the_deprecated_backend_hook_still_registers_backends():
+    """A plugin written for ``packforcing_attention_backends`` keeps working: its backends join the
+    ``backend`` kind, next to those of ``packforcing_backends``, with a DeprecationWarning."""
+
+    def old_hook():
+        return {"old_sdpa": no_params(lambda env: SdpaBackend(), "an old plugin's backend")}
+
+    def new_hook():
+        return {"new_sdpa": no_params(lambda env: SdpaBackend(), "a new plugin's backend")}
+
+    plugins = [
+        (plugin("old_style", packforcing_attention_backends=old_hook), "old-dist"),
+        (plugin("new_style", packforcing_backends=new_hook), "new-dist"),
+    ]
+    with pytest.warns(DeprecationWarning) as caught:
+        registry = Registry.create(entry_points=False, extra_plugins=plugins)
+        registry.providers()
+    expected = "hook packforcing_attention_backends is deprecated: implement packforcing_backends instead (same result)"
+    assert [str(w.message) for w in caught] == [expected]
+    assert registry.problems == []
+    assert {"old_sdpa", "new_sdpa", "sdpa", "auto"} <= set(registry.names("backend"))
+    assert registry.get("backend", "old_sdpa").dist == "old-dist"
+    config = {"policy": "full", "backend": "old_sdpa", "sampler": {"steps": 1}, "run": {"device": "cpu", "blocks": 1}}
+    engine = pf.build_engine(config, registry=registry)
+    assert isinstance(engine.policy.backend, SdpaBackend) and engine.policy.backend.name == "old_sdpa"

@@ -306,16 +306,16 @@ def test_500_shifts_in_bf16_stay_at_one_rounding():
 # ---------------------------------------------------------------------- config
 def test_registered_and_configurable():
     assert isinstance(pf.build_engine(_tiny_config(anchor="window")).policy.realigner, TemporalRopeShift)
-    with pytest.raises(pf.ConfigError, match=r"positional\.anchor: expected one of absolute, window"):
+    with pytest.raises(pf.ConfigError, match=r"realigner\.anchor: expected one of absolute, window"):
         pf.load_config(_tiny_config(anchor="sideways"))
 
 
-def _tiny_config(**positional):
+def _tiny_config(**realigner):
     return {
         "model": {"name": "tiny_dit", "hidden_size": 24, "num_heads": 2, "num_layers": 1},
         "policy": {"name": "sink_recent", "sink_frames": 4, "window_frames": 4},
-        "positional": {"name": "temporal_rope_shift", **positional},
-        "attention": "sdpa",
+        "realigner": {"name": "temporal_rope_shift", **realigner},
+        "backend": "sdpa",
         "run": {"device": "cpu"},
     }
 

@@ -158,8 +158,8 @@ def _engine(selector: dict, batch_hidden: int = 16):
             "policy": {"name": "packforcing", "sink_frames": 4, "recent_frames": 4, "mid_capacity_blocks": 5},
             "compressor": {"name": "pool", "window": [2, 4, 4]},
             "selector": selector,
-            "positional": {"name": "temporal_rope_shift"},
-            "attention": "sdpa",
+            "realigner": {"name": "temporal_rope_shift"},
+            "backend": "sdpa",
             "sampler": {"steps": 1},
             "run": {"device": "cpu"},
         }

@@ -22,7 +22,7 @@ CONFIGS = {
     "full": """# tiny, untrained tiny_dit with the full cache
 model: {name: tiny_dit, hidden_size: 32, num_heads: 2, num_layers: 2, latent_height: 4, latent_width: 4}
 policy: {name: full}
-attention: {name: sdpa}
+backend: {name: sdpa}
 sampler: {steps: 3}
 run: {blocks: 16, device: auto}
 """,

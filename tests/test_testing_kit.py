@@ -56,9 +56,9 @@ def test_builtin_selectors_conform(name, params):
     check_selector(BUILTINS.factory("selector", name), params)
 
 
-@pytest.mark.parametrize("name", BUILTINS.names("positional"))
+@pytest.mark.parametrize("name", BUILTINS.names("realigner"))
 def test_builtin_realigners_conform(name):
-    check_realigner(BUILTINS.factory("positional", name))
+    check_realigner(BUILTINS.factory("realigner", name))
 
 
 POLICIES = [
@@ -88,7 +88,7 @@ def test_builtin_policies_conform(name, params, parts):
 
 
 def test_realigner_parameters_are_passed():
-    check_realigner(BUILTINS.factory("positional", "temporal_rope_shift"), {"anchor": "window"}, **FAST)
+    check_realigner(BUILTINS.factory("realigner", "temporal_rope_shift"), {"anchor": "window"}, **FAST)
 
 
 # ---------------------------------------------------------------------- a correct plugin, then broken ones

@@ -41,7 +41,7 @@ def small_config(**model) -> dict:
     return {
         "model": {"name": "tiny_dit", **SMALL, "num_conditions": 3, **model},
         "policy": {"name": "full"},
-        "attention": "sdpa",
+        "backend": "sdpa",
         "sampler": {"steps": 2},
         "run": {"device": "cpu", "dtype": "float32"},
     }

@@ -53,7 +53,7 @@ def wan_config(path, policy, **model):
             **model,
         },
         "policy": policy,
-        "attention": "sdpa",
+        "backend": "sdpa",
         "sampler": {"name": "self_forcing"},
         "run": {"device": "cpu", "dtype": "float32"},
     }
@@ -207,7 +207,7 @@ def test_import_and_tiny_dit_do_not_import_diffusers():
 
     code = (
         "import sys, packforcing as pf\n"
-        "e = pf.build_engine({'policy': 'full', 'attention': 'sdpa', 'sampler': {'steps': 1},"
+        "e = pf.build_engine({'policy': 'full', 'backend': 'sdpa', 'sampler': {'steps': 1},"
         " 'model': {'name': 'tiny_dit', 'hidden_size': 32, 'num_layers': 1}, 'run': {'device': 'cpu'}})\n"
         "list(e.generate(1))\n"
         "pf.plan('configs/wan1.3b/full.yaml', num_blocks=2)\n"
@@ -241,7 +241,7 @@ PACKFORCING = {
     "policy": {"name": "packforcing", "sink_frames": FRAMES, "recent_frames": FRAMES, "mid_capacity_blocks": 3},
     "compressor": {"name": "pool", "window": [2, 2, 2]},
     "selector": {"name": "topk", "k": 2, "min_queries": 4},
-    "positional": {"name": "temporal_rope_shift"},
+    "realigner": {"name": "temporal_rope_shift"},
 }
 
 
@@ -390,7 +390,7 @@ def test_bad_checkpoints_are_one_line_errors_at_model_path_in_build_and_validate
         config = tmp_path / f"{name.replace(' ', '_')}.yaml"
         config.write_text(
             f"model: {{name: wan, path: '{file}', frames_per_block: 2, latent_height: 4, latent_width: 6}}\n"
-            "policy: full\nattention: sdpa\nsampler: {name: self_forcing}\nrun: {device: cpu}\n"
+            "policy: full\nbackend: sdpa\nsampler: {name: self_forcing}\nrun: {device: cpu}\n"
         )
         with pytest.raises(pf.ConfigError) as info:
             pf.build_engine(str(config))
@@ -417,7 +417,7 @@ def test_generate_cli_runs_a_wan_preset_given_a_checkpoint(wan_dir, tmp_path, ca
         f"model.latent_width={WIDTH}",
         "run.device=cpu",
         "run.dtype=float32",
-        "attention.name=sdpa",
+        "backend.name=sdpa",
         f"run.prompts=[{{from_block: 0, embeds: '{wan_dir / 'prompt.safetensors'}'}}]",
     ]
     args = ["generate", "--config", "configs/wan2.1-1.3b/self_forcing.yaml", "--blocks", "3", "--out", str(out)]

@@ -41,7 +41,7 @@ def wan_config(folder: Path, root: Path, **model) -> Path:
             **model,
         },
         "policy": {"name": "sink_recent", "sink_frames": FPB, "window_frames": 2 * FPB},
-        "attention": "sdpa",
+        "backend": "sdpa",
         "sampler": {"name": "self_forcing"},
         "text_encoder": {"max_length": 16},
         "run": {"device": "cpu", "dtype": "float32", "fps": 16},

@@ -36,8 +36,8 @@ def engine(root: Path, **compressor):
             "policy": {"name": "packforcing", "sink_frames": 2, "recent_frames": 2, "mid_capacity_blocks": 2},
             "compressor": {"name": "dual_branch", "hr_channels": [4, 8, 8, 8], "weights": None, **compressor},
             "selector": {"name": "topk", "k": 1},
-            "positional": {"name": "temporal_rope_shift"},
-            "attention": "sdpa",
+            "realigner": {"name": "temporal_rope_shift"},
+            "backend": "sdpa",
             "sampler": {"name": "self_forcing"},
             "run": {"device": "cpu", "dtype": "float32"},
         }

@@ -31,7 +31,7 @@ def wan(tmp_path_factory) -> tuple[Path, str, str]:
 
 def engine(path: Path, policy: dict):
     model = {"name": "wan", "path": str(path), "frames_per_block": 2, "latent_height": 4, "latent_width": 6}
-    config = {"model": model, "policy": policy, "attention": "sdpa", "sampler": {"name": "self_forcing"}}
+    config = {"model": model, "policy": policy, "backend": "sdpa", "sampler": {"name": "self_forcing"}}
     return pf.build_engine({**config, "run": {"device": "cpu", "dtype": "float32"}})
 
 

@@ -114,20 +114,28 @@ def one_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def plugin_warnings_on_one_line() -> Iterator[None]:
-    """Show plugin problems as ``warning: ...`` lines (once each) instead of Python's two-line
-    warning format."""
+    """Show plugin problems and deprecated config keys as ``warning: ...`` lines (once each)
+    instead of Python's two-line warning format."""
+    from packforcing.core.errors import DeprecatedKeyWarning
     from packforcing.plugins.manager import PluginWarning
 
     original = warnings.showwarning
+    ours = (PluginWarning, DeprecatedKeyWarning)
+
+    shown: set[str] = set()
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, PluginWarning):
-            print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file)
+        if issubclass(category, ours):
+            text = one_line(message)
+            if text not in shown:  # a config read twice (plan, then build) warns once
+                shown.add(text)
+                print(f"warning: {text}", file=sys.stderr if file is None else file)
         else:
             original(message, category, filename, lineno, file, line)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("default", PluginWarning)
+        for category in ours:
+            warnings.simplefilter("default", category)
         warnings.showwarning = show
         try:
             yield

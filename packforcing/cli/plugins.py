@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--kind",
-        choices=[k.key for k in KINDS],
-        help="only this kind (its config key): " + ", ".join(f"{k.key} ({k.description})" for k in KINDS),
+        choices=[k.name for k in KINDS],
+        help="only this kind (its config key): " + ", ".join(f"{k.name} ({k.description})" for k in KINDS),
     )
     p.add_argument(
         "--json", action="store_true", help="print a JSON list of {kind, name, distribution, version, description}"

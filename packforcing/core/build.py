@@ -138,7 +138,7 @@ def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap
         plan_only=plan_only,
     )
     for kind in KINDS:
-        key = kind.key
+        key = kind.name
         if key == "policy":
             continue  # built last, by _policy, once every other kind is in the environment
         spec = config.components.get(key)
@@ -151,7 +151,7 @@ def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap
         env.built.append((key, component, spec.params))
         if wrap is not None:
             component = wrap(key, component)
-        setattr(env, kind.env_attr, component)
+        setattr(env, kind.name, component)
         if key == "model":
             env.geometry = component.geometry
     return env

@@ -4,14 +4,36 @@ each key path; a component block naming another component replaces the inherited
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from packforcing.core.errors import ConfigError
+from packforcing.core.errors import ConfigError, DeprecatedKeyWarning
 from packforcing.core.keypaths import KeyPath
 from packforcing.core.structure import show
 from packforcing.core.yamlfile import file_label, file_problem, read_yaml
+from packforcing.plugins.kinds import DEPRECATED_KEYS
+
+
+def deprecated_key(old: str, source: str | None) -> str:
+    """The kind name for the deprecated top-level key ``old`` (``attention`` → ``backend``),
+    warning once per source with a :class:`DeprecatedKeyWarning`."""
+    new = DEPRECATED_KEYS[old]
+    where = f"{source}: " if source else ""
+    warnings.warn(f"{where}{old}: deprecated key, read as {new} (write {new} instead)", DeprecatedKeyWarning, 3)
+    return new
+
+
+def rename_deprecated_keys(data: dict[str, Any], source: str | None) -> dict[str, Any]:
+    """``data`` (one file's or mapping's top level) with deprecated keys renamed to their kind's
+    name, in place of the old key; giving both the old and the new key is an error."""
+    if not any(old in data for old in DEPRECATED_KEYS):
+        return data
+    for old, new in DEPRECATED_KEYS.items():
+        if old in data and new in data:
+            raise ConfigError(f"both {old} (deprecated) and {new} are given; keep only {new}", source=source, path=old)
+    return {(deprecated_key(k, source) if k in DEPRECATED_KEYS else k): v for k, v in data.items()}
 
 
 def _replaces(old: Any, new: Any) -> bool:
@@ -70,7 +92,7 @@ def load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dict
     if path in stack:
         chain = " -> ".join(file_label(p) for p in (*stack, path))
         raise ConfigError(f"cyclic extends: {chain}", source=file_label(stack[-1]), path="extends")
-    data = read_yaml(path)
+    data = rename_deprecated_keys(read_yaml(path), label)
     parents = data.pop("extends", None)
     single = isinstance(parents, str)
     if parents is None:

@@ -1,8 +1,12 @@
 """Loading, composing and validating run configurations.
 
 A config is a mapping with the top-level keys ``model``, ``policy``, ``compressor``,
-``selector``, ``positional``, ``attention``, ``sampler`` and ``run`` (plus ``text_encoder``
-for models conditioned on text prompts). Component blocks are
+``selector``, ``realigner``, ``backend``, ``sampler`` and ``run`` (plus ``text_encoder``
+for models conditioned on text prompts): one key per kind of component
+(:mod:`packforcing.plugins.kinds`). The former keys ``attention`` (for ``backend``) and
+``positional`` (for ``realigner``) are deprecated but still read as the new ones, in files,
+mappings and ``--set`` (a :class:`~packforcing.core.errors.DeprecatedKeyWarning`); a file giving
+both the old and the new key is an error. Component blocks are
 ``name:`` plus that component's parameters (declared by its plugin as an attrs class); a
 ``sampler`` block without a ``name`` is the default ``euler`` sampler.
 
@@ -38,7 +42,7 @@ import attrs
 import torch
 
 from packforcing import presets
-from packforcing.core.compose import deep_merge, load_file
+from packforcing.core.compose import deep_merge, load_file, rename_deprecated_keys
 from packforcing.core.conditions import ConditionError, ConditionSchedule
 from packforcing.core.errors import ConfigError, ParamError
 from packforcing.core.geometry import DTYPES
@@ -72,7 +76,7 @@ __all__ = [
 ]
 
 TOP_KEYS = (*COMPONENT_KEYS, *SECTIONS)
-OPTIONAL_COMPONENTS = tuple(k.key for k in KINDS if k.optional)
+OPTIONAL_COMPONENTS = tuple(k.name for k in KINDS if k.optional)
 
 _KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 
@@ -219,7 +223,7 @@ def load_config(
     see :mod:`packforcing.presets`) or a mapping. ``labels[i]`` names where ``overrides[i]`` came
     from in error messages (default ``--set``)."""
     if isinstance(source, Mapping):
-        data = copy.deepcopy(dict(source))
+        data = rename_deprecated_keys(copy.deepcopy(dict(source)), None)
         label = None
         sources: dict[KeyPath, str] = {}
         if "extends" in data:

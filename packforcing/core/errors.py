@@ -46,7 +46,7 @@ class ParamError(ConfigError):
         super().__init__(message, path=path)
 
 
-TOP_LEVEL_KEYS = frozenset((*(k.key for k in KINDS), *SECTIONS))
+TOP_LEVEL_KEYS = frozenset((*(k.name for k in KINDS), *SECTIONS))
 """The config's top-level keys: a path starting with one of them is absolute."""
 
 
@@ -58,6 +58,11 @@ def join_path(prefix: str, path: str | None) -> str:
     if root in TOP_LEVEL_KEYS or path == prefix or path.startswith((f"{prefix}.", f"{prefix}[")):
         return path
     return f"{prefix}.{path}"
+
+
+class DeprecatedKeyWarning(FutureWarning):
+    """A config uses a deprecated key (``attention:`` for ``backend:``, ``positional:`` for
+    ``realigner:``); it is read as the new key."""
 
 
 class PluginError(RuntimeError):

@@ -208,9 +208,9 @@ class TimedPolicy(CachePolicy):
 
 _WRAPPERS: dict[str, type] = {  # by kind (packforcing.plugins.kinds); samplers are timed as the model calls they make
     "model": TimedModel,
-    "attention": TimedBackend,
+    "backend": TimedBackend,
     "selector": TimedSelector,
-    "positional": TimedRealigner,
+    "realigner": TimedRealigner,
     "compressor": TimedCompressor,
     "policy": TimedPolicy,
 }

@@ -7,14 +7,16 @@ from typing import Any
 
 import yaml
 
+from packforcing.core.compose import deprecated_key
 from packforcing.core.errors import ConfigError
 from packforcing.core.keypaths import KeyPath, split_path
 from packforcing.core.structure import show
-from packforcing.plugins.kinds import KINDS
+from packforcing.plugins.kinds import DEPRECATED_KEYS, KINDS
 
-COMPONENT_KEYS = tuple(k.key for k in KINDS)
-DEFAULT_COMPONENTS = {k.key: k.default for k in KINDS if k.default is not None}
-NAME_OPTIONAL = tuple(k.key for k in KINDS if k.name_optional)
+COMPONENT_KEYS = tuple(k.name for k in KINDS)
+"""The kinds' names: the components' config keys, in build order."""
+DEFAULT_COMPONENTS = {k.name: k.default for k in KINDS if k.default is not None}
+NAME_OPTIONAL = tuple(k.name for k in KINDS if k.name_optional)
 OVERRIDE_SOURCE = "--set"
 
 
@@ -39,6 +41,10 @@ def apply_override(
         raise ConfigError(f"expected KEY.PATH=VALUE, got {override!r}", source=label)
     value = _parse_value(raw)
     parts = split_path(key)
+    if parts[0] in DEPRECATED_KEYS:  # --set attention.name=sdpa: the backend's name
+        new = deprecated_key(parts[0], label)
+        key = new + key[len(parts[0]) :]
+        parts = (new, *parts[1:])
     out = copy.deepcopy(data)
     node: Any = out
     for i, part in enumerate(parts):

@@ -63,7 +63,7 @@ def packforcing_models():
 
 
 @hookimpl
-def packforcing_attention_backends():
+def packforcing_backends():
     return {
         "sdpa": SdpaBackend,
         "xformers": XformersBackend,

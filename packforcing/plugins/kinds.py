@@ -19,16 +19,17 @@ import attrs
 
 @attrs.frozen
 class Kind:
-    """One kind of component."""
+    """One kind of component.
 
-    key: str
-    """Config key, the kind's name everywhere (``packforcing plugins --kind``, error messages)."""
-    hook: str
-    """The hook that registers components of this kind."""
+    Its :attr:`name` is the kind's one name everywhere: the config key (``compressor:``), the
+    :class:`~packforcing.core.build.BuildEnv` attribute, ``packforcing plugins --kind``, the first
+    part of error key paths and instrumentation labels; its hook is ``packforcing_<plural>``.
+    """
+
+    name: str
+    """The kind's name: config key, ``BuildEnv`` attribute, ``--kind`` value, key-path root."""
     base: str
     """``module:attribute`` of the interface a registered class derives from."""
-    env_attr: str
-    """Attribute of :class:`~packforcing.core.build.BuildEnv` that holds the built component."""
     default: str | None = None
     """Component used when the config has no such section (``None``: required or optional)."""
     optional: bool = False
@@ -36,6 +37,17 @@ class Kind:
     name_optional: bool = False
     """A section without ``name`` means the default component (e.g. ``sampler: {steps: 8}``)."""
     description: str = ""
+    plural: str = attrs.field(default=attrs.Factory(lambda self: f"{self.name}s", takes_self=True))
+    """Plural of :attr:`name`, for the hook name."""
+    deprecated_keys: tuple[str, ...] = ()
+    """Former config keys, still read as this kind's key (deprecated; a config giving both is an error)."""
+    deprecated_hooks: tuple[str, ...] = ()
+    """Former hook names, still called (with a ``DeprecationWarning``) and merged into this kind."""
+
+    @property
+    def hook(self) -> str:
+        """The hook that registers components of this kind: ``packforcing_<plural>``."""
+        return f"packforcing_{self.plural}"
 
     def base_class(self) -> type:
         """The interface class (imported on first use)."""
@@ -46,24 +58,24 @@ class Kind:
 _INTERFACES = "packforcing.core.interfaces"
 
 KINDS: tuple[Kind, ...] = (
-    Kind("model", "packforcing_models", f"{_INTERFACES}:BlockModel", "model", default="tiny_dit",
+    Kind("model", f"{_INTERFACES}:BlockModel", default="tiny_dit",
          description="models implementing the BlockModel protocol"),
-    Kind("attention", "packforcing_attention_backends", f"{_INTERFACES}:AttentionBackend", "backend",
-         default="auto", description="attention backends"),
-    Kind("positional", "packforcing_realigners", f"{_INTERFACES}:PositionalRealigner", "realigner",
-         default="identity", description="positional realigners"),
-    Kind("selector", "packforcing_selectors", f"{_INTERFACES}:Selector", "selector", optional=True,
-         description="relevance selectors"),
-    Kind("compressor", "packforcing_compressors", f"{_INTERFACES}:Compressor", "compressor", optional=True,
-         description="compressors"),
-    Kind("sampler", "packforcing_samplers", "packforcing.core.sampler:Sampler", "sampler", default="euler",
-         name_optional=True, description="samplers"),
-    Kind("policy", "packforcing_policies", f"{_INTERFACES}:CachePolicy", "policy",
-         description="cache policies"),
+    Kind("backend", f"{_INTERFACES}:AttentionBackend", default="auto", description="attention backends",
+         deprecated_keys=("attention",), deprecated_hooks=("packforcing_attention_backends",)),
+    Kind("realigner", f"{_INTERFACES}:PositionalRealigner", default="identity",
+         description="positional realigners", deprecated_keys=("positional",)),
+    Kind("selector", f"{_INTERFACES}:Selector", optional=True, description="relevance selectors"),
+    Kind("compressor", f"{_INTERFACES}:Compressor", optional=True, description="compressors"),
+    Kind("sampler", "packforcing.core.sampler:Sampler", default="euler", name_optional=True,
+         description="samplers"),
+    Kind("policy", f"{_INTERFACES}:CachePolicy", description="cache policies", plural="policies"),
 )  # fmt: skip
 """Every kind, in build order."""
 
-BY_KEY: dict[str, Kind] = {k.key: k for k in KINDS}
+BY_NAME: dict[str, Kind] = {k.name: k for k in KINDS}
+
+DEPRECATED_KEYS: dict[str, str] = {old: k.name for k in KINDS for old in k.deprecated_keys}
+"""Former config key → the kind's name (``attention`` → ``backend``, ``positional`` → ``realigner``)."""
 
 SECTIONS: tuple[str, ...] = ("run", "text_encoder")
 """The config's other top-level sections (not components)."""

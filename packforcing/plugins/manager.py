@@ -22,15 +22,15 @@ import pluggy
 
 from packforcing.plugins import hookspecs
 from packforcing.plugins.factory import ComponentFactory, as_factory
-from packforcing.plugins.kinds import BY_KEY
+from packforcing.plugins.kinds import BY_NAME, Kind
 from packforcing.plugins.kinds import KINDS as KIND_TABLE
 
 ENTRY_POINT_GROUP = "packforcing"
 DISABLE_ENV = "PACKFORCING_DISABLE_PLUGINS"
 BUILTIN = "packforcing"
 
-KINDS: dict[str, str] = {k.key: k.hook for k in KIND_TABLE}
-"""Config key → hook name (read from :data:`packforcing.plugins.kinds.KINDS`)."""
+KINDS: dict[str, str] = {k.name: k.hook for k in KIND_TABLE}
+"""Kind name (config key) → hook name (read from :data:`packforcing.plugins.kinds.KINDS`)."""
 
 EntryPoints = Iterable[importlib.metadata.EntryPoint]
 EntryPointSource = bool | EntryPoints | Callable[[], EntryPoints]
@@ -139,28 +139,30 @@ class Registry:
     def _collect(self) -> dict[str, dict[str, list[Provided]]]:
         if self._table is not None:
             return self._table
-        table: dict[str, dict[str, list[Provided]]] = {k.key: {} for k in KIND_TABLE}
+        table: dict[str, dict[str, list[Provided]]] = {k.name: {} for k in KIND_TABLE}
         plugins = self._pm.get_plugins()
         for kind in KIND_TABLE:
-            for impl in getattr(self._pm.hook, kind.hook).get_hookimpls():  # registration order: built-ins first
+            # the kind's hook, then its deprecated former names, merged into the same table
+            impls = [(hook, impl) for hook in _hooks(kind) for impl in getattr(self._pm.hook, hook).get_hookimpls()]
+            for hook, impl in impls:  # registration order: built-ins first
                 dist, version = self._dists.get(id(impl.plugin), (impl.plugin_name, ""))
                 # this plugin's implementation alone, through pluggy's hook caller (which passes
                 # each implementation the hookspec arguments it asks for)
-                caller = self._pm.subset_hook_caller(kind.hook, [p for p in plugins if p is not impl.plugin])
+                caller = self._pm.subset_hook_caller(hook, [p for p in plugins if p is not impl.plugin])
                 try:
                     results = caller()
                     result = _checked(results[0] if results else None, kind.base_class())
                 except Exception as exc:
                     self._problem(
-                        f"plugin {impl.plugin_name!r} from distribution {dist}: {kind.hook}() {_describe(exc)}; "
+                        f"plugin {impl.plugin_name!r} from distribution {dist}: {hook}() {_describe(exc)}; "
                         "its components are skipped"
                     )
                     continue
                 for name, factory in result.items():
-                    providers = table[kind.key].setdefault(name, [])
+                    providers = table[kind.name].setdefault(name, [])
                     if any(p.dist == dist for p in providers):
                         continue  # the same distribution through two entry points
-                    providers.append(Provided(name, kind.key, factory.named(name), dist, version))
+                    providers.append(Provided(name, kind.name, factory.named(name), dist, version))
         self._table = table
         return table
 
@@ -180,8 +182,8 @@ class Registry:
     def get(self, kind: str, name: str) -> Provided:
         """The factory for ``name``; ``"<distribution>:<name>"`` picks one distribution's when
         several provide the same name."""
-        if kind not in BY_KEY:
-            raise UnknownComponentError(f"unknown component kind {kind!r}; expected one of {', '.join(BY_KEY)}")
+        if kind not in BY_NAME:
+            raise UnknownComponentError(f"unknown component kind {kind!r}; expected one of {', '.join(BY_NAME)}")
         table = self._collect()[kind]
         dist = None
         if ":" in name:
@@ -249,7 +251,7 @@ def _unknown_hooks(plugin: object) -> str:
     """A message for ``@hookimpl`` functions that match no hook (typos) and for functions named
     like a hook but not marked ``@hookimpl``, or ``""``."""
     marker = f"{hookspecs.PROJECT}_impl"
-    known = [k.hook for k in KIND_TABLE]
+    known = [hook for k in KIND_TABLE for hook in _hooks(k)]
     problems = []
     for attr in dir(plugin):
         try:
@@ -267,6 +269,11 @@ def _unknown_hooks(plugin: object) -> str:
             what = "hook" if attr in known else "function named like a hook"
             problems.append(f"{what} {attr!r}{did} is not marked @hookimpl")
     return "; ".join(problems)
+
+
+def _hooks(kind: Kind) -> tuple[str, ...]:
+    """The hook of ``kind`` and its deprecated former names."""
+    return (kind.hook, *kind.deprecated_hooks)
 
 
 def _checked(result: Any, base: type | None) -> dict[str, ComponentFactory]:

@@ -17,7 +17,7 @@ def build_tiered(params: TieredParams, env: Any, name: str = "tiered") -> Tiered
     and compressors (``fidelity: compressed`` → the top-level compressor; a mapping → its own)."""
     compressors = {}
     known = getattr(env, "origins", {})
-    origins = {key: known[key] for key in ("selector", "positional", "attention") if key in known}
+    origins = {key: known[key] for key in ("selector", "realigner", "backend") if key in known}
     paths = {}
     for i, tier in enumerate(params.tiers):
         if tier.fidelity == "full":

@@ -80,8 +80,8 @@ class TieredPolicy(CachePolicy):
     ) -> None:
         self.params = params
         self.origins = dict(origins or {})
-        """Which plugin each part is, for error messages: keys ``selector``, ``positional``,
-        ``attention`` and ``compressor:<tier name>``."""
+        """Which plugin each part is, for error messages: keys ``selector``, ``realigner``,
+        ``backend`` and ``compressor:<tier name>``."""
         if name is not None:
             self.name = name
         self.geometry = geometry
@@ -610,8 +610,8 @@ class TieredPolicy(CachePolicy):
             rope=self.model.rope,
             origins=(
                 self._origin("selector", "selector", self.selector),
-                self._origin("positional", "positional", self.realigner),
-                self._origin("attention", "attention", self.backend),
+                self._origin("realigner", "realigner", self.realigner),
+                self._origin("backend", "backend", self.backend),
             ),
         )
 

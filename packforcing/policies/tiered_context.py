@@ -96,8 +96,8 @@ class TieredContext(AttentionContext):
         self._rope = rope
         self._origins = origins or (
             Origin.of("selector", selector),
-            Origin.of("positional", realigner),
-            Origin.of("attention", backend),
+            Origin.of("realigner", realigner),
+            Origin.of("backend", backend),
         )
         self._shared: dict[int, torch.Tensor] = {}
         self._context_tokens = 0

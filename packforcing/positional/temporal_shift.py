@@ -6,7 +6,7 @@ its packed position by rotating its **temporal band only** (RoPE rotations compo
 key from ``p`` to ``p'`` is one multiply by ``e^{iω(p'−p)}``; the height/width bands are
 untouched).
 
-Anchors (YAML ``positional: {name: temporal_rope_shift, anchor: ...}``):
+Anchors (YAML ``realigner: {name: temporal_rope_shift, anchor: ...}``):
 
 ``absolute`` (the paper)
     The block being generated sits at its absolute first frame; the context is packed

@@ -50,7 +50,7 @@ def build_component(factory: Any, params: Any, env: BuildEnv, what: str = "compo
     is) or a callable ``env -> component``. ``params``: ``None`` for the defaults, a mapping as
     written in YAML, or a params instance."""
     if isinstance(factory, str):
-        key = next((k.key for k in KINDS if base is not None and k.base_class() is base), what)
+        key = next((k.name for k in KINDS if base is not None and k.base_class() is base), what)
         factory = env.registry.factory(key, factory)
     factory = getattr(factory, "factory", factory)  # a registry ``Provided``
     if isinstance(factory, type) and (base is None or issubclass(factory, base)):

@@ -171,14 +171,15 @@ def configs(
     *,
     compressor: dict[str, Any] | None = None,
     selector: dict[str, Any] | None = None,
-    positional: dict[str, Any] | None = None,
+    realigner: dict[str, Any] | None = None,
     geometry: st.SearchStrategy[Geometry] | None = None,
     max_blocks: int = 6,
 ) -> dict[str, Any]:
     """A valid config mapping for :func:`packforcing.load_config` on the CPU: a small
     ``tiny_dit``, one of the policies ``full``, ``sliding_window``, ``sink_recent`` or ``tiered``
     (with ``fidelity: compressed`` tiers using ``compressor`` when given, and ``select: true``
-    tiers using ``selector`` when given), ``sdpa`` attention and a short run."""
+    tiers using ``selector`` when given, and the ``realigner`` when given), the ``sdpa`` backend and
+    a short run."""
     g = draw(geometry if geometry is not None else geometries())
     f = g.frames_per_block
     kind = draw(st.sampled_from(["full", "sliding_window", "sink_recent", "tiered"]))
@@ -206,7 +207,7 @@ def configs(
             "seed": draw(st.integers(0, 3)),
         },
         "policy": policy,
-        "attention": "sdpa",
+        "backend": "sdpa",
         "sampler": {"steps": draw(st.integers(1, 2))},
         "run": {
             "device": "cpu",
@@ -220,7 +221,7 @@ def configs(
         config["compressor"] = dict(compressor)
     if selector is not None:
         config["selector"] = dict(selector)
-    if positional is not None:
-        config["positional"] = dict(positional)
+    if realigner is not None:
+        config["realigner"] = dict(realigner)
     config["model"]["patch"] = list(g.patch)
     return config
