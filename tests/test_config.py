@@ -502,3 +502,51 @@ def test_parameter_errors_carry_their_key_path():
     with pytest.raises(ConfigError) as info:
         load_config({"policy": {"name": "full", "page_blocks": 0}})
     assert (info.value.path, info.value.message) == ("policy.page_blocks", "expected an integer >= 1, got 0")
+
+
+# ---------------------------------------------------------------------- structuring (cattrs)
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("compressor={name: pool, window: [1, 2]}", "compressor.window: expected a list of 3 items, got [1, 2]"),
+        ("compressor={name: pool, window: abc}", "compressor.window: expected a list, got 'abc'"),
+        ("compressor={name: pool, window: [1, x, 2]}", "compressor.window[1]: expected an integer, got 'x'"),
+        (
+            "compressor={name: pool, window: [1, 0, 2]}",
+            "compressor.window: expected three integers >= 1, got (1, 0, 2)",
+        ),
+        ("run.checkpoint_every=x", "run.checkpoint_every: expected an integer or null, got 'x'"),
+        ("run.threads=[2]", "run.threads: expected an integer or a string, got [2]"),
+        ("policy.tiers[1].blocks=-1", "policy.tiers[1].blocks: expected an integer >= 0, got -1"),
+        ("policy.tiers[1]={name: x, blocks: 1, frams: 2, blcks: 3}", "policy.tiers[1].frams: unknown key"),
+        ("policy.tiers[1]=[3]", "policy.tiers[1]: expected a mapping, got [3]"),
+        ("policy.tiers=7", "policy.tiers: expected a list, got 7"),
+    ],
+)
+def test_structuring_errors_name_the_first_problem_and_its_key_path(override, message):
+    """Lists, fixed-length lists, unions and nested classes through cattrs: one line, the first
+    problem as written, its full key path."""
+    text = error_of("packforcing_tiered", [override])
+    assert text.startswith(f"--set: {message}"), text
+
+
+def test_structuring_takes_parameter_objects_and_unresolvable_annotations_as_they_are():
+    """A params instance is used as is; a field annotated with a name that cannot be resolved
+    (imported only for type checking) takes its value unchanged, the other fields are checked."""
+    from packforcing.core.structure import structure
+    from packforcing.policies.tier_specs import TierSpec
+
+    spec = TierSpec(name="a", blocks=2)
+    assert structure(TierSpec, spec, "x") is spec
+    namespace: dict = {}
+    exec(
+        "from __future__ import annotations\nimport attrs, typing\n"
+        "if typing.TYPE_CHECKING:\n    from nowhere import Thing\n"
+        "@attrs.frozen\nclass P:\n    thing: Thing = None\n"
+        "    things: list[Thing] = attrs.Factory(list)\n    n: int = 1\n",
+        namespace,
+    )
+    params = structure(namespace["P"], {"thing": object, "things": [1, "a"], "n": 2.0}, "compressor")
+    assert (params.thing, params.things, params.n) == (object, [1, "a"], 2)
+    with pytest.raises(ConfigError, match=r"^compressor\.n: expected an integer, got 'x'$"):
+        structure(namespace["P"], {"n": "x"}, "compressor")

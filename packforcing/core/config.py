@@ -40,6 +40,7 @@ from typing import Any
 
 import attrs
 import torch
+from attrs import validators as v
 
 from packforcing import presets
 from packforcing.core.compose import deep_merge, load_file, rename_deprecated_keys
@@ -55,7 +56,7 @@ from packforcing.core.overrides import (
     apply_override,
 )
 from packforcing.core.structure import show, structure, unstructure
-from packforcing.core.validators import non_negative, one_of, optional_positive, positive
+from packforcing.core.validators import explained, integer, non_negative, number, one_of, optional_positive, positive
 from packforcing.core.yamlfile import MAX_CONFIG_BYTES, file_label, missing_file
 from packforcing.plugins.kinds import KINDS, SECTIONS
 
@@ -81,9 +82,7 @@ OPTIONAL_COMPONENTS = tuple(k.name for k in KINDS if k.optional)
 _KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 
 
-def _positive_number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ParamError(attribute.name, f"expected a number > 0, got {show(value)}")
+_positive_number = explained("a number > 0", *number(v.gt(0), v.lt(math.inf)), shown=show)
 
 
 def _prompts(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -95,10 +94,7 @@ def _prompts(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ParamError(exc.path(attribute.name), exc.message) from None
 
 
-def _threads(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        return
-    raise ParamError(attribute.name, f"expected an integer >= 1 or auto, got {show(value)}")
+_threads = explained("an integer >= 1 or auto", v.or_(v.in_(("auto",)), v.and_(*integer(v.ge(1)))), shown=show)
 
 
 @attrs.frozen
@@ -137,9 +133,7 @@ def _device_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
             raise ParamError(attribute.name, f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}") from None
 
 
-def _dtype_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value != "auto" and value not in DTYPES:
-        raise ParamError(attribute.name, f"expected 'auto' or one of {sorted(DTYPES)}, got {value!r}")
+_dtype_name = explained(f"'auto' or one of {sorted(DTYPES)}", v.in_(("auto", *DTYPES)))
 
 
 @attrs.frozen

@@ -1,55 +1,60 @@
 """attrs validators shared by config and record classes.
 
-A failing validator raises :class:`~packforcing.core.errors.ParamError` with the attribute's
-name as the key path; structuring places it under the section's key.
+Each is a composition of :mod:`attrs.validators` (``instance_of``, ``ge``, ``gt``, ``in_``,
+``deep_iterable``, …) whose failure is reported as
+:class:`~packforcing.core.errors.ParamError` with the attribute's name as the key path and one
+line saying what was expected (``expected an integer >= 0, got -3``); structuring places it
+under the section's key.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
+from attrs import validators as v
 
 from packforcing.core.errors import ParamError
 
-
-def positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ParamError(attribute.name, f"expected an integer >= 1, got {value!r}")
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 
-def non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ParamError(attribute.name, f"expected an integer >= 0, got {value!r}")
+def explained(expected: str, *checks: Validator, shown: Callable[[Any], str] = repr) -> Validator:
+    """A validator passing when every one of ``checks`` passes (attrs validators, in order), else
+    raising ``ParamError(<attribute>, "expected <expected>, got <shown(value)>")``."""
+    check = v.and_(*checks)
+
+    def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        try:
+            check(instance, attribute, value)
+        except (TypeError, ValueError):
+            raise ParamError(attribute.name, f"expected {expected}, got {shown(value)}") from None
+
+    validate.__doc__ = f"Expects {expected}."
+    return validate
 
 
-def optional_non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None:
-        non_negative(instance, attribute, value)
+def integer(*bounds: Validator) -> tuple[Validator, ...]:
+    """An ``int`` that is not a ``bool``, within ``bounds`` (e.g. ``v.ge(0)``)."""
+    return (v.instance_of(int), v.not_(v.instance_of(bool)), *bounds)
 
 
-def optional_positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None:
-        positive(instance, attribute, value)
+def number(*bounds: Validator) -> tuple[Validator, ...]:
+    """An ``int`` or ``float`` that is not a ``bool``, within ``bounds``."""
+    return (v.instance_of((int, float)), v.not_(v.instance_of(bool)), *bounds)
 
 
-def positive_triple(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if (
-        not isinstance(value, tuple)
-        or len(value) != 3
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-    ):
-        raise ParamError(attribute.name, f"expected three integers >= 1, got {value!r}")
+positive = explained("an integer >= 1", *integer(v.ge(1)))
+non_negative = explained("an integer >= 0", *integer(v.ge(0)))
+optional_positive = v.optional(positive)
+optional_non_negative = v.optional(non_negative)
+positive_triple = explained(
+    "three integers >= 1", v.instance_of(tuple), v.min_len(3), v.max_len(3), v.deep_iterable(positive)
+)
+fraction = explained("a number in (0, 1]", *number(v.gt(0), v.le(1)))
 
 
-def fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ParamError(attribute.name, f"expected a number in (0, 1], got {value!r}")
-
-
-def one_of(*choices: str):
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value not in choices:
-            raise ParamError(attribute.name, f"expected one of {', '.join(choices)}, got {value!r}")
-
-    return check
+def one_of(*choices: str) -> Validator:
+    """One of ``choices`` (``expected one of a, b, got 'c'``)."""
+    return explained(f"one of {', '.join(choices)}", v.in_(choices))
