@@ -157,6 +157,38 @@ def test_compressed_kv_come_from_the_models_projections_at_the_block_position():
         torch.testing.assert_close(raw_a, raw_b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("condition_tokens", [False, True])
+def test_compressed_keys_carry_the_blocks_condition_when_the_model_keys_depend_on_it(condition_tokens):
+    """A conditioned tiny_dit's keys depend on the scene; dual_branch encodes the block's recorded
+    condition spec and projects under it, so a block committed under scene 2 is compressed
+    exactly as ``project_kv(..., condition=2)``, and differently from scene 0."""
+    model = TinyDiT(
+        TinyDiTParams(hidden_size=16, num_heads=2, num_layers=2, num_conditions=3, condition_tokens=condition_tokens)
+    )
+    assert model.condition_in_keys
+    comp = dual_branch(model)
+    block = committed_block(model, 1, position=8.0)
+    scene2 = attrs.evolve(block, condition={"scene": 2})
+    scene0 = attrs.evolve(block, condition={"scene": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedCompressorWarning)
+        two, zero = comp.compress(scene2, model), comp.compress(scene0, model)
+    tokens = comp.net(block.latents, model.codec, two.grid).flatten(2).transpose(1, 2)
+    keys, _ = model.project_kv(tokens, two.grid, 8.0, 2.0, 4.0, condition=torch.tensor(2))
+    for a, b in zip(two.keys, keys, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(two.keys[0], zero.keys[0])
+    # with the condition in the modulation (and the tokens), project_kv of the block's own embedded
+    # tokens gives clean_kv's first-layer keys under that condition
+    from packforcing.attention.backends import SdpaBackend
+    from packforcing.core.context import EmptyContext
+
+    clean_k, _ = model.clean_kv(block.latents, EmptyContext(SdpaBackend(), 8.0), condition=torch.tensor(2))
+    embedded = model.patch_embed(block.latents).flatten(2).transpose(1, 2)
+    projected, _ = model.project_kv(embedded, model.geometry.block_grid, 8.0, 1.0, 1.0, condition=torch.tensor(2))
+    torch.testing.assert_close(projected[0], clean_k[0], atol=1e-5, rtol=1e-5)
+
+
 def test_fusion_is_the_sum_of_the_branches_and_each_can_be_switched_off():
     model = tiny_model()
     latents = torch.randn(2, 16, 4, 8, 8)

@@ -306,7 +306,10 @@ class DualBranchCompressor(Compressor):
         tokens = net(latents.to(device=self.device, dtype=self.dtype), model.codec, grid)
         hidden = tokens.flatten(2).transpose(1, 2)  # [B, N', D], t-major like the grid
         t_stride, hw_stride = self.strides(block)
-        keys, values = model.project_kv(hidden, grid, block.position, t_stride, hw_stride)
+        extra = {}  # models without conditioned keys keep the five-argument call
+        if block.condition is not None and getattr(model, "condition_in_keys", False):
+            extra["condition"] = model.encode_condition(block.condition)
+        keys, values = model.project_kv(hidden, grid, block.position, t_stride, hw_stride, **extra)
         return CompressedKV(
             grid=grid,
             temporal_stride=t_stride,

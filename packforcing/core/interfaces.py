@@ -113,10 +113,21 @@ class BlockModel(Protocol):
         ...
 
     def project_kv(
-        self, hidden: torch.Tensor, grid: Grid, position: float, temporal_stride: float, hw_stride: float
+        self,
+        hidden: torch.Tensor,
+        grid: Grid,
+        position: float,
+        temporal_stride: float,
+        hw_stride: float,
+        condition: Any = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Project a compressed hidden sequence ``[B, N', hidden_size]`` on ``grid`` to per-layer
-        ``K, V [B, N', H, D]`` with each layer's own projections, keys rotated on that grid."""
+        ``K, V [B, N', H, D]`` with each layer's own projections, keys rotated on that grid, under
+        the block's ``condition`` (as :meth:`clean_kv` gets it).
+
+        A model whose keys depend on the condition says so with a ``condition_in_keys = True``
+        attribute (optional, default ``False``); compressors then encode the block's recorded
+        condition spec and pass it here, and skip that work otherwise."""
         ...
 
 

@@ -65,6 +65,9 @@ class TinyDiTParams:
     codec_stride: int = attrs.field(default=8, validator=positive)
     codec: str = attrs.field(default="random", validator=lambda i, a, v: _one_of(BASES, a, v))
     num_conditions: int = attrs.field(default=0, validator=non_negative)
+    condition_tokens: bool = False
+    """Also add the condition's embedding to every input token (the residual stream), not only to
+    the adaLN modulation: keys then carry the scene additively, so attention can match it."""
     prediction: str = attrs.field(default="velocity", validator=lambda i, a, v: _one_of(PREDICTIONS, a, v))
     weights: str | None = None
 
@@ -235,7 +238,10 @@ class TinyDiT(nn.Module):
         t_tok = timesteps[:, :: self.params.patch[0]]  # [B, gt]
         emb = self.time_embed(timestep_embedding(t_tok, 256).to(x.dtype))  # [B, gt, dim]
         if condition is not None:
-            emb = emb + self._condition_embedding(condition, b, f).to(emb.dtype)
+            cond = self._condition_embedding(condition, b, f).to(emb.dtype)  # [B, gt, dim]
+            emb = emb + cond
+            if self.params.condition_tokens:
+                x = x + cond[:, :, None, :].expand(b, gt, gh * gw, -1).reshape(b, gt * gh * gw, -1)
         emb = emb[:, :, None, :].expand(b, gt, gh * gw, -1).reshape(b, gt * gh * gw, -1)
         return x, emb, grid
 
@@ -330,17 +336,36 @@ class TinyDiT(nn.Module):
         self._run(latents, t0, context, collect, head=False, condition=condition)
         return [k for k, _ in collect], [v for _, v in collect]
 
+    @property
+    def condition_in_keys(self) -> bool:
+        """Capability flag: the scene condition steers the keys (compressors pass it to
+        :meth:`project_kv`)."""
+        return self.condition_embed is not None
+
     def project_kv(
-        self, hidden: torch.Tensor, grid: Grid, position: float, temporal_stride: float, hw_stride: float
+        self,
+        hidden: torch.Tensor,
+        grid: Grid,
+        position: float,
+        temporal_stride: float,
+        hw_stride: float,
+        condition: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer ``K, V [B, N', H, D]`` of compressed tokens ``hidden [B, N', hidden]``.
 
-        Each layer normalises and modulates ``hidden`` as at timestep 0, then applies its own
-        key/value projections and key norm; keys are rotated on ``grid`` at ``position``.
+        Each layer normalises and modulates ``hidden`` as at timestep 0 under ``condition`` (scene
+        indices ``[]`` or ``[B]``, as :meth:`clean_kv` gets them; with ``condition_tokens`` the
+        embedding is added to ``hidden`` too), then applies its own key/value projections and key
+        norm; keys are rotated on ``grid`` at ``position``.
         """
         b, _n, _ = hidden.shape
         t0 = torch.zeros(b, 1, device=hidden.device)
         emb = self.time_embed(timestep_embedding(t0, 256).to(hidden.dtype))  # [B, 1, dim]
+        if condition is not None:
+            cond = self._condition_embedding(condition, b, 1).to(emb.dtype)  # [B, 1, dim]
+            emb = emb + cond
+            if self.params.condition_tokens:
+                hidden = hidden + cond
         mod = self.time_proj(emb).view(b, 1, 6, -1).transpose(1, 2)
         t, h, w = self.rope.grid_positions(grid, position, temporal_stride, hw_stride, device=hidden.device)
         keys, values = [], []

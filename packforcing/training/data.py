@@ -60,6 +60,9 @@ class AttentionData:
     k: torch.Tensor
     v: torch.Tensor
     frames_per_block: int
+    scenes: torch.Tensor | None = None
+    """``[S, nb]`` each block's condition (scene index) when the clips bring per-block conditions,
+    for models whose keys depend on it (``condition_in_keys``); else ``None``."""
 
     @property
     def num_sequences(self) -> int:
@@ -101,10 +104,13 @@ def collect(
     f = g.frames_per_block
     shape = (batch, g.latent_channels, f, g.latent_height, g.latent_width)
     per_video = []
+    per_video_scenes: list[torch.Tensor] = []
     for video in range(videos):
         history: list[tuple[torch.Tensor, torch.Tensor]] = []
         lat, ks, vs, qs, kqs, vqs = [], [], [], [], [], []
         clip, clip_conditions = clips(video) if clips is not None else (None, None)
+        if clip_conditions is not None:
+            per_video_scenes.append(clip_conditions[:, ::f][:, :blocks])  # [B, nb]
         for index in range(blocks):
             position = float(index * f)
             passes: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
@@ -149,7 +155,8 @@ def collect(
                 store.append(torch.stack([torch.stack([rec[j] for rec in p], 1) for p in passes], 1))
         per_video.append([torch.stack(x, 1) for x in (lat, ks, vs, qs, kqs, vqs)])  # [B, nb, ...]
     tensors = [torch.cat([v[i] for v in per_video], 0).float() for i in range(6)]
-    return AttentionData(*tensors, frames_per_block=f)
+    scenes = torch.cat(per_video_scenes, 0) if len(per_video_scenes) == videos else None
+    return AttentionData(*tensors, frames_per_block=f, scenes=scenes)
 
 
 @attrs.frozen
@@ -164,6 +171,7 @@ class Batch:
     q: torch.Tensor  # [M, L, N, H, D]
     k: torch.Tensor
     v: torch.Tensor
+    scene: torch.Tensor | None = None  # [M] X's condition, if the data has per-block conditions
 
 
 def sample_batch(
@@ -188,4 +196,5 @@ def sample_batch(
         q=data.q[seq, y, p],
         k=data.k[seq, y, p],
         v=data.v[seq, y, p],
+        scene=data.scenes[seq, x] if data.scenes is not None else None,
     )

@@ -121,13 +121,25 @@ def world_params_for(model: BlockModel, num_scenes: int | None = None, **overrid
 
 
 def render_clips(
-    model: BlockModel, world: SceneWorldParams, num_blocks: int, seeds: Sequence[int]
+    model: BlockModel,
+    world: SceneWorldParams,
+    num_blocks: int,
+    seeds: Sequence[int],
+    *,
+    segment_blocks: tuple[int, int] = (1, 2),
+    new_scene_probability: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents ``[B, C, T, H, W]`` and per-frame scene indices ``[B, T]`` of one clip per seed
-    (each its own world and revisiting schedule)."""
+    (each its own world and revisiting schedule, :func:`~packforcing.worlds.revisit_schedule`)."""
     latents, scenes = [], []
     for seed in seeds:
-        schedule = revisit_schedule(num_blocks, world.num_scenes, seed)
+        schedule = revisit_schedule(
+            num_blocks,
+            world.num_scenes,
+            seed,
+            segment_blocks=segment_blocks,
+            new_scene_probability=new_scene_probability,
+        )
         pixels = SceneWorld(world, seed).render(schedule)
         latents.append(model.codec.encode(pixels[None]))
         scenes.append(torch.tensor(schedule).repeat_interleave(world.frames_per_block))
@@ -138,7 +150,8 @@ class ClipPool:
     """Clips ``0 … clips-1`` of a training run, rendered on first use and kept (a clip is
     ``[C, T, H, W]`` latents plus ``[T]`` scene indices, ~100 KB for the tiny model)."""
 
-    def __init__(self, model: BlockModel, world: SceneWorldParams, num_blocks: int, seed: int) -> None:
+    def __init__(self, model: BlockModel, world: SceneWorldParams, num_blocks: int, seed: int, **schedule: Any) -> None:
+        self._schedule = schedule
         self._model = model
         self._world = world
         self._num_blocks = num_blocks
@@ -149,7 +162,9 @@ class ClipPool:
         """Latents ``[B, C, T, H, W]`` and scene indices ``[B, T]`` of clips ``indices``."""
         for i in indices:
             if i not in self._clips:
-                latents, scenes = render_clips(self._model, self._world, self._num_blocks, [self._seed * 1_000_003 + i])
+                latents, scenes = render_clips(
+                    self._model, self._world, self._num_blocks, [self._seed * 1_000_003 + i], **self._schedule
+                )
                 self._clips[i] = (latents[0], scenes[0])
         return torch.stack([self._clips[i][0] for i in indices]), torch.stack([self._clips[i][1] for i in indices])
 
@@ -283,7 +298,14 @@ def train_model(
     }
     losses: list[float] = []
     started = time.perf_counter()
-    pool = ClipPool(model, world, params.train_blocks, params.seed)
+    pool = ClipPool(
+        model,
+        world,
+        params.train_blocks,
+        params.seed,
+        segment_blocks=params.segment_blocks,
+        new_scene_probability=params.new_scene_probability,
+    )
     out = Path(out_path) if out_path is not None else None
 
     def checkpoint() -> None:

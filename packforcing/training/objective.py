@@ -70,7 +70,10 @@ def dual_branch_kv(
 
     def kv(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         tokens = net(batch.latents, model.codec, grid).flatten(2).transpose(1, 2)
-        keys, values = model.project_kv(tokens, grid, 0.0, t_stride, float(SPATIAL_REDUCTION))
+        extra = (
+            {"condition": batch.scene} if batch.scene is not None and getattr(model, "condition_in_keys", False) else {}
+        )
+        keys, values = model.project_kv(tokens, grid, 0.0, t_stride, float(SPATIAL_REDUCTION), **extra)
         return [model.rope.shift_temporal(k, batch.target) for k in keys], values
 
     return kv

@@ -86,6 +86,10 @@ class TrainModelParams:
     """Learning-rate multiplier of the attention query/key norm gains."""
     pure_noise_fraction: float = 0.0
     """Fraction of blocks trained at σ = 1 (pure noise: only the history can tell what comes)."""
+    new_scene_probability: float = 0.5
+    """Training clips' schedules: at a cut, the chance of a new scene rather than a return."""
+    segment_blocks: tuple[int, int] = (1, 2)
+    """Training clips' schedules: blocks a scene stays on screen (uniform in the range)."""
     init: str | None = None
     """Weights to start from (continue a run) instead of the seeded initialisation."""
 

@@ -360,13 +360,23 @@ class WanBlockModel:
         self._run(latents, t0, context, condition, collect, head=False)
         return [k for k, _ in collect], [v for _, v in collect]
 
+    condition_in_keys = False
+    """Capability flag: the prompt enters through cross-attention only, never the cached keys."""
+
     def project_kv(
-        self, hidden: torch.Tensor, grid: Grid, position: float, temporal_stride: float, hw_stride: float
+        self,
+        hidden: torch.Tensor,
+        grid: Grid,
+        position: float,
+        temporal_stride: float,
+        hw_stride: float,
+        condition: Any = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer ``K, V [B, N', H, D]`` of compressed tokens ``hidden [B, N', dim]``: each
         block's ``norm1`` and timestep-0 modulation, then its self-attention key/value
         projections and key norm; keys rotated on ``grid`` at ``position``. Differentiable in
-        ``hidden`` (a compressor is trained through it; the model's weights stay frozen)."""
+        ``hidden`` (a compressor is trained through it; the model's weights stay frozen).
+        ``condition`` is ignored: Wan's self-attention keys do not depend on the prompt."""
         tr = self.transformer
         b = hidden.shape[0]
         hidden = hidden.to(self.dtype)
