@@ -287,6 +287,9 @@ def train_model(
         "lr": str(params.lr),
         "gain_lr_scale": str(params.gain_lr_scale),
         "pure_noise_fraction": str(params.pure_noise_fraction),
+        "schedule": json.dumps(
+            {"new_scene_probability": params.new_scene_probability, "segment_blocks": list(params.segment_blocks)}
+        ),
         "init": json.dumps(
             {k: init_meta.get(k) for k in ("steps", "seed", "lr", "pure_noise_fraction", "init", "commit")}
             if params.init
@@ -359,6 +362,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "train_blocks", "clips"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if not 0 <= args.new_scene_probability <= 1:
+        raise ValueError(f"--new-scene-probability: expected a number in [0, 1], got {args.new_scene_probability}")
+    lo, hi = args.segment_blocks
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--segment-blocks: expected 1 <= MIN <= MAX, got {lo} {hi}")
     params = TrainModelParams(
         steps=args.steps,
         lr=args.lr,
@@ -367,6 +375,8 @@ def run(args: argparse.Namespace) -> int:
         clips=args.clips,
         gain_lr_scale=args.gain_lr_scale,
         pure_noise_fraction=args.pure_noise_fraction,
+        new_scene_probability=args.new_scene_probability,
+        segment_blocks=tuple(args.segment_blocks),
         init=args.init,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,

@@ -74,7 +74,7 @@ MODEL_DEFAULT_OUT = "packforcing/weights/world_tiny.safetensors"
 class TrainModelParams:
     """Options of :func:`train_model`."""
 
-    steps: int = 1800
+    steps: int = 7000
     lr: float = 3e-3
     batch_size: int = 4
     clips: int = 2048
@@ -84,17 +84,18 @@ class TrainModelParams:
     checkpoint_every: int = 250
     gain_lr_scale: float = 10.0
     """Learning-rate multiplier of the attention query/key norm gains."""
-    pure_noise_fraction: float = 0.0
+    pure_noise_fraction: float = 0.5
     """Fraction of blocks trained at σ = 1 (pure noise: only the history can tell what comes)."""
-    new_scene_probability: float = 0.5
-    """Training clips' schedules: at a cut, the chance of a new scene rather than a return."""
-    segment_blocks: tuple[int, int] = (1, 2)
+    new_scene_probability: float = 0.25
+    """Training clips' schedules: at a cut, the chance of a new scene rather than a return (low:
+    most cuts are returns, ~3 per clip of 6 blocks, each an example of recalling a scene)."""
+    segment_blocks: tuple[int, int] = (1, 1)
     """Training clips' schedules: blocks a scene stays on screen (uniform in the range)."""
     init: str | None = None
     """Weights to start from (continue a run) instead of the seeded initialisation."""
 
 
-MODEL_EXAMPLE = f"example:\n  packforcing train-model --config packforcing --steps 1800 --out {MODEL_DEFAULT_OUT}"
+MODEL_EXAMPLE = f"example:\n  packforcing train-model --config packforcing --out {MODEL_DEFAULT_OUT}"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +120,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--pure-noise-fraction",
         type=float,
         default=d.pure_noise_fraction,
-        help="fraction of blocks trained at sigma = 1, where only the history helps (default 0)",
+        help=f"fraction of blocks trained at sigma = 1, where only the history helps (default {d.pure_noise_fraction})",
+    )
+    parser.add_argument(
+        "--new-scene-probability",
+        type=float,
+        default=d.new_scene_probability,
+        help=f"training clips: chance that a cut shows a new scene, not a return (default {d.new_scene_probability})",
+    )
+    parser.add_argument(
+        "--segment-blocks",
+        type=int,
+        nargs=2,
+        default=list(d.segment_blocks),
+        metavar=("MIN", "MAX"),
+        help=f"training clips: blocks a scene stays on screen (default {d.segment_blocks[0]} {d.segment_blocks[1]})",
     )
     parser.add_argument("--init", default=None, help="weights to continue from (default: the seeded initialisation)")
     parser.add_argument("--seed", type=int, default=d.seed)

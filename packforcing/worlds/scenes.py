@@ -43,8 +43,13 @@ class SceneWorldParams:
     objects_per_scene: int = attrs.field(default=2, validator=positive)
     object_size: tuple[float, float] = attrs.field(default=(14.0, 22.0), converter=_pair)
     speed: tuple[float, float] = attrs.field(default=(0.75, 2.0), converter=_pair)
-    texture_waves: int = attrs.field(default=4, validator=positive)
-    texture_amplitude: float = 0.45
+    background_range: float = 0.8
+    """Each scene's base colour is uniform in ``[-range, range]`` per channel: scenes differ
+    mostly by colour, which only a model that remembers them can get right after a return."""
+    texture_waves: int = attrs.field(default=2, validator=positive)
+    texture_amplitude: float = 0.25
+    texture_frequency: float = 1.5
+    """Largest spatial frequency of a texture wave, in cycles per frame height/width."""
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(self).items()}
@@ -88,9 +93,9 @@ class SceneWorld:
 
         yy = torch.arange(h, dtype=torch.float32)[:, None] / h
         xx = torch.arange(w, dtype=torch.float32)[None, :] / w
-        background = uniform(-0.6, 0.6, 3, 1, 1).expand(3, h, w).clone()
+        background = uniform(-p.background_range, p.background_range, 3, 1, 1).expand(3, h, w).clone()
         for _ in range(p.texture_waves):
-            fy, fx = uniform(-2.5, 2.5, 2)
+            fy, fx = uniform(-p.texture_frequency, p.texture_frequency, 2)
             phase = float(uniform(0, 2 * math.pi))
             wave = torch.sin(2 * math.pi * (fy * yy + fx * xx) + phase)  # [H, W]
             background += p.texture_amplitude * uniform(-1, 1, 3, 1, 1) * wave
