@@ -70,7 +70,7 @@ def test_import_is_silent_and_lazy():
     import subprocess
     import sys
 
-    code = "import sys, packforcing, packforcing.plugins.builtin; print('xformers' in sys.modules)"
+    code = "import sys, packforcing, packforcing.plugins.builtin_factories; print('xformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout == "False\n"
     assert result.stderr == ""

@@ -571,3 +571,20 @@ def test_the_deprecated_backend_hook_still_registers_backends():
     config = {"policy": "full", "backend": "old_sdpa", "sampler": {"steps": 1}, "run": {"device": "cpu", "blocks": 1}}
     engine = pf.build_engine(config, registry=registry)
     assert isinstance(engine.policy.backend, SdpaBackend) and engine.policy.backend.name == "old_sdpa"
+
+
+def test_builtins_are_listed_without_loading_and_load_as_listed():
+    """The built-ins register by import path (nothing imported to list them); loading one gives
+    the factory the listing describes: a class's docstring line is its listed description."""
+    from packforcing.plugins.factory import LazyFactory, first_doc_line
+    from packforcing.plugins.kinds import BY_NAME
+
+    registry = Registry.create(entry_points=False)
+    for provided in registry.providers():
+        assert isinstance(provided.entry, LazyFactory), provided.name
+        factory = provided.factory
+        assert factory.name == provided.name and factory.description == provided.description
+        if factory.component is not None:
+            assert issubclass(factory.component, BY_NAME[provided.kind].base_class())
+        if not provided.entry.target.startswith("packforcing.plugins.builtin_factories:"):  # a class
+            assert provided.description == first_doc_line(factory.component)

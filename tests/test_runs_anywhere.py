@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shlex
@@ -129,6 +130,34 @@ def test_help_and_version_do_not_import_torch():
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
+    assert result.returncode == 0, result.stderr
+
+
+def test_plugins_presets_help_and_version_verbs_do_not_import_torch(tmp_path):
+    """``plugins`` lists the built-ins from the hook table (each imported only when a config uses
+    it); ``presets``, ``--help`` and ``--version`` read files: none of them imports torch. (Other
+    installed plugin distributions are disabled: their modules may import what they like.)"""
+    code = (
+        "import contextlib, io, sys\n"
+        "from packforcing.cli import main\n"
+        "outputs = []\n"
+        "for argv in (['plugins'], ['plugins', '--kind', 'compressor', '--json'], ['presets'], ['--help'], "
+        "['plan', '--help'], ['validate', '--help'], ['--version']):\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        try:\n"
+        "            code = main(argv)\n"
+        "        except SystemExit as exit:\n"
+        "            code = exit.code\n"
+        "    assert code == 0 and out.getvalue(), (argv, code)\n"
+        "    assert 'torch' not in sys.modules, f'{argv} imported torch'\n"
+        "    outputs.append(out.getvalue())\n"
+        "assert 'tiny_dit' in outputs[0] and 'temporal_rope_shift' in outputs[0], outputs[0]\n"
+        "assert '\"pool\"' in outputs[1] and '\"dual_branch\"' in outputs[1], outputs[1]\n"
+    )
+    others = {ep.dist.name for ep in importlib.metadata.entry_points(group="packforcing") if ep.dist is not None}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PACKFORCING_DISABLE_PLUGINS": ",".join(sorted(others))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
 
 

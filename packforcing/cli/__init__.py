@@ -39,8 +39,9 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
 
-LIGHT_VERBS = ("presets",)
-"""Verbs that never import torch (the others import it first, with interrupts held)."""
+LIGHT_VERBS = ("presets", "plugins")
+"""Verbs that do not import torch (the others import it first, with interrupts held); ``plugins``
+loads third-party plugin modules with interrupts held, in case one imports torch."""
 
 EXAMPLES = """examples:
   packforcing generate --blocks 120 --out out/          # the default preset, 'packforcing'

@@ -44,9 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from packforcing.cli import interrupts_held
     from packforcing.plugins.manager import PluginWarning, default_registry
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), interrupts_held():  # a plugin's module may import torch
         warnings.simplefilter("ignore", PluginWarning)  # listed below instead
         registry = default_registry()
         rows = [p for p in registry.providers() if args.kind in (None, p.kind)]
@@ -57,14 +58,14 @@ def run(args: argparse.Namespace) -> int:
                 "name": p.name,
                 "distribution": p.dist,
                 "version": p.version,
-                "description": p.factory.description,
+                "description": p.description,
             }
             for p in rows
         ]
         print(json.dumps(items, indent=1))
     else:
         header = ("KIND", "NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION")
-        body = [(p.kind, p.name, p.dist, p.version or "-", p.factory.description) for p in rows]
+        body = [(p.kind, p.name, p.dist, p.version or "-", p.description) for p in rows]
         widths = [max(len(r[i]) for r in (header, *body)) for i in range(4)]
         for r in (header, *body):
             print("  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)), r[4]]).rstrip())

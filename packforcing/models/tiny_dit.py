@@ -191,7 +191,10 @@ class TinyDiT(nn.Module):
         self.codec = LinearPatchCodec(params.latent_channels, params.codec_stride, seed=params.seed, basis=params.codec)
         # registered last, so the seeded initialisation of everything else is unchanged
         with torch.device("meta") if plan_only else contextlib.nullcontext():
-            self.condition_embed = nn.Embedding(params.num_conditions, dim) if params.num_conditions else None
+            # planning: an uninitialised weight (normal_ on the meta device imports torch._dynamo, ~1 s)
+            weight = torch.empty(params.num_conditions, dim) if plan_only else None
+            embed = nn.Embedding(params.num_conditions, dim, _weight=weight) if params.num_conditions else None
+            self.condition_embed = embed
         if not plan_only:
             self._init_weights(params.seed)
         if params.weights:

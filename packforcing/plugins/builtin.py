@@ -1,134 +1,105 @@
 """packforcing's own components, registered through the same hooks as any plugin.
 
-Most are registered as classes (parameters, build and description come from the class); the
-models, ``dual_branch``, ``auto`` and the policy presets need a build function of their own and
-register a :class:`ComponentFactory`."""
+Each is registered by import path with its one-line description (a
+:class:`~packforcing.plugins.factory.LazyFactory`): its module, and torch, are imported only when
+a config uses it, so ``packforcing plugins`` lists them without importing either. Components
+registered as classes take their parameters and build from the class (their description is the
+docstring's first line, checked by the tests); the models, ``dual_branch``, ``auto``, the policy
+presets and the samplers have a :class:`~packforcing.plugins.factory.ComponentFactory` in
+:mod:`packforcing.plugins.builtin_factories`.
+"""
 
 from __future__ import annotations
 
-from packforcing.attention.backends import SdpaBackend, XformersBackend, pick_backend
-from packforcing.compressors.dual_branch import DualBranchCompressor, DualBranchParams
-from packforcing.compressors.pool import PoolCompressor
-from packforcing.core.errors import ParamError
-from packforcing.core.sampler import EulerSampler, SelfForcingSampler
-from packforcing.models.geometry_only import GeometryOnlyModel, GeometryParams
-from packforcing.models.tiny_dit import TinyDiT, TinyDiTParams
-from packforcing.models.wan.params import WanParams
-from packforcing.plugins.factory import ComponentFactory, no_params
+from packforcing.plugins.factory import LazyFactory
 from packforcing.plugins.hookspecs import hookimpl
-from packforcing.policies.packforcing import PackForcingParams, build_packforcing
-from packforcing.policies.presets import (
-    FullParams,
-    SinkRecentParams,
-    SlidingWindowParams,
-    build_tiered,
-    preset_builder,
-)
-from packforcing.policies.tiered import TieredParams
-from packforcing.positional.identity import IdentityRealigner
-from packforcing.positional.temporal_shift import TemporalRopeShift
-from packforcing.selectors.recency import RecencySelector
-from packforcing.selectors.topk import TopKSelector
+
+_FACTORIES = "packforcing.plugins.builtin_factories"
 
 
-def _tiny_dit(params: TinyDiTParams, env) -> TinyDiT:
-    dtype_name = str(env.dtype).removeprefix("torch.")
-    source = env.config.source if env.config is not None else None
-    if env.plan_only:  # weightless (meta-device) model: planning a full-size model is instant
-        return TinyDiT(params, dtype=dtype_name, config_source=source, plan_only=True).to(dtype=env.dtype)
-    return TinyDiT(params, dtype=dtype_name, config_source=source).to(device=env.device, dtype=env.dtype)
-
-
-def _wan(params: WanParams, env):
-    try:  # imports diffusers: only when a wan model is built
-        from packforcing.models.wan.adapter import build_wan
-    except ImportError as exc:
-        raise ParamError(
-            "name", f"model wan needs the optional 'wan' dependencies (pip install 'packforcing[wan]'): {exc}"
-        ) from None
-    return build_wan(params, env)
+def _lazy(target: str, description: str) -> LazyFactory:
+    module, _, attr = target.partition(":")
+    return LazyFactory(f"{module or _FACTORIES}:{attr}", description)
 
 
 @hookimpl
 def packforcing_models():
     return {
-        "wan": ComponentFactory(WanParams, _wan, "Wan2.1 / Self-Forcing transformer through diffusers (extra: wan)"),
-        "tiny_dit": ComponentFactory(TinyDiTParams, _tiny_dit, "small Wan-like causal DiT defined in code"),
-        "geometry": ComponentFactory(
-            GeometryParams,
-            lambda p, env: GeometryOnlyModel(p, str(env.dtype).removeprefix("torch.")),
-            "shapes only, for memory planning at real scale",
-        ),
+        "wan": _lazy(":WAN", "Wan2.1 / Self-Forcing transformer through diffusers (extra: wan)"),
+        "tiny_dit": _lazy(":TINY_DIT", "small Wan-like causal DiT defined in code"),
+        "geometry": _lazy(":GEOMETRY", "shapes only, for memory planning at real scale"),
     }
 
 
 @hookimpl
 def packforcing_backends():
     return {
-        "sdpa": SdpaBackend,
-        "xformers": XformersBackend,
-        "auto": no_params(lambda env: pick_backend(env.device, env.dtype), "xformers on CUDA fp16/bf16, else sdpa"),
+        "sdpa": _lazy(
+            "packforcing.attention.backends:SdpaBackend",
+            "torch.nn.functional.scaled_dot_product_attention; any device and dtype.",
+        ),
+        "xformers": _lazy(
+            "packforcing.attention.backends:XformersBackend",
+            "xformers.ops.memory_efficient_attention (CUDA, fp16/bf16).",
+        ),
+        "auto": _lazy(":AUTO", "xformers on CUDA fp16/bf16, else sdpa"),
     }
 
 
 @hookimpl
 def packforcing_realigners():
-    return {"identity": IdentityRealigner, "temporal_rope_shift": TemporalRopeShift}
-
-
-def _dual_branch(params: DualBranchParams, env) -> DualBranchCompressor:
-    model = env.model
-    return DualBranchCompressor(
-        params,
-        hidden_size=model.hidden_size,
-        latent_channels=model.geometry.latent_channels,
-        patch=model.geometry.patch,
-        device=env.device,
-        dtype=env.dtype,
-        config_source=env.config.source if env.config is not None else None,
-        lazy=env.plan_only,
-    )
+    return {
+        "identity": _lazy(
+            "packforcing.positional.identity:IdentityRealigner",
+            "Absolute positions, no rotation (Self-Forcing's rolling cache, full cache).",
+        ),
+        "temporal_rope_shift": _lazy(
+            "packforcing.positional.temporal_shift:TemporalRopeShift",
+            "Packs the context contiguously; rotates temporal bands from home positions.",
+        ),
+    }
 
 
 @hookimpl
 def packforcing_compressors():
     return {
-        "dual_branch": ComponentFactory(
-            DualBranchParams, _dual_branch, "PackForcing's trained HR-conv + LR pool/VAE/patch compressor (32x)"
+        "dual_branch": _lazy(":DUAL_BRANCH", "PackForcing's trained HR-conv + LR pool/VAE/patch compressor (32x)"),
+        "pool": _lazy(
+            "packforcing.compressors.pool:PoolCompressor",
+            "Training-free, RoPE-aware average pooling of K/V over a token window.",
         ),
-        "pool": PoolCompressor,
     }
 
 
 @hookimpl
 def packforcing_selectors():
-    return {"topk": TopKSelector, "recency": RecencySelector}
+    return {
+        "topk": _lazy(
+            "packforcing.selectors.topk:TopKSelector", "Top-k blocks by mean attention logit of sampled queries."
+        ),
+        "recency": _lazy(
+            "packforcing.selectors.recency:RecencySelector",
+            "The newest k candidates, whatever the queries (one choice for every layer).",
+        ),
+    }
 
 
 @hookimpl
 def packforcing_policies():
     return {
-        "tiered": ComponentFactory(TieredParams, build_tiered, "ordered tiers: the general form"),
-        "full": ComponentFactory(FullParams, preset_builder("full"), "keep every block"),
-        "sliding_window": ComponentFactory(
-            SlidingWindowParams, preset_builder("sliding_window"), "the last window_frames frames"
-        ),
-        "sink_recent": ComponentFactory(
-            SinkRecentParams, preset_builder("sink_recent"), "first sink_frames + last window_frames"
-        ),
-        "packforcing": ComponentFactory(
-            PackForcingParams, build_packforcing, "sink + compressed, selected mid bank + recent (the paper)"
-        ),
+        "tiered": _lazy(":TIERED", "ordered tiers: the general form"),
+        "full": _lazy(":FULL", "keep every block"),
+        "sliding_window": _lazy(":SLIDING_WINDOW", "the last window_frames frames"),
+        "sink_recent": _lazy(":SINK_RECENT", "first sink_frames + last window_frames"),
+        "packforcing": _lazy(":PACKFORCING", "sink + compressed, selected mid bank + recent (the paper)"),
     }
 
 
 @hookimpl
 def packforcing_samplers():
     return {
-        "euler": ComponentFactory.from_class(
-            EulerSampler, "Euler steps over shifted flow-matching noise levels (default)"
-        ),
-        "self_forcing": ComponentFactory.from_class(
-            SelfForcingSampler, "Self-Forcing's few-step sampler: predict x0, re-noise with fresh seeded noise"
+        "euler": _lazy(":EULER", "Euler steps over shifted flow-matching noise levels (default)"),
+        "self_forcing": _lazy(
+            ":SELF_FORCING", "Self-Forcing's few-step sampler: predict x0, re-noise with fresh seeded noise"
         ),
     }

@@ -13,6 +13,8 @@ three things out, for the rare component that needs a build function of its own.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
 import types
 import typing
@@ -80,6 +82,50 @@ class ComponentFactory:
         if self.name is not None:
             give_name(component, self.name)
         return component
+
+
+@attrs.frozen
+class LazyFactory:
+    """A component named by import path, imported only when first used.
+
+    ``target`` is ``"module:attribute"`` naming a component class or a :class:`ComponentFactory`;
+    ``description`` is what ``packforcing plugins`` lists without importing it. The built-ins
+    register this way, so listing components and reading the table of kinds import neither
+    torch nor any component. :meth:`load` imports the target and checks it as a hook's value
+    (a class must derive from ``base()``, the kind's interface)."""
+
+    target: str
+    description: str
+    base: Callable[[], type | None] | None = attrs.field(default=None, repr=False)
+    name: str | None = attrs.field(default=None, kw_only=True)
+
+    def load(self) -> ComponentFactory:
+        """The :class:`ComponentFactory` of the target (imported once), named as registered; a
+        factory without a description takes this one."""
+        return _load(self.target, self.name, self.base, self.description)
+
+    def named(self, name: str) -> LazyFactory:
+        """This factory, registered as ``name``."""
+        return attrs.evolve(self, name=name)
+
+
+@functools.cache
+def _load(target: str, name: str | None, base: Callable[[], type | None] | None, description: str) -> ComponentFactory:
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(module), attr)
+    factory = as_factory(name or attr, value, base() if base is not None else None)
+    if not factory.description:
+        factory = attrs.evolve(factory, description=description)
+    return factory.named(name) if name is not None else factory
+
+
+Registered = ComponentFactory | LazyFactory
+"""What the registry holds per name: a factory, or a :class:`LazyFactory` that loads one."""
+
+
+def loaded(entry: Registered) -> ComponentFactory:
+    """``entry`` as a :class:`ComponentFactory` (a :class:`LazyFactory` is imported)."""
+    return entry.load() if isinstance(entry, LazyFactory) else entry
 
 
 def _itself(params: Any, env: Any) -> Any:
@@ -160,6 +206,8 @@ def as_factory(name: str, value: Any, base: type | None) -> ComponentFactory:
     factory; a one-line ``TypeError`` saying what was expected otherwise."""
     if isinstance(value, ComponentFactory):
         return value
+    if isinstance(value, LazyFactory):
+        return value.load()
     check = base is not None and not getattr(base, "_is_protocol", False)
     expected = f"a ComponentFactory or a subclass of {base.__name__}" if check else "a ComponentFactory or a class"
     if isinstance(value, type):

@@ -21,7 +21,7 @@ import attrs
 import pluggy
 
 from packforcing.plugins import hookspecs
-from packforcing.plugins.factory import ComponentFactory, as_factory
+from packforcing.plugins.factory import ComponentFactory, LazyFactory, Registered, as_factory, loaded
 from packforcing.plugins.kinds import BY_NAME, Kind
 from packforcing.plugins.kinds import KINDS as KIND_TABLE
 
@@ -48,13 +48,24 @@ class UnknownComponentError(LookupError):
 
 @attrs.frozen
 class Provided:
-    """A factory and the distribution (``dist``) and version that provide it."""
+    """A registered component: its factory (``entry``, possibly not imported yet) and the
+    distribution (``dist``) and version that provide it."""
 
     name: str
     kind: str
-    factory: ComponentFactory
+    entry: Registered
     dist: str
     version: str
+
+    @property
+    def factory(self) -> ComponentFactory:
+        """The component's factory (a built-in's module is imported on first use)."""
+        return loaded(self.entry)
+
+    @property
+    def description(self) -> str:
+        """One line for ``packforcing plugins`` (nothing is imported)."""
+        return self.entry.description
 
 
 def _builtin_version() -> str:
@@ -151,7 +162,7 @@ class Registry:
                 caller = self._pm.subset_hook_caller(hook, [p for p in plugins if p is not impl.plugin])
                 try:
                     results = caller()
-                    result = _checked(results[0] if results else None, kind.base_class())
+                    result = _checked(results[0] if results else None, kind.base_class)
                 except Exception as exc:
                     self._problem(
                         f"plugin {impl.plugin_name!r} from distribution {dist}: {hook}() {_describe(exc)}; "
@@ -276,16 +287,22 @@ def _hooks(kind: Kind) -> tuple[str, ...]:
     return (kind.hook, *kind.deprecated_hooks)
 
 
-def _checked(result: Any, base: type | None) -> dict[str, ComponentFactory]:
-    """A hook's result as ``name -> factory`` if it is a mapping of valid names to factories or
-    component classes (subclasses of ``base``), else a TypeError."""
+def _checked(result: Any, base: Callable[[], type | None]) -> dict[str, Registered]:
+    """A hook's result as ``name -> factory`` if it is a mapping of valid names to factories,
+    lazy factories (checked when loaded) or component classes (subclasses of ``base()``, the
+    kind's interface, imported only to check a class), else a TypeError."""
     if not isinstance(result, Mapping):
         raise TypeError(f"returned {type(result).__name__}, expected a mapping of name -> component class or factory")
-    out = {}
+    out: dict[str, Registered] = {}
     for name, value in result.items():
         if not isinstance(name, str) or not name or ":" in name or name != name.strip():
             raise TypeError(f"returned an invalid component name {name!r} (a non-empty string without ':')")
-        out[name] = as_factory(name, value, base)
+        if isinstance(value, LazyFactory):
+            out[name] = attrs.evolve(value, base=base)
+        elif isinstance(value, ComponentFactory):
+            out[name] = value
+        else:
+            out[name] = as_factory(name, value, base())
     return out
 
 
