@@ -78,7 +78,7 @@ def test_plan_json_for_the_tiny_model(capsys):
     engine = pf.build_engine("configs/sliding_window.yaml")
     g = engine.geometry
     assert (data["seconds"], data["fps"]) == (10.0, 16.0)
-    assert data["latent_frames"] == 160 // 4
+    assert data["latent_frames"] == 160  # tiny_dit's codec decodes one pixel frame per latent frame
     assert data["tokens_per_frame"] == g.tokens_per_frame and data["bytes_per_token"] == g.bytes_per_token
     blocks = data["latent_frames"] // g.frames_per_block
     assert data["full_cache_bytes"] == blocks * g.tokens_per_block * g.bytes_per_token
@@ -104,8 +104,9 @@ def test_plan_wan_packforcing_matches_the_papers_numbers(capsys):
     code, out, _ = run(capsys, "plan", "--config", str(WAN.relative_to(ROOT)), "--seconds", "120", "--json")
     assert code == 0
     data = json.loads(out)
-    assert data["latent_frames"] == 480 and data["tokens_per_frame"] == 1560 and data["bytes_per_token"] == 184_320
-    assert data["full_cache_bytes"] == 748_800 * 184_320  # ~138 GB
+    # 1,920 pixel frames need 481 latent frames (Wan's VAE: 1 + 4k), 121 blocks of 4, as generate counts
+    assert data["latent_frames"] == 481 and data["tokens_per_frame"] == 1560 and data["bytes_per_token"] == 184_320
+    assert data["full_cache_bytes"] == 121 * 6240 * 184_320  # ~139 GB (the paper's ~138 GB counts 480 frames)
     assert data["context_tokens"] == 21_632
     kv_bytes = 21_632 * 184_320  # ~3.99 GB of K/V
     latents = 16 * 4 * 60 * 104 * 2  # plus the clean latents of one recent block, kept for dual_branch
@@ -115,8 +116,8 @@ def test_plan_wan_packforcing_matches_the_papers_numbers(capsys):
     assert any(line.split()[:1] == ["sink"] and "12,480" in line for line in lines)
     total = next(line for line in lines if line.startswith("total"))
     assert "21,632" in total and f"{data['peak_cache_bytes']:,}" in total and "3.99 GB" in total
-    assert any(line.startswith("full cache") and "138.02 GB" in line for line in lines)
-    assert "34.6x smaller" in table
+    assert any(line.startswith("full cache") and "139.17 GB" in line for line in lines)
+    assert "34.9x smaller" in table
 
 
 def test_plan_table_lists_every_tier_and_the_archive(capsys, tmp_path):
@@ -126,14 +127,16 @@ def test_plan_table_lists_every_tier_and_the_archive(capsys, tmp_path):
         "policy:\n  name: tiered\n  overflow: archive\n  tiers:\n"
         "    - {name: sink, frames: 4, pinned: true}\n    - {name: recent, frames: 8}\n"
     )
-    code, out, _ = run(capsys, "plan", "--config", str(config), "--seconds", "20", "--fps", "8")
+    # an explicit VAE stride overrides the model's (tiny_dit's codec: 1 pixel frame per latent frame)
+    code, out, _ = run(capsys, "plan", "--config", str(config), "--seconds", "20", "--fps", "8",
+                       "--pixel-frames-per-latent", "4")  # fmt: skip
     assert code == 0
     rows = {line.split()[0]: line for line in out.splitlines() if line and line.split()[0] in ("sink", "recent")}
     assert set(rows) == {"sink", "recent"}
     assert any(line.startswith("archive*") for line in out.splitlines())
-    assert "20 s at 8 fps = 40 latent frames = 10 blocks of 4 frames" in out
+    assert "20 s at 8 fps = 41 latent frames = 11 blocks of 4 frames" in out  # 160 pixel frames: 1 + 4 * 40
     archive = next(line for line in out.splitlines() if line.startswith("archive*")).split()
-    assert archive[1] == "7"  # 10 blocks: 1 in the sink, 2 recent, 7 archived
+    assert archive[1] == "8"  # 11 blocks: 1 in the sink, 2 recent, 8 archived
 
 
 def test_plan_config_error_is_one_line(capsys):

@@ -17,7 +17,9 @@ def test_wan_geometry_numbers():
     assert g.block_grid == (4, 30, 52)
     assert g.tokens_per_block == 6240
     assert g.bytes_per_token == 184_320
-    assert g.latent_frames(120, 16) == 480
+    # 1,920 pixel frames = 1 + 4 * 480: the causal VAE's first latent frame is one pixel frame
+    assert g.latent_frames(120, 16) == 481
+    assert g.latent_frames(120, 16, 1) == 1920 and g.latent_frames(0.01, 16) == 1
 
 
 @pytest.mark.parametrize("bad", [dict(latent_height=7), dict(patch=(2, 2, 2), frames_per_block=3), dict(num_heads=0)])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import packforcing as pf
 from packforcing.cli import main
 from packforcing.output.video import blocks_for_seconds, latent_frame_of, pixel_frames
 
@@ -90,3 +91,37 @@ def test_full_size_model_on_the_cpu_is_refused_up_front(tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1
     assert "min per block on a CPU" in err and "--force" in err and "6,240 tokens per block" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "stride"),
+    [
+        ("configs/wan2.1-1.3b/packforcing.yaml", 4),  # the Wan adapter's VAE
+        ("configs/wan1.3b/packforcing.yaml", 4),  # a shapes-only preset declares the same stride
+        ("configs/packforcing.yaml", 1),  # tiny_dit's codec
+    ],
+)
+def test_plan_counts_seconds_as_generate_does(capsys, config, stride):
+    """``plan --seconds S`` plans exactly the blocks ``generate --seconds S`` makes (the model's
+    own VAE stride, the causal 1 + stride·k rule): 120 s of Wan is 481 latent frames, not 480."""
+    from packforcing.core.build import build_for_planning
+    from packforcing.core.geometry import temporal_stride_of
+
+    env = build_for_planning(pf.load_config(ROOT / config))
+    assert temporal_stride_of(env.model) == stride
+    fpb = env.geometry.frames_per_block
+    for seconds in (1, 5, 120):
+        assert main(["plan", "--config", str(ROOT / config), "--seconds", str(seconds), "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        blocks = blocks_for_seconds(seconds, 16, fpb, stride)
+        assert data["latent_frames"] == pixel_frames_inverse(seconds * 16, stride)
+        assert -(-data["latent_frames"] // fpb) == blocks
+        assert pf.plan(ROOT / config, seconds, 16).num_blocks == blocks
+
+
+def pixel_frames_inverse(pixels: int, stride: int) -> int:
+    """The fewest latent frames decoding to at least ``pixels`` pixel frames."""
+    latent = 1
+    while pixel_frames(latent, stride) < pixels:
+        latent += 1
+    return latent

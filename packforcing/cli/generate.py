@@ -180,8 +180,9 @@ class ReturnTracker:
 def run(args: argparse.Namespace) -> int:
     from packforcing.core.build import build_for_planning, generation_blocker
     from packforcing.core.config import load_config
+    from packforcing.core.geometry import temporal_stride_of
     from packforcing.models.wan.text import encode_schedule, to_block_schedule
-    from packforcing.output.video import blocks_for_seconds, pixel_frames, temporal_stride_of
+    from packforcing.output.video import blocks_for_seconds, pixel_frames
 
     overrides = list(args.overrides)
     labels = ["--set"] * len(overrides)

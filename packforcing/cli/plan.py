@@ -46,9 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pixel-frames-per-latent",
         type=int,
-        default=4,
+        default=None,
         metavar="N",
-        help="pixel frames per latent frame, the VAE's temporal stride (default: 4)",
+        help="pixel frames per latent frame, the VAE's temporal stride (default: the model's, as generate counts)",
     )
     p.add_argument("--json", action="store_true", help=f"print one JSON object with keys {', '.join(JSON_KEYS)}")
     add_overrides(p)
@@ -159,11 +159,13 @@ def table(env: Any, data: dict[str, Any], plan: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     from packforcing.core.build import build_for_planning
     from packforcing.core.config import load_config
+    from packforcing.core.geometry import temporal_stride_of
 
-    if args.pixel_frames_per_latent < 1:
+    if args.pixel_frames_per_latent is not None and args.pixel_frames_per_latent < 1:
         raise ValueError(f"--pixel-frames-per-latent: expected an integer >= 1, got {args.pixel_frames_per_latent}")
     env = build_for_planning(load_config(args.config, args.overrides))
-    data, plan = summary(env, args.seconds, args.fps, args.pixel_frames_per_latent)
+    stride = args.pixel_frames_per_latent or temporal_stride_of(env.model)
+    data, plan = summary(env, args.seconds, args.fps, stride)
     if args.json:
         print(json.dumps(data))
     else:

@@ -13,7 +13,7 @@ from packforcing.core.boundary import Origin
 from packforcing.core.config import Config, load_config
 from packforcing.core.engine import GenerationEngine
 from packforcing.core.errors import ConfigError
-from packforcing.core.geometry import Geometry, resolve_dtype
+from packforcing.core.geometry import Geometry, resolve_dtype, temporal_stride_of
 from packforcing.core.interfaces import (
     AttentionBackend,
     BlockModel,
@@ -294,7 +294,8 @@ def check_memory(planned: MemoryPlan, env: BuildEnv, device: torch.device) -> No
 
 
 def blocks_for(geometry: Geometry, seconds: float, fps: float, pixel_frames_per_latent: int = 4) -> int:
-    """Blocks needed to cover ``seconds`` of video at ``fps`` (whole blocks, rounded up)."""
+    """Blocks needed to cover ``seconds`` of video at ``fps`` (whole blocks, rounded up), counted
+    as ``generate --seconds`` counts them (:func:`~packforcing.core.geometry.latent_frames_for`)."""
     frames = geometry.latent_frames(seconds, fps, pixel_frames_per_latent)
     return -(-frames // geometry.frames_per_block)
 
@@ -305,15 +306,17 @@ def plan(
     fps: float = 16.0,
     *,
     num_blocks: int | None = None,
-    pixel_frames_per_latent: int = 4,
+    pixel_frames_per_latent: int | None = None,
     registry: Any = None,
 ) -> MemoryPlan:
     """Planned cache tokens/bytes per tier for ``seconds`` of video at ``fps`` (or ``num_blocks``),
-    from the geometry alone: nothing is allocated and models skip their weights."""
+    from the geometry alone: nothing is allocated and models skip their weights.
+    ``pixel_frames_per_latent`` defaults to the model's own VAE stride, as ``generate`` uses."""
     env = build_for_planning(config, registry=registry)
     assert env.geometry is not None and env.policy is not None and env.config is not None
     if num_blocks is None:
         if seconds is None:
             raise ValueError("give seconds or num_blocks")
-        num_blocks = blocks_for(env.geometry, seconds, fps, pixel_frames_per_latent)
+        stride = pixel_frames_per_latent or temporal_stride_of(env.model)
+        num_blocks = blocks_for(env.geometry, seconds, fps, stride)
     return env.policy.plan(num_blocks, batch_size=env.config.run.batch_size)

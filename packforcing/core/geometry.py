@@ -7,6 +7,8 @@ and a block become after patchifying, and how many bytes one cached token costs
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import torch
 
@@ -42,6 +44,26 @@ def _dtype_name(value: object) -> str:
 
 Grid = tuple[int, int, int]
 """A token grid ``(t, h, w)``: temporal, height and width token counts."""
+
+
+def latent_frames_for(seconds: float, fps: float, temporal_stride: int = 1) -> int:
+    """Latent frames whose decoded video lasts at least ``seconds`` at ``fps`` (at least one).
+
+    A causal video VAE decodes the first latent frame to one pixel frame and each later one to
+    ``temporal_stride`` (Wan: ``1 + 4(F - 1)`` pixel frames), so ``seconds * fps`` pixel frames
+    (rounded up) need ``1 + ceil((pixels - 1) / temporal_stride)`` latent frames. ``plan`` and
+    ``generate`` both count with this, so ``--seconds`` means the same number of blocks in each."""
+    pixels = max(1, math.ceil(seconds * fps - 1e-9))
+    return 1 + math.ceil((pixels - 1) / temporal_stride)
+
+
+def temporal_stride_of(model: object) -> int:
+    """Pixel frames per latent frame after the first: the model's ``pixel_frames_per_latent``, else
+    its codec's ``temporal_stride``, else 1 (a codec that decodes one frame per latent frame)."""
+    stride = getattr(model, "pixel_frames_per_latent", None)
+    if stride is None:
+        stride = getattr(getattr(model, "codec", None), "temporal_stride", 1)
+    return int(stride)
 
 
 @attrs.frozen
@@ -113,5 +135,6 @@ class Geometry:
         return frames // self.frames_per_block
 
     def latent_frames(self, seconds: float, fps: float, pixel_frames_per_latent: int = 4) -> int:
-        """Latent frames for ``seconds`` of video at ``fps`` (rounded down)."""
-        return int(seconds * fps) // pixel_frames_per_latent
+        """Latent frames whose decoded video lasts at least ``seconds`` at ``fps``
+        (:func:`latent_frames_for`)."""
+        return latent_frames_for(seconds, fps, pixel_frames_per_latent)

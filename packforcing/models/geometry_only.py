@@ -26,6 +26,8 @@ class GeometryParams:
     patch: tuple[int, int, int] = attrs.field(default=(1, 2, 2), converter=tuple, validator=positive_triple)
     frames_per_block: int = attrs.field(default=4, validator=positive)
     hidden_size: int | None = None
+    pixel_frames_per_latent: int = attrs.field(default=4, validator=positive)
+    """The VAE's temporal stride (Wan: 4): how ``plan --seconds`` counts latent frames."""
 
     def cannot_generate(self) -> str | None:
         """Why this model cannot generate (it has shapes, no weights)."""
@@ -50,6 +52,7 @@ class GeometryOnlyModel:
             dtype=dtype,
         )
         self.hidden_size = params.hidden_size or params.num_heads * params.head_dim
+        self.pixel_frames_per_latent = params.pixel_frames_per_latent
         self.rope = Rope3D(params.head_dim)
 
     def _refuse(self, *args, **kwargs):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import struct
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from packforcing.core.geometry import latent_frames_for
 
 
 def pixel_frames(latent_frames: int, temporal_stride: int = 1) -> int:
@@ -26,19 +27,9 @@ def latent_frame_of(second: float, fps: float, temporal_stride: int = 1) -> int:
 
 
 def blocks_for_seconds(seconds: float, fps: float, frames_per_block: int, temporal_stride: int = 1) -> int:
-    """Whole blocks whose decoded video lasts at least ``seconds`` at ``fps`` (at least one)."""
-    pixels = max(1, math.ceil(seconds * fps - 1e-9))
-    latent = 1 + math.ceil((pixels - 1) / temporal_stride)
-    return max(1, math.ceil(latent / frames_per_block))
-
-
-def temporal_stride_of(model: object) -> int:
-    """Pixel frames per latent frame after the first: the model's ``pixel_frames_per_latent``, else
-    its codec's ``temporal_stride``, else 1 (a codec that decodes one frame per latent frame)."""
-    stride = getattr(model, "pixel_frames_per_latent", None)
-    if stride is None:
-        stride = getattr(getattr(model, "codec", None), "temporal_stride", 1)
-    return int(stride)
+    """Whole blocks whose decoded video lasts at least ``seconds`` at ``fps`` (at least one);
+    the latent frames are :func:`~packforcing.core.geometry.latent_frames_for`'s."""
+    return -(-latent_frames_for(seconds, fps, temporal_stride) // frames_per_block)
 
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:

@@ -121,8 +121,8 @@ def _in_blocks(prompt: Prompt, config: Any) -> Prompt:
     if prompt.schedule is None or not any("from_second" in seg for seg in prompt.schedule):
         return prompt
     from packforcing.core.build import build_for_planning
+    from packforcing.core.geometry import temporal_stride_of
     from packforcing.models.wan.text import to_block_schedule
-    from packforcing.output.video import temporal_stride_of
 
     env = build_for_planning(config)
     assert env.geometry is not None
@@ -341,8 +341,8 @@ def blocks_for_seconds(config: Any, seconds: float) -> int:
     """Blocks covering ``seconds`` of video for ``config``: the conversion ``generate
     --seconds`` makes (the model's geometry, its VAE's temporal stride, ``run.fps``)."""
     from packforcing.core.build import build_for_planning
+    from packforcing.core.geometry import temporal_stride_of
     from packforcing.output.video import blocks_for_seconds as blocks_for
-    from packforcing.output.video import temporal_stride_of
 
     if not 0 < seconds < float("inf"):
         raise ValueError(f"--seconds: expected a number > 0, got {seconds}")
