@@ -115,6 +115,17 @@ def test_teacher_forcing_sees_what_the_cache_would_hold():
         assert torch.allclose(captured["v"][:, :, i * f : (i + 1) * f], ref, atol=1e-5), i
 
 
+def test_training_clips_follow_the_schedule_options():
+    """Return-heavy clips (the default recipe): one block per segment, new scenes rare; the
+    rendered clips' per-frame scenes are the schedule's."""
+    model = TinyDiT(TinyDiTParams(**SMALL, num_conditions=4))
+    world = world_params_for(model)
+    _, scenes = render_clips(model, world, 6, [0, 1, 2], segment_blocks=(1, 1), new_scene_probability=0.0)
+    per_block = scenes[:, :: world.frames_per_block]
+    assert (per_block[:, 1:] != per_block[:, :-1]).all()  # a cut at every block
+    assert all(len(set(row.tolist())) == 2 for row in per_block)  # never a new scene after the second
+
+
 def test_training_is_reproducible_and_writes_loadable_weights(tmp_path: Path):
     params = TrainModelParams(steps=3, batch_size=2, train_blocks=3, clips=4, checkpoint_every=2)
     out = tmp_path / "w.safetensors"
@@ -126,6 +137,7 @@ def test_training_is_reproducible_and_writes_loadable_weights(tmp_path: Path):
     assert meta["steps"] == 3 and meta["train_blocks"] == 3 and meta["seed"] == 0
     assert meta["world"]["name"] == "scenes" and meta["world"]["num_scenes"] == 3
     assert meta["model"]["num_conditions"] == 3 and "commit" in meta
+    assert meta["schedule"] == {"new_scene_probability": 0.25, "segment_blocks": [1, 1]}
     more = tmp_path / "more.safetensors"
     cont = attrs.evolve(params, steps=2, init=str(out), pure_noise_fraction=0.5)
     train_model(pf.load_config(small_config()), cont, more, progress=False)
@@ -148,8 +160,21 @@ def test_train_model_verb(tmp_path: Path, capsys):
     )  # fmt: skip
     assert code == 0 and out.is_file()
     assert "wrote" in capsys.readouterr().out
-    assert main(["train-model", "--config", str(config), "--steps", "0"]) == 1
+    bad = tmp_path / "bad.safetensors"
+    assert main(["train-model", "--config", str(config), "--out", str(bad), "--steps", "0"]) == 1
     assert "--steps: expected an integer >= 1" in capsys.readouterr().err
+    for args, message in (
+        (["--new-scene-probability", "1.5"], "--new-scene-probability: expected a number in [0, 1], got 1.5"),
+        (["--segment-blocks", "3", "1"], "--segment-blocks: expected 1 <= MIN <= MAX, got 3 1"),
+    ):
+        assert main(["train-model", "--config", str(config), "--out", str(bad), *args]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert not bad.exists()
+    # --out is required: the shipped weights are never overwritten by default
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-model", "--config", str(config)])
+    assert exit_.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 def test_generate_uses_the_models_revisiting_schedule_and_reports_returns(tmp_path: Path, capsys):

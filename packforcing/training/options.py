@@ -102,7 +102,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options (shared by ``packforcing train-model`` and ``python -m``)."""
     d = TrainModelParams()
     parser.add_argument("--config", required=True, help="YAML config naming the model (its weights are ignored)")
-    parser.add_argument("--out", default=MODEL_DEFAULT_OUT, help=f"safetensors to write (default {MODEL_DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", required=True, help=f"safetensors to write (required: the shipped weights are {MODEL_DEFAULT_OUT})"
+    )
     parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, cosine decay (default {d.lr})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"clips per step (default {d.batch_size})")
