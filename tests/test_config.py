@@ -550,3 +550,17 @@ def test_structuring_takes_parameter_objects_and_unresolvable_annotations_as_the
     assert (params.thing, params.things, params.n) == (object, [1, "a"], 2)
     with pytest.raises(ConfigError, match=r"^compressor\.n: expected an integer, got 'x'$"):
         structure(namespace["P"], {"n": "x"}, "compressor")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("selector.heads=[]", "selector.heads: expected a non-empty list of head indices >= 0, got ()"),
+        ("selector.heads=[0, -1]", "selector.heads: expected a non-empty list of head indices >= 0, got (0, -1)"),
+        ("compressor.hr_channels=[4, 8]", "compressor.hr_channels: expected 4 integers >= 1, got [4, 8]"),
+        ("compressor.hr_channels=[4, 8, 0, 8]", "compressor.hr_channels: expected 4 integers >= 1, got [4, 8, 0, 8]"),
+        ("model={name: wan, dtype: float8}", "model.dtype: expected one of "),
+    ],
+)
+def test_component_validators_composed_from_attrs_validators(override, message):
+    assert error_of("packforcing", [override]).startswith(f"--set: {message}")

@@ -40,6 +40,7 @@ from typing import Any
 import attrs
 import torch
 import torch.nn.functional as F
+from attrs import validators as v
 from torch import nn
 
 from packforcing.core.config import file_label
@@ -47,7 +48,7 @@ from packforcing.core.errors import ParamError
 from packforcing.core.geometry import Grid
 from packforcing.core.interfaces import BlockModel, Compressor, LatentCodec
 from packforcing.core.records import CachedBlock, CompressedKV
-from packforcing.core.validators import one_of, positive_triple
+from packforcing.core.validators import explained, integer, one_of, positive_triple
 from packforcing.core.weightfiles import check_tensors, read_header, resolve_weights_path
 
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -71,9 +72,13 @@ def _odd(instance: object, attribute: attrs.Attribute, value: int) -> None:
         raise ParamError(attribute.name, f"expected an odd integer >= 1, got {value!r}")
 
 
-def _channels(instance: object, attribute: attrs.Attribute, value: tuple[int, ...]) -> None:
-    if len(value) != len(HR_STRIDES) or not all(isinstance(c, int) and c >= 1 for c in value):
-        raise ParamError(attribute.name, f"expected {len(HR_STRIDES)} integers >= 1, got {list(value)!r}")
+_channels = explained(
+    f"{len(HR_STRIDES)} integers >= 1",
+    v.min_len(len(HR_STRIDES)),
+    v.max_len(len(HR_STRIDES)),
+    v.deep_iterable(v.and_(*integer(v.ge(1)))),
+    shown=lambda value: repr(list(value)),
+)
 
 
 @attrs.frozen

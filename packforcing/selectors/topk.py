@@ -22,18 +22,21 @@ from collections.abc import Sequence
 
 import attrs
 import torch
+from attrs import validators as v
 
 from packforcing.core.errors import ParamError
 from packforcing.core.interfaces import Selector
 from packforcing.core.records import CachedBlock
-from packforcing.core.validators import fraction, non_negative, positive
+from packforcing.core.validators import explained, fraction, integer, non_negative, positive
 
-
-def _heads(instance: object, attribute: attrs.Attribute, value: object) -> None:
-    if value is None:
-        return
-    if not isinstance(value, tuple) or not value or not all(isinstance(h, int) and h >= 0 for h in value):
-        raise ParamError(attribute.name, f"expected a non-empty list of head indices >= 0, got {value!r}")
+_heads = v.optional(
+    explained(
+        "a non-empty list of head indices >= 0",
+        v.instance_of(tuple),
+        v.min_len(1),
+        v.deep_iterable(v.and_(*integer(v.ge(0)))),
+    )
+)
 
 
 @attrs.frozen

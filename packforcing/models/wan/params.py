@@ -31,11 +31,6 @@ WAN21_T2V_1_3B: dict[str, Any] = {
 without ``path`` plans memory for (it cannot generate without weights)."""
 
 
-def _optional_dtype(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None:
-        one_of(*DTYPES)(instance, attribute, value)
-
-
 @attrs.frozen
 class WanParams:
     """``model: {name: wan, path: ..., format: auto|diffusers|wan|self_forcing, ...}``.
@@ -54,7 +49,7 @@ class WanParams:
     frames_per_block: int = attrs.field(default=3, validator=positive)
     latent_height: int = attrs.field(default=60, validator=positive)
     latent_width: int = attrs.field(default=104, validator=positive)
-    dtype: str | None = attrs.field(default=None, validator=_optional_dtype)
+    dtype: str | None = attrs.field(default=None, validator=attrs.validators.optional(one_of(*DTYPES)))
     vae: str | None = None
     """The Wan VAE that decodes the video (and feeds ``dual_branch``'s LR branch): a diffusers
     pipeline root with ``vae/`` or the VAE folder. Default: the pipeline root ``path`` belongs
