@@ -24,7 +24,10 @@ Errors
     A parameter problem is a :class:`ParamError` carrying its key path, relative to the
     component (``ParamError("window", "expected ...")`` in a validator, ``from_env`` or
     ``validate(env)``) or absolute (``"selector.k"``); the user reads one line naming the file
-    and the full key path (``configs/x.yaml: compressor.window: expected ...``).
+    and the full key path (``configs/x.yaml: compressor.window: expected ...``). A validator
+    may be composed from :mod:`attrs.validators` with :func:`explained`
+    (``explained("an integer >= 1", attrs.validators.instance_of(int), attrs.validators.ge(1))``),
+    which reports any failure of theirs as that ``ParamError``.
 
 Names
     The registry names a component by the key it was registered under: ``component.name`` is
@@ -78,6 +81,7 @@ from packforcing.core.records import (
     TierStats,
 )
 from packforcing.core.rope import Rope3D
+from packforcing.core.validators import explained
 from packforcing.plugins.factory import ComponentFactory, no_params
 from packforcing.plugins.hookspecs import hookimpl
 
@@ -105,6 +109,7 @@ __all__ = [
     "Rope3D",
     "Selector",
     "TierStats",
+    "explained",
     "hookimpl",
     "no_params",
 ]

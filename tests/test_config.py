@@ -564,3 +564,23 @@ def test_structuring_takes_parameter_objects_and_unresolvable_annotations_as_the
 )
 def test_component_validators_composed_from_attrs_validators(override, message):
     assert error_of("packforcing", [override]).startswith(f"--set: {message}")
+
+
+def test_explained_attrs_validators_name_the_field():
+    """``explained`` turns an attrs validator's failure into the field's one-line ParamError; a
+    bare attrs validator's error is still one line, at the component."""
+    from packforcing.api import explained
+    from packforcing.core.structure import structure
+
+    @attrs.frozen
+    class Params:
+        k: int = attrs.field(default=1, validator=explained("an integer >= 1", attrs.validators.ge(1)))
+        raw: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+
+    with pytest.raises(ParamError) as info:
+        Params(k=0)
+    assert (info.value.path, info.value.message) == ("k", "expected an integer >= 1, got 0")
+    with pytest.raises(ConfigError, match=r"^compressor\.k: expected an integer >= 1, got 0$"):
+        structure(Params, {"k": 0}, "compressor")
+    with pytest.raises(ConfigError, match=r"^compressor: 'raw' must be >= 1: 0$"):
+        structure(Params, {"raw": 0}, "compressor")
