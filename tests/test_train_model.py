@@ -25,6 +25,7 @@ from packforcing.training.model import (
     train_model,
     world_params_for,
 )
+from packforcing.worlds import recall_schedule
 
 SMALL = {
     "hidden_size": 32,
@@ -116,14 +117,24 @@ def test_teacher_forcing_sees_what_the_cache_would_hold():
 
 
 def test_training_clips_follow_the_schedule_options():
-    """Return-heavy clips (the default recipe): one block per segment, new scenes rare; the
-    rendered clips' per-frame scenes are the schedule's."""
+    """The rendered clips' per-frame scenes are the schedule's: ``revisit`` with one block per
+    segment and no new scene after the second cuts at every block between two scenes."""
     model = TinyDiT(TinyDiTParams(**SMALL, num_conditions=4))
     world = world_params_for(model)
-    _, scenes = render_clips(model, world, 6, [0, 1, 2], segment_blocks=(1, 1), new_scene_probability=0.0)
+    _, scenes = render_clips(
+        model, world, 6, [0, 1, 2], schedule="revisit", segment_blocks=(1, 1), new_scene_probability=0.0
+    )
     per_block = scenes[:, :: world.frames_per_block]
     assert (per_block[:, 1:] != per_block[:, :-1]).all()  # a cut at every block
     assert all(len(set(row.tolist())) == 2 for row in per_block)  # never a new scene after the second
+    # recall (the default): new scenes one block each, then returns from random distances
+    for seed in range(20):
+        order = recall_schedule(6, 4, seed)
+        _, clip = render_clips(model, world, 6, [seed], schedule="recall")
+        assert clip[0, :: world.frames_per_block].tolist() == order
+        k = len(set(order))
+        assert 2 <= k <= 4 and order[:k] == list(dict.fromkeys(order))  # every new scene comes first
+        assert all(s in order[:k] for s in order[k:])
 
 
 def test_training_is_reproducible_and_writes_loadable_weights(tmp_path: Path):
@@ -137,7 +148,7 @@ def test_training_is_reproducible_and_writes_loadable_weights(tmp_path: Path):
     assert meta["steps"] == 3 and meta["train_blocks"] == 3 and meta["seed"] == 0
     assert meta["world"]["name"] == "scenes" and meta["world"]["num_scenes"] == 3
     assert meta["model"]["num_conditions"] == 3 and "commit" in meta
-    assert meta["schedule"] == {"new_scene_probability": 0.25, "segment_blocks": [1, 1]}
+    assert meta["schedule"] == {"kind": "recall", "segment_blocks": [1, 2]}
     more = tmp_path / "more.safetensors"
     cont = attrs.evolve(params, steps=2, init=str(out), pure_noise_fraction=0.5)
     train_model(pf.load_config(small_config()), cont, more, progress=False)

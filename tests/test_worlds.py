@@ -85,3 +85,18 @@ def test_dct_codec_is_invertible_and_keeps_pictures():
     assert 10 * torch.log10(4 / (random.decode(random.encode(pixels)) - pixels).pow(2).mean()) < psnr - 10
     with pytest.raises(ValueError, match="basis"):
         LinearPatchCodec(16, 8, basis="wavelet")
+
+
+def test_recall_schedule_returns_from_varied_distances():
+    """New scenes first (one block each), then only returns, to scenes drawn at random among
+    those seen: across seeds every distance back from 2 to 5 blocks occurs."""
+    from packforcing.worlds import recall_schedule, returns
+
+    distances = set()
+    for seed in range(200):
+        order = recall_schedule(6, 8, seed)
+        assert len(order) == 6 and order == recall_schedule(6, 8, seed)
+        k = len(set(order))
+        assert 2 <= k <= 5 and len(set(order[:k])) == k
+        distances |= {r.blocks_since for r in returns(order)}
+    assert {2, 3, 4, 5} <= distances

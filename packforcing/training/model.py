@@ -45,7 +45,7 @@ from packforcing.training.options import MODEL_DEFAULT_OUT as DEFAULT_OUT
 from packforcing.training.options import MODEL_EXAMPLE as EXAMPLE
 from packforcing.training.options import TrainModelParams
 from packforcing.training.options import add_model_arguments as add_arguments
-from packforcing.worlds import SceneWorld, SceneWorldParams, revisit_schedule
+from packforcing.worlds import SceneWorld, SceneWorldParams, recall_schedule, revisit_schedule
 
 FORMAT = "packforcing.block_model/1"
 
@@ -126,23 +126,29 @@ def render_clips(
     num_blocks: int,
     seeds: Sequence[int],
     *,
+    schedule: str = "revisit",
     segment_blocks: tuple[int, int] = (1, 2),
     new_scene_probability: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents ``[B, C, T, H, W]`` and per-frame scene indices ``[B, T]`` of one clip per seed
-    (each its own world and revisiting schedule, :func:`~packforcing.worlds.revisit_schedule`)."""
+    """Latents ``[B, C, T, H, W]`` and per-frame scene indices ``[B, T]`` of one clip per seed,
+    each its own world and schedule: ``revisit`` (:func:`~packforcing.worlds.revisit_schedule`,
+    least recently seen first) or ``recall`` (:func:`~packforcing.worlds.recall_schedule`,
+    returns from random distances)."""
     latents, scenes = [], []
     for seed in seeds:
-        schedule = revisit_schedule(
-            num_blocks,
-            world.num_scenes,
-            seed,
-            segment_blocks=segment_blocks,
-            new_scene_probability=new_scene_probability,
-        )
-        pixels = SceneWorld(world, seed).render(schedule)
+        if schedule == "recall":
+            order = recall_schedule(num_blocks, world.num_scenes, seed, segment_blocks=segment_blocks)
+        else:
+            order = revisit_schedule(
+                num_blocks,
+                world.num_scenes,
+                seed,
+                segment_blocks=segment_blocks,
+                new_scene_probability=new_scene_probability,
+            )
+        pixels = SceneWorld(world, seed).render(order)
         latents.append(model.codec.encode(pixels[None]))
-        scenes.append(torch.tensor(schedule).repeat_interleave(world.frames_per_block))
+        scenes.append(torch.tensor(order).repeat_interleave(world.frames_per_block))
     return torch.cat(latents), torch.stack(scenes)
 
 
@@ -288,7 +294,11 @@ def train_model(
         "gain_lr_scale": str(params.gain_lr_scale),
         "pure_noise_fraction": str(params.pure_noise_fraction),
         "schedule": json.dumps(
-            {"new_scene_probability": params.new_scene_probability, "segment_blocks": list(params.segment_blocks)}
+            {
+                "kind": params.schedule,
+                "segment_blocks": list(params.segment_blocks),
+                **({"new_scene_probability": params.new_scene_probability} if params.schedule == "revisit" else {}),
+            }
         ),
         "init": json.dumps(
             {k: init_meta.get(k) for k in ("steps", "seed", "lr", "pure_noise_fraction", "init", "commit")}
@@ -306,6 +316,7 @@ def train_model(
         world,
         params.train_blocks,
         params.seed,
+        schedule=params.schedule,
         segment_blocks=params.segment_blocks,
         new_scene_probability=params.new_scene_probability,
     )
@@ -375,6 +386,7 @@ def run(args: argparse.Namespace) -> int:
         clips=args.clips,
         gain_lr_scale=args.gain_lr_scale,
         pure_noise_fraction=args.pure_noise_fraction,
+        schedule=args.schedule,
         new_scene_probability=args.new_scene_probability,
         segment_blocks=tuple(args.segment_blocks),
         init=args.init,

@@ -68,13 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------- train-model
 MODEL_DEFAULT_OUT = "packforcing/weights/world_tiny.safetensors"
+SCHEDULES = ("recall", "revisit")
+"""Scene schedules of the training clips (:mod:`packforcing.worlds`)."""
 
 
 @attrs.frozen
 class TrainModelParams:
     """Options of :func:`train_model`."""
 
-    steps: int = 7000
+    steps: int = 8000
     lr: float = 3e-3
     batch_size: int = 4
     clips: int = 2048
@@ -86,10 +88,12 @@ class TrainModelParams:
     """Learning-rate multiplier of the attention query/key norm gains."""
     pure_noise_fraction: float = 0.5
     """Fraction of blocks trained at σ = 1 (pure noise: only the history can tell what comes)."""
-    new_scene_probability: float = 0.25
-    """Training clips' schedules: at a cut, the chance of a new scene rather than a return (low:
-    most cuts are returns, ~3 per clip of 6 blocks, each an example of recalling a scene)."""
-    segment_blocks: tuple[int, int] = (1, 1)
+    schedule: str = "recall"
+    """Training clips' schedules: ``recall`` (new scenes, then returns to scenes drawn at random
+    from those seen, so the distance back varies) or ``revisit`` (least recently seen first)."""
+    new_scene_probability: float = 0.5
+    """``revisit`` schedules: at a cut, the chance of a new scene rather than a return."""
+    segment_blocks: tuple[int, int] = (1, 2)
     """Training clips' schedules: blocks a scene stays on screen (uniform in the range)."""
     init: str | None = None
     """Weights to start from (continue a run) instead of the seeded initialisation."""
@@ -125,10 +129,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"fraction of blocks trained at sigma = 1, where only the history helps (default {d.pure_noise_fraction})",
     )
     parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=d.schedule,
+        help=f"training clips' scene schedules (default {d.schedule}: returns from random distances)",
+    )
+    parser.add_argument(
         "--new-scene-probability",
         type=float,
         default=d.new_scene_probability,
-        help=f"training clips: chance that a cut shows a new scene, not a return (default {d.new_scene_probability})",
+        help=f"revisit schedules: chance that a cut shows a new scene (default {d.new_scene_probability})",
     )
     parser.add_argument(
         "--segment-blocks",

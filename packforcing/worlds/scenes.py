@@ -242,6 +242,36 @@ def revisit_schedule(
     return schedule[:num_blocks]
 
 
+def recall_schedule(
+    num_blocks: int, num_scenes: int, seed: int = 0, *, segment_blocks: tuple[int, int] = (1, 2)
+) -> list[int]:
+    """A training schedule where returns come from varied distances: first ``k`` new scenes of
+    one block each (``k`` uniform in ``[2, min(num_scenes, num_blocks - 1)]``), then cuts to
+    scenes drawn uniformly from those seen (never the one on screen), each on screen for
+    ``segment_blocks`` blocks, so scenes also continue across block boundaries.
+
+    Unlike :func:`revisit_schedule` (least recently seen first, so the distance back is
+    predictable from the number of scenes in play) nothing but the scene itself tells where in
+    the history its last visit is: a model learns to find it by its condition."""
+    gen = torch.Generator().manual_seed(seed * 1_000_037 + 29)
+    lo, hi = segment_blocks
+    order = torch.randperm(num_scenes, generator=gen).tolist()
+    most = max(2, min(num_scenes, num_blocks - 1))
+    k = int(torch.randint(2, most + 1, (1,), generator=gen)) if most > 2 else 2
+    schedule: list[int] = []
+    seen: list[int] = []
+    while len(schedule) < num_blocks:
+        if len(seen) < k:  # the new scenes, one block each
+            scene = order[len(seen)]
+            seen.append(scene)
+            schedule.append(scene)
+            continue
+        choices = [s for s in seen if s != schedule[-1]]
+        scene = choices[int(torch.randint(len(choices), (1,), generator=gen))]
+        schedule.extend([scene] * int(torch.randint(lo, hi + 1, (1,), generator=gen)))
+    return schedule[:num_blocks]
+
+
 def iter_blocks(pixels: torch.Tensor, frames_per_block: int) -> Iterator[torch.Tensor]:
     """Split ``pixels [3, T, H, W]`` into blocks ``[3, F, H, W]``."""
     for start in range(0, pixels.shape[1], frames_per_block):
