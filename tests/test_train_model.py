@@ -243,3 +243,24 @@ def test_sample_prediction_turns_the_head_into_a_velocity():
     assert torch.allclose(sample.denoise(x, per_frame, ctx), expected, atol=1e-5)
     with pytest.raises(ValueError, match="prediction: expected one of"):
         TinyDiTParams(prediction="noise")
+
+
+def test_block_weights_weigh_each_blocks_mean_error():
+    """``block_weights`` = 1 everywhere is the plain mean; weight 0 on a block removes it; the
+    default recipe down-weights first appearances, which no history can predict."""
+    from packforcing.training.model import first_appearances
+
+    model = TinyDiT(TinyDiTParams(**SMALL, num_conditions=3))
+    f = model.geometry.frames_per_block
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randn(2, 16, 3 * f, 4, 4, generator=gen)
+    noise = torch.randn(clean.shape, generator=gen)
+    scenes = torch.tensor([[0, 1, 0], [2, 2, 1]]).repeat_interleave(f, dim=1)
+    sigma = torch.full((2, 3), 0.8)
+    masks = teacher_masks(3, model.geometry.tokens_per_block)
+    args = (model, SdpaBackend(), clean, scenes, sigma, noise, masks)
+    plain = teacher_forcing_loss(*args)
+    torch.testing.assert_close(teacher_forcing_loss(*args, torch.ones(2, 3)), plain)
+    only_first = teacher_forcing_loss(*args, torch.tensor([[1.0, 0, 0], [0, 0, 0]]))
+    assert not torch.isclose(only_first, plain)
+    assert first_appearances(scenes, f).tolist() == [[True, True, False], [True, False, True]]

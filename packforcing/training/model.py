@@ -94,16 +94,31 @@ def teacher_forcing_loss(
     sigma: torch.Tensor,
     noise: torch.Tensor,
     masks: tuple[torch.Tensor, torch.Tensor],
+    block_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flow-matching loss of ``clean [B, C, T, H, W]`` (``T`` = whole blocks) with per-block noise
-    levels ``sigma [B, T // F]``, ``noise`` like ``clean`` and per-frame ``condition [B, T]``."""
+    levels ``sigma [B, T // F]``, ``noise`` like ``clean`` and per-frame ``condition [B, T]``;
+    ``block_weights [B, T // F]`` weighs each block's mean error (``None``: all equal)."""
     f = model.geometry.frames_per_block
     keys, values = model.clean_kv(clean, MaskedContext(backend, masks[0]), condition=condition)
     s = sigma.repeat_interleave(f, dim=1)  # [B, T]
     s5 = s[:, None, :, None, None]
     noisy = (1 - s5) * clean + s5 * noise
     velocity = model.denoise(noisy, 1000.0 * s, TeacherContext(backend, keys, values, masks[1]), condition=condition)
-    return (velocity - (noise - clean)).pow(2).mean()
+    error = (velocity - (noise - clean)).pow(2)
+    if block_weights is None:
+        return error.mean()
+    per_block = error.mean(dim=(1, 3, 4)).unflatten(1, (-1, f)).mean(dim=2)  # [B, T // F]
+    return (per_block * block_weights).sum() / block_weights.sum()
+
+
+def first_appearances(scenes: torch.Tensor, frames_per_block: int) -> torch.Tensor:
+    """``[B, nb]`` True where a block shows a scene not seen earlier in its clip (per-frame scene
+    indices ``scenes [B, T]``): what such a block looks like cannot come from the history."""
+    per_block = scenes[:, ::frames_per_block]  # [B, nb]
+    earlier = per_block[:, None, :] == per_block[:, :, None]  # [B, nb(i), nb(j)]: block j shows i's scene
+    before = torch.ones(per_block.shape[1], per_block.shape[1], dtype=torch.bool).tril(-1)  # j < i
+    return ~(earlier & before).any(dim=2)
 
 
 def world_params_for(model: BlockModel, num_scenes: int | None = None, **overrides: Any) -> SceneWorldParams:
@@ -293,6 +308,7 @@ def train_model(
         "lr": str(params.lr),
         "gain_lr_scale": str(params.gain_lr_scale),
         "pure_noise_fraction": str(params.pure_noise_fraction),
+        "first_appearance_weight": str(params.first_appearance_weight),
         "schedule": json.dumps(
             {
                 "kind": params.schedule,
@@ -346,7 +362,11 @@ def train_model(
                 pure = torch.rand(sigma.shape, generator=gen) < params.pure_noise_fraction
                 sigma = torch.where(pure, torch.ones_like(sigma), sigma)
             noise = torch.randn(clean.shape, generator=gen)
-            loss = teacher_forcing_loss(model, backend, clean, scenes, sigma, noise, masks)
+            weights = None
+            if params.first_appearance_weight != 1.0:
+                first = first_appearances(scenes, g.frames_per_block)
+                weights = torch.where(first, params.first_appearance_weight, 1.0)
+            loss = teacher_forcing_loss(model, backend, clean, scenes, sigma, noise, masks, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -386,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
         clips=args.clips,
         gain_lr_scale=args.gain_lr_scale,
         pure_noise_fraction=args.pure_noise_fraction,
+        first_appearance_weight=args.first_appearance_weight,
         schedule=args.schedule,
         new_scene_probability=args.new_scene_probability,
         segment_blocks=tuple(args.segment_blocks),

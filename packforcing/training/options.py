@@ -88,6 +88,10 @@ class TrainModelParams:
     """Learning-rate multiplier of the attention query/key norm gains."""
     pure_noise_fraction: float = 0.5
     """Fraction of blocks trained at σ = 1 (pure noise: only the history can tell what comes)."""
+    first_appearance_weight: float = 0.25
+    """Loss weight of blocks showing a scene for the first time in their clip (the others: 1).
+    Their content cannot come from the history; at high noise their error is mostly irreducible
+    and drowns the signal of the blocks that memory decides."""
     schedule: str = "recall"
     """Training clips' schedules: ``recall`` (new scenes, then returns to scenes drawn at random
     from those seen, so the distance back varies) or ``revisit`` (least recently seen first)."""
@@ -127,6 +131,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d.pure_noise_fraction,
         help=f"fraction of blocks trained at sigma = 1, where only the history helps (default {d.pure_noise_fraction})",
+    )
+    parser.add_argument(
+        "--first-appearance-weight",
+        type=float,
+        default=d.first_appearance_weight,
+        help=f"loss weight of blocks showing a scene for the first time (default {d.first_appearance_weight})",
     )
     parser.add_argument(
         "--schedule",
