@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import json
 import os
@@ -159,6 +160,31 @@ def test_plugins_presets_help_and_version_verbs_do_not_import_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PACKFORCING_DISABLE_PLUGINS": ",".join(sorted(others))}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_torch_verb_freezes_the_collector_only_when_it_imports_torch(tmp_path, capsys):
+    """``plan``/``validate`` in a fresh process freeze what importing torch left tracked by the
+    garbage collector (start-up time, see ``import_torch``); the collector stays on, and a process
+    that had torch already (this one) is left alone."""
+    code = (
+        "import contextlib, gc, io, sys\n"
+        "from packforcing.cli import main\n"
+        "assert 'torch' not in sys.modules and gc.get_freeze_count() == 0\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['validate', 'packforcing']) == 0\n"
+        "frozen = gc.get_freeze_count()\n"
+        "assert frozen > 10_000 and gc.isenabled(), frozen\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['plan', '--config', 'packforcing', '--seconds', '1']) == 0\n"
+        "assert gc.get_freeze_count() == frozen, (gc.get_freeze_count(), frozen)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    before = gc.get_freeze_count()
+    assert main(["validate", "packforcing"]) == 0
+    assert gc.get_freeze_count() == before
+    capsys.readouterr()
 
 
 # ---------------------------------------------------------------------- threads
