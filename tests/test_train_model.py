@@ -148,7 +148,7 @@ def test_training_is_reproducible_and_writes_loadable_weights(tmp_path: Path):
     assert meta["steps"] == 3 and meta["train_blocks"] == 3 and meta["seed"] == 0
     assert meta["world"]["name"] == "scenes" and meta["world"]["num_scenes"] == 3
     assert meta["model"]["num_conditions"] == 3 and "commit" in meta
-    assert meta["schedule"] == {"kind": "recall", "segment_blocks": [1, 2]}
+    assert meta["schedule"] == {"kind": "recall", "segment_blocks": [1, 2]} and meta["first_appearance_weight"] == 1.0
     more = tmp_path / "more.safetensors"
     cont = attrs.evolve(params, steps=2, init=str(out), pure_noise_fraction=0.5)
     train_model(pf.load_config(small_config()), cont, more, progress=False)
@@ -264,3 +264,20 @@ def test_block_weights_weigh_each_blocks_mean_error():
     only_first = teacher_forcing_loss(*args, torch.tensor([[1.0, 0, 0], [0, 0, 0]]))
     assert not torch.isclose(only_first, plain)
     assert first_appearances(scenes, f).tolist() == [[True, True, False], [True, False, True]]
+
+
+def test_the_shipped_world_model_records_how_it_was_trained():
+    """The default model of the presets: ≤ 20 MB of safetensors whose metadata names the world,
+    steps, seed, clip length, schedule and commit; every tiny_dit preset loads it."""
+    from packforcing.compressors.dual_branch import resolve_weights
+
+    path = resolve_weights("pkg:world_tiny.safetensors")
+    assert path.stat().st_size <= 20 * 2**20
+    meta = read_metadata(path)
+    assert meta["world"]["name"] == "scenes" and meta["train_blocks"] == 6 and meta["seed"] == 0
+    assert meta["steps"] == meta["planned_steps"] and meta["steps"] > 0
+    assert meta["schedule"]["kind"] == "recall" and len(meta["commit"]) == 12
+    assert meta["model"]["condition_tokens"] is True and meta["model"]["num_conditions"] == 8
+    for preset in ("packforcing", "full", "sliding_window", "sink_recent"):
+        config = pf.load_config(preset)
+        assert config.data["model"]["weights"] == "pkg:world_tiny.safetensors", preset
