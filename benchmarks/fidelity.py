@@ -65,10 +65,19 @@ DIAGNOSTICS: dict[str, tuple[str, list[str]]] = {
         ["policy.tiers[1].fidelity=full", "policy.tiers[1].blocks=64"],
     ),
     "pf_window_anchor": ("packforcing.yaml", ["realigner.anchor=window"]),
+    "pf_mid_bank_32_uncompressed": (
+        "packforcing_tiered.yaml",
+        ["policy.tiers[1].fidelity=full", "policy.tiers[1].blocks=32"],
+    ),
+    "pf_mid_bank_32_pool_8x": (
+        "packforcing.yaml",
+        ["compressor.name=pool", "compressor.window=[2,2,2]", "policy.mid_capacity_blocks=32"],
+    ),
 }
 """``--diagnose``: PackForcing variants that isolate one part each — the compressor (mid kept at
-full resolution), the bank size (nothing archived within 64 blocks), both, and positions
-(context positions relative to the window, bounded)."""
+full resolution), the bank size (nothing archived within 64 blocks), both, positions (context
+positions relative to the window, bounded), and a 32-block bank kept at full resolution or
+pooled 8× (8 tokens per block instead of dual_branch's 2)."""
 
 WORLD_SEED = 100_000
 """Evaluation worlds are seeded from here: never one of the training clips' worlds."""
