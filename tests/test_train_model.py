@@ -281,3 +281,14 @@ def test_the_shipped_world_model_records_how_it_was_trained():
     for preset in ("packforcing", "full", "sliding_window", "sink_recent"):
         config = pf.load_config(preset)
         assert config.data["model"]["weights"] == "pkg:world_tiny.safetensors", preset
+
+
+def test_weights_refuse_a_config_that_computes_differently():
+    """Flags that change no tensor's shape (condition_tokens, prediction, codec…) are checked
+    against the weights' metadata: a preset that forgot one is a one-line error, not a model
+    silently running as it was never trained."""
+    with pytest.raises(pf.ConfigError, match=r"model\.condition_tokens: world_tiny\.safetensors was trained with "
+                       r"condition_tokens=True, the config has False"):  # fmt: skip
+        pf.build_engine(pf.load_config("packforcing", ["model.condition_tokens=false"]))
+    with pytest.raises(pf.ConfigError, match=r"model\.prediction: .* trained with prediction='sample'"):
+        pf.build_engine(pf.load_config("full", ["model.prediction=velocity"]))

@@ -89,6 +89,27 @@ class TinyDiTParams:
         )
 
 
+TRAINED_AS = ("condition_tokens", "prediction", "codec", "codec_stride", "rope_theta", "mlp_ratio")
+"""Parameters that change what the weights compute without changing any tensor's shape: a file
+whose metadata records them (``train-model`` writes ``model``) must be loaded with the same."""
+
+
+def _check_trained_as(path: Any, metadata: Mapping[str, str], params: TinyDiTParams) -> None:
+    """One-line error when ``params`` differ from what the weights in ``path`` were trained with."""
+    import json
+
+    try:
+        trained = json.loads(metadata.get("model", "{}"))
+    except json.JSONDecodeError:
+        return
+    for key in TRAINED_AS:
+        if key in trained and trained[key] != getattr(params, key):
+            raise ParamError(
+                key,
+                f"{path.name} was trained with {key}={trained[key]!r}, the config has {getattr(params, key)!r}",
+            )
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding ``[..., dim]`` of timesteps ``t [...]`` in ``[0, 1000]``."""
     half = dim // 2
@@ -203,8 +224,9 @@ class TinyDiT(nn.Module):
             from packforcing.compressors.dual_branch import resolve_weights
 
             path = resolve_weights(params.weights, config_source)
-            tensors, _ = read_header(path)
+            tensors, metadata = read_header(path)
             check_tensors(path, tensors, {name: tuple(t.shape) for name, t in self.state_dict().items()})
+            _check_trained_as(path, metadata, params)
             if not plan_only:
                 self.load_state_dict(load_file(str(path)))
         self.requires_grad_(False)
