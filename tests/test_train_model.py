@@ -167,9 +167,10 @@ def test_train_model_verb(tmp_path: Path, capsys):
     out = tmp_path / "m.safetensors"
     code = main(
         ["train-model", "--config", str(config), "--out", str(out), "--steps", "2", "--batch-size", "1",
-         "--train-blocks", "2", "--clips", "2", "--no-progress"]
+         "--train-blocks", "2", "--clips", "2", "--no-progress", "--set", "sampler.steps=2"]
     )  # fmt: skip
     assert code == 0 and out.is_file()
+    assert read_metadata(out)["sampler"]["steps"] == 2  # --set: the noise levels trained on
     assert "wrote" in capsys.readouterr().out
     bad = tmp_path / "bad.safetensors"
     assert main(["train-model", "--config", str(config), "--out", str(bad), "--steps", "0"]) == 1

@@ -249,6 +249,7 @@ def train_model(
     world: SceneWorldParams | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    overrides: Sequence[str] = (),
 ) -> list[float]:
     """Train ``config``'s model from its seeded initialisation; returns the loss per step.
 
@@ -259,7 +260,11 @@ def train_model(
     from packforcing.core.build import build_engine
 
     params = params or TrainModelParams()
-    cfg = config if isinstance(config, Config) else load_config(config, ["model.weights=null", "run.dtype=float32"])
+    cfg = (
+        config
+        if isinstance(config, Config)
+        else load_config(config, ["model.weights=null", "run.dtype=float32", *overrides])
+    )
     engine = build_engine(cfg)
     model = engine.model
     if not isinstance(model, torch.nn.Module):
@@ -414,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
-    train_model(args.config, params, args.out, progress=not args.no_progress, log=print)
+    train_model(args.config, params, args.out, progress=not args.no_progress, log=print, overrides=args.overrides)
     return 0
 
 

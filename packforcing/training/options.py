@@ -111,6 +111,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainModelParams()
     parser.add_argument("--config", required=True, help="YAML config naming the model (its weights are ignored)")
     parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. sampler.steps=4 (the noise levels trained on are the sampler's)",
+    )
+    parser.add_argument(
         "--out", required=True, help=f"safetensors to write (required: the shipped weights are {MODEL_DEFAULT_OUT})"
     )
     parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
