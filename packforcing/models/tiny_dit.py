@@ -18,6 +18,7 @@ spec into the index; ``None`` means unconditioned, exactly as a model without co
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -96,8 +97,6 @@ whose metadata records them (``train-model`` writes ``model``) must be loaded wi
 
 def _check_trained_as(path: Any, metadata: Mapping[str, str], params: TinyDiTParams) -> None:
     """One-line error when ``params`` differ from what the weights in ``path`` were trained with."""
-    import json
-
     try:
         trained = json.loads(metadata.get("model", "{}"))
     except json.JSONDecodeError:

@@ -403,22 +403,9 @@ def run(args: argparse.Namespace) -> int:
     lo, hi = args.segment_blocks
     if not 1 <= lo <= hi:
         raise ValueError(f"--segment-blocks: expected 1 <= MIN <= MAX, got {lo} {hi}")
-    params = TrainModelParams(
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        train_blocks=args.train_blocks,
-        clips=args.clips,
-        gain_lr_scale=args.gain_lr_scale,
-        pure_noise_fraction=args.pure_noise_fraction,
-        first_appearance_weight=args.first_appearance_weight,
-        schedule=args.schedule,
-        new_scene_probability=args.new_scene_probability,
-        segment_blocks=tuple(args.segment_blocks),
-        init=args.init,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
+    # every option is a field of TrainModelParams under the same name (warmup has no option)
+    given = {f.name: getattr(args, f.name) for f in attrs.fields(TrainModelParams) if hasattr(args, f.name)}
+    params = TrainModelParams(**{**given, "segment_blocks": tuple(args.segment_blocks)})
     train_model(args.config, params, args.out, progress=not args.no_progress, log=print, overrides=args.overrides)
     return 0
 

@@ -109,15 +109,10 @@ MODEL_EXAMPLE = f"example:\n  packforcing train-model --config packforcing --out
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options (shared by ``packforcing train-model`` and ``python -m``)."""
     d = TrainModelParams()
+    from packforcing.cli import add_overrides
+
     parser.add_argument("--config", required=True, help="YAML config naming the model (its weights are ignored)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. sampler.steps=4 (the noise levels trained on are the sampler's)",
-    )
+    add_overrides(parser)  # e.g. --set sampler.steps=4: the noise levels trained on are the sampler's
     parser.add_argument(
         "--out", required=True, help=f"safetensors to write (required: the shipped weights are {MODEL_DEFAULT_OUT})"
     )
