@@ -116,7 +116,7 @@ GPU = Sizes(
     text_tokens=512,
     # 120 s at 16 fps = 1,920 pixel frames ≤ 1 + 4·(483 - 1): 161 blocks of 3 latent frames
     max_blocks={"packforcing": 161, "sliding_window": 24, "sink_recent": 24, "full": 400},
-    caps={"attention": 45, "packforcing": 80, "sliding_window": 25, "sink_recent": 25, "shares": 40, "full": 170},
+    caps={"attention": 45, "packforcing": 110, "sliding_window": 25, "sink_recent": 25, "shares": 60, "full": 170},
     attention_contexts={"self_forcing_window_21f": 21 * 1560, "full_60s": 240 * 1560 + 3 * 1560},
     steady_extra_blocks=2,
     timed_blocks=6,
@@ -621,11 +621,9 @@ class FixedContext(AttentionContext):
         return self._backend.attend(q, keys, values)
 
 
-def fixed_context_block_seconds(
-    engine: Any, sizes: Sizes, tokens: int, position: float, conditions, blocks: int
-) -> float:
-    """Median seconds of a block's model work (the sampler's steps + the clean pass) over a
-    :class:`FixedContext` of ``tokens`` history tokens: PackForcing's block minus its cache."""
+def fixed_context_block(engine: Any, sizes: Sizes, tokens: int, position: float, conditions) -> Callable[[], None]:
+    """One block's model work (the sampler's steps + the clean pass) over a :class:`FixedContext`
+    of ``tokens`` history tokens, as a callable: PackForcing's block minus its cache."""
     model, g = engine.model, engine.geometry
     gen = torch.Generator(device=sizes.device).manual_seed(0)
     shape = (1, tokens, g.num_heads, g.head_dim)
@@ -636,18 +634,66 @@ def fixed_context_block_seconds(
     condition = engine.encode_condition(spec)
     shape = engine.block_shape(1)
     clean = torch.randn(shape, generator=gen, device=sizes.device, dtype=sizes.dtype)
+
+    @torch.no_grad()
+    def block() -> None:
+        noise = block_noise(0, 0, shape, engine.dtype, engine.device)
+        fresh = fresh_noise(0, 0, shape, engine.dtype, engine.device)
+        engine.sampler.sample(noise, lambda x, t: model.denoise(x, t, context, condition=condition), fresh)
+        model.clean_kv(clean, context, condition=condition)
+
+    return block
+
+
+def fixed_context_block_seconds(block: Callable[[], None], sizes: Sizes, blocks: int) -> float:
+    """Median seconds of ``blocks`` calls of :func:`fixed_context_block` (after one warm-up)."""
     times = []
-    with torch.no_grad():
-        for index in range(blocks + 1):
-            sync(sizes)
-            t0 = time.perf_counter()
-            noise = block_noise(0, index, shape, engine.dtype, engine.device)
-            fresh = fresh_noise(0, index, shape, engine.dtype, engine.device)
-            engine.sampler.sample(noise, lambda x, t: model.denoise(x, t, context, condition=condition), fresh)
-            model.clean_kv(clean, context, condition=condition)
-            sync(sizes)
-            times.append(time.perf_counter() - t0)
+    for _ in range(blocks + 1):
+        sync(sizes)
+        t0 = time.perf_counter()
+        block()
+        sync(sizes)
+        times.append(time.perf_counter() - t0)
     return median(times[1:])
+
+
+def profile_block(block: Callable[[], Any], sizes: Sizes) -> dict[str, Any]:
+    """What one block launches (``torch.profiler``): operators called from Python, GPU kernels,
+    their summed time and the costliest kernels. Kernel time is exact; the wall time is inflated
+    by the profiler. Comparing the kernel time of a PackForcing block with a fixed-context one
+    separates device work from host-side cost (launches, Python)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if sizes.cuda else [])
+    sync(sizes)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        block()
+        sync(sizes)
+    wall = time.perf_counter() - started
+    events = prof.events()
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    ops = sum(
+        1
+        for e in events
+        if e.device_type == cpu
+        and e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+    kernels: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type == cuda:
+            entry = kernels.setdefault(e.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.time_range.elapsed_us()
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]
+    return {
+        "profiled_wall_ms": wall * 1e3,
+        "operators": ops,
+        "kernel_launches": int(sum(c for c, _ in kernels.values())),
+        "kernel_ms": sum(t for _, t in kernels.values()) / 1e3,
+        "top_kernels": [{"name": name[:90], "count": int(c), "ms": t / 1e3} for name, (c, t) in top],
+    }
 
 
 def shares_section(engine: Any, timer: SectionTimer, sizes: Sizes, *, warm: int, cap: float, conditions) -> dict:
@@ -685,9 +731,16 @@ def shares_section(engine: Any, timer: SectionTimer, sizes: Sizes, *, warm: int,
                 plain.append(block.seconds)
                 tokens = block.context_tokens
             position = engine.policy.context(engine.query(session.blocks_done)).position
+        profiled: dict[str, Any] = {}
+        if plain and time.perf_counter() - started < cap:
+            try:
+                profiled["packforcing"] = profile_block(session.step, sizes)
+            except Exception as exc:  # recorded; the measurement stands without it
+                profiled["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     unperturbed: dict[str, Any] = {}
     if plain and tokens:
-        fixed = fixed_context_block_seconds(engine, sizes, tokens, position, conditions, sizes.timed_blocks)
+        fixed_block = fixed_context_block(engine, sizes, tokens, position, conditions)
+        fixed = fixed_context_block_seconds(fixed_block, sizes, sizes.timed_blocks)
         late = median(plain)
         unperturbed = {
             "block_ms": late * 1e3,
@@ -695,11 +748,17 @@ def shares_section(engine: Any, timer: SectionTimer, sizes: Sizes, *, warm: int,
             "context_tokens": tokens,
             "cache_management_share": (late - fixed) / late,
         }
+        if "packforcing" in profiled:
+            try:
+                profiled["fixed_context"] = profile_block(fixed_block, sizes)
+            except Exception as exc:
+                profiled["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     shares = {k: v / total for k, v in parts.items()} if total else {}
     cache = ("compression", "selection", "realignment", "bookkeeping")
     return {
         "host_syncs_per_block": syncs,
         "unperturbed": unperturbed,
+        "profile": profiled,
         "warm_blocks": warm,
         "timed_blocks": len(measured),
         "block_ms": 1e3 * total / len(measured) if measured else math.nan,
@@ -708,6 +767,26 @@ def shares_section(engine: Any, timer: SectionTimer, sizes: Sizes, *, warm: int,
         "cache_management_share": sum(shares.get(k, 0.0) for k in cache),
         "realignment_share": shares.get("realignment", math.nan),
     }
+
+
+def profile_table(profiled: dict) -> str:
+    """One block under ``torch.profiler``: PackForcing against the fixed context, and the
+    PackForcing block's costliest kernels."""
+    if "packforcing" not in profiled:
+        return f"\nProfile: {profiled.get('error', 'not run')}\n" if profiled else ""
+    rows = [
+        [name, p["operators"], p["kernel_launches"], p["kernel_ms"], p["profiled_wall_ms"]]
+        for name, p in profiled.items()
+        if name != "error"
+    ]
+    top = profiled["packforcing"]["top_kernels"]
+    return (
+        "\nOne block under torch.profiler (kernel time exact; wall time inflated by the profiler):\n\n"
+        + markdown_table(["block", "operators from Python", "kernel launches", "kernel ms", "profiled wall ms"], rows)
+        + "\n\nCostliest kernels of the PackForcing block:\n\n"
+        + markdown_table(["kernel", "launches", "ms"], [[k["name"], k["count"], k["ms"]] for k in top])
+        + (f"\n\nProfile error: {profiled['error']}" if "error" in profiled else "")
+    )
 
 
 def shares_table(data: dict) -> str:
@@ -752,6 +831,7 @@ def shares_table(data: dict) -> str:
             ],
         )
         + unperturbed
+        + profile_table(data.get("profile") or {})
     )
 
 

@@ -39,5 +39,7 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     assert runs["full"]["rows"][-1]["context_tokens"] > runs["full"]["rows"][0]["context_tokens"]
     shares = sections["shares"]
     assert shares["timed_blocks"] > 0 and 0 < shares["cache_management_share"] < 1
+    profiled = shares["profile"]  # one block under torch.profiler: the cache's operators show
+    assert profiled["packforcing"]["operators"] > profiled["fixed_context"]["operators"] > 0
     md = (tmp_path / "wan_gpu.md").read_text()
     assert "cache mgmt %" in md and "| packforcing |" in md and "x real time" in md and "copy share of a block" in md

@@ -119,6 +119,7 @@ class TimedRealigner(PositionalRealigner):
     def __init__(self, inner: PositionalRealigner, timer: SectionTimer) -> None:
         self.inner, self.timer, self.name = inner, timer, inner.name
         self.targets_from_frames, self.rotates = inner.targets_from_frames, inner.rotates
+        self.keeps_finite = inner.keeps_finite
 
     def assign(self, spans, query: BlockQuery):
         with self.timer.section("realign"):

@@ -178,6 +178,12 @@ class PositionalRealigner(abc.ABC):
     rotates: bool = True
     """Capability flag: ``False`` when :meth:`assign` always returns the home positions (keys are
     never moved), which also lets a context keep selection indices on the device."""
+    keeps_finite: bool = False
+    """Capability flag: :meth:`gather_shifted` returns finite keys whenever the keys it is given
+    are finite (a pure rotation, as the built-in realigners). A context then checks only the
+    attention output of each layer rather than also every gathered key (a pass over the whole
+    context per layer); a realigner without the flag has its keys checked and is named when they
+    are not finite."""
 
     @abc.abstractmethod
     def assign(self, spans: Sequence[tuple[float, float]], query: BlockQuery) -> tuple[list[float], float]:
@@ -231,10 +237,8 @@ class PositionalRealigner(abc.ABC):
         Stored keys are not modified (one rotation from the home position, as :meth:`realign`).
         """
         out = torch.cat([*keys, tail], dim=1)
-        if deltas is None:
-            return out
-        end = deltas.shape[-1]
-        out[:, :end] = rope.shift_temporal_tokens(out[:, :end], deltas)
+        if deltas is not None:
+            rope.shift_temporal_tokens_(out[:, : deltas.shape[-1]], deltas)
         return out
 
 

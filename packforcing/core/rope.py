@@ -162,3 +162,25 @@ class Rope3D:
             delta = delta.to(x.device)
         ang = delta.to(torch.float64)[..., None] * freqs  # [N, Pt] or [B, N, Pt]
         return torch.cat([self._rotate(x[..., :band], ang), x[..., band:]], dim=-1)
+
+    def shift_temporal_tokens_(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """:meth:`shift_temporal_tokens` in place: rotates the temporal band of ``x [B, N, H, D]``
+        (a writable tensor or view) by ``delta [N]`` or ``[B, N]`` and returns ``x``.
+
+        The same arithmetic (float64 angles, the rotation in float32, one rounding to ``x``'s
+        dtype) in three kernels over the band — widen, complex multiply, write back — instead of
+        a dozen over the whole head: the form a context uses on every layer."""
+        band = 2 * self.band_pairs[0]
+        if delta.device != x.device:
+            delta = delta.to(x.device)
+        ang = delta.to(torch.float64)[..., None] * self.temporal_freqs(x.device)  # [N, Pt] or [B, N, Pt]
+        turn = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
+        turn = (turn if turn.dim() == 3 else turn[None])[:, :, None, :]  # [1 or B, N, 1, Pt]
+        part = x[..., :band]
+        if part.dtype == torch.float32:  # rotate in place
+            torch.view_as_complex(part.unflatten(-1, (-1, 2))).mul_(turn)
+            return x
+        pairs = torch.view_as_complex(part.float().unflatten(-1, (-1, 2)))
+        pairs.mul_(turn)
+        part.copy_(torch.view_as_real(pairs).flatten(-2))
+        return x

@@ -12,6 +12,7 @@ block written.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -37,13 +38,17 @@ def check_finite(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], w
 class Slot:
     """Handle to one block's K/V inside a :class:`TierStore` page."""
 
-    __slots__ = ("_store", "index", "live", "page")
+    __slots__ = ("__weakref__", "_store", "_views", "index", "live", "page")
 
     def __init__(self, store: TierStore, page: int, index: int) -> None:
         self._store = store
         self.page = page
         self.index = index
         self.live = True
+        self._views: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * store.num_layers
+        """Per-layer ``(K, V)`` views, made on first read: a context reads every layer of every
+        block in each of a block's forward passes, and making the views costs more host time
+        than the copy they feed."""
 
     @property
     def num_layers(self) -> int:
@@ -53,8 +58,15 @@ class Slot:
         """``(K, V)`` views ``[B, N, H, D]`` of ``layer``."""
         if not self.live:
             raise RuntimeError("slot was released")
-        page = self._store.pages[self.page]
-        return page[0, layer, :, self.index], page[1, layer, :, self.index]
+        views = self._views[layer]
+        if views is None:
+            page = self._store.pages[self.page]
+            views = self._views[layer] = (page[0, layer, :, self.index], page[1, layer, :, self.index])
+        return views
+
+    def forget_views(self) -> None:
+        """Drop the memoised views (they would keep a freed page's memory alive)."""
+        self._views = [None] * len(self._views)
 
     def latents(self) -> torch.Tensor | None:
         if not self.live:
@@ -100,6 +112,8 @@ class TierStore:
         self.pages: list[torch.Tensor] = []
         self.latent_pages: list[torch.Tensor] = []
         self._free: list[tuple[int, int]] = []
+        self._slots: weakref.WeakSet[Slot] = weakref.WeakSet()
+        """Live slots handed out (so :meth:`clear` can drop their memoised views)."""
         self._live = 0
         self._batch: int | None = None
         self._dtype: torch.dtype | None = None
@@ -247,18 +261,25 @@ class TierStore:
             assert latents is not None
             self.latent_pages[page][:, index].copy_(latents)
         self._live += 1
-        return Slot(self, page, index)
+        slot = Slot(self, page, index)
+        self._slots.add(slot)
+        return slot
 
     def release(self, slot: Slot) -> None:
         """Return ``slot`` to the free list (its memory stays in the page for reuse)."""
         if not slot.live:
             raise RuntimeError("slot released twice")
         slot.live = False
+        slot.forget_views()
+        self._slots.discard(slot)
         self._free.append((slot.page, slot.index))
         self._live -= 1
 
     def clear(self) -> None:
         """Drop every page (memory is returned to the allocator)."""
+        for slot in list(self._slots):
+            slot.forget_views()
+        self._slots = weakref.WeakSet()
         self.pages.clear()
         self.latent_pages.clear()
         self._free.clear()

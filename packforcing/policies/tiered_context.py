@@ -23,9 +23,18 @@ from packforcing.core.records import (
 from packforcing.core.transfer import to_device
 
 
-def _on_device(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    """``values`` as a float64 tensor on ``device``, copied without a host sync."""
-    return to_device(torch.tensor(values, dtype=torch.float64), device)
+def _expand_runs(runs: Sequence[tuple[float, int]]) -> torch.Tensor:
+    """``[Σ count]`` float64 on the host: each ``(value, count)`` run's value repeated ``count``
+    times (one host-made tensor, whatever the number of tokens)."""
+    table = torch.tensor(runs, dtype=torch.float64)  # [R, 2]
+    return torch.repeat_interleave(table[:, 0], table[:, 1].to(torch.int64))
+
+
+def _picks_ok(idx: torch.Tensor, candidates: int) -> torch.Tensor:
+    """``[n]`` bool on the device: each of ``n`` selections ``[n, B, k]`` lies in
+    ``[0, candidates)`` and increases along ``k``."""
+    inside = ((idx >= 0) & (idx < candidates)).flatten(1).all(1)
+    return inside & (idx[..., 1:] > idx[..., :-1]).flatten(1).all(1)
 
 
 @attrs.define
@@ -102,8 +111,11 @@ class TieredContext(AttentionContext):
         self._shared: dict[int, torch.Tensor] = {}
         self._context_tokens = 0
         self._layout: _DeviceLayout | None = None
-        self._pending: list[tuple[int, int | None, torch.Tensor, Any]] = []
-        """Device-side checks not read yet: ``(layer, group or None for the output, ok flag, what)``."""
+        self._picks: list[tuple[int, int, torch.Tensor]] = []
+        """Selections kept on the device, not checked yet: ``(layer, group, indices [B, k])``."""
+        self._outputs: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+        """Per layer, device flags not read yet: ``(layer, output finite, gathered keys finite or
+        None when the realigner ``keeps_finite``)``."""
         self.selections: dict[tuple[int, int], torch.Tensor] = {}
         """(layer, group index) → ``[B, k']`` indices chosen by the selector (for inspection)."""
         # Query position depends on how many blocks enter, not on which: use the first k'.
@@ -230,8 +242,7 @@ class TieredContext(AttentionContext):
             if problem:
                 raise origin.error(f"layer {layer}: {problem}", self._query.block_id)
             if budget:
-                ok = ((idx >= 0) & (idx < len(blocks))).all() & (idx[:, 1:] > idx[:, :-1]).all()
-                self._pending.append((layer, g, ok, idx))
+                self._picks.append((layer, g, idx))  # checked at the pass's end, all layers at once
                 idx = idx.clamp(0, len(blocks) - 1)
             if self._selector.shared_across_layers:
                 self._shared[g] = idx
@@ -242,9 +253,10 @@ class TieredContext(AttentionContext):
         """Pieces in packed order with their shifts on ``q``'s device: one asynchronous
         host-to-device copy per forward pass."""
         pieces: list[_Piece] = []
-        parts: list[list[float] | None] = []
-        """Per piece, what it needs on the device: per-token shifts of fixed blocks, or a group's
-        candidates' homes followed by its picks' targets; ``None`` when the piece cannot move."""
+        parts: list[list[tuple[float, int]] | None] = []
+        """Per piece, what it needs on the device as ``(value, count)`` runs: per-token shifts of
+        fixed blocks (one run per block), or a group's candidates' homes followed by its picks'
+        targets; ``None`` when the piece cannot move."""
         rotates = self._realigner.rotates
         targets = iter(self._targets)
         for g, (blocks, select) in enumerate(self._groups):
@@ -253,20 +265,20 @@ class TieredContext(AttentionContext):
                 count = self._selector.budget(len(blocks))
                 picked = [float(next(targets)) for _ in range(count)]
                 pieces.append(_Piece(blocks, g, count, blocks[0].num_tokens))
-                parts.append([b.position for b in blocks] + picked if rotates and count else None)
+                homes = [(b.position, 1) for b in blocks] + [(t, 1) for t in picked]
+                parts.append(homes if rotates and count else None)
             else:
                 deltas = [float(next(targets)) - b.position for b in blocks]
                 pieces.append(_Piece(blocks, count=len(blocks)))
                 moves = rotates and any(d != 0 for d in deltas)
-                per_token = [d for b, d in zip(blocks, deltas, strict=True) for _ in range(b.num_tokens)]
-                parts.append(per_token if moves else None)
+                parts.append([(d, b.num_tokens) for b, d in zip(blocks, deltas, strict=True)] if moves else None)
         moved = max((i + 1 for i, part in enumerate(parts) if part is not None), default=0)
-        flat: list[float] = []
+        runs: list[tuple[float, int]] = []
         for piece, part in zip(pieces[:moved], parts[:moved], strict=True):
-            if part is None:  # inside the moved prefix but not moving itself: zero shifts
-                part = [] if piece.group is not None else [0.0] * sum(b.num_tokens for b in piece.blocks)
-            flat.extend(part)
-        values = _on_device(flat, q.device) if flat else None
+            if part is None and piece.group is None:  # inside the moved prefix, not moving itself
+                part = [(0.0, b.num_tokens) for b in piece.blocks]
+            runs.extend(part or ())
+        values = to_device(_expand_runs(runs), q.device) if runs else None
         offset = 0
         for piece in pieces[:moved]:
             assert values is not None
@@ -284,14 +296,24 @@ class TieredContext(AttentionContext):
 
     def _verify(self) -> None:
         """Read the pass's device-side checks (one host read); raise for the first bad one."""
-        pending, self._pending = self._pending, []
-        if not pending or bool(torch.stack([ok for _, _, ok, _ in pending]).all()):
+        picks, self._picks = self._picks, []
+        outputs, self._outputs = self._outputs, []
+        flags: list[torch.Tensor] = []
+        by_group: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for layer, g, idx in picks:
+            by_group.setdefault(g, []).append((layer, idx))
+        for g, entries in by_group.items():
+            stacked = torch.stack([idx for _, idx in entries])  # [layers, B, k]
+            flags.append(_picks_ok(stacked, len(self._groups[g][0])))
+        flags.extend(f for _, out_ok, keys_ok in outputs for f in (out_ok, keys_ok) if f is not None)
+        if not flags or bool(torch.cat([f.reshape(-1) for f in flags]).all()):
             return
         block = self._query.block_id
-        for layer, g, ok, what in pending:
-            if bool(ok):
-                continue
+        checks = [(layer, 0, g, idx) for layer, g, idx in picks] + [(layer, 1, None, o) for layer, *o in outputs]
+        for layer, _, g, what in sorted(checks, key=lambda c: (c[0], c[1])):
             if g is not None:
+                if bool(_picks_ok(what[None], len(self._groups[g][0])).all()):
+                    continue
                 problem = selection_problem(
                     what,
                     batch=what.shape[0],
@@ -300,9 +322,11 @@ class TieredContext(AttentionContext):
                     device=what.device,
                 )
                 raise self._origins[0].error(f"layer {layer}: {problem}", block)
-            if not bool(what):  # the keys the realigner gathered for that layer were non-finite
+            out_ok, keys_ok = what
+            if keys_ok is not None and not bool(keys_ok):  # the keys the realigner gathered were non-finite
                 raise self._origins[1].error(f"layer {layer}: gather() keys hold non-finite values (NaN/Inf)", block)
-            raise self._origins[2].error(f"layer {layer}: output contains non-finite values (NaN/Inf)", block)
+            if not bool(out_ok):
+                raise self._origins[2].error(f"layer {layer}: output contains non-finite values (NaN/Inf)", block)
 
     def _attend_on_device(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """:meth:`attend` with the picks kept on the device (see the class docstring)."""
@@ -351,8 +375,11 @@ class TieredContext(AttentionContext):
         if problem:
             raise backend.error(f"layer {layer}: {problem}", block)
         if out.is_floating_point():
-            # flags only (holding the tensors would keep every layer's context alive)
-            self._pending.append((layer, None, torch.isfinite(out).all(), torch.isfinite(gathered).all()))
+            # flags only (holding the tensors would keep every layer's context alive); the
+            # gathered keys only when the realigner does not promise finite ones (a pass over
+            # the whole context per layer)
+            keys_ok = None if self._realigner.keeps_finite else torch.isfinite(gathered).all()
+            self._outputs.append((layer, torch.isfinite(out).all(), keys_ok))
         if layer >= self._last_layer:
             self._verify()
         return out

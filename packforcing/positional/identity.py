@@ -16,6 +16,7 @@ class IdentityRealigner(PositionalRealigner):
 
     name = "identity"
     rotates = False
+    keeps_finite = True
 
     def assign(self, spans: Sequence[tuple[float, float]], query: BlockQuery) -> tuple[list[float], float]:
         return [home for home, _ in spans], float(query.start_frame)

@@ -77,6 +77,7 @@ class TemporalRopeShift(PositionalRealigner):
 
     name = "temporal_rope_shift"
     targets_from_frames = True  # assign() packs by frame counts only
+    keeps_finite = True  # a rotation: finite keys stay finite
 
     def __init__(self, params: TemporalRopeShiftParams | None = None) -> None:
         self.params = params or TemporalRopeShiftParams()
@@ -128,6 +129,5 @@ class TemporalRopeShift(PositionalRealigner):
         last = moved[-1] + 1
         counts = torch.tensor([k.shape[1] for k in keys[:last]])
         per_token = torch.repeat_interleave(torch.tensor(deltas[:last], dtype=torch.float64), counts)
-        end = int(counts.sum())
-        out[:, :end] = rope.shift_temporal_tokens(out[:, :end], per_token)
+        rope.shift_temporal_tokens_(out[:, : int(counts.sum())], per_token)
         return out

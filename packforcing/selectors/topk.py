@@ -104,6 +104,9 @@ class TopKSelector(Selector):
         self.shared_across_layers = self.params.shared_across_layers
         self._means: weakref.WeakKeyDictionary[CachedBlock, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
         self._samples: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._banks: dict[int, tuple[list[weakref.ref[CachedBlock]], torch.Tensor]] = {}
+        """Per layer, the last candidates (weakly) and their stacked key means ``[B, C, h', D]``:
+        a block's forward passes ask about the same candidates at every layer."""
         self.last_scores: torch.Tensor | None = None
         """``[B, C]`` scores of the last :meth:`select` call (for inspection)."""
 
@@ -120,6 +123,18 @@ class TopKSelector(Selector):
         if mean is None:
             mean = per_layer[layer] = block.layer_kv(layer)[0].float().mean(dim=1)
         return mean
+
+    def _bank(self, candidates: Sequence[CachedBlock], layer: int, heads: torch.Tensor) -> torch.Tensor:
+        """Stacked key means ``[B, C, h', D]`` of ``candidates`` at ``layer`` over ``heads``, memoised
+        while the candidates stay the same blocks (compared by identity, held weakly)."""
+        found = self._banks.get(layer)
+        if found is not None:
+            refs, bank = found
+            if len(refs) == len(candidates) and all(r() is c for r, c in zip(refs, candidates, strict=True)):
+                return bank
+        bank = torch.stack([self._key_mean(c, layer) for c in candidates], dim=1).index_select(2, heads)
+        self._banks[layer] = ([weakref.ref(c) for c in candidates], bank)
+        return bank
 
     def _sample(self, num_queries: int, num_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Query and head indices on ``device``, made once per shape: a host-made index copied to
@@ -139,7 +154,7 @@ class TopKSelector(Selector):
         _, nq, h, d = queries.shape
         qi, hi = self._sample(nq, h, queries.device)
         q_mean = queries.index_select(1, qi).index_select(2, hi).float().mean(dim=1)  # [B, h', D]
-        k_mean = torch.stack([self._key_mean(c, layer) for c in candidates], dim=1).index_select(2, hi)  # [B, C, h', D]
+        k_mean = self._bank(candidates, layer, hi)  # [B, C, h', D]
         return torch.einsum("bhd,bchd->bc", q_mean, k_mean) / (hi.numel() * math.sqrt(d))
 
     def select(self, queries: torch.Tensor, candidates: Sequence[CachedBlock], layer: int) -> torch.Tensor:
