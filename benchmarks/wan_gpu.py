@@ -116,7 +116,15 @@ GPU = Sizes(
     text_tokens=512,
     # 120 s at 16 fps = 1,920 pixel frames ≤ 1 + 4·(483 - 1): 161 blocks of 3 latent frames
     max_blocks={"packforcing": 161, "sliding_window": 24, "sink_recent": 24, "full": 400},
-    caps={"attention": 45, "packforcing": 110, "sliding_window": 25, "sink_recent": 25, "shares": 60, "full": 170},
+    caps={
+        "attention": 45,
+        "packforcing": 110,
+        "sliding_window": 25,
+        "sink_recent": 25,
+        "shares": 60,
+        "shares_per_pass": 60,
+        "full": 170,
+    },
     attention_contexts={"self_forcing_window_21f": 21 * 1560, "full_60s": 240 * 1560 + 3 * 1560},
     steady_extra_blocks=2,
     timed_blocks=6,
@@ -131,7 +139,15 @@ SMOKE = Sizes(
     latent=(8, 16),
     text_tokens=8,
     max_blocks={"packforcing": 10, "sliding_window": 3, "sink_recent": 3, "full": 4},
-    caps={"attention": 10, "packforcing": 30, "sliding_window": 10, "sink_recent": 10, "shares": 20, "full": 20},
+    caps={
+        "attention": 10,
+        "packforcing": 30,
+        "sliding_window": 10,
+        "sink_recent": 10,
+        "shares": 20,
+        "shares_per_pass": 20,
+        "full": 20,
+    },
     attention_contexts={"self_forcing_window_21f": 21 * 32, "full_60s": 64 * 32},
     steady_extra_blocks=1,
     timed_blocks=2,
@@ -155,7 +171,10 @@ class Budget:
 
 
 POLICIES = ("packforcing", "sliding_window", "sink_recent", "full")
-SECTIONS = ("attention", "copy", *POLICIES, "shares")
+SHARES = {"shares": {}, "shares_per_pass": {"shared_across_layers": True}}
+"""The cache-management share sections: the PackForcing preset, and the same with its top-K
+selection made once per forward pass (``selector.shared_across_layers``) instead of per layer."""
+SECTIONS = ("attention", "copy", *POLICIES, *SHARES)
 
 
 def parse_only(value: str) -> tuple[str, ...]:
@@ -183,7 +202,7 @@ class Results:
         self.write()
 
     def text(self) -> str:
-        order = ("attention", "copy", "policies", "shares")
+        order = ("attention", "copy", "policies", *SHARES)
         return "\n".join(self.tables[k] for k in sorted(self.tables, key=lambda k: order.index(k) if k in order else 9))
 
     def write(self) -> None:
@@ -789,8 +808,9 @@ def profile_table(profiled: dict) -> str:
     )
 
 
-def shares_table(data: dict) -> str:
+def shares_table(data: dict, selector: dict[str, Any] | None = None) -> str:
     s = data["share"]
+    variant = f", selector {selector}" if selector else ""
     syncs = data.get("host_syncs_per_block")
     u = data.get("unperturbed") or {}
     unperturbed = (
@@ -804,7 +824,7 @@ def shares_table(data: dict) -> str:
         else ""
     )
     return (
-        f"Where a PackForcing block's time goes at a full cache ({data['timed_blocks']} blocks after "
+        f"Where a PackForcing block's time goes at a full cache{variant} ({data['timed_blocks']} blocks after "
         f"{data['warm_blocks']}; instrumented: synchronises at every section boundary):\n\n"
         + markdown_table(
             [
@@ -835,11 +855,35 @@ def shares_table(data: dict) -> str:
     )
 
 
-def engine_for(name: str, registry: Registry, sizes: Sizes, wrap: Any = None) -> Any:
+def run_shares(registry: Registry, sizes: Sizes, cap: float, conditions, selector: dict[str, Any]) -> dict:
+    """:func:`shares_section` on a fresh instrumented PackForcing engine (its selector's
+    parameters updated with ``selector``); an error is recorded, not raised."""
+    timer = SectionTimer(sync=sizes.cuda)
+    engine = engine_for("packforcing", registry, sizes, wrap=timing_wrapper(timer), selector=selector)
+    warm = steady_blocks(engine) + sizes.steady_extra_blocks
+    try:
+        shares = shares_section(engine, timer, sizes, warm=warm, cap=cap, conditions=conditions)
+    except Exception as exc:  # recorded; the remaining sections still run
+        shares = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+    shares["selector"] = selector
+    engine.policy.reset()
+    del engine
+    free_memory(sizes)
+    return shares
+
+
+def engine_for(
+    name: str, registry: Registry, sizes: Sizes, wrap: Any = None, selector: dict[str, Any] | None = None
+) -> Any:
+    """An engine on the shared model with policy ``name`` (its selector's parameters updated
+    with ``selector``)."""
     dtype = str(sizes.dtype).removeprefix("torch.")
+    blocks = policy_blocks(sizes)[name]
+    if selector:
+        blocks = {**blocks, "selector": {**blocks["selector"], **selector}}
     config = {
         "model": {"name": "wan_benchmark"},
-        **policy_blocks(sizes)[name],
+        **blocks,
         "backend": {"name": "sdpa"},
         "sampler": {"name": "self_forcing"},
         "run": {"device": sizes.device, "dtype": dtype},
@@ -947,25 +991,11 @@ def main(argv: list[str] | None = None) -> int:
             # 3. right after packforcing (or first, without it): the cache-management share at a
             # full PackForcing cache (instrumented engine)
             first = name == "packforcing" or (name is None and "packforcing" not in only)
-            if "shares" in only and first and budget.left() > 5:
-                timer = SectionTimer(sync=sizes.cuda)
-                timed_engine = engine_for("packforcing", registry, sizes, wrap=timing_wrapper(timer))
-                warm = steady_blocks(timed_engine) + sizes.steady_extra_blocks
-                try:
-                    shares = shares_section(
-                        timed_engine,
-                        timer,
-                        sizes,
-                        warm=warm,
-                        cap=budget.cap(sizes.caps["shares"]),
-                        conditions=conditions,
-                    )
-                except Exception as exc:  # recorded; the remaining policies still run
-                    shares = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
-                timed_engine.policy.reset()
-                del timed_engine
-                free_memory(sizes)
-                results.add("shares", shares, shares_table(shares) if "error" not in shares else shares["error"])
+            for section, selector in SHARES.items():
+                if section in only and first and budget.left() > 5:
+                    shares = run_shares(registry, sizes, budget.cap(sizes.caps[section]), conditions, selector)
+                    table = shares_table(shares, selector) if "error" not in shares else shares["error"]
+                    results.add(section, shares, table)
     results.data["total_seconds"] = time.perf_counter() - started
     results.write()
     print(results.text())

@@ -24,7 +24,7 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "wan_gpu.json").read_text())
     sections = data["sections"]
-    assert set(sections) == {"attention", "copy", "policies", "shares"}
+    assert set(sections) == {"attention", "copy", "policies", "shares", "shares_per_pass"}
     copy = sections["copy"]  # attention over the stored pieces, merged by log-sum-exp, equals the gathered one
     assert copy["max_abs_diff"] < 1e-5 and copy["copy_ms"] > 0 and copy["attend_merged_ms"] > 0
     assert any(row["backend"] == "sdpa_math" and row["ms"] > 0 for row in sections["attention"]["rows"])
@@ -41,5 +41,8 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     assert shares["timed_blocks"] > 0 and 0 < shares["cache_management_share"] < 1
     profiled = shares["profile"]  # one block under torch.profiler: the cache's operators show
     assert profiled["packforcing"]["operators"] > profiled["fixed_context"]["operators"] > 0
+    per_pass = sections["shares_per_pass"]  # top-K once per forward pass: fewer operators per block
+    assert per_pass["selector"] == {"shared_across_layers": True} and per_pass["timed_blocks"] > 0
+    assert per_pass["profile"]["packforcing"]["operators"] < profiled["packforcing"]["operators"]
     md = (tmp_path / "wan_gpu.md").read_text()
     assert "cache mgmt %" in md and "| packforcing |" in md and "x real time" in md and "copy share of a block" in md

@@ -125,14 +125,17 @@ class TopKSelector(Selector):
         return mean
 
     def _bank(self, candidates: Sequence[CachedBlock], layer: int, heads: torch.Tensor) -> torch.Tensor:
-        """Stacked key means ``[B, C, h', D]`` of ``candidates`` at ``layer`` over ``heads``, memoised
+        """Stacked key means ``[B, C, h'·D]`` of ``candidates`` at ``layer`` over ``heads``, memoised
         while the candidates stay the same blocks (compared by identity, held weakly)."""
         found = self._banks.get(layer)
         if found is not None:
             refs, bank = found
             if len(refs) == len(candidates) and all(r() is c for r, c in zip(refs, candidates, strict=True)):
                 return bank
-        bank = torch.stack([self._key_mean(c, layer) for c in candidates], dim=1).index_select(2, heads)
+        bank = torch.stack([self._key_mean(c, layer) for c in candidates], dim=1)  # [B, C, H, D]
+        if heads.numel() != bank.shape[2]:  # a subset of heads
+            bank = bank.index_select(2, heads)
+        bank = bank.flatten(2)
         self._banks[layer] = ([weakref.ref(c) for c in candidates], bank)
         return bank
 
@@ -153,9 +156,13 @@ class TopKSelector(Selector):
         """Importance ``[B, C]`` (float32) of each candidate for ``queries [B, Nq, H, D]``."""
         _, nq, h, d = queries.shape
         qi, hi = self._sample(nq, h, queries.device)
-        q_mean = queries.index_select(1, qi).index_select(2, hi).float().mean(dim=1)  # [B, h', D]
-        k_mean = self._bank(candidates, layer, hi)  # [B, C, h', D]
-        return torch.einsum("bhd,bchd->bc", q_mean, k_mean) / (hi.numel() * math.sqrt(d))
+        sampled = queries.index_select(1, qi)
+        if hi.numel() != h:  # a subset of heads
+            sampled = sampled.index_select(2, hi)
+        q_mean = sampled.mean(dim=1, dtype=torch.float32)  # [B, h', D]
+        k_mean = self._bank(candidates, layer, hi)  # [B, C, h'·D]
+        # Σ_{h,d} q̄_{bhd} k̄_{bchd} as one batched matrix-vector product
+        return torch.bmm(k_mean, q_mean.flatten(1)[:, :, None])[..., 0] / (hi.numel() * math.sqrt(d))
 
     def select(self, queries: torch.Tensor, candidates: Sequence[CachedBlock], layer: int) -> torch.Tensor:
         if not candidates:
