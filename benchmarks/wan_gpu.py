@@ -711,8 +711,32 @@ def profile_block(block: Callable[[], Any], sizes: Sizes) -> dict[str, Any]:
         "operators": ops,
         "kernel_launches": int(sum(c for c, _ in kernels.values())),
         "kernel_ms": sum(t for _, t in kernels.values()) / 1e3,
-        "top_kernels": [{"name": name[:90], "count": int(c), "ms": t / 1e3} for name, (c, t) in top],
+        "top_kernels": [{"name": kernel_label(name), "count": int(c), "ms": t / 1e3} for name, (c, t) in top],
+        "kernels": {name[:400]: [int(c), t / 1e3] for name, (c, t) in kernels.items()},
     }
+
+
+def kernel_label(name: str, width: int = 110) -> str:
+    """A kernel's name shortened for a table: PyTorch's elementwise kernels are told apart by the
+    functor deep inside their template arguments, so keep that part."""
+    for marker in ("Functor", "_kernel_cuda", "copy_kernel", "Reduce", "index", "sort", "cat", "scatter", "gather"):
+        at = name.find(marker)
+        if at > width // 2:
+            start = max(0, at - width // 2)
+            return (name[:28] + " … " + name[start : start + width - 31]).replace("|", "/")
+    return name[:width].replace("|", "/")
+
+
+def kernel_differences(profiled: dict, rows: int = 15) -> list[list[Any]]:
+    """Kernels by the time the PackForcing block spends in them beyond the fixed-context block:
+    ``[label, extra launches, extra ms]``, largest first."""
+    pf, fixed = profiled["packforcing"]["kernels"], profiled["fixed_context"]["kernels"]
+    diff = []
+    for name in set(pf) | set(fixed):
+        c1, t1 = pf.get(name, (0, 0.0))
+        c0, t0 = fixed.get(name, (0, 0.0))
+        diff.append([kernel_label(name), c1 - c0, t1 - t0])
+    return sorted(diff, key=lambda r: -r[2])[:rows]
 
 
 def shares_section(engine: Any, timer: SectionTimer, sizes: Sizes, *, warm: int, cap: float, conditions) -> dict:
@@ -804,6 +828,12 @@ def profile_table(profiled: dict) -> str:
         + markdown_table(["block", "operators from Python", "kernel launches", "kernel ms", "profiled wall ms"], rows)
         + "\n\nCostliest kernels of the PackForcing block:\n\n"
         + markdown_table(["kernel", "launches", "ms"], [[k["name"], k["count"], k["ms"]] for k in top])
+        + (
+            "\n\nWhere the PackForcing block's extra kernel time goes (against the fixed-context block):\n\n"
+            + markdown_table(["kernel", "extra launches", "extra ms"], kernel_differences(profiled))
+            if "fixed_context" in profiled
+            else ""
+        )
         + (f"\n\nProfile error: {profiled['error']}" if "error" in profiled else "")
     )
 
