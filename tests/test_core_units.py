@@ -166,3 +166,19 @@ def test_a_compressed_entry_tier_compresses_the_commit_itself():
     held = engine.policy.tier_blocks("recent")
     assert [(b.block_id, b.fidelity, b.grid) for b in held] == [(1, "pool", (4, 2, 2)), (2, "pool", (4, 2, 2))]
     assert blocks[-1].stats.bytes == engine.policy.plan(3).bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf"), "both"])
+def test_finite_sum_is_finite_exactly_when_every_element_is(dtype, bad):
+    from packforcing.core.finite import all_finite, finite_sum
+
+    x = torch.full((64, 3), torch.finfo(dtype).max, dtype=dtype)  # the largest finite values: no overflow
+    x[::2] = torch.finfo(dtype).min
+    if bad == "both":  # +Inf and -Inf together sum to NaN: still caught
+        x[5, 1], x[9, 2] = float("inf"), float("-inf")
+    elif bad is not None:
+        x[7, 2] = bad
+    assert bool(torch.isfinite(finite_sum(x))) is (bad is None)
+    assert bool(all_finite([torch.zeros(2, dtype=dtype), x])) is (bad is None)
+    assert bool(all_finite([])) and bool(all_finite([torch.empty(0, dtype=dtype)]))

@@ -18,6 +18,7 @@ import attrs
 import torch
 
 from packforcing.core.errors import PluginError
+from packforcing.core.finite import all_finite, finite_sum
 
 T = TypeVar("T")
 
@@ -71,7 +72,7 @@ def tensor_problem(
         return f"{what} is {x.dtype}, expected {dtype}"
     if x.device != device:
         return f"{what} is on {x.device}, expected {device}"
-    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if finite and x.is_floating_point() and not bool(torch.isfinite(finite_sum(x))):
         return f"{what} contains non-finite values (NaN/Inf)"
     return None
 
@@ -97,7 +98,7 @@ def kv_problem(
                 return problem
     # finiteness of every layer in one host read (each read waits for an accelerator)
     tensors = [x for x in (*keys, *values) if x.is_floating_point()]
-    if not tensors or bool(torch.stack([torch.isfinite(x).all() for x in tensors]).all()):
+    if not tensors or bool(all_finite(tensors)):
         return None
     for what, group in (("keys", keys), ("values", values)):
         for layer, x in enumerate(group):

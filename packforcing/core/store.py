@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from packforcing.core.finite import all_finite
+
 
 class NonFiniteError(ValueError):
     """Raised when a block with NaN/Inf keys or values is offered to the cache."""
@@ -28,7 +30,7 @@ def check_finite(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], w
     One host read for all layers (each read waits for an accelerator); the layers are looked at
     one by one only to name the bad one."""
     pairs = list(zip(keys, values, strict=True))
-    if pairs and bool(torch.stack([torch.isfinite(t).all() for pair in pairs for t in pair]).all()):
+    if pairs and bool(all_finite([t for pair in pairs for t in pair])):
         return
     for layer, (k, v) in enumerate(pairs):
         if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
