@@ -170,8 +170,8 @@ def test_a_compressed_entry_tier_compresses_the_commit_itself():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf"), "both"])
-def test_finite_sum_is_finite_exactly_when_every_element_is(dtype, bad):
-    from packforcing.core.finite import all_finite, finite_sum
+def test_finite_probe_is_finite_exactly_when_every_element_is(dtype, bad):
+    from packforcing.core.finite import all_finite, finite_probe
 
     x = torch.full((64, 3), torch.finfo(dtype).max, dtype=dtype)  # the largest finite values: no overflow
     x[::2] = torch.finfo(dtype).min
@@ -179,6 +179,6 @@ def test_finite_sum_is_finite_exactly_when_every_element_is(dtype, bad):
         x[5, 1], x[9, 2] = float("inf"), float("-inf")
     elif bad is not None:
         x[7, 2] = bad
-    assert bool(torch.isfinite(finite_sum(x))) is (bad is None)
+    assert bool(torch.isfinite(finite_probe(x))) is (bad is None)
     assert bool(all_finite([torch.zeros(2, dtype=dtype), x])) is (bad is None)
     assert bool(all_finite([])) and bool(all_finite([torch.empty(0, dtype=dtype)]))

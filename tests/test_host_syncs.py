@@ -159,3 +159,36 @@ def test_device_side_checks_raise_at_the_end_of_the_pass_naming_the_layer(engine
             ctx.attend(len(layers) - 1, *layers[-1])
     finally:
         policy.selector = saved
+
+
+class NanAtLayer(TemporalRopeShift):
+    """The device path's realigner, gathering NaN keys at one layer (and honest or not about
+    ``keeps_finite``)."""
+
+    def __init__(self, params, bad_layer: int, keeps_finite: bool) -> None:
+        super().__init__(params)
+        self.keeps_finite, self.bad_layer, self.calls = keeps_finite, bad_layer, 0
+
+    def gather_shifted(self, keys, deltas, rope, tail):
+        out = super().gather_shifted(keys, deltas, rope, tail)
+        self.calls += 1
+        return out.fill_(float("nan")) if self.calls - 1 == self.bad_layer else out
+
+
+@pytest.mark.parametrize(("keeps_finite", "blamed"), [(False, "realigner"), (True, "backend")])
+def test_gathered_keys_are_checked_unless_the_realigner_keeps_them_finite(engine, keeps_finite, blamed):
+    """Without ``keeps_finite`` the gathered keys are checked too, and NaN keys name the realigner;
+    a realigner that claims ``keeps_finite`` is trusted, and the NaN output names the backend."""
+    policy = engine.policy
+    saved = policy.realigner
+    policy.realigner = NanAtLayer(saved.params, bad_layer=1, keeps_finite=keeps_finite)
+    try:
+        ctx = policy.context(engine.query(BLOCKS))
+        layers = _qkv(engine, 3)
+        for layer in range(len(layers) - 1):
+            ctx.attend(layer, *layers[layer])
+        with pytest.raises(PluginError, match=r"layer 1: ") as info:
+            ctx.attend(len(layers) - 1, *layers[-1])
+        assert blamed in str(info.value)
+    finally:
+        policy.realigner = saved

@@ -18,7 +18,7 @@ import attrs
 import torch
 
 from packforcing.core.errors import PluginError
-from packforcing.core.finite import all_finite, finite_sum
+from packforcing.core.finite import all_finite, finite_probe
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ def tensor_problem(
         return f"{what} is {x.dtype}, expected {dtype}"
     if x.device != device:
         return f"{what} is on {x.device}, expected {device}"
-    if finite and x.is_floating_point() and not bool(torch.isfinite(finite_sum(x))):
+    if finite and x.is_floating_point() and not bool(torch.isfinite(finite_probe(x))):
         return f"{what} contains non-finite values (NaN/Inf)"
     return None
 

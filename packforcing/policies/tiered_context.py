@@ -10,7 +10,7 @@ import attrs
 import torch
 
 from packforcing.core.boundary import Origin, number_problem, selection_problem, tensor_problem
-from packforcing.core.finite import finite_sum
+from packforcing.core.finite import finite_flags, finite_probe
 from packforcing.core.interfaces import (
     AttentionBackend,
     AttentionContext,
@@ -115,8 +115,8 @@ class TieredContext(AttentionContext):
         self._picks: list[tuple[int, int, torch.Tensor]] = []
         """Selections kept on the device, not checked yet: ``(layer, group, indices [B, k])``."""
         self._outputs: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
-        """Per layer, not read yet: ``(layer, the output's finite_sum, the gathered keys'
-        finite_sum or None when the realigner ``keeps_finite``)`` (see :mod:`packforcing.core.finite`)."""
+        """Per layer, not read yet: ``(layer, the output's finite_probe, the gathered keys'
+        finite_probe or None when the realigner ``keeps_finite``)`` (see :mod:`packforcing.core.finite`)."""
         self.selections: dict[tuple[int, int], torch.Tensor] = {}
         """(layer, group index) → ``[B, k']`` indices chosen by the selector (for inspection)."""
         # Query position depends on how many blocks enter, not on which: use the first k'.
@@ -306,9 +306,9 @@ class TieredContext(AttentionContext):
         for g, entries in by_group.items():
             stacked = torch.stack([idx for _, idx in entries])  # [layers, B, k]
             flags.append(_picks_ok(stacked, len(self._groups[g][0])))
-        sums = [x for _, out_sum, keys_sum in outputs for x in (out_sum, keys_sum) if x is not None]
-        if sums:
-            flags.append(torch.isfinite(torch.stack(sums)))
+        probes = [x for _, out_probe, keys_probe in outputs for x in (out_probe, keys_probe) if x is not None]
+        if probes:
+            flags.append(finite_flags(probes))
         if not flags or bool(torch.cat([f.reshape(-1) for f in flags]).all()):
             return
         block = self._query.block_id
@@ -325,10 +325,10 @@ class TieredContext(AttentionContext):
                     device=what.device,
                 )
                 raise self._origins[0].error(f"layer {layer}: {problem}", block)
-            out_sum, keys_sum = what
-            if keys_sum is not None and not bool(torch.isfinite(keys_sum)):  # the realigner's keys were non-finite
+            out_probe, keys_probe = what
+            if keys_probe is not None and not bool(torch.isfinite(keys_probe)):  # the realigner's keys were non-finite
                 raise self._origins[1].error(f"layer {layer}: gather() keys hold non-finite values (NaN/Inf)", block)
-            if not bool(torch.isfinite(out_sum)):
+            if not bool(torch.isfinite(out_probe)):
                 raise self._origins[2].error(f"layer {layer}: output contains non-finite values (NaN/Inf)", block)
 
     def _attend_on_device(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -381,8 +381,8 @@ class TieredContext(AttentionContext):
             # flags only (holding the tensors would keep every layer's context alive); the
             # gathered keys only when the realigner does not promise finite ones (a pass over
             # the whole context per layer)
-            keys_sum = None if self._realigner.keeps_finite else finite_sum(gathered)
-            self._outputs.append((layer, finite_sum(out), keys_sum))
+            keys_probe = None if self._realigner.keeps_finite else finite_probe(gathered)
+            self._outputs.append((layer, finite_probe(out), keys_probe))
         if layer >= self._last_layer:
             self._verify()
         return out
