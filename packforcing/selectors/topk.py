@@ -105,7 +105,7 @@ class TopKSelector(Selector):
         self._means: weakref.WeakKeyDictionary[CachedBlock, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
         self._samples: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._banks: dict[int, tuple[list[weakref.ref[CachedBlock]], torch.Tensor]] = {}
-        """Per layer, the last candidates (weakly) and their stacked key means ``[B, C, h', D]``:
+        """Per layer, the last candidates (weakly) and their stacked key means ``[B, C, h'·D]``:
         a block's forward passes ask about the same candidates at every layer."""
         self.last_scores: torch.Tensor | None = None
         """``[B, C]`` scores of the last :meth:`select` call (for inspection)."""
