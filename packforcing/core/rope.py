@@ -12,6 +12,7 @@ rotation costs exactly one rounding to the storage dtype.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -155,21 +156,24 @@ class Rope3D:
     def shift_temporal_tokens(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Like :meth:`shift_temporal` with one shift per token: ``delta [N]`` (the same for every
         batch item) or ``[B, N]`` for ``x [B, N, H, D]``. ``delta`` should be on ``x``'s device (a
-        host tensor is copied there, which synchronises with an accelerator)."""
-        band = 2 * self.band_pairs[0]
-        freqs = self.temporal_freqs(x.device)
-        if delta.device != x.device:
-            delta = delta.to(x.device)
-        ang = delta.to(torch.float64)[..., None] * freqs  # [N, Pt] or [B, N, Pt]
-        return torch.cat([self._rotate(x[..., :band], ang), x[..., band:]], dim=-1)
+        host tensor is copied there, which synchronises with an accelerator). Returns a new tensor;
+        :meth:`shift_temporal_tokens_` rotates in place."""
+        return self.shift_temporal_tokens_(x.clone(), delta)
+
+    @staticmethod
+    def shifts_of_runs(runs: Sequence[tuple[float, int]]) -> torch.Tensor:
+        """Per-token shifts ``[Σ count]`` (float64, on the host) of ``(shift, count)`` runs: each
+        run's shift repeated over its ``count`` tokens (one host-made tensor, however many tokens)."""
+        table = torch.tensor(runs, dtype=torch.float64)  # [R, 2]
+        return torch.repeat_interleave(table[:, 0], table[:, 1].to(torch.int64))
 
     def shift_temporal_tokens_(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """:meth:`shift_temporal_tokens` in place: rotates the temporal band of ``x [B, N, H, D]``
         (a writable tensor or view) by ``delta [N]`` or ``[B, N]`` and returns ``x``.
 
-        The same arithmetic (float64 angles, the rotation in float32, one rounding to ``x``'s
-        dtype) in three kernels over the band — widen, complex multiply, write back — instead of
-        a dozen over the whole head: the form a context uses on every layer."""
+        Float64 angles, the rotation in float32, one rounding to ``x``'s dtype (as
+        :meth:`shift_temporal`), in three kernels over the band — widen, complex multiply, write
+        back — instead of a dozen over the whole head: the form a context uses on every layer."""
         band = 2 * self.band_pairs[0]
         if delta.device != x.device:
             delta = delta.to(x.device)

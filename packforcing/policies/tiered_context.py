@@ -21,14 +21,8 @@ from packforcing.core.records import (
     BlockQuery,
     CachedBlock,
 )
+from packforcing.core.rope import Rope3D
 from packforcing.core.transfer import to_device
-
-
-def _expand_runs(runs: Sequence[tuple[float, int]]) -> torch.Tensor:
-    """``[Σ count]`` float64 on the host: each ``(value, count)`` run's value repeated ``count``
-    times (one host-made tensor, whatever the number of tokens)."""
-    table = torch.tensor(runs, dtype=torch.float64)  # [R, 2]
-    return torch.repeat_interleave(table[:, 0], table[:, 1].to(torch.int64))
 
 
 def _picks_ok(idx: torch.Tensor, candidates: int) -> torch.Tensor:
@@ -279,7 +273,7 @@ class TieredContext(AttentionContext):
             if part is None and piece.group is None:  # inside the moved prefix, not moving itself
                 part = [(0.0, b.num_tokens) for b in piece.blocks]
             runs.extend(part or ())
-        values = to_device(_expand_runs(runs), q.device) if runs else None
+        values = to_device(Rope3D.shifts_of_runs(runs), q.device) if runs else None
         offset = 0
         for piece in pieces[:moved]:
             assert values is not None

@@ -126,8 +126,6 @@ class TemporalRopeShift(PositionalRealigner):
         moved = [i for i, d in enumerate(deltas) if d != 0]
         if not moved:
             return out
-        last = moved[-1] + 1
-        counts = torch.tensor([k.shape[1] for k in keys[:last]])
-        per_token = torch.repeat_interleave(torch.tensor(deltas[:last], dtype=torch.float64), counts)
-        rope.shift_temporal_tokens_(out[:, : int(counts.sum())], per_token)
+        runs = [(d, k.shape[1]) for d, k in zip(deltas[: moved[-1] + 1], keys, strict=False)]
+        rope.shift_temporal_tokens_(out[:, : sum(n for _, n in runs)], rope.shifts_of_runs(runs))
         return out
