@@ -17,8 +17,11 @@ what it measured:
 3. the cache-management share of a PackForcing block at a full cache (compress, select,
    gather + realign, bookkeeping), from the instrumented engine;
 4. the per-layer copy of the whole context into one tensor at the PackForcing shape, against
-   attention over the stored pieces merged by their log-sum-exp (no copy; checked equal), per
-   block and as a share of the measured PackForcing block time.
+   attention over the stored parts merged by their log-sum-exp (no copy of the stored runs;
+   checked equal): three parts as a split context makes them, and one part per block, per
+   block and as a share of the measured PackForcing block time;
+5. the share sections again with the top-K made once per pass (``shares_per_pass``) and with the
+   context split (``shares_split``: ``backend.split_context``).
 
     python benchmarks/wan_gpu.py [--out benchmarks/results] [--budget 330]
     python benchmarks/wan_gpu.py --only packforcing,sliding_window,shares --budget 200   # a short re-measurement
@@ -54,6 +57,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import RESULTS, machine, markdown_table, median_time  # noqa: E402
 
 import packforcing as pf  # noqa: E402
+from packforcing.attention.backends import SdpaBackend  # noqa: E402
+from packforcing.attention.merge import merge_by_lse  # noqa: E402
 from packforcing.core.instrument import HostSyncCounter, SectionTimer, timing_wrapper  # noqa: E402
 from packforcing.core.interfaces import AttentionContext  # noqa: E402
 from packforcing.core.sampler import block_noise, fresh_noise  # noqa: E402
@@ -123,6 +128,7 @@ GPU = Sizes(
         "sink_recent": 25,
         "shares": 60,
         "shares_per_pass": 60,
+        "shares_split": 60,
         "full": 170,
     },
     attention_contexts={"self_forcing_window_21f": 21 * 1560, "full_60s": 240 * 1560 + 3 * 1560},
@@ -146,6 +152,7 @@ SMOKE = Sizes(
         "sink_recent": 10,
         "shares": 20,
         "shares_per_pass": 20,
+        "shares_split": 20,
         "full": 20,
     },
     attention_contexts={"self_forcing_window_21f": 21 * 32, "full_60s": 64 * 32},
@@ -171,9 +178,15 @@ class Budget:
 
 
 POLICIES = ("packforcing", "sliding_window", "sink_recent", "full")
-SHARES = {"shares": {}, "shares_per_pass": {"shared_across_layers": True}}
-"""The cache-management share sections: the PackForcing preset, and the same with its top-K
-selection made once per forward pass (``selector.shared_across_layers``) instead of per layer."""
+SHARES: dict[str, dict[str, dict[str, Any]]] = {
+    "shares": {},
+    "shares_per_pass": {"selector": {"shared_across_layers": True}},
+    "shares_split": {"backend": {"split_context": True}},
+}
+"""The cache-management share sections, as changes to the PackForcing preset's config sections:
+the preset itself; its top-K selection made once per forward pass (``selector.shared_across_layers``)
+instead of per layer; and its context split (``backend.split_context``: the stored runs attended
+where they are and merged by log-sum-exp, no per-layer copy of the whole context)."""
 SECTIONS = ("attention", "copy", *POLICIES, *SHARES)
 
 
@@ -342,69 +355,82 @@ def attention_table(data: dict) -> str:
 # ---- the per-layer context copy, and attention without it ---------------------------------
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash attention over ``[B, H, N, D]`` returning ``(out [B, H, Nq, D], logsumexp [B, H, Nq])``."""
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-    return out, lse
+def copy_section(
+    sizes: Sizes, *, sink: int, picks: int, recent: int, tpb: int, pool: int, heads: int, head_dim: int
+) -> dict:
+    """One layer of a PackForcing forward at the real shapes (``sink`` and ``recent`` blocks of
+    ``tpb`` tokens, ``picks`` mid blocks of ``pool`` tokens, the block itself), attention by the
+    ``sdpa`` backend three ways:
 
-
-def merged_attention(q: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Attention of ``q`` over the concatenation of ``pieces`` without concatenating them: one
-    attention per piece, merged by their log-sum-exp weights (as flash-decoding merges splits)."""
-    outs, lses = zip(*(attention_with_lse(q, k, v) for k, v in pieces), strict=True)
-    weights = torch.softmax(torch.stack(lses).float(), dim=0)  # exp(lse_i - logsumexp_j lse_j)
-    return sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs, strict=True)).to(q.dtype)
-
-
-def copy_section(sizes: Sizes, pieces_tokens: list[int], nq: int, heads: int, head_dim: int) -> dict:
-    """One layer of a PackForcing forward at the real shapes: the per-layer copy of the context
-    into one tensor (what the engine does today) + attention, against attention over the stored
-    pieces merged by log-sum-exp (no copy)."""
+    - gathered: the per-layer copy of the whole context into one tensor, then one call;
+    - split (``backend.split_context``, what the context does): the sink's and the recent
+      blocks' stored runs attended in place, the picks and the block copied together, the three
+      parts merged by log-sum-exp (the sink's query rotation not included);
+    - pieces: every block attended on its own and the parts merged (the first copy-free try).
+    """
     gen = torch.Generator(device=sizes.device).manual_seed(1)
+    backend = SdpaBackend()
 
     def rand(n: int) -> torch.Tensor:  # stored as the cache stores it: [B, N, H, D]
         return torch.randn(1, n, heads, head_dim, device=sizes.device, dtype=sizes.dtype, generator=gen)
 
-    q = rand(nq).transpose(1, 2)
-    stored = [(rand(n), rand(n)) for n in pieces_tokens]
+    def pair(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return rand(n), rand(n)
+
+    q = rand(tpb)
+    sink_run, recent_run = pair(sink * tpb), pair(recent * tpb)  # a tier's page: its blocks adjacent
+    mids = [pair(pool) for _ in range(picks)]
+    own = pair(tpb)
+
+    def each(run: tuple[torch.Tensor, torch.Tensor], count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(run[0][:, i * tpb : (i + 1) * tpb], run[1][:, i * tpb : (i + 1) * tpb]) for i in range(count)]
+
+    blocks = [*each(sink_run, sink), *mids, *each(recent_run, recent), own]
 
     def gather() -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([k for k, _ in stored], 1), torch.cat([v for _, v in stored], 1)
+        return torch.cat([k for k, _ in blocks], 1), torch.cat([v for _, v in blocks], 1)
+
+    def split() -> torch.Tensor:
+        rest_k = torch.cat([*(k for k, _ in mids), own[0]], 1)
+        rest_v = torch.cat([*(v for _, v in mids), own[1]], 1)
+        return merge_by_lse([backend.attend_lse(q, *run) for run in (sink_run, recent_run, (rest_k, rest_v))])
+
+    def pieces() -> torch.Tensor:
+        return merge_by_lse([backend.attend_lse(q, k, v) for k, v in blocks])
 
     keys, values = gather()
-    k_t, v_t = keys.transpose(1, 2), values.transpose(1, 2)
-    pieces = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in stored]
-    gathered_out = attention_with_lse(q, k_t, v_t)[0]
-    merged_out = merged_attention(q, pieces)
+    gathered_out = backend.attend(q, keys, values).float()
     return {
-        "pieces_tokens": pieces_tokens,
-        "queries": nq,
+        "pieces_tokens": [k.shape[1] for k, _ in blocks],
+        "queries": tpb,
         "copy_ms": timed(gather, sizes) * 1e3,
-        "attend_gathered_ms": timed(lambda: attention_with_lse(q, k_t, v_t), sizes) * 1e3,
-        "attend_merged_ms": timed(lambda: merged_attention(q, pieces), sizes) * 1e3,
-        "max_abs_diff": float((merged_out.float() - gathered_out.float()).abs().max()),
+        "attend_gathered_ms": timed(lambda: backend.attend(q, keys, values), sizes) * 1e3,
+        "attend_split_ms": timed(split, sizes) * 1e3,
+        "attend_merged_ms": timed(pieces, sizes) * 1e3,
+        "max_abs_diff": float((pieces().float() - gathered_out).abs().max()),
+        "split_max_abs_diff": float((split().float() - gathered_out).abs().max()),
     }
 
 
 def copy_table(data: dict, layers: int, calls_per_block: int, block_ms: float | None) -> str:
     per_block = layers * calls_per_block
-    copy, gathered, merged = (data[k] * per_block for k in ("copy_ms", "attend_gathered_ms", "attend_merged_ms"))
+    keys = ("copy_ms", "attend_gathered_ms", "attend_split_ms", "attend_merged_ms")
+    copy, gathered, split, merged = (data[k] * per_block for k in keys)
     share = f"{100 * copy / block_ms:.2f} %" if block_ms else "-"
     return (
-        f"Per-layer context copy at the PackForcing shape ({data['queries']} queries over pieces of "
+        f"Per-layer context copy at the PackForcing shape ({data['queries']} queries over blocks of "
         f"{data['pieces_tokens']} tokens), x {layers} layers x {calls_per_block} model calls per block:\n\n"
         + markdown_table(
             [
                 "copy ms/block",
                 "copy share of a block",
                 "copy + attention ms/block",
-                "merged attention ms/block",
-                "max |merged - gathered|",
+                "split (3 parts) ms/block",
+                "per-block pieces ms/block",
+                "max |split - gathered|",
+                "max |pieces - gathered|",
             ],
-            [[copy, share, copy + gathered, merged, data["max_abs_diff"]]],
+            [[copy, share, copy + gathered, split, merged, data["split_max_abs_diff"], data["max_abs_diff"]]],
         )
     )
 
@@ -838,9 +864,10 @@ def profile_table(profiled: dict) -> str:
     )
 
 
-def shares_table(data: dict, selector: dict[str, Any] | None = None) -> str:
+def shares_table(data: dict, variant: dict[str, Any] | None = None) -> str:
     s = data["share"]
-    variant = f", selector {selector}" if selector else ""
+    changed = ", ".join(f"{section} {params}" for section, params in (variant or {}).items())
+    variant = f", {changed}" if changed else ""
     syncs = data.get("host_syncs_per_block")
     u = data.get("unperturbed") or {}
     unperturbed = (
@@ -885,17 +912,17 @@ def shares_table(data: dict, selector: dict[str, Any] | None = None) -> str:
     )
 
 
-def run_shares(registry: Registry, sizes: Sizes, cap: float, conditions, selector: dict[str, Any]) -> dict:
-    """:func:`shares_section` on a fresh instrumented PackForcing engine (its selector's
-    parameters updated with ``selector``); an error is recorded, not raised."""
+def run_shares(registry: Registry, sizes: Sizes, cap: float, conditions, variant: dict[str, dict[str, Any]]) -> dict:
+    """:func:`shares_section` on a fresh instrumented PackForcing engine (its config sections'
+    parameters updated with ``variant``); an error is recorded, not raised."""
     timer = SectionTimer(sync=sizes.cuda)
-    engine = engine_for("packforcing", registry, sizes, wrap=timing_wrapper(timer), selector=selector)
+    engine = engine_for("packforcing", registry, sizes, wrap=timing_wrapper(timer), variant=variant)
     warm = steady_blocks(engine) + sizes.steady_extra_blocks
     try:
         shares = shares_section(engine, timer, sizes, warm=warm, cap=cap, conditions=conditions)
     except Exception as exc:  # recorded; the remaining sections still run
         shares = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
-    shares["selector"] = selector
+    shares["variant"] = variant
     engine.policy.reset()
     del engine
     free_memory(sizes)
@@ -903,21 +930,20 @@ def run_shares(registry: Registry, sizes: Sizes, cap: float, conditions, selecto
 
 
 def engine_for(
-    name: str, registry: Registry, sizes: Sizes, wrap: Any = None, selector: dict[str, Any] | None = None
+    name: str, registry: Registry, sizes: Sizes, wrap: Any = None, variant: dict[str, dict[str, Any]] | None = None
 ) -> Any:
-    """An engine on the shared model with policy ``name`` (its selector's parameters updated
-    with ``selector``)."""
+    """An engine on the shared model with policy ``name``, the parameters of its config sections
+    updated with ``variant`` (``{"selector": {...}, "backend": {...}}``)."""
     dtype = str(sizes.dtype).removeprefix("torch.")
-    blocks = policy_blocks(sizes)[name]
-    if selector:
-        blocks = {**blocks, "selector": {**blocks["selector"], **selector}}
     config = {
         "model": {"name": "wan_benchmark"},
-        **blocks,
+        **policy_blocks(sizes)[name],
         "backend": {"name": "sdpa"},
         "sampler": {"name": "self_forcing"},
         "run": {"device": sizes.device, "dtype": dtype},
     }
+    for section, params in (variant or {}).items():
+        config[section] = {**config[section], **params}
     return pf.build_engine(config, registry=registry, wrap=wrap)
 
 
@@ -985,11 +1011,17 @@ def main(argv: list[str] | None = None) -> int:
         if "copy" in only:
             try:  # the per-layer context copy vs attention over the stored pieces (no copy)
                 tpb, fpb = g.tokens_per_block, g.frames_per_block
-                pool = pf_preset_mid_tokens(sizes, g)
                 policy = policy_blocks(sizes)["packforcing"]["policy"]
-                sink, recent = policy["sink_frames"] // fpb, policy["recent_frames"] // fpb
-                pieces = [tpb] * sink + [pool] * sizes.top_k + [tpb] * recent + [tpb]  # ... + the block itself
-                copy = copy_section(sizes, pieces, tpb, heads, head_dim)
+                copy = copy_section(
+                    sizes,
+                    sink=policy["sink_frames"] // fpb,
+                    picks=sizes.top_k,
+                    recent=policy["recent_frames"] // fpb,
+                    tpb=tpb,
+                    pool=pf_preset_mid_tokens(sizes, g),
+                    heads=heads,
+                    head_dim=head_dim,
+                )
             except Exception as exc:  # recorded; the rest still runs
                 copy = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
             results.add("copy", copy)
@@ -1021,10 +1053,10 @@ def main(argv: list[str] | None = None) -> int:
             # 3. right after packforcing (or first, without it): the cache-management share at a
             # full PackForcing cache (instrumented engine)
             first = name == "packforcing" or (name is None and "packforcing" not in only)
-            for section, selector in SHARES.items():
+            for section, variant in SHARES.items():
                 if section in only and first and budget.left() > 5:
-                    shares = run_shares(registry, sizes, budget.cap(sizes.caps[section]), conditions, selector)
-                    table = shares_table(shares, selector) if "error" not in shares else shares["error"]
+                    shares = run_shares(registry, sizes, budget.cap(sizes.caps[section]), conditions, variant)
+                    table = shares_table(shares, variant) if "error" not in shares else shares["error"]
                     results.add(section, shares, table)
     results.data["total_seconds"] = time.perf_counter() - started
     results.write()

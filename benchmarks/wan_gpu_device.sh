@@ -6,23 +6,38 @@
 #
 #   bash benchmarks/wan_gpu_device.sh OUT [SECTIONS] [BUDGET]
 #
-# SECTIONS: wan_gpu.py's --only for this tree (default packforcing,shares,shares_per_pass);
-# BUDGET: its --budget in seconds (default 300).
+# SECTIONS: wan_gpu.py's --only for this tree (default attention,shares,shares_split: the
+# attention kernels, xformers included when it loads, and the cache-management share with the
+# context copied and split); BUDGET: its --budget in seconds (default 300).
 #
-# Needs the wheels the GPU image lacks in .whl/ (diffusers, importlib_metadata, cattrs).
+# Needs the wheels the GPU image lacks in .whl/ (diffusers, importlib_metadata, cattrs). PyPI's
+# xformers wheel is built against CUDA 12: with xformers and nvidia-cuda-runtime-cu12 in .whl/
+# too, its libcudart.so.12 is put on the loader's path so xformers can load beside a torch built
+# for another CUDA (whether it does is printed, and the attention section times it if so).
 set -uo pipefail
 out=${1:?usage: wan_gpu_device.sh OUT [SECTIONS] [BUDGET]}
-sections=${2:-packforcing,shares,shares_per_pass}
+sections=${2:-attention,shares,shares_split}
 budget=${3:-300}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1
+if [ -d /tmp/site/nvidia/cuda_runtime/lib ]; then
+    export LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+quiet() { grep -v -E '^WARNING\[XFORMERS\]|XFORMERS_MORE_DETAILS|^ +(PyTorch|Python) [0-9]'; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 PYTHONPATH=$PWD:/tmp/site python3 -c "import torch, diffusers, cattrs, packforcing; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" || exit 1
+PYTHONPATH=$PWD:/tmp/site python3 -c "
+import torch, xformers.ops as xops
+q = torch.randn(1, 64, 2, 128, device='cuda', dtype=torch.bfloat16)
+out = xops.memory_efficient_attention(q, q, q)
+ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, q, q))).transpose(1, 2)
+print('xformers', xops.__name__, 'works: max |xformers - sdpa| =', float((out - ref).abs().max()))
+" 2>&1 | tail -1
 PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out" --only "$sections" --budget "$budget" 2>&1 \
-    | grep -v -i xformers | tee "$out/after.log"
+    | quiet | tee "$out/after.log"
 if [ -d .before ]; then
     mkdir -p "$out/before"
     (cd .before && PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out/before" --only shares --budget 100 2>&1 \
-        | grep -v -i xformers | tee "$out/before/before.log")
+        | quiet | tee "$out/before/before.log")
 fi

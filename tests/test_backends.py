@@ -74,3 +74,44 @@ def test_import_is_silent_and_lazy():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout == "False\n"
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("nk", [1, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_attend_lse_uses_the_fused_kernel_on_the_cpu(nk, dtype):
+    """The log-sum-exp comes from SDPA's own fused CPU kernel, not the math fallback."""
+    from packforcing.attention.backends import _sdpa_lse
+
+    q, k, v = (t.transpose(1, 2) for t in make_qkv(nk=nk, dtype=dtype))
+    fused = _sdpa_lse(q, k, v)
+    assert fused is not None and fused[1].shape == q.shape[:3]
+
+
+@pytest.mark.parametrize("nk", [1, 40])
+def test_sdpa_attend_lse_matches_float64_reference(nk):
+    q, k, v = make_qkv(nk=nk)
+    out, lse = SdpaBackend().attend_lse(q, k, v)
+    q64, k64 = (t.double().transpose(1, 2) for t in (q, k))
+    scores = q64 @ k64.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("nq", "d"), [(77, 128), (64, 64)])  # 77: not a multiple of any kernel's tile
+def test_sdpa_attend_lse_on_cuda_with_each_kernel(kernel, dtype, nq, d):
+    """Each fused kernel's log-sum-exp comes back in ``[B, Nq, H]`` (cuDNN's trailing unit
+    dimension and the efficient kernel's padded queries removed), equal to the reference."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = make_qkv(nq=nq, nk=100, h=4, d=d, dtype=dtype, device="cuda")
+    with sdpa_kernel([getattr(SDPBackend, kernel)]):
+        out, lse = SdpaBackend().attend_lse(q, k, v)
+    q64, k64 = (t.double().transpose(1, 2) for t in (q, k))
+    scores = q64 @ k64.transpose(-1, -2) / math.sqrt(d)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    ref = reference_attention(q, k, v)
+    assert float((out.double() - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1).transpose(1, 2), atol=2e-2, rtol=2e-2)

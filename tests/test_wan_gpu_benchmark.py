@@ -24,9 +24,10 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "wan_gpu.json").read_text())
     sections = data["sections"]
-    assert set(sections) == {"attention", "copy", "policies", "shares", "shares_per_pass"}
+    assert set(sections) == {"attention", "copy", "policies", "shares", "shares_per_pass", "shares_split"}
     copy = sections["copy"]  # attention over the stored pieces, merged by log-sum-exp, equals the gathered one
     assert copy["max_abs_diff"] < 1e-5 and copy["copy_ms"] > 0 and copy["attend_merged_ms"] > 0
+    assert copy["split_max_abs_diff"] < 1e-5 and copy["attend_split_ms"] > 0
     assert any(row["backend"] == "sdpa_math" and row["ms"] > 0 for row in sections["attention"]["rows"])
     assert all("error" in row for row in sections["attention"]["rows"] if row["backend"] in ("xformers", "flash_attn"))
     runs = sections["policies"]
@@ -42,7 +43,11 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     profiled = shares["profile"]  # one block under torch.profiler: the cache's operators show
     assert profiled["packforcing"]["operators"] > profiled["fixed_context"]["operators"] > 0
     per_pass = sections["shares_per_pass"]  # top-K once per forward pass: fewer operators per block
-    assert per_pass["selector"] == {"shared_across_layers": True} and per_pass["timed_blocks"] > 0
+    assert per_pass["variant"] == {"selector": {"shared_across_layers": True}} and per_pass["timed_blocks"] > 0
     assert per_pass["profile"]["packforcing"]["operators"] < profiled["packforcing"]["operators"]
+    split = sections["shares_split"]  # the context attended where it is stored, merged by log-sum-exp
+    assert split["variant"] == {"backend": {"split_context": True}} and split["timed_blocks"] > 0
+    assert 0 < split["cache_management_share"] < 1
     md = (tmp_path / "wan_gpu.md").read_text()
+    assert "backend {'split_context': True}" in md
     assert "cache mgmt %" in md and "| packforcing |" in md and "x real time" in md and "copy share of a block" in md

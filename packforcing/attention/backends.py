@@ -6,22 +6,101 @@ import functools
 import importlib
 import warnings
 
+import attrs
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from packforcing.core.interfaces import AttentionBackend
+
+
+@attrs.frozen
+class SdpaParams:
+    """Parameters of ``sdpa``.
+
+    ``split_context``: attend a cache's history where it is stored, a run of pages at a time,
+    and merge the parts by their log-sum-exp, instead of copying the whole context into one
+    tensor on every layer (see :attr:`AttentionBackend.split_context`). Exact up to rounding;
+    whether it is faster depends on the device and the context's shape (``benchmarks/wan_gpu.py``
+    measures both).
+    """
+
+    split_context: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+
+_FLASH, _CUDNN, _EFFICIENT = (
+    int(SDPBackend.FLASH_ATTENTION),
+    int(SDPBackend.CUDNN_ATTENTION),
+    int(SDPBackend.EFFICIENT_ATTENTION),
+)
+"""SDPA's fused kernels as ``torch._fused_sdp_choice`` numbers them (the enum does not compare
+equal to them)."""
+
+
+def _fused_lse(kernel: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` from one fused SDPA kernel's ``aten`` operator (``[B, H, N, D]`` inputs)."""
+    if kernel == _FLASH:
+        if q.device.type == "cpu":
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    if kernel == _CUDNN:
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+    if kernel == _EFFICIENT:
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    raise NotImplementedError(f"no log-sum-exp operator for SDPA kernel {kernel}")
+
+
+def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(out [B, H, Nq, D], lse [B, H, Nq])`` for ``[B, H, N, D]`` inputs from the fused kernel
+    SDPA itself would choose, else (it turns these tensors down) flash or memory-efficient;
+    ``None`` where SDPA would choose no fused kernel or none takes them."""
+    choice = int(torch._fused_sdp_choice(q, k, v))
+    if choice not in (_FLASH, _CUDNN, _EFFICIENT):
+        return None
+    b, h, nq, _ = q.shape
+    for kernel in dict.fromkeys((choice,) if q.device.type == "cpu" else (choice, _FLASH, _EFFICIENT)):
+        try:
+            out, lse = _fused_lse(kernel, q, k, v)
+        except (RuntimeError, NotImplementedError):
+            continue
+        # cuDNN keeps a trailing unit dimension, the efficient kernel pads the queries to its tile
+        return out, lse.reshape(b, h, -1)[..., :nq]
+    return None
+
+
+def _math_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: scores in float32 (or ``q``'s dtype if wider) for ``[B, H, N, D]`` inputs."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, Nq, Nk]
+    lse = scores.logsumexp(-1)
+    out = torch.softmax(scores, dim=-1) @ v.to(wide)
+    return out.to(q.dtype), lse
 
 
 class SdpaBackend(AttentionBackend):
     """``torch.nn.functional.scaled_dot_product_attention``; any device and dtype."""
 
     name = "sdpa"
+    returns_lse = True
+
+    def __init__(self, params: SdpaParams | None = None) -> None:
+        self.params = params or SdpaParams()
+        self.split_context = self.params.split_context
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return out.transpose(1, 2)
+
+    def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`attend` without a mask, with the log-sum-exp: the same fused kernel SDPA picks
+        for these tensors (flash, cuDNN or memory-efficient, through their ``aten`` operators,
+        which return it), else the math reference."""
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        fused = _sdpa_lse(qt, kt, vt)
+        out, lse = fused if fused is not None else _math_lse(qt, kt, vt)
+        return out.transpose(1, 2), lse.transpose(1, 2)
 
 
 @functools.cache

@@ -31,6 +31,13 @@ class AttentionBackend(abc.ABC):
     """Scaled dot-product attention over ``[B, N, H, D]`` tensors."""
 
     name: str = "abstract"
+    returns_lse: bool = False
+    """Capability flag: :meth:`attend_lse` is implemented (attention that also returns each
+    query's log-sum-exp, so attention over parts of a context can be merged exactly)."""
+    split_context: bool = False
+    """The backend asks contexts to hand it their history where it is stored, piece by piece
+    (:meth:`attend_lse` per piece, merged by :func:`packforcing.attention.merge.merge_by_lse`),
+    instead of one gathered copy of the whole context per layer. Needs :attr:`returns_lse`."""
 
     @abc.abstractmethod
     def attend(
@@ -45,6 +52,13 @@ class AttentionBackend(abc.ABC):
         ``mask``: optional boolean ``[Nq, Nk]`` (or broadcastable ``[B, H, Nq, Nk]``), ``True``
         where attention is allowed. Scale is ``1 / sqrt(D)``.
         """
+
+    def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unmasked attention of ``q [B, Nq, H, D]`` over ``k, v [B, Nk, H, D]`` and its
+        log-sum-exp: ``(out [B, Nq, H, D], lse [B, Nq, H])``, ``lse`` the log of each query's
+        softmax denominator (scale ``1 / sqrt(D)``) in float32 or wider. Backends that set
+        :attr:`returns_lse` implement it."""
+        raise NotImplementedError(f"backend {self.name!r} does not return the log-sum-exp")
 
 
 class AttentionContext(abc.ABC):
@@ -184,6 +198,12 @@ class PositionalRealigner(abc.ABC):
     attention output of each layer rather than also every gathered key (a pass over the whole
     context per layer); a realigner without the flag has its keys checked and is named when they
     are not finite."""
+    shifts_query: bool = False
+    """Capability flag: moving keys by ``Δ`` temporal positions (:meth:`gather_shifted`) scores
+    them against a query exactly as moving the query by ``−Δ`` (:meth:`shift_query`) does, as
+    for the RoPE rotation of the default :meth:`gather_shifted`. A context can then attend a
+    run of stored keys that all move by the same ``Δ`` where it is stored, with a moved copy of
+    the query (``[B, Nq, H, D]``) instead of a moved copy of the keys."""
 
     @abc.abstractmethod
     def assign(self, spans: Sequence[tuple[float, float]], query: BlockQuery) -> tuple[list[float], float]:
@@ -240,6 +260,12 @@ class PositionalRealigner(abc.ABC):
         if deltas is not None:
             rope.shift_temporal_tokens_(out[:, : deltas.shape[-1]], deltas)
         return out
+
+    def shift_query(self, q: torch.Tensor, delta: torch.Tensor, rope: Rope3D) -> torch.Tensor:
+        """``q [B, Nq, H, D]`` moved by ``−delta`` (``[1]``, float64, on ``q``'s device): the query
+        that scores stored keys as :meth:`gather_shifted` would score them moved by ``+delta``
+        (see :attr:`shifts_query`). Returns a new tensor; ``q`` is not modified."""
+        return rope.shift_temporal_tokens_(q.clone(), -delta)
 
 
 class CachePolicy(abc.ABC):

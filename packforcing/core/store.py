@@ -56,6 +56,11 @@ class Slot:
     def num_layers(self) -> int:
         return self._store.num_layers
 
+    @property
+    def store(self) -> TierStore:
+        """The store whose page holds this slot."""
+        return self._store
+
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(K, V)`` views ``[B, N, H, D]`` of ``layer``."""
         if not self.live:
@@ -65,6 +70,17 @@ class Slot:
             page = self._store.pages[self.page]
             views = self._views[layer] = (page[0, layer, :, self.index], page[1, layer, :, self.index])
         return views
+
+    def span_kv(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K, V)`` views ``[B, count·N, H, D]`` of ``layer`` over this slot and the ``count − 1``
+        slots after it in its page (a run of adjacent slots: see :func:`adjacent_runs`)."""
+        if not self.live:
+            raise RuntimeError("slot was released")
+        if not 0 < count <= self._store.page_blocks - self.index:
+            raise ValueError(f"slot {self.index} of a {self._store.page_blocks}-slot page has no run of {count}")
+        page = self._store.pages[self.page]
+        stop = self.index + count
+        return page[0, layer, :, self.index : stop].flatten(1, 2), page[1, layer, :, self.index : stop].flatten(1, 2)
 
     def forget_views(self) -> None:
         """Drop the memoised views (they would keep a freed page's memory alive)."""
@@ -76,6 +92,25 @@ class Slot:
         if not self._store.keep_latents:
             return None
         return self._store.latent_pages[self.page][:, self.index]
+
+
+def adjacent_runs(slots: Sequence[Slot]) -> list[tuple[Slot, int]]:
+    """``slots`` as runs of adjacent slots of one page: ``(first slot, count)``, each a single
+    ``[B, count·N, H, D]`` view per layer (:meth:`Slot.span_kv`). Runs follow the pages' order,
+    not the order given: for attention without a mask, the order of the keys does not matter."""
+    stores: dict[int, int] = {}  # each store's rank by first appearance (a stable order)
+    for slot in slots:
+        stores.setdefault(id(slot.store), len(stores))
+    ordered = sorted(slots, key=lambda s: (stores[id(s.store)], s.page, s.index))
+    runs: list[tuple[Slot, int]] = []
+    for slot in ordered:
+        if runs:
+            first, count = runs[-1]
+            if first.store is slot.store and first.page == slot.page and first.index + count == slot.index:
+                runs[-1] = (first, count + 1)
+                continue
+        runs.append((slot, 1))
+    return runs
 
 
 class TierStore:

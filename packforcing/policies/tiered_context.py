@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 import torch
 
+from packforcing.attention.merge import merge_by_lse
 from packforcing.core.boundary import Origin, number_problem, selection_problem, tensor_problem
 from packforcing.core.finite import finite_flags, finite_probe
 from packforcing.core.interfaces import (
@@ -22,6 +23,7 @@ from packforcing.core.records import (
     CachedBlock,
 )
 from packforcing.core.rope import Rope3D
+from packforcing.core.store import Slot, adjacent_runs
 from packforcing.core.transfer import to_device
 
 
@@ -50,6 +52,24 @@ class _Piece:
 
 
 @attrs.define
+class _Run:
+    """Stored keys a split context attends where they are: adjacent slots of one page (or one
+    block held outside a store), all moved by the same ``delta``."""
+
+    first: Slot | CachedBlock
+    count: int
+    delta: float
+    shift: torch.Tensor | None = None
+    """``[1]`` float64 on the device: ``delta`` (``None`` when it is 0)."""
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K, V)`` ``[B, count·N, H, D]`` of ``layer``."""
+        if isinstance(self.first, Slot):
+            return self.first.span_kv(layer, self.count)
+        return self.first.layer_kv(layer)
+
+
+@attrs.define
 class _DeviceLayout:
     """What a context needs to gather on the device, made once per forward pass."""
 
@@ -58,6 +78,9 @@ class _DeviceLayout:
     """Leading pieces whose tokens may move (0: nothing moves)."""
     batch_rows: torch.Tensor
     """``[B, 1]`` batch indices (to gather each item's picks)."""
+    runs: list[_Run] = attrs.Factory(list)
+    """Split contexts: the fixed blocks as stored runs (their pieces are then only the selected
+    groups)."""
 
 
 class TieredContext(AttentionContext):
@@ -122,6 +145,14 @@ class TieredContext(AttentionContext):
         self._on_device = (realigner.targets_from_frames or not realigner.rotates) and all(
             len({(b.num_tokens, b.num_frames) for b in blocks}) == 1 for blocks, select in groups if select
         )
+        self._split = (
+            self._on_device
+            and backend.split_context
+            and backend.returns_lse
+            and (realigner.shifts_query or not realigner.rotates)
+        )
+        """Attend the fixed blocks where they are stored and merge by log-sum-exp (see
+        :meth:`_attend_split`)."""
         self._last_layer = groups[0][0][0].num_layers - 1 if groups else -1
 
     @property
@@ -289,6 +320,55 @@ class TieredContext(AttentionContext):
         rows = torch.arange(q.shape[0], device=q.device)[:, None]
         return _DeviceLayout(pieces, moved, rows)
 
+    def _split_layout(self, q: torch.Tensor) -> _DeviceLayout:
+        """:meth:`_device_layout` for a split context: the fixed blocks as runs of adjacent
+        stored slots with one shift each, the selected groups as pieces; one asynchronous
+        host-to-device copy per forward pass."""
+        pieces: list[_Piece] = []
+        runs: list[_Run] = []
+        host: list[tuple[float, int]] = []
+        """What goes to the device as ``(value, 1)`` runs: each moved run's shift, each selected
+        group's candidates' homes and picks' targets."""
+        wants: list[tuple[_Run | _Piece, int]] = []
+        rotates = self._realigner.rotates
+        targets = iter(self._targets)
+        for g, (blocks, select) in enumerate(self._groups):
+            if select:
+                assert self._selector is not None
+                count = self._selector.budget(len(blocks))
+                picked = [float(next(targets)) for _ in range(count)]
+                if not count:
+                    continue
+                piece = _Piece(blocks, g, count, blocks[0].num_tokens)
+                pieces.append(piece)
+                if rotates:
+                    wants.append((piece, len(host)))
+                    host.extend([(b.position, 1) for b in blocks] + [(t, 1) for t in picked])
+                continue
+            moves: dict[float, list[CachedBlock]] = {}
+            for block in blocks:
+                moves.setdefault(float(next(targets)) - block.position if rotates else 0.0, []).append(block)
+            for delta, members in moves.items():
+                stored = [b.slot for b in members if isinstance(b.slot, Slot)]
+                found = [_Run(first, count, delta) for first, count in adjacent_runs(stored)]
+                found += [_Run(b, 1, delta) for b in members if not isinstance(b.slot, Slot)]
+                for run in found:
+                    if delta != 0:
+                        wants.append((run, len(host)))
+                        host.append((delta, 1))
+                runs.extend(found)
+        values = to_device(torch.tensor([v for v, _ in host], dtype=torch.float64), q.device) if host else None
+        for what, offset in wants:
+            assert values is not None
+            if isinstance(what, _Run):
+                what.shift = values[offset : offset + 1]
+            else:
+                c = len(what.blocks)
+                what.deltas = values[offset : offset + c]
+                what.targets = values[offset + c : offset + c + what.count]
+        rows = torch.arange(q.shape[0], device=q.device)[:, None]
+        return _DeviceLayout(pieces, len(pieces) if rotates else 0, rows, runs)
+
     def _verify(self) -> None:
         """Read the pass's device-side checks (one host read); raise for the first bad one."""
         picks, self._picks = self._picks, []
@@ -320,8 +400,10 @@ class TieredContext(AttentionContext):
                 )
                 raise self._origins[0].error(f"layer {layer}: {problem}", block)
             out_probe, keys_probe = what
-            if keys_probe is not None and not bool(torch.isfinite(keys_probe)):  # the realigner's keys were non-finite
-                raise self._origins[1].error(f"layer {layer}: gather() keys hold non-finite values (NaN/Inf)", block)
+            if keys_probe is not None and not bool(torch.isfinite(keys_probe)):  # the realigner's output was non-finite
+                raise self._origins[1].error(
+                    f"layer {layer}: gather() keys (or shift_query() queries) hold non-finite values (NaN/Inf)", block
+                )
             if not bool(torch.isfinite(out_probe)):
                 raise self._origins[2].error(f"layer {layer}: output contains non-finite values (NaN/Inf)", block)
 
@@ -344,18 +426,54 @@ class TieredContext(AttentionContext):
                     assert piece.deltas is not None
                     shifts.append(piece.deltas[None].expand(batch, -1))
                 continue
-            if piece.count == 0:
-                continue
-            idx = self._pick(layer, piece.group, q)  # [B, k]
-            kv = [block.layer_kv(layer) for block in piece.blocks]
-            stacked_k = torch.stack([kb for kb, _ in kv], dim=1)  # [B, C, n, H, D]
-            stacked_v = torch.stack([vb for _, vb in kv], dim=1)
-            keys.append(stacked_k[layout.batch_rows, idx].flatten(1, 2))  # [B, k·n, H, D]
-            values.append(stacked_v[layout.batch_rows, idx].flatten(1, 2))
-            if piece.targets is not None:
-                assert piece.deltas is not None
-                picked = piece.targets[None] - piece.deltas[idx]  # [B, k]: target − home of each pick
-                shifts.append(picked[:, :, None].expand(-1, -1, piece.tokens).flatten(1, 2))
+            if piece.count:
+                self._gather_picks(layer, q, piece, layout, keys, values, shifts)
+        gathered, values_all = self._gather_on_device(layer, keys, values, shifts, k, v)
+        self._context_tokens = gathered.shape[1] - k.shape[1]
+        backend = self._origins[2]
+        block = self._query.block_id
+        out = backend.call(block, self._backend.attend, q, gathered, values_all)
+        problem = tensor_problem("output", out, tuple(q.shape), q.dtype, q.device, finite=False)
+        if problem:
+            raise backend.error(f"layer {layer}: {problem}", block)
+        return self._checked_later(layer, out, None if self._realigner.keeps_finite else [gathered])
+
+    def _gather_picks(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        piece: _Piece,
+        layout: _DeviceLayout,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        shifts: list[torch.Tensor],
+    ) -> None:
+        """Append the selected group ``piece``'s picks at ``layer`` to ``keys``/``values``
+        (``[B, k·n, H, D]``) and, when they move, their per-token shifts ``[B, k·n]`` to
+        ``shifts``; all on the device."""
+        assert piece.group is not None
+        idx = self._pick(layer, piece.group, q)  # [B, k]
+        kv = [block.layer_kv(layer) for block in piece.blocks]
+        stacked_k = torch.stack([kb for kb, _ in kv], dim=1)  # [B, C, n, H, D]
+        stacked_v = torch.stack([vb for _, vb in kv], dim=1)
+        keys.append(stacked_k[layout.batch_rows, idx].flatten(1, 2))  # [B, k·n, H, D]
+        values.append(stacked_v[layout.batch_rows, idx].flatten(1, 2))
+        if piece.targets is not None:
+            assert piece.deltas is not None
+            picked = piece.targets[None] - piece.deltas[idx]  # [B, k]: target − home of each pick
+            shifts.append(picked[:, :, None].expand(-1, -1, piece.tokens).flatten(1, 2))
+
+    def _gather_on_device(
+        self,
+        layer: int,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        shifts: list[torch.Tensor],
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys`` then ``k`` in one tensor through the realigner's :meth:`gather_shifted` (the
+        first tokens moved by ``shifts``), checked, and ``values`` then ``v``."""
         deltas = torch.cat(shifts, dim=1) if shifts else None
         origin = self._origins[1]
         block = self._query.block_id
@@ -364,27 +482,89 @@ class TieredContext(AttentionContext):
         problem = tensor_problem("gather_shifted() keys", gathered, shape, k.dtype, k.device, finite=False)
         if problem:
             raise origin.error(f"layer {layer}: {problem}", block)
-        values_all = torch.cat([*values, v], dim=1)
-        self._context_tokens = gathered.shape[1] - k.shape[1]
-        backend = self._origins[2]
-        out = backend.call(block, self._backend.attend, q, gathered, values_all)
-        problem = tensor_problem("output", out, tuple(q.shape), q.dtype, q.device, finite=False)
-        if problem:
-            raise backend.error(f"layer {layer}: {problem}", block)
+        return gathered, torch.cat([*values, v], dim=1)
+
+    def _checked_later(self, layer: int, out: torch.Tensor, moved: list[torch.Tensor] | None) -> torch.Tensor:
+        """``out``, its finiteness (and that of the realigner's ``moved`` tensors, unless
+        ``None``) kept as flags on the device and read at the pass's last layer."""
         if out.is_floating_point():
             # flags only (holding the tensors would keep every layer's context alive); the
-            # gathered keys only when the realigner does not promise finite ones (a pass over
-            # the whole context per layer)
-            keys_probe = None if self._realigner.keeps_finite else finite_probe(gathered)
-            self._outputs.append((layer, finite_probe(out), keys_probe))
+            # realigner's tensors only when it does not promise finite ones (a pass over the
+            # whole context per layer)
+            probes = [finite_probe(x) for x in moved or ()]
+            moved_probe = (probes[0] if len(probes) == 1 else torch.stack(probes).amax()) if probes else None
+            self._outputs.append((layer, finite_probe(out), moved_probe))
         if layer >= self._last_layer:
             self._verify()
         return out
+
+    def _attend_split(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`_attend_on_device` without the per-layer copy of the context: each run of
+        stored fixed blocks is attended where it is stored — with the query moved by the run's
+        ``−delta`` (:meth:`PositionalRealigner.shift_query`) instead of the keys by ``+delta`` —
+        the selected groups' picks and the block's own tokens are gathered (the only copy), and
+        the parts are merged by their log-sum-exp (:func:`~packforcing.attention.merge.merge_by_lse`)."""
+        if self._layout is None:
+            self._layout = self._split_layout(q)
+        layout = self._layout
+        block = self._query.block_id
+        realigner = self._origins[1]
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        moved_queries: dict[float, torch.Tensor] = {}
+        tokens = 0
+        for run in layout.runs:
+            kr, vr = run.kv(layer)
+            query = q
+            if run.shift is not None:
+                if run.delta not in moved_queries:
+                    moved = realigner.call(block, self._realigner.shift_query, q, run.shift, self._rope)
+                    problem = tensor_problem(
+                        "shift_query() query", moved, tuple(q.shape), q.dtype, q.device, finite=False
+                    )
+                    if problem:
+                        raise realigner.error(f"layer {layer}: {problem}", block)
+                    moved_queries[run.delta] = moved
+                query = moved_queries[run.delta]
+            parts.append(self._attend_part(layer, query, kr, vr))
+            tokens += kr.shape[1]
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        shifts: list[torch.Tensor] = []
+        for piece in layout.pieces:
+            self._gather_picks(layer, q, piece, layout, keys, values, shifts)
+        gathered, values_all = self._gather_on_device(layer, keys, values, shifts, k, v) if keys else (k, v)
+        parts.append(self._attend_part(layer, q, gathered, values_all))
+        self._context_tokens = tokens + gathered.shape[1] - k.shape[1]
+        out = merge_by_lse(parts)
+        moved = None if self._realigner.keeps_finite else [gathered, *moved_queries.values()]
+        return self._checked_later(layer, out, moved)
+
+    def _attend_part(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backend's ``attend_lse`` over one part of the context, its shapes checked."""
+        backend = self._origins[2]
+        block = self._query.block_id
+        result = backend.call(block, self._backend.attend_lse, q, k, v)
+        try:
+            out, lse = result
+        except (TypeError, ValueError):
+            got = type(result).__name__
+            raise backend.error(f"layer {layer}: attend_lse() returned {got}, expected (out, lse)", block) from None
+        problem = tensor_problem("attend_lse() output", out, tuple(q.shape), q.dtype, q.device, finite=False)
+        if problem is None and (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != tuple(q.shape[:3])):
+            got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
+            problem = f"attend_lse() log-sum-exp: expected shape {tuple(q.shape[:3])}, got {got}"
+        if problem:
+            raise backend.error(f"layer {layer}: {problem}", block)
+        return out, lse
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self._groups:
             self._context_tokens = 0
             return self._attend(layer, q, k, v)
+        if self._split:
+            return self._attend_split(layer, q, k, v)
         if self._on_device:
             return self._attend_on_device(layer, q, k, v)
         rows = self._choose(layer, q)

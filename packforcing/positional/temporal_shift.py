@@ -78,6 +78,7 @@ class TemporalRopeShift(PositionalRealigner):
     name = "temporal_rope_shift"
     targets_from_frames = True  # assign() packs by frame counts only
     keeps_finite = True  # a rotation: finite keys stay finite
+    shifts_query = True  # the default gather_shifted's RoPE rotation: moving the query by -Δ is the same
 
     def __init__(self, params: TemporalRopeShiftParams | None = None) -> None:
         self.params = params or TemporalRopeShiftParams()

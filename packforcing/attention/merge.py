@@ -1,0 +1,35 @@
+"""Attention over a context in parts, merged exactly by the parts' log-sum-exp.
+
+Softmax attention over keys ``K = K_1 ∪ … ∪ K_P`` is the average of the attention over each part
+``K_i`` weighted by that part's share of the softmax denominator: with ``lse_i`` the log of part
+``i``'s denominator, the weight is ``exp(lse_i − logsumexp_j lse_j)`` (as flash-decoding merges
+its splits). A context can thus attend its history where it is stored, a part at a time, instead
+of copying it into one tensor first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def merge_by_lse(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One attention output from the attention over each part of the keys.
+
+    ``parts``: ``(out [B, Nq, H, D], lse [B, Nq, H])`` per part (what
+    :meth:`~packforcing.core.interfaces.AttentionBackend.attend_lse` returns), for the same
+    queries. Returns ``[B, Nq, H, D]`` in the first output's dtype, accumulated in float32 or the
+    log-sum-exp's dtype if wider. One part is returned as it is.
+    """
+    if not parts:
+        raise ValueError("merge_by_lse needs at least one part")
+    if len(parts) == 1:
+        return parts[0][0]
+    outs = [out for out, _ in parts]
+    weights = torch.softmax(torch.stack([lse for _, lse in parts]), dim=0)[..., None]  # [P, B, Nq, H, 1]
+    wide = torch.promote_types(weights.dtype, torch.float32)
+    merged = outs[0].to(wide) * weights[0]
+    for out, weight in zip(outs[1:], weights[1:], strict=True):
+        merged.addcmul_(out, weight)
+    return merged.to(outs[0].dtype)
