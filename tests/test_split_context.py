@@ -336,3 +336,19 @@ def test_adjacent_runs_join_adjacent_slots_of_one_page_in_any_order():
     assert k.shape == (1, 6, 1, 2) and k.data_ptr() == store.pages[0][0, 0].data_ptr()
     with pytest.raises(ValueError, match="no run of 3"):
         slots[1].span_kv(0, 3)
+
+
+def test_span_views_do_not_keep_a_cleared_page_alive():
+    import gc
+    import weakref
+
+    from packforcing.core.store import TierStore
+
+    store = TierStore(name="t", slot_tokens=2, num_layers=1, num_heads=1, head_dim=2, capacity=None, page_blocks=2)
+    kv = [torch.zeros(1, 2, 1, 2)]
+    slots = [store.put(kv, kv) for _ in range(2)]
+    assert slots[0].span_kv(0, 2) is slots[0].span_kv(0, 2)  # made once
+    page = weakref.ref(store.pages[0])
+    store.clear()
+    gc.collect()
+    assert page() is None and len(slots) == 2

@@ -27,9 +27,9 @@ def merge_by_lse(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Te
     if len(parts) == 1:
         return parts[0][0]
     outs = [out for out, _ in parts]
-    weights = torch.softmax(torch.stack([lse for _, lse in parts]), dim=0)[..., None]  # [P, B, Nq, H, 1]
-    wide = torch.promote_types(weights.dtype, torch.float32)
-    merged = outs[0].to(wide) * weights[0]
+    lses = torch.stack([lse for _, lse in parts])
+    weights = torch.softmax(lses.to(torch.promote_types(lses.dtype, torch.float32)), dim=0)[..., None]
+    merged = outs[0] * weights[0]  # [B, Nq, H, D], promoted to the weights' dtype (float32 or wider)
     for out, weight in zip(outs[1:], weights[1:], strict=True):
         merged.addcmul_(out, weight)
     return merged.to(outs[0].dtype)

@@ -40,7 +40,7 @@ def check_finite(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], w
 class Slot:
     """Handle to one block's K/V inside a :class:`TierStore` page."""
 
-    __slots__ = ("__weakref__", "_store", "_views", "index", "live", "page")
+    __slots__ = ("__weakref__", "_spans", "_store", "_views", "index", "live", "page")
 
     def __init__(self, store: TierStore, page: int, index: int) -> None:
         self._store = store
@@ -51,6 +51,8 @@ class Slot:
         """Per-layer ``(K, V)`` views, made on first read: a context reads every layer of every
         block in each of a block's forward passes, and making the views costs more host time
         than the copy they feed."""
+        self._spans: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        """``(layer, count)`` → the :meth:`span_kv` views, made on first read (as ``_views``)."""
 
     @property
     def num_layers(self) -> int:
@@ -76,15 +78,21 @@ class Slot:
         slots after it in its page (a run of adjacent slots: see :func:`adjacent_runs`)."""
         if not self.live:
             raise RuntimeError("slot was released")
-        if not 0 < count <= self._store.page_blocks - self.index:
-            raise ValueError(f"slot {self.index} of a {self._store.page_blocks}-slot page has no run of {count}")
-        page = self._store.pages[self.page]
-        stop = self.index + count
-        return page[0, layer, :, self.index : stop].flatten(1, 2), page[1, layer, :, self.index : stop].flatten(1, 2)
+        views = self._spans.get((layer, count))
+        if views is None:
+            if not 0 < count <= self._store.page_blocks - self.index:
+                raise ValueError(f"slot {self.index} of a {self._store.page_blocks}-slot page has no run of {count}")
+            page = self._store.pages[self.page]
+            stop = self.index + count
+            k, v = page[0, layer, :, self.index : stop], page[1, layer, :, self.index : stop]
+            views = k.flatten(1, 2), v.flatten(1, 2)
+            self._spans[(layer, count)] = views
+        return views
 
     def forget_views(self) -> None:
         """Drop the memoised views (they would keep a freed page's memory alive)."""
         self._views = [None] * len(self._views)
+        self._spans = {}
 
     def latents(self) -> torch.Tensor | None:
         if not self.live:
