@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import packforcing as pf
-from packforcing.attention.backends import SdpaBackend
+from packforcing.attention.backends import SdpaBackend, SdpaParams
 from packforcing.core.build import BuildEnv
 from packforcing.core.errors import PluginError
 from packforcing.core.interfaces import PositionalRealigner
@@ -374,6 +374,18 @@ class CacheMachine(RuleBasedStateMachine):
             assert idx.shape[0] == self.batch
             assert bool((idx[:, 1:] > idx[:, :-1]).all())
         self._check_gathers(query)
+        # the same attention split (stored runs in place, picks gathered, merged by log-sum-exp)
+        # on the device-side path, whatever the history of commits, evictions and faults
+        saved = self.policy.backend, self.policy.realigner
+        self.policy.backend, self.policy.realigner = SdpaBackend(SdpaParams(split_context=True)), self.recorder.inner
+        try:
+            split = self.policy.context(query)
+            split_out = split.attend(layer, q, k, v)
+        finally:
+            self.policy.backend, self.policy.realigner = saved
+        assert split.context_tokens == context.context_tokens and split.selections.keys() == context.selections.keys()
+        assert all(torch.equal(split.selections[key], idx) for key, idx in context.selections.items())
+        torch.testing.assert_close(split_out, out, atol=1e-5, rtol=1e-5)
 
     @rule(data=st.data(), position=st.integers(-50, 200))
     def realign(self, data, position):
