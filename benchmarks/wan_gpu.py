@@ -725,6 +725,13 @@ def profile_block(block: Callable[[], Any], sizes: Sizes) -> dict[str, Any]:
         and e.name.startswith("aten::")
         and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
     )
+    attention_calls = sum(
+        1
+        for e in events
+        if e.device_type == cpu
+        and (e.name == "aten::scaled_dot_product_attention" or e.name.startswith("aten::_scaled_dot_product_"))
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
     kernels: dict[str, list[float]] = {}
     for e in events:
         if e.device_type == cuda:
@@ -735,6 +742,7 @@ def profile_block(block: Callable[[], Any], sizes: Sizes) -> dict[str, Any]:
     return {
         "profiled_wall_ms": wall * 1e3,
         "operators": ops,
+        "attention_calls": attention_calls,
         "kernel_launches": int(sum(c for c, _ in kernels.values())),
         "kernel_ms": sum(t for _, t in kernels.values()) / 1e3,
         "top_kernels": [{"name": kernel_label(name), "count": int(c), "ms": t / 1e3} for name, (c, t) in top],
@@ -844,14 +852,17 @@ def profile_table(profiled: dict) -> str:
     if "packforcing" not in profiled:
         return f"\nProfile: {profiled.get('error', 'not run')}\n" if profiled else ""
     rows = [
-        [name, p["operators"], p["kernel_launches"], p["kernel_ms"], p["profiled_wall_ms"]]
+        [name, p["operators"], p["attention_calls"], p["kernel_launches"], p["kernel_ms"], p["profiled_wall_ms"]]
         for name, p in profiled.items()
         if name != "error"
     ]
     top = profiled["packforcing"]["top_kernels"]
     return (
         "\nOne block under torch.profiler (kernel time exact; wall time inflated by the profiler):\n\n"
-        + markdown_table(["block", "operators from Python", "kernel launches", "kernel ms", "profiled wall ms"], rows)
+        + markdown_table(
+            ["block", "operators from Python", "attention calls", "kernel launches", "kernel ms", "profiled wall ms"],
+            rows,
+        )
         + "\n\nCostliest kernels of the PackForcing block:\n\n"
         + markdown_table(["kernel", "launches", "ms"], [[k["name"], k["count"], k["ms"]] for k in top])
         + (

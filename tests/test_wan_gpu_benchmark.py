@@ -48,6 +48,9 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     split = sections["shares_split"]  # the context attended where it is stored, merged by log-sum-exp
     assert split["variant"] == {"backend": {"split_context": True}} and split["timed_blocks"] > 0
     assert 0 < split["cache_management_share"] < 1
+    # the split engine attends in parts (sink, recent, picks + the block): more attention calls
+    calls = split["profile"]["packforcing"]["attention_calls"]
+    assert calls > profiled["packforcing"]["attention_calls"] == profiled["fixed_context"]["attention_calls"] > 0
     md = (tmp_path / "wan_gpu.md").read_text()
     assert "backend {'split_context': True}" in md
     assert "cache mgmt %" in md and "| packforcing |" in md and "x real time" in md and "copy share of a block" in md

@@ -93,19 +93,31 @@ class TimedModel(_Delegate):
             return self._inner.clean_kv(latents, context, condition=condition)
 
 
+def _adopt_capabilities(wrapper: Any, inner: Any, interface: type) -> None:
+    """Give ``wrapper`` the capability flags ``inner`` has (``interface.CAPABILITIES``), so that
+    wrapping a component never changes which path a context takes."""
+    for flag in interface.CAPABILITIES:
+        setattr(wrapper, flag, getattr(inner, flag))
+
+
 class TimedBackend(AttentionBackend):
     def __init__(self, inner: AttentionBackend, timer: SectionTimer) -> None:
         self.inner, self.timer, self.name = inner, timer, inner.name
+        _adopt_capabilities(self, inner, AttentionBackend)
 
     def attend(self, q, k, v, mask=None):
         with self.timer.section("backend"):
             return self.inner.attend(q, k, v, mask)
 
+    def attend_lse(self, q, k, v):
+        with self.timer.section("backend"):
+            return self.inner.attend_lse(q, k, v)
+
 
 class TimedSelector(Selector):
     def __init__(self, inner: Selector, timer: SectionTimer) -> None:
         self.inner, self.timer, self.name = inner, timer, inner.name
-        self.shared_across_layers = inner.shared_across_layers
+        _adopt_capabilities(self, inner, Selector)
 
     def budget(self, num_candidates: int) -> int:
         return self.inner.budget(num_candidates)
@@ -118,8 +130,7 @@ class TimedSelector(Selector):
 class TimedRealigner(PositionalRealigner):
     def __init__(self, inner: PositionalRealigner, timer: SectionTimer) -> None:
         self.inner, self.timer, self.name = inner, timer, inner.name
-        self.targets_from_frames, self.rotates = inner.targets_from_frames, inner.rotates
-        self.keeps_finite = inner.keeps_finite
+        _adopt_capabilities(self, inner, PositionalRealigner)
 
     def assign(self, spans, query: BlockQuery):
         with self.timer.section("realign"):
@@ -137,11 +148,15 @@ class TimedRealigner(PositionalRealigner):
         with self.timer.section("realign"):
             return self.inner.gather_shifted(keys, deltas, rope, tail)
 
+    def shift_query(self, q, delta, rope):
+        with self.timer.section("realign"):
+            return self.inner.shift_query(q, delta, rope)
+
 
 class TimedCompressor(Compressor):
     def __init__(self, inner: Compressor, timer: SectionTimer) -> None:
         self.inner, self.timer, self.name = inner, timer, inner.name
-        self.needs_latents = inner.needs_latents
+        _adopt_capabilities(self, inner, Compressor)
 
     def output_grid(self, grid):
         return self.inner.output_grid(grid)

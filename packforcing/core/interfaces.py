@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -31,6 +31,8 @@ class AttentionBackend(abc.ABC):
     """Scaled dot-product attention over ``[B, N, H, D]`` tensors."""
 
     name: str = "abstract"
+    CAPABILITIES: ClassVar[tuple[str, ...]] = ("returns_lse", "split_context")
+    """The capability flags below (a wrapper, such as a timer, copies them from what it wraps)."""
     returns_lse: bool = False
     """Capability flag: :meth:`attend_lse` is implemented (attention that also returns each
     query's log-sum-exp, so attention over parts of a context can be merged exactly)."""
@@ -149,6 +151,8 @@ class Compressor(abc.ABC):
     """Turns a cached block into a smaller one with its own per-layer K/V."""
 
     name: str = "abstract"
+    CAPABILITIES: ClassVar[tuple[str, ...]] = ("needs_latents",)
+    """The capability flags below (a wrapper, such as a timer, copies them from what it wraps)."""
     needs_latents: bool = False
     """Capability flag: the compressor reads the block's clean latents (the tier keeps them)."""
 
@@ -165,6 +169,8 @@ class Selector(abc.ABC):
     """Chooses which candidate blocks of a tier enter attention."""
 
     name: str = "abstract"
+    CAPABILITIES: ClassVar[tuple[str, ...]] = ("shared_across_layers",)
+    """The capability flags below (a wrapper, such as a timer, copies them from what it wraps)."""
     shared_across_layers: bool = False
     """Capability flag: one selection per forward pass, reused by every layer."""
 
@@ -185,6 +191,8 @@ class PositionalRealigner(abc.ABC):
     """Assigns temporal positions to a context and rotates cached keys to them."""
 
     name: str = "abstract"
+    CAPABILITIES: ClassVar[tuple[str, ...]] = ("targets_from_frames", "rotates", "keeps_finite", "shifts_query")
+    """The capability flags below (a wrapper, such as a timer, copies them from what it wraps)."""
     targets_from_frames: bool = False
     """Capability flag: :meth:`assign`'s targets depend only on the spans' frame counts (in
     order), not on their home positions. A context can then place a selector's picks before
