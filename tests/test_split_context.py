@@ -352,3 +352,54 @@ def test_span_views_do_not_keep_a_cleared_page_alive():
     store.clear()
     gc.collect()
     assert page() is None and len(slots) == 2
+
+
+@pytest.mark.parametrize(
+    ("mid", "one_page"),
+    [({"blocks": 8}, True), ({}, False)],  # bounded: one page of 8; unbounded: pages of 2 slots
+    ids=["bounded-one-page", "unbounded-pages"],
+)
+@pytest.mark.parametrize("split", [False, True], ids=["copy", "split"])
+def test_picks_gathered_from_one_page_or_stacked_equal_the_host_path(mid, one_page, split):
+    """A bounded selected tier is one store page and its picks are gathered from it in one
+    indexing; an unbounded one spans pages and its candidates are stacked. Either way the
+    device-side path attends what the host path (picks read on the host) attends."""
+    tiers = [
+        {"name": "sink", "frames": 8, "pinned": True},
+        {"name": "mid", **mid, "fidelity": "compressed", "select": True},
+        {"name": "recent", "frames": 4},
+    ]
+    engine = engine_for(
+        {"name": "tiered", "overflow": "drop", "tiers": tiers, "page_blocks": 2},
+        compressor={"name": "pool", "window": [1, 2, 2]},
+        selector={"name": "topk", "k": 3, "min_queries": 2},
+        realigner={"name": "temporal_rope_shift"},
+        backend={"name": "sdpa", "split_context": split},
+    )
+    session = engine.session(seed=0, batch_size=2)
+    for _ in range(12):
+        session.step()
+    session.close()
+    policy = engine.policy
+    assert ({t.name: t.store.page_blocks for t in policy.tiers}["mid"] == 8) is one_page
+    layers = _qkv(engine, 4)
+    device_side = policy.context(engine.query(12))
+    outs = [device_side.attend(layer, q, k, v) for layer, (q, k, v) in enumerate(layers)]
+    group = next(p for p in device_side._layout.pieces if p.group is not None)
+    assert (group.page is not None) is one_page
+    saved = policy.realigner
+    policy.realigner = HostPath()
+    try:
+        host_side = policy.context(engine.query(12))
+        expected = [host_side.attend(layer, q, k, v) for layer, (q, k, v) in enumerate(layers)]
+    finally:
+        policy.realigner = saved
+    assert host_side.selections.keys() == device_side.selections.keys()
+    for a, b in zip(outs, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+class HostPath(TemporalRopeShift):
+    """``temporal_rope_shift`` without ``targets_from_frames``: picks read on the host."""
+
+    targets_from_frames = False

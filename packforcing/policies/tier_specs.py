@@ -122,3 +122,5 @@ class TieredParams:
     archive_max_blocks: int | None = attrs.field(default=None, validator=optional_non_negative)
     """At most this many archived blocks (the oldest is dropped beyond it); ``None``: unbounded."""
     page_blocks: int = attrs.field(default=4, validator=positive)
+    """Slots per page of a tier's store (capped at its capacity). A bounded ``select: true`` tier
+    is one page of its capacity instead, so a context gathers its picks straight from the page."""

@@ -150,7 +150,8 @@ class TieredPolicy(CachePolicy):
                 num_heads=g.num_heads,
                 head_dim=g.head_dim,
                 capacity=tier.capacity,
-                page_blocks=self.params.page_blocks,
+                # a bounded selected tier is one page: a context gathers its picks straight from it
+                page_blocks=tier.capacity if tier.spec.select and tier.capacity else self.params.page_blocks,
                 keep_latents=tier.keep_latents,
             )
 

@@ -27,6 +27,17 @@ from packforcing.core.store import Slot, adjacent_runs
 from packforcing.core.transfer import to_device
 
 
+def _one_page(blocks: Sequence[CachedBlock]) -> tuple[torch.Tensor, list[int]] | None:
+    """The store page holding every one of ``blocks`` and their slots in it, or ``None``."""
+    slots = [b.slot for b in blocks]
+    first = slots[0]
+    if not isinstance(first, Slot) or not all(
+        isinstance(s, Slot) and s.store is first.store and s.page == first.page for s in slots
+    ):
+        return None
+    return first.store.pages[first.page], [s.index for s in slots]
+
+
 def _picks_ok(idx: torch.Tensor, candidates: int) -> torch.Tensor:
     """``[n]`` bool on the device: each of ``n`` selections ``[n, B, k]`` lies in
     ``[0, candidates)`` and increases along ``k``."""
@@ -49,6 +60,11 @@ class _Piece:
     """Fixed blocks: per-token shifts ``[T]``; a group: home positions of its candidates ``[C]``."""
     targets: torch.Tensor | None = None
     """A group: target positions of its ``count`` picks ``[k]`` (they depend only on frames)."""
+    page: torch.Tensor | None = None
+    """A group whose candidates all live in one store page ``[2, L, B, P, n, H, D]``: that page
+    (picks are then gathered from it in one indexing, without stacking the candidates)."""
+    slots: torch.Tensor | None = None
+    """With ``page``: each candidate's slot in it, ``[C]`` int64 on the device."""
 
 
 @attrs.define
@@ -304,7 +320,9 @@ class TieredContext(AttentionContext):
             if part is None and piece.group is None:  # inside the moved prefix, not moving itself
                 part = [(0.0, b.num_tokens) for b in piece.blocks]
             runs.extend(part or ())
+        paged = self._paged(pieces, runs)
         values = to_device(Rope3D.shifts_of_runs(runs), q.device) if runs else None
+        self._slots_from(paged, values)
         offset = 0
         for piece in pieces[:moved]:
             assert values is not None
@@ -319,6 +337,29 @@ class TieredContext(AttentionContext):
                 offset += c + piece.count
         rows = torch.arange(q.shape[0], device=q.device)[:, None]
         return _DeviceLayout(pieces, moved, rows)
+
+    @staticmethod
+    def _paged(pieces: list[_Piece], runs: list[tuple[float, int]]) -> list[tuple[_Piece, int]]:
+        """Give each selected piece whose candidates share one store page that page, and append
+        their slots to ``runs`` (``(slot, 1)``, to go to the device with the pass's layout);
+        returns each such piece with the offset of its slots in the values ``runs`` expand to."""
+        paged = []
+        size = sum(count for _, count in runs)
+        for piece in pieces:
+            found = _one_page(piece.blocks) if piece.group is not None and piece.count else None
+            if found is not None:
+                piece.page = found[0]
+                paged.append((piece, size))
+                runs.extend((float(slot), 1) for slot in found[1])
+                size += len(found[1])
+        return paged
+
+    @staticmethod
+    def _slots_from(paged: list[tuple[_Piece, int]], values: torch.Tensor | None) -> None:
+        """The paged pieces' slots out of the pass's device-side values."""
+        for piece, offset in paged:
+            assert values is not None
+            piece.slots = values[offset : offset + len(piece.blocks)].long()
 
     def _split_layout(self, q: torch.Tensor) -> _DeviceLayout:
         """:meth:`_device_layout` for a split context: the fixed blocks as runs of adjacent
@@ -357,7 +398,9 @@ class TieredContext(AttentionContext):
                         wants.append((run, len(host)))
                         host.append((delta, 1))
                 runs.extend(found)
+        paged = self._paged(pieces, host)
         values = to_device(torch.tensor([v for v, _ in host], dtype=torch.float64), q.device) if host else None
+        self._slots_from(paged, values)
         for what, offset in wants:
             assert values is not None
             if isinstance(what, _Run):
@@ -453,11 +496,17 @@ class TieredContext(AttentionContext):
         ``shifts``; all on the device."""
         assert piece.group is not None
         idx = self._pick(layer, piece.group, q)  # [B, k]
-        kv = [block.layer_kv(layer) for block in piece.blocks]
-        stacked_k = torch.stack([kb for kb, _ in kv], dim=1)  # [B, C, n, H, D]
-        stacked_v = torch.stack([vb for _, vb in kv], dim=1)
-        keys.append(stacked_k[layout.batch_rows, idx].flatten(1, 2))  # [B, k·n, H, D]
-        values.append(stacked_v[layout.batch_rows, idx].flatten(1, 2))
+        if piece.page is not None:  # K and V of the picks in one indexing of their page
+            assert piece.slots is not None
+            kv = piece.page[:, layer][:, layout.batch_rows, piece.slots[idx]]  # [2, B, k, n, H, D]
+            keys.append(kv[0].flatten(1, 2))  # [B, k·n, H, D]
+            values.append(kv[1].flatten(1, 2))
+        else:
+            kv_list = [block.layer_kv(layer) for block in piece.blocks]
+            stacked_k = torch.stack([kb for kb, _ in kv_list], dim=1)  # [B, C, n, H, D]
+            stacked_v = torch.stack([vb for _, vb in kv_list], dim=1)
+            keys.append(stacked_k[layout.batch_rows, idx].flatten(1, 2))
+            values.append(stacked_v[layout.batch_rows, idx].flatten(1, 2))
         if piece.targets is not None:
             assert piece.deltas is not None
             picked = piece.targets[None] - piece.deltas[idx]  # [B, k]: target − home of each pick
