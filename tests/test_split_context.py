@@ -253,10 +253,15 @@ class NanQuery(TemporalRopeShift):
         super().__init__()
         self.bad_layer, self.keeps_finite, self.calls = bad_layer, keeps_finite, 0
 
-    def shift_query(self, q, delta, rope):
-        self.calls += 1
-        out = super().shift_query(q, delta, rope)
-        return out.fill_(float("nan")) if self.calls - 1 == self.bad_layer else out
+    def query_shifter(self, delta, rope):
+        shift = super().query_shifter(delta, rope)
+
+        def shifter(q):
+            self.calls += 1
+            out = shift(q)
+            return out.fill_(float("nan")) if self.calls - 1 == self.bad_layer else out
+
+        return shifter
 
 
 @pytest.mark.parametrize(("keeps_finite", "blamed"), [(False, "realigner"), (True, "backend")])

@@ -148,9 +148,15 @@ class TimedRealigner(PositionalRealigner):
         with self.timer.section("realign"):
             return self.inner.gather_shifted(keys, deltas, rope, tail)
 
-    def shift_query(self, q, delta, rope):
+    def query_shifter(self, delta, rope):
         with self.timer.section("realign"):
-            return self.inner.shift_query(q, delta, rope)
+            shifter = self.inner.query_shifter(delta, rope)
+
+        def timed(q):
+            with self.timer.section("realign"):
+                return shifter(q)
+
+        return timed
 
 
 class TimedCompressor(Compressor):

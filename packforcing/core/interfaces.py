@@ -10,7 +10,7 @@ context hands gathered keys/values to an :class:`AttentionBackend`. Shapes follo
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -208,7 +208,7 @@ class PositionalRealigner(abc.ABC):
     are not finite."""
     shifts_query: bool = False
     """Capability flag: moving keys by ``Δ`` temporal positions (:meth:`gather_shifted`) scores
-    them against a query exactly as moving the query by ``−Δ`` (:meth:`shift_query`) does, as
+    them against a query exactly as moving the query by ``−Δ`` (:meth:`query_shifter`) does, as
     for the RoPE rotation of the default :meth:`gather_shifted`. A context can then attend a
     run of stored keys that all move by the same ``Δ`` where it is stored, with a moved copy of
     the query (``[B, Nq, H, D]``) instead of a moved copy of the keys."""
@@ -269,11 +269,14 @@ class PositionalRealigner(abc.ABC):
             rope.shift_temporal_tokens_(out[:, : deltas.shape[-1]], deltas)
         return out
 
-    def shift_query(self, q: torch.Tensor, delta: torch.Tensor, rope: Rope3D) -> torch.Tensor:
-        """``q [B, Nq, H, D]`` moved by ``−delta`` (``[1]``, float64, on ``q``'s device): the query
+    def query_shifter(self, delta: torch.Tensor, rope: Rope3D) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function of one forward pass that takes each layer's ``q [B, Nq, H, D]`` to a new
+        tensor, ``q`` moved by ``−delta`` (``[1]``, float64, on the queries' device): the query
         that scores stored keys as :meth:`gather_shifted` would score them moved by ``+delta``
-        (see :attr:`shifts_query`). Returns a new tensor; ``q`` is not modified."""
-        return rope.shift_temporal_tokens_(q.clone(), -delta)
+        (see :attr:`shifts_query`). What does not depend on ``q`` (the rotation table) is made
+        here, once per pass; ``q`` is not modified."""
+        turn = rope.temporal_turn(-delta)
+        return lambda q: rope.turn_temporal_(q.clone(), turn)
 
 
 class CachePolicy(abc.ABC):

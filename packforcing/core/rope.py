@@ -173,13 +173,24 @@ class Rope3D:
 
         Float64 angles, the rotation in float32, one rounding to ``x``'s dtype (as
         :meth:`shift_temporal`), in three kernels over the band — widen, complex multiply, write
-        back — instead of a dozen over the whole head: the form a context uses on every layer."""
-        band = 2 * self.band_pairs[0]
+        back — instead of a dozen over the whole head: the form a context uses on every layer.
+        It is :meth:`turn_temporal_` with the table of :meth:`temporal_turn`."""
         if delta.device != x.device:
             delta = delta.to(x.device)
-        ang = delta.to(torch.float64)[..., None] * self.temporal_freqs(x.device)  # [N, Pt] or [B, N, Pt]
+        return self.turn_temporal_(x, self.temporal_turn(delta))
+
+    def temporal_turn(self, delta: torch.Tensor) -> torch.Tensor:
+        """The temporal band's rotation by ``delta [N]`` or ``[B, N]`` (``[1]``: every token) as a
+        complex64 table ``[1 or B, N, 1, Pt]`` on ``delta``'s device, angles in float64: what
+        :meth:`turn_temporal_` multiplies by (made once, it can rotate many tensors)."""
+        ang = delta.to(torch.float64)[..., None] * self.temporal_freqs(delta.device)  # [N, Pt] or [B, N, Pt]
         turn = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
-        turn = (turn if turn.dim() == 3 else turn[None])[:, :, None, :]  # [1 or B, N, 1, Pt]
+        return (turn if turn.dim() == 3 else turn[None])[:, :, None, :]
+
+    def turn_temporal_(self, x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+        """Multiply the temporal band of ``x [B, N, H, D]`` in place by ``turn`` (a
+        :meth:`temporal_turn` table) in float32, one rounding to ``x``'s dtype; returns ``x``."""
+        band = 2 * self.band_pairs[0]
         part = x[..., :band]
         if part.dtype == torch.float32:  # rotate in place
             torch.view_as_complex(part.unflatten(-1, (-1, 2))).mul_(turn)

@@ -3,7 +3,7 @@ selected per layer and batch item, realigned and gathered."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -77,6 +77,8 @@ class _Run:
     delta: float
     shift: torch.Tensor | None = None
     """``[1]`` float64 on the device: ``delta`` (``None`` when it is 0)."""
+    shifter: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """The realigner's :meth:`~PositionalRealigner.query_shifter` for ``shift``, made once per pass."""
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(K, V)`` ``[B, count·N, H, D]`` of ``layer``."""
@@ -445,7 +447,7 @@ class TieredContext(AttentionContext):
             out_probe, keys_probe = what
             if keys_probe is not None and not bool(torch.isfinite(keys_probe)):  # the realigner's output was non-finite
                 raise self._origins[1].error(
-                    f"layer {layer}: gather() keys (or shift_query() queries) hold non-finite values (NaN/Inf)", block
+                    f"layer {layer}: gather() keys (or query_shifter() queries) hold non-finite values (NaN/Inf)", block
                 )
             if not bool(torch.isfinite(out_probe)):
                 raise self._origins[2].error(f"layer {layer}: output contains non-finite values (NaN/Inf)", block)
@@ -550,7 +552,7 @@ class TieredContext(AttentionContext):
     def _attend_split(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """:meth:`_attend_on_device` without the per-layer copy of the context: each run of
         stored fixed blocks is attended where it is stored — with the query moved by the run's
-        ``−delta`` (:meth:`PositionalRealigner.shift_query`) instead of the keys by ``+delta`` —
+        ``−delta`` (:meth:`PositionalRealigner.query_shifter`) instead of the keys by ``+delta`` —
         the selected groups' picks and the block's own tokens are gathered (the only copy), and
         the parts are merged by their log-sum-exp (:func:`~packforcing.attention.merge.merge_by_lse`)."""
         if self._layout is None:
@@ -566,9 +568,11 @@ class TieredContext(AttentionContext):
             query = q
             if run.shift is not None:
                 if run.delta not in moved_queries:
-                    moved = realigner.call(block, self._realigner.shift_query, q, run.shift, self._rope)
+                    if run.shifter is None:  # made on the pass's first layer
+                        run.shifter = realigner.call(block, self._realigner.query_shifter, run.shift, self._rope)
+                    moved = realigner.call(block, run.shifter, q)
                     problem = tensor_problem(
-                        "shift_query() query", moved, tuple(q.shape), q.dtype, q.device, finite=False
+                        "query_shifter() query", moved, tuple(q.shape), q.dtype, q.device, finite=False
                     )
                     if problem:
                         raise realigner.error(f"layer {layer}: {problem}", block)
