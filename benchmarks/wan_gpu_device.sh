@@ -6,9 +6,11 @@
 #
 #   bash benchmarks/wan_gpu_device.sh OUT [SECTIONS] [BUDGET]
 #
-# SECTIONS: wan_gpu.py's --only for this tree (default attention,shares,shares_split: the
-# attention kernels, xformers included when it loads, and the cache-management share with the
-# context copied and split); BUDGET: its --budget in seconds (default 300).
+# SECTIONS: wan_gpu.py's --only for this tree (default attention,copy,shares,shares_split: the
+# attention kernels, xformers included when it loads; the per-layer copy against attention over
+# the stored parts; the cache-management share with the context copied and split); BUDGET: its
+# --budget in seconds (default 300). First, the CUDA tests of the attention backends
+# (tests/test_backends.py: xformers, and each SDPA kernel's log-sum-exp) go to OUT/tests.log.
 #
 # Needs the wheels the GPU image lacks in .whl/ (diffusers, importlib_metadata, cattrs). PyPI's
 # xformers wheel is built against CUDA 12: with xformers and nvidia-cuda-runtime-cu12 in .whl/
@@ -16,7 +18,7 @@
 # for another CUDA (whether it does is printed, and the attention section times it if so).
 set -uo pipefail
 out=${1:?usage: wan_gpu_device.sh OUT [SECTIONS] [BUDGET]}
-sections=${2:-attention,shares,shares_split}
+sections=${2:-attention,copy,shares,shares_split}
 budget=${3:-300}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -34,6 +36,8 @@ out = xops.memory_efficient_attention(q, q, q)
 ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, q, q))).transpose(1, 2)
 print('xformers', xops.__name__, 'works: max |xformers - sdpa| =', float((out - ref).abs().max()))
 " 2>&1 | tail -1
+PYTHONPATH=$PWD:/tmp/site timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py 2>&1 \
+    | quiet | tee "$out/tests.log" | tail -3
 PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out" --only "$sections" --budget "$budget" 2>&1 \
     | quiet | tee "$out/after.log"
 if [ -d .before ]; then
