@@ -120,6 +120,11 @@ class TieredContext(AttentionContext):
     cannot fault the gather, and read once, at the pass's last layer (which raises the same
     :class:`~packforcing.core.errors.PluginError`, naming the first bad layer). Otherwise picks
     and checks are read on the host at every layer.
+
+    On that device-side path, a backend that asks for it (``split_context``, with
+    ``returns_lse``) gets the context in parts instead of one gathered copy per layer, when the
+    realigner can move the query instead of the keys (``shifts_query``) or never moves anything:
+    see :meth:`_attend_split`.
     """
 
     def __init__(
