@@ -91,22 +91,38 @@ def test_sdpa_attend_lse_uses_the_fused_kernel_on_the_cpu(nk, dtype):
 def test_sdpa_attend_lse_matches_float64_reference(nk):
     q, k, v = make_qkv(nk=nk)
     out, lse = SdpaBackend().attend_lse(q, k, v)
+    stored = page_views(nk=2 * nk, h=3, d=32)
+    torch.testing.assert_close(
+        SdpaBackend().attend_lse(q, *stored)[0].double(), reference_attention(q, *stored), atol=1e-5, rtol=1e-5
+    )
     q64, k64 = (t.double().transpose(1, 2) for t in (q, k))
     scores = q64 @ k64.transpose(-1, -2) / math.sqrt(q.shape[-1])
     torch.testing.assert_close(out.double(), reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), scores.logsumexp(-1).transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
+def page_views(b=2, nk=100, h=4, d=64, dtype=torch.float32, device="cpu", seed=0):
+    """``k, v [B, Nk, H, D]`` as a split context reads them: views of two adjacent slots of one
+    layer of a store page ``[2, L, B, P, N, H, D]`` (strided over the batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    page = torch.randn(2, 3, b, 4, nk // 2, h, d, generator=gen).to(device=device, dtype=dtype)
+    return page[0, 1, :, 1:3].flatten(1, 2), page[1, 1, :, 1:3].flatten(1, 2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kernel", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("nq", "d"), [(77, 128), (64, 64)])  # 77: not a multiple of any kernel's tile
-def test_sdpa_attend_lse_on_cuda_with_each_kernel(kernel, dtype, nq, d):
+@pytest.mark.parametrize("stored", [False, True], ids=["contiguous", "page-views"])
+def test_sdpa_attend_lse_on_cuda_with_each_kernel(kernel, dtype, nq, d, stored):
     """Each fused kernel's log-sum-exp comes back in ``[B, Nq, H]`` (cuDNN's trailing unit
-    dimension and the efficient kernel's padded queries removed), equal to the reference."""
+    dimension and the efficient kernel's padded queries removed), equal to the reference, also
+    over keys and values read in place from a store page."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = make_qkv(nq=nq, nk=100, h=4, d=d, dtype=dtype, device="cuda")
+    if stored:
+        k, v = page_views(h=4, d=d, dtype=dtype, device="cuda")
     with sdpa_kernel([getattr(SDPBackend, kernel)]):
         out, lse = SdpaBackend().attend_lse(q, k, v)
     q64, k64 = (t.double().transpose(1, 2) for t in (q, k))
