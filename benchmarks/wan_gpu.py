@@ -7,8 +7,9 @@ memory). One script, one run, every section under a time cap so the whole finish
 6 minutes of GPU time; results are rewritten after every section, so an interrupted run keeps
 what it measured:
 
-1. attention: SDPA (math / flash / efficient / cuDNN kernels), xformers and flash-attn (when
-   importable) on the real context shapes — one block's 4,680 queries over the PackForcing
+1. attention: SDPA as the engine calls it (the kernel it picks named), SDPA with each kernel
+   forced (math / flash / efficient / cuDNN), xformers and flash-attn (when importable) on the
+   real context shapes — one block's 4,680 queries over the PackForcing
    context, Self-Forcing's 21-frame window and the full cache at 60 s;
 2. per policy (packforcing, sliding_window, sink_recent, full): per-block wall time early vs
    late, blocks/s and latent frames/s against real time (16 fps = 4 latent frames/s),
@@ -263,9 +264,18 @@ def _sdpa(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], t
     return attend
 
 
+def sdpa_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The kernel ``scaled_dot_product_attention`` picks for ``[B, N, H, D]`` tensors when free to."""
+    from torch.nn.attention import SDPBackend
+
+    choice = int(torch._fused_sdp_choice(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
+    names = {int(getattr(SDPBackend, n)): n.lower() for n in dir(SDPBackend) if n.isupper()}
+    return names.get(choice, str(choice))
+
+
 def attention_backends(sizes: Sizes) -> dict[str, Callable | str]:
     """Name → ``attend(q, k, v)`` over ``[B, N, H, D]``, or the reason it is unavailable."""
-    found: dict[str, Callable | str] = {}
+    found: dict[str, Callable | str] = {"sdpa_default": SdpaBackend().attend}  # what the engine calls
     kernels = ("math", "flash", "efficient", "cudnn") if sizes.cuda else ("math",)
     for kernel in kernels:
         found[f"sdpa_{kernel}"] = _sdpa(kernel)
@@ -307,6 +317,8 @@ def attention_section(sizes: Sizes, contexts: dict[str, int], heads: int, head_d
         reference = None
         for name, fn in backends.items():
             row: dict[str, Any] = {"context": label, "queries": nq, "keys": nk, "backend": name}
+            if name == "sdpa_default":  # the kernel SDPA picks by itself for these tensors
+                row["backend"] = f"sdpa_default ({sdpa_choice(q, k, v)})"
             if isinstance(fn, str):
                 row["error"] = fn
             elif time.perf_counter() - started > cap:

@@ -29,6 +29,8 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     assert copy["max_abs_diff"] < 1e-5 and copy["copy_ms"] > 0 and copy["attend_merged_ms"] > 0
     assert copy["split_max_abs_diff"] < 1e-5 and copy["attend_split_ms"] > 0
     assert any(row["backend"] == "sdpa_math" and row["ms"] > 0 for row in sections["attention"]["rows"])
+    # the engine's own call, with the kernel SDPA picks for it
+    assert any(row["backend"].startswith("sdpa_default (") and row["ms"] > 0 for row in sections["attention"]["rows"])
     assert all("error" in row for row in sections["attention"]["rows"] if row["backend"] in ("xformers", "flash_attn"))
     runs = sections["policies"]
     assert set(runs) == {"packforcing", "sliding_window", "sink_recent", "full"}
