@@ -131,3 +131,53 @@ def test_sdpa_attend_lse_on_cuda_with_each_kernel(kernel, dtype, nq, d, stored):
     ref = reference_attention(q, k, v)
     assert float((out.double() - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
     torch.testing.assert_close(lse.double(), scores.logsumexp(-1).transpose(1, 2), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kernels", [("math",), ("cudnn", "flash"), ("efficient",)])
+def test_sdpa_kernels_in_order_of_preference_fall_back_to_math(kernels):
+    """Any preference works on any device (math is always allowed last): the result is the
+    reference, with and without the log-sum-exp."""
+    from packforcing.attention.backends import SdpaParams
+
+    backend = SdpaBackend(SdpaParams(kernels=kernels))
+    q, k, v = make_qkv()
+    ref = reference_attention(q, k, v)
+    torch.testing.assert_close(backend.attend(q, k, v).double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(backend.attend_lse(q, k, v)[0].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_kernels_math_only_really_uses_math():
+    """The preference reaches SDPA: with ``[math]`` the log-sum-exp comes from the math
+    reference, not the fused CPU kernel."""
+    from unittest import mock
+
+    from packforcing.attention import backends
+    from packforcing.attention.backends import SdpaParams
+
+    q, k, v = make_qkv()
+    with mock.patch.object(backends, "_math_lse", wraps=backends._math_lse) as math_lse:
+        SdpaBackend(SdpaParams(kernels=("math",))).attend_lse(q, k, v)
+        assert math_lse.call_count == 1
+        SdpaBackend().attend_lse(q, k, v)
+        assert math_lse.call_count == 1  # left to choose, SDPA takes its fused CPU kernel
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (["fast"], "a non-empty list of distinct kernels out of cudnn, flash, efficient, math, got ['fast']"),
+        ([], "a non-empty list of distinct kernels out of cudnn, flash, efficient, math, got []"),
+        (["flash", "flash"], "a non-empty list of distinct kernels out of .*, got ['flash', 'flash']"),
+        ("flash", "a list or null, got 'flash'"),
+    ],
+)
+def test_sdpa_kernels_are_validated_with_their_key_path(value, expected):
+    import re
+
+    from packforcing.core.errors import ConfigError
+
+    from .helpers import engine_for
+
+    pattern = "backend\\.kernels: expected " + re.escape(expected).replace(re.escape(".*"), ".*")
+    with pytest.raises(ConfigError, match=pattern):
+        engine_for({"name": "full"}, backend={"name": "sdpa", "kernels": value})

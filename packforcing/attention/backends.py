@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import warnings
+from typing import Any
 
 import attrs
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from packforcing.core.interfaces import AttentionBackend
+from packforcing.core.validators import explained
+
+KERNELS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+"""SDPA's kernels by the names ``sdpa``'s ``kernels`` parameter takes."""
 
 
 @attrs.frozen
@@ -23,9 +34,32 @@ class SdpaParams:
     tensor on every layer (see :attr:`AttentionBackend.split_context`). Exact up to rounding;
     whether it is faster depends on the device and the context's shape (``benchmarks/wan_gpu.py``
     measures both).
+
+    ``kernels``: the SDPA kernels to use, in order of preference (``cudnn``, ``flash``,
+    ``efficient``, ``math``), with ``math`` always allowed last so that any device and dtype
+    still works; ``None`` (the default) lets SDPA choose. Setting them costs about 13 µs of host
+    time per call (``torch.nn.attention.sdpa_kernel``).
     """
 
     split_context: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    kernels: tuple[str, ...] | None = attrs.field(
+        default=None,
+        converter=attrs.converters.optional(tuple),
+        validator=attrs.validators.optional(
+            explained(
+                f"a non-empty list of distinct kernels out of {', '.join(KERNELS)}",
+                attrs.validators.min_len(1),
+                attrs.validators.deep_iterable(attrs.validators.in_(tuple(KERNELS))),
+                lambda _, __, value: _distinct(value),
+                shown=lambda value: repr(list(value)),
+            )
+        ),
+    )
+
+
+def _distinct(values: tuple[str, ...]) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"repeated kernels in {values}")
 
 
 _FLASH, _CUDNN, _EFFICIENT = (
@@ -86,11 +120,22 @@ class SdpaBackend(AttentionBackend):
     def __init__(self, params: SdpaParams | None = None) -> None:
         self.params = params or SdpaParams()
         self.split_context = self.params.split_context
+        chosen = self.params.kernels
+        self._kernels = None if chosen is None else [KERNELS[k] for k in dict.fromkeys((*chosen, "math"))]
+
+    def _allowed(self) -> contextlib.AbstractContextManager[Any]:
+        """The configured kernels, in order, for the calls inside (nothing when SDPA chooses)."""
+        if self._kernels is None:
+            return contextlib.nullcontext()
+        return sdpa_kernel(self._kernels, set_priority=True)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        with self._allowed():
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+            )
         return out.transpose(1, 2)
 
     def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +143,8 @@ class SdpaBackend(AttentionBackend):
         for these tensors (flash, cuDNN or memory-efficient, through their ``aten`` operators,
         which return it), else the math reference."""
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        fused = _sdpa_lse(qt, kt, vt)
+        with self._allowed():
+            fused = _sdpa_lse(qt, kt, vt)
         out, lse = fused if fused is not None else _math_lse(qt, kt, vt)
         return out.transpose(1, 2), lse.transpose(1, 2)
 
