@@ -86,13 +86,20 @@ def _fused_lse(kernel: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(out [B, H, Nq, D], lse [B, H, Nq])`` for ``[B, H, N, D]`` inputs from the fused kernel
-    SDPA itself would choose, else (it turns these tensors down) flash or memory-efficient;
-    ``None`` where SDPA would choose no fused kernel or none takes them."""
+    SDPA itself would choose, else (it turns these tensors down) flash or memory-efficient if
+    enabled; ``None`` where SDPA would choose no fused kernel or none takes them."""
     choice = int(torch._fused_sdp_choice(q, k, v))
     if choice not in (_FLASH, _CUDNN, _EFFICIENT):
         return None
     b, h, nq, _ = q.shape
-    for kernel in dict.fromkeys((choice,) if q.device.type == "cpu" else (choice, _FLASH, _EFFICIENT)):
+    fallbacks: list[int] = []
+    if q.device.type != "cpu":  # within torch.nn.attention.sdpa_kernel, only the kernels it allows
+        enabled = {
+            _FLASH: torch.backends.cuda.flash_sdp_enabled(),
+            _EFFICIENT: torch.backends.cuda.mem_efficient_sdp_enabled(),
+        }
+        fallbacks = [kernel for kernel, on in enabled.items() if on]
+    for kernel in dict.fromkeys((choice, *fallbacks)):
         try:
             out, lse = _fused_lse(kernel, q, k, v)
         except (RuntimeError, NotImplementedError):
