@@ -18,6 +18,7 @@ from packforcing.core.records import CompressedKV
 from packforcing.plugins import ComponentFactory, no_params
 from packforcing.plugins.manager import Registry
 from packforcing.policies.presets import FullParams, preset_builder
+from packforcing.positional import TemporalRopeShift
 from packforcing.testing import (
     ConformanceError,
     check_compressor,
@@ -343,9 +344,19 @@ class _PackerClaimingNoRotation(PositionalRealigner):
         return targets[::-1], float(query.start_frame)
 
 
+class _ShiftsTheQueryTheWrongWay(TemporalRopeShift):
+    """``temporal_rope_shift`` whose query shifter moves the query by +Δ (the keys' way)."""
+
+    name = "wrong_way"
+
+    def query_shifter(self, delta, rope):
+        return lambda q: rope.shift_temporal_tokens(q, delta)
+
+
 @pytest.mark.parametrize(
     ("cls", "message"),
     [
+        (_ShiftsTheQueryTheWrongWay, "declares shifts_query, but the query moved by"),
         (Shrinks, "must be a rotation"),
         (SelectionDependentQuery, "depends on which blocks are selected"),
         (Reversed, "out of time order"),

@@ -143,6 +143,38 @@ def gather_shifted_moves_like_realign(
         fail(KIND, realigner, "gather_shifted() without shifts must only concatenate")
 
 
+@contract
+def query_shifter_scores_like_moved_keys(
+    realigner: PositionalRealigner, block: CachedBlock, shift: float, rope: Any, q: torch.Tensor
+) -> None:
+    """``shifts_query``: the query moved by ``−shift`` (:meth:`~PositionalRealigner.query_shifter`)
+    scores the stored keys as the query scores them moved by ``+shift`` (``gather_shifted``), and
+    the query it was given is not modified. (A split context relies on it to attend a moved run
+    of keys where it is stored.)"""
+    if not realigner.shifts_query:
+        return
+    keys = block.keys[0]
+    before = q.clone()
+    delta = torch.tensor([float(shift)], dtype=torch.float64, device=q.device)
+    moved_q = realigner.query_shifter(delta, rope)(q)
+    if not torch.equal(q, before):
+        fail(KIND, realigner, "query_shifter()'s function modified the query it was given")
+    if not isinstance(moved_q, torch.Tensor) or moved_q.shape != q.shape or moved_q.dtype != q.dtype:
+        fail(KIND, realigner, "query_shifter()'s function must return a query of the input's shape and dtype")
+    deltas = torch.full((1, keys.shape[1]), float(shift), dtype=torch.float64, device=keys.device)
+    moved_k = realigner.gather_shifted([keys], deltas, rope, keys[:, :0])
+    got = torch.einsum("bqhd,bkhd->bhqk", moved_q.double(), keys.double())
+    want = torch.einsum("bqhd,bkhd->bhqk", q.double(), moved_k.double())
+    scale = float(want.abs().max()) or 1.0
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * scale):
+        fail(
+            KIND,
+            realigner,
+            f"declares shifts_query, but the query moved by {-shift:g} scores the keys differently "
+            f"from the keys moved by {shift:g} (max |diff| {float((got - want).abs().max()):.3g})",
+        )
+
+
 def check_realigner(
     factory: Any,
     params: Any = None,
@@ -192,5 +224,8 @@ def check_realigner(
         accepts_per_item_targets(realigner, block, shift, env.model.rope)
         if exact_rope:
             gather_shifted_moves_like_realign(realigner, block, shift, env.model.rope, block.keys[-1])
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.randn(tuple(block.keys[0].shape), generator=gen).to(block.keys[0])
+        query_shifter_scores_like_moved_keys(realigner, block, shift, env.model.rope, q)
 
     run_examples(run, max_examples, hypothesis_settings)
