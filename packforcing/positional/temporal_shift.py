@@ -29,6 +29,11 @@ Precision and "incremental" rotation
     Blocks whose target equals their home position — the recent blocks in ``absolute`` mode,
     and every block while nothing was skipped — are returned untouched, without a copy.
 
+    A split context (``backend: {name: sdpa, split_context: true}``) moves the query instead of
+    a run of keys that all move by the same shift (the sink): the keys stay where they are stored
+    and the query is rotated by the opposite shift (``shifts_query``, :meth:`query_shifter`),
+    which RoPE scores the same way.
+
     Rotated copies are deliberately not memoised across forward passes: a memo would hold a
     second copy of every moved block (up to doubling the cache, outside the tiers' memory
     plan) to save one elementwise multiply of the temporal band per gathered token, which is
