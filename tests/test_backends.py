@@ -181,3 +181,13 @@ def test_sdpa_kernels_are_validated_with_their_key_path(value, expected):
     pattern = "backend\\.kernels: expected " + re.escape(expected).replace(re.escape(".*"), ".*")
     with pytest.raises(ConfigError, match=pattern):
         engine_for({"name": "full"}, backend={"name": "sdpa", "kernels": value})
+
+
+def test_sdpa_attend_lse_survives_a_torch_without_the_private_operators(monkeypatch):
+    """``attend_lse`` reaches SDPA's kernels through private operators; a torch without them
+    gets the math reference, not an error."""
+    q, k, v = make_qkv()
+    monkeypatch.delattr(torch, "_fused_sdp_choice")
+    out, lse = SdpaBackend().attend_lse(q, k, v)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    assert lse.shape == q.shape[:3]

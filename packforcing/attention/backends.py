@@ -88,7 +88,8 @@ def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.
     """``(out [B, H, Nq, D], lse [B, H, Nq])`` for ``[B, H, N, D]`` inputs from the fused kernel
     SDPA itself would choose, else (it turns these tensors down) flash or memory-efficient if
     enabled; ``None`` where SDPA would choose no fused kernel or none takes them."""
-    choice = int(torch._fused_sdp_choice(q, k, v))
+    choose = getattr(torch, "_fused_sdp_choice", None)  # private: absent from a future torch, math it is
+    choice = int(choose(q, k, v)) if choose is not None else -1
     if choice not in (_FLASH, _CUDNN, _EFFICIENT):
         return None
     b, h, nq, _ = q.shape
@@ -102,7 +103,7 @@ def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.
     for kernel in dict.fromkeys((choice, *fallbacks)):
         try:
             out, lse = _fused_lse(kernel, q, k, v)
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError, AttributeError):  # refused, or no such operator
             continue
         # cuDNN keeps a trailing unit dimension, the efficient kernel pads the queries to its tile
         return out, lse.reshape(b, h, -1)[..., :nq]
