@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import sys
@@ -62,11 +63,13 @@ from packforcing.attention.backends import SdpaBackend  # noqa: E402
 from packforcing.attention.merge import merge_by_lse  # noqa: E402
 from packforcing.core.instrument import HostSyncCounter, SectionTimer, timing_wrapper  # noqa: E402
 from packforcing.core.interfaces import AttentionContext  # noqa: E402
+from packforcing.core.rope import Rope3D  # noqa: E402
 from packforcing.core.sampler import block_noise, fresh_noise  # noqa: E402
 from packforcing.models.wan.params import WAN21_T2V_1_3B  # noqa: E402
 from packforcing.plugins import ComponentFactory, hookimpl  # noqa: E402
 from packforcing.plugins.factory import no_params  # noqa: E402
 from packforcing.plugins.manager import Registry  # noqa: E402
+from packforcing.positional import TemporalRopeShift  # noqa: E402
 
 REAL_TIME_LATENT_FPS = 4.0
 """Self-Forcing's "real time": 16 pixel frames/s = 4 latent frames/s."""
@@ -178,6 +181,9 @@ class Budget:
         return min(seconds, self.left())
 
 
+SINK_SHIFT = 24.0
+"""Frames the ``copy`` section moves the sink by (PackForcing at 120 s of 3-frame blocks moves it
+by hundreds; any shift costs the same)."""
 POLICIES = ("packforcing", "sliding_window", "sink_recent", "full")
 SHARES: dict[str, dict[str, dict[str, Any]]] = {
     "shares": {},
@@ -376,12 +382,18 @@ def copy_section(
 
     - gathered: the per-layer copy of the whole context into one tensor, then one call;
     - split (``backend.split_context``, what the context does): the sink's and the recent
-      blocks' stored runs attended in place, the picks and the block copied together, the three
-      parts merged by log-sum-exp (the sink's query rotation not included);
+      blocks' stored runs attended in place, the sink's with the query moved instead of its
+      keys, the picks and the block copied together, the three parts merged by log-sum-exp;
     - pieces: every block attended on its own and the parts merged (the first copy-free try).
+
+    The sink moves by ``SINK_SHIFT`` frames: the gathered copy rotates its keys (``rotate_ms``),
+    the split moves the query; the three outputs are compared.
     """
     gen = torch.Generator(device=sizes.device).manual_seed(1)
     backend = SdpaBackend()
+    rope = Rope3D(head_dim)
+    realigner = TemporalRopeShift()
+    shift = torch.tensor([SINK_SHIFT], dtype=torch.float64, device=sizes.device)
 
     def rand(n: int) -> torch.Tensor:  # stored as the cache stores it: [B, N, H, D]
         return torch.randn(1, n, heads, head_dim, device=sizes.device, dtype=sizes.dtype, generator=gen)
@@ -399,50 +411,77 @@ def copy_section(
 
     blocks = [*each(sink_run, sink), *mids, *each(recent_run, recent), own]
 
+    sink_tokens = sink * tpb
+    sink_deltas = torch.full((sink_tokens,), SINK_SHIFT, dtype=torch.float64, device=sizes.device)
+
     def gather() -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat([k for k, _ in blocks], 1), torch.cat([v for _, v in blocks], 1)
 
+    def rotate(keys: torch.Tensor) -> torch.Tensor:  # the sink's keys moved, as gather_shifted does
+        return rope.shift_temporal_tokens_(keys[:, :sink_tokens], sink_deltas)
+
     def split() -> torch.Tensor:
+        moved_q = realigner.query_shifter(shift, rope)(q)
         rest_k = torch.cat([*(k for k, _ in mids), own[0]], 1)
         rest_v = torch.cat([*(v for _, v in mids), own[1]], 1)
-        return merge_by_lse([backend.attend_lse(q, *run) for run in (sink_run, recent_run, (rest_k, rest_v))])
+        parts = [(moved_q, *sink_run), (q, *recent_run), (q, rest_k, rest_v)]
+        return merge_by_lse([backend.attend_lse(*part) for part in parts])
 
-    def pieces() -> torch.Tensor:
-        return merge_by_lse([backend.attend_lse(q, k, v) for k, v in blocks])
+    def pieces(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # over the moved keys' blocks
+        bounds = itertools.accumulate([k.shape[1] for k, _ in blocks], initial=0)
+        spans = list(itertools.pairwise(bounds))
+        return merge_by_lse([backend.attend_lse(q, keys[:, a:b], values[:, a:b]) for a, b in spans])
 
     keys, values = gather()
+    rotate(keys)
     gathered_out = backend.attend(q, keys, values).float()
+    scratch, _ = gather()
     return {
         "pieces_tokens": [k.shape[1] for k, _ in blocks],
         "queries": tpb,
+        "sink_shift": SINK_SHIFT,
         "copy_ms": timed(gather, sizes) * 1e3,
+        "rotate_ms": timed(lambda: rotate(scratch), sizes) * 1e3,
         "attend_gathered_ms": timed(lambda: backend.attend(q, keys, values), sizes) * 1e3,
         "attend_split_ms": timed(split, sizes) * 1e3,
-        "attend_merged_ms": timed(pieces, sizes) * 1e3,
-        "max_abs_diff": float((pieces().float() - gathered_out).abs().max()),
+        "attend_merged_ms": timed(lambda: pieces(keys, values), sizes) * 1e3,
+        "max_abs_diff": float((pieces(keys, values).float() - gathered_out).abs().max()),
         "split_max_abs_diff": float((split().float() - gathered_out).abs().max()),
     }
 
 
 def copy_table(data: dict, layers: int, calls_per_block: int, block_ms: float | None) -> str:
     per_block = layers * calls_per_block
-    keys = ("copy_ms", "attend_gathered_ms", "attend_split_ms", "attend_merged_ms")
-    copy, gathered, split, merged = (data[k] * per_block for k in keys)
+    keys = ("copy_ms", "rotate_ms", "attend_gathered_ms", "attend_split_ms", "attend_merged_ms")
+    copy, rotate, gathered, split, merged = (data[k] * per_block for k in keys)
     share = f"{100 * copy / block_ms:.2f} %" if block_ms else "-"
     return (
         f"Per-layer context copy at the PackForcing shape ({data['queries']} queries over blocks of "
-        f"{data['pieces_tokens']} tokens), x {layers} layers x {calls_per_block} model calls per block:\n\n"
+        f"{data['pieces_tokens']} tokens, the sink moved by {data['sink_shift']:g} frames), x {layers} layers "
+        f"x {calls_per_block} model calls per block:\n\n"
         + markdown_table(
             [
                 "copy ms/block",
                 "copy share of a block",
-                "copy + attention ms/block",
-                "split (3 parts) ms/block",
+                "sink rotation ms/block",
+                "copy + rotation + attention ms/block",
+                "split (3 parts, query moved) ms/block",
                 "per-block pieces ms/block",
                 "max |split - gathered|",
                 "max |pieces - gathered|",
             ],
-            [[copy, share, copy + gathered, split, merged, data["split_max_abs_diff"], data["max_abs_diff"]]],
+            [
+                [
+                    copy,
+                    share,
+                    rotate,
+                    copy + rotate + gathered,
+                    split,
+                    merged,
+                    data["split_max_abs_diff"],
+                    data["max_abs_diff"],
+                ]
+            ],
         )
     )
 
