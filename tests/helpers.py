@@ -31,3 +31,29 @@ def engine_for(policy: dict[str, Any], *, model: dict[str, Any] | None = None, s
 
 def generate(engine, num_blocks: int, seed: int = 0, batch_size: int = 1):
     return list(engine.generate(num_blocks, seed=seed, batch_size=batch_size))
+
+
+FULL_PACKFORCING_BLOCKS = 13
+"""Blocks after which configs/packforcing.yaml's sink (2), mid (8) and recent (2) tiers are full."""
+
+
+def full_packforcing_engine():
+    """configs/packforcing.yaml on the CPU with SDPA, its cache filled by
+    :data:`FULL_PACKFORCING_BLOCKS` blocks of two batch items (which pick differently)."""
+    config = pf.load_config("configs/packforcing.yaml", overrides=["run.device=cpu", "backend.name=sdpa"])
+    engine = pf.build_engine(config)
+    session = engine.session(seed=0, batch_size=2)
+    for _ in range(FULL_PACKFORCING_BLOCKS):
+        session.step()
+    session.close()
+    return engine
+
+
+def layer_qkv(engine, seed: int, batch_size: int = 2) -> list[tuple[Any, Any, Any]]:
+    """Random per-layer ``(q, k, v)`` ``[B, N, H, D]`` for one forward pass of ``engine``."""
+    import torch
+
+    g = engine.geometry
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch_size, g.tokens_per_block, g.num_heads, g.head_dim)
+    return [tuple(torch.randn(shape, generator=gen) for _ in range(3)) for _ in range(g.num_layers)]

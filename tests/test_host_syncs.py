@@ -14,16 +14,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import packforcing as pf
 from packforcing.core.errors import PluginError
 from packforcing.core.instrument import HostSyncCounter
 from packforcing.core.interfaces import Selector
 from packforcing.positional.identity import IdentityRealigner
 from packforcing.positional.temporal_shift import TemporalRopeShift, TemporalRopeShiftParams
 
+from .helpers import FULL_PACKFORCING_BLOCKS, full_packforcing_engine, layer_qkv
+
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-BLOCKS = 13  # configs/packforcing.yaml fills sink (2) + mid (8) + recent (2) after 12 blocks
+BLOCKS = FULL_PACKFORCING_BLOCKS
 
 
 class HostPathShift(TemporalRopeShift):
@@ -38,25 +39,12 @@ class HostPathIdentity(IdentityRealigner):
 
 @pytest.fixture(scope="module")
 def engine():
-    config = pf.load_config("configs/packforcing.yaml", overrides=["run.device=cpu", "backend.name=sdpa"])
-    engine = pf.build_engine(config)
-    session = engine.session(seed=0, batch_size=2)
-    for _ in range(BLOCKS):
-        session.step()
-    session.close()
-    return engine
-
-
-def _qkv(engine, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    g = engine.geometry
-    gen = torch.Generator().manual_seed(seed)
-    shape = (2, g.tokens_per_block, g.num_heads, g.head_dim)
-    return [tuple(torch.randn(shape, generator=gen) for _ in range(3)) for _ in range(g.num_layers)]
+    return full_packforcing_engine()
 
 
 def test_a_full_packforcing_context_attends_without_host_syncs(engine):
     ctx = engine.policy.context(engine.query(BLOCKS))
-    layers = _qkv(engine, 0)
+    layers = layer_qkv(engine, 0)
     with HostSyncCounter() as first:
         ctx.attend(0, *layers[0])
     # the pass's layout: one host-made tensor moved to the device (asynchronously on CUDA)
@@ -79,7 +67,7 @@ def test_the_old_path_is_what_the_counter_catches(engine):
     policy.realigner = HostPathShift(saved.params)
     try:
         ctx = policy.context(engine.query(BLOCKS))
-        layers = _qkv(engine, 0)
+        layers = layer_qkv(engine, 0)
         with HostSyncCounter() as counter:
             for layer, (q, k, v) in enumerate(layers):
                 ctx.attend(layer, q, k, v)
@@ -111,7 +99,7 @@ def test_device_side_picks_equal_host_side_picks(engine, device_side, host_side)
             policy.realigner = realigner
             ctx = policy.context(engine.query(BLOCKS))
             outputs[name] = (
-                [ctx.attend(layer, q, k, v) for layer, (q, k, v) in enumerate(_qkv(engine, 1))],
+                [ctx.attend(layer, q, k, v) for layer, (q, k, v) in enumerate(layer_qkv(engine, 1))],
                 ctx.selections,
                 ctx.position,
                 ctx.context_tokens,
@@ -152,7 +140,7 @@ def test_device_side_checks_raise_at_the_end_of_the_pass_naming_the_layer(engine
     policy.selector = OutOfRange(saved, bad_layer=1)
     try:
         ctx = policy.context(engine.query(BLOCKS))
-        layers = _qkv(engine, 2)
+        layers = layer_qkv(engine, 2)
         for layer in range(len(layers) - 1):
             ctx.attend(layer, *layers[layer])  # no error yet: nothing read on the host
         with pytest.raises(PluginError, match=r"layer 1: returned indices outside \[0, "):
@@ -184,7 +172,7 @@ def test_gathered_keys_are_checked_unless_the_realigner_keeps_them_finite(engine
     policy.realigner = NanAtLayer(saved.params, bad_layer=1, keeps_finite=keeps_finite)
     try:
         ctx = policy.context(engine.query(BLOCKS))
-        layers = _qkv(engine, 3)
+        layers = layer_qkv(engine, 3)
         for layer in range(len(layers) - 1):
             ctx.attend(layer, *layers[layer])
         with pytest.raises(PluginError, match=r"layer 1: ") as info:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import packforcing as pf
 from packforcing.attention.backends import SdpaBackend
 from packforcing.core.geometry import Geometry
-from packforcing.core.interfaces import PositionalRealigner, Selector
+from packforcing.core.interfaces import AttentionBackend, PositionalRealigner, Selector
 from packforcing.core.records import BlockCommit, BlockQuery, CachedBlock
 from packforcing.core.rope import Rope3D
 from packforcing.policies.tiered import TieredParams, TieredPolicy, TierSpec
@@ -110,9 +110,12 @@ def test_paper_figure_literally():
     assert query == 10
 
 
-def _paper_figure_policy(g: Geometry, realigner: PositionalRealigner) -> tuple[TieredPolicy, dict[int, torch.Tensor]]:
+def _paper_figure_policy(
+    g: Geometry, realigner: PositionalRealigner, backend: AttentionBackend | None = None
+) -> tuple[TieredPolicy, dict[int, torch.Tensor]]:
     """The paper's figure as a cache: sink S0 S1, mid bank M2..M7, recent R8 R9 (one frame per
-    block), a selector keeping M3 M4 M5 M7; returns the policy and each block's un-rotated keys."""
+    block), a selector keeping M3 M4 M5 M7; returns the policy and each block's un-rotated keys.
+    ``backend``: SDPA unless given."""
     policy = TieredPolicy(
         TieredParams(
             tiers=(
@@ -123,7 +126,7 @@ def _paper_figure_policy(g: Geometry, realigner: PositionalRealigner) -> tuple[T
         ),
         geometry=g,
         model=RopeModel(g),
-        backend=SdpaBackend(),
+        backend=backend or SdpaBackend(),
         realigner=realigner,
         selector=FixedSelector([1, 2, 3, 5]),  # M3 M4 M5 M7 out of M2..M7
     )

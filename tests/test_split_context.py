@@ -24,19 +24,18 @@ from packforcing.attention.merge import merge_by_lse
 from packforcing.core.errors import ConfigError, PluginError
 from packforcing.core.instrument import HostSyncCounter
 from packforcing.core.store import adjacent_runs
-from packforcing.policies.tiered import TieredParams, TieredPolicy, TierSpec
 from packforcing.positional import TemporalRopeShift, TemporalRopeShiftParams
 from packforcing.positional.identity import IdentityRealigner
 from packforcing.testing import reference_generate
 
-from .helpers import engine_for, generate
+from .helpers import FULL_PACKFORCING_BLOCKS, engine_for, full_packforcing_engine, generate, layer_qkv
 from .test_oracle import CASES, NUM_BLOCKS, rel_err
-from .test_realigner import FixedSelector, RopeModel, _commit_random, _geometry, _query
+from .test_realigner import _geometry, _paper_figure_policy, _query
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 SPLIT = SdpaBackend(SdpaParams(split_context=True))
-BLOCKS = 13  # configs/packforcing.yaml: sink (2) + mid (8) + recent (2) are full after 12 blocks
+BLOCKS = FULL_PACKFORCING_BLOCKS
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -95,24 +94,7 @@ def _figure(backend, realigner):
     """The paper's figure (sink S0 S1, mid M2..M7 of which M3 M4 M5 M7 enter, recent R8 R9; one
     frame per block) and each block's un-rotated keys and values."""
     g = _geometry(frames_per_block=1)
-    policy = TieredPolicy(
-        TieredParams(
-            tiers=(
-                TierSpec(name="sink", frames=2, pinned=True),
-                TierSpec(name="mid", blocks=6, select=True),
-                TierSpec(name="recent", frames=2),
-            ),
-            page_blocks=2,
-        ),
-        geometry=g,
-        model=RopeModel(g),
-        backend=backend,
-        realigner=realigner,
-        selector=FixedSelector([1, 2, 3, 5]),
-    )
-    raw: dict[int, torch.Tensor] = {}
-    for block_id in range(10):
-        _commit_random(policy, g, block_id, float(block_id), raw, torch.float32)
+    policy, raw = _paper_figure_policy(g, realigner, backend)
     values = {}
     for block_id in range(10):  # _commit_random's values: the second draw of the block's generator
         gen = torch.Generator().manual_seed(block_id)
@@ -182,20 +164,7 @@ def test_a_realigner_that_cannot_move_the_query_keeps_the_copy():
 # ---------------------------------------------------------------------- same contexts, both ways
 @pytest.fixture(scope="module")
 def engine():
-    config = pf.load_config("configs/packforcing.yaml", overrides=["run.device=cpu", "backend.name=sdpa"])
-    engine = pf.build_engine(config)
-    session = engine.session(seed=0, batch_size=2)
-    for _ in range(BLOCKS):
-        session.step()
-    session.close()
-    return engine
-
-
-def _qkv(engine, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    g = engine.geometry
-    gen = torch.Generator().manual_seed(seed)
-    shape = (2, g.tokens_per_block, g.num_heads, g.head_dim)
-    return [tuple(torch.randn(shape, generator=gen) for _ in range(3)) for _ in range(g.num_layers)]
+    return full_packforcing_engine()
 
 
 @pytest.mark.parametrize(
@@ -214,7 +183,7 @@ def test_split_equals_the_gathered_copy(engine, realigner):
         for name, backend in (("copy", SdpaBackend()), ("split", SPLIT)):
             policy.backend = backend
             ctx = policy.context(engine.query(BLOCKS))
-            outs = [ctx.attend(layer, q, k, v) for layer, (q, k, v) in enumerate(_qkv(engine, 1))]
+            outs = [ctx.attend(layer, q, k, v) for layer, (q, k, v) in enumerate(layer_qkv(engine, 1))]
             results[name] = (outs, ctx.selections, ctx.position, ctx.context_tokens)
     finally:
         policy.realigner, policy.backend = saved
@@ -231,7 +200,7 @@ def test_a_split_context_attends_without_host_syncs(engine):
     policy.backend = SPLIT
     try:
         ctx = policy.context(engine.query(BLOCKS))
-        layers = _qkv(engine, 0)
+        layers = layer_qkv(engine, 0)
         with HostSyncCounter() as first:
             ctx.attend(0, *layers[0])
         with HostSyncCounter() as rest:
@@ -271,7 +240,7 @@ def test_a_non_finite_moved_query_is_blamed_like_gathered_keys(engine, keeps_fin
     policy.realigner, policy.backend = NanQuery(bad_layer=1, keeps_finite=keeps_finite), SPLIT
     try:
         ctx = policy.context(engine.query(BLOCKS))
-        layers = _qkv(engine, 3)
+        layers = layer_qkv(engine, 3)
         for layer in range(len(layers) - 1):
             ctx.attend(layer, *layers[layer])
         with pytest.raises(PluginError, match="layer 1: ") as info:
@@ -293,7 +262,7 @@ def test_a_backend_returning_a_wrong_lse_is_named(engine):
     try:
         ctx = policy.context(engine.query(BLOCKS))
         with pytest.raises(PluginError, match=r"backend.*layer 0: attend_lse\(\) log-sum-exp: expected shape"):
-            ctx.attend(0, *_qkv(engine, 0)[0])
+            ctx.attend(0, *layer_qkv(engine, 0)[0])
     finally:
         policy.backend = saved
 
@@ -387,7 +356,7 @@ def test_picks_gathered_from_one_page_or_stacked_equal_the_host_path(mid, one_pa
     session.close()
     policy = engine.policy
     assert ({t.name: t.store.page_blocks for t in policy.tiers}["mid"] == 8) is one_page
-    layers = _qkv(engine, 4)
+    layers = layer_qkv(engine, 4)
     device_side = policy.context(engine.query(12))
     outs = [device_side.attend(layer, q, k, v) for layer, (q, k, v) in enumerate(layers)]
     group = next(p for p in device_side._layout.pieces if p.group is not None)

@@ -3,7 +3,7 @@ selected per layer and batch item, realigned and gathered."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -65,6 +65,15 @@ class _Piece:
     (picks are then gathered from it in one indexing, without stacking the candidates)."""
     slots: torch.Tensor | None = None
     """With ``page``: each candidate's slot in it, ``[C]`` int64 on the device."""
+
+    def place(self, values: torch.Tensor, offset: int) -> int:
+        """A selected group's ``deltas`` (its candidates' homes) then ``targets`` out of the pass's
+        device-side ``values`` from ``offset`` (see :meth:`TieredContext._group_piece`); returns
+        the offset after them."""
+        c = len(self.blocks)
+        self.deltas = values[offset : offset + c]
+        self.targets = values[offset + c : offset + c + self.count]
+        return offset + c + self.count
 
 
 @attrs.define
@@ -310,12 +319,9 @@ class TieredContext(AttentionContext):
         targets = iter(self._targets)
         for g, (blocks, select) in enumerate(self._groups):
             if select:
-                assert self._selector is not None
-                count = self._selector.budget(len(blocks))
-                picked = [float(next(targets)) for _ in range(count)]
-                pieces.append(_Piece(blocks, g, count, blocks[0].num_tokens))
-                homes = [(b.position, 1) for b in blocks] + [(t, 1) for t in picked]
-                parts.append(homes if rotates and count else None)
+                piece, homes = self._group_piece(g, blocks, targets)
+                pieces.append(piece)
+                parts.append(homes if rotates and piece.count else None)
             else:
                 deltas = [float(next(targets)) - b.position for b in blocks]
                 pieces.append(_Piece(blocks, count=len(blocks)))
@@ -338,12 +344,21 @@ class TieredContext(AttentionContext):
                 piece.deltas = values[offset : offset + n]
                 offset += n
             elif piece.count:
-                c = len(piece.blocks)
-                piece.deltas = values[offset : offset + c]
-                piece.targets = values[offset + c : offset + c + piece.count]
-                offset += c + piece.count
+                offset = piece.place(values, offset)
         rows = torch.arange(q.shape[0], device=q.device)[:, None]
         return _DeviceLayout(pieces, moved, rows)
+
+    def _group_piece(
+        self, g: int, blocks: list[CachedBlock], targets: Iterator[float]
+    ) -> tuple[_Piece, list[tuple[float, int]]]:
+        """Selected group ``g`` as a piece (taking its picks' targets from ``targets``) and what it
+        needs on the device, as ``(value, 1)`` runs: its candidates' homes, then its picks'
+        targets (:meth:`_Piece.place` takes them back)."""
+        assert self._selector is not None
+        count = self._selector.budget(len(blocks))
+        picked = [float(next(targets)) for _ in range(count)]
+        homes = [(b.position, 1) for b in blocks] + [(t, 1) for t in picked]
+        return _Piece(blocks, g, count, blocks[0].num_tokens), homes
 
     @staticmethod
     def _paged(pieces: list[_Piece], runs: list[tuple[float, int]]) -> list[tuple[_Piece, int]]:
@@ -382,16 +397,12 @@ class TieredContext(AttentionContext):
         targets = iter(self._targets)
         for g, (blocks, select) in enumerate(self._groups):
             if select:
-                assert self._selector is not None
-                count = self._selector.budget(len(blocks))
-                picked = [float(next(targets)) for _ in range(count)]
-                if not count:
-                    continue
-                piece = _Piece(blocks, g, count, blocks[0].num_tokens)
-                pieces.append(piece)
-                if rotates:
-                    wants.append((piece, len(host)))
-                    host.extend([(b.position, 1) for b in blocks] + [(t, 1) for t in picked])
+                piece, homes = self._group_piece(g, blocks, targets)
+                if piece.count:
+                    pieces.append(piece)
+                    if rotates:
+                        wants.append((piece, len(host)))
+                        host.extend(homes)
                 continue
             moves: dict[float, list[CachedBlock]] = {}
             for block in blocks:
@@ -413,9 +424,7 @@ class TieredContext(AttentionContext):
             if isinstance(what, _Run):
                 what.shift = values[offset : offset + 1]
             else:
-                c = len(what.blocks)
-                what.deltas = values[offset : offset + c]
-                what.targets = values[offset + c : offset + c + what.count]
+                what.place(values, offset)
         rows = torch.arange(q.shape[0], device=q.device)[:, None]
         return _DeviceLayout(pieces, len(pieces) if rotates else 0, rows, runs)
 
