@@ -11,9 +11,13 @@ full model's *structure* (30 layers, 12 heads, 3-frame blocks, the 4-step Self-F
   and per layer-pass of the attention context (the path that runs 150 times per block);
 - times blocks (median of ``--blocks``; process CPU time, which a loaded machine disturbs less
   than wall time) and the instrumented shares (compress, select, gather+realign, bookkeeping) —
-  on the CPU there is no overlap to lose, so the times show the host work only.
+  on the CPU there is no overlap to lose, so the times show the host work only;
+- counts the operators one block calls from Python (``torch.profiler``; on a GPU each that is not
+  a view is a kernel launch).
 
-    python benchmarks/cache_overhead.py [--label after] [--blocks 4]
+``--split`` runs the same with ``backend.split_context`` (the context attended in stored parts).
+
+    python benchmarks/cache_overhead.py [--label after] [--blocks 4] [--split]
 
 Results go to ``benchmarks/results/cache_overhead.{json,md}``; runs with different ``--label``
 (e.g. ``before`` on an older commit, ``after``) are kept side by side in the same files.
@@ -37,7 +41,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import RESULTS, machine, markdown_table  # noqa: E402
-from wan_gpu import SMOKE, TINY, SharedModel, engine_for, prompt_embeds_file, random_wan, steady_blocks  # noqa: E402
+from wan_gpu import (  # noqa: E402
+    SMOKE,
+    TINY,
+    SharedModel,
+    engine_for,
+    profile_block,
+    prompt_embeds_file,
+    random_wan,
+    steady_blocks,
+)
 
 from packforcing.core.instrument import HostSyncCounter, SectionTimer, timing_wrapper  # noqa: E402
 from packforcing.plugins.manager import Registry  # noqa: E402
@@ -51,21 +64,23 @@ PROXY = attrs.evolve(
 """Wan2.1-1.3B's layer and head counts and PackForcing's bank, at a tiny width and frame size."""
 
 
-def measure(blocks: int) -> dict[str, Any]:
+def measure(blocks: int, split: bool = False) -> dict[str, Any]:
     torch.set_num_threads(1)
+    variant = {"backend": {"split_context": True}} if split else None
     model = random_wan(PROXY)
     registry = Registry.create(entry_points=False, extra_plugins=[(SharedModel(model), "cache-overhead")])
     layers = PROXY.transformer["num_layers"]
     passes = 5  # 4 sampler steps + the clean pass
     with tempfile.TemporaryDirectory() as tmp:
         conditions = [{"from_block": 0, "embeds": str(prompt_embeds_file(PROXY, Path(tmp)))}]
-        engine = engine_for("packforcing", registry, PROXY)
+        engine = engine_for("packforcing", registry, PROXY, variant=variant)
         warm = steady_blocks(engine) + 1
         with engine.session(seed=0, conditions=conditions) as session:
             for _ in range(warm):
                 session.step()
             with HostSyncCounter() as counter:
                 session.step()
+            operators = profile_block(session.step, PROXY)["operators"]
             seconds, cpu = [], []
             for _ in range(blocks):
                 t0 = time.process_time()
@@ -74,7 +89,7 @@ def measure(blocks: int) -> dict[str, Any]:
         syncs = {"reads": dict(counter.reads), "writes": dict(counter.writes), "total": counter.total}
 
         timer = SectionTimer()
-        timed = engine_for("packforcing", registry, PROXY, wrap=timing_wrapper(timer))
+        timed = engine_for("packforcing", registry, PROXY, wrap=timing_wrapper(timer), variant=variant)
         with timed.session(seed=0, conditions=conditions) as session:
             for _ in range(warm):
                 session.step()
@@ -88,6 +103,8 @@ def measure(blocks: int) -> dict[str, Any]:
         "passes_per_block": passes,
         "warm_blocks": warm,
         "block_ms": late * 1e3,
+        "split_context": split,
+        "operators_per_block": operators,
         "syncs_per_block": syncs,
         "syncs_per_layer_pass": syncs["total"] / (layers * passes),
         "instrumented_block_ms": 1e3 * total / blocks,
@@ -108,6 +125,7 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
                 r.get("block_cpu_ms", "-"),
                 r["block_ms"],
                 r["syncs_per_block"]["total"],
+                r.get("operators_per_block", "-"),
                 r["syncs_per_layer_pass"],
                 ", ".join(f"{k} {v}" for k, v in sorted(calls.items())),
                 100 * s["compression"],
@@ -126,6 +144,7 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
                 "block CPU ms",
                 "block wall ms",
                 "host syncs / block",
+                "operators / block",
                 "per layer-pass",
                 "by call",
                 "compress %",
@@ -144,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="current", help="name of this run in the results (e.g. before / after)")
     parser.add_argument("--blocks", type=int, default=4, help="timed blocks at a full cache")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--split", action="store_true", help="with backend.split_context")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    result = measure(args.blocks)
+    result = measure(args.blocks, args.split)
     path = args.out / "cache_overhead.json"
     data = json.loads(path.read_text()) if path.is_file() else {"benchmark": "cache_overhead", "runs": {}}
     data["machine"] = machine()
