@@ -57,3 +57,30 @@ def layer_qkv(engine, seed: int, batch_size: int = 2) -> list[tuple[Any, Any, An
     gen = torch.Generator().manual_seed(seed)
     shape = (batch_size, g.tokens_per_block, g.num_heads, g.head_dim)
     return [tuple(torch.randn(shape, generator=gen) for _ in range(3)) for _ in range(g.num_layers)]
+
+
+def syncs_of_a_pass(policy, query, layers) -> dict[str, Any]:
+    """Host syncs (:class:`~packforcing.core.instrument.HostSyncCounter`) of one forward pass of
+    ``policy``'s context for ``query`` over ``layers`` (``(q, k, v)`` per layer): of its first
+    layer, of its other layers, and of the policy's :meth:`settle` after it."""
+    from packforcing.core.instrument import HostSyncCounter
+
+    ctx = policy.context(query)
+    with HostSyncCounter() as first:
+        ctx.attend(0, *layers[0])
+    with HostSyncCounter() as rest:
+        for layer in range(1, len(layers)):
+            ctx.attend(layer, *layers[layer])
+    with HostSyncCounter() as settle:
+        policy.settle()
+    return {"first": first, "rest": rest, "settle": settle, "context": ctx}
+
+
+def assert_one_read_per_block(syncs: dict[str, Any]) -> None:
+    """What :func:`syncs_of_a_pass` counted is the device-side path's: the pass's layout copied
+    to the device on the first layer (asynchronously on CUDA), nothing read during the pass,
+    and its checks read once, by ``settle``."""
+    first, rest, settle = syncs["first"], syncs["rest"], syncs["settle"]
+    assert sum(first.reads.values()) == 0 and first.total <= 2, (dict(first.reads), dict(first.writes))
+    assert rest.total == 0, (dict(rest.reads), dict(rest.writes))
+    assert dict(settle.reads) == {"__bool__": 1} and settle.total == 1, (dict(settle.reads), dict(settle.writes))

@@ -4,9 +4,9 @@ On a GPU every host read of a tensor (``.tolist()``, ``bool()``, ``.item()``) an
 copy of host-made data to the device stalls the GPU until Python catches up; at Wan scale the
 context runs 150 times per block. :class:`HostSyncCounter` counts those calls on the CPU, so
 these tests pin down that a full PackForcing context attends every layer without one (one
-asynchronous copy of the pass's layout on the first layer, one read of the pass's checks on
-the last), and that this device-side path
-gives exactly what the host path (picks read on the host) gives.
+asynchronous copy of the pass's layout on the first layer), that a block's passes are checked
+in one read when the block settles (not one per pass), and that this device-side path gives
+exactly what the host path (picks read on the host) gives.
 """
 
 from __future__ import annotations
@@ -14,13 +14,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+import packforcing as pf
 from packforcing.core.errors import PluginError
 from packforcing.core.instrument import HostSyncCounter
 from packforcing.core.interfaces import Selector
 from packforcing.positional.identity import IdentityRealigner
 from packforcing.positional.temporal_shift import TemporalRopeShift, TemporalRopeShiftParams
 
-from .helpers import FULL_PACKFORCING_BLOCKS, full_packforcing_engine, layer_qkv
+from .helpers import (
+    FULL_PACKFORCING_BLOCKS,
+    assert_one_read_per_block,
+    full_packforcing_engine,
+    layer_qkv,
+    syncs_of_a_pass,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -43,21 +50,44 @@ def engine():
 
 
 def test_a_full_packforcing_context_attends_without_host_syncs(engine):
-    ctx = engine.policy.context(engine.query(BLOCKS))
+    syncs = syncs_of_a_pass(engine.policy, engine.query(BLOCKS), layer_qkv(engine, 0))
+    assert_one_read_per_block(syncs)
+    assert syncs["context"].context_tokens > 0 and len(syncs["context"].selections) == engine.geometry.num_layers
+
+
+def test_a_block_s_passes_are_checked_in_one_read(engine):
+    """The sampler's passes of one block run without a host read between them; their checks
+    are read together, once."""
+    policy = engine.policy
     layers = layer_qkv(engine, 0)
-    with HostSyncCounter() as first:
-        ctx.attend(0, *layers[0])
-    # the pass's layout: one host-made tensor moved to the device (asynchronously on CUDA)
-    assert sum(first.reads.values()) == 0, dict(first.reads)
-    assert first.total <= 2, (dict(first.reads), dict(first.writes))
-    with HostSyncCounter() as rest:
-        for layer in range(1, len(layers) - 1):
-            ctx.attend(layer, *layers[layer])
-    assert rest.total == 0, (dict(rest.reads), dict(rest.writes))
-    with HostSyncCounter() as last:  # the pass's device-side checks, read once
-        ctx.attend(len(layers) - 1, *layers[-1])
-    assert dict(last.reads) == {"__bool__": 1} and last.total == 1, (dict(last.reads), dict(last.writes))
-    assert ctx.context_tokens > 0 and len(ctx.selections) == len(layers)
+    with HostSyncCounter() as passes:
+        for _ in range(4):
+            ctx = policy.context(engine.query(BLOCKS))
+            for layer, qkv in enumerate(layers):
+                ctx.attend(layer, *qkv)
+    with HostSyncCounter() as settle:
+        policy.settle()
+    assert sum(passes.reads.values()) == 0, dict(passes.reads)
+    assert dict(settle.reads) == {"__bool__": 1} and settle.total == 1
+
+
+def test_host_reads_per_block_do_not_grow_with_sampler_steps():
+    """A whole block through the session (the sampler's steps, the clean pass, the commit): its
+    host reads are the commit's, however many steps the sampler takes."""
+    reads = {}
+    for steps in (1, 4):
+        config = pf.load_config(
+            "configs/packforcing.yaml",
+            overrides=["run.device=cpu", "backend.name=sdpa", f"sampler.steps={steps}"],
+        )
+        engine = pf.build_engine(config)
+        with engine.session(seed=0) as session:
+            for _ in range(FULL_PACKFORCING_BLOCKS):
+                session.step()
+            with HostSyncCounter() as counter:
+                session.step()
+        reads[steps] = dict(counter.reads)
+    assert reads[4] == reads[1], reads
 
 
 def test_the_old_path_is_what_the_counter_catches(engine):
@@ -132,21 +162,45 @@ class OutOfRange(Selector):
         return idx + len(candidates) if layer == self.bad_layer else idx
 
 
-def test_device_side_checks_raise_at_the_end_of_the_pass_naming_the_layer(engine):
-    """Bad picks are clamped for the gather (no device fault), checked on the device, and the
-    pass's last layer raises the same PluginError as the host path, naming the bad layer."""
+def test_device_side_checks_raise_when_the_block_settles_naming_the_layer(engine):
+    """Bad picks are clamped for the gather (no device fault), checked on the device, and
+    settling the block raises the same PluginError as the host path, naming the bad layer."""
     policy = engine.policy
     saved = policy.selector
     policy.selector = OutOfRange(saved, bad_layer=1)
     try:
         ctx = policy.context(engine.query(BLOCKS))
-        layers = layer_qkv(engine, 2)
-        for layer in range(len(layers) - 1):
-            ctx.attend(layer, *layers[layer])  # no error yet: nothing read on the host
+        for layer, qkv in enumerate(layer_qkv(engine, 2)):
+            ctx.attend(layer, *qkv)  # no error yet: nothing read on the host
         with pytest.raises(PluginError, match=r"layer 1: returned indices outside \[0, "):
-            ctx.attend(len(layers) - 1, *layers[-1])
+            policy.settle()
+        policy.settle()  # read once: nothing is held after an error
     finally:
         policy.selector = saved
+
+
+def test_a_bad_pass_is_refused_at_commit_with_the_cache_unchanged():
+    """Through a session, a pass's bad picks surface from ``step()`` (the commit settles before
+    changing anything): the cache and the block count stay as they were, and the session goes
+    on once the selector is fixed."""
+    engine = full_packforcing_engine()
+    policy = engine.policy
+    saved = policy.selector
+    with engine.session(seed=0, batch_size=2) as session:
+        for _ in range(FULL_PACKFORCING_BLOCKS):
+            session.step()
+        before = (policy.stats(), session.blocks_done, [b.block_id for b in policy.full_resolution_blocks()])
+        policy.selector = OutOfRange(saved, bad_layer=2)
+        try:
+            with pytest.raises(PluginError, match=r"selector.*layer 2: returned indices outside"):
+                session.step()
+            with pytest.raises(PluginError, match=r"selector.*layer 2: returned indices outside"):
+                session.predict()  # passes without a commit are settled too
+        finally:
+            policy.selector = saved
+        assert (policy.stats(), session.blocks_done, [b.block_id for b in policy.full_resolution_blocks()]) == before
+        session.step()
+        assert session.blocks_done == before[1] + 1
 
 
 class NanAtLayer(TemporalRopeShift):
@@ -172,11 +226,10 @@ def test_gathered_keys_are_checked_unless_the_realigner_keeps_them_finite(engine
     policy.realigner = NanAtLayer(saved.params, bad_layer=1, keeps_finite=keeps_finite)
     try:
         ctx = policy.context(engine.query(BLOCKS))
-        layers = layer_qkv(engine, 3)
-        for layer in range(len(layers) - 1):
-            ctx.attend(layer, *layers[layer])
+        for layer, qkv in enumerate(layer_qkv(engine, 3)):
+            ctx.attend(layer, *qkv)
         with pytest.raises(PluginError, match=r"layer 1: ") as info:
-            ctx.attend(len(layers) - 1, *layers[-1])
+            policy.settle()
         assert blamed in str(info.value)
     finally:
         policy.realigner = saved

@@ -22,13 +22,20 @@ import packforcing as pf
 from packforcing.attention.backends import SdpaBackend, SdpaParams, _math_lse
 from packforcing.attention.merge import merge_by_lse
 from packforcing.core.errors import ConfigError, PluginError
-from packforcing.core.instrument import HostSyncCounter
 from packforcing.core.store import adjacent_runs
 from packforcing.positional import TemporalRopeShift, TemporalRopeShiftParams
 from packforcing.positional.identity import IdentityRealigner
 from packforcing.testing import reference_generate
 
-from .helpers import FULL_PACKFORCING_BLOCKS, engine_for, full_packforcing_engine, generate, layer_qkv
+from .helpers import (
+    FULL_PACKFORCING_BLOCKS,
+    assert_one_read_per_block,
+    engine_for,
+    full_packforcing_engine,
+    generate,
+    layer_qkv,
+    syncs_of_a_pass,
+)
 from .test_oracle import CASES, NUM_BLOCKS, rel_err
 from .test_realigner import _geometry, _paper_figure_policy, _query
 
@@ -199,20 +206,10 @@ def test_a_split_context_attends_without_host_syncs(engine):
     saved = policy.backend
     policy.backend = SPLIT
     try:
-        ctx = policy.context(engine.query(BLOCKS))
-        layers = layer_qkv(engine, 0)
-        with HostSyncCounter() as first:
-            ctx.attend(0, *layers[0])
-        with HostSyncCounter() as rest:
-            for layer in range(1, len(layers) - 1):
-                ctx.attend(layer, *layers[layer])
-        with HostSyncCounter() as last:
-            ctx.attend(len(layers) - 1, *layers[-1])
+        syncs = syncs_of_a_pass(policy, engine.query(BLOCKS), layer_qkv(engine, 0))
     finally:
         policy.backend = saved
-    assert sum(first.reads.values()) == 0 and first.total <= 2, (dict(first.reads), dict(first.writes))
-    assert rest.total == 0, (dict(rest.reads), dict(rest.writes))
-    assert dict(last.reads) == {"__bool__": 1} and last.total == 1, (dict(last.reads), dict(last.writes))
+    assert_one_read_per_block(syncs)
 
 
 class NanQuery(TemporalRopeShift):
@@ -240,11 +237,10 @@ def test_a_non_finite_moved_query_is_blamed_like_gathered_keys(engine, keeps_fin
     policy.realigner, policy.backend = NanQuery(bad_layer=1, keeps_finite=keeps_finite), SPLIT
     try:
         ctx = policy.context(engine.query(BLOCKS))
-        layers = layer_qkv(engine, 3)
-        for layer in range(len(layers) - 1):
-            ctx.attend(layer, *layers[layer])
+        for layer, qkv in enumerate(layer_qkv(engine, 3)):
+            ctx.attend(layer, *qkv)  # no error yet: nothing read on the host
         with pytest.raises(PluginError, match="layer 1: ") as info:
-            ctx.attend(len(layers) - 1, *layers[-1])
+            policy.settle()
         assert blamed in str(info.value)
     finally:
         policy.realigner, policy.backend = saved

@@ -143,3 +143,48 @@ def selection_problem(
     if any(a >= b for row in rows for a, b in itertools.pairwise(row)):
         return f"returned indices not in increasing (time) order: {rows}"
     return None
+
+
+class DeferredChecks:
+    """Device-side checks of plugin output, held until one host read for a whole block.
+
+    A forward pass checks what stays on the device (a selector's indices, each layer's finite
+    output) as flags on the device; reading them on the host waits for every queued kernel, and
+    the device then idles while Python prepares the next pass. A policy that holds its passes'
+    flags here reads all of a block's at once, before the block is committed
+    (:meth:`settle`), so the sampler's passes run back to back on the device. The cache is
+    unchanged until then, so a bad pass is still refused before anything is stored.
+    """
+
+    def __init__(self) -> None:
+        self.block: int | None = None
+        """The block whose passes' checks are held (``None``: none held)."""
+        self._held: list[tuple[torch.Tensor, Callable[[], None]]] = []
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def add(self, block: int, flags: torch.Tensor, explain: Callable[[], None]) -> None:
+        """Hold one pass's ``flags`` (bool on the device, all true when the pass was fine) for
+        ``block``; ``explain()`` raises the pass's precise error (it may read on the host). Checks
+        held for another block (one abandoned by an error before its commit) are dropped."""
+        if self.block != block:
+            self._held.clear()
+            self.block = block
+        self._held.append((flags.reshape(-1), explain))
+
+    def clear(self) -> None:
+        """Drop what is held, unread."""
+        self._held.clear()
+        self.block = None
+
+    def settle(self) -> None:
+        """Read every held flag in one host read; if one is false, raise the first failing pass's
+        error (in the order the passes ran). Nothing is held afterwards, either way."""
+        held = self._held
+        self._held, self.block = [], None
+        if not held or bool(torch.cat([flags for flags, _ in held]).all()):
+            return
+        for flags, explain in held:
+            if not bool(flags.all()):
+                explain()

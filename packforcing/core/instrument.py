@@ -211,6 +211,10 @@ class TimedPolicy(CachePolicy):
     def plan(self, num_blocks: int, batch_size: int = 1) -> MemoryPlan:
         return self.inner.plan(num_blocks, batch_size)
 
+    def settle(self) -> None:
+        with self.timer.section("commit"):
+            self.inner.settle()
+
     def full_resolution_blocks(self) -> list[CachedBlock]:
         return self.inner.full_resolution_blocks()
 

@@ -296,6 +296,14 @@ class CachePolicy(abc.ABC):
     def context(self, query: BlockQuery) -> AttentionContext:
         """Attention context for a forward pass of the block ``query``."""
 
+    def settle(self) -> None:
+        """Raise for any check of the current block's passes that was left on the device (a
+        policy may read them once per block instead of once per pass, so the device is not
+        drained between the sampler's steps). :meth:`commit` and :meth:`replace_kv` must settle
+        before changing anything; a session calls this after passes that are not committed
+        (:meth:`~packforcing.core.session.GenerationSession.predict`). The default holds no checks."""
+        return None
+
     def full_resolution_blocks(self) -> list[CachedBlock]:
         """Blocks held at full resolution, oldest first: what a prompt-switch re-cache recomputes
         (:meth:`replace_kv`). The default holds none (re-caching is then a no-op)."""

@@ -151,7 +151,9 @@ class GenerationSession:
         committing it: the cache and :attr:`blocks_done` are unchanged. With :meth:`observe`
         this measures teacher-forced prediction (predict a block, then commit the true one)."""
         self._check_open()
-        return self._sample(self._blocks_done)
+        latents = self._sample(self._blocks_done)
+        self.engine.policy.settle()  # the passes' deferred checks (a commit would read them)
+        return latents
 
     def _recache_at_switch(self, index: int) -> None:
         if self.recache_on_switch and index > 0 and index in self.schedule.starts:

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import torch
 
-from packforcing.core.boundary import Origin, kv_problem, number_problem
+from packforcing.core.boundary import DeferredChecks, Origin, kv_problem, number_problem
 from packforcing.core.errors import ConfigError, ParamError
 from packforcing.core.geometry import Geometry
 from packforcing.core.interfaces import (
@@ -111,6 +111,8 @@ class TieredPolicy(CachePolicy):
         self._dropped: list[int] = []
         self._where: dict[int, int | str] = {}
         self._last_block_id = -1
+        self._checks = DeferredChecks()
+        """The device-side checks of the current block's passes, read by :meth:`settle`."""
 
     # ------------------------------------------------------------------ geometry
     def _resolve_grids(self) -> None:
@@ -247,6 +249,7 @@ class TieredPolicy(CachePolicy):
 
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
+        self._checks.clear()
         self.layout.reset()
         for t in self._tiers:
             t.blocks.clear()
@@ -477,6 +480,7 @@ class TieredPolicy(CachePolicy):
             raise ValueError(f"commit grid {commit.grid} differs from the geometry's {self.geometry.block_grid}")
         if commit.block_id <= self._last_block_id:
             raise ValueError(f"block {commit.block_id} committed after block {self._last_block_id}")
+        self.settle()
         check_finite(commit.keys, commit.values, f"block {commit.block_id}")
         layout = self.layout.copy()
         steps: list[Step] = []
@@ -551,6 +555,7 @@ class TieredPolicy(CachePolicy):
         tier = self._tiers[where] if isinstance(where, int) else None
         if tier is None or tier.compressor is not None:
             raise ValueError(f"block {block_id} is not held at full resolution (it is in {where or 'no tier'})")
+        self.settle()
         check_finite(keys, values, f"block {block_id}")
         i = next(i for i, b in enumerate(tier.blocks) if b.block_id == block_id)
         block = tier.blocks[i]
@@ -595,6 +600,11 @@ class TieredPolicy(CachePolicy):
             raise
 
     # ------------------------------------------------------------------ attention
+    def settle(self) -> None:
+        """Read the device-side checks of the current block's passes (one host read for all of
+        them) and raise the first bad one's :class:`~packforcing.core.errors.PluginError`."""
+        self._checks.settle()
+
     def context(self, query: BlockQuery) -> TieredContext:
         # only blocks before the query (all of them while generating; the older ones on a re-cache)
         groups: list[tuple[list[CachedBlock], bool]] = []
@@ -614,6 +624,7 @@ class TieredPolicy(CachePolicy):
                 self._origin("realigner", "realigner", self.realigner),
                 self._origin("backend", "backend", self.backend),
             ),
+            checks=self._checks,
         )
 
     # ------------------------------------------------------------------ memory

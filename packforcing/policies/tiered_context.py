@@ -10,7 +10,7 @@ import attrs
 import torch
 
 from packforcing.attention.merge import merge_by_lse
-from packforcing.core.boundary import Origin, number_problem, selection_problem, tensor_problem
+from packforcing.core.boundary import DeferredChecks, Origin, number_problem, selection_problem, tensor_problem
 from packforcing.core.finite import finite_flags, finite_probe
 from packforcing.core.interfaces import (
     AttentionBackend,
@@ -126,8 +126,10 @@ class TieredContext(AttentionContext):
     synchronisation. The per-pass invariants (layout, targets, shifts of the fixed blocks) are
     computed once, on the first layer. The checks of what lives on the device (indices in range
     and increasing, finite output) are then made on the device, indices clamped so a bad one
-    cannot fault the gather, and read once, at the pass's last layer (which raises the same
-    :class:`~packforcing.core.errors.PluginError`, naming the first bad layer). Otherwise picks
+    cannot fault the gather, and read once: with ``checks`` (the policy's
+    :class:`~packforcing.core.boundary.DeferredChecks`) when the policy settles the block,
+    for all its passes at once; without, at the pass's last layer. Either raises the same
+    :class:`~packforcing.core.errors.PluginError`, naming the first bad layer. Otherwise picks
     and checks are read on the host at every layer.
 
     On that device-side path, a backend that asks for it (``split_context``, with
@@ -146,8 +148,10 @@ class TieredContext(AttentionContext):
         backend: AttentionBackend,
         rope: Any,
         origins: tuple[Origin, Origin, Origin] | None = None,
+        checks: DeferredChecks | None = None,
     ) -> None:
         self._groups = groups
+        self._checks = checks
         self._query = query
         self._selector = selector
         self._realigner = realigner
@@ -429,7 +433,9 @@ class TieredContext(AttentionContext):
         return _DeviceLayout(pieces, len(pieces) if rotates else 0, rows, runs)
 
     def _verify(self) -> None:
-        """Read the pass's device-side checks (one host read); raise for the first bad one."""
+        """Hand the pass's device-side checks to the policy's :class:`DeferredChecks` (read once
+        per block), or, for a context made without them, read them now (one host read); the
+        first bad one raises."""
         picks, self._picks = self._picks, []
         outputs, self._outputs = self._outputs, []
         flags: list[torch.Tensor] = []
@@ -442,8 +448,20 @@ class TieredContext(AttentionContext):
         probes = [x for _, out_probe, keys_probe in outputs for x in (out_probe, keys_probe) if x is not None]
         if probes:
             flags.append(finite_flags(probes))
-        if not flags or bool(torch.cat([f.reshape(-1) for f in flags]).all()):
+        if not flags:
             return
+        flat = torch.cat([f.reshape(-1) for f in flags])
+        if self._checks is not None:
+            self._checks.add(self._query.block_id, flat, lambda: self._explain(picks, outputs))
+        elif not bool(flat.all()):
+            self._explain(picks, outputs)
+
+    def _explain(
+        self,
+        picks: list[tuple[int, int, torch.Tensor]],
+        outputs: list[tuple[int, torch.Tensor, torch.Tensor | None]],
+    ) -> None:
+        """Raise the error of the first bad check of a pass (by layer; a layer's picks first)."""
         block = self._query.block_id
         checks = [(layer, 0, g, idx) for layer, g, idx in picks] + [(layer, 1, None, o) for layer, *o in outputs]
         for layer, _, g, what in sorted(checks, key=lambda c: (c[0], c[1])):

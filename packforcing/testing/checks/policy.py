@@ -132,6 +132,7 @@ def replay(policy: CachePolicy, g: Geometry, n: int, batch: int, seed: int) -> d
             outputs.append(out)
         context_tokens.append(ctx.context_tokens)
         if b == n:
+            policy.settle()  # the last pass is not committed: read what it left on the device
             break
         commit = make_commit(g, b, batch_size=batch, position=ctx.position, seed=seed + b)
         before = snapshot([*commit.keys, *commit.values, commit.latents])
