@@ -35,6 +35,13 @@ def _ladder_on(theta: float, pairs: int, device: torch.device) -> torch.Tensor:
     return _ladder(theta, pairs).to(device)
 
 
+@functools.lru_cache(maxsize=16)
+def _unit_on(device: torch.device) -> torch.Tensor:
+    """A 0-d float64 one on ``device`` (the modulus :func:`torch.polar` broadcasts), made once:
+    a ``ones_like`` per rotation table is one more kernel launch per layer call."""
+    return torch.ones((), dtype=torch.float64, device=device)
+
+
 @attrs.frozen
 class Rope3D:
     """Rotary embedding over ``(t, h, w)`` positions for keys/queries ``[B, N, H, D]``."""
@@ -184,7 +191,7 @@ class Rope3D:
         complex64 table ``[1 or B, N, 1, Pt]`` on ``delta``'s device, angles in float64: what
         :meth:`turn_temporal_` multiplies by (made once, it can rotate many tensors)."""
         ang = delta.to(torch.float64)[..., None] * self.temporal_freqs(delta.device)  # [N, Pt] or [B, N, Pt]
-        turn = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
+        turn = torch.polar(_unit_on(ang.device).expand_as(ang), ang).to(torch.complex64)
         return (turn if turn.dim() == 3 else turn[None])[:, :, None, :]
 
     def turn_temporal_(self, x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:

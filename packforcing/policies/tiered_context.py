@@ -557,7 +557,7 @@ class TieredContext(AttentionContext):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``keys`` then ``k`` in one tensor through the realigner's :meth:`gather_shifted` (the
         first tokens moved by ``shifts``), checked, and ``values`` then ``v``."""
-        deltas = torch.cat(shifts, dim=1) if shifts else None
+        deltas = (shifts[0] if len(shifts) == 1 else torch.cat(shifts, dim=1)) if shifts else None
         origin = self._origins[1]
         block = self._query.block_id
         gathered = origin.call(block, self._realigner.gather_shifted, keys, deltas, self._rope, k)

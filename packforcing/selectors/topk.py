@@ -125,8 +125,9 @@ class TopKSelector(Selector):
         return mean
 
     def _bank(self, candidates: Sequence[CachedBlock], layer: int, heads: torch.Tensor) -> torch.Tensor:
-        """Stacked key means ``[B, C, h'·D]`` of ``candidates`` at ``layer`` over ``heads``, memoised
-        while the candidates stay the same blocks (compared by identity, held weakly)."""
+        """Stacked key means ``[B, C, h'·D]`` of ``candidates`` at ``layer`` over ``heads``, scaled
+        by the score's ``1 / (h'·√D)`` (one kernel less per call), memoised while the candidates
+        stay the same blocks (compared by identity, held weakly)."""
         found = self._banks.get(layer)
         if found is not None:
             refs, bank = found
@@ -135,7 +136,7 @@ class TopKSelector(Selector):
         bank = torch.stack([self._key_mean(c, layer) for c in candidates], dim=1)  # [B, C, H, D]
         if heads.numel() != bank.shape[2]:  # a subset of heads
             bank = bank.index_select(2, heads)
-        bank = bank.flatten(2)
+        bank = bank.flatten(2) / (heads.numel() * math.sqrt(bank.shape[-1]))  # [B, C, h'·D]
         self._banks[layer] = ([weakref.ref(c) for c in candidates], bank)
         return bank
 
@@ -154,15 +155,15 @@ class TopKSelector(Selector):
 
     def scores(self, queries: torch.Tensor, candidates: Sequence[CachedBlock], layer: int) -> torch.Tensor:
         """Importance ``[B, C]`` (float32) of each candidate for ``queries [B, Nq, H, D]``."""
-        _, nq, h, d = queries.shape
+        _, nq, h, _ = queries.shape
         qi, hi = self._sample(nq, h, queries.device)
         sampled = queries.index_select(1, qi)
         if hi.numel() != h:  # a subset of heads
             sampled = sampled.index_select(2, hi)
         q_mean = sampled.mean(dim=1, dtype=torch.float32)  # [B, h', D]
-        k_mean = self._bank(candidates, layer, hi)  # [B, C, h'·D]
-        # Σ_{h,d} q̄_{bhd} k̄_{bchd} as one batched matrix-vector product
-        return torch.bmm(k_mean, q_mean.flatten(1)[:, :, None])[..., 0] / (hi.numel() * math.sqrt(d))
+        k_mean = self._bank(candidates, layer, hi)  # [B, C, h'·D], scaled
+        # Σ_{h,d} q̄_{bhd} k̄_{bchd} / (h'·√d) as one batched matrix-vector product
+        return torch.bmm(k_mean, q_mean.flatten(1)[:, :, None])[..., 0]
 
     def select(self, queries: torch.Tensor, candidates: Sequence[CachedBlock], layer: int) -> torch.Tensor:
         if not candidates:
