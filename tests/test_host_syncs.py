@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import packforcing as pf
+from packforcing.attention.backends import SdpaBackend
 from packforcing.core.errors import PluginError
 from packforcing.core.instrument import HostSyncCounter
 from packforcing.core.interfaces import Selector
@@ -233,3 +234,42 @@ def test_gathered_keys_are_checked_unless_the_realigner_keeps_them_finite(engine
         assert blamed in str(info.value)
     finally:
         policy.realigner = saved
+
+
+class FailsInALaterPass(SdpaBackend):
+    """SDPA that raises from the third forward pass on (a host-side failure after earlier passes
+    left their checks on the device)."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.calls, self.limit = 0, 2 * layers
+
+    def attend(self, q, k, v, mask=None):
+        self.calls += 1
+        if self.calls > self.limit:
+            raise RuntimeError("device lost")
+        return super().attend(q, k, v, mask)
+
+
+def test_an_earlier_pass_s_bad_output_is_raised_before_a_later_failure():
+    """A block that fails on the host after earlier passes went wrong on the device raises the
+    first cause (the selector's picks at layer 1), chained to the later failure; nothing of the
+    abandoned block stays held, so the next block goes through."""
+    engine = full_packforcing_engine()
+    policy = engine.policy
+    saved = policy.selector, policy.backend
+    with engine.session(seed=0, batch_size=2) as session:
+        for _ in range(FULL_PACKFORCING_BLOCKS):
+            session.step()
+        done = session.blocks_done
+        policy.selector = OutOfRange(saved[0], bad_layer=1)
+        policy.backend = FailsInALaterPass(engine.geometry.num_layers)
+        try:
+            with pytest.raises(PluginError, match=r"selector.*layer 1: returned indices outside") as info:
+                session.step()
+        finally:
+            policy.selector, policy.backend = saved
+        assert isinstance(info.value.__context__, PluginError) and "device lost" in str(info.value.__context__)
+        assert session.blocks_done == done
+        session.step()
+        assert session.blocks_done == done + 1

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -141,9 +142,10 @@ class GenerationSession:
         self._check_open()
         started = time.perf_counter()
         index = self._blocks_done
-        self._recache_at_switch(index)
-        latents = self._sample(index)
-        return self._commit(self.engine.query(index), latents, self._condition(index), started, observed=False)
+        with self._settled():
+            self._recache_at_switch(index)
+            latents = self._sample(index)
+            return self._commit(self.engine.query(index), latents, self._condition(index), started, observed=False)
 
     @torch.no_grad()
     def predict(self) -> torch.Tensor:
@@ -151,9 +153,23 @@ class GenerationSession:
         committing it: the cache and :attr:`blocks_done` are unchanged. With :meth:`observe`
         this measures teacher-forced prediction (predict a block, then commit the true one)."""
         self._check_open()
-        latents = self._sample(self._blocks_done)
-        self.engine.policy.settle()  # the passes' deferred checks (a commit would read them)
+        with self._settled():
+            latents = self._sample(self._blocks_done)
+            self.engine.policy.settle()  # the passes' deferred checks (a commit would read them)
         return latents
+
+    @contextmanager
+    def _settled(self) -> Iterator[None]:
+        """Work on one block whose checks the policy may hold on the device (see
+        :meth:`CachePolicy.settle`). When it fails, they are read before the error goes on: a
+        pass's bad plugin output that came first (a NaN that a later check tripped on) is raised
+        instead, chained to the later error; either way nothing of the abandoned block is left
+        held to surface in the next one."""
+        try:
+            yield
+        except Exception:
+            self.engine.policy.settle()
+            raise
 
     def _recache_at_switch(self, index: int) -> None:
         if self.recache_on_switch and index > 0 and index in self.schedule.starts:
@@ -169,9 +185,13 @@ class GenerationSession:
         kept by a session opened with ``recache=True``. Returns the number of blocks re-cached.
         """
         self._check_open()
-        engine = self.engine
         index = self._blocks_done if index is None else index
-        condition, spec = self._condition(index), self.condition_spec(index)
+        with self._settled():
+            return self._recache_blocks(self._condition(index), self.condition_spec(index))
+
+    def _recache_blocks(self, condition: Any, spec: Any) -> int:
+        """:meth:`recache`'s work: the clean pass of each full-resolution block, replaced in place."""
+        engine = self.engine
         done = 0
         for block in engine.policy.full_resolution_blocks():
             latents = self._latents.get(block.block_id)
@@ -217,8 +237,9 @@ class GenerationSession:
             raise ValueError("observe: the latents hold NaN or Inf values")
         latents = latents.to(device=engine.device, dtype=engine.dtype)
         index = self._blocks_done
-        self._recache_at_switch(index)
-        return self._commit(engine.query(index), latents, self._condition(index), started, observed=True)
+        with self._settled():
+            self._recache_at_switch(index)
+            return self._commit(engine.query(index), latents, self._condition(index), started, observed=True)
 
     def _commit(
         self, query: BlockQuery, latents: torch.Tensor, condition: Any, started: float, *, observed: bool
