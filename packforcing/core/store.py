@@ -234,9 +234,12 @@ class TierStore:
         keys: Sequence[torch.Tensor],
         values: Sequence[torch.Tensor],
         latents: torch.Tensor | None = None,
+        *,
+        finite: bool = True,
     ) -> None:
         """Raise (``ValueError``, :class:`NonFiniteError`) if :meth:`put` would refuse the block;
-        changes nothing."""
+        changes nothing. ``finite=False`` skips the finiteness check (a pass over every layer
+        and a host read) for K/V the caller has already checked or that come from a store."""
         if len(keys) != self.num_layers or len(values) != self.num_layers:
             raise ValueError(f"tier {self.name!r}: expected {self.num_layers} layers, got {len(keys)}")
         expected = (self.slot_tokens, self.num_heads, self.head_dim)
@@ -248,7 +251,8 @@ class TierStore:
                 )
             if self._dtype is not None and (k.dtype != self._dtype or v.dtype != self._dtype):
                 raise ValueError(f"tier {self.name!r}, layer {layer}: dtype {k.dtype}/{v.dtype}, holds {self._dtype}")
-        check_finite(keys, values, f"tier {self.name!r}")
+        if finite:
+            check_finite(keys, values, f"tier {self.name!r}")
         if self._batch is not None and keys[0].shape[0] != self._batch:
             raise ValueError(f"tier {self.name!r}: batch size changed from {self._batch} to {keys[0].shape[0]}")
         if self.keep_latents:

@@ -23,6 +23,7 @@ import torch
 
 from packforcing.core.boundary import DeferredChecks, Origin, kv_problem, number_problem
 from packforcing.core.errors import ConfigError, ParamError
+from packforcing.core.finite import all_finite
 from packforcing.core.geometry import Geometry
 from packforcing.core.interfaces import (
     AttentionBackend,
@@ -370,7 +371,7 @@ class TieredPolicy(CachePolicy):
             origin = self._origin(f"compressor:{tier.name}", "compressor", tier.compressor)
             ckv = origin.call(source.block_id, tier.compressor.compress, block, self.model)
             self._check_compressed(origin, ckv, tier, block)
-            put = Put(tier.store, ckv.keys, ckv.values, latents)
+            put = Put(tier.store, ckv.keys, ckv.values, latents, finite=True)  # checked above
             put.record = dict(
                 fidelity=tier.compressor.name,
                 grid=tuple(ckv.grid),
@@ -379,7 +380,7 @@ class TieredPolicy(CachePolicy):
                 hw_stride=float(ckv.hw_stride),
             )
         elif isinstance(source, CachedBlock):
-            put = Put(tier.store, source.keys, source.values, latents)
+            put = Put(tier.store, source.keys, source.values, latents, finite=True)  # stored
             put.record = dict(
                 fidelity=source.fidelity,
                 grid=source.grid,
@@ -388,7 +389,7 @@ class TieredPolicy(CachePolicy):
                 hw_stride=source.hw_stride,
             )
         else:
-            put = Put(tier.store, list(source.keys), list(source.values), latents)
+            put = Put(tier.store, list(source.keys), list(source.values), latents, finite=True)  # commit checked
             put.record = dict(
                 fidelity=FULL,
                 grid=source.grid,
@@ -480,8 +481,7 @@ class TieredPolicy(CachePolicy):
             raise ValueError(f"commit grid {commit.grid} differs from the geometry's {self.geometry.block_grid}")
         if commit.block_id <= self._last_block_id:
             raise ValueError(f"block {commit.block_id} committed after block {self._last_block_id}")
-        self.settle()
-        check_finite(commit.keys, commit.values, f"block {commit.block_id}")
+        self._settle_with(commit.block_id, commit.keys, commit.values)
         layout = self.layout.copy()
         steps: list[Step] = []
         popped = [0] * len(self._tiers)
@@ -500,7 +500,7 @@ class TieredPolicy(CachePolicy):
                 move = attrs.evolve(move, dst=DROP)  # a bound of 0: nothing is kept
             if move.dst == ARCHIVE:
                 archive_store = self._archive_store_for(block)
-                put = Put(archive_store, block.keys, block.values, None)
+                put = Put(archive_store, block.keys, block.values, None, finite=True)  # stored
                 put.record = {f.name: getattr(block, f.name) for f in attrs.fields(CachedBlock) if f.name != "slot"}
                 put.check()
             elif move.dst != DROP:
@@ -555,8 +555,7 @@ class TieredPolicy(CachePolicy):
         tier = self._tiers[where] if isinstance(where, int) else None
         if tier is None or tier.compressor is not None:
             raise ValueError(f"block {block_id} is not held at full resolution (it is in {where or 'no tier'})")
-        self.settle()
-        check_finite(keys, values, f"block {block_id}")
+        self._settle_with(block_id, keys, values)
         i = next(i for i, b in enumerate(tier.blocks) if b.block_id == block_id)
         block = tier.blocks[i]
         n = block.slot.num_layers
@@ -604,6 +603,16 @@ class TieredPolicy(CachePolicy):
         """Read the device-side checks of the current block's passes (one host read for all of
         them) and raise the first bad one's :class:`~packforcing.core.errors.PluginError`."""
         self._checks.settle()
+
+    def _settle_with(self, block_id: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """:meth:`settle` with the finiteness of K/V about to be stored for ``block_id`` read in
+        the same host read (its :class:`~packforcing.core.store.NonFiniteError` comes after any
+        error of the block's passes)."""
+        tensors = [*keys, *values]
+        if tensors:
+            where = f"block {block_id}"
+            self._checks.add(block_id, all_finite(tensors), lambda: check_finite(keys, values, where))
+        self.settle()
 
     def context(self, query: BlockQuery) -> TieredContext:
         # only blocks before the query (all of them while generating; the older ones on a re-cache)

@@ -46,7 +46,10 @@ class Tier:
 
 
 class Put:
-    """A block checked and ready to be copied into ``store`` (phase two of a commit)."""
+    """A block checked and ready to be copied into ``store`` (phase two of a commit).
+
+    ``finite``: the K/V are already known to be finite (checked by the caller, or read from a
+    store, which holds nothing else), so :meth:`check` does not read them again."""
 
     def __init__(
         self,
@@ -54,15 +57,18 @@ class Put:
         keys: Sequence[torch.Tensor],
         values: Sequence[torch.Tensor],
         latents: torch.Tensor | None,
+        *,
+        finite: bool = False,
     ) -> None:
         self.store = store
         self.keys = keys
         self.values = values
         self.latents = latents
+        self.finite = finite
         self.record: dict[str, Any] = {}
 
     def check(self) -> None:
-        self.store.check(self.keys, self.values, self.latents)
+        self.store.check(self.keys, self.values, self.latents, finite=not self.finite)
 
     def apply(self) -> CachedBlock:
         slot = self.store.put(self.keys, self.values, self.latents, checked=True)
