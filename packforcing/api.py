@@ -49,6 +49,12 @@ RoPE positions (what a compressor must respect)
     A compressor never writes to the block it is given and returns fresh tensors in the block's
     dtype and on its device.
 
+Checks held on the device
+    A policy may check what stays on the device (indices, finite outputs) as flags and hold
+    them in a :class:`DeferredChecks` for the whole block, reading them once in
+    ``CachePolicy.settle()`` (which its ``commit`` calls before changing anything), so a
+    block's forward passes are not separated by host reads.
+
 Testing
     :mod:`packforcing.testing` holds the conformance checks (``check_compressor``,
     ``check_selector``, ``check_realigner``, ``check_policy``) that take the class (or factory)
@@ -57,6 +63,7 @@ Testing
 
 from __future__ import annotations
 
+from packforcing.core.boundary import DeferredChecks
 from packforcing.core.build import BuildEnv
 from packforcing.core.errors import ConfigError, ParamError
 from packforcing.core.geometry import Geometry, Grid
@@ -100,6 +107,7 @@ __all__ = [
     "CompressedKV",
     "Compressor",
     "ConfigError",
+    "DeferredChecks",
     "Geometry",
     "Grid",
     "LatentCodec",
