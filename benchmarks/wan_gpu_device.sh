@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The GPU checks of the Wan work in one device call: benchmarks/wan_gpu.py's PackForcing run (to
-# 120 s of video) and cache-management share with this tree ("after"), then the share with the
-# tree in .before/ ("before": an earlier commit's packforcing/, benchmarks/ and configs/, if
-# present), on the same GPU in the same call, so the two are comparable.
+# The GPU checks of the Wan work in one device call: the CUDA tests, then benchmarks/wan_gpu.py's
+# sections with this tree ("after"), then the share with the tree in .before/ ("before": an
+# earlier commit's packforcing/, benchmarks/ and configs/, if present), on the same GPU in the
+# same call, so the two are comparable.
 #
 #   bash benchmarks/wan_gpu_device.sh OUT [SECTIONS] [BUDGET]
 #
 # SECTIONS: wan_gpu.py's --only for this tree (default attention,copy,shares,shares_split: the
 # attention kernels, xformers included when it loads; the per-layer copy against attention over
 # the stored parts; the cache-management share with the context copied and split); BUDGET: its
-# --budget in seconds (default 300). First, the CUDA tests of the attention backends
-# (tests/test_backends.py: xformers, and each SDPA kernel's log-sum-exp) go to OUT/tests.log.
+# --budget in seconds (default 300). First, the CUDA tests go to OUT/tests.log: the attention
+# backends' (tests/test_backends.py: xformers, and each SDPA kernel's log-sum-exp) and the host
+# syncs' (tests/test_host_syncs.py: a full PackForcing context's passes under CUDA's sync debug
+# mode, copied and split).
 #
 # Needs the wheels the GPU image lacks in .whl/ (diffusers, importlib_metadata, cattrs). PyPI's
 # xformers wheel is built against CUDA 12: with xformers and nvidia-cuda-runtime-cu12 in .whl/
@@ -36,7 +38,8 @@ out = xops.memory_efficient_attention(q, q, q)
 ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, q, q))).transpose(1, 2)
 print('xformers', xops.__name__, 'works: max |xformers - sdpa| =', float((out - ref).abs().max()))
 " 2>&1 | tail -1
-PYTHONPATH=$PWD:/tmp/site timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py 2>&1 \
+PYTHONPATH=$PWD:/tmp/site timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py \
+    tests/test_host_syncs.py 2>&1 \
     | quiet | tee "$out/tests.log" | tail -3
 PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out" --only "$sections" --budget "$budget" 2>&1 \
     | quiet | tee "$out/after.log"

@@ -276,3 +276,29 @@ def test_an_earlier_pass_s_bad_output_is_raised_before_a_later_failure():
         assert session.blocks_done == done
         session.step()
         assert session.blocks_done == done + 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("split", [False, True], ids=["copy", "split"])
+def test_on_cuda_a_block_s_passes_never_synchronise(split):
+    """On a GPU, what the counter counts on the CPU is checked for real: with CUDA's sync debug
+    mode raising on any synchronising call, three forward passes over a full PackForcing context
+    (every layer: selection, gather, rotation, attention, checks) run through; the block's one
+    read is its settle, outside."""
+    overrides = ["run.device=cuda", "backend.name=sdpa", f"backend.split_context={str(split).lower()}"]
+    engine = pf.build_engine(pf.load_config("configs/packforcing.yaml", overrides=overrides))
+    policy = engine.policy
+    with engine.session(seed=0, batch_size=2) as session:
+        for _ in range(FULL_PACKFORCING_BLOCKS):
+            session.step()
+        layers = [tuple(t.cuda() for t in qkv) for qkv in layer_qkv(engine, 0)]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                ctx = policy.context(engine.query(FULL_PACKFORCING_BLOCKS))
+                outs = [ctx.attend(layer, *qkv) for layer, qkv in enumerate(layers)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        policy.settle()
+    assert all(o.is_cuda and o.shape == layers[0][0].shape for o in outs)
