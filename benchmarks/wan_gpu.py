@@ -955,6 +955,7 @@ def shares_table(data: dict, variant: dict[str, Any] | None = None) -> str:
                 "bookkeeping %",
                 "cache mgmt %",
                 "host syncs / block",
+                "of them reads",
             ],
             [
                 [
@@ -966,6 +967,7 @@ def shares_table(data: dict, variant: dict[str, Any] | None = None) -> str:
                     100 * s.get("bookkeeping", math.nan),
                     100 * data["cache_management_share"],
                     syncs["total"] if syncs else "-",
+                    sum(syncs["reads"].values()) if syncs else "-",
                 ]
             ],
         )
