@@ -9,7 +9,9 @@ allocation happens before any block moves). By concern:
 - :mod:`packforcing.policies.tiers`: the live tiers (blocks, stores) and a commit's two-phase puts;
 - :mod:`packforcing.policies.tiered_context`: what one forward pass attends (selection, realignment);
 - :mod:`packforcing.policies.planner`: the memory plan, from the layout and the stores' own page arithmetic;
-- this module: :class:`TieredPolicy`, which commits, builds contexts, reports stats and checkpoints.
+- this module: :class:`TieredPolicy`, which commits (first reading, in one host read, the checks
+  its contexts held on the device for the block's passes), builds contexts, reports stats and
+  checkpoints.
 """
 
 from __future__ import annotations
