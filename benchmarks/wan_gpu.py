@@ -697,11 +697,18 @@ def memory_table(runs: dict[str, dict], marks: tuple[float, ...]) -> str:
 
 
 class FixedContext(AttentionContext):
-    """A context of fixed per-layer K/V ``[B, T, H, D]``: the same attention work as a cache of
-    ``T`` tokens with no cache management at all (the reference for the unperturbed share)."""
+    """A context of ``T`` fixed history tokens per layer: the same attention work as a cache of
+    ``T`` tokens with no cache management at all (the reference for the unperturbed share).
 
-    def __init__(self, backend: Any, keys: list[torch.Tensor], values: list[torch.Tensor], position: float) -> None:
+    Each layer's keys and values live in one preallocated ``[B, T + N, H, D]`` buffer whose last
+    ``N`` rows take the block's own K/V on every call, as a fixed-size KV cache (Self-Forcing's)
+    works: the reference copies only the block's tokens, never the history."""
+
+    def __init__(
+        self, backend: Any, keys: list[torch.Tensor], values: list[torch.Tensor], position: float, block_tokens: int
+    ) -> None:
         self._backend, self._keys, self._values, self._position = backend, keys, values, position
+        self._history = keys[0].shape[1] - block_tokens
 
     @property
     def position(self) -> float:
@@ -709,11 +716,12 @@ class FixedContext(AttentionContext):
 
     @property
     def context_tokens(self) -> int:
-        return self._keys[0].shape[1]
+        return self._history
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys = torch.cat([self._keys[layer], k], dim=1)
-        values = torch.cat([self._values[layer], v], dim=1)
+        keys, values = self._keys[layer], self._values[layer]
+        keys[:, self._history :].copy_(k)
+        values[:, self._history :].copy_(v)
         return self._backend.attend(q, keys, values)
 
 
@@ -722,10 +730,10 @@ def fixed_context_block(engine: Any, sizes: Sizes, tokens: int, position: float,
     of ``tokens`` history tokens, as a callable: PackForcing's block minus its cache."""
     model, g = engine.model, engine.geometry
     gen = torch.Generator(device=sizes.device).manual_seed(0)
-    shape = (1, tokens, g.num_heads, g.head_dim)
+    shape = (1, tokens + g.tokens_per_block, g.num_heads, g.head_dim)
     keys = [torch.randn(shape, generator=gen, device=sizes.device, dtype=sizes.dtype) for _ in range(g.num_layers)]
     values = [torch.randn(shape, generator=gen, device=sizes.device, dtype=sizes.dtype) for _ in range(g.num_layers)]
-    context = FixedContext(engine.policy.backend, keys, values, position)
+    context = FixedContext(engine.policy.backend, keys, values, position, g.tokens_per_block)
     spec = {k: v for k, v in conditions[0].items() if k != "from_block"}
     condition = engine.encode_condition(spec)
     shape = engine.block_shape(1)

@@ -56,3 +56,30 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     md = (tmp_path / "wan_gpu.md").read_text()
     assert "backend {'split_context': True}" in md
     assert "cache mgmt %" in md and "| packforcing |" in md and "x real time" in md and "copy share of a block" in md
+
+
+def test_the_fixed_context_reference_attends_history_and_block_without_copying_the_history(monkeypatch):
+    """The unperturbed share's reference: a fixed-size KV cache. Each call attends the ``T``
+    history tokens and the block's own, written into the buffer's tail (the history is not
+    copied), exactly as attention over the concatenation."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from wan_gpu import FixedContext
+
+    from packforcing.attention.backends import SdpaBackend
+
+    gen = torch.Generator().manual_seed(0)
+    history, block = 7, 3
+    keys = [torch.randn(2, history + block, 2, 8, generator=gen) for _ in range(2)]
+    values = [torch.randn(2, history + block, 2, 8, generator=gen) for _ in range(2)]
+    stored = [k[:, :history].clone() for k in keys], [v[:, :history].clone() for v in values]
+    backend = SdpaBackend()
+    ctx = FixedContext(backend, keys, values, 5.0, block)
+    assert ctx.context_tokens == history and ctx.position == 5.0
+    for layer in range(2):
+        q, k, v = (torch.randn(2, block, 2, 8, generator=gen) for _ in range(3))
+        out = ctx.attend(layer, q, k, v)
+        expected = backend.attend(q, torch.cat([stored[0][layer], k], 1), torch.cat([stored[1][layer], v], 1))
+        torch.testing.assert_close(out, expected)
+        assert torch.equal(keys[layer][:, :history], stored[0][layer])  # the history is left as it was
