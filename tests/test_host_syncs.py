@@ -11,16 +11,18 @@ exactly what the host path (picks read on the host) gives.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 
 import packforcing as pf
-from packforcing.attention.backends import SdpaBackend
+from packforcing.attention.backends import SdpaBackend, SdpaParams
 from packforcing.core.errors import PluginError
 from packforcing.core.instrument import HostSyncCounter
 from packforcing.core.interfaces import Selector
 from packforcing.positional.identity import IdentityRealigner
 from packforcing.positional.temporal_shift import TemporalRopeShift, TemporalRopeShiftParams
+from packforcing.selectors.topk import TopKSelector
 
 from .helpers import (
     FULL_PACKFORCING_BLOCKS,
@@ -147,6 +149,62 @@ def test_device_side_picks_equal_host_side_picks(engine, device_side, host_side)
     assert any(not torch.equal(idx[0], idx[1]) for idx in dev_sel.values()), "items should pick differently"
     for a, b in zip(dev, host, strict=True):
         assert torch.equal(a, b)
+
+
+class RecordsDeltas(TemporalRopeShift):
+    """``temporal_rope_shift`` that records the shifts each layer's gather is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.given: list[torch.Tensor | None] = []
+
+    def gather_shifted(self, keys, deltas, rope, tail):
+        self.given.append(deltas)
+        return super().gather_shifted(keys, deltas, rope, tail)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["copy", "split"])
+def test_picks_shared_across_layers_are_gathered_from_one_pass_layout(engine, split):
+    """With a selector shared across layers, the picks' slots and shifts are made on the pass's
+    first layer and every later layer is given the very same shift tensor (no index, subtract or
+    concatenation per layer), and the outputs equal the host path's bit for bit."""
+    policy = engine.policy
+    saved = policy.selector, policy.realigner, policy.backend
+    policy.selector = TopKSelector(attrs.evolve(saved[0].params, shared_across_layers=True))
+    policy.backend = SdpaBackend(SdpaParams(split_context=split))
+    recorder = RecordsDeltas()
+    outputs = {}
+    try:
+        for name, realigner in (("device", recorder), ("host", HostPathShift())):
+            policy.realigner = realigner
+            ctx = policy.context(engine.query(BLOCKS))
+            outputs[name] = [ctx.attend(layer, *qkv) for layer, qkv in enumerate(layer_qkv(engine, 1))]
+            policy.settle()
+    finally:
+        policy.selector, policy.realigner, policy.backend = saved
+    assert len(recorder.given) == engine.geometry.num_layers and recorder.given[0] is not None
+    assert all(d is recorder.given[0] for d in recorder.given)
+    for a, b in zip(outputs["device"], outputs["host"], strict=True):
+        if split:  # merged by log-sum-exp: equal up to rounding
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_picks_chosen_per_layer_get_their_own_shifts(engine):
+    """The per-pass shifts are kept only when the selection is: with the preset's per-layer
+    top-K every layer's gather is given its own picks' shifts."""
+    policy = engine.policy
+    saved = policy.realigner
+    policy.realigner = recorder = RecordsDeltas()
+    try:
+        ctx = policy.context(engine.query(BLOCKS))
+        for layer, qkv in enumerate(layer_qkv(engine, 1)):
+            ctx.attend(layer, *qkv)
+        policy.settle()
+    finally:
+        policy.realigner = saved
+    assert len({id(d) for d in recorder.given}) == len(recorder.given) == engine.geometry.num_layers
 
 
 class OutOfRange(Selector):

@@ -259,7 +259,8 @@ class PositionalRealigner(abc.ABC):
     ) -> torch.Tensor:
         """One ``[B, ΣN + N_tail, H, D]`` tensor: ``keys`` (pieces ``[B, N_i, H, D]``) in order,
         followed by ``tail``; the first ``M`` tokens moved by ``deltas [B or 1, M]`` (float64, on
-        the keys' device; ``None``: nothing moves). The device-side form of :meth:`gather`, for
+        the keys' device; ``None``: nothing moves; read-only: a context may pass the same tensor on
+        every layer of a pass). The device-side form of :meth:`gather`, for
         contexts whose selection is not known on the host: the deltas come from
         :meth:`assign`'s targets minus the picked blocks' home positions, computed on the device.
         Stored keys are not modified (one rotation from the home position, as :meth:`realign`).

@@ -65,6 +65,10 @@ class _Piece:
     (picks are then gathered from it in one indexing, without stacking the candidates)."""
     slots: torch.Tensor | None = None
     """With ``page``: each candidate's slot in it, ``[C]`` int64 on the device."""
+    picked: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    """A group whose picks hold for the whole pass (a selector ``shared_across_layers``): the
+    picks' slots in ``page`` (or their indices among the candidates) ``[B, k]`` and per-token
+    shifts ``[B, k·n]``, made on the first layer and reused by every other."""
 
     def place(self, values: torch.Tensor, offset: int) -> int:
         """A selected group's ``deltas`` (its candidates' homes) then ``targets`` out of the pass's
@@ -108,6 +112,9 @@ class _DeviceLayout:
     runs: list[_Run] = attrs.Factory(list)
     """Split contexts: the fixed blocks as stored runs (their pieces are then only the selected
     groups)."""
+    deltas: torch.Tensor | None = None
+    """The pass's per-token shifts ``[B or 1, M]`` when no layer's differ (no selected group, or a
+    selector shared across layers): concatenated on the first layer, reused by every other."""
 
 
 class TieredContext(AttentionContext):
@@ -530,21 +537,29 @@ class TieredContext(AttentionContext):
         ``shifts``; all on the device."""
         assert piece.group is not None
         idx = self._pick(layer, piece.group, q)  # [B, k]
+        if piece.picked is None:
+            rows = piece.slots[idx] if piece.page is not None and piece.slots is not None else idx
+            moved = None
+            if piece.targets is not None:
+                assert piece.deltas is not None
+                picked = piece.targets[None] - piece.deltas[idx]  # [B, k]: target − home of each pick
+                moved = picked[:, :, None].expand(-1, -1, piece.tokens).flatten(1, 2)
+            if self._selector is not None and self._selector.shared_across_layers:
+                piece.picked = (rows, moved)  # the same picks on every layer of this pass
+        else:
+            rows, moved = piece.picked
         if piece.page is not None:  # K and V of the picks in one indexing of their page
-            assert piece.slots is not None
-            kv = piece.page[:, layer][:, layout.batch_rows, piece.slots[idx]]  # [2, B, k, n, H, D]
+            kv = piece.page[:, layer][:, layout.batch_rows, rows]  # [2, B, k, n, H, D]
             keys.append(kv[0].flatten(1, 2))  # [B, k·n, H, D]
             values.append(kv[1].flatten(1, 2))
         else:
             kv_list = [block.layer_kv(layer) for block in piece.blocks]
             stacked_k = torch.stack([kb for kb, _ in kv_list], dim=1)  # [B, C, n, H, D]
             stacked_v = torch.stack([vb for _, vb in kv_list], dim=1)
-            keys.append(stacked_k[layout.batch_rows, idx].flatten(1, 2))
-            values.append(stacked_v[layout.batch_rows, idx].flatten(1, 2))
-        if piece.targets is not None:
-            assert piece.deltas is not None
-            picked = piece.targets[None] - piece.deltas[idx]  # [B, k]: target − home of each pick
-            shifts.append(picked[:, :, None].expand(-1, -1, piece.tokens).flatten(1, 2))
+            keys.append(stacked_k[layout.batch_rows, rows].flatten(1, 2))
+            values.append(stacked_v[layout.batch_rows, rows].flatten(1, 2))
+        if moved is not None:
+            shifts.append(moved)
 
     def _gather_on_device(
         self,
@@ -557,7 +572,7 @@ class TieredContext(AttentionContext):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``keys`` then ``k`` in one tensor through the realigner's :meth:`gather_shifted` (the
         first tokens moved by ``shifts``), checked, and ``values`` then ``v``."""
-        deltas = (shifts[0] if len(shifts) == 1 else torch.cat(shifts, dim=1)) if shifts else None
+        deltas = self._pass_deltas(shifts)
         origin = self._origins[1]
         block = self._query.block_id
         gathered = origin.call(block, self._realigner.gather_shifted, keys, deltas, self._rope, k)
@@ -566,6 +581,18 @@ class TieredContext(AttentionContext):
         if problem:
             raise origin.error(f"layer {layer}: {problem}", block)
         return gathered, torch.cat([*values, v], dim=1)
+
+    def _pass_deltas(self, shifts: list[torch.Tensor]) -> torch.Tensor | None:
+        """The per-token shifts ``[B or 1, M]`` of this layer's moved pieces in one tensor; when
+        no layer's differ (see :attr:`_DeviceLayout.deltas`), the first layer's."""
+        layout = self._layout
+        assert layout is not None
+        if layout.deltas is not None:
+            return layout.deltas
+        deltas = (shifts[0] if len(shifts) == 1 else torch.cat(shifts, dim=1)) if shifts else None
+        if self._selector is None or self._selector.shared_across_layers:
+            layout.deltas = deltas
+        return deltas
 
     def _checked_later(self, layer: int, out: torch.Tensor, moved: list[torch.Tensor] | None) -> torch.Tensor:
         """``out``, its finiteness (and that of the realigner's ``moved`` tensors, unless
