@@ -596,7 +596,7 @@ class TieredContext(AttentionContext):
 
     def _checked_later(self, layer: int, out: torch.Tensor, moved: list[torch.Tensor] | None) -> torch.Tensor:
         """``out``, its finiteness (and that of the realigner's ``moved`` tensors, unless
-        ``None``) kept as flags on the device and read at the pass's last layer."""
+        ``None``) kept as flags on the device, which the pass's last layer hands to :meth:`_verify`."""
         if out.is_floating_point():
             # flags only (holding the tensors would keep every layer's context alive); the
             # realigner's tensors only when it does not promise finite ones (a pass over the
