@@ -15,9 +15,10 @@ full model's *structure* (30 layers, 12 heads, 3-frame blocks, the 4-step Self-F
 - counts the operators one block calls from Python (``torch.profiler``; on a GPU each that is not
   a view is a kernel launch).
 
-``--split`` runs the same with ``backend.split_context`` (the context attended in stored parts).
+``--split`` runs the same with ``backend.split_context`` (the context attended in stored parts),
+``--shared`` with the top-K made once per forward pass (``selector.shared_across_layers``).
 
-    python benchmarks/cache_overhead.py [--label after] [--blocks 4] [--split]
+    python benchmarks/cache_overhead.py [--label after] [--blocks 4] [--split] [--shared]
 
 Results go to ``benchmarks/results/cache_overhead.{json,md}``; runs with different ``--label``
 (e.g. ``before`` on an older commit, ``after``) are kept side by side in the same files.
@@ -64,9 +65,13 @@ PROXY = attrs.evolve(
 """Wan2.1-1.3B's layer and head counts and PackForcing's bank, at a tiny width and frame size."""
 
 
-def measure(blocks: int, split: bool = False) -> dict[str, Any]:
+def measure(blocks: int, split: bool = False, shared: bool = False) -> dict[str, Any]:
     torch.set_num_threads(1)
-    variant = {"backend": {"split_context": True}} if split else None
+    variant: dict[str, dict[str, Any]] = {}
+    if split:
+        variant["backend"] = {"split_context": True}
+    if shared:
+        variant["selector"] = {"shared_across_layers": True}
     model = random_wan(PROXY)
     registry = Registry.create(entry_points=False, extra_plugins=[(SharedModel(model), "cache-overhead")])
     layers = PROXY.transformer["num_layers"]
@@ -104,6 +109,7 @@ def measure(blocks: int, split: bool = False) -> dict[str, Any]:
         "warm_blocks": warm,
         "block_ms": late * 1e3,
         "split_context": split,
+        "shared_across_layers": shared,
         "operators_per_block": operators,
         "syncs_per_block": syncs,
         "syncs_per_layer_pass": syncs["total"] / (layers * passes),
@@ -164,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=4, help="timed blocks at a full cache")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--split", action="store_true", help="with backend.split_context")
+    parser.add_argument("--shared", action="store_true", help="with selector.shared_across_layers")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    result = measure(args.blocks, args.split)
+    result = measure(args.blocks, args.split, args.shared)
     path = args.out / "cache_overhead.json"
     data = json.loads(path.read_text()) if path.is_file() else {"benchmark": "cache_overhead", "runs": {}}
     data["machine"] = machine()
