@@ -128,6 +128,24 @@ def test_rope_shift_equals_recomputed_rope_and_touches_only_the_temporal_band():
     assert torch.allclose(per_item[0], at9[0], atol=1e-5) and torch.equal(per_item[1], at5[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rotation_is_the_pairs_complex_rotation_rounded_once(dtype):
+    """``rotate`` by angles or by their ``rotation`` table turns each channel pair by its angle:
+    the float64 rotation, rounded once to the input's dtype; a non-contiguous input works too."""
+    rope = Rope3D(head_dim=12)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, 12, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)  # [B, N=5, H=3, D]
+    angles = torch.randn(5, 6, generator=gen, dtype=torch.float64) * 40  # [N, D/2], large angles too
+    by_angles, by_table = rope.rotate(x, angles), rope.rotate(x, rope.rotation(angles))
+    assert by_angles.dtype == dtype and by_angles.shape == x.shape and torch.equal(by_angles, by_table)
+    pairs = x.double().unflatten(-1, (6, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = torch.cos(angles)[:, None], torch.sin(angles)[:, None]
+    exact = torch.stack((real * cos - imag * sin, real * sin + imag * cos), -1).flatten(-2)
+    rtol = 1e-6 if dtype == torch.float32 else 2.0**-8  # float32 arithmetic, then one rounding
+    torch.testing.assert_close(by_angles.double(), exact, rtol=rtol, atol=1e-6)
+
+
 def test_a_cached_block_from_tensors_reads_like_a_stored_one():
     """CachedBlock.from_tensors holds the given tensors (no store, no copy) with a slot's interface."""
     from packforcing.core.records import CachedBlock

@@ -71,7 +71,7 @@ class _Pass:
     """What the attention processors need during one forward pass of a block."""
 
     context: AttentionContext
-    angles: tuple[torch.Tensor, torch.Tensor]
+    angles: torch.Tensor
     """The pass's RoPE rotation table (:meth:`Rope3D.rotation`), made once and used by every layer."""
     collect: list[tuple[torch.Tensor, torch.Tensor]] | None
     condition: WanCondition
