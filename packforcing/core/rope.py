@@ -191,10 +191,10 @@ class Rope3D:
     def temporal_turn(self, delta: torch.Tensor) -> torch.Tensor:
         """The temporal band's rotation by ``delta [N]`` or ``[B, N]`` (``[1]``: every token) as a
         complex64 table ``[1 or B, N, 1, Pt]`` on ``delta``'s device, angles in float64: what
-        :meth:`turn_temporal_` multiplies by (made once, it can rotate many tensors)."""
-        ang = delta.to(torch.float64)[..., None] * self.temporal_freqs(delta.device)  # [N, Pt] or [B, N, Pt]
-        turn = torch.polar(_unit_on(ang.device).expand_as(ang), ang).to(torch.complex64)
-        return (turn if turn.dim() == 3 else turn[None])[:, :, None, :]
+        :meth:`turn_temporal_` multiplies by (made once, it can rotate many tensors): the
+        :meth:`rotation` table of the band's angles."""
+        angles = delta.to(torch.float64)[..., None] * self.temporal_freqs(delta.device)  # [N, Pt] or [B, N, Pt]
+        return self.rotation(angles)
 
     def turn_temporal_(self, x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
         """Multiply the temporal band of ``x [B, N, H, D]`` in place by ``turn`` (a
