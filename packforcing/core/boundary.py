@@ -161,9 +161,6 @@ class DeferredChecks:
         """The block whose passes' checks are held (``None``: none held)."""
         self._held: list[tuple[torch.Tensor, Callable[[], None]]] = []
 
-    def __len__(self) -> int:
-        return len(self._held)
-
     def add(self, block: int, flags: torch.Tensor, explain: Callable[[], None]) -> None:
         """Hold one pass's ``flags`` (bool on the device, all true when the pass was fine) for
         ``block``; ``explain()`` raises the pass's precise error (it may read on the host). Checks

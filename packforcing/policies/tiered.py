@@ -373,7 +373,7 @@ class TieredPolicy(CachePolicy):
             origin = self._origin(f"compressor:{tier.name}", "compressor", tier.compressor)
             ckv = origin.call(source.block_id, tier.compressor.compress, block, self.model)
             self._check_compressed(origin, ckv, tier, block)
-            put = Put(tier.store, ckv.keys, ckv.values, latents, finite=True)  # checked above
+            put = Put(tier.store, ckv.keys, ckv.values, latents)
             put.record = dict(
                 fidelity=tier.compressor.name,
                 grid=tuple(ckv.grid),
@@ -382,7 +382,7 @@ class TieredPolicy(CachePolicy):
                 hw_stride=float(ckv.hw_stride),
             )
         elif isinstance(source, CachedBlock):
-            put = Put(tier.store, source.keys, source.values, latents, finite=True)  # stored
+            put = Put(tier.store, source.keys, source.values, latents)
             put.record = dict(
                 fidelity=source.fidelity,
                 grid=source.grid,
@@ -391,7 +391,7 @@ class TieredPolicy(CachePolicy):
                 hw_stride=source.hw_stride,
             )
         else:
-            put = Put(tier.store, list(source.keys), list(source.values), latents, finite=True)  # commit checked
+            put = Put(tier.store, list(source.keys), list(source.values), latents)
             put.record = dict(
                 fidelity=FULL,
                 grid=source.grid,
@@ -502,7 +502,7 @@ class TieredPolicy(CachePolicy):
                 move = attrs.evolve(move, dst=DROP)  # a bound of 0: nothing is kept
             if move.dst == ARCHIVE:
                 archive_store = self._archive_store_for(block)
-                put = Put(archive_store, block.keys, block.values, None, finite=True)  # stored
+                put = Put(archive_store, block.keys, block.values, None)
                 put.record = {f.name: getattr(block, f.name) for f in attrs.fields(CachedBlock) if f.name != "slot"}
                 put.check()
             elif move.dst != DROP:

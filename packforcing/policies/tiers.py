@@ -48,8 +48,8 @@ class Tier:
 class Put:
     """A block checked and ready to be copied into ``store`` (phase two of a commit).
 
-    ``finite``: the K/V are already known to be finite (checked by the caller, or read from a
-    store, which holds nothing else), so :meth:`check` does not read them again."""
+    Its K/V are known to be finite: the policy checks a commit's and a compressor's before
+    making a Put, and a store holds nothing else. :meth:`check` does not read them again."""
 
     def __init__(
         self,
@@ -57,18 +57,15 @@ class Put:
         keys: Sequence[torch.Tensor],
         values: Sequence[torch.Tensor],
         latents: torch.Tensor | None,
-        *,
-        finite: bool = False,
     ) -> None:
         self.store = store
         self.keys = keys
         self.values = values
         self.latents = latents
-        self.finite = finite
         self.record: dict[str, Any] = {}
 
     def check(self) -> None:
-        self.store.check(self.keys, self.values, self.latents, finite=not self.finite)
+        self.store.check(self.keys, self.values, self.latents, finite=False)
 
     def apply(self) -> CachedBlock:
         slot = self.store.put(self.keys, self.values, self.latents, checked=True)
