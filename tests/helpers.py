@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import packforcing as pf
@@ -37,16 +39,29 @@ FULL_PACKFORCING_BLOCKS = 13
 """Blocks after which configs/packforcing.yaml's sink (2), mid (8) and recent (2) tiers are full."""
 
 
+def packforcing_engine(*overrides: str):
+    """configs/packforcing.yaml on the CPU with SDPA, then ``overrides`` (e.g. ``run.device=cuda``)."""
+    return pf.build_engine(
+        pf.load_config("configs/packforcing.yaml", overrides=["run.device=cpu", "backend.name=sdpa", *overrides])
+    )
+
+
+@contextlib.contextmanager
+def full_packforcing_session(*overrides: str, batch_size: int = 2) -> Iterator[tuple[Any, Any]]:
+    """:func:`packforcing_engine` in an open session whose cache holds
+    :data:`FULL_PACKFORCING_BLOCKS` blocks of ``batch_size`` items (two pick differently):
+    yields ``(engine, session)``."""
+    engine = packforcing_engine(*overrides)
+    with engine.session(seed=0, batch_size=batch_size) as session:
+        for _ in range(FULL_PACKFORCING_BLOCKS):
+            session.step()
+        yield engine, session
+
+
 def full_packforcing_engine():
-    """configs/packforcing.yaml on the CPU with SDPA, its cache filled by
-    :data:`FULL_PACKFORCING_BLOCKS` blocks of two batch items (which pick differently)."""
-    config = pf.load_config("configs/packforcing.yaml", overrides=["run.device=cpu", "backend.name=sdpa"])
-    engine = pf.build_engine(config)
-    session = engine.session(seed=0, batch_size=2)
-    for _ in range(FULL_PACKFORCING_BLOCKS):
-        session.step()
-    session.close()
-    return engine
+    """:func:`full_packforcing_session`'s engine, its session closed (the cache stays full)."""
+    with full_packforcing_session() as (engine, _):
+        return engine
 
 
 def layer_qkv(engine, seed: int, batch_size: int = 2) -> list[tuple[Any, Any, Any]]:

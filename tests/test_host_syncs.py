@@ -15,7 +15,6 @@ import attrs
 import pytest
 import torch
 
-import packforcing as pf
 from packforcing.attention.backends import SdpaBackend, SdpaParams
 from packforcing.core.errors import PluginError
 from packforcing.core.instrument import HostSyncCounter
@@ -28,6 +27,7 @@ from .helpers import (
     FULL_PACKFORCING_BLOCKS,
     assert_one_read_per_block,
     full_packforcing_engine,
+    full_packforcing_session,
     layer_qkv,
     syncs_of_a_pass,
 )
@@ -80,14 +80,7 @@ def test_host_reads_per_block_do_not_grow_with_sampler_steps():
     commit's, the compressor's) or read from a store are not read again when stored."""
     reads = {}
     for steps in (1, 4):
-        config = pf.load_config(
-            "configs/packforcing.yaml",
-            overrides=["run.device=cpu", "backend.name=sdpa", f"sampler.steps={steps}"],
-        )
-        engine = pf.build_engine(config)
-        with engine.session(seed=0) as session:
-            for _ in range(FULL_PACKFORCING_BLOCKS):
-                session.step()
+        with full_packforcing_session(f"sampler.steps={steps}", batch_size=1) as (_, session):
             with HostSyncCounter() as counter:
                 session.step()
         reads[steps] = dict(counter.reads)
@@ -245,12 +238,9 @@ def test_a_bad_pass_is_refused_at_commit_with_the_cache_unchanged():
     """Through a session, a pass's bad picks surface from ``step()`` (the commit settles before
     changing anything): the cache and the block count stay as they were, and the session goes
     on once the selector is fixed."""
-    engine = full_packforcing_engine()
-    policy = engine.policy
-    saved = policy.selector
-    with engine.session(seed=0, batch_size=2) as session:
-        for _ in range(FULL_PACKFORCING_BLOCKS):
-            session.step()
+    with full_packforcing_session() as (engine, session):
+        policy = engine.policy
+        saved = policy.selector
         before = (policy.stats(), session.blocks_done, [b.block_id for b in policy.full_resolution_blocks()])
         policy.selector = OutOfRange(saved, bad_layer=2)
         try:
@@ -316,12 +306,9 @@ def test_an_earlier_pass_s_bad_output_is_raised_before_a_later_failure():
     """A block that fails on the host after earlier passes went wrong on the device raises the
     first cause (the selector's picks at layer 1), chained to the later failure; nothing of the
     abandoned block stays held, so the next block goes through."""
-    engine = full_packforcing_engine()
-    policy = engine.policy
-    saved = policy.selector, policy.backend
-    with engine.session(seed=0, batch_size=2) as session:
-        for _ in range(FULL_PACKFORCING_BLOCKS):
-            session.step()
+    with full_packforcing_session() as (engine, session):
+        policy = engine.policy
+        saved = policy.selector, policy.backend
         done = session.blocks_done
         policy.selector = OutOfRange(saved[0], bad_layer=1)
         policy.backend = FailsInALaterPass(engine.geometry.num_layers)
@@ -343,12 +330,8 @@ def test_on_cuda_a_block_s_passes_never_synchronise(split):
     mode raising on any synchronising call, three forward passes over a full PackForcing context
     (every layer: selection, gather, rotation, attention, checks) run through; the block's one
     read is its settle, outside."""
-    overrides = ["run.device=cuda", "backend.name=sdpa", f"backend.split_context={str(split).lower()}"]
-    engine = pf.build_engine(pf.load_config("configs/packforcing.yaml", overrides=overrides))
-    policy = engine.policy
-    with engine.session(seed=0, batch_size=2) as session:
-        for _ in range(FULL_PACKFORCING_BLOCKS):
-            session.step()
+    with full_packforcing_session("run.device=cuda", f"backend.split_context={str(split).lower()}") as (engine, _):
+        policy = engine.policy
         layers = [tuple(t.cuda() for t in qkv) for qkv in layer_qkv(engine, 0)]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

@@ -18,7 +18,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import packforcing as pf
 from packforcing.attention.backends import SdpaBackend, SdpaParams, _math_lse
 from packforcing.attention.merge import merge_by_lse
 from packforcing.core.errors import ConfigError, PluginError
@@ -34,6 +33,7 @@ from .helpers import (
     full_packforcing_engine,
     generate,
     layer_qkv,
+    packforcing_engine,
     syncs_of_a_pass,
 )
 from .test_oracle import CASES, NUM_BLOCKS, rel_err
@@ -277,12 +277,8 @@ def test_split_generation_matches_the_uncached_reference(policy, visible):
 
 
 def test_packforcing_generation_split_equals_copy():
-    config = pf.load_config("configs/packforcing.yaml", overrides=["run.device=cpu", "backend.name=sdpa"])
-    copy = [b.latents for b in pf.build_engine(config).generate(BLOCKS, seed=1)]
-    config = pf.load_config(
-        "configs/packforcing.yaml", overrides=["run.device=cpu", "backend.name=sdpa", "backend.split_context=true"]
-    )
-    split = [b.latents for b in pf.build_engine(config).generate(BLOCKS, seed=1)]
+    copy = [b.latents for b in packforcing_engine().generate(BLOCKS, seed=1)]
+    split = [b.latents for b in packforcing_engine("backend.split_context=true").generate(BLOCKS, seed=1)]
     for a, b in zip(copy, split, strict=True):
         assert rel_err(b, a) <= 1e-4
 
