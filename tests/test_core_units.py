@@ -146,6 +146,22 @@ def test_rope_rotation_is_the_pairs_complex_rotation_rounded_once(dtype):
     torch.testing.assert_close(by_angles.double(), exact, rtol=rtol, atol=1e-6)
 
 
+def test_rope_temporal_turn_is_made_once_per_shift_tensor():
+    """The same shift tensor, unmodified, gets the table already made (a context's pass passes
+    one to every layer); an in-place change or another tensor of equal values gets a new one,
+    equal to a table made afresh."""
+    rope = Rope3D(head_dim=12)
+    delta = torch.tensor([[0.0, 3.0, -2.5]], dtype=torch.float64)
+    table = rope.temporal_turn(delta)
+    assert rope.temporal_turn(delta) is table
+    other = delta.clone()
+    assert rope.temporal_turn(other) is not table and torch.equal(rope.temporal_turn(other), table)
+    delta.add_(1.0)
+    moved = rope.temporal_turn(delta)
+    assert moved is not table and torch.equal(moved, Rope3D(head_dim=12).temporal_turn(delta.clone()))
+    assert rope == Rope3D(head_dim=12) and hash(rope) == hash(Rope3D(head_dim=12))  # the memo is not its value
+
+
 def test_a_cached_block_from_tensors_reads_like_a_stored_one():
     """CachedBlock.from_tensors holds the given tensors (no store, no copy) with a slot's interface."""
     from packforcing.core.records import CachedBlock

@@ -19,6 +19,7 @@ from packforcing.attention.backends import SdpaBackend, SdpaParams
 from packforcing.core.errors import PluginError
 from packforcing.core.instrument import HostSyncCounter
 from packforcing.core.interfaces import Selector
+from packforcing.core.rope import Rope3D
 from packforcing.positional.identity import IdentityRealigner
 from packforcing.positional.temporal_shift import TemporalRopeShift, TemporalRopeShiftParams
 from packforcing.selectors.topk import TopKSelector
@@ -157,26 +158,38 @@ class RecordsDeltas(TemporalRopeShift):
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["copy", "split"])
-def test_picks_shared_across_layers_are_gathered_from_one_pass_layout(engine, split):
+def test_picks_shared_across_layers_are_gathered_from_one_pass_layout(engine, split, monkeypatch):
     """With a selector shared across layers, the picks' slots and shifts are made on the pass's
     first layer and every later layer is given the very same shift tensor (no index, subtract or
-    concatenation per layer), and the outputs equal the host path's bit for bit."""
+    concatenation per layer), whose rotation table is then made once, and the outputs equal the
+    host path's bit for bit."""
+    tables: list[torch.Tensor] = []
+    rotation = Rope3D.rotation
+    monkeypatch.setattr(
+        Rope3D, "rotation", staticmethod(lambda *a, **kw: tables.append(rotation(*a, **kw)) or tables[-1])
+    )
     policy = engine.policy
     saved = policy.selector, policy.realigner, policy.backend
     policy.selector = TopKSelector(attrs.evolve(saved[0].params, shared_across_layers=True))
     policy.backend = SdpaBackend(SdpaParams(split_context=split))
     recorder = RecordsDeltas()
     outputs = {}
+    made = []
     try:
         for name, realigner in (("device", recorder), ("host", HostPathShift())):
             policy.realigner = realigner
             ctx = policy.context(engine.query(BLOCKS))
-            outputs[name] = [ctx.attend(layer, *qkv) for layer, qkv in enumerate(layer_qkv(engine, 1))]
+            outputs[name] = []
+            for layer, qkv in enumerate(layer_qkv(engine, 1)):
+                outputs[name].append(ctx.attend(layer, *qkv))
+                made.append(len(tables))
             policy.settle()
     finally:
         policy.selector, policy.realigner, policy.backend = saved
-    assert len(recorder.given) == engine.geometry.num_layers and recorder.given[0] is not None
+    layers = engine.geometry.num_layers
+    assert len(recorder.given) == layers and recorder.given[0] is not None
     assert all(d is recorder.given[0] for d in recorder.given)
+    assert made[0] > 0 and made[layers - 1] == made[0], "the device path made a rotation table after its first layer"
     for a, b in zip(outputs["device"], outputs["host"], strict=True):
         if split:  # merged by log-sum-exp: equal up to rounding
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -42,12 +42,22 @@ def _unit_on(device: torch.device) -> torch.Tensor:
     return torch.ones((), dtype=torch.float64, device=device)
 
 
+@attrs.define
+class _LastTurn:
+    """The last :meth:`Rope3D.temporal_turn` table and the shift tensor it was made from:
+    ``(delta, delta's version counter, table)``, or ``None``."""
+
+    entry: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+
 @attrs.frozen
 class Rope3D:
     """Rotary embedding over ``(t, h, w)`` positions for keys/queries ``[B, N, H, D]``."""
 
     head_dim: int
     theta: float = 10000.0
+    _last_turn: _LastTurn = attrs.field(factory=_LastTurn, init=False, repr=False, eq=False)
+    """:meth:`temporal_turn`'s one-entry memo (not part of the value: equality and hash ignore it)."""
 
     def __attrs_post_init__(self) -> None:
         if self.head_dim % 2 or self.head_dim < 6:
@@ -192,9 +202,21 @@ class Rope3D:
         """The temporal band's rotation by ``delta [N]`` or ``[B, N]`` (``[1]``: every token) as a
         complex64 table ``[1 or B, N, 1, Pt]`` on ``delta``'s device, angles in float64: what
         :meth:`turn_temporal_` multiplies by (made once, it can rotate many tensors): the
-        :meth:`rotation` table of the band's angles."""
+        :meth:`rotation` table of the band's angles. Read-only.
+
+        The last table is kept with the tensor it was made from: given that same tensor again,
+        unmodified since (its version counter unchanged), the kept table is returned without a
+        kernel. A context passes one shift tensor to every layer of a forward pass when the
+        layers' shifts are the same (see
+        :meth:`~packforcing.core.interfaces.PositionalRealigner.gather_shifted`), so the table is
+        then made once per pass instead of three kernels per layer call."""
+        last = self._last_turn.entry
+        if last is not None and last[0] is delta and last[1] == delta._version:
+            return last[2]
         angles = delta.to(torch.float64)[..., None] * self.temporal_freqs(delta.device)  # [N, Pt] or [B, N, Pt]
-        return self.rotation(angles)
+        table = self.rotation(angles)
+        self._last_turn.entry = (delta, delta._version, table)
+        return table
 
     def turn_temporal_(self, x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
         """Multiply the temporal band of ``x [B, N, H, D]`` in place by ``turn`` (a
