@@ -521,6 +521,8 @@ def test_parameter_errors_carry_their_key_path():
         ("policy.tiers[1]={name: x, blocks: 1, frams: 2, blcks: 3}", "policy.tiers[1].frams: unknown key"),
         ("policy.tiers[1]=[3]", "policy.tiers[1]: expected a mapping, got [3]"),
         ("policy.tiers=7", "policy.tiers: expected a list, got 7"),
+        ("backend.split_context=true", "backend.split_context: unknown key (backend 'auto' takes no parameters)"),
+        ("realigner={name: identity, anchor: absolute}", "realigner.anchor: unknown key (realigner 'identity' takes"),
     ],
 )
 def test_structuring_errors_name_the_first_problem_and_its_key_path(override, message):

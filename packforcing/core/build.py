@@ -80,7 +80,7 @@ class BuildEnv:
             factory = self._provided(kind, name, path)
         except LookupError as exc:
             raise ConfigError(str(exc.args[0]), path=f"{path}.name") from None
-        params = structure(factory.params, {k: v for k, v in block.items() if k != "name"}, path)
+        params = structure(factory.params, {k: v for k, v in block.items() if k != "name"}, path, f"{kind} {name!r}")
         try:
             component = factory.create(params, self)
         except ValueError as exc:  # ParamError / ConfigError included

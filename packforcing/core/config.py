@@ -288,7 +288,7 @@ def load_config(
                 str(exc.args[0]), source=source_of(sources, f"{key}.name", where), path=f"{key}.name"
             ) from None
         try:
-            structured = structure(factory.params, params, key)
+            structured = structure(factory.params, params, key, f"{key} {name!r}")
         except ConfigError as exc:
             raise locate(exc, sources, label) from None
         components[key] = ComponentSpec(name, structured)

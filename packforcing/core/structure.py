@@ -325,10 +325,14 @@ def converter() -> cattrs.Converter:
     return conv
 
 
-def structure(cls: type, data: Any, path: str) -> Any:
-    """Build attrs class ``cls`` from mapping ``data``; errors name ``path`` and the key."""
+def structure(cls: type, data: Any, path: str, owner: str | None = None) -> Any:
+    """Build attrs class ``cls`` from mapping ``data``; errors name ``path`` and the key.
+    ``owner`` (``"backend 'auto'"``) names what ``data`` configures, for the error when ``cls``
+    takes no keys at all."""
     if isinstance(data, cls):
         return data
+    if owner and isinstance(data, Mapping) and data and attrs.has(cls) and not attrs.fields(cls):
+        return _raise(ConfigError(f"unknown key ({owner} takes no parameters)", path=str(next(iter(data)))), path)
     try:
         return converter().structure({} if data is None else data, cls)
     except ConfigError as exc:
