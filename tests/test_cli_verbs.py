@@ -145,11 +145,26 @@ def test_plan_config_error_is_one_line(capsys):
     assert err.strip() == "error: --set: run.fps: expected a number > 0, got -1.0"
 
 
-def test_plan_rejects_bad_seconds(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plan", "--config", "configs/full.yaml", "--seconds", "-3"], "--seconds: expected a number > 0, got '-3'"),
+        (["plan", "--config", "configs/full.yaml", "--seconds", "nan"], "--seconds: expected a number > 0, got 'nan'"),
+        (["plan", "--config", "full", "--seconds", "1", "--fps", "inf"], "--fps: expected a number > 0, got 'inf'"),
+        (["generate", "--seconds", "0", "--out", "x"], "--seconds: expected a number > 0, got '0'"),
+        (["sweep", "full", "--seconds", "-2", "--out", "x"], "--seconds: expected a number > 0, got '-2'"),
+        (["sweep", "full", "--blocks", "0", "--out", "x"], "--blocks: expected an integer >= 1, got '0'"),
+        (["sweep", "full", "--cpus-per-job", "-1", "--out", "x"], "--cpus-per-job: expected a number >= 0, got '-1'"),
+        (["sweep", "full", "--gpus-per-job", "inf", "--out", "x"], "--gpus-per-job: expected a number >= 0, got 'inf'"),
+    ],
+)
+def test_bad_numeric_arguments_are_one_usage_error(capsys, argv, message):
+    """Every verb's numeric options are checked by the same argument types: exit 2 and one line
+    naming the option, before anything is loaded."""
     with pytest.raises(SystemExit) as exit_:
-        main(["plan", "--config", "configs/full.yaml", "--seconds", "-3"])
+        main(argv)
     assert exit_.value.code == 2
-    assert "expected a number > 0" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: argument {message}")
 
 
 # ---------------------------------------------------------------------- plugins

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from packforcing.cli import add_overrides, add_verb, stop_signals_to
+from packforcing.cli.argtypes import positive_float
 from packforcing.core.errors import ConfigError
 from packforcing.presets import DEFAULT as DEFAULT_CONFIG
 
@@ -59,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blocks", type=int, default=None, help="number of blocks (default: run.blocks)")
     p.add_argument(
         "--seconds",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="video length in seconds at run.fps, converted to whole blocks from the model's geometry "
         "(Wan: 1 + 4k pixel frames per 1 + k latent frames); replaces --blocks",
@@ -81,16 +82,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--force", action="store_true", help="run even where a full-size model on the CPU is refused as too slow"
     )
     p.set_defaults(func=run)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 CPU_FLOPS = 2e11

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from packforcing.cli import add_overrides, add_verb
+from packforcing.cli.argtypes import positive_float
 
 EXAMPLE = """example:
   packforcing plan --config wan1.3b/packforcing --seconds 120
@@ -41,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         example=EXAMPLE,
     )
     p.add_argument("--config", required=True, help="YAML config file or preset name (packforcing presets)")
-    p.add_argument("--seconds", type=_positive_float, required=True, help="video length in seconds")
-    p.add_argument("--fps", type=_positive_float, default=16.0, help="pixel frames per second (default: 16)")
+    p.add_argument("--seconds", type=positive_float, required=True, help="video length in seconds")
+    p.add_argument("--fps", type=positive_float, default=16.0, help="pixel frames per second (default: 16)")
     p.add_argument(
         "--pixel-frames-per-latent",
         type=int,
@@ -53,16 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help=f"print one JSON object with keys {', '.join(JSON_KEYS)}")
     add_overrides(p)
     p.set_defaults(func=run)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 def human_bytes(n: float) -> str:

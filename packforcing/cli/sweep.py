@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from packforcing.cli import EXIT_FAILURE, add_overrides, add_verb
+from packforcing.cli.argtypes import non_negative_float, positive_float, positive_int
 
 EXAMPLE = """example:
   packforcing sweep full sliding_window packforcing --seeds 0,1,2 --blocks 48 --out sweeps/policies
@@ -20,26 +21,6 @@ report.json, memory.png). DIR/results.jsonl gets one line per finished job; DIR/
 DIR/summary.png aggregate per config (mean ± std over prompts and seeds). Rerunning the same
 command skips the jobs already complete. Exit status 1 if any job failed.
 """
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,25 +44,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 or 0-7 (default: 0)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--blocks", type=_positive_int, help="blocks per video (default: each config's run.blocks)")
+    length.add_argument("--blocks", type=positive_int, help="blocks per video (default: each config's run.blocks)")
     length.add_argument(
-        "--seconds", type=float, help="video length in seconds, converted to blocks per config (at run.fps)"
+        "--seconds", type=positive_float, help="video length in seconds, converted to blocks per config (at run.fps)"
     )
     add_overrides(p)
     p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (runs/, results.jsonl, summary.*)")
     p.add_argument("--address", help="Ray cluster to join, e.g. HEAD:6379 (default: start Ray locally)")
     p.add_argument(
         "--gpus-per-job",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.0,
         metavar="F",
         help="GPUs each job holds; 1 = a GPU of its own (default: 0, jobs run on CPU)",
     )
     p.add_argument(
-        "--cpus-per-job", type=_non_negative_float, default=1.0, metavar="F", help="CPUs each job holds (default: 1)"
+        "--cpus-per-job", type=non_negative_float, default=1.0, metavar="F", help="CPUs each job holds (default: 1)"
     )
     p.add_argument(
-        "--local-cpus", type=_positive_int, help="CPUs a local Ray instance may use (default: all; no --address only)"
+        "--local-cpus", type=positive_int, help="CPUs a local Ray instance may use (default: all; no --address only)"
     )
     p.add_argument("--retries", type=int, default=2, help="times a job whose worker died is retried (default: 2)")
     p.add_argument(

@@ -1,0 +1,39 @@
+"""Argument types of the command line: a bad value is argparse's one-line usage error naming
+the option (``argument --seconds: expected a number > 0, got '0'``)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    return _number(text, "a number > 0", lambda value: 0 < value < math.inf)
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    return _number(text, "a number >= 0", lambda value: 0 <= value < math.inf)
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _number(text: str, expected: str, ok: Callable[[float], bool]) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):  # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
