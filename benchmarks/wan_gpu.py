@@ -420,12 +420,16 @@ def copy_section(
     def rotate(keys: torch.Tensor) -> torch.Tensor:  # the sink's keys moved, as gather_shifted does
         return rope.shift_temporal_tokens_(keys[:, :sink_tokens], sink_deltas)
 
+    shifter = realigner.query_shifter(shift, rope)  # made once per pass by the context
+
+    def rest() -> tuple[torch.Tensor, torch.Tensor]:  # the split's only copy: the picks and the block
+        return torch.cat([*(k for k, _ in mids), own[0]], 1), torch.cat([*(v for _, v in mids), own[1]], 1)
+
+    def split_parts() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return [(shifter(q), *sink_run), (q, *recent_run), (q, *rest())]
+
     def split() -> torch.Tensor:
-        moved_q = realigner.query_shifter(shift, rope)(q)
-        rest_k = torch.cat([*(k for k, _ in mids), own[0]], 1)
-        rest_v = torch.cat([*(v for _, v in mids), own[1]], 1)
-        parts = [(moved_q, *sink_run), (q, *recent_run), (q, rest_k, rest_v)]
-        return merge_by_lse([backend.attend_lse(*part) for part in parts])
+        return merge_by_lse([backend.attend_lse(*part) for part in split_parts()])
 
     def pieces(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # over the moved keys' blocks
         bounds = itertools.accumulate([k.shape[1] for k, _ in blocks], initial=0)
@@ -436,6 +440,8 @@ def copy_section(
     rotate(keys)
     gathered_out = backend.attend(q, keys, values).float()
     scratch, _ = gather()
+    parts = split_parts()
+    attended = [backend.attend_lse(*part) for part in parts]
     return {
         "pieces_tokens": [k.shape[1] for k, _ in blocks],
         "queries": tpb,
@@ -444,10 +450,23 @@ def copy_section(
         "rotate_ms": timed(lambda: rotate(scratch), sizes) * 1e3,
         "attend_gathered_ms": timed(lambda: backend.attend(q, keys, values), sizes) * 1e3,
         "attend_split_ms": timed(split, sizes) * 1e3,
+        # the split's steps on their own: what it pays instead of the copy and the sink's rotation
+        "split_query_move_ms": timed(lambda: shifter(q), sizes) * 1e3,
+        "split_copy_ms": timed(rest, sizes) * 1e3,
+        "split_attend_ms": timed(lambda: [backend.attend_lse(*part) for part in parts], sizes) * 1e3,
+        "split_merge_ms": timed(lambda: merge_by_lse(attended), sizes) * 1e3,
         "attend_merged_ms": timed(lambda: pieces(keys, values), sizes) * 1e3,
         "max_abs_diff": float((pieces(keys, values).float() - gathered_out).abs().max()),
         "split_max_abs_diff": float((split().float() - gathered_out).abs().max()),
     }
+
+
+SPLIT_STEPS = {
+    "split_query_move_ms": "query moved",
+    "split_copy_ms": "picks + block copied",
+    "split_attend_ms": "3 attention calls",
+    "split_merge_ms": "merge by log-sum-exp",
+}
 
 
 def copy_table(data: dict, layers: int, calls_per_block: int, block_ms: float | None) -> str:
@@ -455,6 +474,17 @@ def copy_table(data: dict, layers: int, calls_per_block: int, block_ms: float | 
     keys = ("copy_ms", "rotate_ms", "attend_gathered_ms", "attend_split_ms", "attend_merged_ms")
     copy, rotate, gathered, split, merged = (data[k] * per_block for k in keys)
     share = f"{100 * copy / block_ms:.2f} %" if block_ms else "-"
+    steps = [k for k in SPLIT_STEPS if k in data]  # absent from results written before they were timed
+    breakdown = (
+        "\n\nThe split's steps timed on their own (ms/block; their sum against the split's "
+        "ms/block above shows what the calls overlap or lose between them):\n\n"
+        + markdown_table(
+            [*(f"{SPLIT_STEPS[k]} ms/block" for k in steps), "sum ms/block"],
+            [[*(data[k] * per_block for k in steps), sum(data[k] for k in steps) * per_block]],
+        )
+        if steps
+        else ""
+    )
     return (
         f"Per-layer context copy at the PackForcing shape ({data['queries']} queries over blocks of "
         f"{data['pieces_tokens']} tokens, the sink moved by {data['sink_shift']:g} frames), x {layers} layers "
@@ -483,7 +513,22 @@ def copy_table(data: dict, layers: int, calls_per_block: int, block_ms: float | 
                 ]
             ],
         )
+        + breakdown
     )
+
+
+def add_copy_table(results: Results, layers: int) -> None:
+    """(Re)write the ``copy`` section's table, its shares against the latest PackForcing block
+    time measured in this run: the ``packforcing`` policy's late blocks, else the preset's
+    unperturbed block of the ``shares`` section (none yet: the table without shares)."""
+    sections = results.data["sections"]
+    copy = sections.get("copy") or {}
+    if not copy or "error" in copy:
+        return
+    block_ms = (sections.get("policies") or {}).get("packforcing", {}).get("late_ms")
+    if block_ms is None:
+        block_ms = ((sections.get("shares") or {}).get("unperturbed") or {}).get("block_ms")
+    results.add("copy", copy, copy_table(copy, layers, CALLS_PER_BLOCK, block_ms))
 
 
 # ---- the model ---------------------------------------------------------------------------
@@ -1096,7 +1141,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             except Exception as exc:  # recorded; the rest still runs
                 copy = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
-            results.add("copy", copy)
+            results.add("copy", copy, f"Per-layer context copy: {copy['error']}" if "error" in copy else "")
+            add_copy_table(results, g.num_layers)
 
         # 2. per policy: time and memory against video length (full last: it runs until OOM)
         runs: dict[str, dict] = {}
@@ -1118,10 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
                 free_memory(sizes)
                 done = {k: v for k, v in runs.items() if "rows" in v}
                 results.add("policies", runs, policy_table(done), memory_table(done, sizes.memory_marks))
-                copy = results.data["sections"].get("copy", {})
-                if "error" not in copy and copy:
-                    block_ms = runs.get("packforcing", {}).get("late_ms")
-                    results.add("copy", copy, copy_table(copy, g.num_layers, CALLS_PER_BLOCK, block_ms))
+                add_copy_table(results, g.num_layers)
             # 3. right after packforcing (or first, without it): the cache-management share at a
             # full PackForcing cache (instrumented engine)
             first = name == "packforcing" or (name is None and "packforcing" not in only)
@@ -1130,6 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
                     shares = run_shares(registry, sizes, budget.cap(sizes.caps[section]), conditions, variant)
                     table = shares_table(shares, variant) if "error" not in shares else shares["error"]
                     results.add(section, shares, table)
+                    add_copy_table(results, g.num_layers)
     results.data["total_seconds"] = time.perf_counter() - started
     results.write()
     print(results.text())

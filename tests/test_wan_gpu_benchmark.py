@@ -28,6 +28,7 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     copy = sections["copy"]  # attention over the stored pieces, merged by log-sum-exp, equals the gathered one
     assert copy["max_abs_diff"] < 1e-5 and copy["copy_ms"] > 0 and copy["attend_merged_ms"] > 0
     assert copy["split_max_abs_diff"] < 1e-5 and copy["attend_split_ms"] > 0
+    assert all(copy[k] > 0 for k in ("split_query_move_ms", "split_copy_ms", "split_attend_ms", "split_merge_ms"))
     assert any(row["backend"] == "sdpa_math" and row["ms"] > 0 for row in sections["attention"]["rows"])
     # the engine's own call, with the kernel SDPA picks for it
     assert any(row["backend"].startswith("sdpa_default (") and row["ms"] > 0 for row in sections["attention"]["rows"])
@@ -56,6 +57,7 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     md = (tmp_path / "wan_gpu.md").read_text()
     assert "backend {'split_context': True}" in md
     assert "cache mgmt %" in md and "| packforcing |" in md and "x real time" in md and "copy share of a block" in md
+    assert "merge by log-sum-exp ms/block" in md
 
 
 def test_the_fixed_context_reference_attends_history_and_block_without_copying_the_history(monkeypatch):
