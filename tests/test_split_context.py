@@ -87,11 +87,21 @@ def test_merge_by_lse_equals_attention_over_the_union(cuts, scale, seed):
     torch.testing.assert_close(merge_by_lse(parts), _attention(q, k, v), atol=1e-10, rtol=1e-10)
 
 
-def test_merge_keeps_the_outputs_dtype_and_a_single_part_as_it_is():
-    out = torch.randn(1, 3, 2, 4, dtype=torch.bfloat16)
-    lse = torch.randn(1, 3, 2)
-    assert merge_by_lse([(out, lse)]) is out
-    assert merge_by_lse([(out, lse), (out, lse)]).dtype == torch.bfloat16
+@pytest.mark.parametrize("count", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_merge_accumulates_in_float32_and_rounds_once_to_the_outputs_dtype(count, dtype):
+    """The merge equals the weighted sum accumulated in float32 and rounded once to the outputs'
+    dtype, bit for bit (the last step writes that dtype itself); one part is returned as it is."""
+    gen = torch.Generator().manual_seed(count)
+    outs = [torch.randn(2, 5, 3, 8, generator=gen).to(dtype) for _ in range(count)]
+    lses = [torch.randn(2, 5, 3, generator=gen) * 4 for _ in range(count)]
+    weights = torch.softmax(torch.stack(lses), dim=0)[..., None]
+    accumulated = outs[0].float() * weights[0]
+    for out, weight in zip(outs[1:], weights[1:], strict=True):
+        accumulated.addcmul_(out, weight)
+    merged = merge_by_lse(list(zip(outs, lses, strict=True)))
+    assert merged.dtype == dtype and torch.equal(merged, accumulated.to(dtype))
+    assert merge_by_lse([(outs[0], lses[0])]) is outs[0]
     with pytest.raises(ValueError, match="at least one part"):
         merge_by_lse([])
 

@@ -20,7 +20,11 @@ def merge_by_lse(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Te
     ``parts``: ``(out [B, Nq, H, D], lse [B, Nq, H])`` per part (what
     :meth:`~packforcing.core.interfaces.AttentionBackend.attend_lse` returns), for the same
     queries. Returns ``[B, Nq, H, D]`` in the first output's dtype, accumulated in float32 or the
-    log-sum-exp's dtype if wider. One part is returned as it is.
+    log-sum-exp's dtype if wider, and rounded once. One part is returned as it is.
+
+    ``P`` parts take ``P`` elementwise kernels over the output (and two small ones for the
+    weights): the last writes the output's dtype itself, so a bf16 merge reads and writes no
+    float32 copy beyond its accumulator.
     """
     if not parts:
         raise ValueError("merge_by_lse needs at least one part")
@@ -30,6 +34,9 @@ def merge_by_lse(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Te
     lses = torch.stack([lse for _, lse in parts])
     weights = torch.softmax(lses.to(torch.promote_types(lses.dtype, torch.float32)), dim=0)[..., None]
     merged = outs[0] * weights[0]  # [B, Nq, H, D], promoted to the weights' dtype (float32 or wider)
-    for out, weight in zip(outs[1:], weights[1:], strict=True):
+    for out, weight in zip(outs[1:-1], weights[1:-1], strict=True):
         merged.addcmul_(out, weight)
-    return merged.to(outs[0].dtype)
+    if merged.dtype == outs[0].dtype:
+        return merged.addcmul_(outs[-1], weights[-1])
+    result = torch.empty(merged.shape, dtype=outs[0].dtype, device=merged.device)
+    return torch.addcmul(merged, outs[-1], weights[-1], out=result)  # accumulated, then rounded once
