@@ -133,6 +133,27 @@ def test_sdpa_attend_lse_on_cuda_with_each_kernel(kernel, dtype, nq, d, stored):
     torch.testing.assert_close(lse.double(), scores.logsumexp(-1).transpose(1, 2), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merge_by_lse_on_cuda_rounds_once_and_equals_attention_over_the_union(dtype):
+    """On the GPU, three parts of one SDPA call each (sink-like page views, the rest contiguous),
+    merged: the float32 accumulation rounded once to the outputs' dtype, bit for bit, and the
+    attention over all the keys to the dtype's precision."""
+    from packforcing.attention.merge import merge_by_lse
+
+    q, k, v = make_qkv(nq=77, nk=100, h=4, d=64, dtype=dtype, device="cuda")
+    pk, pv = page_views(h=4, d=64, dtype=dtype, device="cuda")
+    parts = [SdpaBackend().attend_lse(q, *kv) for kv in ((pk, pv), (k[:, :60], v[:, :60]), (k[:, 60:], v[:, 60:]))]
+    merged = merge_by_lse(parts)
+    weights = torch.softmax(torch.stack([lse for _, lse in parts]).float(), dim=0)[..., None]
+    accumulated = parts[0][0] * weights[0]
+    for (out, _), weight in zip(parts[1:], weights[1:], strict=True):
+        accumulated.addcmul_(out, weight)
+    assert merged.dtype == dtype and torch.equal(merged, accumulated.to(dtype))
+    ref = reference_attention(q, torch.cat([pk, k], 1), torch.cat([pv, v], 1))
+    assert float((merged.double() - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
+
+
 @pytest.mark.parametrize("kernels", [("math",), ("cudnn", "flash"), ("efficient",)])
 def test_sdpa_kernels_in_order_of_preference_fall_back_to_math(kernels):
     """Any preference works on any device (math is always allowed last): the result is the
