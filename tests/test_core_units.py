@@ -160,6 +160,9 @@ def test_rope_temporal_turn_is_made_once_per_shift_tensor():
     moved = rope.temporal_turn(delta)
     assert moved is not table and torch.equal(moved, Rope3D(head_dim=12).temporal_turn(delta.clone()))
     assert rope == Rope3D(head_dim=12) and hash(rope) == hash(Rope3D(head_dim=12))  # the memo is not its value
+    with torch.inference_mode():  # no version counter: a table every time, none kept
+        frozen = delta.clone()
+        assert torch.equal(rope.temporal_turn(frozen), moved) and rope.temporal_turn(frozen) is not moved
 
 
 def test_a_cached_block_from_tensors_reads_like_a_stored_one():

@@ -197,6 +197,21 @@ def test_picks_shared_across_layers_are_gathered_from_one_pass_layout(engine, sp
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [(), ("selector.shared_across_layers=true", "backend.split_context=true")],
+    ids=["preset", "shared-split"],
+)
+def test_a_session_under_inference_mode_generates_what_it_does_under_no_grad(overrides):
+    """Tensors made under ``torch.inference_mode`` have no version counter: the per-pass rotation
+    table (kept by the shift tensor's version) is then made per layer, and the blocks are the same."""
+    blocks = {}
+    for name, mode in (("no_grad", torch.no_grad), ("inference", torch.inference_mode)):
+        with mode(), full_packforcing_session(*overrides) as (_, session):
+            blocks[name] = [session.step().latents for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(blocks["no_grad"], blocks["inference"], strict=True))
+
+
 def test_picks_chosen_per_layer_get_their_own_shifts(engine):
     """The per-pass shifts are kept only when the selection is: with the preset's per-layer
     top-K every layer's gather is given its own picks' shifts."""

@@ -209,13 +209,15 @@ class Rope3D:
         kernel. A context passes one shift tensor to every layer of a forward pass when the
         layers' shifts are the same (see
         :meth:`~packforcing.core.interfaces.PositionalRealigner.gather_shifted`), so the table is
-        then made once per pass instead of three kernels per layer call."""
+        then made once per pass instead of three kernels per layer call. (Tensors made under
+        :func:`torch.inference_mode` have no version counter: their tables are not kept.)"""
+        tracked = not delta.is_inference()  # an inference tensor has no version counter: not kept
         last = self._last_turn.entry
-        if last is not None and last[0] is delta and last[1] == delta._version:
+        if tracked and last is not None and last[0] is delta and last[1] == delta._version:
             return last[2]
         angles = delta.to(torch.float64)[..., None] * self.temporal_freqs(delta.device)  # [N, Pt] or [B, N, Pt]
         table = self.rotation(angles)
-        self._last_turn.entry = (delta, delta._version, table)
+        self._last_turn.entry = (delta, delta._version, table) if tracked else None
         return table
 
     def turn_temporal_(self, x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
