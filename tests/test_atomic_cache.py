@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 import torch
 
@@ -155,6 +156,33 @@ def test_failing_compressor_leaves_the_cache_exactly_as_before(reference, fault,
         policy.commit(commit)
     policy.audit()
     assert same(snapshot(policy), final)
+
+
+def test_one_read_per_commit_raises_the_block_s_own_k_v_before_the_compressor_s_output(reference):
+    """The block's K/V and the compressor's output are read together, after the compressor ran:
+    when both are non-finite the block's own K/V are named (its checks come first), and a NaN
+    compression alone still names the compressor; the cache is unchanged either way."""
+    from packforcing.core.instrument import HostSyncCounter
+    from packforcing.core.store import NonFiniteError
+
+    commits, _ = reference
+    engine, made = faulty_engine()
+    policy = engine.policy
+    for commit in commits[:2]:
+        policy.commit(commit)
+    before = snapshot(policy)
+    made["compressor"].fault = "nan"
+    poisoned = attrs.evolve(commits[2], keys=[k.clone().fill_(float("nan")) for k in commits[2].keys])
+    with pytest.raises(NonFiniteError, match="block 2"):
+        policy.commit(poisoned)
+    assert same(snapshot(policy), before)
+    with HostSyncCounter() as counter, pytest.raises(PluginError, match=r"compressor 'pool'.*non-finite"):
+        policy.commit(commits[2])
+    assert counter.reads["__bool__"] >= 1 and same(snapshot(policy), before)
+    made["compressor"].fault = None
+    with HostSyncCounter() as counter:
+        policy.commit(commits[2])  # compresses block 1 into mid
+    assert dict(counter.reads) == {"__bool__": 1}, dict(counter.reads)
 
 
 @pytest.mark.parametrize(

@@ -361,9 +361,10 @@ class TieredPolicy(CachePolicy):
         self._last_block_id = int(meta.get("last_block_id", -1))
 
     # ------------------------------------------------------------------ commit
-    def _prepare_block(self, tier: Tier, source: BlockCommit | CachedBlock) -> Put:
+    def _prepare_block(self, tier: Tier, source: BlockCommit | CachedBlock, committing: int) -> Put:
         """Everything that can fail about storing ``source`` in ``tier`` (compression, checks),
-        without changing the cache."""
+        without changing the cache. A compressor's output is checked on the host but for its
+        finiteness, which is held with block ``committing``'s checks (read when it settles)."""
         assert tier.store is not None
         latents = source.latents if tier.keep_latents else None
         if tier.compressor is not None and not (
@@ -372,7 +373,7 @@ class TieredPolicy(CachePolicy):
             block = source if isinstance(source, CachedBlock) else self._transient(source)
             origin = self._origin(f"compressor:{tier.name}", "compressor", tier.compressor)
             ckv = origin.call(source.block_id, tier.compressor.compress, block, self.model)
-            self._check_compressed(origin, ckv, tier, block)
+            self._check_compressed(origin, ckv, tier, block, committing)
             put = Put(tier.store, ckv.keys, ckv.values, latents)
             put.record = dict(
                 fidelity=tier.compressor.name,
@@ -408,9 +409,10 @@ class TieredPolicy(CachePolicy):
         put.check()
         return put
 
-    def _check_compressed(self, origin: Origin, ckv: Any, tier: Tier, block: CachedBlock) -> None:
+    def _check_compressed(self, origin: Origin, ckv: Any, tier: Tier, block: CachedBlock, committing: int) -> None:
         """A compressor's output against what the tier stores: grid, layers, batch, dtype,
-        device, finiteness and the positions it reports."""
+        device and the positions it reports, now; its finiteness held with block
+        ``committing``'s checks (one host read for the whole commit, see :meth:`commit`)."""
         g = self.geometry
         if not isinstance(ckv, CompressedKV):
             raise origin.error(f"returned a {type(ckv).__name__}, expected a CompressedKV", block.block_id)
@@ -418,21 +420,34 @@ class TieredPolicy(CachePolicy):
             raise origin.error(f"produced grid {tuple(ckv.grid)}, planned {tier.grid}", block.block_id)
         like = block.keys[0]
         t, h, w = tier.grid
-        problem = (
-            kv_problem(
+
+        def problem_of(finite: bool) -> str | None:
+            return kv_problem(
                 ckv.keys,
                 ckv.values,
                 num_layers=g.num_layers,
                 shape=(like.shape[0], t * h * w, g.num_heads, g.head_dim),
                 dtype=like.dtype,
                 device=like.device,
+                finite=finite,
             )
+
+        problem = (
+            problem_of(finite=False)
             or number_problem("position", ckv.position)
             or number_problem("temporal_stride", ckv.temporal_stride, positive=True)
             or number_problem("hw_stride", ckv.hw_stride, positive=True)
         )
         if problem:
             raise origin.error(f"tier {tier.name!r}: {problem}", block.block_id)
+
+        def explain() -> None:
+            if problem := problem_of(finite=True):
+                raise origin.error(f"tier {tier.name!r}: {problem}", block.block_id)
+
+        tensors = [x for x in (*ckv.keys, *ckv.values) if x.is_floating_point()]
+        if tensors:
+            self._checks.add(committing, all_finite(tensors), explain)
 
     def _transient(self, commit: BlockCommit) -> CachedBlock:
         """A commit seen as a block (for compressing straight into a compressed entry tier)."""
@@ -478,12 +493,33 @@ class TieredPolicy(CachePolicy):
     def commit(self, commit: BlockCommit) -> None:
         """Admit a block, atomically: every plugin call and check runs first, and every page the
         moves need is allocated; only then are blocks moved. A failure (a compressor raising or
-        returning something wrong, an allocation) leaves the cache exactly as it was."""
+        returning something wrong, an allocation) leaves the cache exactly as it was.
+
+        The checks left on the device — the block's passes, the finiteness of its K/V and of
+        the compressors' output — are read together, in one host read, after the compressors
+        ran and before anything moves. Their errors come in that order, and before any error
+        the preparation raised (which is then their context)."""
         if commit.grid != self.geometry.block_grid:
             raise ValueError(f"commit grid {commit.grid} differs from the geometry's {self.geometry.block_grid}")
         if commit.block_id <= self._last_block_id:
             raise ValueError(f"block {commit.block_id} committed after block {self._last_block_id}")
-        self._settle_with(commit.block_id, commit.keys, commit.values)
+        self._hold_finite(commit.block_id, commit.keys, commit.values)
+        try:
+            steps, archive_store, layout = self._prepare_commit(commit)
+        except Exception:
+            self.settle()  # an earlier bad check is the cause: raised first, this error its context
+            raise
+        self.settle()
+        bound = self.params.archive_max_blocks
+        incoming = sum(1 for step in steps if step.move.dst == ARCHIVE)
+        evict = max(0, len(self._archive) + incoming - bound) if bound is not None else 0
+        releases = {id(archive_store): evict} if evict else {}
+        self._reserve(steps, releases)
+        self._apply_commit(commit, steps, archive_store, layout, evict)
+
+    def _prepare_commit(self, commit: BlockCommit) -> tuple[list[Step], TierStore | None, TierLayout]:
+        """The moves of admitting ``commit``, each with what it stores prepared (compressed,
+        checked), the archive store they go to, and the layout after them; nothing changed."""
         layout = self.layout.copy()
         steps: list[Step] = []
         popped = [0] * len(self._tiers)
@@ -491,7 +527,7 @@ class TieredPolicy(CachePolicy):
         for move in layout.commit(commit.block_id):
             if move.src is None:
                 tier = self._tiers[move.dst]  # type: ignore[index]
-                steps.append(Step(move, None, None, self._prepare_block(tier, commit)))
+                steps.append(Step(move, None, None, self._prepare_block(tier, commit, commit.block_id)))
                 continue
             src = self._tiers[move.src]
             block = src.blocks[popped[move.src]]
@@ -506,14 +542,15 @@ class TieredPolicy(CachePolicy):
                 put.record = {f.name: getattr(block, f.name) for f in attrs.fields(CachedBlock) if f.name != "slot"}
                 put.check()
             elif move.dst != DROP:
-                put = self._prepare_block(self._tiers[move.dst], block)  # type: ignore[index]
+                put = self._prepare_block(self._tiers[move.dst], block, commit.block_id)  # type: ignore[index]
             steps.append(Step(move, src, block, put))
-        bound = self.params.archive_max_blocks
-        incoming = sum(1 for step in steps if step.move.dst == ARCHIVE)
-        evict = max(0, len(self._archive) + incoming - bound) if bound is not None else 0
-        releases = {id(archive_store): evict} if evict else {}
-        self._reserve(steps, releases)
-        # nothing below can fail: apply the moves
+        return steps, archive_store, layout
+
+    def _apply_commit(
+        self, commit: BlockCommit, steps: list[Step], archive_store: TierStore | None, layout: TierLayout, evict: int
+    ) -> None:
+        """Apply :meth:`_prepare_commit`'s moves, ``evict`` oldest archived blocks dropped first
+        (nothing here can fail)."""
         for _ in range(evict):  # the archive is full: its oldest blocks are dropped
             old = self._archive.popleft()
             assert self._archive_store is not None
@@ -557,7 +594,8 @@ class TieredPolicy(CachePolicy):
         tier = self._tiers[where] if isinstance(where, int) else None
         if tier is None or tier.compressor is not None:
             raise ValueError(f"block {block_id} is not held at full resolution (it is in {where or 'no tier'})")
-        self._settle_with(block_id, keys, values)
+        self._hold_finite(block_id, keys, values)
+        self.settle()
         i = next(i for i, b in enumerate(tier.blocks) if b.block_id == block_id)
         block = tier.blocks[i]
         n = block.slot.num_layers
@@ -606,15 +644,14 @@ class TieredPolicy(CachePolicy):
         them) and raise the first bad one's :class:`~packforcing.core.errors.PluginError`."""
         self._checks.settle()
 
-    def _settle_with(self, block_id: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
-        """:meth:`settle` with the finiteness of K/V about to be stored for ``block_id`` read in
-        the same host read (its :class:`~packforcing.core.store.NonFiniteError` comes after any
+    def _hold_finite(self, block_id: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Hold the finiteness of K/V about to be stored for ``block_id`` with its checks, read
+        when it settles (its :class:`~packforcing.core.store.NonFiniteError` comes after any
         error of the block's passes)."""
         tensors = [*keys, *values]
         if tensors:
             where = f"block {block_id}"
             self._checks.add(block_id, all_finite(tensors), lambda: check_finite(keys, values, where))
-        self.settle()
 
     def context(self, query: BlockQuery) -> TieredContext:
         # only blocks before the query (all of them while generating; the older ones on a re-cache)
