@@ -164,9 +164,10 @@ class DeferredChecks:
         self._held: list[tuple[torch.Tensor, Callable[[], None]]] = []
 
     def add(self, block: int, flags: torch.Tensor, explain: Callable[[], None]) -> None:
-        """Hold one pass's ``flags`` (bool on the device, all true when the pass was fine) for
-        ``block``; ``explain()`` raises the pass's precise error (it may read on the host). Checks
-        held for another block (one abandoned by an error before its commit) are dropped."""
+        """Hold one check's ``flags`` (bool on the device, all true when it passed) for ``block``:
+        a pass's, or what its commit adds (its K/V's finiteness, the compressors' output's);
+        ``explain()`` raises its precise error (it may read on the host). Checks held for another
+        block (one abandoned by an error before its commit) are dropped."""
         if self.block != block:
             self._held.clear()
             self.block = block
@@ -178,8 +179,9 @@ class DeferredChecks:
         self.block = None
 
     def settle(self) -> None:
-        """Read every held flag in one host read; if one is false, raise the first failing pass's
-        error (in the order the passes ran). Nothing is held afterwards, either way."""
+        """Read every held flag in one host read; if one is false, raise the first failing check's
+        error (in the order they were added: the passes as they ran, then the commit's). Nothing
+        is held afterwards, either way."""
         held = self._held
         self._held, self.block = [], None
         if not held or bool(torch.cat([flags for flags, _ in held]).all()):
