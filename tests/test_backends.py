@@ -60,10 +60,10 @@ def test_auto_picks_sdpa_without_cuda_half():
     assert isinstance(pick_backend("cpu", torch.bfloat16), SdpaBackend)
 
 
-@needs_xformers
-def test_auto_picks_xformers_on_cuda_half():
-    assert isinstance(pick_backend("cuda", torch.bfloat16), XformersBackend)
-    assert isinstance(pick_backend("cuda", torch.float32), SdpaBackend)
+def test_auto_picks_sdpa_on_cuda_half_too():
+    # xformers was 1.7-1.8x slower than SDPA's own choice (cuDNN) on an H100 at Wan's shapes
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert isinstance(pick_backend("cuda", dtype), SdpaBackend)
 
 
 def test_import_is_silent_and_lazy():

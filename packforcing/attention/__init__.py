@@ -1,4 +1,4 @@
-"""Attention backends: torch SDPA everywhere, xformers on CUDA (imported only when chosen)."""
+"""Attention backends: torch SDPA everywhere (what ``auto`` picks), xformers on CUDA when named (imported only then)."""
 
 from packforcing.attention.backends import SdpaBackend, XformersBackend, pick_backend, xformers_available
 

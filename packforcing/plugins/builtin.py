@@ -42,7 +42,7 @@ def packforcing_backends():
             "packforcing.attention.backends:XformersBackend",
             "xformers.ops.memory_efficient_attention (CUDA, fp16/bf16).",
         ),
-        "auto": _lazy(":AUTO", "xformers on CUDA fp16/bf16, else sdpa"),
+        "auto": _lazy(":AUTO", "sdpa, left to pick its fused kernel (faster than xformers on an H100, measured)"),
     }
 
 
