@@ -12,7 +12,8 @@
 # cache-management share copied, with the top-K once per pass, and split); BUDGET: its --budget
 # in seconds (default 450, 7.5 minutes: with 400 the whole took 402 s on an H100, 454 s with the
 # tests and the installs, and the time cap stopped the full cache short of running out of
-# memory, which the extra 50 s reach). First, the CUDA tests go to OUT/tests.log: the attention
+# memory, which the extra 50 s should reach by that run's timings). First, the CUDA tests go to
+# OUT/tests.log: the attention
 # backends' (tests/test_backends.py: xformers, and each SDPA kernel's log-sum-exp) and the host
 # syncs' (tests/test_host_syncs.py: a full PackForcing context's passes under CUDA's sync debug
 # mode, copied and split).
