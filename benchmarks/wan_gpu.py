@@ -4,7 +4,7 @@ The full-size Wan2.1-T2V-1.3B transformer (30 layers, 12 heads × 128, 832×480 
 latents, 3-frame blocks as Self-Forcing, its 4-step sampler + the clean pass) is built with
 random weights directly on the GPU in bf16 (no checkpoint: the structure is what costs time and
 memory). One script, one run, every section under a time cap so the whole finishes within
-7.5 minutes of GPU time (402 s on one H100 with a 400 s budget); results are rewritten after
+8 minutes of GPU time (470 s by default; 402 s on one H100 with a 400 s budget); results are rewritten after
 every section, so an interrupted run keeps what it measured:
 
 1. attention: SDPA as the engine calls it (the kernel it picks named), SDPA with each kernel
@@ -24,7 +24,7 @@ every section, so an interrupted run keeps what it measured:
 5. the share sections again with the top-K made once per pass (``shares_per_pass``) and with the
    context split (``shares_split``: ``backend.split_context``).
 
-    python benchmarks/wan_gpu.py [--out benchmarks/results] [--budget 450]
+    python benchmarks/wan_gpu.py [--out benchmarks/results] [--budget 470]
     python benchmarks/wan_gpu.py --only packforcing,sliding_window,shares --budget 200   # a short re-measurement
     python benchmarks/wan_gpu.py --smoke --out /tmp/x     # the same code paths on the CPU, tiny model
 
@@ -38,6 +38,7 @@ The shares section also counts the host-device synchronisations of one block
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import json
@@ -133,9 +134,10 @@ GPU = Sizes(
         "shares": 60,
         "shares_per_pass": 60,
         "shares_split": 60,
-        # on one H100 the full cache reached 80 blocks in 161 s and runs out of memory at ~88-91
-        # (a 3.2 GiB page every 4 blocks, 3.6 s per block there): 215 s lets it get there
-        "full": 215,
+        # on one H100 the full cache reached 80 blocks in 161 s (3.6 s per block there, +50 ms per
+        # block); by its plan and measured peaks (predict_oom) block 90 runs out of memory, ~197 s
+        # in: 235 s lets it get there (the others took 241 s, so a 470 s budget leaves it ~229 s)
+        "full": 235,
     },
     attention_contexts={"self_forcing_window_21f": 21 * 1560, "full_60s": 240 * 1560 + 3 * 1560},
     steady_extra_blocks=2,
@@ -622,22 +624,62 @@ def median(values: list[float]) -> float:
     return ordered[len(ordered) // 2] if ordered else math.nan
 
 
+def predict_oom(
+    rows: list[dict[str, Any]], usable: int, plan_bytes: Callable[[int], int], horizon: int = 1000
+) -> int | None:
+    """The number of blocks a policy completes before one would need more than ``usable`` bytes
+    allocated, from its measured blocks and its cache plan; ``None`` if none within ``horizon``
+    more blocks.
+
+    Block ``n``'s peak is modelled as ``max(plan(n) + P(n), plan(n + 1) + C)``: its passes run
+    over the cache held before it (``plan(n)``: bytes after ``n`` blocks) plus a transient ``P``
+    (weights, activations and, for a copied context, the per-layer copy, which grows with the
+    context), and its commit holds the cache after it plus a constant ``C``. ``P`` is fitted as a
+    line through the last (up to 8) measured blocks that allocated no cache (their peak over the
+    cache they hold); ``C`` is the peak over the cache at the last block that allocated some (an
+    upper bound of ``C``). Each row needs ``block``, ``plan_bytes`` (after it) and ``block_peak``
+    (that block's own ``max_memory_allocated``)."""
+    steady = [r for prev, r in itertools.pairwise(rows) if r["plan_bytes"] == prev["plan_bytes"]][-8:]
+    if len(steady) < 2:
+        return None
+    xs = [float(r["block"]) for r in steady]
+    ys = [float(r["block_peak"] - r["plan_bytes"]) for r in steady]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    grew = [r for prev, r in itertools.pairwise(rows) if r["plan_bytes"] != prev["plan_bytes"]]
+    commit = grew[-1]["block_peak"] - grew[-1]["plan_bytes"] if grew else 0
+    start = rows[-1]["block"] + 1
+    for n in range(start, start + horizon):
+        passes = plan_bytes(n) + my + slope * (n - mx)
+        if max(passes, plan_bytes(n + 1) + commit) > usable:
+            return n
+    return None
+
+
 def run_policy(engine: Any, sizes: Sizes, *, cap: float, max_blocks: int, conditions: list[dict]) -> dict:
-    """Generate until ``max_blocks``, the time cap or out of memory; one row per block."""
+    """Generate until ``max_blocks``, the time cap or out of memory; one row per block (its own
+    peak allocation, ``block_peak``, and the run's so far, ``max_allocated``)."""
     rows: list[dict[str, Any]] = []
     if sizes.cuda:
         free_memory(sizes)
         torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated() if sizes.cuda else 0
+    # what allocations can reach: the device's free memory plus what the allocator holds already
+    usable = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() if sizes.cuda else 0
     stopped, error = "max_blocks", None
     started = time.perf_counter()
+    peak = 0
     try:
         with engine.session(seed=0, batch_size=1, conditions=conditions) as session:
             for index in range(max_blocks):
                 if time.perf_counter() - started > cap:
                     stopped = "time cap"
                     break
+                if sizes.cuda:
+                    torch.cuda.reset_peak_memory_stats()
                 block = session.step()
+                block_peak = torch.cuda.max_memory_allocated() if sizes.cuda else 0
+                peak = max(peak, block_peak)
                 rows.append(
                     {
                         "block": index,
@@ -646,7 +688,8 @@ def run_policy(engine: Any, sizes: Sizes, *, cap: float, max_blocks: int, condit
                         "context_tokens": block.context_tokens,
                         "cache_bytes": block.stats.bytes,
                         "plan_bytes": engine.policy.plan(index + 1).bytes,
-                        "max_allocated": torch.cuda.max_memory_allocated() if sizes.cuda else 0,
+                        "block_peak": block_peak,
+                        "max_allocated": peak,
                     }
                 )
     except Exception as exc:  # out of memory is a result; anything else is recorded, and the run goes on
@@ -654,13 +697,9 @@ def run_policy(engine: Any, sizes: Sizes, *, cap: float, max_blocks: int, condit
         error = " ".join(str(exc).split())[:300]
     free_memory(sizes)
     predicted = None
-    if sizes.cuda and stopped != "OOM" and len(rows) >= 10:
-        # extrapolate max_memory_allocated linearly over the last blocks to the device's memory
-        a, z = rows[-10], rows[-1]
-        slope = (z["max_allocated"] - a["max_allocated"]) / (z["block"] - a["block"])
-        total = torch.cuda.get_device_properties(0).total_memory
-        if slope > 0:
-            predicted = z["block"] + 1 + int((total - z["max_allocated"]) / slope)
+    if sizes.cuda and stopped not in ("OOM", "max_blocks") and rows:  # cut short: would it have fit?
+        plan = functools.cache(lambda n: engine.policy.plan(n).bytes)
+        predicted = predict_oom(rows, usable, plan, horizon=max_blocks - len(rows))
     times = [r["seconds"] for r in rows]
     early, late = median(times[1:6]), median(times[-5:])
     return {
@@ -669,13 +708,14 @@ def run_policy(engine: Any, sizes: Sizes, *, cap: float, max_blocks: int, condit
         "stopped": stopped,
         "error": error,
         "baseline_allocated": baseline,
+        "usable_bytes": usable,
         "early_ms": early * 1e3,
         "late_ms": late * 1e3,
         "late_over_early": late / early if early else math.nan,
         "blocks_per_second_late": 1 / late if late else math.nan,
         "latent_frames_per_second_late": FRAMES_PER_BLOCK / late if late else math.nan,
         "real_time_factor_late": FRAMES_PER_BLOCK / late / REAL_TIME_LATENT_FPS if late else math.nan,
-        "peak_allocated": max((r["max_allocated"] for r in rows), default=0),
+        "peak_allocated": peak,
         "final_cache_bytes": rows[-1]["cache_bytes"] if rows else 0,
         "cache_equals_plan": all(r["cache_bytes"] == r["plan_bytes"] for r in rows),
         "predicted_oom_blocks": predicted,
@@ -684,18 +724,24 @@ def run_policy(engine: Any, sizes: Sizes, *, cap: float, max_blocks: int, condit
     }
 
 
+def stopped_by(run: dict[str, Any]) -> str:
+    """What ended a policy's run, with where it ran (or would run) out of memory."""
+    if run["stopped"] == "OOM":
+        done = run["blocks"]
+        return f"out of memory in block {done + 1}, after {done} blocks ({run['video_seconds']:.1f} s)"
+    if run.get("predicted_oom_blocks"):
+        blocks = run["predicted_oom_blocks"]
+        return f"{run['stopped']} (predicted out of memory after {blocks} blocks, {video_seconds(blocks):.1f} s)"
+    return run["stopped"]
+
+
 def policy_table(runs: dict[str, dict]) -> str:
     rows = [
         [
             name,
             r["blocks"],
             r["video_seconds"],
-            r["stopped"]
-            + (
-                f" (OOM extrapolated at ~{r['predicted_oom_blocks']} blocks, {r['predicted_oom_video_seconds']:.0f} s)"
-                if r.get("predicted_oom_blocks")
-                else ""
-            ),
+            stopped_by(r),
             r["early_ms"],
             r["late_ms"],
             r["late_over_early"],
@@ -1075,7 +1121,7 @@ def steady_blocks(engine: Any) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS, help="where wan_gpu.json / wan_gpu.md go")
-    parser.add_argument("--budget", type=float, default=450.0, help="wall-clock seconds for the whole run")
+    parser.add_argument("--budget", type=float, default=470.0, help="wall-clock seconds for the whole run")
     parser.add_argument("--smoke", action="store_true", help="the same code paths on the CPU with a tiny Wan")
     parser.add_argument(
         "--only",

@@ -38,6 +38,7 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     for name, run in runs.items():
         assert run["blocks"] > 0 and run["stopped"] == "max_blocks", name
         assert run["cache_equals_plan"], name  # the bytes held equal the plan after every block
+        assert all({"block_peak", "max_allocated"} <= set(row) for row in run["rows"]), name
     pf_rows = runs["packforcing"]["rows"]
     assert pf_rows[-1]["cache_bytes"] == pf_rows[-2]["cache_bytes"]  # flat once the tiers are full
     assert runs["full"]["rows"][-1]["context_tokens"] > runs["full"]["rows"][0]["context_tokens"]
@@ -85,3 +86,60 @@ def test_the_fixed_context_reference_attends_history_and_block_without_copying_t
         expected = backend.attend(q, torch.cat([stored[0][layer], k], 1), torch.cat([stored[1][layer], v], 1))
         torch.testing.assert_close(out, expected)
         assert torch.equal(keys[layer][:, :history], stored[0][layer])  # the history is left as it was
+
+
+def _rows(blocks: int, page: int, per_page: int, transient, commit: int) -> list[dict]:
+    """Rows as ``run_policy`` records them, from a known memory model: a page of ``page`` bytes
+    every ``per_page`` blocks; block ``n``'s passes peak at the cache before it plus
+    ``transient(n)``, its commit at the cache after it plus ``commit``."""
+
+    def plan(n: int) -> int:
+        return page * -(-n // per_page)
+
+    return [
+        {"block": n, "plan_bytes": plan(n + 1), "block_peak": max(plan(n) + transient(n), plan(n + 1) + commit)}
+        for n in range(blocks)
+    ], plan
+
+
+def _first_overflow(usable: int, plan, transient, commit: int, start: int) -> int:
+    n = start
+    while max(plan(n) + transient(n), plan(n + 1) + commit) <= usable:
+        n += 1
+    return n
+
+
+def test_predict_oom_finds_the_first_block_that_would_not_fit(monkeypatch):
+    """The full cache's out-of-memory point from its measured blocks and its plan: the first
+    block whose passes (cache before it + a transient growing with the context) or whose commit
+    (the cache after it + a constant) would exceed the usable bytes, as a brute-force walk of the
+    same memory model finds it; either one can be the one that overflows."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from wan_gpu import predict_oom
+
+    def transient(n: int) -> int:  # weights + activations + the per-layer copy of the context
+        return 6_000 + 30 * n
+
+    rows, plan = _rows(80, page=3_450, per_page=4, transient=transient, commit=3_860)
+    for usable in range(rows[-1]["block_peak"] + 1, rows[-1]["block_peak"] + 20_000, 37):
+        expected = _first_overflow(usable, plan, transient, 3_860, start=80)
+        assert predict_oom(rows, usable, plan) == expected, usable
+    # a commit that dominates: the page allocation is what overflows first
+    rows, plan = _rows(40, page=3_450, per_page=4, transient=lambda n: 100 + n, commit=5_000)
+    usable = plan(45) + 5_000 - 1  # the block that takes the cache to plan(45) cannot commit
+    assert predict_oom(rows, usable, plan) == _first_overflow(usable, plan, lambda n: 100 + n, 5_000, 40) == 44
+    # a flat cache with a flat transient never runs out: no prediction
+    flat_rows = [{"block": n, "plan_bytes": 1_000, "block_peak": 1_500} for n in range(20)]
+    assert predict_oom(flat_rows, 10_000, lambda n: 1_000) is None
+    assert predict_oom(flat_rows[:2], 10_000, lambda n: 1_000) is None  # too few blocks to fit a line
+
+
+def test_the_policy_table_says_where_the_cache_ran_or_would_run_out_of_memory(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from wan_gpu import stopped_by, video_seconds
+
+    observed = {"stopped": "OOM", "blocks": 89, "video_seconds": video_seconds(89)}
+    assert stopped_by(observed) == "out of memory in block 90, after 89 blocks (66.6 s)"
+    predicted = {"stopped": "time cap", "blocks": 80, "predicted_oom_blocks": 89}
+    assert stopped_by(predicted) == "time cap (predicted out of memory after 89 blocks, 66.6 s)"
+    assert stopped_by({"stopped": "max_blocks", "predicted_oom_blocks": None}) == "max_blocks"
