@@ -143,3 +143,38 @@ def test_the_policy_table_says_where_the_cache_ran_or_would_run_out_of_memory(mo
     predicted = {"stopped": "time cap", "blocks": 80, "predicted_oom_blocks": 89}
     assert stopped_by(predicted) == "time cap (predicted out of memory after 89 blocks, 66.6 s)"
     assert stopped_by({"stopped": "max_blocks", "predicted_oom_blocks": None}) == "max_blocks"
+
+
+def test_run_policy_records_an_out_of_memory_block_as_the_result(monkeypatch):
+    """The full cache's section ends in out of memory on the GPU: that is its result, recorded
+    with the blocks completed before it, and the table says in which block it happened."""
+    import types
+    from contextlib import contextmanager
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from wan_gpu import SMOKE, policy_table, run_policy
+
+    class Session:
+        def __init__(self) -> None:
+            self.done = 0
+
+        def step(self):
+            if self.done == 5:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.21 GiB")
+            self.done += 1
+            stats = types.SimpleNamespace(bytes=100 * self.done)
+            return types.SimpleNamespace(seconds=0.01, context_tokens=10 * self.done, stats=stats)
+
+    class Engine:
+        policy = types.SimpleNamespace(plan=lambda n: types.SimpleNamespace(bytes=100 * n))
+
+        @contextmanager
+        def session(self, **kwargs):
+            yield Session()
+
+    run = run_policy(Engine(), SMOKE, cap=60, max_blocks=50, conditions=[])
+    assert run["stopped"] == "OOM" and run["blocks"] == 5 and run["cache_equals_plan"]
+    assert "Tried to allocate 2.21 GiB" in run["error"] and run["predicted_oom_blocks"] is None
+    assert "| out of memory in block 6, after 5 blocks (3.6 s) |" in policy_table({"full": run})
