@@ -119,3 +119,39 @@ def test_streamed_video_equals_decoding_the_whole_latent_video(tmp_path, pipelin
     whole = codec.decode(torch.cat(blocks, dim=2))
     assert streamed.shape[2] == 1 + 4 * (3 * FPB - 1)
     assert (streamed - whole).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("how", ["interrupted", "checkpoint_every"])
+def test_an_interrupted_wan_run_resumes_to_the_same_video(tmp_path, pipeline, how):
+    """A Wan run's video has 1 + 4(F - 1) pixel frames for F latent ones and a causal decoder:
+    an interrupted run (Ctrl-C) and a run killed after a periodic checkpoint both resume to the
+    uninterrupted run's latents and every one of its frames, once each (the decoder's causal
+    cache is saved with the checkpoint)."""
+    import imageio.v2 as imageio
+    from safetensors.torch import load_file
+
+    from packforcing.cli.generate import Interrupted, run_job
+
+    config = wan_config(tmp_path, pipeline)
+    overrides = ["run.blocks=5", "run.checkpoint_every=2"] if how == "checkpoint_every" else ["run.blocks=5"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_job(config, whole, overrides=overrides, save_latents=True)
+
+    def stop(done: int) -> None:
+        if done == 3:
+            raise KeyboardInterrupt if how == "interrupted" else SystemExit("killed")
+
+    with pytest.raises(Interrupted if how == "interrupted" else SystemExit):
+        run_job(config, resumed, overrides=overrides, save_latents=True, on_block=stop)
+    state = json.loads((resumed / "checkpoint" / "state.json").read_text())
+    assert state["meta"]["blocks_done"] == (3 if how == "interrupted" else 2)
+    run_job(None, resumed, resume=True)
+
+    def frames(out: Path) -> list:
+        return list(imageio.mimread(out / "video.mp4"))
+
+    expected, got = frames(whole), frames(resumed)
+    assert len(expected) == len(got) == 1 + 4 * (5 * FPB - 1)
+    assert all((a == b).all() for a, b in zip(expected, got, strict=True))
+    latents = [load_file(str(out / "latents.safetensors"))["latents"] for out in (whole, resumed)]
+    assert torch.equal(*latents)

@@ -493,18 +493,25 @@ def _run(
     # a codec that decodes across blocks (the Wan VAE's causal cache) streams; others decode per block
     make_stream = getattr(codec, "streaming_decoder", None)
     decoder = make_stream() if callable(make_stream) else codec
-    if state is not None and decoder is not codec and "run.last_latents" in state["tensors"]:
-        # warm the causal decoder with the last block before the resume point (its frames are
-        # already in the video); the frames after it follow from that state
-        decoder.decode(state["tensors"]["run.last_latents"].to(engine.device).float())
-    last: list[torch.Tensor] = []
+    if state is not None and decoder is not codec and "decoder" not in extra:
+        raise RunError(f"{out}: the checkpoint lacks the video decoder's causal state (written by an older version)")
+    if state is not None and "decoder" in extra:
+        # the causal decoder's cache as it was at the checkpoint: the frames after it follow exactly
+        prefix = "run.decoder."
+        cached = {k[len(prefix) :]: t for k, t in state["tensors"].items() if k.startswith(prefix)}
+        try:
+            decoder.load_state_dict(cached, extra["decoder"])
+        except (AttributeError, ValueError, KeyError) as exc:
+            raise RunError(f"{out}: the checkpoint's video decoder state does not fit this model ({exc})") from None
+    # pixel frames written per video: a causal codec decodes 1 + 4(F - 1) frames for F latent ones
+    video_frames = int(extra.get("video_frames", session.blocks_done * g.frames_per_block)) if state else 0
     writers = []
     if codec is not None:
         sizes = extra.get("video_bytes", [])
         for item in range(run_params.batch_size):
             name = "video.mp4" if item == 0 else f"video_{item}.mp4"
             resume_bytes = sizes[item] if state is not None and item < len(sizes) else None
-            frames = session.blocks_done * g.frames_per_block if resume_bytes else 0
+            frames = video_frames if resume_bytes else 0
             writers.append(
                 FragmentedMP4Writer(out / name, run_params.fps, resume_bytes=resume_bytes, resume_frames=frames)
             )
@@ -519,8 +526,6 @@ def _run(
 
     def checkpoint() -> None:
         saved = session.state_dict()
-        if last:
-            saved["tensors"]["run.last_latents"] = last[0].detach().to("cpu")
         if save_latents:
             saved["tensors"].update({f"run.latents.{i}": t for i, t in enumerate(latents)})
         info = {
@@ -528,7 +533,11 @@ def _run(
             "report_blocks": report.blocks,
             "report_returns": report.returns,
             "video_bytes": [w.nbytes for w in writers],
+            "video_frames": video_frames,
         }
+        if decoder is not codec:  # a streaming decoder: its causal cache continues the video
+            cached, info["decoder"] = decoder.state_dict()
+            saved["tensors"].update({f"run.decoder.{k}": t for k, t in cached.items()})
         save_checkpoint(out / CHECKPOINT_DIR, saved, info)
 
     def finish(status: str, error: str | None = None) -> None:
@@ -540,15 +549,16 @@ def _run(
         """Every output holds exactly the blocks the session has made (so a checkpoint is whole)."""
         done = session.blocks_done
         last = getattr(engine.policy, "last_block_id", done - 1)
-        fpb = g.frames_per_block
         return (
             last == done - 1
             and len(report.blocks) == done
-            and all(w.frames == done * fpb for w in writers)
+            and decoded == done
+            and all(w.frames == video_frames for w in writers)
             and (not save_latents or len(latents) == done)
         )
 
     returns = ReturnTracker(report)
+    decoded = session.blocks_done  # blocks whose frames are in the video (and the decoder's state)
     bar = tqdm(
         total=run_params.blocks, initial=session.blocks_done, unit="block", disable=not progress, dynamic_ncols=True
     )
@@ -558,13 +568,14 @@ def _run(
         while session.blocks_done < run_params.blocks:
             block = session.step()
             if writers:
-                pixels = decoder.decode(block.latents.float())
+                pixels = decoder.decode(block.latents.float())  # [B, 3, T, H, W]
                 for item, writer in enumerate(writers):
                     writer.append(to_uint8_frames(pixels[item]))
+                video_frames += pixels.shape[2]
                 returns.add(block.index, block.condition, pixels)
+            decoded += 1
             if save_latents:
                 latents.append(block.latents.detach().to("cpu", copy=True))
-            last[:] = [block.latents]
             record = report.add(block)
             report.write(out / "report.json")
             every = run_params.checkpoint_every

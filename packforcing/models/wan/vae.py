@@ -16,12 +16,16 @@ use them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 VAE_SUBFOLDER = "vae"
+_REPEAT = "Rep"
+"""diffusers' marker in a feature-cache slot of a temporal upsampler that has seen only the first
+frame (its next frame repeats it); kept with the cache's tensors in a checkpoint."""
 
 
 def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
@@ -153,3 +157,25 @@ class StreamingDecoder:
 
             out = unpatchify(out, patch_size=patch)
         return out.clamp(-1.0, 1.0).to(latents.dtype)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The causal cache, for a checkpoint: ``(tensors, meta)``, the slots' tensors on the CPU
+        by slot number (each ``[B, C, ≤2, h, w]``) and the JSON-able rest (frames decoded, slots,
+        the upsamplers' first-frame markers). :meth:`load_state_dict` of it continues the video
+        exactly where this decoder is."""
+        tensors = {str(i): t.detach().to("cpu") for i, t in enumerate(self._cache) if isinstance(t, torch.Tensor)}
+        marked = [i for i, t in enumerate(self._cache) if isinstance(t, str)]
+        return tensors, {"latent_frames": self.latent_frames, "slots": len(self._cache), "repeat_marked": marked}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the decoder is left unchanged on a
+        ``ValueError``: a cache from another VAE)."""
+        slots = len(self._cache)
+        if int(meta.get("slots", -1)) != slots or any(not 0 <= int(k) < slots for k in tensors):
+            raise ValueError(f"the VAE decoder's cache has {slots} slots; the checkpoint's is from another VAE")
+        cache: list[Any] = [None] * slots
+        for key, tensor in tensors.items():
+            cache[int(key)] = tensor.to(device=self.codec.device, dtype=self.codec.dtype)
+        for i in meta.get("repeat_marked", []):
+            cache[int(i)] = _REPEAT
+        self._cache, self.latent_frames = cache, int(meta["latent_frames"])
