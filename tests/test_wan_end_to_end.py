@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from packforcing.cli import main
 from packforcing.models.wan.text import load_prompt_embeds
@@ -103,6 +104,40 @@ def test_a_bad_vae_is_one_line(tmp_path, pipeline, capsys):
     code = main(["generate", "--config", str(config), "--blocks", "1", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "model.vae" in err and "not a Wan VAE folder" in err
+
+
+@pytest.mark.parametrize("problem", ["vae", "embeds"])
+def test_a_run_refused_up_front_encodes_no_text_and_writes_nothing(tmp_path, pipeline, capsys, monkeypatch, problem):
+    """A bad VAE folder or a precomputed embedding of the wrong width is refused before the text
+    encoder loads: one line, and no output folder (no embeddings) left behind."""
+    from packforcing.models.wan import text
+
+    monkeypatch.setattr(text.TextEncoder, "from_params", lambda params: pytest.fail("the encoder was loaded"))
+    bad = tmp_path / "bad.safetensors"
+    save_file({"prompt_embeds": torch.zeros(7, 5)}, str(bad))
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump([{"from_block": 0, "prompt": "a fox"}, {"from_block": 1, "embeds": str(bad)}]))
+    config = wan_config(tmp_path, pipeline, **({"vae": str(tmp_path)} if problem == "vae" else {}))
+    argv = ["generate", "--config", str(config), "--blocks", "3", "--out", str(tmp_path / "o")]
+    argv += ["--prompt", "a fox"] if problem == "vae" else ["--prompts", str(prompts)]
+    assert main(argv) in (1, 2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert ("not a Wan VAE folder" if problem == "vae" else "[1].embeds: ") in err
+    assert problem == "vae" or "expected [L, 32]" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_embeddings_are_named_from_anywhere(tmp_path, pipeline, monkeypatch):
+    """A run started with a relative --out names its prompt embeddings by absolute path, so it
+    resumes from any directory."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "--config", str(wan_config(tmp_path, pipeline)), "--prompt", "a fox", "--no-progress"]
+    assert main([*argv, "--blocks", "2", "--set", "run.checkpoint_every=1", "--out", "rel"]) == 0
+    embeds = json.loads((tmp_path / "rel" / "report.json").read_text())["conditions"][0]["embeds"]
+    assert Path(embeds).is_absolute() and Path(embeds).is_file()
+    monkeypatch.chdir("/")
+    assert main(["generate", "--resume", str(tmp_path / "rel"), "--blocks", "3", "--no-progress"]) == 0
 
 
 def test_streamed_video_equals_decoding_the_whole_latent_video(tmp_path, pipeline):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -219,6 +220,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.force:
         refuse_cpu_run(env, blocks)
     check_output(out, resume=False, overwrite=args.overwrite)  # before any text is encoded into it
+    if segments is not None:
+        check_given_conditions(env.model, segments, where)
+    created = not out.exists()
     texts = None
     if segments is not None and any("prompt" in seg for seg in segments):
         texts = [{"from_block": seg["from_block"], "prompt": seg["prompt"]} for seg in segments if "prompt" in seg]
@@ -241,16 +245,37 @@ def run(args: argparse.Namespace) -> int:
         "fps": fps,
         "video_seconds": pixel_frames(latent_frames, stride) / fps,
     }
-    report = run_job(
-        config_path,
-        out,
-        overrides=[*overrides, *extra],
-        labels=[*labels, *extra_labels],
-        overwrite=args.overwrite,
-        details={"video": video, **({"prompts": texts} if texts else {})},
-        **common,
-    )
+    try:
+        report = run_job(
+            config_path,
+            out,
+            overrides=[*overrides, *extra],
+            labels=[*labels, *extra_labels],
+            overwrite=args.overwrite,
+            details={"video": video, **({"prompts": texts} if texts else {})},
+            **common,
+        )
+    except BaseException:
+        if texts and not (out / "report.json").exists():  # refused before it started: leave no embeddings
+            shutil.rmtree(out / "prompts", ignore_errors=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+        raise
     return _done(out, report)
+
+
+def check_given_conditions(model: Any, segments: Sequence[Mapping[str, Any]], where: str) -> None:
+    """The segments that already hold their condition (``embeds: FILE``, not text), checked by
+    the planning model (no weights) before any text is encoded, so a bad one costs no encoder
+    load and leaves nothing written."""
+    for i, seg in enumerate(segments):
+        if "prompt" in seg:
+            continue
+        try:
+            model.encode_condition({k: v for k, v in seg.items() if k != "from_block"})
+        except ConfigError as exc:
+            raise ValueError(f"{where}: [{i}].{exc.path}: {exc.message}") from None
 
 
 def _done(out: Path, report: dict[str, Any]) -> int:

@@ -430,17 +430,17 @@ def build_wan(params: WanParams, env: Any) -> WanBlockModel:
     transformer, _ = build_transformer(params, dtype=dtype, device=env.device, plan_only=env.plan_only)
     model = WanBlockModel(transformer, params, dtype)
     vae = params.vae_path()
-    if vae is not None and not env.plan_only:
-        from packforcing.models.wan.vae import WanVAECodec
+    if vae is not None:
+        from packforcing.models.wan.vae import WanVAECodec, vae_latent_channels
 
-        try:
-            codec = WanVAECodec.from_path(vae, dtype=torch.float32, device=env.device)
+        try:  # planning reads the VAE's config alone: a wrong folder is refused before any work
+            channels = vae_latent_channels(vae)
+            codec = None if env.plan_only else WanVAECodec.from_path(vae, dtype=torch.float32, device=env.device)
         except ValueError as exc:
             raise ParamError("vae", f"{exc}") from None
-        if codec.latent_channels != model.geometry.latent_channels:
+        if channels != model.geometry.latent_channels:
             raise ParamError(
-                "vae",
-                f"{vae} has {codec.latent_channels} latent channels, the transformer {model.geometry.latent_channels}",
+                "vae", f"{vae} has {channels} latent channels, the transformer {model.geometry.latent_channels}"
             )
         model.codec = codec
     return model

@@ -16,6 +16,7 @@ use them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,31 @@ _REPEAT = "Rep"
 frame (its next frame repeats it); kept with the cache's tensors in a checkpoint."""
 
 
+def vae_folder(path: str | Path) -> Path:
+    """The VAE folder of ``path``: a diffusers pipeline root (with ``vae/``) or the folder itself;
+    ``ValueError`` naming ``path`` when neither holds a ``config.json``."""
+    root = Path(path).expanduser()
+    folder = root / VAE_SUBFOLDER if (root / VAE_SUBFOLDER / "config.json").is_file() else root
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{path}: not a Wan VAE folder (no config.json here or in {VAE_SUBFOLDER}/)")
+    return folder
+
+
+def vae_latent_channels(path: str | Path) -> int:
+    """The latent channels (``z_dim``) of the VAE at ``path``, read from its config alone."""
+    folder = vae_folder(path)
+    try:
+        return int(json.loads((folder / "config.json").read_text())["z_dim"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{folder / 'config.json'}: not a Wan VAE config ({type(exc).__name__}: {exc})") from None
+
+
 def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
     """``AutoencoderKLWan`` from ``path``: a diffusers pipeline root (with ``vae/``) or the VAE
     folder itself. Errors are one line naming the path."""
     from diffusers import AutoencoderKLWan
 
-    root = Path(path).expanduser()
-    folder = root / VAE_SUBFOLDER if (root / VAE_SUBFOLDER / "config.json").is_file() else root
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{path}: not a Wan VAE folder (no config.json here or in {VAE_SUBFOLDER}/)")
+    folder = vae_folder(path)
     try:
         vae = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
