@@ -124,6 +124,7 @@ def test_seconds_become_blocks_through_the_causal_vae():
         ("- {from_block: 0, prompt: ''}", r"\[0\]\.prompt: expected a non-empty string"),
         ("- {from_block: 0, prompt: a}\n- {from_block: -1, prompt: b}", r"\[1\]\.from_block: expected an integer >= 0"),
         ("- {from_block: 0, promt: a}", r"\[0\]\.promt: unknown key"),
+        ("- {from_block: 0, prompt: a, recache: true}", r"\[0\]\.recache: re-caching is set .* by run\.recache"),
         ("- {from_block: 0, prompt: [a}", r"not valid YAML"),
     ],
 )
@@ -149,3 +150,14 @@ def test_missing_encoder_is_one_line(tmp_path, capsys):
     code = main(["encode-prompts", "--text-encoder", str(tmp_path), "--prompt", "a fox", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "not a text encoder folder" in err
+
+
+def test_a_cuda_text_encoder_without_cuda_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["encode-prompts", "--text-encoder", str(tmp_path), "--prompt", "a fox", "--device", "cuda"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device: 'cuda': this torch build has no CUDA" in err
+    with pytest.raises(ValueError, match=r"^text_encoder\.device: 'cuda': this torch build has no CUDA"):
+        TextEncoder.from_params(TextEncoderParams(path=str(tmp_path), device="cuda"))
+    assert not (tmp_path / "o").exists()

@@ -60,6 +60,17 @@ def test_bad_batch_size_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_text_prompt_is_named_with_the_way_to_embeddings(tmp_path, capsys):
+    config = wan_config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["run"]["prompts"] = [{"from_block": 0, "prompt": "a fox"}]
+    config.write_text(yaml.safe_dump(data))
+    assert main(["train-compressor", "--config", str(config), "--steps", "1", "--out", str(tmp_path / "w")]) in (1, 2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run.prompts[0].prompt: train-compressor takes precomputed embeddings" in err
+    assert "encode-prompts" in err and not (tmp_path / "w").exists()
+
+
 def test_train_compressor_on_wan_and_load_the_weights(tmp_path, capsys):
     config = wan_config(tmp_path)
     weights = tmp_path / "wan_dual_branch.safetensors"

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise ValueError("--" + str(exc).replace("max_length", "max-length", 1)) from None
+    params.check_device("--device")
     segments = read_prompt_file(args.prompts) if args.prompts else [{"from_block": 0, "prompt": args.prompt}]
     out = Path(args.out)
     encoded = encode_schedule(segments, params, out)

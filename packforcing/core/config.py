@@ -156,6 +156,11 @@ class TextEncoderParams:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def check_device(self, label: str = "text_encoder.device") -> None:
+        """``ValueError`` naming ``label`` when the device asked for is CUDA and torch has none."""
+        if self.torch_device().type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{label}: {self.device!r}: this torch build has no CUDA (use cpu or auto)")
+
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32

@@ -38,6 +38,7 @@ from packforcing.compressors.dual_branch import (
 )
 from packforcing.core.build import build_engine
 from packforcing.core.config import Config, load_config
+from packforcing.core.errors import ConfigError
 from packforcing.training.data import AttentionData, Batch, collect, sample_batch
 from packforcing.training.objective import attention_loss, dual_branch_kv, pool_kv
 from packforcing.training.options import DATA_SOURCES
@@ -110,7 +111,20 @@ def train_compressor(
 
     # the data's condition: the config's first prompt segment, if it has any (e.g. a Wan prompt)
     specs = cfg.run.schedule().specs
-    condition = engine.encode_condition(specs[0]) if specs else None
+    condition = None
+    if specs:
+        where = "run.prompts[0]"
+        if specs[0] is not None and "prompt" in specs[0]:
+            raise ConfigError(
+                "train-compressor takes precomputed embeddings: run 'packforcing encode-prompts' and give "
+                "its embeds: FILE",
+                source=cfg.source_of("run.prompts"),
+                path=f"{where}.prompt",
+            )
+        try:
+            condition = engine.encode_condition(specs[0])
+        except ConfigError as exc:
+            raise ConfigError(exc.message, source=cfg.source_of("run.prompts"), path=f"{where}.{exc.path}") from None
     data = collect(
         model,
         backend,

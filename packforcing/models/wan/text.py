@@ -85,6 +85,7 @@ class TextEncoder:
     def from_params(cls, params: TextEncoderParams) -> TextEncoder:
         if params.path is None:
             raise ValueError("text_encoder.path: text prompts need a text encoder (a pipeline root or its folder)")
+        params.check_device()
         return cls.from_path(
             params.path,
             tokenizer=params.tokenizer,
@@ -196,7 +197,9 @@ def _check_segments(segments: Any, where: str) -> list[dict[str, Any]]:
         at = f"{where}: [{i}]"
         if not isinstance(seg, Mapping):
             raise ValueError(f"{at}: expected a mapping, got {seg!r}")
-        unknown = sorted(set(seg) - {*START_KEYS, *SPEC_KEYS, "recache"})
+        unknown = sorted(set(seg) - {*START_KEYS, *SPEC_KEYS})
+        if unknown == ["recache"]:
+            raise ValueError(f"{at}.recache: re-caching is set for every switch by run.recache, not per segment")
         if unknown:
             raise ValueError(f"{at}.{unknown[0]}: unknown key (expected from_block | from_second, prompt | embeds)")
         starts = [k for k in START_KEYS if k in seg]
@@ -217,8 +220,6 @@ def _check_segments(segments: Any, where: str) -> list[dict[str, Any]]:
         value = seg[specs[0]]
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{at}.{specs[0]}: expected a non-empty string, got {value!r}")
-        if "recache" in seg and not isinstance(seg["recache"], bool):
-            raise ValueError(f"{at}.recache: expected true or false, got {seg['recache']!r}")
         out.append(dict(seg))
     return out
 
@@ -286,7 +287,7 @@ def encode_schedule(
     if texts:
         with TextEncoder.from_params(params) as encoder:
             embeds = encoder.encode(texts)
-        out = Path(out_dir)
+        out = Path(out_dir).expanduser().resolve()  # the run's prompts name them from any directory
         out.mkdir(parents=True, exist_ok=True)
         for i, (text, tensor) in enumerate(zip(texts, embeds, strict=True)):
             files[text] = str(save_prompt_embeds(out / f"prompt_{i:03d}.safetensors", tensor, text))
