@@ -161,3 +161,21 @@ def test_a_cuda_text_encoder_without_cuda_is_one_line(tmp_path, capsys, monkeypa
     with pytest.raises(ValueError, match=r"^text_encoder\.device: 'cuda': this torch build has no CUDA"):
         TextEncoder.from_params(TextEncoderParams(path=str(tmp_path), device="cuda"))
     assert not (tmp_path / "o").exists()
+
+
+def test_encode_prompts_refuses_bad_input_before_loading_the_encoder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(TextEncoder, "from_params", lambda params: pytest.fail("the encoder was loaded"))
+    (tmp_path / "afile").write_text("")
+    binary = tmp_path / "p.yaml"
+    binary.write_bytes(b"\xff\xfe- {from_block: 0}")
+    cases = [
+        (["--prompt", "  "], "--prompt: expected a non-empty text"),
+        (["--prompt", "a fox", "--out", str(tmp_path / "afile")], "is a file, not a folder"),
+        (["--prompts", str(binary)], f"{binary}: not a text file"),
+    ]
+    for extra, problem in cases:
+        argv = ["encode-prompts", "--text-encoder", str(tmp_path), *extra]
+        assert main(argv if "--out" in extra else [*argv, "--out", str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and problem in err, err
+    assert not (tmp_path / "o").exists()

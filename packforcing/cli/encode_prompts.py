@@ -58,8 +58,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ValueError("--" + str(exc).replace("max_length", "max-length", 1)) from None
     params.check_device("--device")
-    segments = read_prompt_file(args.prompts) if args.prompts else [{"from_block": 0, "prompt": args.prompt}]
+    if args.prompts:
+        segments = read_prompt_file(args.prompts)
+    elif not args.prompt.strip():
+        raise ValueError("--prompt: expected a non-empty text")
+    else:
+        segments = [{"from_block": 0, "prompt": args.prompt}]
     out = Path(args.out)
+    if out.exists() and not out.is_dir():  # before the encoder loads
+        raise ValueError(f"--out: {out} is a file, not a folder")
     encoded = encode_schedule(segments, params, out)
     lines = []
     for original, seg in zip(segments, encoded, strict=True):

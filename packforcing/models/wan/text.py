@@ -233,6 +233,8 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
         text = path.read_text()
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the prompt file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (the prompt file must be UTF-8 YAML or JSON)") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
