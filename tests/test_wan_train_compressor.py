@@ -45,9 +45,17 @@ def wan_config(tmp_path: Path) -> Path:
 
 
 def test_within_budget():
-    assert within_budget(16, 6, None) == (16, 6)
-    assert within_budget(16, 6, 20) == (3, 6)
-    assert within_budget(16, 6, 4) == (1, 4)
+    assert within_budget(16, 6, None) == (16, 6, 1)
+    assert within_budget(16, 6, None, batch=4) == (16, 6, 4)
+    assert within_budget(16, 6, 20) == (3, 6, 1)
+    assert within_budget(16, 6, 4) == (1, 4, 1)
+    # every batch item is a block generated: fewer videos, then fewer items, then shorter videos
+    assert within_budget(16, 6, 64, batch=4) == (2, 6, 4)
+    assert within_budget(16, 6, 20, batch=4) == (1, 6, 3)
+    assert within_budget(16, 6, 4, batch=4) == (1, 4, 1)
+    for videos, blocks, batch, budget in [(16, 6, 4, 64), (3, 5, 2, 7), (1, 9, 8, 2), (5, 2, 3, 100)]:
+        v, b, n = within_budget(videos, blocks, budget, batch)
+        assert v * b * n <= budget and b == min(blocks, budget) and (v, n) >= (1, 1)
     with pytest.raises(ValueError, match="--max-blocks"):
         within_budget(16, 6, 1)
 
@@ -89,7 +97,7 @@ def test_train_compressor_on_wan_and_load_the_weights(tmp_path, capsys):
     ]
     assert main([*argv, "--max-blocks", "4", "--out", str(weights)]) == 0
     out = capsys.readouterr().out
-    assert "--max-blocks 4: 2 videos of 2 blocks" in out and "held-out loss" in out
+    assert "--max-blocks 4: 2 videos × 1 items of 2 blocks (4 blocks)" in out and "held-out loss" in out
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as handle:

@@ -214,23 +214,26 @@ def train_compressor(
     return losses
 
 
-def within_budget(videos: int, blocks: int, max_blocks: int | None) -> tuple[int, int]:
-    """``(videos, blocks)`` with ``videos × blocks <= max_blocks``: fewer videos first, then shorter
-    ones (a training pair needs two blocks of one video)."""
+def within_budget(videos: int, blocks: int, max_blocks: int | None, batch: int = 1) -> tuple[int, int, int]:
+    """``(videos, blocks, batch)`` with ``videos × batch × blocks <= max_blocks`` (every batch item
+    of a video is a block generated): fewer videos first, then fewer batch items, then shorter
+    videos (a training pair needs two blocks of one video)."""
     if max_blocks is None:
-        return videos, blocks
+        return videos, blocks, batch
     if max_blocks < 2:
         raise ValueError(f"--max-blocks: expected at least 2 (a block and a later one), got {max_blocks}")
     blocks = min(blocks, max_blocks)
-    return max(1, min(videos, max_blocks // blocks)), blocks
+    batch = max(1, min(batch, max_blocks // blocks))
+    return max(1, min(videos, max_blocks // (blocks * batch))), blocks, batch
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
-    videos, blocks = within_budget(args.videos, args.blocks, args.max_blocks)
-    if (videos, blocks) != (args.videos, args.blocks):
-        print(f"--max-blocks {args.max_blocks}: {videos} videos of {blocks} blocks")
+    videos, blocks, batch = within_budget(args.videos, args.blocks, args.max_blocks, args.batch)
+    if (videos, blocks, batch) != (args.videos, args.blocks, args.batch):
+        made = videos * batch * blocks
+        print(f"--max-blocks {args.max_blocks}: {videos} videos × {batch} items of {blocks} blocks ({made} blocks)")
     train_compressor(
         args.config,
         steps=args.steps,
@@ -239,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         videos=videos,
         blocks=blocks,
-        batch=args.batch,
+        batch=batch,
         batch_size=args.batch_size,
         data_source=args.data,
         log=print,

@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="budget of blocks generated for the data (videos x blocks, fewer videos to fit; "
-        "for a large model such as Wan, where generating is the cost)",
+        help="budget of blocks generated for the data (videos x batch x blocks; fewer videos, then fewer "
+        "batch items, then shorter videos to fit; for a large model such as Wan, where generating is the cost)",
     )
     parser.add_argument(
         "--data",
