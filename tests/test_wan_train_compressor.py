@@ -97,7 +97,7 @@ def test_train_compressor_on_wan_and_load_the_weights(tmp_path, capsys):
     ]
     assert main([*argv, "--max-blocks", "4", "--out", str(weights)]) == 0
     out = capsys.readouterr().out
-    assert "--max-blocks 4: 2 videos × 1 items of 2 blocks (4 blocks)" in out and "held-out loss" in out
+    assert "--max-blocks 4: 2 videos of 2 blocks, batch 1 (4 blocks)" in out and "held-out loss" in out
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as handle:

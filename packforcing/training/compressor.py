@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     videos, blocks, batch = within_budget(args.videos, args.blocks, args.max_blocks, args.batch)
     if (videos, blocks, batch) != (args.videos, args.blocks, args.batch):
         made = videos * batch * blocks
-        print(f"--max-blocks {args.max_blocks}: {videos} videos × {batch} items of {blocks} blocks ({made} blocks)")
+        print(f"--max-blocks {args.max_blocks}: {videos} videos of {blocks} blocks, batch {batch} ({made} blocks)")
     train_compressor(
         args.config,
         steps=args.steps,
