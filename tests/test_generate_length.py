@@ -125,3 +125,11 @@ def pixel_frames_inverse(pixels: int, stride: int) -> int:
     while pixel_frames(latent, stride) < pixels:
         latent += 1
     return latent
+
+
+def test_blocks_and_seconds_together_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--blocks", "3", "--seconds", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "argument --seconds: not allowed with argument --blocks" in err
+    assert not (tmp_path / "o").exists()

@@ -429,7 +429,8 @@ def test_generate_cli_runs_a_wan_preset_given_a_checkpoint(wan_dir, tmp_path, ca
     planned = pf.plan(pf.load_config("configs/wan2.1-1.3b/self_forcing.yaml", sets), num_blocks=3)
     assert report["blocks"][-1]["cache_bytes"] == report["peak_cache_bytes"] == planned.bytes > 0
     assert not (out / "video.mp4").exists()  # the transformer alone has no decoder
-    assert "video.mp4" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "video.mp4" not in printed and "(no video: the model has no decoder; for Wan, give model.vae)" in printed
 
 
 # ---------------------------------------------------------------------- per-frame time, dtypes, shards

@@ -58,13 +58,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_CONFIG,
         help=f"YAML config file or preset name (default: the {DEFAULT_CONFIG!r} preset)",
     )
-    p.add_argument("--blocks", type=int, default=None, help="number of blocks (default: run.blocks)")
-    p.add_argument(
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--blocks", type=int, default=None, help="number of blocks (default: run.blocks)")
+    length.add_argument(
         "--seconds",
         type=positive_float,
         default=None,
         help="video length in seconds at run.fps, converted to whole blocks from the model's geometry "
-        "(Wan: 1 + 4k pixel frames per 1 + k latent frames); replaces --blocks",
+        "(Wan: 1 + 4k pixel frames per 1 + k latent frames); instead of --blocks",
     )
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", metavar="TEXT", help="one text prompt for the whole video (fills run.prompts)")
@@ -280,10 +281,12 @@ def check_given_conditions(model: Any, segments: Sequence[Mapping[str, Any]], wh
 
 def _done(out: Path, report: dict[str, Any]) -> int:
     peak = report["peak_cache_bytes"] / 2**20
-    video_note = f"{out / 'video.mp4'}, " if (out / "video.mp4").exists() else ""
+    video = out / "video.mp4"
+    video_note = f"{video}, " if video.exists() else ""
+    no_video = "" if video.exists() else " (no video: the model has no decoder; for Wan, give model.vae)"
     print(
         f"wrote {video_note}{out / 'report.json'}, {out / 'memory.png'}: "
-        f"{report['blocks_done']} blocks in {report['total_seconds']:.1f}s, peak cache {peak:.2f} MiB"
+        f"{report['blocks_done']} blocks in {report['total_seconds']:.1f}s, peak cache {peak:.2f} MiB{no_video}"
     )
     return 0
 
