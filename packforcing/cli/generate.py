@@ -213,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seconds is not None:
         blocks = blocks_for_seconds(args.seconds, fps, g.frames_per_block, stride)
     segments = prompt_segments(args, config)
+    from_config = not (args.prompts or args.prompt)
     if segments is not None:
         where = (args.prompts or "--prompt") if (args.prompts or args.prompt) else "run.prompts"
         segments = to_block_schedule(
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         refuse_cpu_run(env, blocks)
     check_output(out, resume=False, overwrite=args.overwrite)  # before any text is encoded into it
     if segments is not None:
-        check_given_conditions(env.model, segments, where)
+        check_given_conditions(env.model, segments, None if from_config else where, config)
     created = not out.exists()
     texts = None
     if segments is not None and any("prompt" in seg for seg in segments):
@@ -235,7 +236,6 @@ def run(args: argparse.Namespace) -> int:
     extra_labels = ["--seconds" if args.seconds is not None else config.source_of("run.blocks") or "--set"]
     if segments is not None:
         extra.append(f"run.prompts={json.dumps(segments)}")
-        from_config = not (args.prompts or args.prompt)
         extra_labels.append(config.source_of("run.prompts") or "--set" if from_config else where)
     latent_frames = blocks * g.frames_per_block
     video = {
@@ -266,17 +266,23 @@ def run(args: argparse.Namespace) -> int:
     return _done(out, report)
 
 
-def check_given_conditions(model: Any, segments: Sequence[Mapping[str, Any]], where: str) -> None:
+def check_given_conditions(
+    model: Any, segments: Sequence[Mapping[str, Any]], where: str | None, config: Config
+) -> None:
     """The segments that already hold their condition (``embeds: FILE``, not text), checked by
     the planning model (no weights) before any text is encoded, so a bad one costs no encoder
-    load and leaves nothing written."""
+    load and leaves nothing written. ``where``: the prompt file (or ``--prompt``) they came
+    from; ``None`` for the config's ``run.prompts``."""
     for i, seg in enumerate(segments):
         if "prompt" in seg:
             continue
         try:
             model.encode_condition({k: v for k, v in seg.items() if k != "from_block"})
         except ConfigError as exc:
-            raise ValueError(f"{where}: [{i}].{exc.path}: {exc.message}") from None
+            if where is not None:
+                raise ValueError(f"{where}: [{i}].{exc.path}: {exc.message}") from None
+            path = f"run.prompts[{i}].{exc.path}"
+            raise ConfigError(exc.message, source=config.source_of("run.prompts"), path=path) from None
 
 
 def _done(out: Path, report: dict[str, Any]) -> int:
