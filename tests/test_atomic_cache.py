@@ -8,6 +8,7 @@ Selector, realigner and backend outputs are checked on every call.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import attrs
@@ -17,6 +18,7 @@ import torch
 import packforcing as pf
 from packforcing.core.errors import PluginError
 from packforcing.core.interfaces import CachePolicy
+from packforcing.core.store import NonFiniteError, TierStore
 
 from .faults import BACKEND_FAULTS, COMPRESSOR_FAULTS, REALIGNER_FAULTS, SELECTOR_FAULTS, Boom, faulty
 from .helpers import TINY_MODEL
@@ -90,12 +92,20 @@ def reference():
 
 
 def snapshot(policy) -> dict[str, Any]:
-    """Everything observable about the cache: blocks per tier with their K/V, archive, dropped,
-    locations and stats."""
+    """Everything observable about the cache: blocks per tier with their records and K/V,
+    archive, dropped, locations and stats."""
 
     def blocks(held):
         return [
-            (b.block_id, b.fidelity, b.grid, b.position, b.temporal_stride, [t.clone() for t in (*b.keys, *b.values)])
+            (
+                b.block_id,
+                b.fidelity,
+                b.grid,
+                b.position,
+                b.temporal_stride,
+                b.condition,
+                [t.clone() for t in (*b.keys, *b.values)],
+            )
             for b in held
         ]
 
@@ -222,6 +232,86 @@ def test_generation_stops_with_the_plugin_error_and_keeps_the_cache():
     assert same(snapshot(engine.policy), before)
     assert len(done) == 6
     engine.policy.audit()
+
+
+def _spoil(tensors: dict[str, torch.Tensor], meta: dict[str, Any], fault: str, monkeypatch) -> None:
+    """Spoil a checkpoint of the cache after 7 blocks (sink [0], mid [3, 4, 5] filling its one
+    page, recent [6], archive [1, 2]) as ``fault`` names, in place."""
+    recent = meta["tiers"]["recent"]
+    key = f"{recent[-1]['key']}.kv"
+    kv = tensors[key]  # [2, L, B, N, H, D]
+    if fault == "out_of_memory":  # the third page the load allocates (mid's, after sink's and recent's)
+        pages = []
+        new_page = TierStore._new_page
+
+        def failing(store):
+            pages.append(store.name)
+            if len(pages) == 3:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            new_page(store)
+
+        monkeypatch.setattr(TierStore, "_new_page", failing)
+    elif fault == "missing":
+        del tensors[key]
+    elif fault in ("nan", "inf"):
+        tensors[key] = kv.clone().index_fill_(3, torch.tensor([0]), float(fault))
+    elif fault == "record":
+        del recent[-1]["grid"]
+    elif fault == "repeated_id":
+        recent[-1]["block_id"] = 0
+    else:
+        tensors[key] = {
+            "heads": lambda: kv[..., :1, :],
+            "head_dim": lambda: kv[..., :-2],
+            "layers": lambda: kv[:, :1],
+            "tokens": lambda: kv[:, :, :, :-1],
+            "batch": lambda: torch.cat([kv, kv], dim=2),
+            "float64": kv.double,
+        }[fault]()
+
+
+CHECKPOINT_FAULTS = [
+    ("heads", ValueError, r"block 6: K/V \(2, 2, 1, 24, 1, 16\), expected \[2, 2, B, 24, 2, 16\]"),
+    ("head_dim", ValueError, r"block 6: K/V \(2, 2, 1, 24, 2, 14\), expected"),
+    ("layers", ValueError, r"block 6: K/V \(2, 1, 1, 24, 2, 16\), expected"),
+    ("tokens", ValueError, r"block 6: K/V \(2, 2, 1, 23, 2, 16\), expected"),
+    ("batch", ValueError, r"block 6: K/V of batch 2, block 0's of batch 1"),
+    ("float64", ValueError, r"block 6: K/V are torch.float64, the cache holds torch.float32"),
+    ("nan", NonFiniteError, r"checkpoint: tier 'recent', layer 0: refusing non-finite"),
+    ("inf", NonFiniteError, r"checkpoint: tier 'recent', layer 0: refusing non-finite"),
+    ("missing", ValueError, r"block 6: K/V missing"),
+    ("record", ValueError, r"a malformed block record \(KeyError: 'grid'\)"),
+    ("repeated_id", ValueError, r"block ids \[0, 0, 1, 2, 3, 4, 5\] repeat"),
+    ("out_of_memory", RuntimeError, r"out of memory"),
+]
+
+
+@pytest.mark.parametrize(("fault", "error", "message"), CHECKPOINT_FAULTS, ids=[f[0] for f in CHECKPOINT_FAULTS])
+def test_a_bad_checkpoint_is_refused_with_the_cache_exactly_as_before(reference, monkeypatch, fault, error, message):
+    """Loading a checkpoint is all or nothing: one that does not fit (a block's K/V of another
+    head count, head size, layer count, token count, batch or dtype; non-finite or missing; a
+    malformed record, a block id twice) or whose pages cannot be allocated is refused with one
+    clear error, and the cache is exactly as before: the same blocks, K/V and stats. The good checkpoint then loads
+    and the run goes on to the uninterrupted run's cache."""
+    commits, final = reference
+    engine, _ = faulty_engine()
+    policy = engine.policy
+    for commit in commits[:7]:
+        policy.commit(commit)
+    tensors, meta = policy.state_dict()
+    before = snapshot(policy)
+    bad_tensors, bad_meta = dict(tensors), copy.deepcopy(meta)
+    _spoil(bad_tensors, bad_meta, fault, monkeypatch)
+    with pytest.raises(error, match=message):
+        policy.load_state_dict(bad_tensors, bad_meta)
+    monkeypatch.undo()
+    assert same(snapshot(policy), before)
+    policy.audit()
+    policy.load_state_dict(tensors, meta)
+    assert same(snapshot(policy), before)
+    for commit in commits[7:]:
+        policy.commit(commit)
+    assert same(snapshot(policy), final)
 
 
 def _run_until_selection(fault_kind: str, fault: str, blocks: int = 6):

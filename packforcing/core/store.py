@@ -164,6 +164,22 @@ class TierStore:
         self._dtype: torch.dtype | None = None
         self._latent_shape: tuple[int, ...] | None = None
 
+    def fresh(self) -> TierStore:
+        """A new, empty store made like this one (name, slot size, geometry, capacity, page
+        size, latents, device, pinning): what :meth:`restore` fills before it replaces this one."""
+        return TierStore(
+            name=self.name,
+            slot_tokens=self.slot_tokens,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            capacity=self.capacity,
+            page_blocks=self.page_blocks,
+            keep_latents=self.keep_latents,
+            device=self.device,
+            pin_memory=self.pin_memory,
+        )
+
     # ------------------------------------------------------------------ sizing
     @staticmethod
     def planned_slots(live: int, page_blocks: int, capacity: int | None) -> int:
@@ -258,6 +274,10 @@ class TierStore:
         if self.keep_latents:
             if latents is None:
                 raise ValueError(f"tier {self.name!r} keeps latents but none were given")
+            if latents.ndim < 1 or latents.shape[0] != keys[0].shape[0]:
+                raise ValueError(
+                    f"tier {self.name!r}: latents {tuple(latents.shape)} for K/V of batch {keys[0].shape[0]}"
+                )
             if self._latent_shape is not None and tuple(latents.shape[1:]) != self._latent_shape:
                 raise ValueError(
                     f"tier {self.name!r}: latents {tuple(latents.shape)}, expected [B, *{self._latent_shape}]"
@@ -313,6 +333,23 @@ class TierStore:
         slot = Slot(self, page, index)
         self._slots.add(slot)
         return slot
+
+    def restore(
+        self, blocks: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor | None]]
+    ) -> list[Slot]:
+        """Fill this empty store with ``blocks`` (per-layer keys and values ``[B, N, H, D]`` and
+        latents ``[B, C, F, H, W]`` or ``None``, each checked as by :meth:`put`), put one by one
+        as if committed in order, and return their slots. On any error (``ValueError``,
+        :class:`NonFiniteError`, an allocation) the store is left empty."""
+        if self.pages or self._live:
+            raise RuntimeError(f"tier {self.name!r}: restore needs an empty store")
+        if self.capacity is not None and len(blocks) > self.capacity:
+            raise ValueError(f"tier {self.name!r}: {len(blocks)} blocks, more than its capacity ({self.capacity})")
+        try:
+            return [self.put(keys, values, latents) for keys, values, latents in blocks]
+        except BaseException:
+            self.clear()
+            raise
 
     def release(self, slot: Slot) -> None:
         """Return ``slot`` to the free list (its memory stays in the page for reuse)."""

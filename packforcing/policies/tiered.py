@@ -45,7 +45,7 @@ from packforcing.core.records import (
     MemoryPlan,
     TierStats,
 )
-from packforcing.core.store import Reservation, TierStore, check_finite
+from packforcing.core.store import NonFiniteError, Reservation, Slot, TierStore, check_finite
 from packforcing.policies.layout import ARCHIVE, DROP, TierLayout, TierSlotSpec
 from packforcing.policies.planner import plan_tiers
 from packforcing.policies.tier_specs import MAX_PLAN_BLOCKS, TieredParams, TierSpec, archive_placement
@@ -60,6 +60,22 @@ __all__ = [
     "TieredPolicy",
     "archive_placement",
 ]
+
+
+@attrs.frozen(eq=False)
+class _Staged:
+    """A checkpoint's block about to be loaded: its record's fields, per-layer keys and values
+    ``[B, N, H, D]`` and latents ``[B, C, F, H, W]`` (or ``None``)."""
+
+    fields: dict[str, Any]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    latents: torch.Tensor | None
+    tokens: int
+
+    @property
+    def block_id(self) -> int:
+        return int(self.fields["block_id"])
 
 
 class TieredPolicy(CachePolicy):
@@ -307,58 +323,144 @@ class TieredPolicy(CachePolicy):
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        """Replace the cache with a :meth:`state_dict` (checked against this policy's tiers and
-        geometry first: on a mismatch ``ValueError`` and the cache is left as it was)."""
+        """Replace the cache with a :meth:`state_dict`, all or nothing: the blocks are put into
+        new stores, checked on the way against this policy's tiers and geometry (every block's
+        K/V ``[2, L, B, N, H, D]``: layers, tokens, heads, head size, one batch size and dtype for
+        the whole cache, finite; latents where a tier keeps them), and the new stores replace the
+        old ones only once all of it succeeded. On any error (``ValueError``,
+        :class:`~packforcing.core.store.NonFiniteError`, an allocation) the cache is exactly as it
+        was. While loading, the old cache and the new one are both held."""
         names = [t.name for t in self._tiers]
-        if meta.get("policy") != self.name or sorted(meta.get("tiers", {})) != sorted(names):
+        saved_tiers = meta.get("tiers")
+        if (
+            meta.get("policy") != self.name
+            or not isinstance(saved_tiers, Mapping)
+            or sorted(saved_tiers) != sorted(names)
+        ):
             raise ValueError(
                 f"checkpoint: the cache was saved by policy {meta.get('policy')!r} with tiers "
-                f"{sorted(meta.get('tiers', {}))}, this policy is {self.name!r} with tiers {sorted(names)}"
+                f"{sorted(saved_tiers) if isinstance(saved_tiers, Mapping) else saved_tiers!r}, "
+                f"this policy is {self.name!r} with tiers {sorted(names)}"
             )
-        g = self.geometry
+        staged = {t.name: [self._unpack(r, tensors) for r in saved_tiers[t.name]] for t in self._tiers}
+        archived = [self._unpack(r, tensors) for r in meta.get("archive", [])]
+        self._check_staged(staged, archived, meta)
+        stores: list[TierStore] = []
+        held: list[deque[CachedBlock]] = []
+        for tier in self._tiers:
+            assert tier.store is not None
+            store = tier.store.fresh()
+            blocks = staged[tier.name]
+            slots = self._restore(store, blocks, latents=tier.keep_latents)
+            stores.append(store)
+            held.append(deque(CachedBlock(slot=slot, **b.fields) for b, slot in zip(blocks, slots, strict=True)))
+        archive_store = None
+        archive: deque[CachedBlock] = deque()
+        if archived:
+            tokens = {b.tokens for b in archived}
+            if len(tokens) > 1:
+                raise ValueError(f"checkpoint: the archive holds blocks of {sorted(tokens)} tokens (one size only)")
+            archive_store = self.new_archive_store(archived[0].tokens, archived[0].keys[0].device)
+            slots = self._restore(archive_store, archived, latents=False)
+            archive.extend(CachedBlock(slot=slot, **b.fields) for b, slot in zip(archived, slots, strict=True))
+        # everything is loaded: swap it in (nothing below can fail)
+        old = [t.store for t in self._tiers] + [self._archive_store]
+        self._checks.clear()
+        self._where = {}
+        for i, (tier, store, blocks) in enumerate(zip(self._tiers, stores, held, strict=True)):
+            tier.store = store
+            tier.blocks = blocks
+            self.layout.members[i] = deque(b.block_id for b in blocks)
+            self._where.update((b.block_id, i) for b in blocks)
+        self._archive_store = archive_store
+        self._archive = archive
+        self._where.update((b.block_id, ARCHIVE) for b in archive)
+        self._dropped = [int(b) for b in meta.get("dropped", [])]
+        self._where.update((b, DROP) for b in self._dropped)
+        self._last_block_id = int(meta.get("last_block_id", -1))
+        for store in old:
+            if store is not None:
+                store.clear()  # its memory goes back now, not when the last view of it is gone
 
-        def unpack(record: Mapping[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor], Any]:
-            kv = tensors.get(f"{record['key']}.kv")
+    def _unpack(self, record: Any, tensors: Mapping[str, torch.Tensor]) -> _Staged:
+        """One saved block record and its tensors, checked against the geometry (its K/V's layers,
+        tokens for its grid, heads and head size)."""
+        g = self.geometry
+        try:
+            key = str(record["key"])
             grid = tuple(int(x) for x in record["grid"])
-            tokens = grid[0] * grid[1] * grid[2]
-            if kv is None or kv.ndim != 6 or tuple(kv.shape[:2]) != (2, g.num_layers) or kv.shape[3] != tokens:
-                raise ValueError(f"checkpoint: block {record.get('block_id')}: K/V missing or of the wrong shape")
             fields = {k: record[k] for k in ("block_id", "start_frame", "num_frames", "fidelity", "position")}
             fields.update(
+                block_id=int(record["block_id"]),
                 grid=grid,
                 temporal_stride=float(record["temporal_stride"]),
                 hw_stride=float(record["hw_stride"]),
                 condition=record.get("condition"),
             )
-            return fields, list(kv[0]), list(kv[1]), tensors.get(f"{record['key']}.latents")
+            if len(grid) != 3:
+                raise ValueError("a grid of 3 sizes")
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"checkpoint: a malformed block record ({type(exc).__name__}: {exc})") from None
+        kv = tensors.get(f"{key}.kv")
+        tokens = grid[0] * grid[1] * grid[2]
+        expected = f"[2, {g.num_layers}, B, {tokens}, {g.num_heads}, {g.head_dim}]"
+        if not isinstance(kv, torch.Tensor):
+            raise ValueError(f"checkpoint: block {fields['block_id']}: K/V missing")
+        if (
+            kv.ndim != 6
+            or tuple(kv.shape[:2]) != (2, g.num_layers)
+            or tuple(kv.shape[3:]) != (tokens, g.num_heads, g.head_dim)
+        ):
+            raise ValueError(f"checkpoint: block {fields['block_id']}: K/V {tuple(kv.shape)}, expected {expected}")
+        latents = tensors.get(f"{key}.latents")
+        return _Staged(fields, list(kv[0]), list(kv[1]), latents, tokens)
 
-        staged = {t.name: [unpack(r) for r in meta["tiers"][t.name]] for t in self._tiers}
-        archived = [unpack(r) for r in meta.get("archive", [])]
+    def _check_staged(
+        self, staged: Mapping[str, list[_Staged]], archived: list[_Staged], meta: Mapping[str, Any]
+    ) -> None:
+        """What no single store can see: every block fits its tier, the whole cache has one batch
+        size and the geometry's dtype, and no block id is held twice (nor after the last block)."""
+        every = [block for blocks in (*staged.values(), archived) for block in blocks]
         for tier in self._tiers:
             if tier.capacity is not None and len(staged[tier.name]) > tier.capacity:
                 raise ValueError(f"checkpoint: tier {tier.name!r} holds more blocks than its capacity")
-            for fields, _, _, latents in staged[tier.name]:
-                if tuple(fields["grid"]) != tuple(tier.grid) or (tier.keep_latents and latents is None):
-                    raise ValueError(f"checkpoint: block {fields['block_id']} does not fit tier {tier.name!r}")
-        self.reset()
-        for i, tier in enumerate(self._tiers):
-            assert tier.store is not None
-            for fields, keys, values, latents in staged[tier.name]:
-                slot = tier.store.put(keys, values, latents if tier.keep_latents else None)
-                tier.blocks.append(CachedBlock(slot=slot, **fields))
-                self.layout.members[i].append(fields["block_id"])
-                self._where[fields["block_id"]] = i
-        for fields, keys, values, _ in archived:
-            block_tokens = fields["grid"][0] * fields["grid"][1] * fields["grid"][2]
-            if self._archive_store is None or self._archive_store.slot_tokens != block_tokens:
-                self._archive_store = self.new_archive_store(block_tokens, keys[0].device)
-            slot = self._archive_store.put(keys, values)
-            self._archive.append(CachedBlock(slot=slot, **fields))
-            self._where[fields["block_id"]] = ARCHIVE
-        self._dropped = [int(b) for b in meta.get("dropped", [])]
-        for block_id in self._dropped:
-            self._where[block_id] = DROP
-        self._last_block_id = int(meta.get("last_block_id", -1))
+            for block in staged[tier.name]:
+                if tuple(block.fields["grid"]) != tuple(tier.grid) or (tier.keep_latents and block.latents is None):
+                    raise ValueError(f"checkpoint: block {block.block_id} does not fit tier {tier.name!r}")
+        dtype = self.geometry.torch_dtype  # what the plan counts bytes of
+        batch = every[0].keys[0].shape[0] if every else 0
+        for block in every:
+            k = block.keys[0]
+            if k.dtype != dtype:
+                raise ValueError(f"checkpoint: block {block.block_id}: K/V are {k.dtype}, the cache holds {dtype}")
+            if k.shape[0] != batch:
+                raise ValueError(
+                    f"checkpoint: block {block.block_id}: K/V of batch {k.shape[0]}, "
+                    f"block {every[0].block_id}'s of batch {batch}"
+                )
+        for blocks in (*staged.values(), archived):
+            ids = [b.block_id for b in blocks]
+            if ids != sorted(set(ids)):
+                raise ValueError(f"checkpoint: block ids {ids} held by one tier are not in time order")
+        try:
+            dropped = [int(b) for b in meta.get("dropped", [])]
+            last = int(meta.get("last_block_id", -1))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint: malformed dropped blocks or last block ({exc})") from None
+        ids = [b.block_id for b in every] + dropped
+        if len(set(ids)) != len(ids) or (ids and max(ids) > last):
+            raise ValueError(f"checkpoint: block ids {sorted(ids)} repeat or come after the last block {last}")
+
+    @staticmethod
+    def _restore(store: TierStore, blocks: list[_Staged], *, latents: bool) -> list[Slot]:
+        """``blocks`` put into the new, empty ``store`` in time order."""
+        entries = [(b.keys, b.values, b.latents if latents else None) for b in blocks]
+        try:
+            return store.restore(entries)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"checkpoint: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"checkpoint: {exc}") from None
 
     # ------------------------------------------------------------------ commit
     def _prepare_block(self, tier: Tier, source: BlockCommit | CachedBlock, committing: int) -> Put:
