@@ -92,8 +92,8 @@ def reference():
 
 
 def snapshot(policy) -> dict[str, Any]:
-    """Everything observable about the cache: blocks per tier with their records and K/V,
-    archive, dropped, locations and stats."""
+    """Everything observable about the cache: blocks per tier with their records, slots and K/V,
+    archive, each store's free slots, dropped, locations and stats."""
 
     def blocks(held):
         return [
@@ -104,14 +104,20 @@ def snapshot(policy) -> dict[str, Any]:
                 b.position,
                 b.temporal_stride,
                 b.condition,
+                (b.slot.page, b.slot.index),
                 [t.clone() for t in (*b.keys, *b.values)],
             )
             for b in held
         ]
 
+    archive = policy._archive_store
     return {
         "tiers": {name: blocks(policy.tier_blocks(name)) for name in policy.tier_names},
         "archive": blocks(policy.archived),
+        "free": {
+            **{t.name: t.store.free_slots() for t in policy.tiers},
+            "archive": archive.free_slots() if archive is not None else [],
+        },
         "dropped": policy.dropped,
         "where": dict(policy._where),
         "stats": policy.stats(),
@@ -237,7 +243,7 @@ def test_generation_stops_with_the_plugin_error_and_keeps_the_cache():
 def _spoil(tensors: dict[str, torch.Tensor], meta: dict[str, Any], fault: str, monkeypatch) -> None:
     """Spoil a checkpoint of the cache after 7 blocks (sink [0], mid [3, 4, 5] filling its one
     page, recent [6], archive [1, 2]) as ``fault`` names, in place."""
-    recent = meta["tiers"]["recent"]
+    mid, recent = meta["tiers"]["mid"], meta["tiers"]["recent"]
     key = f"{recent[-1]['key']}.kv"
     kv = tensors[key]  # [2, L, B, N, H, D]
     if fault == "out_of_memory":  # the third page the load allocates (mid's, after sink's and recent's)
@@ -259,6 +265,12 @@ def _spoil(tensors: dict[str, torch.Tensor], meta: dict[str, Any], fault: str, m
         del recent[-1]["grid"]
     elif fault == "repeated_id":
         recent[-1]["block_id"] = 0
+    elif fault == "slot_taken":
+        mid[1]["slot"] = mid[0]["slot"]
+    elif fault == "slot_off_page":
+        mid[0]["slot"] = [1, 0]
+    elif fault == "free":
+        meta["free"]["mid"] = [[0, 0]]
     else:
         tensors[key] = {
             "heads": lambda: kv[..., :1, :],
@@ -282,6 +294,9 @@ CHECKPOINT_FAULTS = [
     ("missing", ValueError, r"block 6: K/V missing"),
     ("record", ValueError, r"a malformed block record \(KeyError: 'grid'\)"),
     ("repeated_id", ValueError, r"block ids \[0, 0, 1, 2, 3, 4, 5\] repeat"),
+    ("slot_taken", ValueError, r"tier 'mid': slots .* are not 3 distinct slots of 1 page\(s\) of 3"),
+    ("slot_off_page", ValueError, r"tier 'mid': slots \[\(1, 0\), .* are not 3 distinct slots"),
+    ("free", ValueError, r"tier 'mid': free slots \[\(0, 0\)\] are not the slots left over"),
     ("out_of_memory", RuntimeError, r"out of memory"),
 ]
 
@@ -290,8 +305,9 @@ CHECKPOINT_FAULTS = [
 def test_a_bad_checkpoint_is_refused_with_the_cache_exactly_as_before(reference, monkeypatch, fault, error, message):
     """Loading a checkpoint is all or nothing: one that does not fit (a block's K/V of another
     head count, head size, layer count, token count, batch or dtype; non-finite or missing; a
-    malformed record, a block id twice) or whose pages cannot be allocated is refused with one
-    clear error, and the cache is exactly as before: the same blocks, K/V and stats. The good checkpoint then loads
+    malformed record, a block id twice, slots taken twice or off the pages, a wrong free list)
+    or whose pages cannot be allocated is refused with one clear error, and the cache is
+    exactly as before: the same blocks, K/V, slots and stats. The good checkpoint then loads
     and the run goes on to the uninterrupted run's cache."""
     commits, final = reference
     engine, _ = faulty_engine()

@@ -15,6 +15,9 @@ every step:
 5. a compressed block holds at most ``1/ratio`` of a full block's tokens;
 6. the bookkeeping agrees with itself (``policy.audit()``: no slot leaked or shared).
 
+A rule saves the cache and loads it back (a checkpoint): the same blocks and K/V, in the same
+slots, with the same free slots, and the invariants hold as the run goes on from it.
+
 A rule injects plugin failures (the compressor raising or returning NaN, the wrong shape,
 grid, layer count, batch, dtype or device) at random steps: the commit raises
 :class:`PluginError` and the cache is exactly as it was, which the invariants then re-check.
@@ -318,12 +321,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.commit_random(seed)
         except PluginError as exc:
             assert self.faulty.calls > calls and str(exc).startswith("compressor ")
-            after = self._state()
-            assert {k: v for k, v in after.items() if k != "kv"} == {k: v for k, v in before.items() if k != "kv"}
-            for name, _, _ in self.specs:
-                for block in self.policy.tier_blocks(name):
-                    keys, values = before["kv"][block.block_id]
-                    assert all(torch.equal(a, b) for a, b in zip(block.keys + block.values, keys + values, strict=True))
+            self._assert_unchanged(before)
         else:
             assert self.faulty.calls == calls  # nothing was compressed: nothing could fail
         finally:
@@ -343,6 +341,48 @@ class CacheMachine(RuleBasedStateMachine):
                 for b in held
             },
         }
+
+    def _assert_unchanged(self, before: dict[str, Any]) -> None:
+        """The cache holds what :meth:`_state` saw in ``before``: the same blocks, stats and K/V."""
+        after = self._state()
+        assert {k: v for k, v in after.items() if k != "kv"} == {k: v for k, v in before.items() if k != "kv"}
+        for name, _, _ in self.specs:
+            for block in self.policy.tier_blocks(name):
+                keys, values = before["kv"][block.block_id]
+                assert all(torch.equal(a, b) for a, b in zip(block.keys + block.values, keys + values, strict=True))
+
+    def _slots(self) -> dict[str, Any]:
+        """Where each block is stored, ``(block id, page, slot)`` per tier and in the archive, and
+        every store's free slots in the order they are taken."""
+        policy = self.policy
+        archive = policy._archive_store
+
+        def held(blocks):
+            return [(b.block_id, b.slot.page, b.slot.index) for b in blocks]
+
+        return {
+            "tiers": {t.name: held(t.blocks) for t in policy.tiers},
+            "free": {t.name: t.store.free_slots() for t in policy.tiers},
+            "archive": held(policy.archived),
+            "archive_free": archive.free_slots() if archive is not None and policy.archived else [],
+        }
+
+    @rule(legacy=st.booleans())
+    def checkpoint_round_trip(self, legacy):
+        """A checkpoint loaded back is the same cache (blocks, K/V, stats) with every block in the
+        slot it was saved in and the same free slots — so a split context's runs of adjacent slots
+        and the slots the next blocks take are the saved ones — whatever the history; one saved
+        without slots (``legacy``, an older checkpoint) is refilled in time order."""
+        tensors, meta = self.policy.state_dict()
+        before, slots = self._state(), self._slots()
+        if legacy:
+            for record in [*(r for held in meta["tiers"].values() for r in held), *meta["archive"]]:
+                del record["slot"]
+            del meta["free"], meta["archive_free"]
+        self.policy.load_state_dict(tensors, meta)
+        self._assert_unchanged(before)
+        if not legacy:
+            assert self._slots() == slots
 
     @rule(seed=st.integers(0, 2**16), t=st.floats(0, 1000))
     def generate(self, seed, t):

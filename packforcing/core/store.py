@@ -310,18 +310,27 @@ class TierStore:
         latents: torch.Tensor | None = None,
         *,
         checked: bool = False,
+        at: tuple[int, int] | None = None,
     ) -> Slot:
         """Copy per-layer ``keys``/``values`` ``[B, N, H, D]`` into a free slot (``checked``: the
-        caller already ran :meth:`check` on them)."""
+        caller already ran :meth:`check` on them). ``at``: the ``(page, index)`` of the free slot
+        to take, in a page already allocated (:meth:`restore` places a checkpoint's blocks so);
+        default: the next free slot, a new page if none is free."""
         if not checked:
             self.check(keys, values, latents)
         if self.capacity is not None and self._live >= self.capacity:
             raise RuntimeError(f"tier {self.name!r} is full ({self.capacity} blocks)")
-        if self._batch is None:
-            self._init_from(keys, latents)
-        if not self._free:
-            self._new_page()
-        page, index = self._free.pop()
+        if at is not None:
+            if at not in self._free:
+                raise ValueError(f"tier {self.name!r}: slot {at} is not a free slot of an allocated page")
+            self._free.remove(at)
+            page, index = at
+        else:
+            if self._batch is None:
+                self._init_from(keys, latents)
+            if not self._free:
+                self._new_page()
+            page, index = self._free.pop()
         buf = self.pages[page]
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
             buf[0, layer, :, index].copy_(k)
@@ -334,22 +343,58 @@ class TierStore:
         self._slots.add(slot)
         return slot
 
+    def free_slots(self) -> list[tuple[int, int]]:
+        """The free slots ``(page, index)`` in the order :meth:`put` takes them (last first)."""
+        return list(self._free)
+
     def restore(
-        self, blocks: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor | None]]
+        self,
+        blocks: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor | None]],
+        placements: Sequence[tuple[int, int]] | None = None,
+        free: Sequence[tuple[int, int]] | None = None,
     ) -> list[Slot]:
         """Fill this empty store with ``blocks`` (per-layer keys and values ``[B, N, H, D]`` and
-        latents ``[B, C, F, H, W]`` or ``None``, each checked as by :meth:`put`), put one by one
-        as if committed in order, and return their slots. On any error (``ValueError``,
-        :class:`NonFiniteError`, an allocation) the store is left empty."""
+        latents ``[B, C, F, H, W]`` or ``None``, each checked as by :meth:`put`) and return their
+        slots, in order. The store ends with the pages a store that took them one by one holds
+        (``ceil(len / page) * page`` slots).
+
+        ``placements``: each block's ``(page, index)``, and ``free``: the free slots in their
+        order, as the blocks' :class:`Slot` and :meth:`free_slots` gave them; with both the layout
+        is exactly the saved one (a split context's runs of adjacent slots, so the order it sums
+        their parts in, and the slots the next blocks take). Without them the blocks are put one
+        by one, as if committed in order. On any error (``ValueError``, :class:`NonFiniteError`, an
+        allocation) the store is left empty."""
         if self.pages or self._live:
             raise RuntimeError(f"tier {self.name!r}: restore needs an empty store")
-        if self.capacity is not None and len(blocks) > self.capacity:
-            raise ValueError(f"tier {self.name!r}: {len(blocks)} blocks, more than its capacity ({self.capacity})")
+        count = len(blocks)
+        if self.capacity is not None and count > self.capacity:
+            raise ValueError(f"tier {self.name!r}: {count} blocks, more than its capacity ({self.capacity})")
+        pages = self.planned_slots(count, self.page_blocks, self.capacity) // self.page_blocks
+        taken = [(p, i) for p, i in placements] if placements is not None else None
+        if taken is not None:
+            every = {(p, i) for p in range(pages) for i in range(self.page_blocks)}
+            if len(taken) != count or not set(taken) <= every or len(set(taken)) != count:
+                raise ValueError(
+                    f"tier {self.name!r}: slots {taken} are not {count} distinct slots of {pages} "
+                    f"page(s) of {self.page_blocks}"
+                )
+            if free is not None and sorted((p, i) for p, i in free) != sorted(every - set(taken)):
+                raise ValueError(f"tier {self.name!r}: free slots {list(free)} are not the slots left over")
         try:
-            return [self.put(keys, values, latents) for keys, values, latents in blocks]
+            if count and taken is not None:  # the pages first, then each block into its slot
+                keys, values, latents = blocks[0]
+                self.check(keys, values, latents, finite=False)
+                self.reserve(pages * self.page_blocks, keys, latents)
+            slots = [
+                self.put(keys, values, latents, at=None if taken is None else taken[n])
+                for n, (keys, values, latents) in enumerate(blocks)
+            ]
+            if taken is not None and free is not None:
+                self._free = [(p, i) for p, i in free]
         except BaseException:
             self.clear()
             raise
+        return slots
 
     def release(self, slot: Slot) -> None:
         """Return ``slot`` to the free list (its memory stays in the page for reuse)."""

@@ -65,12 +65,13 @@ __all__ = [
 @attrs.frozen(eq=False)
 class _Staged:
     """A checkpoint's block about to be loaded: its record's fields, per-layer keys and values
-    ``[B, N, H, D]`` and latents ``[B, C, F, H, W]`` (or ``None``)."""
+    ``[B, N, H, D]``, latents ``[B, C, F, H, W]`` (or ``None``) and saved ``(page, index)`` slot."""
 
     fields: dict[str, Any]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     latents: torch.Tensor | None
+    at: tuple[int, int] | None
     tokens: int
 
     @property
@@ -285,8 +286,9 @@ class TieredPolicy(CachePolicy):
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The whole cache as ``(tensors, meta)``: every tier's and the archive's blocks (K/V
         stacked per block ``[2, L, B, N, H, D]``, latents ``[B, C, F, H, W]`` where kept) and the
-        JSON-able bookkeeping (block records, dropped ids, last block). Safe to write with
-        safetensors + JSON; :meth:`load_state_dict` restores it bit for bit."""
+        JSON-able bookkeeping (block records with the ``(page, index)`` slot each block is stored
+        in, each store's free slots in order, dropped ids, last block). Safe to write with
+        safetensors + JSON; :meth:`load_state_dict` restores it bit for bit, slots included."""
         tensors: dict[str, torch.Tensor] = {}
 
         def records(prefix: str, blocks: Sequence[CachedBlock]) -> list[dict[str, Any]]:
@@ -297,26 +299,32 @@ class TieredPolicy(CachePolicy):
                 latents = block.latents
                 if latents is not None:
                     tensors[f"{key}.latents"] = latents.contiguous()
-                out.append(
-                    {
-                        "key": key,
-                        "block_id": block.block_id,
-                        "start_frame": block.start_frame,
-                        "num_frames": block.num_frames,
-                        "fidelity": block.fidelity,
-                        "grid": list(block.grid),
-                        "position": block.position,
-                        "temporal_stride": block.temporal_stride,
-                        "hw_stride": block.hw_stride,
-                        "condition": block.condition,
-                    }
-                )
+                record = {
+                    "key": key,
+                    "block_id": block.block_id,
+                    "start_frame": block.start_frame,
+                    "num_frames": block.num_frames,
+                    "fidelity": block.fidelity,
+                    "grid": list(block.grid),
+                    "position": block.position,
+                    "temporal_stride": block.temporal_stride,
+                    "hw_stride": block.hw_stride,
+                    "condition": block.condition,
+                }
+                if isinstance(block.slot, Slot):
+                    record["slot"] = [block.slot.page, block.slot.index]
+                out.append(record)
             return out
+
+        def free(store: TierStore | None) -> list[list[int]]:
+            return [list(at) for at in store.free_slots()] if store is not None else []
 
         meta = {
             "policy": self.name,
             "tiers": {t.name: records(f"tier.{t.name}", t.blocks) for t in self._tiers},
             "archive": records("archive", self._archive),
+            "free": {t.name: free(t.store) for t in self._tiers},
+            "archive_free": free(self._archive_store) if self._archive else [],
             "dropped": list(self._dropped),
             "last_block_id": self._last_block_id,
         }
@@ -329,7 +337,12 @@ class TieredPolicy(CachePolicy):
         the whole cache, finite; latents where a tier keeps them), and the new stores replace the
         old ones only once all of it succeeded. On any error (``ValueError``,
         :class:`~packforcing.core.store.NonFiniteError`, an allocation) the cache is exactly as it
-        was. While loading, the old cache and the new one are both held."""
+        was. While loading, the old cache and the new one are both held.
+
+        Each block goes back to the slot it was saved in and every store gets its free slots in
+        their saved order, so the layout is the saved one: a split context's runs of adjacent
+        slots (the order it sums their parts in) and the slots the next blocks take, hence a
+        bit-identical continuation. A checkpoint saved without slots is refilled in time order."""
         names = [t.name for t in self._tiers]
         saved_tiers = meta.get("tiers")
         if (
@@ -345,13 +358,15 @@ class TieredPolicy(CachePolicy):
         staged = {t.name: [self._unpack(r, tensors) for r in saved_tiers[t.name]] for t in self._tiers}
         archived = [self._unpack(r, tensors) for r in meta.get("archive", [])]
         self._check_staged(staged, archived, meta)
+        free = meta.get("free")
+        saved_free = free if isinstance(free, Mapping) else {}  # a checkpoint saved without slots has none
         stores: list[TierStore] = []
         held: list[deque[CachedBlock]] = []
         for tier in self._tiers:
             assert tier.store is not None
             store = tier.store.fresh()
             blocks = staged[tier.name]
-            slots = self._restore(store, blocks, latents=tier.keep_latents)
+            slots = self._restore(store, blocks, saved_free.get(tier.name), latents=tier.keep_latents)
             stores.append(store)
             held.append(deque(CachedBlock(slot=slot, **b.fields) for b, slot in zip(blocks, slots, strict=True)))
         archive_store = None
@@ -361,7 +376,7 @@ class TieredPolicy(CachePolicy):
             if len(tokens) > 1:
                 raise ValueError(f"checkpoint: the archive holds blocks of {sorted(tokens)} tokens (one size only)")
             archive_store = self.new_archive_store(archived[0].tokens, archived[0].keys[0].device)
-            slots = self._restore(archive_store, archived, latents=False)
+            slots = self._restore(archive_store, archived, meta.get("archive_free"), latents=False)
             archive.extend(CachedBlock(slot=slot, **b.fields) for b, slot in zip(archived, slots, strict=True))
         # everything is loaded: swap it in (nothing below can fail)
         old = [t.store for t in self._tiers] + [self._archive_store]
@@ -397,8 +412,10 @@ class TieredPolicy(CachePolicy):
                 hw_stride=float(record["hw_stride"]),
                 condition=record.get("condition"),
             )
-            if len(grid) != 3:
-                raise ValueError("a grid of 3 sizes")
+            slot = record.get("slot")
+            at = None if slot is None else (int(slot[0]), int(slot[1]))
+            if len(grid) != 3 or (slot is not None and len(slot) != 2):
+                raise ValueError("a grid of 3 sizes and a slot of 2 numbers")
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ValueError(f"checkpoint: a malformed block record ({type(exc).__name__}: {exc})") from None
         kv = tensors.get(f"{key}.kv")
@@ -413,7 +430,7 @@ class TieredPolicy(CachePolicy):
         ):
             raise ValueError(f"checkpoint: block {fields['block_id']}: K/V {tuple(kv.shape)}, expected {expected}")
         latents = tensors.get(f"{key}.latents")
-        return _Staged(fields, list(kv[0]), list(kv[1]), latents, tokens)
+        return _Staged(fields, list(kv[0]), list(kv[1]), latents, at, tokens)
 
     def _check_staged(
         self, staged: Mapping[str, list[_Staged]], archived: list[_Staged], meta: Mapping[str, Any]
@@ -452,11 +469,19 @@ class TieredPolicy(CachePolicy):
             raise ValueError(f"checkpoint: block ids {sorted(ids)} repeat or come after the last block {last}")
 
     @staticmethod
-    def _restore(store: TierStore, blocks: list[_Staged], *, latents: bool) -> list[Slot]:
-        """``blocks`` put into the new, empty ``store`` in time order."""
+    def _restore(store: TierStore, blocks: list[_Staged], free: Any, *, latents: bool) -> list[Slot]:
+        """``blocks`` put into the new, empty ``store`` at their saved slots (in time order for a
+        checkpoint without them), its free slots in their saved order."""
+        placements = [b.at for b in blocks if b.at is not None]
+        if placements and len(placements) < len(blocks):
+            raise ValueError(f"checkpoint: tier {store.name!r}: some blocks have a saved slot, some not")
+        try:
+            order = None if free is None else [(int(p), int(i)) for p, i in free]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint: tier {store.name!r}: malformed free slots ({exc})") from None
         entries = [(b.keys, b.values, b.latents if latents else None) for b in blocks]
         try:
-            return store.restore(entries)
+            return store.restore(entries, placements or None, order)
         except NonFiniteError as exc:
             raise NonFiniteError(f"checkpoint: {exc}") from None
         except ValueError as exc:
