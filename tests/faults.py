@@ -55,29 +55,43 @@ class FaultyCompressor(_Delegating, Compressor):
         if self.fault == "raise":
             raise Boom(f"compressor exploded on block {block.block_id}")
         ckv = self.inner.compress(block, model)
-        keys, values = list(ckv.keys), list(ckv.values)
         fault = self.fault
-        if fault in ("nan", "inf"):
-            bad = float(fault)
-            keys = _each(keys, lambda k: k.clone().index_fill_(1, torch.tensor([0]), bad))
-        elif fault == "tokens":
-            keys, values = _each(keys, lambda k: k[:, :-1]), _each(values, lambda v: v[:, :-1])
-        elif fault == "grid":
+        if fault == "grid":
             t, h, w = ckv.grid
             return attrs.evolve(ckv, grid=(t + 1, h, w))
-        elif fault == "layers":
-            keys, values = keys[:-1], values[:-1]
-        elif fault == "batch":
-            keys, values = _each(keys, lambda k: torch.cat([k, k])), _each(values, lambda v: torch.cat([v, v]))
-        elif fault == "int64":
-            keys = _each(keys, lambda k: k.round().to(torch.int64))
-        elif fault == "float64":
-            keys, values = _each(keys, lambda k: k.double()), _each(values, lambda v: v.double())
-        elif fault == "device":
-            keys = _each(keys, lambda k: torch.empty(k.shape, dtype=k.dtype, device="meta"))
-        elif fault == "type":
-            return keys  # type: ignore[return-value]
+        if fault == "type":
+            return list(ckv.keys)  # type: ignore[return-value]
+        keys, values = spoil_kv(ckv.keys, ckv.values, fault)
         return attrs.evolve(ckv, keys=keys, values=values)
+
+
+KV_FAULTS = ("nan", "inf", "tokens", "layers", "batch", "int64", "float64", "device")
+"""What :func:`spoil_kv` does to per-layer K/V (the compressor faults that are about the tensors)."""
+
+
+def spoil_kv(
+    keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], fault: str | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer ``keys``/``values`` ``[B, N, H, D]`` spoiled as ``fault`` (one of
+    :data:`KV_FAULTS`, or ``None`` for unchanged) names: a NaN or Inf token, a token short, a
+    layer short, the batch doubled, int64 or float64 keys, keys on the meta device."""
+    keys, values = list(keys), list(values)
+    if fault in ("nan", "inf"):
+        bad = float(fault)
+        keys = _each(keys, lambda k: k.clone().index_fill_(1, torch.tensor([0]), bad))
+    elif fault == "tokens":
+        keys, values = _each(keys, lambda k: k[:, :-1]), _each(values, lambda v: v[:, :-1])
+    elif fault == "layers":
+        keys, values = keys[:-1], values[:-1]
+    elif fault == "batch":
+        keys, values = _each(keys, lambda k: torch.cat([k, k])), _each(values, lambda v: torch.cat([v, v]))
+    elif fault == "int64":
+        keys = _each(keys, lambda k: k.round().to(torch.int64))
+    elif fault == "float64":
+        keys, values = _each(keys, lambda k: k.double()), _each(values, lambda v: v.double())
+    elif fault == "device":
+        keys = _each(keys, lambda k: torch.empty(k.shape, dtype=k.dtype, device="meta"))
+    return keys, values
 
 
 SELECTOR_FAULTS = ("raise", "out_of_range", "negative", "duplicate", "reversed", "float", "shape")

@@ -20,7 +20,16 @@ from packforcing.core.errors import PluginError
 from packforcing.core.interfaces import CachePolicy
 from packforcing.core.store import NonFiniteError, TierStore
 
-from .faults import BACKEND_FAULTS, COMPRESSOR_FAULTS, REALIGNER_FAULTS, SELECTOR_FAULTS, Boom, faulty
+from .faults import (
+    BACKEND_FAULTS,
+    COMPRESSOR_FAULTS,
+    KV_FAULTS,
+    REALIGNER_FAULTS,
+    SELECTOR_FAULTS,
+    Boom,
+    faulty,
+    spoil_kv,
+)
 from .helpers import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -328,6 +337,26 @@ def test_a_bad_checkpoint_is_refused_with_the_cache_exactly_as_before(reference,
     for commit in commits[7:]:
         policy.commit(commit)
     assert same(snapshot(policy), final)
+
+
+@pytest.mark.parametrize("fault", KV_FAULTS)
+def test_replace_kv_refuses_what_a_commit_refuses(reference, fault):
+    """A re-cache's new K/V for a block are checked as a commit's are (layers, tokens, batch,
+    dtype, device, finiteness): refused with a ValueError naming the block and the problem, and
+    the cache exactly as before."""
+    commits, _ = reference
+    engine, _ = faulty_engine()
+    policy = engine.policy
+    for commit in commits[:3]:
+        policy.commit(commit)
+    block = policy.full_resolution_blocks()[-1]
+    keys, values = spoil_kv([k.clone() for k in block.keys], [v.clone() for v in block.values], fault)
+    before = snapshot(policy)
+    with pytest.raises(ValueError, match=f"block {block.block_id}") as caught:
+        policy.replace_kv(block.block_id, keys, values, position=block.position + 1, condition={"scene": 1})
+    problem = {"int64": "torch.int64, expected torch.float32", "float64": "torch.float64, expected torch.float32"}
+    assert problem.get(fault, "") in str(caught.value)
+    assert same(snapshot(policy), before)
 
 
 def _run_until_selection(fault_kind: str, fault: str, blocks: int = 6):

@@ -717,23 +717,33 @@ class TieredPolicy(CachePolicy):
         position: float,
         condition: Any = None,
     ) -> None:
+        """Overwrite the per-layer K/V ``[B, N, H, D]`` of full-resolution block ``block_id`` in
+        place. They are checked as a commit's are (layers, shape, dtype, device, finite) before
+        anything is written: ``ValueError`` (:class:`~packforcing.core.store.NonFiniteError`)
+        and the cache unchanged otherwise."""
         where = self._where.get(block_id)
         tier = self._tiers[where] if isinstance(where, int) else None
         if tier is None or tier.compressor is not None:
             raise ValueError(f"block {block_id} is not held at full resolution (it is in {where or 'no tier'})")
-        self._hold_finite(block_id, keys, values)
-        self.settle()
         i = next(i for i, b in enumerate(tier.blocks) if b.block_id == block_id)
         block = tier.blocks[i]
-        n = block.slot.num_layers
-        slots = [block.slot.layer_kv(layer) for layer in range(n)]
-        if (
-            len(keys) != n
-            or len(values) != n
-            or any(keys[i].shape != slots[i][0].shape or values[i].shape != slots[i][1].shape for i in range(n))
-        ):
-            raise ValueError(f"block {block_id}: the new K/V do not match the cached block's layers and shapes")
-        for (k, v), (k_slot, v_slot) in zip(zip(keys, values, strict=True), slots, strict=True):  # checked first
+        like = block.keys[0]
+        problem = kv_problem(
+            keys,
+            values,
+            num_layers=block.num_layers,
+            shape=tuple(like.shape),
+            dtype=like.dtype,
+            device=like.device,
+            finite=False,
+        )
+        if problem:
+            self.settle()  # a bad pass that came first is raised instead
+            raise ValueError(f"block {block_id}: the new K/V do not fit the cached block: {problem}")
+        self._hold_finite(block_id, keys, values)
+        self.settle()
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):  # checked first
+            k_slot, v_slot = block.layer_kv(layer)
             k_slot.copy_(k)
             v_slot.copy_(v)
         tier.blocks[i] = attrs.evolve(block, position=position, condition=condition)
