@@ -49,8 +49,8 @@ class OffsetModel:
         return self.inner.project_kv(hidden, grid, position, temporal_stride, hw_stride)
 
 
-def offset_engine(policy=FULL) -> GenerationEngine:
-    base = engine_for(policy)
+def offset_engine(policy=FULL, **sections) -> GenerationEngine:
+    base = engine_for(policy, **sections)
     return GenerationEngine(OffsetModel(base.model), base.policy, base.sampler)
 
 
@@ -282,3 +282,33 @@ def test_a_new_session_drops_conditions_its_schedule_does_not_use():
     assert len(engine._conditions) == 1 and len(engine.model.encoded) == 2  # 0.5 reused, 0.25 dropped
     generate_with(engine, [{"from_block": 0, "offset": 0.25}])
     assert len(engine.model.encoded) == 3
+
+
+# ---------------------------------------------------------------------- re-cache at a switch
+def test_recache_skips_compressed_blocks_held_by_a_tier_without_a_compressor():
+    """A full-fidelity tier older than a compressed one receives compressed blocks: those are not
+    full-resolution blocks (nothing to re-cache, their latents are not kept), only the sink's
+    block is, and a switch re-caches it alone."""
+    policy = {
+        "name": "tiered",
+        "overflow": "drop",
+        "tiers": [
+            {"name": "sink", "blocks": 1, "pinned": True},
+            {"name": "mid", "blocks": 2},
+            {"name": "recent", "blocks": 1, "fidelity": "compressed"},
+        ],
+    }
+    engine = offset_engine(policy, compressor={"name": "pool", "window": [2, 1, 1]})
+    schedule = [{"from_block": 0, "offset": 0.0}, {"from_block": 4, "offset": 0.5}]
+    with engine.session(seed=3, conditions=schedule, recache=True) as session:
+        for _ in range(4):
+            session.step()
+        held = {b.block_id: b.fidelity for name in engine.policy.tier_names for b in engine.policy.tier_blocks(name)}
+        assert held == {0: "full", 1: "pool", 2: "pool", 3: "pool"}
+        assert [b.block_id for b in engine.policy.full_resolution_blocks()] == [0]
+        mid = engine.policy.tier_blocks("mid")[0]
+        with pytest.raises(ValueError, match=r"block 1 is not held at full resolution \(it is pool in tier 'mid'\)"):
+            engine.policy.replace_kv(1, mid.keys, mid.values, position=mid.position)
+        assert session.recache() == 1
+        assert [b.condition for b in engine.policy.tier_blocks("sink")] == [{"offset": 0.5}]
+        session.step()  # the switch: re-caches block 0 again, then samples block 4

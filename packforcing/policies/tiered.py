@@ -704,8 +704,10 @@ class TieredPolicy(CachePolicy):
         self._last_block_id = commit.block_id
 
     def full_resolution_blocks(self) -> list[CachedBlock]:
-        """Blocks of the full-fidelity tiers (sink, recent, ...), oldest first."""
-        held = [b for t in self._tiers if t.compressor is None for b in t.blocks]
+        """Blocks stored at full fidelity, oldest first: the sink's and recent's, and those of any
+        tier without a compressor, but not the compressed blocks such a tier may have received
+        from a compressed newer tier."""
+        held = [b for t in self._tiers for b in t.blocks if b.fidelity == FULL]
         return sorted(held, key=lambda b: b.block_id)
 
     def replace_kv(
@@ -717,16 +719,20 @@ class TieredPolicy(CachePolicy):
         position: float,
         condition: Any = None,
     ) -> None:
-        """Overwrite the per-layer K/V ``[B, N, H, D]`` of full-resolution block ``block_id`` in
+        """Overwrite the per-layer K/V ``[B, N, H, D]`` of full-fidelity block ``block_id`` in
         place. They are checked as a commit's are (layers, shape, dtype, device, finite) before
         anything is written: ``ValueError`` (:class:`~packforcing.core.store.NonFiniteError`)
         and the cache unchanged otherwise."""
         where = self._where.get(block_id)
         tier = self._tiers[where] if isinstance(where, int) else None
-        if tier is None or tier.compressor is not None:
+        if tier is None:
             raise ValueError(f"block {block_id} is not held at full resolution (it is in {where or 'no tier'})")
         i = next(i for i, b in enumerate(tier.blocks) if b.block_id == block_id)
         block = tier.blocks[i]
+        if block.fidelity != FULL:
+            raise ValueError(
+                f"block {block_id} is not held at full resolution (it is {block.fidelity} in tier {tier.name!r})"
+            )
         like = block.keys[0]
         problem = kv_problem(
             keys,
