@@ -14,6 +14,7 @@ from packforcing.api import ParamError
 from packforcing.cli import main
 from packforcing.core.conditions import ConditionError, ConditionSchedule
 from packforcing.core.engine import GenerationEngine, SessionError
+from packforcing.core.store import NonFiniteError
 
 from .helpers import engine_for, generate
 
@@ -285,6 +286,64 @@ def test_a_new_session_drops_conditions_its_schedule_does_not_use():
 
 
 # ---------------------------------------------------------------------- re-cache at a switch
+def cache_of(engine) -> list[tuple]:
+    """Every held block: id, tier, position, condition, slot and K/V (copies)."""
+    policy = engine.policy
+    return [
+        (
+            b.block_id,
+            name,
+            b.position,
+            b.condition,
+            (b.slot.page, b.slot.index),
+            [bits(t) for t in (*b.keys, *b.values)],
+        )
+        for name in policy.tier_names
+        for b in policy.tier_blocks(name)
+    ]
+
+
+class Boom(RuntimeError):
+    """What the flaky clean pass raises."""
+
+
+@pytest.mark.parametrize("how", ["raise", "nan"])
+@pytest.mark.parametrize("policy", [FULL, {"name": "sink_recent", "sink_frames": 4, "window_frames": 8}])
+def test_a_failing_recache_leaves_the_cache_as_before_and_a_retry_goes_on_as_if_uninterrupted(policy, how):
+    """A re-cache at a prompt switch is all or nothing: when the clean pass of the 3rd block to
+    re-cache raises, or returns NaN keys the cache refuses, the blocks already replaced get back
+    their K/V, position and condition (the cache is exactly as before), the step fails, and
+    retrying it gives the uninterrupted run."""
+    schedule = [{"from_block": 0, "offset": 0.0}, {"from_block": 4, "offset": 0.5}]
+    reference = offset_engine(policy)
+    with reference.session(seed=3, conditions=schedule, recache=True) as session:
+        expected = [bits(session.step().latents) for _ in range(6)]
+    engine = offset_engine(policy)
+    with engine.session(seed=3, conditions=schedule, recache=True) as session:
+        for _ in range(4):
+            session.step()
+        before = cache_of(engine)
+        assert len(engine.policy.full_resolution_blocks()) >= 3
+        clean_kv, calls = engine.model.clean_kv, []
+
+        def flaky(*args, **kwargs):
+            calls.append(1)
+            keys, values = clean_kv(*args, **kwargs)
+            if len(calls) == 3 and how == "raise":
+                raise Boom("the clean pass of the 3rd re-cached block")
+            if len(calls) == 3:
+                keys = [k.clone().fill_(float("nan")) for k in keys]
+            return keys, values
+
+        engine.model.clean_kv = flaky
+        with pytest.raises(Boom if how == "raise" else NonFiniteError):
+            session.step()
+        engine.model.clean_kv = clean_kv
+        assert cache_of(engine) == before and session.blocks_done == 4
+        engine.policy.audit()
+        assert [bits(session.step().latents) for _ in range(2)] == expected[4:]
+
+
 def test_recache_skips_compressed_blocks_held_by_a_tier_without_a_compressor():
     """A full-fidelity tier older than a compressed one receives compressed blocks: those are not
     full-resolution blocks (nothing to re-cache, their latents are not kept), only the sink's

@@ -190,20 +190,38 @@ class GenerationSession:
             return self._recache_blocks(self._condition(index), self.condition_spec(index))
 
     def _recache_blocks(self, condition: Any, spec: Any) -> int:
-        """:meth:`recache`'s work: the clean pass of each full-resolution block, replaced in place."""
+        """:meth:`recache`'s work: the clean pass of each full-resolution block, oldest first,
+        replaced in place (each block's pass attends the blocks before it, already re-cached).
+
+        All or nothing: each replaced block's old K/V (per layer ``[B, N, H, D]``), position and
+        condition are kept until every block is done, and put back, newest first, if a later
+        one fails (the model raising, K/V the policy refuses, an interrupt): the cache is then
+        exactly as before and the error goes on. So at most one copy of the re-cached blocks
+        is held besides the cache."""
         engine = self.engine
-        done = 0
-        for block in engine.policy.full_resolution_blocks():
-            latents = self._latents.get(block.block_id)
-            if latents is None:
+        policy = engine.policy
+        blocks = policy.full_resolution_blocks()
+        for block in blocks:
+            if block.block_id not in self._latents:
                 raise SessionError(
                     f"recache: the latents of block {block.block_id} were not kept (open the session with recache=True)"
                 )
-            context = engine.policy.context(engine.query(block.block_id))
-            keys, values = engine.model.clean_kv(latents, context, condition=condition)
-            engine.policy.replace_kv(block.block_id, keys, values, position=context.position, condition=spec)
-            done += 1
-        return done
+        replaced: list[tuple[int, list[torch.Tensor], list[torch.Tensor], float, Any]] = []
+        try:
+            for block in blocks:
+                context = policy.context(engine.query(block.block_id))
+                keys, values = engine.model.clean_kv(self._latents[block.block_id], context, condition=condition)
+                old = [k.clone() for k in block.keys], [v.clone() for v in block.values]
+                policy.replace_kv(block.block_id, keys, values, position=context.position, condition=spec)
+                replaced.append((block.block_id, *old, block.position, block.condition))
+        except BaseException:
+            try:
+                policy.settle()  # a bad pass that came first is raised instead, this error its context
+            finally:
+                for block_id, keys, values, position, old_spec in reversed(replaced):
+                    policy.replace_kv(block_id, keys, values, position=position, condition=old_spec)
+            raise
+        return len(blocks)
 
     def _sample(self, index: int) -> torch.Tensor:
         engine = self.engine
