@@ -493,3 +493,23 @@ def test_a_shapes_only_preset_asked_to_generate_says_so_in_one_line(preset, tmp_
     assert not (tmp_path / "out").exists()
     assert main(["validate", preset]) == 0
     assert "plans memory only, cannot generate" in capsys.readouterr().out
+
+
+def test_diffusers_is_imported_without_xformers_load_warning(tmp_path):
+    """diffusers imports xformers; where its kernels cannot load (this CPU machine), the six-line
+    warning is not shown for a Wan config on SDPA, and the logger's level is put back."""
+    import logging
+    import subprocess
+    import sys
+
+    from packforcing.models.wan.imports import diffusers_quietly
+
+    log = logging.getLogger("xformers")
+    before = log.level
+    with diffusers_quietly():
+        assert not log.isEnabledFor(logging.WARNING)
+    assert log.level == before
+    code = "from packforcing.cli import main; raise SystemExit(main(['validate', 'wan2.1-1.3b/packforcing']))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and "OK" in result.stdout
+    assert "XFORMERS" not in result.stderr, result.stderr

@@ -56,7 +56,15 @@ from packforcing.core.overrides import (
     apply_override,
 )
 from packforcing.core.structure import show, structure, unstructure
-from packforcing.core.validators import explained, integer, non_negative, number, one_of, optional_positive, positive
+from packforcing.core.validators import (
+    explained,
+    integer,
+    number,
+    one_of,
+    optional_positive,
+    positive,
+    seed_in_range,
+)
 from packforcing.core.yamlfile import MAX_CONFIG_BYTES, file_label, missing_file
 from packforcing.plugins.kinds import KINDS, SECTIONS
 
@@ -101,7 +109,7 @@ _threads = explained("an integer >= 1 or auto", v.or_(v.in_(("auto",)), v.and_(*
 class RunParams:
     """The ``run:`` block."""
 
-    seed: int = attrs.field(default=0, validator=non_negative)
+    seed: int = attrs.field(default=0, validator=seed_in_range)
     blocks: int = attrs.field(default=16, validator=positive)
     batch_size: int = attrs.field(default=1, validator=positive)
     device: str = "auto"

@@ -19,7 +19,7 @@ import torch
 
 from packforcing.core.errors import ParamError
 from packforcing.core.transfer import to_device
-from packforcing.core.validators import positive
+from packforcing.core.validators import positive, wrap_seed
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``velocity(x [B, C, F, H, W], timesteps [B]) -> v [B, C, F, H, W]``: one model call."""
@@ -130,7 +130,7 @@ def block_noise(
 ) -> torch.Tensor:
     """The initial noise of block ``block_id``: drawn on the CPU from a per-block generator,
     so it is the same on every device and independent of how many blocks came before."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + block_id) % (2**63))
+    gen = torch.Generator().manual_seed(wrap_seed(seed * 1_000_003 + block_id))
     return to_device(torch.randn(shape, generator=gen, dtype=torch.float32), device, dtype)
 
 

@@ -47,6 +47,17 @@ def number(*bounds: Validator) -> tuple[Validator, ...]:
 
 positive = explained("an integer >= 1", *integer(v.ge(1)))
 non_negative = explained("an integer >= 0", *integer(v.ge(0)))
+SEED_LIMIT = 2**63
+"""Seeds are integers in ``[0, SEED_LIMIT)``: what a torch generator takes as a signed 64-bit seed."""
+seed_in_range = explained("an integer >= 0 and < 2**63 (a torch generator seed)", *integer(v.ge(0), v.lt(SEED_LIMIT)))
+
+
+def wrap_seed(value: int) -> int:
+    """A seed derived from another by arithmetic (``seed * K + c``), wrapped into
+    ``[0, SEED_LIMIT)`` so every valid seed gives a valid generator seed."""
+    return value % SEED_LIMIT
+
+
 optional_positive = v.optional(positive)
 optional_non_negative = v.optional(non_negative)
 positive_triple = explained(

@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import torch
 
-from packforcing.core.validators import positive
+from packforcing.core.validators import positive, wrap_seed
 
 
 def _pair(value: Sequence[float]) -> tuple[float, float]:
@@ -81,7 +81,7 @@ class SceneWorld:
     def __init__(self, params: SceneWorldParams | None = None, seed: int = 0) -> None:
         self.params = params = params or SceneWorldParams()
         self.seed = seed
-        gen = torch.Generator().manual_seed(seed * 2_654_435_761 % (2**63))
+        gen = torch.Generator().manual_seed(wrap_seed(seed * 2_654_435_761))
         self.scenes = [self._scene(gen) for _ in range(params.num_scenes)]
 
     def _scene(self, gen: torch.Generator) -> Scene:
@@ -224,7 +224,7 @@ def revisit_schedule(
     Segments last ``segment_blocks`` blocks (uniform); at each cut the next scene is a new one
     with ``new_scene_probability`` (while any is left), otherwise the scene unseen for the
     longest time — so absences grow with the number of scenes in play."""
-    gen = torch.Generator().manual_seed(seed * 1_000_033 + 17)
+    gen = torch.Generator().manual_seed(wrap_seed(seed * 1_000_033 + 17))
     lo, hi = segment_blocks
     order = torch.randperm(num_scenes, generator=gen).tolist()
     unseen = order[1:]
@@ -253,7 +253,7 @@ def recall_schedule(
     Unlike :func:`revisit_schedule` (least recently seen first, so the distance back is
     predictable from the number of scenes in play) nothing but the scene itself tells where in
     the history its last visit is: a model learns to find it by its condition."""
-    gen = torch.Generator().manual_seed(seed * 1_000_037 + 29)
+    gen = torch.Generator().manual_seed(wrap_seed(seed * 1_000_037 + 29))
     lo, hi = segment_blocks
     order = torch.randperm(num_scenes, generator=gen).tolist()
     most = max(2, min(num_scenes, num_blocks - 1))
