@@ -66,3 +66,33 @@ def test_presets_load(preset):
 
     config = load_config(f"configs/{preset}.yaml")
     assert config.components["policy"].name == preset
+
+
+@pytest.mark.parametrize("blocks", [1, 7])
+def test_memory_plot_draws_the_tiers_at_whole_block_indices(tmp_path, blocks):
+    """memory.png shows the tiers for one block too (a bar: an area needs two points), and its
+    x axis has whole block indices only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from packforcing.output.plot import plot_memory
+
+    tiers = {"sink": {"bytes": 2**20}, "recent": {"bytes": 2**19}}
+    report = {"blocks": [{"index": i, "tiers": tiers} for i in range(blocks)], "config": {"policy": {"name": "x"}}}
+    shown = []
+    original = plt.Figure.savefig
+
+    def capture(fig, path, **kwargs):
+        shown.extend(t for t in fig.axes[0].get_xticks() if -0.5 <= t <= blocks - 0.5)
+        return original(fig, path, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Figure, "savefig", capture)
+        plot_memory(report, tmp_path / "memory.png", 2**19)
+    assert shown and all(float(t).is_integer() for t in shown)
+    pixels = plt.imread(tmp_path / "memory.png")[..., :3]
+    coloured = (pixels.max(-1) - pixels.min(-1)) > 0.3  # the tiers' fills, not white, grey or black
+    assert np.count_nonzero(coloured) > 0.05 * coloured.size

@@ -11,18 +11,30 @@ def plot_memory(report: dict[str, Any], path: str | Path, full_bytes_per_block: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     blocks = report["blocks"]
     index = [b["index"] for b in blocks]
     tiers = list(blocks[0]["tiers"]) if blocks else []
     series = [[b["tiers"][t]["bytes"] / 2**20 for b in blocks] for t in tiers]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if tiers:
+    if tiers and len(index) > 1:
         ax.stackplot(index, series, labels=tiers, alpha=0.85)
+    elif tiers:  # one block: a stacked bar (an area needs two points)
+        bottom = 0.0
+        for tier, values in zip(tiers, series, strict=True):
+            ax.bar(index, values, bottom=bottom, width=0.6, label=tier, alpha=0.85)
+            bottom += values[0]
+    marker = "o" if len(index) == 1 else None
     full = [(i + 1) * full_bytes_per_block / 2**20 for i in index]
-    ax.plot(index, full, "k--", linewidth=1.2, label="full cache")
+    ax.plot(index, full, "k--", marker=marker, linewidth=1.2, label="full cache", zorder=3)
     if any(b.get("archive_bytes") for b in blocks):
-        ax.plot(index, [b["archive_bytes"] / 2**20 for b in blocks], ":", color="gray", label="archive (not active)")
+        archive = [b["archive_bytes"] / 2**20 for b in blocks]
+        style = {"color": "black", "linewidth": 1.6, "zorder": 4}
+        ax.plot(index, archive, ":", marker=marker, label="archive (not active)", **style)
+    if index:
+        ax.set_xlim(min(index) - 0.5, max(index) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("block index")
     ax.set_ylabel("cache MiB")
     name = (report.get("config") or {}).get("policy", {}).get("name", "")
