@@ -126,6 +126,14 @@ def test_absurd_page_blocks_is_refused_by_validate_naming_key_and_bytes(capsys):
     assert err.endswith("of cpu memory")
 
 
+def test_a_batch_too_large_for_memory_is_blamed_on_the_batch(capsys):
+    """Each video's cache fits; a million of them do not: the error names run.batch_size."""
+    status = main(["validate", str(REPO / "configs/full.yaml"), "--set", "run.batch_size=1000000"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.startswith("error: --set: run.batch_size: the cache would allocate "), err
+    assert " blocks × 1000000 videos, more than the " in err
+
+
 def test_absurd_page_blocks_is_refused_before_generation(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--config", str(REPO / "configs/full.yaml"), "--blocks", "2", "--out", str(out)]

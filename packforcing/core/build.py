@@ -266,7 +266,7 @@ def check_memory(planned: MemoryPlan, env: BuildEnv, device: torch.device) -> No
     """Refuse a plan whose cache needs more than ``device`` holds (the archive counts where it
     lives: on the host when ``archive_device`` puts it there), naming the key to blame:
     ``policy.page_blocks`` when the blocks themselves would fit and the preallocated pages do
-    not, ``run.blocks`` otherwise."""
+    not, ``run.batch_size`` when one video's blocks would, ``run.blocks`` otherwise."""
     if env.config is None or env.geometry is None:
         return
     from packforcing.policies.tiered import archive_placement
@@ -282,11 +282,16 @@ def check_memory(planned: MemoryPlan, env: BuildEnv, device: torch.device) -> No
         limit = device_memory(where)
         if limit is None or total <= limit:
             continue
-        held = tokens * env.geometry.bytes_per_token * env.config.run.batch_size
-        key = "policy.page_blocks" if held <= limit else "run.blocks"
+        batch = env.config.run.batch_size
+        held = tokens * env.geometry.bytes_per_token * batch
+        if held <= limit:
+            key = "policy.page_blocks"
+        else:
+            key = "run.batch_size" if batch > 1 and held // batch <= limit else "run.blocks"
         what = "the cache" if where == device else "the archive"
+        videos = f" × {batch} videos" if batch > 1 else ""
         error = ConfigError(
-            f"{what} would allocate {total} bytes ({_human(total)}) over {planned.num_blocks} blocks, "
+            f"{what} would allocate {total} bytes ({_human(total)}) over {planned.num_blocks} blocks{videos}, "
             f"more than the {limit} bytes ({_human(limit)}) of {where.type} memory",
             path=key,
         )
