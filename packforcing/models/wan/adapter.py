@@ -33,6 +33,7 @@ from packforcing.core.geometry import Geometry, Grid, resolve_dtype
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
 from packforcing.models.wan.checkpoints import CheckpointError, check_state, locate
+from packforcing.models.wan.imports import diffusers_quietly
 from packforcing.models.wan.params import WAN21_T2V_1_3B, WanParams
 
 PROMPT_EMBEDS = "prompt_embeds"
@@ -168,8 +169,9 @@ def build_transformer(
     line naming the file and the first bad tensor); ``plan_only`` stops there and returns a
     weightless (meta-device) model. Without ``params.path`` only planning is possible.
     """
-    from diffusers import WanTransformer3DModel
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+    with diffusers_quietly():
+        from diffusers import WanTransformer3DModel
+        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
     if params.path is None:
         if not plan_only:

@@ -29,6 +29,7 @@ import attrs
 import torch
 
 from packforcing.core.errors import ParamError
+from packforcing.models.wan.imports import diffusers_quietly
 
 TRANSFORMER_SUBFOLDER = "transformer"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -143,7 +144,8 @@ def _read_config(file: Path) -> dict[str, Any]:
         data = out
     if data.get("image_dim") is not None or data.get("added_kv_proj_dim") is not None:
         raise CheckpointError(file, "image-conditioned Wan (I2V) is not supported; use a text-to-video checkpoint")
-    from diffusers import WanTransformer3DModel
+    with diffusers_quietly():
+        from diffusers import WanTransformer3DModel
 
     allowed = set(inspect.signature(WanTransformer3DModel.__init__).parameters) - {"self"}
     return {k: v for k, v in data.items() if k in allowed}

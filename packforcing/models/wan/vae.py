@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from packforcing.models.wan.imports import diffusers_quietly
+
 VAE_SUBFOLDER = "vae"
 _REPEAT = "Rep"
 """diffusers' marker in a feature-cache slot of a temporal upsampler that has seen only the first
@@ -51,7 +53,8 @@ def vae_latent_channels(path: str | Path) -> int:
 def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
     """``AutoencoderKLWan`` from ``path``: a diffusers pipeline root (with ``vae/``) or the VAE
     folder itself. Errors are one line naming the path."""
-    from diffusers import AutoencoderKLWan
+    with diffusers_quietly():
+        from diffusers import AutoencoderKLWan
 
     folder = vae_folder(path)
     try:
