@@ -401,3 +401,20 @@ def test_state_dict_of_a_recache_session_round_trips():
     with pf.build_engine(config).load_state_dict(state) as resumed:
         again = [resumed.step().latents for _ in range(4)]
     assert all(torch.equal(a, b) for a, b in zip(rest, again, strict=True))
+
+
+def _tree(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_fewer_blocks_than_done_is_refused_unchanged(tmp_path, capsys):
+    config = write_config(tmp_path, "full")
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_job(config, out, on_block=stop_at(4))
+    before = _tree(out)
+    assert main(["generate", "--resume", str(out), "--blocks", "2", "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --blocks 2: the run already has 4 blocks"
+    assert _tree(out) == before  # nothing changed: still the interrupted run, still resumable
+    assert main(["generate", "--resume", str(out), "--blocks", "4", "--no-progress"]) == 0  # equal: just finishes
+    assert json.loads((out / "report.json").read_text())["status"] == "complete"

@@ -483,6 +483,11 @@ def _run(
                 f"{out}: the config differs from the one the run was started with ({', '.join(changed[:3])}); "
                 "resume it unchanged (only run.blocks may change)"
             )
+        done = int(state["meta"]["blocks_done"]) if state is not None else 0
+        if config.run.blocks < done:  # refused before anything is changed
+            where = config.source_of("run.blocks")
+            option = f"--blocks {config.run.blocks}" if where == "--blocks" else f"run.blocks={config.run.blocks}"
+            raise RunError(f"{option}: the run already has {done} blocks")
     config = check_config(config, registry=registry)
     prepare_output(out, overwrite=overwrite)
     engine = build_engine(config, registry=registry, wrap=wrap)
