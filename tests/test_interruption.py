@@ -418,3 +418,30 @@ def test_resume_with_fewer_blocks_than_done_is_refused_unchanged(tmp_path, capsy
     assert _tree(out) == before  # nothing changed: still the interrupted run, still resumable
     assert main(["generate", "--resume", str(out), "--blocks", "4", "--no-progress"]) == 0  # equal: just finishes
     assert json.loads((out / "report.json").read_text())["status"] == "complete"
+
+
+def write_scenes_config(tmp_path: Path, blocks: int = 12) -> Path:
+    """tiny_dit with scenes and no run.prompts: generate lays out its default scene schedule."""
+    config = {
+        "model": {**MODEL, "num_conditions": 3},
+        **POLICIES["full"],
+        "backend": "sdpa",
+        "sampler": {"steps": 2},
+        "run": {"device": "cpu", "blocks": blocks, "seed": 5},
+    }
+    path = tmp_path / "scenes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_resumed_report_keeps_measuring_returns(tmp_path):
+    """The per-return PSNR needs the last frame under each scene: it travels in the checkpoint."""
+    config = write_scenes_config(tmp_path)
+    whole = run_job(config, tmp_path / "whole")
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_job(config, out, on_block=stop_at(7))
+    resumed = run_job(None, out, resume=True)
+    assert [r["block"] for r in whole["returns"]] == [4, 10]  # one return before the stop, one after
+    assert resumed["returns"] == whole["returns"]
+    assert resumed["return_psnr_db"] == whole["return_psnr_db"]

@@ -164,10 +164,24 @@ class ReturnTracker:
         key = spec_key(condition)
         if key != self.previous and key in self.last:
             seen, frame = self.last[key]
+            frame = frame.to(pixels.device)
             mse = float((pixels[:, :, 0].clamp(-1, 1) - frame.clamp(-1, 1)).pow(2).mean())
             self.report.add_return(index, condition, index - seen, 10 * math.log10(4.0 / max(mse, 1e-10)))
-        self.last[key] = (index, pixels[:, :, -1])
+        self.last[key] = (index, pixels[:, :, -1].clone())
         self.previous = key
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, info)`` for a checkpoint: the last frame under each condition seen, and
+        (JSON-able) their keys, blocks and the previous block's key."""
+        keys = list(self.last)
+        tensors = {str(i): self.last[key][1] for i, key in enumerate(keys)}
+        return tensors, {"keys": keys, "blocks": [self.last[key][0] for key in keys], "previous": self.previous}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the next return is measured as in an uninterrupted run."""
+        keys, blocks = list(info["keys"]), list(info["blocks"])
+        self.last = {key: (int(blocks[i]), tensors[str(i)]) for i, key in enumerate(keys)}
+        self.previous = info.get("previous")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -574,6 +588,8 @@ def _run(
             "video_bytes": [w.nbytes for w in writers],
             "video_frames": video_frames,
         }
+        tracked, info["returns"] = returns.state_dict()
+        saved["tensors"].update({f"run.returns.{k}": t for k, t in tracked.items()})
         if decoder is not codec:  # a streaming decoder: its causal cache continues the video
             cached, info["decoder"] = decoder.state_dict()
             saved["tensors"].update({f"run.decoder.{k}": t for k, t in cached.items()})
@@ -597,6 +613,10 @@ def _run(
         )
 
     returns = ReturnTracker(report)
+    if state is not None and "returns" in extra:  # where each condition was last seen, for the next return
+        prefix = "run.returns."
+        tracked = {k[len(prefix) :]: t for k, t in state["tensors"].items() if k.startswith(prefix)}
+        returns.load_state_dict(tracked, extra["returns"])
     decoded = session.blocks_done  # blocks whose frames are in the video (and the decoder's state)
     bar = tqdm(
         total=run_params.blocks, initial=session.blocks_done, unit="block", disable=not progress, dynamic_ncols=True
