@@ -445,3 +445,21 @@ def test_resumed_report_keeps_measuring_returns(tmp_path):
     assert [r["block"] for r in whole["returns"]] == [4, 10]  # one return before the stop, one after
     assert resumed["returns"] == whole["returns"]
     assert resumed["return_psnr_db"] == whole["return_psnr_db"]
+
+
+def _spec_at(schedule: list[dict[str, Any]], block: int) -> dict[str, Any]:
+    segment = [s for s in schedule if s["from_block"] <= block][-1]
+    return {k: v for k, v in segment.items() if k != "from_block"}
+
+
+def test_extended_run_continues_and_reports_its_own_schedule(tmp_path):
+    """--blocks 16 on a 12-block run keeps the checkpoint's scene schedule (a fresh 16-block run
+    would lay out another); report.json records the one the blocks were made with."""
+    config = write_scenes_config(tmp_path)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_job(config, out, on_block=stop_at(7))
+    started = json.loads((out / "report.json").read_text())["conditions"]
+    report = run_job(None, out, resume=True, overrides=["run.blocks=16"])
+    assert report["conditions"] == started
+    assert [b["condition"] for b in report["blocks"]] == [_spec_at(started, i) for i in range(16)]

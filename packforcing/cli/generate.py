@@ -509,7 +509,11 @@ def _run(
     run_params = config.run
     full_per_block = g.tokens_per_block * g.bytes_per_token * run_params.batch_size
     schedule = run_params.schedule()
-    if not schedule.starts and hasattr(engine.model, "default_conditions"):
+    if state is not None:
+        # a resumed run goes on with its own schedule (the session's), also when --blocks extends
+        # it: the default schedule of a longer fresh run may be laid out differently
+        schedule = ConditionSchedule.parse(state["meta"].get("conditions") or None, name="run.prompts")
+    elif not schedule.starts and hasattr(engine.model, "default_conditions"):
         # a conditional model's own default schedule (tiny_dit with scenes: revisit scenes)
         schedule = ConditionSchedule.parse(
             engine.model.default_conditions(run_params.blocks, run_params.seed), name="run.prompts"
