@@ -463,3 +463,30 @@ def test_extended_run_continues_and_reports_its_own_schedule(tmp_path):
     report = run_job(None, out, resume=True, overrides=["run.blocks=16"])
     assert report["conditions"] == started
     assert [b["condition"] for b in report["blocks"]] == [_spec_at(started, i) for i in range(16)]
+
+
+def test_extended_run_reports_its_new_length(tmp_path, monkeypatch):
+    """report.json's video section is the resumed run's length, not the one it was started with."""
+    import functools
+
+    import packforcing.cli.generate as generate
+
+    config = write_scenes_config(tmp_path)
+    out = tmp_path / "run"
+    started = generate.run_job
+    monkeypatch.setattr(generate, "run_job", functools.partial(started, on_block=stop_at(7)))
+    assert main(["generate", "--config", str(config), "--out", str(out), "--no-progress"]) == 130
+    first = json.loads((out / "report.json").read_text())["video"]
+    monkeypatch.setattr(generate, "run_job", started)
+    assert main(["generate", "--resume", str(out), "--blocks", "16", "--no-progress"]) == 0
+    video = json.loads((out / "report.json").read_text())["video"]
+    frames = len(frames_of(out / "video.mp4"))
+    assert first["blocks"] == 12 and first["seconds_requested"] is None
+    assert video == {
+        "seconds_requested": None,
+        "blocks": 16,
+        "latent_frames": 16 * MODEL["frames_per_block"],
+        "pixel_frames": frames,
+        "fps": first["fps"],
+        "video_seconds": frames / first["fps"],
+    }

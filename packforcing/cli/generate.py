@@ -416,6 +416,24 @@ def _differences(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [path or "config"]
 
 
+def _video_of_length(video: Mapping[str, Any], engine: Any, blocks: int, fps: float) -> dict[str, Any]:
+    """The report's ``video`` section for a run of ``blocks`` blocks (a resumed run whose
+    ``--blocks`` changed its length); ``seconds_requested`` stays what the run was started with."""
+    from packforcing.core.geometry import temporal_stride_of
+    from packforcing.output.video import pixel_frames
+
+    latent_frames = blocks * engine.geometry.frames_per_block
+    frames = pixel_frames(latent_frames, temporal_stride_of(engine.model))
+    return {
+        **video,
+        "blocks": blocks,
+        "latent_frames": latent_frames,
+        "pixel_frames": frames,
+        "fps": fps,
+        "video_seconds": frames / fps,
+    }
+
+
 def run_job(
     config: Config | Mapping[str, Any] | str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
@@ -518,11 +536,14 @@ def _run(
         schedule = ConditionSchedule.parse(
             engine.model.default_conditions(run_params.blocks, run_params.seed), name="run.prompts"
         )
+    report_details = dict(details or extra.get("details") or {})
+    if state is not None and isinstance(report_details.get("video"), Mapping):
+        report_details["video"] = _video_of_length(report_details["video"], engine, run_params.blocks, run_params.fps)
     report = RunReport(
         config=config.resolved(),
         full_bytes_per_block=full_per_block,
         conditions=schedule.as_list() or None,
-        details=dict(details or extra.get("details") or {}),
+        details=report_details,
         blocks_planned=run_params.blocks,
     )
     try:
