@@ -490,3 +490,26 @@ def test_extended_run_reports_its_new_length(tmp_path, monkeypatch):
         "fps": first["fps"],
         "video_seconds": frames / first["fps"],
     }
+
+
+def test_signals_after_the_last_block_leave_a_complete_run(tmp_path, monkeypatch):
+    """Two Ctrl-Cs while a finished run writes its files: it ends complete, with all of them."""
+    import packforcing.output.plot as plot
+
+    config = write_config(tmp_path, "full")
+    out = tmp_path / "run"
+    draw = plot.plot_memory
+
+    def interrupted_twice(report: dict[str, Any], path: Path, full: int) -> None:
+        if report["status"] == "complete":
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        draw(report, path, full)
+
+    monkeypatch.setattr(plot, "plot_memory", interrupted_twice)
+    result = run_job(config, out, save_latents=True)
+    report = json.loads((out / "report.json").read_text())
+    assert result["status"] == report["status"] == "complete" and report["blocks_done"] == BLOCKS
+    assert (out / "memory.png").stat().st_size > 0
+    assert load_file(str(out / "latents.safetensors"))["latents"].shape[2] == BLOCKS * MODEL["frames_per_block"]
+    assert not (out / "checkpoint").exists()

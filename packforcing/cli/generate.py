@@ -487,7 +487,6 @@ def _run(
     wrap: Any,
     on_block: Callable[[int], None] | None,
 ) -> dict[str, Any]:
-    import torch
     from tqdm import tqdm
 
     from packforcing.core.build import build_engine, check_config
@@ -671,6 +670,17 @@ def _run(
                 on_block(session.blocks_done)
             if stop.requested is not None:
                 raise Interrupted(signal_name=stop.requested)
+        # every block is made: the run is written out whole, and a signal now is ignored (the
+        # run is complete, with all its files; a half-written ending would be neither complete
+        # nor resumable)
+        with stop_signals_to(signal.SIG_IGN):
+            bar.close()
+            session.close()
+            if save_latents:
+                _save_latents(out / "latents.safetensors", latents)
+            finish("complete")
+            if (out / CHECKPOINT_DIR).exists() and not run_params.checkpoint_every:
+                shutil.rmtree(out / CHECKPOINT_DIR)
     except KeyboardInterrupt as exc:
         bar.close()
         signal_name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
@@ -688,16 +698,21 @@ def _run(
             finish("failed", " ".join(str(exc).split()) or type(exc).__name__)
             session.close()
         raise
-    bar.close()
-    session.close()
-    if save_latents:
-        from safetensors.torch import save_file
-
-        tmp = out / ".latents.safetensors.tmp"
-        save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(tmp), metadata={"blocks": str(len(latents))})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / "latents.safetensors")
-    finish("complete")
-    if (out / CHECKPOINT_DIR).exists() and not run_params.checkpoint_every:
-        shutil.rmtree(out / CHECKPOINT_DIR)
     return report.as_dict()
+
+
+def _save_latents(path: Path, latents: Sequence[torch.Tensor]) -> None:
+    """Write every block's latents, concatenated in time, atomically to ``path``."""
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(
+            {"latents": torch.cat(list(latents), dim=2).contiguous()}, str(tmp), metadata={"blocks": str(len(latents))}
+        )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
