@@ -513,3 +513,61 @@ def test_signals_after_the_last_block_leave_a_complete_run(tmp_path, monkeypatch
     assert (out / "memory.png").stat().st_size > 0
     assert load_file(str(out / "latents.safetensors"))["latents"].shape[2] == BLOCKS * MODEL["frames_per_block"]
     assert not (out / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("full", ["video.mp4", "latents.safetensors", "memory.png"])
+def test_full_disk_names_the_file_and_fails_the_report(tmp_path, monkeypatch, capsys, full):
+    """ENOSPC while writing an output: one line naming the file, report.json says failed, no
+    half-written file or temporary is left."""
+    import errno
+
+    import safetensors.torch
+
+    import packforcing.core.checkpoint as checkpoint
+    from packforcing.output.video import FragmentedMP4Writer
+
+    def no_space(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if full == "video.mp4":
+        appended = FragmentedMP4Writer.append
+        monkeypatch.setattr(
+            FragmentedMP4Writer, "append", lambda w, frames: no_space() if w.frames else appended(w, frames)
+        )
+    elif full == "latents.safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    else:
+        written = checkpoint.write_atomic
+        monkeypatch.setattr(
+            checkpoint, "write_atomic", lambda path, *a: no_space() if path.suffix == ".png" else written(path, *a)
+        )
+    config = write_config(tmp_path, "full")
+    out = tmp_path / "run"
+    assert main(["generate", "--config", str(config), "--out", str(out), "--save-latents", "--no-progress"]) == 1
+    line = f"{out / full}: cannot write: no space left on device"
+    assert capsys.readouterr().err.strip() == f"error: {line}"
+    report = json.loads((out / "report.json").read_text())
+    assert (report["status"], report["error"]) == ("failed", line)
+    assert (out / "memory.png").exists() == (full != "memory.png")
+    assert not list(out.glob(".*"))  # no temporaries
+
+
+def test_full_disk_while_saving_the_checkpoint_fails_the_report(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def no_space(tensors: Any, path: str, **kwargs: Any) -> None:
+        Path(path).write_bytes(b"half")  # a part written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="checkpoint: cannot write: no space left on device"):
+        run_job(write_config(tmp_path, "full"), out, on_block=stop_at(2))
+    report = json.loads((out / "report.json").read_text())
+    assert (report["status"], report["error"]) == (
+        "failed",
+        f"{out / 'checkpoint'}: cannot write: no space left on device",
+    )
+    assert (out / "memory.png").exists() and not list((out / "checkpoint").glob("*"))

@@ -9,7 +9,7 @@ import math
 import os
 import shutil
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -329,6 +329,29 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"interrupted ({signal_name}){done}{where}")
 
 
+class OutputError(OSError):
+    """An output file could not be written (a full disk, a lost permission): one line naming it,
+    ``out/video.mp4: cannot write: no space left on device``."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: cannot write: {self.strerror}"
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an :class:`OSError` with no file named (``[Errno 28] No space left on device``
+    from a write or fsync) into an :class:`OutputError` naming ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        if exc.errno is None or not exc.strerror:
+            raise  # a message of its own (it names its file)
+        reason = exc.strerror[:1].lower() + exc.strerror[1:]
+        raise OutputError(exc.errno, reason, str(path)) from exc
+
+
 RUN_FILES = ("report.json", "memory.png", "latents.safetensors", "video.mp4")
 CHECKPOINT_DIR = "checkpoint"
 
@@ -617,12 +640,27 @@ def _run(
         if decoder is not codec:  # a streaming decoder: its causal cache continues the video
             cached, info["decoder"] = decoder.state_dict()
             saved["tensors"].update({f"run.decoder.{k}": t for k, t in cached.items()})
-        save_checkpoint(out / CHECKPOINT_DIR, saved, info)
+        with writing(out / CHECKPOINT_DIR):
+            save_checkpoint(out / CHECKPOINT_DIR, saved, info)
+
+    def write_report() -> None:
+        with writing(out / "report.json"):
+            report.write(out / "report.json")
 
     def finish(status: str, error: str | None = None) -> None:
+        """Write report.json and memory.png with ``status``; for ``failed``, each as far as it
+        can be written (the error that failed the run is the one raised)."""
         report.status, report.error = status, error
-        report.write(out / "report.json")
-        plot_memory(report.as_dict(), out / "memory.png", full_per_block)
+        for name, write in (
+            ("report.json", report.write),
+            ("memory.png", lambda path: plot_memory(report.as_dict(), path, full_per_block)),
+        ):
+            try:
+                with writing(out / name):
+                    write(out / name)
+            except OSError:
+                if status != "failed":
+                    raise
 
     def consistent() -> bool:
         """Every output holds exactly the blocks the session has made (so a checkpoint is whole)."""
@@ -646,21 +684,22 @@ def _run(
         total=run_params.blocks, initial=session.blocks_done, unit="block", disable=not progress, dynamic_ncols=True
     )
     try:
-        report.write(out / "report.json")
+        write_report()
         stop.deferred = True
         while session.blocks_done < run_params.blocks:
             block = session.step()
             if writers:
                 pixels = decoder.decode(block.latents.float())  # [B, 3, T, H, W]
                 for item, writer in enumerate(writers):
-                    writer.append(to_uint8_frames(pixels[item]))
+                    with writing(writer.path):
+                        writer.append(to_uint8_frames(pixels[item]))
                 video_frames += pixels.shape[2]
                 returns.add(block.index, block.condition, pixels)
             decoded += 1
             if save_latents:
                 latents.append(block.latents.detach().to("cpu", copy=True))
             record = report.add(block)
-            report.write(out / "report.json")
+            write_report()
             every = run_params.checkpoint_every
             if every and session.blocks_done % every == 0 and session.blocks_done < run_params.blocks:
                 checkpoint()
@@ -687,7 +726,12 @@ def _run(
         with stop_signals_to(signal.SIG_IGN):  # the run's state is being saved on the way out
             saved = consistent()
             if saved:
-                checkpoint()
+                try:
+                    checkpoint()
+                except OSError as error:  # not resumable after all: say so, naming the file
+                    finish("failed", " ".join(str(error).split()))
+                    session.close()
+                    raise
             finish("interrupted")
             session.close()
         resumable = (out / CHECKPOINT_DIR / "state.json").is_file()
@@ -708,11 +752,11 @@ def _save_latents(path: Path, latents: Sequence[torch.Tensor]) -> None:
 
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(
-            {"latents": torch.cat(list(latents), dim=2).contiguous()}, str(tmp), metadata={"blocks": str(len(latents))}
-        )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with writing(path):
+            blocks = torch.cat(list(latents), dim=2).contiguous()
+            save_file({"latents": blocks}, str(tmp), metadata={"blocks": str(len(latents))})
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -48,11 +48,15 @@ def save_checkpoint(directory: Path, state: Mapping[str, Any], extra: Mapping[st
     name = f"state-{int(state['meta']['blocks_done'])}.safetensors"
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in state["tensors"].items()}
     tmp = directory / f".{name}.tmp"
-    save_file(tensors, str(tmp))
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, directory / name)
+    try:
+        save_file(tensors, str(tmp))
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, directory / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+        raise
     document = {"tensors": name, "meta": state["meta"], "extra": dict(extra or {})}
     write_atomic(directory / STATE_JSON, (json.dumps(document, indent=1) + "\n").encode())
     for old in directory.glob("state-*.safetensors"):

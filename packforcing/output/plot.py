@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 
 def plot_memory(report: dict[str, Any], path: str | Path, full_bytes_per_block: int) -> None:
+    """Draw ``report``'s cache bytes per tier against block index to ``path`` (written atomically)."""
     import matplotlib
+
+    from packforcing.core.checkpoint import write_atomic
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -42,5 +46,9 @@ def plot_memory(report: dict[str, Any], path: str | Path, full_bytes_per_block: 
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    image = io.BytesIO()
+    try:
+        fig.savefig(image, format=Path(path).suffix[1:] or "png")
+    finally:
+        plt.close(fig)
+    write_atomic(Path(path), image.getvalue())  # a reader (or a full disk) never sees half a file
