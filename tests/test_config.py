@@ -224,6 +224,14 @@ def test_wrong_type_bool_is_not_an_integer(tree):
     assert error_of("child.yaml") == "child.yaml: run.seed: expected an integer, got true"
 
 
+def test_seed_is_bounded_to_what_torch_generators_take(tree):
+    tree(base=BASE)
+    assert load_config("base.yaml", [f"run.seed={2**63 - 1}"]).run.seed == 2**63 - 1
+    assert error_of("base.yaml", ["run.seed=100000000000000000000"]) == (
+        "--set: run.seed: expected an integer >= 0 and < 2**63 (a torch generator seed), got 100000000000000000000"
+    )
+
+
 def test_out_of_range_value_matches_the_issue_example(tree):
     tree(**{"configs/x": BASE.replace("sink_frames: 8", "sink_frames: -3")})
     assert error_of("configs/x.yaml") == "configs/x.yaml: policy.sink_frames: expected an integer >= 0, got -3"

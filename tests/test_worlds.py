@@ -7,17 +7,28 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from packforcing.core.sampler import block_noise
 from packforcing.models.codec import LinearPatchCodec
 from packforcing.worlds import (
     SceneWorld,
     SceneWorldParams,
     conditions,
+    recall_schedule,
     returns,
     revisit_schedule,
     schedule_from_conditions,
 )
 
 SMALL = SceneWorldParams(num_scenes=3, height=16, width=24, frames_per_block=2, object_size=(3, 6))
+
+
+@pytest.mark.parametrize("seed", [100_000_000_000_000, 2**63 - 1])
+def test_derived_seeds_wrap_so_every_valid_seed_works(seed):
+    """Seeds derived as ``seed * K + c`` wrap into a generator's range instead of overflowing."""
+    assert len(revisit_schedule(6, 3, seed)) == len(recall_schedule(6, 3, seed)) == 6
+    assert SceneWorld(SMALL, seed=seed).render([0]).shape == (3, 2, 16, 24)
+    noise = block_noise(seed, 5, (2,), torch.float32, "cpu")
+    assert torch.equal(noise, block_noise(seed, 5, (2,), torch.float32, "cpu"))
 
 
 def test_world_is_deterministic_from_its_seed():
