@@ -232,6 +232,16 @@ def test_seed_is_bounded_to_what_torch_generators_take(tree):
     )
 
 
+@pytest.mark.parametrize("key", ["run.device", "text_encoder.device"])
+def test_device_names_torch_does_not_know_are_config_errors(tree, key):
+    tree(base=BASE)
+    assert error_of("base.yaml", [f"{key}=banana"]) == (
+        f"--set: {key}: expected auto or a torch device (cpu, cuda, cuda:N, mps, ...), got 'banana'"
+    )
+    for name in ("auto", "cpu", "cuda", "cuda:1", "meta"):  # a config can be checked on another machine
+        load_config("base.yaml", [f"{key}={name}"])
+
+
 def test_out_of_range_value_matches_the_issue_example(tree):
     tree(**{"configs/x": BASE.replace("sink_frames: 8", "sink_frames: -3")})
     assert error_of("configs/x.yaml") == "configs/x.yaml: policy.sink_frames: expected an integer >= 0, got -3"

@@ -105,6 +105,18 @@ def _prompts(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 _threads = explained("an integer >= 1 or auto", v.or_(v.in_(("auto",)), v.and_(*integer(v.ge(1)))), shown=show)
 
 
+def _device_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    """A device name torch accepts (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``meta``, ...) or ``auto``;
+    whether this machine has that device is checked when building, not here."""
+    if value != "auto":
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError, ValueError):
+            raise ParamError(
+                attribute.name, f"expected auto or a torch device (cpu, cuda, cuda:N, mps, ...), got {value!r}"
+            ) from None
+
+
 @attrs.frozen
 class RunParams:
     """The ``run:`` block."""
@@ -112,7 +124,7 @@ class RunParams:
     seed: int = attrs.field(default=0, validator=seed_in_range)
     blocks: int = attrs.field(default=16, validator=positive)
     batch_size: int = attrs.field(default=1, validator=positive)
-    device: str = "auto"
+    device: str = attrs.field(default="auto", validator=_device_name)
     dtype: str = attrs.field(default="float32", validator=one_of(*DTYPES))
     fps: float = attrs.field(default=16.0, validator=_positive_number)
     """Frames per second of the written video (one latent frame decodes to one frame)."""
@@ -131,14 +143,6 @@ class RunParams:
     def schedule(self) -> ConditionSchedule:
         """``prompts`` as a :class:`~packforcing.core.conditions.ConditionSchedule`."""
         return ConditionSchedule.parse(self.prompts, name="run.prompts")
-
-
-def _device_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value != "auto":
-        try:
-            torch.device(value)
-        except (RuntimeError, TypeError):
-            raise ParamError(attribute.name, f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}") from None
 
 
 _dtype_name = explained(f"'auto' or one of {sorted(DTYPES)}", v.in_(("auto", *DTYPES)))
