@@ -84,6 +84,29 @@ def test_a_block_naming_another_component_replaces_it(tree):
     assert config.resolved()["policy"] == {"name": "sliding_window", "window_frames": 4, "page_blocks": 4}
 
 
+def test_naming_another_sampler_replaces_a_nameless_sampler_section(tree):
+    """A sampler section without ``name`` is the default (euler): naming another sampler in an
+    extending file replaces it, as ``--set sampler.name=...`` does; naming euler merges."""
+    tree(base=BASE + "sampler: {steps: 8, shift: 3.0}\n", child="extends: base.yaml\nsampler: {name: self_forcing}")
+    assert load_config("child.yaml").components["sampler"].name == "self_forcing"
+    assert load_config("base.yaml", ["sampler.name=self_forcing"]).components["sampler"].name == "self_forcing"
+    tree(same="extends: base.yaml\nsampler: {name: euler, steps: 2}")
+    assert load_config("same.yaml").resolved()["sampler"] == {"name": "euler", "steps": 2, "shift": 3.0}
+
+
+def test_a_section_spelled_as_a_name_merges_with_a_mapping_of_that_name(tree):
+    """``policy: sink_recent`` is ``{name: sink_recent}``: a nameless section extending it adds
+    parameters, and one naming another policy replaces it."""
+    tree(base=BASE.replace("policy:\n  name: sink_recent\n  sink_frames: 8\n  window_frames: 8", "policy: sink_recent"))
+    tree(child="extends: base.yaml\npolicy: {sink_frames: 2, window_frames: 4}")
+    params = load_config("child.yaml").components["policy"].params
+    assert (params.sink_frames, params.window_frames) == (2, 4)
+    tree(other="extends: base.yaml\npolicy: {name: sliding_window, window_frames: 4}")
+    assert load_config("other.yaml").components["policy"].name == "sliding_window"
+    tree(full="extends: child.yaml\npolicy: sink_recent")  # the name alone keeps the parameters set before
+    assert load_config("full.yaml").components["policy"].params.window_frames == 4
+
+
 def test_same_name_merges_parameters(tree):
     tree(base=BASE, child="extends: base.yaml\npolicy: {name: sink_recent, window_frames: 4}")
     params = load_config("child.yaml").components["policy"].params

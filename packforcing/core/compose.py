@@ -13,7 +13,7 @@ from packforcing.core.errors import ConfigError, DeprecatedKeyWarning
 from packforcing.core.keypaths import KeyPath
 from packforcing.core.structure import show
 from packforcing.core.yamlfile import file_label, file_problem, read_yaml
-from packforcing.plugins.kinds import DEPRECATED_KEYS
+from packforcing.plugins.kinds import BY_NAME, DEPRECATED_KEYS, Kind
 
 
 def deprecated_key(old: str, source: str | None) -> str:
@@ -36,26 +36,40 @@ def rename_deprecated_keys(data: dict[str, Any], source: str | None) -> dict[str
     return {(deprecated_key(k, source) if k in DEPRECATED_KEYS else k): v for k, v in data.items()}
 
 
-def _replaces(old: Any, new: Any) -> bool:
-    """``new`` names a different component than ``old``: it replaces it instead of merging."""
-    return (
-        isinstance(old, Mapping)
-        and isinstance(new, Mapping)
-        and "name" in old
-        and "name" in new
-        and new["name"] != old["name"]
-    )
+def _replaces(old: Any, new: Any, kind: Kind | None = None) -> bool:
+    """``new`` names a different component than ``old``: it replaces it instead of merging.
+
+    For a top-level component section (``kind`` given) the names are the effective ones, as
+    ``--set KIND.name=...`` sees them: a section without ``name`` of a kind whose name is optional
+    (``sampler``) is the kind's default component."""
+    if not (isinstance(old, Mapping) and isinstance(new, Mapping) and "name" in new):
+        return False
+    old_name = old.get("name")
+    if old_name is None and kind is not None and kind.name_optional:
+        old_name = kind.default
+    return old_name is not None and new["name"] != old_name
+
+
+def _as_section(value: Any, other: Any, kind: Kind | None) -> Any:
+    """A top-level component section spelled as its name (``policy: full``) as the mapping it
+    stands for (``{name: full}``), when it meets a mapping to merge with."""
+    if kind is not None and isinstance(value, str) and isinstance(other, Mapping):
+        return {"name": value}
+    return value
 
 
 def deep_merge(
     base: Mapping[str, Any], over: Mapping[str, Any], *, _prefix: KeyPath = (), _replaced: list[KeyPath] | None = None
 ) -> dict[str, Any]:
-    """``over`` merged into ``base``; a component block naming another component replaces it."""
+    """``over`` merged into ``base``; a component section naming another component replaces it
+    (see :func:`_replaces`)."""
     out = copy.deepcopy(dict(base))
     for key, value in over.items():
-        old = out.get(key)
+        kind = None if _prefix else BY_NAME.get(str(key))
+        old = _as_section(out.get(key), value, kind)
+        value = _as_section(value, old, kind)
         path = (*_prefix, str(key))
-        if isinstance(old, Mapping) and isinstance(value, Mapping) and not _replaces(old, value):
+        if isinstance(old, Mapping) and isinstance(value, Mapping) and not _replaces(old, value, kind):
             out[key] = deep_merge(old, value, _prefix=path, _replaced=_replaced)
         else:
             out[key] = copy.deepcopy(value)
