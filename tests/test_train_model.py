@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from pathlib import Path
 
 import attrs
@@ -170,6 +171,8 @@ def test_train_model_verb(tmp_path: Path, capsys):
          "--train-blocks", "2", "--clips", "2", "--no-progress", "--set", "sampler.steps=2"]
     )  # fmt: skip
     assert code == 0 and out.is_file()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # written atomically, readable like any output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
     assert read_metadata(out)["sampler"]["steps"] == 2  # --set: the noise levels trained on
     assert "wrote" in capsys.readouterr().out
     bad = tmp_path / "bad.safetensors"
@@ -225,6 +228,7 @@ def test_compressor_training_on_world_clips(tmp_path: Path):
         pf.load_config(config), steps=2, out_path=out, videos=2, blocks=3, batch=2, data_source="world", summary=summary
     )
     assert len(losses) == 2 and out.is_file()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644 and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     assert 0 < summary["held_out_drop"] and math.isfinite(summary["held_out_after"])
     with pytest.raises(ValueError, match="--data: expected one of"):
         train_compressor(pf.load_config(config), steps=1, out_path=None, data_source="web")
@@ -293,3 +297,91 @@ def test_weights_refuse_a_config_that_computes_differently():
         pf.build_engine(pf.load_config("packforcing", ["model.condition_tokens=false"]))
     with pytest.raises(pf.ConfigError, match=r"model\.prediction: .* trained with prediction='sample'"):
         pf.build_engine(pf.load_config("full", ["model.prediction=velocity"]))
+
+
+@pytest.mark.parametrize(
+    ("verb", "args", "message"),
+    [
+        ("train-compressor", ["--blocks", "1"], "--blocks: expected an integer >= 2"),
+        ("train-compressor", ["--videos", "0"], "--videos: expected an integer >= 1, got 0"),
+        ("train-compressor", ["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
+        ("train-compressor", ["--lr", "0"], "--lr: expected a number > 0, got 0.0"),
+        ("train-compressor", ["--seed", str(2**63)], "--seed: expected an integer >= 0 and < 2**63"),
+        ("train-model", ["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
+        ("train-model", ["--lr", "-1"], "--lr: expected a number > 0, got -1.0"),
+        ("train-model", ["--lr", "nan"], "--lr: expected a number > 0, got nan"),
+        (
+            "train-model",
+            ["--pure-noise-fraction", "1.5"],
+            "--pure-noise-fraction: expected a number in [0, 1], got 1.5",
+        ),
+        ("train-model", ["--pure-noise-fraction", "-0.1"], "--pure-noise-fraction: expected a number in [0, 1]"),
+        ("train-compressor", ["--out", "{file}/w.safetensors"], "--out: {file}/w.safetensors: cannot write there:"),
+        ("train-model", ["--out", "{file}/w.safetensors"], "--out: {file}/w.safetensors: cannot write there:"),
+        ("train-model", ["--out", "{dir}"], "--out: {dir}: is a directory"),
+    ],
+)
+def test_training_options_are_checked_before_anything_runs(tmp_path: Path, capsys, verb, args, message):
+    """One line naming the option, exit 1, nothing written: before the model is even built."""
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(small_config()))
+    (tmp_path / "file").write_text("")
+    names = {"file": str(tmp_path / "file"), "dir": str(tmp_path)}
+    args = [a.format(**names) for a in args]
+    out = ["--out", str(tmp_path / "w.safetensors")] if "--out" not in args else []
+    assert main([verb, "--config", str(config), *out, *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message.format(**names)}") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "file"]
+
+
+def test_a_failed_write_leaves_no_file(tmp_path: Path, monkeypatch):
+    import safetensors.torch
+
+    from packforcing.training.output import write_weights
+
+    out = tmp_path / "w.safetensors"
+    out.write_bytes(b"old")
+
+    def broken(*args, **kwargs):
+        raise safetensors.SafetensorError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match=r"w\.safetensors: cannot write the weights: disk full"):
+        write_weights({"a": torch.zeros(2)}, out, {})
+    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_init_weights_of_another_architecture_are_refused_in_one_line(tmp_path: Path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(small_config()))
+    compressor = Path(pf.__file__).parent / "weights" / "dual_branch_tiny.safetensors"
+    code = main(["train-model", "--config", str(config), "--out", str(tmp_path / "w.safetensors"),
+                 "--init", str(compressor), "--steps", "1", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: --init: ")
+    assert "dual_branch_tiny.safetensors: not weights for this architecture: missing " in err
+    assert "(it holds packforcing.dual_branch/1 weights; expected packforcing.block_model/1)" in err
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("verb", "config", "message"),
+    [
+        ("train-compressor", "sink_recent", "compressor: train-compressor needs a config with a dual_branch "
+         "compressor; this one has no compressor"),
+        ("train-compressor", {"compressor": {"name": "pool"}}, "compressor: train-compressor needs a config with a "
+         "dual_branch compressor; this one has compressor 'pool'"),
+        ("train-model", "wan1.3b/packforcing", "model: train-model needs a config whose model starts from "
+         "a seeded initialisation"),
+    ],
+)  # fmt: skip
+def test_what_the_training_verbs_set_themselves_is_not_called_set(tmp_path: Path, capsys, verb, config, message):
+    """The verbs' own overrides (weights: null, float32) are never reported as the user's --set."""
+    if isinstance(config, dict):
+        path = tmp_path / "c.yaml"
+        path.write_text(json.dumps({**small_config(), **config}))
+        config = str(path)
+    assert main([verb, "--config", config, "--out", str(tmp_path / "w.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--set" not in err and err.count("\n") == 1

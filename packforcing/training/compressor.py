@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -41,7 +40,8 @@ from packforcing.core.config import Config, load_config
 from packforcing.core.errors import ConfigError
 from packforcing.training.data import AttentionData, Batch, collect, sample_batch
 from packforcing.training.objective import attention_loss, dual_branch_kv, pool_kv
-from packforcing.training.options import DATA_SOURCES
+from packforcing.training.options import DATA_SOURCES, check_lr, check_seed
+from packforcing.training.output import check_writable, write_weights
 
 __all__ = [
     "AttentionData",
@@ -64,6 +64,33 @@ def _split(num: int) -> tuple[list[int], list[int]]:
     return seqs[: num - held] or seqs, seqs[num - held :] or seqs
 
 
+VERB = "train-compressor"
+"""The label of what this command sets in the config itself (in error messages, as ``--set`` is)."""
+
+
+def _not_dual_branch(cfg: Config) -> ConfigError:
+    spec = cfg.components.get("compressor")
+    has = "no compressor" if spec is None else f"compressor {spec.name!r}"
+    return ConfigError(
+        f"{VERB} needs a config with a dual_branch compressor; this one has {has}",
+        source=cfg.source,
+        path="compressor",
+    )
+
+
+def _load(config: Mapping[str, Any] | str) -> Config:
+    """``config`` with its compressor's weights left out (training starts from the seeded
+    initialisation) and float32; a config without a dual_branch compressor is refused saying so."""
+    try:
+        return load_config(config, ["compressor.weights=null", "run.dtype=float32"], labels=[VERB, VERB])
+    except ConfigError:
+        plain = load_config(config, ["run.dtype=float32"], labels=[VERB])  # the config's own problem, if any
+        spec = plain.components.get("compressor")
+        if spec is None or spec.name != "dual_branch":
+            raise _not_dual_branch(plain) from None
+        raise
+
+
 def train_compressor(
     config: Config | Mapping[str, Any] | str,
     steps: int = 1000,
@@ -84,11 +111,12 @@ def train_compressor(
     loss per step. Writes safetensors to ``out_path`` (unless ``None``), with metadata recording
     the architecture, objective and losses. ``summary``, if given, receives held-out losses
     before/after training and of the ``pool`` baseline."""
-    overrides = ["compressor.weights=null", "run.dtype=float32"]
-    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    if out_path is not None:
+        check_writable(out_path)
+    cfg = config if isinstance(config, Config) else _load(config)
     spec = cfg.components.get("compressor")
     if spec is None or spec.name != "dual_branch":
-        raise ValueError("compressor: training needs a config whose compressor is dual_branch")
+        raise _not_dual_branch(cfg)
     params: DualBranchParams = attrs.evolve(spec.params, weights=None, seed=seed)
     engine = build_engine(cfg)
     model = engine.model
@@ -187,10 +215,7 @@ def train_compressor(
             f"(pool baseline {pooled:.4f}, dropping the block 1.0); {result['seconds']:.1f}s"
         )
     if out_path is not None:
-        from safetensors.torch import save_file
-
         out = Path(out_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
         meta = weights_metadata(
             params,
@@ -205,10 +230,7 @@ def train_compressor(
             held_out_pool=round(pooled, 6),
             data=data_source,
         )
-        tmp = out.with_name(f".{out.name}.tmp")
-        save_file(state, str(tmp), metadata=meta)
-        os.chmod(tmp, 0o644)  # readable by others, whatever the umask of a private temp file
-        os.replace(tmp, out)
+        write_weights(state, out, meta)
         if log is not None:
             log(f"wrote {out} ({out.stat().st_size} bytes)")
     return losses
@@ -227,9 +249,20 @@ def within_budget(videos: int, blocks: int, max_blocks: int | None, batch: int =
     return max(1, min(videos, max_blocks // (blocks * batch))), blocks, batch
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """The options' ranges, before anything runs: ``ValueError`` naming the option."""
+    for option, least in (("steps", 1), ("videos", 1), ("blocks", 2), ("batch", 1), ("batch_size", 1)):
+        value = getattr(args, option)
+        if value < least:
+            why = " (a training pair is a block and a later one)" if option == "blocks" else ""
+            raise ValueError(f"--{option.replace('_', '-')}: expected an integer >= {least}{why}, got {value}")
+    check_lr(args.lr)
+    check_seed(args.seed)
+    check_writable(args.out)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    check_options(args)
     videos, blocks, batch = within_budget(args.videos, args.blocks, args.max_blocks, args.batch)
     if (videos, blocks, batch) != (args.videos, args.blocks, args.batch):
         made = videos * batch * blocks

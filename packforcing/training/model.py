@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -39,12 +38,14 @@ import torch
 from packforcing.attention.backends import SdpaBackend
 from packforcing.core.config import Config, load_config
 from packforcing.core.context import MaskedContext
+from packforcing.core.errors import ConfigError
 from packforcing.core.interfaces import AttentionBackend, AttentionContext, BlockModel
 from packforcing.testing.reference import block_causal_mask
 from packforcing.training.options import MODEL_DEFAULT_OUT as DEFAULT_OUT
 from packforcing.training.options import MODEL_EXAMPLE as EXAMPLE
-from packforcing.training.options import TrainModelParams
+from packforcing.training.options import TrainModelParams, check_lr, check_seed
 from packforcing.training.options import add_model_arguments as add_arguments
+from packforcing.training.output import check_writable, write_weights
 from packforcing.worlds import SceneWorld, SceneWorldParams, recall_schedule, revisit_schedule
 
 FORMAT = "packforcing.block_model/1"
@@ -217,13 +218,8 @@ def git_commit() -> str:
 
 
 def _save(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    write_weights(state, path, metadata)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -239,6 +235,50 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+VERB = "train-model"
+"""The label of what this command sets in the config itself (in error messages, as ``--set`` is)."""
+
+
+def _load(config: str, overrides: Sequence[str]) -> Config:
+    """``config`` with its model's weights left out (training starts from the seeded
+    initialisation), float32, then the user's ``--set`` ``overrides``; a model without a
+    ``weights`` option is refused saying so."""
+    ours = ["model.weights=null", "run.dtype=float32"]
+    try:
+        return load_config(config, [*ours, *overrides], labels=[VERB, VERB])
+    except ConfigError:
+        plain = load_config(config, [ours[1], *overrides], labels=[VERB])  # the config's own problem, if any
+        spec = plain.components["model"]
+        if spec is not None and not (
+            attrs.has(type(spec.params)) and "weights" in attrs.fields_dict(type(spec.params))
+        ):
+            raise ConfigError(
+                f"{VERB} needs a config whose model starts from a seeded initialisation (one with a weights "
+                f"option, e.g. tiny_dit); this one's model {spec.name!r} has none",
+                source=plain.source_of("model"),
+                path="model",
+            ) from None
+        raise
+
+
+def check_init(path: str | Path, model: torch.nn.Module) -> None:
+    """``ValueError`` naming ``--init`` and the file unless it holds weights of ``model``'s
+    architecture (every tensor name and shape), saying what it holds instead."""
+    from packforcing.core.errors import ParamError
+    from packforcing.core.weightfiles import check_tensors, read_header
+
+    try:
+        tensors, meta = read_header(Path(path))
+    except ParamError as exc:
+        raise ValueError(f"--init: {exc.message}") from None
+    try:
+        check_tensors(Path(path), tensors, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    except ParamError as exc:
+        fmt = meta.get("format")
+        holds = f" (it holds {fmt} weights; expected {FORMAT})" if fmt not in (None, FORMAT) else ""
+        raise ValueError(f"--init: {exc.message}{holds}") from None
 
 
 def train_model(
@@ -260,11 +300,9 @@ def train_model(
     from packforcing.core.build import build_engine
 
     params = params or TrainModelParams()
-    cfg = (
-        config
-        if isinstance(config, Config)
-        else load_config(config, ["model.weights=null", "run.dtype=float32", *overrides])
-    )
+    if out_path is not None:
+        check_writable(out_path)
+    cfg = config if isinstance(config, Config) else _load(config, overrides)
     engine = build_engine(cfg)
     model = engine.model
     if not isinstance(model, torch.nn.Module):
@@ -273,6 +311,7 @@ def train_model(
     if params.init is not None:
         from safetensors.torch import load_file
 
+        check_init(params.init, model)
         model.load_state_dict(load_file(params.init))
         init_meta = read_metadata(params.init)
     world = world or world_params_for(model)
@@ -394,12 +433,23 @@ def train_model(
     return losses
 
 
-def run(args: argparse.Namespace) -> int:
+def check_options(args: argparse.Namespace) -> None:
+    """The options' ranges, before anything runs: ``ValueError`` naming the option."""
     for name in ("steps", "batch_size", "train_blocks", "clips"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    if not 0 <= args.new_scene_probability <= 1:
-        raise ValueError(f"--new-scene-probability: expected a number in [0, 1], got {args.new_scene_probability}")
+    for name in ("new_scene_probability", "pure_noise_fraction"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a number in [0, 1], got {getattr(args, name)}")
+    check_lr(args.lr)
+    check_seed(args.seed)
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every: expected an integer >= 0, got {args.checkpoint_every}")
+    check_writable(args.out)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_options(args)
     lo, hi = args.segment_blocks
     if not 1 <= lo <= hi:
         raise ValueError(f"--segment-blocks: expected 1 <= MIN <= MAX, got {lo} {hi}")

@@ -8,8 +8,25 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import attrs
+
+SEED_LIMIT = 2**63
+"""Seeds are below 2**63, what a torch generator takes (as ``run.seed``)."""
+
+
+def check_lr(lr: float, option: str = "--lr") -> None:
+    """``ValueError`` naming ``option`` unless ``lr`` is a finite number > 0."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{option}: expected a number > 0, got {lr}")
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """``ValueError`` naming ``option`` unless ``0 <= seed < 2**63``."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{option}: expected an integer >= 0 and < 2**63 (a torch generator seed), got {seed}")
+
 
 DEFAULT_OUT = "packforcing/weights/dual_branch_tiny.safetensors"
 """The shipped tiny weights: written only when ``--out`` names them explicitly."""

@@ -1,0 +1,73 @@
+"""Where the training verbs write their weights: checked before training, written atomically.
+
+:func:`check_writable` runs before any training, so a run that could not save its result fails
+at once, in one line naming the option, instead of after the training time is spent.
+:func:`write_weights` writes safetensors to a temporary file beside the target and renames it
+over the target, so a reader never sees a half-written file; the file is mode 0644 (readable by
+others, like any other output of the command), whatever the temporary file was created with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+WEIGHTS_MODE = 0o644
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (or is a broken link)."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def check_writable(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """``path`` as a :class:`Path`, or ``ValueError("<option>: <path>: <problem>")`` when weights
+    cannot be written there: it is a directory, or its folder (the closest one that exists; the
+    missing ones are created when writing) is not a directory or refuses a new file. Tried with a
+    real file (removed at once), so read-only file systems and ACLs are seen too."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{option}: {out}: is a directory (give a file name, e.g. {out / 'weights.safetensors'})")
+    folder = _nearest_existing(out.parent)
+    if not folder.is_dir():
+        raise ValueError(f"{option}: {out}: cannot write there: {folder} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option}: {out}: cannot write there: {exc.strerror or exc}") from None
+    return out
+
+
+def write_weights(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
+    """Write ``state`` as safetensors to ``path`` atomically (a temporary file in the same folder,
+    then a rename), mode 0644; on failure the temporary file is removed and ``path`` is left as
+    it was. A failure of the writer itself is raised as an ``OSError`` naming ``path``."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        try:
+            save_file(dict(state), str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors' own SafetensorError
+            raise OSError(f"{out}: cannot write the weights: {exc}") from exc
+        os.chmod(tmp, WEIGHTS_MODE)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
