@@ -571,3 +571,40 @@ def test_full_disk_while_saving_the_checkpoint_fails_the_report(tmp_path, monkey
         f"{out / 'checkpoint'}: cannot write: no space left on device",
     )
     assert (out / "memory.png").exists() and not list((out / "checkpoint").glob("*"))
+
+
+TRAIN_CONFIG = {
+    "model": {**MODEL, "latent_height": 8, "latent_width": 8, "num_conditions": 3},
+    "policy": {"name": "full"},
+    "compressor": {"name": "dual_branch", "hr_channels": [4, 8, 8, 16]},
+    "backend": "sdpa",
+    "sampler": {"steps": 2},
+    "run": {"device": "cpu"},
+}
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [
+        ["train-model", "--batch-size", "1", "--train-blocks", "2", "--clips", "2", "--no-progress"],
+        ["train-compressor", "--videos", "1", "--blocks", "2", "--batch", "1", "--batch-size", "2"],
+    ],
+    ids=lambda verb: verb[0],
+)
+def test_sigterm_stops_the_training_verbs_in_one_line(tmp_path, verb):
+    """SIGTERM outside ``generate`` is Ctrl-C too: exit 130 and one line, not a silent -15."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(TRAIN_CONFIG))
+    out = tmp_path / "w.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "packforcing", *verb[:1], "--config", str(config), "--out", str(out)]
+    cmd += [*verb[1:], "--steps", "1000000"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # "step     0  loss ...": training is under way
+    assert line.startswith("step"), line + (proc.stderr.read() if proc.stderr else "")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "error: interrupted (SIGTERM)\n"
+    if verb[0] == "train-model":  # its weights are saved on the way out
+        assert out.is_file()

@@ -151,11 +151,37 @@ def _non_finite(exc: BaseException) -> bool:
     return store is not None and isinstance(exc, store.NonFiniteError)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C: a :class:`KeyboardInterrupt` saying which signal it was."""
+    raise KeyboardInterrupt(f"interrupted ({signal.Signals(signum).name})")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises :class:`KeyboardInterrupt` as Ctrl-C does, so every verb
+    stops the same way (one line, exit 130; ``train-model`` saves its weights on the way out)
+    instead of dying silently. Only where SIGTERM still has its default action and on the main
+    thread: a program that set its own handler keeps it; ``generate`` routes it while it runs."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; Ctrl-C at any moment (start-up included) exits 130 in one line."""
+    """Run the command line; Ctrl-C or SIGTERM at any moment (start-up included) exits 130 in
+    one line."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
-        return _main(argv)
+        with sigterm_as_interrupt():
+            return _main(argv)
     except KeyboardInterrupt as exc:
         if debug:
             raise
