@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import imageio
 import pytest
@@ -96,3 +98,23 @@ def test_memory_plot_draws_the_tiers_at_whole_block_indices(tmp_path, blocks):
     pixels = plt.imread(tmp_path / "memory.png")[..., :3]
     coloured = (pixels.max(-1) - pixels.min(-1)) > 0.3  # the tiers' fills, not white, grey or black
     assert np.count_nonzero(coloured) > 0.05 * coloured.size
+
+
+@pytest.mark.parametrize("args", [["presets", "--json"], ["presets"]])
+def test_a_reader_that_goes_away_stops_the_output_quietly(args):
+    """``packforcing presets --json | head -1``: no 'Broken pipe' error when the reader has gone.
+    The pipe's read end is closed before the command writes, so every write fails with EPIPE."""
+    read, write = os.pipe()
+    os.close(read)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "packforcing", *args], stdout=write, stderr=subprocess.PIPE, env=env, timeout=60
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 1 and proc.stderr == b""
+    shell = subprocess.run(
+        f"{sys.executable} -m packforcing {' '.join(args)} | head -1", shell=True, capture_output=True, env=env
+    )
+    assert shell.stderr == b"" and len(shell.stdout.splitlines()) == 1

@@ -13,6 +13,8 @@ import argparse
 import contextlib
 import gc
 import importlib
+import os
+import select
 import signal
 import sys
 import textwrap
@@ -151,6 +153,22 @@ def _non_finite(exc: BaseException) -> bool:
     return store is not None and isinstance(exc, store.NonFiniteError)
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (a write fails with EPIPE)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (captured), no poll
+        return False
+
+
 def _terminated(signum: int, frame: Any) -> None:
     """SIGTERM as Ctrl-C: a :class:`KeyboardInterrupt` saying which signal it was."""
     raise KeyboardInterrupt(f"interrupted ({signal.Signals(signum).name})")
@@ -182,6 +200,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():
             return _main(argv)
+    except BrokenPipeError as exc:
+        if not _stdout_closed():
+            if debug:
+                raise
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_FAILURE
+        # the reader of our output went away (``packforcing presets --json | head -1``): stop
+        # quietly, and point stdout at /dev/null so that flushing it at exit does not complain
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_FAILURE
     except KeyboardInterrupt as exc:
         if debug:
             raise
@@ -258,6 +289,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     except (LookupError, ValueError, OSError, PluginError) as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_closed():
+            raise  # the reader went away: main() stops quietly
         if args.debug:
             raise
         if _non_finite(exc):
