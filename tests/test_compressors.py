@@ -234,7 +234,7 @@ def test_shipped_weights_load_by_path_from_yaml():
     assert isinstance(comp, DualBranchCompressor) and comp.trained
     assert comp.weights_path == PACKAGE_WEIGHTS / "dual_branch_world.safetensors"
     assert comp.weights_path.stat().st_size < 1_000_000
-    # a plain path works too (relative to the working directory, or to the config file)
+    # a plain path works too (beside the config file first, then in the working directory)
     config = pf.load_config(
         "configs/packforcing.yaml", overrides=[f"compressor.weights={comp.weights_path}", "run.device=cpu"]
     )

@@ -234,6 +234,11 @@ def test_relative_weights_resolve_beside_the_config_first_then_cwd(tmp_path, mon
     assert "configs/w.safetensors: empty file" in error_of(config)
 
 
+def test_the_shipped_config_states_that_lookup_order():
+    words = " ".join((REPO / "configs/packforcing.yaml").read_text().replace("#", " ").split())
+    assert "a plain path is looked up beside this file first, then in the working directory" in words
+
+
 def test_absurd_block_count_is_refused_fast(tmp_path, capsys):
     """Planning 10**12 blocks would loop for days: refused at once, labelled by the option."""
     started = time.perf_counter()
