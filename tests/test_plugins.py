@@ -20,6 +20,7 @@ import packforcing as pf
 from packforcing.attention.backends import SdpaBackend
 from packforcing.cli import main
 from packforcing.compressors.pool import PoolCompressor, PoolParams
+from packforcing.core.build import check_config
 from packforcing.core.interfaces import Compressor
 from packforcing.core.records import CompressedKV
 from packforcing.plugins import ComponentFactory, hookimpl, no_params
@@ -588,3 +589,47 @@ def test_builtins_are_listed_without_loading_and_load_as_listed():
             assert issubclass(factory.component, BY_NAME[provided.kind].base_class())
         if not provided.entry.target.startswith("packforcing.plugins.builtin_factories:"):  # a class
             assert provided.description == first_doc_line(factory.component)
+
+
+# ---------------------------------------------------------------------- a plugin raising while it is built
+@attrs.frozen
+class DividesByStride(Halves):
+    """Keep every stride-th temporal token; output_grid divides by the stride (0 raises)."""
+
+    stride: int = 2
+
+    def output_grid(self, grid):
+        return (-(-grid[0] // self.stride), grid[1], grid[2])
+
+
+class BrokenInit(PoolCompressor):
+    """A constructor that raises something other than a ValueError."""
+
+    def __init__(self, params: PoolParams) -> None:
+        raise KeyError("missing")
+
+
+@pytest.mark.parametrize(
+    ("component", "compressor", "expected"),
+    [
+        (DividesByStride, {"stride": 0}, "raised ZeroDivisionError: integer division or modulo by zero"),
+        (BrokenInit, {}, "raised KeyError: 'missing'"),
+    ],
+    ids=["output_grid", "constructor"],
+)
+def test_a_plugin_raising_while_built_is_one_line_naming_it(component, compressor, expected, capsys, tmp_path):
+    """Any exception a plugin raises while the config is built (its constructor, or a method the
+    policy calls to lay out its tiers) is one ``PluginError`` line naming the plugin and its
+    distribution: no traceback, and not blamed on the policy that called it."""
+    registry, _ = create((plugin("raiser", packforcing_compressors=lambda: {"raiser": component}), "raiser-dist"))
+    config = {
+        "policy": "packforcing",
+        "selector": {"name": "recency", "k": 1},
+        "compressor": {"name": "raiser", **compressor},
+        "run": {"device": "cpu"},
+    }
+    with pytest.raises(pf.PluginError) as info:
+        pf.build_engine(config, registry=registry)
+    assert str(info.value) == f"compressor 'raiser' (distribution raiser-dist): {expected}"
+    with pytest.raises(pf.PluginError, match="distribution raiser-dist"):
+        check_config(config, registry=registry)  # validate / plan: the same line

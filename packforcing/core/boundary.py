@@ -44,6 +44,11 @@ class Origin:
         with self.calling(block):
             return fn(*args)
 
+    def raised(self, exc: BaseException, block: int | None = None) -> PluginError:
+        """The :class:`PluginError` for ``exc``, raised by this plugin: ``raised KeyError: 'x'``."""
+        detail = " ".join(str(exc).split())
+        return self.error(f"raised {type(exc).__name__}" + (f": {detail}" if detail else ""), block)
+
     @contextmanager
     def calling(self, block: int | None) -> Iterator[None]:
         try:
@@ -51,8 +56,7 @@ class Origin:
         except PluginError:
             raise
         except Exception as exc:  # a plugin may raise anything; KeyboardInterrupt passes through
-            detail = " ".join(str(exc).split())
-            raise self.error(f"raised {type(exc).__name__}" + (f": {detail}" if detail else ""), block) from exc
+            raise self.raised(exc, block) from exc
 
 
 def _describe(x: Any) -> str:

@@ -12,7 +12,7 @@ import torch
 from packforcing.core.boundary import Origin
 from packforcing.core.config import Config, load_config
 from packforcing.core.engine import GenerationEngine
-from packforcing.core.errors import ConfigError
+from packforcing.core.errors import ConfigError, PluginError
 from packforcing.core.geometry import Geometry, resolve_dtype, temporal_stride_of
 from packforcing.core.interfaces import (
     AttentionBackend,
@@ -69,6 +69,22 @@ class BuildEnv:
         self.origins[path] = Origin(kind, provided.name, provided.dist)
         return provided.factory
 
+    def create(self, factory: Any, params: Any, path: str) -> Any:
+        """``factory.create(params, self)`` for the component at key ``path``. A ``ValueError``
+        (a parameter problem, reported at ``path`` by the caller) and a
+        :class:`~packforcing.core.errors.PluginError` (a plugin it called, already named) pass
+        through; any other exception the plugin raises becomes a ``PluginError`` naming it
+        (kind, name, distribution), with the exception chained."""
+        try:
+            return factory.create(params, self)
+        except (ValueError, PluginError):
+            raise
+        except Exception as exc:  # a plugin may raise anything; KeyboardInterrupt passes through
+            origin = self.origins.get(path)
+            if origin is None:
+                raise
+            raise origin.raised(exc) from exc
+
     def build(self, kind: str, block: Mapping[str, Any] | str, path: str) -> Any:
         """Build a nested component (e.g. a tier's own compressor) from ``{name: ..., **params}``."""
         if isinstance(block, str):
@@ -82,7 +98,7 @@ class BuildEnv:
             raise ConfigError(str(exc.args[0]), path=f"{path}.name") from None
         params = structure(factory.params, {k: v for k, v in block.items() if k != "name"}, path, f"{kind} {name!r}")
         try:
-            component = factory.create(params, self)
+            component = self.create(factory, params, path)
         except ValueError as exc:  # ParamError / ConfigError included
             raise _config_error(exc, path) from None
         self.built.append((path, component, params))
@@ -145,7 +161,7 @@ def _environment(config: Config, registry: Any, *, plan_only: bool = False, wrap
         if spec is None:
             continue
         try:
-            component = env._provided(key, spec.name, key).create(spec.params, env)
+            component = env.create(env._provided(key, spec.name, key), spec.params, key)
         except ValueError as exc:  # ConfigError included
             raise _locate(_config_error(exc, key), config) from None
         env.built.append((key, component, spec.params))
@@ -161,7 +177,7 @@ def _policy(config: Config, env: BuildEnv) -> Any:
     spec = config.components["policy"]
     assert spec is not None
     try:
-        policy = env._provided("policy", spec.name, "policy").create(spec.params, env)
+        policy = env.create(env._provided("policy", spec.name, "policy"), spec.params, "policy")
     except ValueError as exc:  # ParamError / ConfigError included
         raise _locate(_config_error(exc, "policy"), config) from None
     env.built.append(("policy", policy, spec.params))

@@ -24,7 +24,7 @@ import attrs
 import torch
 
 from packforcing.core.boundary import DeferredChecks, Origin, kv_problem, number_problem
-from packforcing.core.errors import ConfigError, ParamError
+from packforcing.core.errors import ConfigError, ParamError, PluginError
 from packforcing.core.finite import all_finite
 from packforcing.core.geometry import Geometry
 from packforcing.core.interfaces import (
@@ -151,6 +151,10 @@ class TieredPolicy(CachePolicy):
             except ConfigError as exc:  # a compressor parameter (e.g. a window larger than the block)
                 path = self._compressor_paths.get(tier.name)
                 raise exc.under(path) if path else exc from None
+            except (ValueError, PluginError):
+                raise
+            except Exception as exc:  # the compressor's own failure, not the policy's
+                raise self._origin(f"compressor:{tier.name}", "compressor", tier.compressor).raised(exc) from exc
             needs_latents = tier.compressor is not None and tier.compressor.needs_latents
             if needs_latents and not tier.spec.pinned and i < n - 1:
                 # blocks arrive from the next newer tier: it must keep their latents,
