@@ -296,6 +296,31 @@ def test_broken_selectors_are_caught(cls, message):
     assert message in str(info.value)
 
 
+class ClaimsSharedAcrossLayers(Newest):
+    """Declares one choice for every layer, but picks by layer (the context would reuse layer 0's)."""
+
+    shared_across_layers = True
+
+    def select(self, queries, candidates, layer):
+        n, k = len(candidates), self.budget(len(candidates))
+        start = min(layer, n - k)
+        return torch.arange(start, start + k, dtype=torch.int64).expand(queries.shape[0], -1).clone()
+
+
+def test_a_selector_whose_shared_across_layers_flag_does_not_hold_is_caught():
+    two_layers = Geometry(num_layers=2, num_heads=1, head_dim=8, latent_height=8, latent_width=8)
+    with pytest.raises(ConformanceError) as info:
+        check_selector(
+            factory_of(ClaimsSharedAcrossLayers, KParams),
+            {"k": 1},
+            geometries=two_layers,
+            max_examples=10,
+            hypothesis_settings=NO_SHRINK,
+        )
+    assert "shared_across_layers" in str(info.value) and info.value.contract == "selects_at_every_layer"
+    check_selector(factory_of(Newest, KParams), {"k": 1}, geometries=two_layers, max_examples=3)  # no flag: fine
+
+
 class Shrinks(PositionalRealigner):
     name = "shrinks"
 

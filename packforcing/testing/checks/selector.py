@@ -42,20 +42,23 @@ def budget_is_monotone(sel: Selector, budgets: Sequence[Any]) -> None:
 
 
 @contract
-def returns_time_ordered_indices(sel: Selector, idx: Any, queries: torch.Tensor, n: int, expected: int) -> None:
+def returns_time_ordered_indices(
+    sel: Selector, idx: Any, queries: torch.Tensor, n: int, expected: int, layer: int | None = None
+) -> None:
     """int64 indices ``[B, budget(n)]`` on the queries' device, in range, strictly increasing."""
     batch = queries.shape[0]
+    call = "select()" if layer is None else f"select() at layer {layer}"
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64:
         got = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
-        fail(KIND, sel, f"select() must return an int64 tensor, got {got}")
+        fail(KIND, sel, f"{call} must return an int64 tensor, got {got}")
     if tuple(idx.shape) != (batch, expected):
-        fail(KIND, sel, f"select() returned shape {tuple(idx.shape)}, expected [B, budget(n)] = {(batch, expected)}")
+        fail(KIND, sel, f"{call} returned shape {tuple(idx.shape)}, expected [B, budget(n)] = {(batch, expected)}")
     if idx.device != queries.device:
-        fail(KIND, sel, f"select() returned indices on {idx.device}, expected the queries' device {queries.device}")
+        fail(KIND, sel, f"{call} returned indices on {idx.device}, expected the queries' device {queries.device}")
     if expected and (int(idx.min()) < 0 or int(idx.max()) >= n):
-        fail(KIND, sel, f"select() returned indices outside [0, {n}): {idx.tolist()}")
+        fail(KIND, sel, f"{call} returned indices outside [0, {n}): {idx.tolist()}")
     if expected > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
-        fail(KIND, sel, f"select() indices must be strictly increasing (time order, no repeats): {idx.tolist()}")
+        fail(KIND, sel, f"{call} indices must be strictly increasing (time order, no repeats): {idx.tolist()}")
 
 
 @contract
@@ -76,13 +79,27 @@ def is_deterministic(
 
 @contract
 def selects_at_every_layer(
-    sel: Selector, queries: torch.Tensor, candidates: Sequence[CachedBlock], g: Geometry, expected: int
+    sel: Selector,
+    idx: torch.Tensor,
+    queries: torch.Tensor,
+    candidates: Sequence[CachedBlock],
+    g: Geometry,
+    expected: int,
+    layer: int,
 ) -> None:
-    """Every layer gets ``[B, budget(n)]`` indices."""
-    for layer in range(g.num_layers):
-        other = sel.select(queries, candidates, layer)
-        if tuple(other.shape) != (queries.shape[0], expected):
-            fail(KIND, sel, f"select() at layer {layer} returned shape {tuple(other.shape)}")
+    """Every layer gets valid ``[B, budget(n)]`` indices (:func:`returns_time_ordered_indices`);
+    a selector ``shared_across_layers`` picks the same at every layer (a context selects once per
+    pass and reuses that choice for all layers)."""
+    for other_layer in range(g.num_layers):
+        other = sel.select(queries, candidates, other_layer)
+        returns_time_ordered_indices(sel, other, queries, len(candidates), expected, other_layer)
+        if sel.shared_across_layers and not torch.equal(other, idx):
+            fail(
+                KIND,
+                sel,
+                f"shared_across_layers is True, but select() picks {other.tolist()} at layer {other_layer} "
+                f"and {idx.tolist()} at layer {layer}",
+            )
 
 
 @contract
@@ -160,7 +177,7 @@ def check_selector(
         returns_time_ordered_indices(sel, idx, queries, n, budgets[n])
         leaves_its_inputs_untouched(sel, before, _tensors(queries, candidates))
         is_deterministic(sel, idx, queries, candidates, layer)
-        selects_at_every_layer(sel, queries, candidates, g, budgets[n])
+        selects_at_every_layer(sel, idx, queries, candidates, g, budgets[n], layer)
         if batch > 1:
             treats_batch_items_independently(sel, idx, queries, candidates, g, grid, stride, layer)
 
