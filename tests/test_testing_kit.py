@@ -208,6 +208,26 @@ def test_broken_compressors_are_caught(cls, message):
     assert message in str(info.value)
 
 
+def test_a_class_is_named_by_its_class_name_not_the_interface_default():
+    """A class checked directly (no registry key) is named by its own ``name`` or, when it only
+    inherits the interface's placeholder, by its class name: never ``'abstract'``."""
+
+    @attrs.frozen
+    class Unnamed(Compressor):
+        def output_grid(self, grid):
+            return grid
+
+        def compress(self, block, model):
+            block.keys[0].mul_(2)  # broken: writes to the cache
+            return CompressedKV(block.grid, block.temporal_stride, block.position, block.keys, block.values)
+
+    with pytest.raises(ConformanceError) as info:
+        check_compressor(Unnamed, max_examples=2, hypothesis_settings=NO_SHRINK)
+    assert str(info.value).startswith("compressor 'Unnamed': ")
+    with pytest.raises(ConformanceError, match=r"^compressor 'keep_first': "):
+        check_compressor(MutatesInput, max_examples=2, hypothesis_settings=NO_SHRINK)  # its own name
+
+
 @pytest.mark.parametrize(
     ("cls", "contract"),
     [

@@ -54,7 +54,8 @@ def build_component(factory: Any, params: Any, env: BuildEnv, what: str = "compo
         factory = env.registry.factory(key, factory)
     factory = getattr(factory, "factory", factory)  # a registry ``Provided``
     if isinstance(factory, type) and (base is None or issubclass(factory, base)):
-        factory = as_factory(getattr(factory, "name", None) or factory.__name__, factory, base)
+        name = _class_name(factory, base)
+        factory = as_factory(name, factory, base).named(name)
     if isinstance(factory, ComponentFactory):
         if params is None or isinstance(params, dict):
             try:
@@ -69,6 +70,14 @@ def build_component(factory: Any, params: Any, env: BuildEnv, what: str = "compo
     if callable(factory):
         return factory(env)
     return factory
+
+
+def _class_name(cls: type, base: type | None) -> str:
+    """The name a class checked without a registry key goes by: its own ``name``, or its class
+    name when it only inherits the interface's placeholder (``"abstract"``)."""
+    name = getattr(cls, "name", None)
+    placeholder = getattr(base, "name", None) if base is not None else None
+    return name if isinstance(name, str) and name and name != placeholder else cls.__name__
 
 
 def make_env(
