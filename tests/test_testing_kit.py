@@ -180,6 +180,17 @@ class Bigger(KeepFirstFrames):
         return t + 1, h, w
 
 
+class ReturnsViews(KeepFirstFrames):
+    def _cut(self, x, grid):  # no clone: the first frames are views of the cache's own slots
+        t, h, w = grid
+        return x[:, : min(self.params.frames, t) * h * w]
+
+
+class ClaimsSparserTokens(KeepFirstFrames):
+    def compress(self, block, model):  # says its tokens are 2 apart, on the block's own grid
+        return attrs.evolve(super().compress(block, model), hw_stride=2.0)
+
+
 class NeedsLatentsQuietly(KeepFirstFrames):
     def compress(self, block, model):
         assert block.latents is not None
@@ -197,6 +208,8 @@ class NeedsLatentsQuietly(KeepFirstFrames):
         (MixesBatch, "depends on the other items"),
         (OutsideTheBlock, "outside the block's span"),
         (Bigger, "more tokens than its input"),
+        (ReturnsViews, "returned views of the block's own tensors"),
+        (ClaimsSparserTokens, "hw_stride does not match the grid"),
         (NeedsLatentsQuietly, "failed on a block without latents (blocks carry latents only when the"),
     ],
     ids=lambda v: getattr(v, "__name__", None),

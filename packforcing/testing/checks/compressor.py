@@ -70,8 +70,9 @@ def returns_the_declared_kv(
     comp: Compressor, ckv: Any, block: CachedBlock, grid: Grid, g: Geometry, batch: int
 ) -> None:
     """A :class:`CompressedKV` on exactly ``output_grid``'s grid: one finite ``[B, N', H, D]`` key and
-    value per layer in the block's dtype and device, positive strides, every temporal token inside the
-    block's time span."""
+    value per layer in the block's dtype and device, fresh (not views of the block's tensors),
+    positive strides, every temporal token inside the block's time span and every spatial one
+    inside its height and width."""
     if not isinstance(ckv, CompressedKV):
         fail(KIND, comp, f"compress() must return a CompressedKV, got {type(ckv).__name__}")
     if tuple(ckv.grid) != tuple(grid):
@@ -99,6 +100,18 @@ def returns_the_declared_kv(
         fail(KIND, comp, f"hw_stride must be a finite number > 0, got {hw_stride!r}")
     if not (isinstance(position, (int, float)) and math.isfinite(position)):
         fail(KIND, comp, f"position must be a finite number, got {position!r}")
+    for axis, size, tokens in (("height", g.block_grid[1], grid[1]), ("width", g.block_grid[2], grid[2])):
+        if (tokens - 1) * hw_stride >= size * block.hw_stride - 1e-9:  # spatial positions j * hw_stride
+            fail(
+                KIND,
+                comp,
+                f"{tokens} tokens {hw_stride:g} apart along the {axis} reach past the block's "
+                f"{size} tokens {block.hw_stride:g} apart: hw_stride does not match the grid",
+            )
+    held = {t.untyped_storage().data_ptr() for t in (*block.keys, *block.values)}
+    for what, tensors in (("keys", ckv.keys), ("values", ckv.values)):
+        if any(x.untyped_storage().data_ptr() in held for x in tensors):
+            fail(KIND, comp, f"{what}: compress() returned views of the block's own tensors (return fresh tensors)")
     first, last = position, position + (grid[0] - 1) * stride
     start, end = block.position, block.position + block.num_frames
     if first < start - 1e-9 or last >= end - 1e-9:
