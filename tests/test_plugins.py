@@ -26,6 +26,7 @@ from packforcing.core.records import CompressedKV
 from packforcing.plugins import ComponentFactory, hookimpl, no_params
 from packforcing.plugins.manager import DISABLE_ENV, PluginWarning, Registry, UnknownComponentError, entry_points_in
 from packforcing.positional.identity import IdentityRealigner
+from packforcing.selectors.recency import RecencySelector
 from packforcing.testing import check_compressor, check_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -633,3 +634,41 @@ def test_a_plugin_raising_while_built_is_one_line_naming_it(component, compresso
     assert str(info.value) == f"compressor 'raiser' (distribution raiser-dist): {expected}"
     with pytest.raises(pf.PluginError, match="distribution raiser-dist"):
         check_config(config, registry=registry)  # validate / plan: the same line
+
+
+class NegativeBudget(RecencySelector):
+    """Claims a negative number of picks once a tier holds three blocks."""
+
+    def budget(self, num_candidates: int) -> int:
+        return -1 if num_candidates >= 3 else min(self.params.k, num_candidates)
+
+
+class RaisingBudget(RecencySelector):
+    def budget(self, num_candidates: int) -> int:
+        raise RuntimeError("no budget")
+
+
+@pytest.mark.parametrize(
+    ("component", "expected"),
+    [
+        (NegativeBudget, "budget(3) must be an int in [0, 3], at least budget(2) = 1; got -1"),
+        (RaisingBudget, "raised RuntimeError: no budget"),
+    ],
+    ids=["negative", "raising"],
+)
+def test_a_selector_budget_out_of_range_is_refused_when_built(component, expected):
+    """The planner and the contexts size themselves by ``budget(n)``: a selector whose budget is
+    not an int in [0, n] (or raises) is one line naming it when the config is built, not a
+    confusing failure blocks later."""
+    registry, _ = create((plugin("budget", packforcing_selectors=lambda: {"budget": component}), "budget-dist"))
+    config = {
+        "policy": {"name": "packforcing", "mid_capacity_blocks": 4},
+        "compressor": {"name": "pool"},
+        "selector": {"name": "budget", "k": 1},
+        "run": {"device": "cpu"},
+    }
+    with pytest.raises(pf.PluginError) as info:
+        check_config(config, registry=registry)  # validate / plan
+    assert str(info.value) == f"selector 'budget' (distribution budget-dist): {expected}"
+    with pytest.raises(pf.PluginError, match="distribution budget-dist"):
+        pf.build_engine(config, registry=registry)

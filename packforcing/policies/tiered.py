@@ -229,7 +229,10 @@ class TieredPolicy(CachePolicy):
 
     def validate(self, env: Any) -> None:
         """Cross-checks once every component is built (called by the builder): a selector's
-        ``k`` may not exceed the capacity of a ``select: true`` tier it picks from."""
+        ``k`` may not exceed the capacity of a ``select: true`` tier it picks from, and its
+        ``budget(n)`` must be an int in ``[0, n]``, non-decreasing, for every ``n`` such a tier
+        can hold (the planner and the contexts size themselves by it)."""
+        self._check_budgets()
         spec = env.config.components.get("selector") if env.config is not None else None
         k = getattr(spec.params, "k", None) if spec is not None else None
         if self.selector is None or not isinstance(k, int):
@@ -240,6 +243,23 @@ class TieredPolicy(CachePolicy):
                     "selector.k",
                     f"{k} is larger than the capacity of tier {tier.name!r} it selects from ({tier.capacity} blocks)",
                 )
+
+    def _check_budgets(self, unbounded: int = 64) -> None:
+        """A :class:`PluginError` naming the selector if ``budget(n)`` is not an int in
+        ``[0, n]`` non-decreasing in ``n`` for ``n`` up to a ``select`` tier's capacity
+        (``unbounded`` for a tier without one), or if it raises."""
+        sizes = [t.capacity if t.capacity is not None else unbounded for t in self._tiers if t.spec.select]
+        if self.selector is None or not sizes:
+            return
+        origin = self._origin("selector", "selector", self.selector)
+        previous = 0
+        for n in range(max(sizes) + 1):
+            with origin.calling(None):
+                budget = self.selector.budget(n)
+            if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget <= n or budget < previous:
+                floor = f", at least budget({n - 1}) = {previous}" if n else ""
+                raise origin.error(f"budget({n}) must be an int in [0, {n}]{floor}; got {budget!r}")
+            previous = budget
 
     def audit(self) -> None:
         """Raise ``AssertionError`` if the bookkeeping disagrees with itself: each tier holds the
