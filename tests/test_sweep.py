@@ -140,6 +140,18 @@ def test_seconds_convert_with_the_geometry(cfg):
     assert jobs[0].blocks == 8
 
 
+def test_an_out_that_cannot_be_a_directory_is_one_line(cfg, tmp_path, capsys):
+    """--out is checked before configs are loaded or Ray started: no raw errno."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, problem in ((afile, "exists and is not a directory"), (afile / "sub", f"{afile} is not a directory")):
+        assert main(["sweep", cfg["full"], "--blocks", "1", "--out", str(out), "--json"]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith(f"error: --out {out}: ")
+        assert captured.err.strip().endswith(problem) and "Errno" not in captured.err
+    assert afile.read_text() == "x"
+
+
 def test_failed_job_is_one_line_record(cfg, tmp_path):
     (job,) = expand_jobs([cfg["full"]], blocks=1, overrides=TINY)
     (tmp_path / "runs").mkdir()

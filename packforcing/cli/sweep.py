@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from packforcing.cli import EXIT_FAILURE, add_overrides, add_verb
@@ -99,8 +98,14 @@ class _Bar:
 def run(args: argparse.Namespace) -> int:
     from packforcing.cli.validate import expand
     from packforcing.sweep import SweepError, expand_jobs, load_prompts, parse_seeds, run_sweep
+    from packforcing.sweep.driver import check_out
     from packforcing.sweep.results import RESULTS, SUMMARY_MD, SUMMARY_PNG
 
+    try:  # before the configs are loaded and Ray started
+        out = check_out(args.out)
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     configs = expand(args.configs)
     if not configs:
         raise ValueError("no YAML files found in " + ", ".join(args.configs))
@@ -118,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         save_latents=args.save_latents,
     )
-    out = Path(args.out)
     quiet = args.json
     bar = _Bar(disable=quiet or args.no_progress)
 

@@ -66,6 +66,23 @@ def _ray() -> Any:
     return ray
 
 
+def check_out(out: str | Path) -> Path:
+    """Check the sweep directory ``out`` before anything runs, changing nothing: a directory
+    (existing, or creatable under an existing writable directory); raises a one-line
+    :class:`SweepError` otherwise."""
+    import os
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out {out}: exists and is not a directory")
+    parent = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise SweepError(f"--out {out}: cannot create the sweep directory: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SweepError(f"--out {out}: cannot create or write the sweep directory ({parent} is not writable)")
+    return out
+
+
 def _slots(resources: dict[str, float], cpus: float, gpus: float) -> int:
     """How many jobs the cluster can run at once."""
     limits = []
@@ -101,7 +118,7 @@ def run_sweep(
         raise ValueError("--cpus-per-job and --gpus-per-job must be >= 0")
     if retries < 0:
         raise ValueError("--retries must be >= 0")
-    out = Path(out)
+    out = check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     results = ResultsFile(out / RESULTS)
     done_keys = results.complete_keys()
