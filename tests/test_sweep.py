@@ -57,6 +57,19 @@ def test_seeds_and_config_names():
     assert parse_seeds("3-5,1,4") == [3, 4, 5, 1]
     with pytest.raises(ValueError, match="--seeds"):
         parse_seeds("1,x")
+    assert parse_seeds("0-99999") == list(range(100_000))
+    for text, problem in (("0-99999999999", "names more than 100,000 seeds"), ("0,1-100000", "more than 100,000"),
+                          (str(2**63), "is not a valid seed")):  # fmt: skip
+        with pytest.raises(ValueError, match=problem):
+            parse_seeds(text)  # at once: no list of billions of seeds
+
+
+@pytest.mark.parametrize("seeds", ["3-1", "1-a", "", "0-99999999999"])
+def test_bad_seeds_are_a_usage_error(cfg, tmp_path, capsys, seeds):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", cfg["full"], "--seeds", seeds, "--blocks", "1", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and "argument --seeds: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     assert config_names(["configs/full.yaml", "configs/sink_recent.yaml"]) == ["full", "sink_recent"]
     assert config_names(["configs/packforcing.yaml", "configs/wan1.3b/packforcing.yaml"]) == [
         "configs_packforcing",

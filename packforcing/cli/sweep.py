@@ -22,6 +22,17 @@ command skips the jobs already complete. Exit status 1 if any job failed.
 """
 
 
+def seeds_argument(text: str) -> list[int]:
+    """``--seeds`` (see :func:`packforcing.sweep.jobs.parse_seeds`): a bad value is argparse's
+    usage error (exit 2), before any config is loaded."""
+    from packforcing.sweep.jobs import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--seeds: ")) from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_verb(
         sub,
@@ -41,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prompts, one job each: a .txt file (one per line) or a YAML/JSON list of texts, "
         "condition mappings ({name: s2, scene: 2}) or {name, schedule: [...]} (default: each config's own)",
     )
-    p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 or 0-7 (default: 0)")
+    p.add_argument("--seeds", type=seeds_argument, default=[0], help="seeds, e.g. 0,1,2 or 0-7 (default: 0)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--blocks", type=positive_int, help="blocks per video (default: each config's run.blocks)")
     length.add_argument(
@@ -97,7 +108,7 @@ class _Bar:
 
 def run(args: argparse.Namespace) -> int:
     from packforcing.cli.validate import expand
-    from packforcing.sweep import SweepError, expand_jobs, load_prompts, parse_seeds, run_sweep
+    from packforcing.sweep import SweepError, expand_jobs, load_prompts, run_sweep
     from packforcing.sweep.driver import check_out
     from packforcing.sweep.results import RESULTS, SUMMARY_MD, SUMMARY_PNG
 
@@ -116,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = expand_jobs(
         configs,
         prompts=prompts,
-        seeds=parse_seeds(args.seeds),
+        seeds=args.seeds,
         blocks=args.blocks,
         seconds=args.seconds,
         overrides=args.overrides,

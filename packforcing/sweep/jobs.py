@@ -266,9 +266,17 @@ def config_names(paths: Sequence[str]) -> list[str]:
         depth += 1
 
 
+MAX_SEEDS = 100_000
+"""The most seeds one ``--seeds`` may name (a typo such as ``0-99999999999`` is refused at once
+instead of building billions of jobs)."""
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` or a range ``"0-7"`` (or a mix, ``"0-3,9"``) → distinct seeds in order."""
-    seeds: list[int] = []
+    """``"0,1,2"`` or a range ``"0-7"`` (or a mix, ``"0-3,9"``) → distinct seeds in order, each a
+    valid ``run.seed`` (``< 2**63``), at most :data:`MAX_SEEDS` of them."""
+    from packforcing.core.validators import SEED_LIMIT
+
+    seeds: dict[int, None] = {}  # ordered, with O(1) membership
     for part in text.split(","):
         part = part.strip()
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
@@ -277,8 +285,12 @@ def parse_seeds(text: str) -> list[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise ValueError(f"--seeds: empty range {part!r}")
-        seeds.extend(s for s in range(lo, hi + 1) if s not in seeds)
-    return seeds
+        if hi >= SEED_LIMIT:
+            raise ValueError(f"--seeds: {hi} is not a valid seed (seeds are integers >= 0 and < 2**63)")
+        if hi - lo + 1 + len(seeds) > MAX_SEEDS:
+            raise ValueError(f"--seeds: {text!r} names more than {MAX_SEEDS:,} seeds")
+        seeds.update(dict.fromkeys(range(lo, hi + 1)))
+    return list(seeds)
 
 
 def expand_jobs(
