@@ -232,7 +232,7 @@ def test_results_file_and_summary(cfg, tmp_path):
     assert full["stats"]["peak_cache_bytes"]["std"] == pytest.approx(statistics.stdev(full_peaks))
     assert sink["stats"]["fidelity.return_psnr_db"]["n"] == 2
     assert ["fidelity.return_psnr_db", "return PSNR dB"] in summary["metrics"]
-    assert summary["failures"] == [{"job": "sink_recent-default-2", "error": "boom"}]
+    assert summary["failures"] == [{"job": "sink_recent-default-2", "status": "failed", "error": "boom"}]
 
 
 # ---------------------------------------------------------------------- sweeps on a local Ray
@@ -337,6 +337,41 @@ def test_dead_workers_are_retried_a_bounded_number_of_times(local_ray, cfg, tmp_
     assert by_job["full-default-0"]["error"].startswith("worker died 2 times (retried 1)")
     assert sorted(p.name for p in marks.iterdir()) == ["full-default-0.0", "full-default-0.1", "full-default-1.0",
                                                       "full-default-1.1"]  # fmt: skip
+
+
+def test_an_interrupted_sweep_records_its_interrupted_jobs(local_ray, cfg, tmp_path):
+    """Ctrl-C on the sweep: the running jobs stop as generate stops, and their "interrupted"
+    records reach results.jsonl and the summary (not "not run")."""
+    from packforcing.sweep import run_sweep
+
+    jobs = expand_jobs([cfg["full"]], seeds=[0, 1], blocks=1, overrides=TINY)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def stoppable(job, out, threads):
+        """Runs until cancelled, then returns what execute returns for an interrupted run."""
+        import time
+
+        (marks / job.name).touch()
+        try:
+            for _ in range(600):  # short sleeps: Ray's cancel raises between bytecodes, not inside a sleep
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            return {**job.as_record(), "status": "interrupted", "error": "interrupted (SIGINT) after 0 blocks"}
+        return {**job.as_record(), "status": "complete"}
+
+    def ctrl_c(progress):
+        if len(list(marks.iterdir())) == 2:  # both jobs running
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(jobs, tmp_path / "out", on_progress=ctrl_c, execute_job=stoppable)
+    records = ResultsFile(tmp_path / "out" / "results.jsonl").read()
+    assert sorted((r["job"], r["status"]) for r in records) == [("full-default-0", "interrupted"),
+                                                                ("full-default-1", "interrupted")]  # fmt: skip
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| full | full | 1 | 0 / 2 |" in summary and "not run" not in summary
+    assert "- `full-default-0` (interrupted): interrupted (SIGINT) after 0 blocks" in summary
 
 
 def test_gpus_per_job_beyond_the_cluster_is_one_line(local_ray, cfg, tmp_path, capsys):

@@ -199,8 +199,8 @@ def _run_on_ray(
             if on_progress is not None:
                 on_progress(Progress(len(todo), len(records), min(len(pending), slots), failed, record))
 
-        report(None)
         try:
+            report(None)
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                 if not ready:
@@ -216,9 +216,18 @@ def _run_on_ray(
         except BaseException:
             # interrupted: each running job gets a KeyboardInterrupt, so its generate run stops
             # the way Ctrl-C stops it (report and output kept, resumable), within a grace period
+            # within a grace period; the records of those that stopped (status "interrupted", or
+            # complete just in time) are kept like any other, jobs cancelled before they started are not
             for ref in pending:
                 ray.cancel(ref)
-            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_SECONDS)
+            stopped, _ = ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_SECONDS)
+            for ref in stopped:
+                try:
+                    record = ray.get(ref, timeout=0)
+                except Exception:  # cancelled before it started, or its worker is gone: not run
+                    continue
+                results.append(record)
+                records.append(record)
             raise
         return records
     finally:

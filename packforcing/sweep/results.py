@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from packforcing.sweep.jobs import SweepJob, canonical
-from packforcing.sweep.runner import COMPLETE
+from packforcing.sweep.runner import COMPLETE, FAILED
 
 RESULTS = "results.jsonl"
 SUMMARY_MD = "summary.md"
@@ -112,7 +112,8 @@ def summarize(jobs: Sequence[SweepJob], records: dict[tuple[str, str, int, int],
 
     Returns ``{"metrics": [[key, label], ...], "rows": [{"config", "policy", "config_hash",
     "blocks", "complete", "failed", "stats": {key: {"mean", "std", "min", "max", "n"}}}],
-    "failures": [{"job", "error"}]}``.
+    "failures": [{"job", "status", "error"}]}`` (failed and interrupted jobs, which count as
+    failed in ``"failed"``).
     """
     names: set[str] = set()
     for job in jobs:
@@ -142,7 +143,7 @@ def summarize(jobs: Sequence[SweepJob], records: dict[tuple[str, str, int, int],
             continue
         if record.get("status") != COMPLETE:
             row["failed"] += 1
-            failures.append({"job": job.name, "error": record.get("error", "")})
+            failures.append({"job": job.name, "status": record.get("status"), "error": record.get("error", "")})
             continue
         row["complete"] += 1
         for key, _ in metrics:
@@ -189,7 +190,10 @@ def write_markdown(summary: dict[str, Any], path: str | Path, *, title: str) -> 
         lines.append("| " + " | ".join(cells) + " |")
     if summary["failures"]:
         lines += ["", "## Failed jobs", ""]
-        lines += [f"- `{f['job']}`: {f['error']}" for f in summary["failures"]]
+        lines += [
+            f"- `{f['job']}`" + (f" ({f['status']})" if f.get("status", FAILED) != FAILED else "") + f": {f['error']}"
+            for f in summary["failures"]
+        ]
     Path(path).write_text("\n".join(lines) + "\n")
 
 
