@@ -165,6 +165,26 @@ def test_an_out_that_cannot_be_a_directory_is_one_line(cfg, tmp_path, capsys):
     assert afile.read_text() == "x"
 
 
+@pytest.mark.parametrize("mode", ["--no-progress", "--json", None])
+def test_each_failed_job_is_one_line_on_stderr_once(cfg, tmp_path, capsys, monkeypatch, mode):
+    """A failed job is one stderr line as it finishes (bar or not), never repeated at the end;
+    with --json, stdout's JSON has it and stderr does not."""
+    import packforcing.sweep
+    from packforcing.sweep import Progress, SweepResult
+
+    def fake_run_sweep(jobs, out, *, on_start, on_progress, **kwargs):
+        record = {**jobs[0].as_record(), "status": "failed", "error": "boom"}
+        on_start(1, 0)
+        on_progress(Progress(1, 1, 0, 1, record))
+        return SweepResult(1, 0, 0, 1, [record], {"metrics": [], "rows": [], "failures": []})
+
+    monkeypatch.setattr(packforcing.sweep, "run_sweep", fake_run_sweep)
+    args = ["sweep", cfg["full"], "--blocks", "1", "--out", str(tmp_path), *([mode] if mode else [])]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("failed: full-default-0: boom") == (0 if mode == "--json" else 1)
+
+
 def test_failed_job_is_one_line_record(cfg, tmp_path):
     (job,) = expand_jobs([cfg["full"]], blocks=1, overrides=TINY)
     (tmp_path / "runs").mkdir()

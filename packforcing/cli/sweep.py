@@ -84,10 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 class _Bar:
-    """The terminal progress bar: jobs done of those to run, running, failed, ETA."""
+    """The terminal progress bar (jobs done of those to run, running, failed, ETA) and, unless
+    ``quiet`` (``--json``), one line on stderr per job that did not complete."""
 
-    def __init__(self, disable: bool) -> None:
+    def __init__(self, disable: bool, quiet: bool = False) -> None:
         self.disable = disable
+        self.quiet = quiet
         self.bar: Any = None
 
     def update(self, progress: Any) -> None:
@@ -97,7 +99,8 @@ class _Bar:
             self.bar = tqdm(total=progress.total, unit="job", disable=self.disable, dynamic_ncols=True, file=sys.stderr)
         self.bar.update(progress.done - self.bar.n)
         self.bar.set_postfix(running=progress.running, failed=progress.failed, refresh=True)
-        if progress.record is not None and progress.record["status"] != "complete":
+        # each job that did not complete is one line as it finishes (also without the bar)
+        if not self.quiet and progress.record is not None and progress.record["status"] != "complete":
             record = progress.record
             self.bar.write(f"{record['status']}: {record['job']}: {record.get('error', '')}", file=sys.stderr)
 
@@ -135,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         save_latents=args.save_latents,
     )
     quiet = args.json
-    bar = _Bar(disable=quiet or args.no_progress)
+    bar = _Bar(disable=quiet or args.no_progress, quiet=quiet)
 
     def on_start(to_run: int, skipped: int) -> None:
         if not quiet:
@@ -179,10 +182,6 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     else:
-        if args.no_progress:
-            for record in result.records:
-                if record["status"] != "complete":
-                    print(f"{record['status']}: {record['job']}: {record.get('error', '')}", file=sys.stderr)
         print(
             f"{result.complete} complete, {result.failed} failed, {result.skipped} skipped; wrote "
             f"{out / RESULTS}, {out / SUMMARY_MD}, {out / SUMMARY_PNG}"
