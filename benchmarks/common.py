@@ -52,14 +52,24 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(name: str, data: dict[str, Any], table: str) -> None:
-    """``results/<name>.json`` and ``results/<name>.md``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def add_out(parser: Any) -> None:
+    """``--out DIR``: where the results go (default ``benchmarks/results``, the committed ones)."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="output directory (default: benchmarks/results)",
+    )
+
+
+def write_results(name: str, data: dict[str, Any], table: str, out: Path = RESULTS) -> None:
+    """``<out>/<name>.json`` and ``<out>/<name>.md``."""
+    out.mkdir(parents=True, exist_ok=True)
     data = {"benchmark": name, "machine": machine(), **data}
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(f"### {name}\n\nMachine: {data['machine']}\n\n{table}")
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{name}.md").write_text(f"### {name}\n\nMachine: {data['machine']}\n\n{table}")
     print(table)
-    print(f"wrote {RESULTS / (name + '.json')} and .md")
+    print(f"wrote {out / (name + '.json')} and .md")
 
 
 def mib(nbytes: float) -> float:

@@ -18,7 +18,7 @@ import time
 
 import attrs
 import torch
-from common import POLICY_CONFIGS, markdown_table, median_time, write_results
+from common import POLICY_CONFIGS, add_out, markdown_table, median_time, write_results
 
 import packforcing as pf
 from packforcing.attention import SdpaBackend, XformersBackend, xformers_available
@@ -138,6 +138,7 @@ def main() -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="run the same code paths on the CPU at toy sizes; writes nothing"
     )
+    add_out(parser)
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else GPU
     if sizes.cuda and not torch.cuda.is_available():
@@ -176,7 +177,7 @@ def main() -> int:
     if args.smoke:
         print(table)
         return 0
-    write_results("gpu", {"matmul_peak_tflops": peak, "attention": attn, "engine": run}, table)
+    write_results("gpu", {"matmul_peak_tflops": peak, "attention": attn, "engine": run}, table, args.out)
     return 0
 
 

@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from common import POLICY_CONFIGS, RESULTS, markdown_table, write_results
+from common import POLICY_CONFIGS, add_out, markdown_table, write_results
 
 import packforcing as pf
 from packforcing.core.instrument import SectionTimer, timing_wrapper
@@ -42,7 +42,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per policy; per-block minimum is kept")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_out(parser)
     args = parser.parse_args()
+    if args.blocks < 4 or args.repeats < 1:
+        parser.error("--blocks: at least 4 (early and late windows of 2 blocks or more); --repeats: at least 1")
     n = args.blocks
     window = max(2, n // 8)
     results, rows = {}, []
@@ -91,8 +94,8 @@ def main() -> None:
         ],
         rows,
     )
-    write_results("latency_vs_length", {"blocks": n, "device": args.device, "policies": results}, table)
-    plot(results, RESULTS / "latency_vs_length.png")
+    write_results("latency_vs_length", {"blocks": n, "device": args.device, "policies": results}, table, args.out)
+    plot(results, args.out / "latency_vs_length.png")
 
 
 def plot(results, path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import POLICY_CONFIGS, RESULTS, WAN_CONFIGS, gib, markdown_table, mib, write_results
+from common import POLICY_CONFIGS, WAN_CONFIGS, add_out, gib, markdown_table, mib, write_results
 
 import packforcing as pf
 
@@ -78,7 +78,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
+    add_out(parser)
     args = parser.parse_args()
+    if args.blocks < 4:
+        parser.error("--blocks: at least 4 (the table compares the peak at a quarter of the length)")
     runs = measure(args.blocks, args.seed)
     seconds = [10, 30, 60, 120, 300, 600]
     wan = extrapolate(seconds)
@@ -111,8 +114,9 @@ def main() -> None:
         "memory_vs_length",
         {"blocks": args.blocks, "tiny": runs, "wan1.3b": wan, "full_linear_check": full_ratio},
         table,
+        args.out,
     )
-    plot(runs, wan, RESULTS / "memory_vs_length.png")
+    plot(runs, wan, args.out / "memory_vs_length.png")
 
 
 if __name__ == "__main__":

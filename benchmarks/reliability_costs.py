@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import markdown_table, write_results
+from common import add_out, markdown_table, write_results
 
 from packforcing.core.boundary import selection_problem, tensor_problem
 from packforcing.output.video import FragmentedMP4Writer, VideoWriter
@@ -94,6 +94,7 @@ def video(repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
+    add_out(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     check_rows = checks(args.repeats)
@@ -114,7 +115,7 @@ def main() -> None:
         "concurrently there and nothing is playable before close); the fragmented writer encodes and "
         "fsyncs the block before returning, so the MP4 holds every finished block after a SIGKILL.\n"
     )
-    write_results("reliability_costs", {"checks": check_rows, "video": video_rows, "threads": 1}, table)
+    write_results("reliability_costs", {"checks": check_rows, "video": video_rows, "threads": 1}, table, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from common import ROOT, markdown_table, write_results
+from common import ROOT, add_out, markdown_table, write_results
 
 COMMANDS = {
     "python -c pass": [sys.executable, "-c", "pass"],
@@ -61,6 +61,7 @@ def timed(command: list[str], cwd: str, env: dict[str, str]) -> tuple[float, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
+    add_out(parser)
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPATH"] = str(ROOT)
@@ -86,7 +87,9 @@ def main() -> None:
     table = markdown_table(["command", "median wall s", "median CPU s", "imports torch"], rows)
     table += f"\nMedian of {args.repeats} fresh processes; 1-minute load average {load:.1f} before, "
     table += f"{load_after:.1f} after.\n"
-    write_results("startup", {"repeats": args.repeats, "load_average": [load, load_after], "commands": results}, table)
+    write_results(
+        "startup", {"repeats": args.repeats, "load_average": [load, load_after], "commands": results}, table, args.out
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 import time
 
 import torch
-from common import markdown_table, write_results
+from common import add_out, markdown_table, write_results
 
 import packforcing as pf
 from packforcing.core.threads import auto_threads, block_work
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", nargs="*", default=list(SIZES), help="subset of the sizes to run")
+    add_out(parser)
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     counts = list(range(1, cores + 1))
@@ -72,7 +73,9 @@ def main() -> None:
     headers = ["model size", "block work", *(f"{n} thread(s) s" for n in counts), "fastest", "auto picks"]
     table = markdown_table(headers, rows)
     table += f"\n{args.blocks} blocks of the packforcing preset (2 sampler steps), best of {args.repeats} rounds.\n"
-    write_results("threads", {"blocks": args.blocks, "repeats": args.repeats, "cores": cores, "sizes": results}, table)
+    write_results(
+        "threads", {"blocks": args.blocks, "repeats": args.repeats, "cores": cores, "sizes": results}, table, args.out
+    )
 
 
 if __name__ == "__main__":

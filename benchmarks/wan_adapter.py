@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, write_results
+from common import add_out, markdown_table, write_results
 
 import packforcing as pf
 from packforcing.attention import SdpaBackend
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history", type=int, nargs="+", default=[1, 4, 8], help="cached blocks before the block")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="toy sizes, one repeat, nothing written")
+    add_out(parser)
     args = parser.parse_args(argv)
     if args.smoke:
         args.layers, args.heads, args.head_dim, args.latent, args.history, args.repeats = 1, 2, 32, (4, 6), [1, 2], 1
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print(table)
     else:
-        write_results("wan_adapter", data, table)
+        write_results("wan_adapter", data, table, args.out)
     return 0
 
 

@@ -52,3 +52,28 @@ def test_fidelity_benchmark_smoke_run_writes_the_schema(tmp_path):
     window = {r["horizon"]: r["peak_cache_bytes"] for r in rows if r["policy"] == "sliding_window"}
     assert window["2x"] < full["2x"]  # bytes come from the tensors held
     assert (tmp_path / "fidelity.md").is_file() and (tmp_path / "fidelity.png").is_file()
+
+
+def test_memory_benchmark_writes_to_out_in_the_committed_format(tmp_path):
+    """--out keeps a short run away from the committed results; the run writes JSON, markdown
+    and PNG, and its markdown has the committed file's layout (numbers aside)."""
+    import re
+
+    committed = ROOT / "benchmarks" / "results" / "memory_vs_length.md"
+    before = committed.read_bytes()
+    result = subprocess.run(
+        [sys.executable, "benchmarks/memory_vs_length.py", "--blocks", "4", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert committed.read_bytes() == before
+    assert {p.name for p in tmp_path.iterdir()} == {"memory_vs_length.json", "memory_vs_length.md",
+                                                   "memory_vs_length.png"}  # fmt: skip
+
+    def layout(text):
+        return [re.sub(r"[\d.]+", "N", line) for line in text.splitlines() if not line.startswith("Machine:")]
+
+    assert layout((tmp_path / "memory_vs_length.md").read_text()) == layout(before.decode())
