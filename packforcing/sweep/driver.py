@@ -127,6 +127,7 @@ def run_sweep(
     if on_start is not None:
         on_start(len(todo), skipped)
     records: list[dict[str, Any]] = []
+    refused = False
     try:
         if todo:
             records = _run_on_ray(
@@ -141,8 +142,12 @@ def run_sweep(
                 on_progress=on_progress,
                 execute_job=execute_job,
             )
+    except SweepError:  # refused before anything was scheduled: no summary of a sweep that never ran
+        refused = True
+        raise
     finally:
-        summary = write_summary(jobs, results, out)
+        if not refused:
+            summary = write_summary(jobs, results, out)
     complete = sum(r["status"] == COMPLETE for r in records)
     return SweepResult(len(jobs), skipped, complete, len(records) - complete, records, summary)
 
