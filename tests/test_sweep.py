@@ -62,6 +62,11 @@ def test_seeds_and_config_names():
                           (str(2**63), "is not a valid seed")):  # fmt: skip
         with pytest.raises(ValueError, match=problem):
             parse_seeds(text)  # at once: no list of billions of seeds
+    assert config_names(["configs/full.yaml", "configs/sink_recent.yaml"]) == ["full", "sink_recent"]
+    assert config_names(["configs/packforcing.yaml", "configs/wan1.3b/packforcing.yaml"]) == [
+        "configs_packforcing",
+        "wan1.3b_packforcing",
+    ]
 
 
 @pytest.mark.parametrize("seeds", ["3-1", "1-a", "", "0-99999999999"])
@@ -70,11 +75,6 @@ def test_bad_seeds_are_a_usage_error(cfg, tmp_path, capsys, seeds):
         main(["sweep", cfg["full"], "--seeds", seeds, "--blocks", "1", "--out", str(tmp_path / "out")])
     assert exit_.value.code == 2 and "argument --seeds: " in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    assert config_names(["configs/full.yaml", "configs/sink_recent.yaml"]) == ["full", "sink_recent"]
-    assert config_names(["configs/packforcing.yaml", "configs/wan1.3b/packforcing.yaml"]) == [
-        "configs_packforcing",
-        "wan1.3b_packforcing",
-    ]
 
 
 def test_prompt_files(cfg, tmp_path):
