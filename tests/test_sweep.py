@@ -98,7 +98,8 @@ def test_prompt_files(cfg, tmp_path):
     cut, emb = load_prompts(timed)
     assert emb.schedule == ({"from_block": 0, "embeds": str(tmp_path / "e/p0.safetensors")},)
     # seconds become blocks per config: 1.5 s at 16 fps = pixel frame 24 = latent frame 24 → block 6
-    (job,) = expand_jobs([cfg["full"]], prompts=[cut], blocks=8, overrides=TINY)
+    conditioned = [*TINY, "model.num_conditions=2"]  # scenes need a conditioned model (checked up front)
+    (job,) = expand_jobs([cfg["full"]], prompts=[cut], blocks=8, overrides=conditioned)
     assert job.prompt.schedule == ({"from_block": 0, "scene": 0}, {"from_block": 6, "scene": 1})
     timed.write_text("- {schedule: [{from_second: 0, scene: 0}, {from_second: 0, scene: 1}]}\n")
     with pytest.raises(ConfigError, match=r"timed.yaml: \[0\]: schedule\[1\].from_second: must be greater than 0"):
@@ -183,6 +184,22 @@ def test_each_failed_job_is_one_line_on_stderr_once(cfg, tmp_path, capsys, monke
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.count("failed: full-default-0: boom") == (0 if mode == "--json" else 1)
+
+
+def test_a_condition_the_model_does_not_take_is_refused_before_any_job(cfg, tmp_path, capsys):
+    """Checked by the planning model as generate checks it, not left to fail every job."""
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("- {name: ok, scene: 1}\n- {name: bad, embeds: missing.safetensors}\n")
+    sets = ["model.num_conditions=2"]
+    with pytest.raises(ConfigError, match=r"prompt 'bad': \[0\]\.embeds: unknown condition key"):
+        expand_jobs([cfg["full"]], prompts=load_prompts(prompts), blocks=1, overrides=sets)
+    out = tmp_path / "out"
+    args = ["sweep", cfg["full"], "--prompts", str(prompts), "--blocks", "1", *_sets(sets), "--out", str(out)]
+    assert main(args) == 2
+    assert "prompt 'bad'" in capsys.readouterr().err and not out.exists()
+    assert len(expand_jobs([cfg["full"]], prompts=load_prompts(prompts)[:1], blocks=1, overrides=sets)) == 1
+    with pytest.raises(ConfigError, match=r"prompt 'ok': \[0\]\.scene: model tiny_dit is unconditional"):
+        expand_jobs([cfg["full"]], prompts=load_prompts(prompts)[:1], blocks=1)
 
 
 def test_failed_job_is_one_line_record(cfg, tmp_path):

@@ -329,8 +329,12 @@ def expand_jobs(
         if seconds is not None:
             length = blocks_for_seconds(config, seconds)
         policy = resolved["policy"]["name"]
+        planned: Any = None  # the config's planning model (no weights), built once if a prompt needs it
         for prompt in prompts:
             prompt = _in_blocks(prompt, config)
+            if prompt.schedule is not None:
+                planned = planned or _planning_model(config)
+                _check_conditions(planned, prompt, config)
             chash = config_hash(resolved, without_prompts=prompt.schedule is not None)
             for seed in seeds:
                 jobs.append(SweepJob(path, name, chash, policy, prompt, seed, length, overrides, device, save_latents))
@@ -338,6 +342,26 @@ def expand_jobs(
     if len(set(names)) != len(names):
         raise ValueError("two jobs would share a run directory; give the configs or prompts distinct names")
     return jobs
+
+
+def _planning_model(config: Any) -> Any:
+    from packforcing.core.build import build_for_planning
+
+    return build_for_planning(config).model
+
+
+def _check_conditions(model: Any, prompt: Prompt, config: Any) -> None:
+    """``prompt``'s conditions that need no text encoder (``{scene: 2}``, ``embeds`` files)
+    checked by ``config``'s planning model, as ``generate`` checks them before it runs: a
+    condition the model does not take is one line naming the prompt and the config, before
+    any job runs, not a failure of every job."""
+    from packforcing.cli.generate import check_given_conditions
+
+    assert prompt.schedule is not None
+    try:
+        check_given_conditions(model, prompt.schedule, f"prompt {prompt.name!r}", config)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=config.source) from None
 
 
 def _config_file(source: str) -> str:
