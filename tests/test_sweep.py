@@ -69,11 +69,14 @@ def test_seeds_and_config_names():
     ]
 
 
-@pytest.mark.parametrize("seeds", ["3-1", "1-a", "", "0-99999999999"])
-def test_bad_seeds_are_a_usage_error(cfg, tmp_path, capsys, seeds):
+@pytest.mark.parametrize(
+    ("option", "value"), [("--seeds", "3-1"), ("--seeds", "1-a"), ("--seeds", ""), ("--seeds", "0-99999999999"),
+                          ("--retries", "-1"), ("--retries", "x")],
+)  # fmt: skip
+def test_bad_seeds_and_retries_are_a_usage_error(cfg, tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as exit_:
-        main(["sweep", cfg["full"], "--seeds", seeds, "--blocks", "1", "--out", str(tmp_path / "out")])
-    assert exit_.value.code == 2 and "argument --seeds: " in capsys.readouterr().err
+        main(["sweep", cfg["full"], option, value, "--blocks", "1", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and f"argument {option}: " in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

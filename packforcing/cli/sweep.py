@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from packforcing.cli import EXIT_FAILURE, add_overrides, add_verb
-from packforcing.cli.argtypes import non_negative_float, positive_float, positive_int
+from packforcing.cli.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 
 EXAMPLE = """example:
   packforcing sweep full sliding_window packforcing --seeds 0,1,2 --blocks 48 --out sweeps/policies
@@ -74,7 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--local-cpus", type=positive_int, help="CPUs a local Ray instance may use (default: all; no --address only)"
     )
-    p.add_argument("--retries", type=int, default=2, help="times a job whose worker died is retried (default: 2)")
+    p.add_argument(
+        "--retries", type=non_negative_int, default=2, help="times a job whose worker died is retried (default: 2)"
+    )
     p.add_argument(
         "--save-latents", action="store_true", help="each job also writes latents.safetensors (generate --save-latents)"
     )
