@@ -247,11 +247,12 @@ def test_wrong_type_bool_is_not_an_integer(tree):
     assert error_of("child.yaml") == "child.yaml: run.seed: expected an integer, got true"
 
 
-def test_seed_is_bounded_to_what_torch_generators_take(tree):
+@pytest.mark.parametrize("key", ["run.seed", "model.seed"])
+def test_seed_is_bounded_to_what_torch_generators_take(tree, key):
     tree(base=BASE)
-    assert load_config("base.yaml", [f"run.seed={2**63 - 1}"]).run.seed == 2**63 - 1
-    assert error_of("base.yaml", ["run.seed=100000000000000000000"]) == (
-        "--set: run.seed: expected an integer >= 0 and < 2**63 (a torch generator seed), got 100000000000000000000"
+    assert load_config("base.yaml", [f"{key}={2**63 - 1}"]).resolved()[key.split(".")[0]]["seed"] == 2**63 - 1
+    assert error_of("base.yaml", [f"{key}=100000000000000000000"]) == (
+        f"--set: {key}: expected an integer >= 0 and < 2**63 (a torch generator seed), got 100000000000000000000"
     )
 
 

@@ -31,7 +31,7 @@ from packforcing.core.errors import ParamError
 from packforcing.core.geometry import Geometry, Grid
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
-from packforcing.core.validators import non_negative, positive, positive_triple
+from packforcing.core.validators import non_negative, positive, positive_triple, seed_in_range
 from packforcing.core.weightfiles import check_tensors, read_header
 from packforcing.models.codec import BASES, LinearPatchCodec
 
@@ -62,7 +62,7 @@ class TinyDiTParams:
     num_layers: int = attrs.field(default=4, validator=positive)
     mlp_ratio: float = 2.0
     rope_theta: float = 10000.0
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=seed_in_range)
     codec_stride: int = attrs.field(default=8, validator=positive)
     codec: str = attrs.field(default="random", validator=lambda i, a, v: _one_of(BASES, a, v))
     num_conditions: int = attrs.field(default=0, validator=non_negative)
