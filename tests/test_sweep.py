@@ -389,15 +389,24 @@ def test_an_interrupted_sweep_records_its_interrupted_jobs(local_ray, cfg, tmp_p
     marks.mkdir()
 
     def stoppable(job, out, threads):
-        """Runs until cancelled, then returns what execute returns for an interrupted run."""
+        """Runs until cancelled, then leaves its run's report as an interrupted generate does and
+        returns what execute returns (Ray may or may not deliver that value: the driver then
+        reads the report)."""
+        import json
         import time
+        from pathlib import Path
 
         (marks / job.name).touch()
         try:
             for _ in range(600):  # short sleeps: Ray's cancel raises between bytecodes, not inside a sleep
                 time.sleep(0.1)
         except KeyboardInterrupt:
-            return {**job.as_record(), "status": "interrupted", "error": "interrupted (SIGINT) after 0 blocks"}
+            error = "interrupted (SIGINT) after 0 blocks"
+            run_dir = Path(out) / "runs" / job.name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            report = {"status": "interrupted", "blocks_done": 0, "error": error}
+            (run_dir / "report.json").write_text(json.dumps(report))
+            return {**job.as_record(), "status": "interrupted", "error": error}
         return {**job.as_record(), "status": "complete"}
 
     def ctrl_c(progress):
@@ -483,3 +492,20 @@ def test_report_figures_include_fidelity(tmp_path):
     del report["returns"], report["fidelity"]
     (tmp_path / "report.json").write_text(json.dumps(report))
     assert "fidelity" not in read_report(tmp_path)
+
+
+def test_an_interrupted_job_is_recorded_from_its_report_when_ray_keeps_its_value(cfg, tmp_path):
+    """A cancelled task's return value may not reach the driver; its run's report.json, which
+    generate writes on Ctrl-C, gives the record instead (and nothing for a job that never ran)."""
+    from packforcing.sweep.runner import interrupted_record
+
+    job = expand_jobs([cfg["full"]], seeds=[0], blocks=1, overrides=TINY)[0]
+    assert interrupted_record(job, str(tmp_path)) is None  # never started
+    run_dir = tmp_path / "runs" / job.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "report.json").write_text(json.dumps({"status": "complete", "blocks_done": 1}))
+    assert interrupted_record(job, str(tmp_path)) is None
+    (run_dir / "report.json").write_text(json.dumps({"status": "interrupted", "blocks_done": 3}))
+    record = interrupted_record(job, str(tmp_path))
+    assert record == {**job.as_record(), "run_dir": f"runs/{job.name}", "status": "interrupted",
+                      "error": "interrupted after 3 blocks"}  # fmt: skip

@@ -20,7 +20,7 @@ import attrs
 
 from packforcing.sweep.jobs import SweepJob
 from packforcing.sweep.results import RESULTS, ResultsFile, write_summary
-from packforcing.sweep.runner import COMPLETE, FAILED, execute
+from packforcing.sweep.runner import COMPLETE, FAILED, execute, interrupted_record
 
 CANCEL_GRACE_SECONDS = 15.0
 """How long an interrupted sweep waits for its running jobs to stop cleanly."""
@@ -220,16 +220,18 @@ def _run_on_ray(
                     report(record)
         except BaseException:
             # interrupted: each running job gets a KeyboardInterrupt, so its generate run stops
-            # the way Ctrl-C stops it (report and output kept, resumable), within a grace period
-            # within a grace period; the records of those that stopped (status "interrupted", or
-            # complete just in time) are kept like any other, jobs cancelled before they started are not
+            # the way Ctrl-C stops it (report and output kept, resumable), within a grace period;
+            # the records of those that stopped (status "interrupted", or complete just in time)
+            # are kept like any other, jobs cancelled before they started are not
             for ref in pending:
                 ray.cancel(ref)
             stopped, _ = ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_SECONDS)
             for ref in stopped:
                 try:
                     record = ray.get(ref, timeout=0)
-                except Exception:  # cancelled before it started, or its worker is gone: not run
+                except Exception:  # Ray may not deliver a cancelled task's value: its run's report tells
+                    record = interrupted_record(pending[ref], out)
+                if record is None:  # cancelled before it started, or its worker is gone: not run
                     continue
                 results.append(record)
                 records.append(record)

@@ -138,6 +138,25 @@ def read_report(run_dir: Path) -> dict[str, Any]:
     return figures
 
 
+def interrupted_record(job: SweepJob, out: str) -> dict[str, Any] | None:
+    """The record of ``job`` from its run's own ``report.json`` when that says the run was
+    interrupted (a cancelled task whose return value Ray did not deliver), else ``None``."""
+    run_dir = Path(out) / "runs" / job.name
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("status") != INTERRUPTED:
+        return None
+    done = report.get("blocks_done")
+    return {
+        **job.as_record(),
+        "run_dir": str(Path("runs") / job.name),
+        "status": INTERRUPTED,
+        "error": report.get("error") or f"interrupted after {done} blocks",
+    }
+
+
 def execute(job: SweepJob, out: str, threads: int | None = None) -> dict[str, Any]:
     """Run ``job`` into ``out/runs/<job.name>/`` and return its ``results.jsonl`` record:
     the job's identity, ``status`` (``complete``; ``failed`` or ``interrupted`` with ``error``),
