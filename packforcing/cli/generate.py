@@ -748,15 +748,9 @@ def _run(
 def _save_latents(path: Path, latents: Sequence[torch.Tensor]) -> None:
     """Write every block's latents, concatenated in time, atomically to ``path``."""
     import torch
-    from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with writing(path):
-            blocks = torch.cat(list(latents), dim=2).contiguous()
-            save_file({"latents": blocks}, str(tmp), metadata={"blocks": str(len(latents))})
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from packforcing.core.checkpoint import save_safetensors_atomic
+
+    with writing(path):
+        blocks = torch.cat(list(latents), dim=2).contiguous()
+        save_safetensors_atomic({"latents": blocks}, path, metadata={"blocks": str(len(latents))})

@@ -39,24 +39,33 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
-def save_checkpoint(directory: Path, state: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``state`` (``{"tensors": ..., "meta": ...}``, see
-    :meth:`~packforcing.core.session.GenerationSession.state_dict`) and JSON-able ``extra``."""
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` as safetensors to ``path`` as :func:`write_atomic` writes bytes: a
+    temporary file beside it, synced, mode 0644, renamed over ``path``; removed on any failure,
+    so a full disk leaves no partial file behind."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
-    name = f"state-{int(state['meta']['blocks_done'])}.safetensors"
-    tensors = {k: t.detach().to("cpu").contiguous() for k, t in state["tensors"].items()}
-    tmp = directory / f".{name}.tmp"
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(tensors, str(tmp))
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata is not None else None)
         with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, directory / name)
+        os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(directory: Path, state: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``state`` (``{"tensors": ..., "meta": ...}``, see
+    :meth:`~packforcing.core.session.GenerationSession.state_dict`) and JSON-able ``extra``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"state-{int(state['meta']['blocks_done'])}.safetensors"
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in state["tensors"].items()}
+    save_safetensors_atomic(tensors, directory / name)
     document = {"tensors": name, "meta": state["meta"], "extra": dict(extra or {})}
     write_atomic(directory / STATE_JSON, (json.dumps(document, indent=1) + "\n").encode())
     for old in directory.glob("state-*.safetensors"):

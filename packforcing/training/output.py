@@ -9,15 +9,12 @@ others, like any other output of the command), whatever the temporary file was c
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-
-WEIGHTS_MODE = 0o644
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -49,25 +46,16 @@ def check_writable(path: str | os.PathLike[str], option: str = "--out") -> Path:
 
 def write_weights(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
     """Write ``state`` as safetensors to ``path`` atomically (a temporary file in the same folder,
-    then a rename), mode 0644; on failure the temporary file is removed and ``path`` is left as
-    it was. A failure of the writer itself is raised as an ``OSError`` naming ``path``."""
-    from safetensors.torch import save_file
+    then a rename; :func:`~packforcing.core.checkpoint.save_safetensors_atomic`), mode 0644; on
+    failure the temporary file is removed and ``path`` is left as it was. A failure of the writer
+    itself is raised as an ``OSError`` naming ``path``."""
+    from packforcing.core.checkpoint import save_safetensors_atomic
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(name)
     try:
-        try:
-            save_file(dict(state), str(tmp), metadata=metadata)
-        except OSError:
-            raise
-        except Exception as exc:  # safetensors' own SafetensorError
-            raise OSError(f"{out}: cannot write the weights: {exc}") from exc
-        os.chmod(tmp, WEIGHTS_MODE)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        save_safetensors_atomic(state, out, metadata=metadata)
+    except OSError:
         raise
+    except Exception as exc:  # safetensors' own SafetensorError
+        raise OSError(f"{out}: cannot write the weights: {exc}") from exc
