@@ -12,8 +12,7 @@ import math
 
 import attrs
 
-SEED_LIMIT = 2**63
-"""Seeds are below 2**63, what a torch generator takes (as ``run.seed``)."""
+from packforcing.core.validators import SEED_LIMIT
 
 
 def check_lr(lr: float, option: str = "--lr") -> None:
