@@ -540,3 +540,46 @@ def test_an_interrupted_job_is_recorded_from_its_report_when_ray_keeps_its_value
     record = interrupted_record(job, str(tmp_path))
     assert record == {**job.as_record(), "run_dir": f"runs/{job.name}", "status": "interrupted",
                       "error": "interrupted after 3 blocks"}  # fmt: skip
+
+
+class _FinishingRay(_CancellingRay):
+    """Ray where every task has finished: its value is ``execute_job``'s record, computed here."""
+
+    def __init__(self, execute_job) -> None:
+        super().__init__()
+        self.execute_job = execute_job
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return list(refs)[:num_returns], list(refs)[num_returns:]
+
+    def get(self, ref, timeout=None):
+        job, out = self.calls[ref]
+        return self.execute_job(job, out)
+
+
+def test_a_resumed_jobs_wall_time_sums_its_attempts(cfg, tmp_path, monkeypatch):
+    """``total_seconds`` (the summary's "job wall s") of a job that resumed an interrupted run
+    adds the seconds of the attempts since its last complete line; a job run afresh counts its
+    own, and the lines of an earlier complete run of the job are not counted."""
+    from packforcing.sweep import driver, run_sweep
+
+    jobs = expand_jobs([cfg["full"]], seeds=[0, 1], blocks=1, overrides=TINY)
+    results = ResultsFile(tmp_path / "out" / "results.jsonl")
+    results.path.parent.mkdir(parents=True)
+    first, second = jobs
+    results.append({**first.as_record(), "status": "failed", "seconds": 100.0})
+    results.append({**second.as_record(), "status": "failed", "seconds": 1.5})  # both before a resume
+    results.append({**second.as_record(), "status": "interrupted", "seconds": 4.0})
+
+    def execute_job(job, out):
+        return {**job.as_record(), "status": "complete", "seconds": 2.0, "resumed": job is second}
+
+    monkeypatch.setattr(driver, "_ray", lambda: _FinishingRay(execute_job))
+    run_sweep(jobs, tmp_path / "out")
+    latest = results.latest()
+    assert (latest[first.key]["total_seconds"], latest[second.key]["total_seconds"]) == (2.0, 7.5)
+    assert "| full | full | 1 | 2 / 0 |" in (tmp_path / "out" / "summary.md").read_text()
+    assert summarize(jobs, latest)["rows"][0]["stats"]["total_seconds"]["mean"] == pytest.approx(4.75)
+    # once complete, a later resumed attempt of the same job starts counting afresh
+    results.append({**second.as_record(), "status": "interrupted", "seconds": 3.0})
+    assert results.unfinished_seconds() == {second.key: 3.0}

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 
 from packforcing.sweep.jobs import SweepJob
-from packforcing.sweep.results import RESULTS, ResultsFile, write_summary
+from packforcing.sweep.results import RESULTS, ResultsFile, record_key, write_summary
 from packforcing.sweep.runner import COMPLETE, FAILED, execute, interrupted_record
 
 CANCEL_GRACE_SECONDS = 15.0
@@ -122,6 +122,7 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     results = ResultsFile(out / RESULTS)
     done_keys = results.complete_keys()
+    earlier = results.unfinished_seconds()
     todo = [job for job in jobs if job.key not in done_keys]
     skipped = len(jobs) - len(todo)
     if on_start is not None:
@@ -141,6 +142,7 @@ def run_sweep(
                 local_cpus=local_cpus,
                 on_progress=on_progress,
                 execute_job=execute_job,
+                earlier_seconds=earlier,
             )
     except SweepError:  # refused before anything was scheduled: no summary of a sweep that never ran
         refused = True
@@ -164,6 +166,7 @@ def _run_on_ray(
     local_cpus: int | None,
     on_progress: Callable[[Progress], None] | None,
     execute_job: Execute,
+    earlier_seconds: dict[tuple[str, str, int, int], float],
 ) -> list[dict[str, Any]]:
     ray = _ray()
     started_here = not ray.is_initialized()
@@ -213,7 +216,7 @@ def _run_on_ray(
                     continue
                 for ref in ready:
                     job = pending.pop(ref)
-                    record = _collect(ray, ref, job, retries)
+                    record = _with_total_seconds(_collect(ray, ref, job, retries), earlier_seconds)
                     results.append(record)
                     records.append(record)
                     failed += record["status"] == FAILED
@@ -233,6 +236,7 @@ def _run_on_ray(
                     record = interrupted_record(pending[ref], out)
                 if record is None:  # cancelled before it started, or its worker is gone: not run
                     continue
+                record = _with_total_seconds(record, earlier_seconds)
                 results.append(record)
                 records.append(record)
             raise
@@ -240,6 +244,17 @@ def _run_on_ray(
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _with_total_seconds(
+    record: dict[str, Any], earlier_seconds: dict[tuple[str, str, int, int], float]
+) -> dict[str, Any]:
+    """``record`` with ``total_seconds``: its own wall ``seconds``, plus for a run resumed from
+    earlier attempts (``resumed: true``) the seconds those attempts' lines recorded."""
+    if not isinstance(record.get("seconds"), (int, float)):
+        return record
+    earlier = earlier_seconds.get(record_key(record), 0.0) if record.get("resumed") else 0.0
+    return {**record, "total_seconds": round(record["seconds"] + earlier, 3)}
 
 
 def _collect(ray: Any, ref: Any, job: SweepJob, retries: int) -> dict[str, Any]:

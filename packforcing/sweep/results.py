@@ -56,6 +56,18 @@ class ResultsFile:
     def complete_keys(self) -> set[tuple[str, str, int, int]]:
         return {key for key, r in self.latest().items() if r.get("status") == COMPLETE}
 
+    def unfinished_seconds(self) -> dict[tuple[str, str, int, int], float]:
+        """Per job key, the wall seconds of its lines since its last ``complete`` one (the
+        attempts a resumed run continues)."""
+        seconds: dict[tuple[str, str, int, int], float] = {}
+        for record in self.read():
+            key = record_key(record)
+            if record.get("status") == COMPLETE:
+                seconds.pop(key, None)
+            elif isinstance(record.get("seconds"), (int, float)):
+                seconds[key] = seconds.get(key, 0.0) + float(record["seconds"])
+        return seconds
+
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not self._ends_with_newline()
@@ -75,7 +87,7 @@ METRICS: tuple[tuple[str, str, float], ...] = (
     ("peak_cache_bytes", "peak cache MiB", 2.0**-20),
     ("cache_ratio", "peak / full cache", 1.0),
     ("ms_per_block", "ms / block", 1.0),
-    ("seconds", "job wall s", 1.0),
+    ("total_seconds", "job wall s", 1.0),
 )
 """Fixed columns: record key, label, scale applied for display."""
 
@@ -98,6 +110,8 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 
 def _value(record: dict[str, Any], key: str) -> float | None:
+    if key == "total_seconds" and key not in record:  # a line written before attempts were summed
+        key = "seconds"
     node: Any = record
     for part in key.split(".", 1) if key.startswith("fidelity.") else [key]:
         node = node.get(part) if isinstance(node, dict) else None
