@@ -552,6 +552,33 @@ def test_full_disk_names_the_file_and_fails_the_report(tmp_path, monkeypatch, ca
     assert not list(out.glob(".*"))  # no temporaries
 
 
+def test_a_failed_video_append_leaves_the_blocks_before_playable(tmp_path, monkeypatch):
+    """A block whose fragment is written but not made durable (ENOSPC at fsync; the same for a
+    short write) is cut off again: the MP4 holds exactly the blocks appended before, playable."""
+    import errno
+
+    from packforcing.output import video
+    from packforcing.output.video import FragmentedMP4Writer
+
+    rng = np.random.default_rng(0)
+    blocks = [rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8) for _ in range(2)]
+    writer = FragmentedMP4Writer(tmp_path / "video.mp4", fps=8)
+    writer.append(blocks[0])
+    size = writer.nbytes
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(video.os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        writer.append(blocks[1])
+    monkeypatch.undo()
+    assert (tmp_path / "video.mp4").stat().st_size == size == writer.nbytes and writer.frames == 3
+    assert len(frames_of(tmp_path / "video.mp4")) == 3
+    writer.append(blocks[1])  # the writer goes on from the blocks the file holds
+    assert len(frames_of(tmp_path / "video.mp4")) == 6
+
+
 def test_full_disk_while_saving_the_checkpoint_fails_the_report(tmp_path, monkeypatch):
     import errno
 

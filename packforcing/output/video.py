@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import subprocess
@@ -101,7 +102,8 @@ class FragmentedMP4Writer:
     Each :meth:`append` encodes one block's frames with ffmpeg (the imageio-ffmpeg binary) into
     a fragmented MP4, keeps the header (``ftyp``/``moov``) of the first block only, renumbers the
     fragments (``mfhd`` sequence, ``tfdt`` decode time) to follow the ones already written, appends
-    them and fsyncs. The file is always a complete fragmented MP4 of the blocks appended so far;
+    them and fsyncs. The file is always a complete fragmented MP4 of the blocks appended so far
+    (an append that fails, e.g. on a full disk, cuts the file back to them);
     :attr:`nbytes` after a block lets a resumed run cut the file back to that block
     (``resume_bytes``/``resume_frames``).
     """
@@ -190,10 +192,15 @@ class FragmentedMP4Writer:
                         value = struct.unpack_from(">I", data, tfdt[1] + 12)[0]
                         struct.pack_into(">I", data, tfdt[1] + 12, value + offset)
             out += data[o : o + s]
-        with self.path.open("ab") as handle:
-            handle.write(out)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with self.path.open("ab") as handle:
+                handle.write(out)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:  # a full disk, a signal mid-write: cut back to the blocks before
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, self.nbytes)
+            raise
         self.nbytes += len(out)
         self.frames += len(frames)
 
