@@ -672,3 +672,37 @@ def test_a_selector_budget_out_of_range_is_refused_when_built(component, expecte
     assert str(info.value) == f"selector 'budget' (distribution budget-dist): {expected}"
     with pytest.raises(pf.PluginError, match="distribution budget-dist"):
         pf.build_engine(config, registry=registry)
+
+
+class LateBadBudget(RecencySelector):
+    """A budget that goes wrong past the sizes the build checks (64 for an unbounded tier)."""
+
+    def budget(self, num_candidates: int) -> int:
+        return num_candidates + 1 if num_candidates >= 66 else min(self.params.k, num_candidates)
+
+
+def test_a_selector_budget_that_goes_wrong_later_is_one_line_in_the_plan_and_the_run():
+    """An unbounded ``select`` tier outgrows what the build checks: the plan, and the run when it
+    gets there, still refuse the bad ``budget(n)`` in one line naming the selector and block."""
+    registry, _ = create((plugin("late", packforcing_selectors=lambda: {"late": LateBadBudget}), "late-dist"))
+    config = {
+        "model": {"name": "tiny_dit", "hidden_size": 16, "num_heads": 2, "num_layers": 1,
+                  "latent_height": 2, "latent_width": 2, "frames_per_block": 1},
+        "policy": {"name": "tiered", "tiers": [{"name": "history", "select": True}]},
+        "selector": {"name": "late", "k": 1},
+        "backend": "sdpa",
+        "sampler": {"steps": 1},
+        "run": {"device": "cpu", "dtype": "float32"},
+    }  # fmt: skip
+    engine = pf.build_engine(config, registry=registry)
+    expected = "selector 'late' (distribution late-dist): budget(66) must be an int in [0, 66]; got 67"
+    with pytest.raises(pf.PluginError) as info:
+        engine.policy.plan(70)
+    assert str(info.value) == expected
+    assert engine.policy.plan(66).context_tokens == engine.policy.plan(10).context_tokens  # k = 1 block
+    blocks = engine.generate(70, seed=0)
+    for _ in range(66):
+        next(blocks)
+    with pytest.raises(pf.PluginError) as info:
+        next(blocks)
+    assert str(info.value) == expected.replace("):", "), block 66:")

@@ -123,6 +123,16 @@ def number_problem(what: str, value: Any, *, positive: bool = False) -> str | No
     return None
 
 
+def budget_problem(budget: Any, candidates: int, previous: int = 0) -> str | None:
+    """What is wrong with a selector's ``budget(candidates)``: it must be an int in
+    ``[previous, candidates]`` (``previous``: the budget of one candidate fewer, as it is
+    non-decreasing), or ``None``."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or not previous <= budget <= candidates:
+        floor = f", at least budget({candidates - 1}) = {previous}" if previous else ""
+        return f"budget({candidates}) must be an int in [0, {candidates}]{floor}; got {budget!r}"
+    return None
+
+
 def selection_problem(
     idx: Any, *, batch: int, budget: int, candidates: int, device: torch.device, read: bool = True
 ) -> str | None:

@@ -76,7 +76,6 @@ def planned_context(policy: TieredPolicy, layout: TierLayout) -> int:
     for tier, members in zip(policy.tiers, layout.members, strict=True):
         count = len(members)
         if tier.spec.select and count:
-            assert policy.selector is not None
-            count = policy.selector.budget(count)
+            count = policy.selector_budget(count)
         total += count * tier.tokens
     return total

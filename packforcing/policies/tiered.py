@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import torch
 
-from packforcing.core.boundary import DeferredChecks, Origin, kv_problem, number_problem
+from packforcing.core.boundary import DeferredChecks, Origin, budget_problem, kv_problem, number_problem
 from packforcing.core.errors import ConfigError, ParamError, PluginError
 from packforcing.core.finite import all_finite
 from packforcing.core.geometry import Geometry
@@ -244,6 +244,17 @@ class TieredPolicy(CachePolicy):
                     f"{k} is larger than the capacity of tier {tier.name!r} it selects from ({tier.capacity} blocks)",
                 )
 
+    def selector_budget(self, candidates: int) -> int:
+        """The selector's ``budget(candidates)``, checked like at build time (a
+        :class:`PluginError` naming the selector), for sizes past those checked then."""
+        assert self.selector is not None
+        origin = self._origin("selector", "selector", self.selector)
+        budget = origin.call(None, self.selector.budget, candidates)
+        problem = budget_problem(budget, candidates)
+        if problem:
+            raise origin.error(problem)
+        return budget
+
     def _check_budgets(self, unbounded: int = 64) -> None:
         """A :class:`PluginError` naming the selector if ``budget(n)`` is not an int in
         ``[0, n]`` non-decreasing in ``n`` for ``n`` up to a ``select`` tier's capacity
@@ -256,9 +267,9 @@ class TieredPolicy(CachePolicy):
         for n in range(max(sizes) + 1):
             with origin.calling(None):
                 budget = self.selector.budget(n)
-            if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget <= n or budget < previous:
-                floor = f", at least budget({n - 1}) = {previous}" if n else ""
-                raise origin.error(f"budget({n}) must be an int in [0, {n}]{floor}; got {budget!r}")
+            problem = budget_problem(budget, n, previous)
+            if problem:
+                raise origin.error(problem)
             previous = budget
 
     def audit(self) -> None:

@@ -10,7 +10,14 @@ import attrs
 import torch
 
 from packforcing.attention.merge import merge_by_lse
-from packforcing.core.boundary import DeferredChecks, Origin, number_problem, selection_problem, tensor_problem
+from packforcing.core.boundary import (
+    DeferredChecks,
+    Origin,
+    budget_problem,
+    number_problem,
+    selection_problem,
+    tensor_problem,
+)
 from packforcing.core.finite import finite_flags, finite_probe
 from packforcing.core.interfaces import (
     AttentionBackend,
@@ -182,7 +189,7 @@ class TieredContext(AttentionContext):
         # Query position depends on how many blocks enter, not on which: use the first k'.
         spans: list[tuple[float, float]] = []
         for blocks, select in groups:
-            count = selector.budget(len(blocks)) if select and selector is not None else len(blocks)
+            count = self._budget(len(blocks)) if select and selector is not None else len(blocks)
             spans.extend((b.position, b.num_frames) for b in blocks[:count])
         self._targets, self._position = self._assign(spans)
         self._on_device = (realigner.targets_from_frames or not realigner.rotates) and all(
@@ -205,6 +212,17 @@ class TieredContext(AttentionContext):
     @property
     def context_tokens(self) -> int:
         return self._context_tokens
+
+    def _budget(self, candidates: int) -> int:
+        """The selector's ``budget(candidates)``, checked (an int in ``[0, candidates]``): the
+        build checks it up to the tiers' capacities, an unbounded tier may outgrow that."""
+        assert self._selector is not None
+        origin = self._origins[0]
+        budget = origin.call(self._query.block_id, self._selector.budget, candidates)
+        problem = budget_problem(budget, candidates)
+        if problem:
+            raise origin.error(problem, self._query.block_id)
+        return budget
 
     def _assign(self, spans: list[tuple[float, float]]) -> tuple[list[float], float]:
         """The realigner's target positions, checked: one finite number per span, and the query's."""
@@ -243,7 +261,7 @@ class TieredContext(AttentionContext):
                 problem = selection_problem(
                     idx,
                     batch=batch,
-                    budget=self._selector.budget(len(blocks)),
+                    budget=self._budget(len(blocks)),
                     candidates=len(blocks),
                     device=q.device,
                 )
@@ -304,7 +322,7 @@ class TieredContext(AttentionContext):
         else:
             origin = self._origins[0]
             idx = origin.call(self._query.block_id, self._selector.select, q, blocks, layer)
-            budget = self._selector.budget(len(blocks))
+            budget = self._budget(len(blocks))
             problem = selection_problem(
                 idx, batch=q.shape[0], budget=budget, candidates=len(blocks), device=q.device, read=False
             )
@@ -366,7 +384,7 @@ class TieredContext(AttentionContext):
         needs on the device, as ``(value, 1)`` runs: its candidates' homes, then its picks'
         targets (:meth:`_Piece.place` takes them back)."""
         assert self._selector is not None
-        count = self._selector.budget(len(blocks))
+        count = self._budget(len(blocks))
         picked = [float(next(targets)) for _ in range(count)]
         homes = [(b.position, 1) for b in blocks] + [(t, 1) for t in picked]
         return _Piece(blocks, g, count, blocks[0].num_tokens), homes
