@@ -583,3 +583,23 @@ def test_a_resumed_jobs_wall_time_sums_its_attempts(cfg, tmp_path, monkeypatch):
     # once complete, a later resumed attempt of the same job starts counting afresh
     results.append({**second.as_record(), "status": "interrupted", "seconds": 3.0})
     assert results.unfinished_seconds() == {second.key: 3.0}
+
+
+def test_gpus_per_job_without_local_gpus_is_refused_before_ray_starts(cfg, tmp_path, capsys, monkeypatch):
+    from packforcing.sweep import driver
+
+    class NotStarted(_CancellingRay):
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kwargs):
+            raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(driver, "_ray", NotStarted)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    args = ["sweep", cfg["full"], "--blocks", "1", *_sets(), "--gpus-per-job", "1", "--out", str(tmp_path / "o")]
+    assert main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --gpus-per-job 1: this machine has 0 CUDA GPUs "
+        "(leave it out to run on CPUs, or give --address of a Ray cluster with GPUs)"
+    )

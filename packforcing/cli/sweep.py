@@ -145,9 +145,9 @@ def run(args: argparse.Namespace) -> int:
     def on_start(to_run: int, skipped: int) -> None:
         if not quiet:
             where = f"the Ray cluster at {args.address}" if args.address else "a local Ray instance"
+            jobs_ = f"{len(jobs)} job" + ("s" if len(jobs) != 1 else "")
             print(
-                f"sweep: {len(jobs)} jobs, {skipped} skipped (already complete in {out / RESULTS}), "
-                f"{to_run} to run on {where}",
+                f"sweep: {jobs_}, {skipped} skipped (already complete in {out / RESULTS}), {to_run} to run on {where}",
                 file=sys.stderr,
             )
 

@@ -170,6 +170,14 @@ def _run_on_ray(
 ) -> list[dict[str, Any]]:
     ray = _ray()
     started_here = not ray.is_initialized()
+    if started_here and not address and gpus_per_job > 0:
+        import torch  # a local instance gets this machine's GPUs: refuse before starting it
+
+        if torch.cuda.device_count() < gpus_per_job:
+            raise SweepError(
+                f"--gpus-per-job {gpus_per_job:g}: this machine has {torch.cuda.device_count()} CUDA GPUs "
+                "(leave it out to run on CPUs, or give --address of a Ray cluster with GPUs)"
+            )
     if started_here:
         kwargs: dict[str, Any] = {
             "include_dashboard": False,
