@@ -5,22 +5,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shutil
 import signal
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from packforcing.cli import add_overrides, add_verb, stop_signals_to
 from packforcing.cli.argtypes import positive_float
+from packforcing.cli.run_files import CHECKPOINT_DIR, RunError, RunFiles, check_output, prepare_output
 from packforcing.core.errors import ConfigError
 from packforcing.presets import DEFAULT as DEFAULT_CONFIG
 
 if TYPE_CHECKING:
-    import torch
-
     from packforcing.core.config import Config
 
 
@@ -143,45 +141,6 @@ def text_encoder_params(config: Any) -> Any:
         if root is not None and (root / "text_encoder").is_dir():
             params = attrs.evolve(params, path=str(root))
     return params
-
-
-class ReturnTracker:
-    """Per-return fidelity of a run: at each cut back to a condition seen before, the PSNR of
-    the block's first frame against the last frame generated under that condition (for a
-    world whose off-screen scenes are frozen, they should match)."""
-
-    def __init__(self, report: Any) -> None:
-        self.report = report
-        self.last: dict[str, tuple[int, Any]] = {}
-        self.previous: str | None = None
-
-    def add(self, index: int, condition: Any, pixels: Any) -> None:
-        """Block ``index`` under ``condition``, decoded ``pixels [B, 3, F, H, W]``."""
-        from packforcing.core.conditions import spec_key
-
-        if condition is None or pixels.shape[2] == 0:
-            return
-        key = spec_key(condition)
-        if key != self.previous and key in self.last:
-            seen, frame = self.last[key]
-            frame = frame.to(pixels.device)
-            mse = float((pixels[:, :, 0].clamp(-1, 1) - frame.clamp(-1, 1)).pow(2).mean())
-            self.report.add_return(index, condition, index - seen, 10 * math.log10(4.0 / max(mse, 1e-10)))
-        self.last[key] = (index, pixels[:, :, -1].clone())
-        self.previous = key
-
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """``(tensors, info)`` for a checkpoint: the last frame under each condition seen, and
-        (JSON-able) their keys, blocks and the previous block's key."""
-        keys = list(self.last)
-        tensors = {str(i): self.last[key][1] for i, key in enumerate(keys)}
-        return tensors, {"keys": keys, "blocks": [self.last[key][0] for key in keys], "previous": self.previous}
-
-    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
-        """Continue from :meth:`state_dict`: the next return is measured as in an uninterrupted run."""
-        keys, blocks = list(info["keys"]), list(info["blocks"])
-        self.last = {key: (int(blocks[i]), tensors[str(i)]) for i, key in enumerate(keys)}
-        self.previous = info.get("previous")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -311,10 +270,6 @@ def _done(out: Path, report: dict[str, Any]) -> int:
     return 0
 
 
-class RunError(ValueError):
-    """A problem with the run directory or the run's inputs (one line, exit status 1)."""
-
-
 class Interrupted(KeyboardInterrupt):
     """The run was stopped by SIGINT or SIGTERM; ``resume_dir`` holds a checkpoint to continue."""
 
@@ -327,82 +282,6 @@ class Interrupted(KeyboardInterrupt):
         done = f" after {blocks_done} blocks" if blocks_done is not None else ""
         where = f"; resume with: packforcing generate --resume {resume_dir}" if resume_dir is not None else ""
         super().__init__(f"interrupted ({signal_name}){done}{where}")
-
-
-class OutputError(OSError):
-    """An output file could not be written (a full disk, a lost permission): one line naming it,
-    ``out/video.mp4: cannot write: no space left on device``."""
-
-    def __str__(self) -> str:
-        return f"{self.filename}: cannot write: {self.strerror}"
-
-
-@contextlib.contextmanager
-def writing(path: Path) -> Iterator[None]:
-    """Turn an :class:`OSError` with no file named (``[Errno 28] No space left on device``
-    from a write or fsync) into an :class:`OutputError` naming ``path``."""
-    try:
-        yield
-    except OutputError:
-        raise
-    except OSError as exc:
-        if exc.errno is None or not exc.strerror:
-            raise  # a message of its own (it names its file)
-        reason = exc.strerror[:1].lower() + exc.strerror[1:]
-        raise OutputError(exc.errno, reason, str(path)) from exc
-
-
-RUN_FILES = ("report.json", "memory.png", "latents.safetensors", "video.mp4")
-CHECKPOINT_DIR = "checkpoint"
-
-
-def _run_files(out: Path) -> list[Path]:
-    """The files of a run in ``out`` (only names this job writes)."""
-    found = [out / name for name in (*RUN_FILES, CHECKPOINT_DIR) if (out / name).exists()]
-    found += sorted(p for p in out.glob("video_*.mp4") if p.name[6:-4].isdigit())
-    return found
-
-
-def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Check the run directory before anything expensive happens, changing nothing: it must be
-    creatable and writable; an existing run is refused unless ``overwrite`` or ``resume`` (which
-    needs a checkpoint)."""
-    if resume and overwrite:
-        raise RunError("--resume and --overwrite exclude each other")
-    if out.exists() and not out.is_dir():
-        raise RunError(f"{out}: exists and is not a directory")
-    if resume:
-        if not (out / CHECKPOINT_DIR / "state.json").is_file():
-            what = "no run here" if not out.exists() else "no checkpoint here"
-            raise RunError(f"{out}: nothing to resume ({what}; checkpoints are written on interruption and every "
-                           "run.checkpoint_every blocks)")  # fmt: skip
-    elif out.exists():
-        existing = _run_files(out)
-        if existing and not overwrite:
-            names = ", ".join(p.name for p in existing[:4])
-            raise RunError(
-                f"{out}: already holds a run ({names}); pass --overwrite to replace it or --resume to continue it"
-            )
-    parent = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), None)
-    if parent is None or not parent.is_dir():
-        raise RunError(f"{out}: cannot create the output directory: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RunError(f"{out}: cannot create or write the output directory ({parent} is not writable)")
-
-
-def prepare_output(out: Path, *, overwrite: bool) -> None:
-    """Create the run directory; with ``overwrite``, first remove the earlier run's files (only
-    names this job writes), so no stale file of it is left beside the new ones."""
-    if overwrite and out.is_dir():
-        for path in _run_files(out):
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"{out}: cannot create the output directory: {exc.strerror}") from None
 
 
 class _Stop:
@@ -513,14 +392,103 @@ def _run(
     from tqdm import tqdm
 
     from packforcing.core.build import build_engine, check_config
-    from packforcing.core.checkpoint import load_checkpoint, save_checkpoint
-    from packforcing.core.conditions import ConditionError, ConditionSchedule
-    from packforcing.core.config import Config, load_config
-    from packforcing.output.plot import plot_memory
+    from packforcing.core.checkpoint import load_checkpoint
     from packforcing.output.report import RunReport
-    from packforcing.output.video import FragmentedMP4Writer, to_uint8_frames
 
     state, extra = load_checkpoint(out / CHECKPOINT_DIR) if resume else (None, {})
+    config, all_overrides = _run_config(config, out, overrides, labels, resume, state, extra, registry)
+    config = check_config(config, registry=registry)
+    prepare_output(out, overwrite=overwrite)
+    engine = build_engine(config, registry=registry, wrap=wrap)
+    g = engine.geometry
+    run_params = config.run
+    schedule = _schedule(engine, run_params, state)
+    report_details = dict(details or extra.get("details") or {})
+    if state is not None and isinstance(report_details.get("video"), Mapping):
+        report_details["video"] = _video_of_length(report_details["video"], engine, run_params.blocks, run_params.fps)
+    report = RunReport(
+        config=config.resolved(),
+        full_bytes_per_block=g.tokens_per_block * g.bytes_per_token * run_params.batch_size,
+        conditions=schedule.as_list() or None,
+        details=report_details,
+        blocks_planned=run_params.blocks,
+    )
+    session = _session(engine, config, schedule, state)
+    keep = {
+        "config_source": str(Path(config.source).resolve()) if config.source else None,
+        "config_data": config.data,
+        "overrides": list(all_overrides),
+        "config": config.resolved(),
+        "details": report.details,
+    }
+    files = RunFiles(
+        out, engine=engine, session=session, report=report, keep=keep, fps=run_params.fps,
+        save_latents=save_latents, state=state, extra=extra,
+    )  # fmt: skip
+    bar = tqdm(
+        total=run_params.blocks, initial=session.blocks_done, unit="block", disable=not progress, dynamic_ncols=True
+    )
+    try:
+        files.write_report()
+        stop.deferred = True
+        while session.blocks_done < run_params.blocks:
+            record = files.add(session.step())
+            every = run_params.checkpoint_every
+            if every and session.blocks_done % every == 0 and session.blocks_done < run_params.blocks:
+                files.checkpoint()
+            bar.set_postfix(cache=f"{record['cache_bytes'] / 2**20:.1f}MiB", ctx=record["context_tokens"])
+            bar.update(1)
+            if on_block is not None:
+                on_block(session.blocks_done)
+            if stop.requested is not None:
+                raise Interrupted(signal_name=stop.requested)
+        # every block is made: the run is written out whole, and a signal now is ignored (the
+        # run is complete, with all its files; a half-written ending would be neither complete
+        # nor resumable)
+        with stop_signals_to(signal.SIG_IGN):
+            bar.close()
+            session.close()
+            files.complete(keep_checkpoint=bool(run_params.checkpoint_every))
+    except KeyboardInterrupt as exc:
+        bar.close()
+        signal_name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+        with stop_signals_to(signal.SIG_IGN):  # the run's state is being saved on the way out
+            if files.consistent():
+                try:
+                    files.checkpoint()
+                except OSError as error:  # not resumable after all: say so, naming the file
+                    files.finish("failed", " ".join(str(error).split()))
+                    session.close()
+                    raise
+            files.finish("interrupted")
+            session.close()
+        resumable = (out / CHECKPOINT_DIR / "state.json").is_file()
+        raise Interrupted(signal_name, session.blocks_done, out if resumable else None) from None
+    except BaseException as exc:
+        bar.close()
+        with stop_signals_to(signal.SIG_IGN):  # the run's state is being saved on the way out
+            files.finish("failed", " ".join(str(exc).split()) or type(exc).__name__)
+            session.close()
+        raise
+    return report.as_dict()
+
+
+def _run_config(
+    config: Any,
+    out: Path,
+    overrides: Sequence[str],
+    labels: Sequence[str] | None,
+    resume: bool,
+    state: Mapping[str, Any] | None,
+    extra: Mapping[str, Any],
+    registry: Any,
+) -> tuple[Config, list[str]]:
+    """The run's config and every override applied to it. A resumed run (``state`` and
+    ``extra`` from its checkpoint) rebuilds the config it was started with (``config`` may be
+    ``None``), plus ``overrides``; it must come out the same but for its length, and no
+    shorter than the blocks already made."""
+    from packforcing.core.config import Config, load_config
+
     source = config if config is not None else extra.get("config_source")
     earlier = list(extra.get("overrides", [])) if resume and config is None else []
     all_overrides = [*earlier, *overrides]
@@ -542,215 +510,38 @@ def _run(
             where = config.source_of("run.blocks")
             option = f"--blocks {config.run.blocks}" if where == "--blocks" else f"run.blocks={config.run.blocks}"
             raise RunError(f"{option}: the run already has {done} blocks")
-    config = check_config(config, registry=registry)
-    prepare_output(out, overwrite=overwrite)
-    engine = build_engine(config, registry=registry, wrap=wrap)
-    g = engine.geometry
-    run_params = config.run
-    full_per_block = g.tokens_per_block * g.bytes_per_token * run_params.batch_size
-    schedule = run_params.schedule()
+    return config, all_overrides
+
+
+def _schedule(engine: Any, run_params: Any, state: Mapping[str, Any] | None) -> Any:
+    """The run's :class:`~packforcing.core.conditions.ConditionSchedule`: ``run.prompts``; a
+    resumed run's own (the session's), also when ``--blocks`` extends it (the default schedule
+    of a longer fresh run may be laid out differently); else a conditional model's default
+    (tiny_dit with scenes: revisit scenes)."""
+    from packforcing.core.conditions import ConditionSchedule
+
     if state is not None:
-        # a resumed run goes on with its own schedule (the session's), also when --blocks extends
-        # it: the default schedule of a longer fresh run may be laid out differently
-        schedule = ConditionSchedule.parse(state["meta"].get("conditions") or None, name="run.prompts")
-    elif not schedule.starts and hasattr(engine.model, "default_conditions"):
-        # a conditional model's own default schedule (tiny_dit with scenes: revisit scenes)
-        schedule = ConditionSchedule.parse(
+        return ConditionSchedule.parse(state["meta"].get("conditions") or None, name="run.prompts")
+    schedule = run_params.schedule()
+    if not schedule.starts and hasattr(engine.model, "default_conditions"):
+        return ConditionSchedule.parse(
             engine.model.default_conditions(run_params.blocks, run_params.seed), name="run.prompts"
         )
-    report_details = dict(details or extra.get("details") or {})
-    if state is not None and isinstance(report_details.get("video"), Mapping):
-        report_details["video"] = _video_of_length(report_details["video"], engine, run_params.blocks, run_params.fps)
-    report = RunReport(
-        config=config.resolved(),
-        full_bytes_per_block=full_per_block,
-        conditions=schedule.as_list() or None,
-        details=report_details,
-        blocks_planned=run_params.blocks,
-    )
+    return schedule
+
+
+def _session(engine: Any, config: Config, schedule: Any, state: Mapping[str, Any] | None) -> Any:
+    """A new session, or the checkpoint's ``state`` loaded; a schedule the model does not take
+    is a :class:`ConfigError` at ``run.prompts``."""
+    from packforcing.core.conditions import ConditionError
+
+    run_params = config.run
     try:
         if state is not None:
-            session = engine.load_state_dict(state)
-        else:
-            session = engine.session(
-                seed=run_params.seed,
-                batch_size=run_params.batch_size,
-                conditions=schedule,
-                recache=run_params.recache,
-            )
+            return engine.load_state_dict(state)
+        return engine.session(
+            seed=run_params.seed, batch_size=run_params.batch_size, conditions=schedule, recache=run_params.recache
+        )
     except ConditionError as exc:
         path = exc.path("run.prompts")
         raise ConfigError(exc.message, source=config.source_of(path), path=path) from None
-    latents: list[torch.Tensor] = []
-    if state is not None:
-        report.restore(extra.get("report_blocks", []), extra.get("report_returns"))
-        done = session.blocks_done
-        latents = [state["tensors"][f"run.latents.{i}"] for i in range(done) if f"run.latents.{i}" in state["tensors"]]
-        save_latents = save_latents or bool(extra.get("save_latents"))
-        if save_latents and len(latents) != done:
-            raise RunError(f"{out}: --save-latents, but the run was started without it")
-    codec = engine.model.codec
-    # a codec that decodes across blocks (the Wan VAE's causal cache) streams; others decode per block
-    make_stream = getattr(codec, "streaming_decoder", None)
-    decoder = make_stream() if callable(make_stream) else codec
-    if state is not None and decoder is not codec and "decoder" not in extra:
-        raise RunError(f"{out}: the checkpoint lacks the video decoder's causal state (written by an older version)")
-    if state is not None and "decoder" in extra:
-        # the causal decoder's cache as it was at the checkpoint: the frames after it follow exactly
-        prefix = "run.decoder."
-        cached = {k[len(prefix) :]: t for k, t in state["tensors"].items() if k.startswith(prefix)}
-        try:
-            decoder.load_state_dict(cached, extra["decoder"])
-        except (AttributeError, ValueError, KeyError) as exc:
-            raise RunError(f"{out}: the checkpoint's video decoder state does not fit this model ({exc})") from None
-    # pixel frames written per video: a causal codec decodes 1 + 4(F - 1) frames for F latent ones
-    video_frames = int(extra.get("video_frames", session.blocks_done * g.frames_per_block)) if state else 0
-    writers = []
-    if codec is not None:
-        sizes = extra.get("video_bytes", [])
-        for item in range(run_params.batch_size):
-            name = "video.mp4" if item == 0 else f"video_{item}.mp4"
-            resume_bytes = sizes[item] if state is not None and item < len(sizes) else None
-            frames = video_frames if resume_bytes else 0
-            writers.append(
-                FragmentedMP4Writer(out / name, run_params.fps, resume_bytes=resume_bytes, resume_frames=frames)
-            )
-    keep = {
-        "config_source": str(Path(config.source).resolve()) if config.source else None,
-        "config_data": config.data,
-        "overrides": list(all_overrides),
-        "config": config.resolved(),
-        "save_latents": save_latents,
-        "details": report.details,
-    }
-
-    def checkpoint() -> None:
-        saved = session.state_dict()
-        if save_latents:
-            saved["tensors"].update({f"run.latents.{i}": t for i, t in enumerate(latents)})
-        info = {
-            **keep,
-            "report_blocks": report.blocks,
-            "report_returns": report.returns,
-            "video_bytes": [w.nbytes for w in writers],
-            "video_frames": video_frames,
-        }
-        tracked, info["returns"] = returns.state_dict()
-        saved["tensors"].update({f"run.returns.{k}": t for k, t in tracked.items()})
-        if decoder is not codec:  # a streaming decoder: its causal cache continues the video
-            cached, info["decoder"] = decoder.state_dict()
-            saved["tensors"].update({f"run.decoder.{k}": t for k, t in cached.items()})
-        with writing(out / CHECKPOINT_DIR):
-            save_checkpoint(out / CHECKPOINT_DIR, saved, info)
-
-    def write_report() -> None:
-        with writing(out / "report.json"):
-            report.write(out / "report.json")
-
-    def finish(status: str, error: str | None = None) -> None:
-        """Write report.json and memory.png with ``status``; for ``failed``, each as far as it
-        can be written (the error that failed the run is the one raised)."""
-        report.status, report.error = status, error
-        for name, write in (
-            ("report.json", report.write),
-            ("memory.png", lambda path: plot_memory(report.as_dict(), path, full_per_block)),
-        ):
-            try:
-                with writing(out / name):
-                    write(out / name)
-            except OSError:
-                if status != "failed":
-                    raise
-
-    def consistent() -> bool:
-        """Every output holds exactly the blocks the session has made (so a checkpoint is whole)."""
-        done = session.blocks_done
-        last = getattr(engine.policy, "last_block_id", done - 1)
-        return (
-            last == done - 1
-            and len(report.blocks) == done
-            and decoded == done
-            and all(w.frames == video_frames for w in writers)
-            and (not save_latents or len(latents) == done)
-        )
-
-    returns = ReturnTracker(report)
-    if state is not None and "returns" in extra:  # where each condition was last seen, for the next return
-        prefix = "run.returns."
-        tracked = {k[len(prefix) :]: t for k, t in state["tensors"].items() if k.startswith(prefix)}
-        returns.load_state_dict(tracked, extra["returns"])
-    decoded = session.blocks_done  # blocks whose frames are in the video (and the decoder's state)
-    bar = tqdm(
-        total=run_params.blocks, initial=session.blocks_done, unit="block", disable=not progress, dynamic_ncols=True
-    )
-    try:
-        write_report()
-        stop.deferred = True
-        while session.blocks_done < run_params.blocks:
-            block = session.step()
-            if writers:
-                pixels = decoder.decode(block.latents.float())  # [B, 3, T, H, W]
-                for item, writer in enumerate(writers):
-                    with writing(writer.path):
-                        writer.append(to_uint8_frames(pixels[item]))
-                video_frames += pixels.shape[2]
-                returns.add(block.index, block.condition, pixels)
-            decoded += 1
-            if save_latents:
-                latents.append(block.latents.detach().to("cpu", copy=True))
-            record = report.add(block)
-            write_report()
-            every = run_params.checkpoint_every
-            if every and session.blocks_done % every == 0 and session.blocks_done < run_params.blocks:
-                checkpoint()
-            bar.set_postfix(cache=f"{record['cache_bytes'] / 2**20:.1f}MiB", ctx=record["context_tokens"])
-            bar.update(1)
-            if on_block is not None:
-                on_block(session.blocks_done)
-            if stop.requested is not None:
-                raise Interrupted(signal_name=stop.requested)
-        # every block is made: the run is written out whole, and a signal now is ignored (the
-        # run is complete, with all its files; a half-written ending would be neither complete
-        # nor resumable)
-        with stop_signals_to(signal.SIG_IGN):
-            bar.close()
-            session.close()
-            if save_latents:
-                _save_latents(out / "latents.safetensors", latents)
-            finish("complete")
-            if (out / CHECKPOINT_DIR).exists() and not run_params.checkpoint_every:
-                shutil.rmtree(out / CHECKPOINT_DIR)
-    except KeyboardInterrupt as exc:
-        bar.close()
-        signal_name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
-        with stop_signals_to(signal.SIG_IGN):  # the run's state is being saved on the way out
-            saved = consistent()
-            if saved:
-                try:
-                    checkpoint()
-                except OSError as error:  # not resumable after all: say so, naming the file
-                    finish("failed", " ".join(str(error).split()))
-                    session.close()
-                    raise
-            finish("interrupted")
-            session.close()
-        resumable = (out / CHECKPOINT_DIR / "state.json").is_file()
-        raise Interrupted(signal_name, session.blocks_done, out if resumable else None) from None
-    except BaseException as exc:
-        bar.close()
-        with stop_signals_to(signal.SIG_IGN):  # the run's state is being saved on the way out
-            finish("failed", " ".join(str(exc).split()) or type(exc).__name__)
-            session.close()
-        raise
-    return report.as_dict()
-
-
-def _save_latents(path: Path, latents: Sequence[torch.Tensor]) -> None:
-    """Write every block's latents, concatenated in time, atomically to ``path``."""
-    import torch
-
-    from packforcing.core.checkpoint import save_safetensors_atomic
-
-    with writing(path):
-        blocks = torch.cat(list(latents), dim=2).contiguous()
-        save_safetensors_atomic({"latents": blocks}, path, metadata={"blocks": str(len(latents))})

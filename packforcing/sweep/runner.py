@@ -55,7 +55,7 @@ def claim(job: SweepJob, run_dir: Path) -> None:
 def resumable(job: SweepJob, run_dir: Path) -> bool:
     """Whether ``run_dir`` holds an unfinished run of ``job`` that ``generate --resume`` can
     continue: its marker names this job, a checkpoint is there and the report is not complete."""
-    from packforcing.cli.generate import CHECKPOINT_DIR
+    from packforcing.cli.run_files import CHECKPOINT_DIR
 
     try:
         marker = json.loads((run_dir / JOB_MARKER).read_text())
