@@ -109,6 +109,9 @@ class Sizes:
     top_k: int
     memory_marks: tuple[float, ...]
     """Video lengths (s) of the memory table."""
+    memory_cap_bytes: int | None = None
+    """``--memory-gib``: the allocator's limit (``torch.cuda.set_per_process_memory_fraction``), so
+    a larger card runs out where a smaller one would (an H200 as an 80 GB H100); ``None``: the card's."""
 
     @property
     def cuda(self) -> bool:
@@ -666,6 +669,8 @@ def run_policy(engine: Any, sizes: Sizes, *, cap: float, max_blocks: int, condit
     baseline = torch.cuda.memory_allocated() if sizes.cuda else 0
     # what allocations can reach: the device's free memory plus what the allocator holds already
     usable = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() if sizes.cuda else 0
+    if sizes.memory_cap_bytes is not None:
+        usable = min(usable, sizes.memory_cap_bytes)
     stopped, error = "max_blocks", None
     started = time.perf_counter()
     peak = 0
@@ -709,6 +714,7 @@ def run_policy(engine: Any, sizes: Sizes, *, cap: float, max_blocks: int, condit
         "error": error,
         "baseline_allocated": baseline,
         "usable_bytes": usable,
+        "memory_cap_bytes": sizes.memory_cap_bytes,
         "early_ms": early * 1e3,
         "late_ms": late * 1e3,
         "late_over_early": late / early if early else math.nan,
@@ -726,12 +732,14 @@ def run_policy(engine: Any, sizes: Sizes, *, cap: float, max_blocks: int, condit
 
 def stopped_by(run: dict[str, Any]) -> str:
     """What ended a policy's run, with where it ran (or would run) out of memory."""
+    cap = run.get("memory_cap_bytes")
+    limit = f", allocator capped at {cap / 2**30:.1f} GiB" if cap else ""
     if run["stopped"] == "OOM":
         done = run["blocks"]
-        return f"out of memory in block {done + 1}, after {done} blocks ({run['video_seconds']:.1f} s)"
+        return f"out of memory in block {done + 1}, after {done} blocks ({run['video_seconds']:.1f} s{limit})"
     if run.get("predicted_oom_blocks"):
         blocks = run["predicted_oom_blocks"]
-        return f"{run['stopped']} (predicted out of memory after {blocks} blocks, {video_seconds(blocks):.1f} s)"
+        return f"{run['stopped']} (predicted out of memory after {blocks} blocks, {video_seconds(blocks):.1f} s{limit})"
     return run["stopped"]
 
 
@@ -1118,6 +1126,17 @@ def steady_blocks(engine: Any) -> int:
     return sum(t.blocks for t in plan.tiers.values()) + 1
 
 
+def memory_cap_problem(gib: float, sizes: Sizes) -> str | None:
+    """What is wrong with ``--memory-gib``: it must be > 0 and, on a GPU, within the card."""
+    if not (math.isfinite(gib) and gib > 0):
+        return "expected a number of GiB > 0"
+    if sizes.cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        if gib * 2**30 > total:
+            return f"more than the card's {total / 2**30:.1f} GiB"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS, help="where wan_gpu.json / wan_gpu.md go")
@@ -1129,6 +1148,13 @@ def main(argv: list[str] | None = None) -> int:
         default=SECTIONS,
         help=f"comma-separated sections to run (of {','.join(SECTIONS)}); writes wan_gpu_<sections>.*",
     )
+    parser.add_argument(
+        "--memory-gib",
+        type=float,
+        default=None,
+        metavar="G",
+        help="cap what the run may allocate at G GiB (e.g. 79.2 on an H200: where an 80 GB H100 runs out)",
+    )
     args = parser.parse_args(argv)
     only: tuple[str, ...] = args.only
     stem = "wan_gpu" if only == SECTIONS else "wan_gpu_" + "_".join(only)
@@ -1136,6 +1162,14 @@ def main(argv: list[str] | None = None) -> int:
     if sizes.cuda and not torch.cuda.is_available():
         print("benchmarks/wan_gpu.py needs CUDA (--smoke runs it on the CPU with a tiny model)", file=sys.stderr)
         return 1
+    if args.memory_gib is not None:
+        problem = memory_cap_problem(args.memory_gib, sizes)
+        if problem:
+            parser.error(f"--memory-gib {args.memory_gib:g}: {problem}")
+        sizes = attrs.evolve(sizes, memory_cap_bytes=int(args.memory_gib * 2**30))
+        if sizes.cuda:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(sizes.memory_cap_bytes / total, 0)
     budget = Budget(args.budget)
     results = Results(args.out, sizes, stem)
     tf = sizes.transformer
@@ -1155,6 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights_bytes": sum(p.numel() * p.element_size() for p in model.transformer.parameters()),
         "build_seconds": time.perf_counter() - started,
         "budget_seconds": args.budget,
+        "memory_cap_bytes": sizes.memory_cap_bytes,
         "sections": list(only),
     }
     registry = Registry.create(entry_points=False, extra_plugins=[(SharedModel(model), "wan-gpu-benchmark")])

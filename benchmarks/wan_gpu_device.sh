@@ -4,7 +4,7 @@
 # earlier commit's packforcing/, benchmarks/ and configs/, if present), on the same GPU in the
 # same call, so the two are comparable.
 #
-#   bash benchmarks/wan_gpu_device.sh OUT [SECTIONS] [BUDGET]
+#   bash benchmarks/wan_gpu_device.sh OUT [SECTIONS] [BUDGET] [MEMORY_GIB]
 #
 # SECTIONS: wan_gpu.py's --only for this tree (default: every section, which writes
 # OUT/wan_gpu.{json,md}: the attention kernels, xformers included when it loads; the per-layer
@@ -13,19 +13,29 @@
 # in seconds (default 470, under 8 minutes: with 400 the whole took 402 s on an H100, 454 s with
 # the tests and the installs, and the time cap stopped the full cache after 80 blocks, short of
 # running out of memory; by that run's timings the full cache needs ~197 s to get there, and 470
-# leaves it ~229 s). First, the CUDA tests go to OUT/tests.log: the attention
-# backends' (tests/test_backends.py: xformers, and each SDPA kernel's log-sum-exp) and the host
-# syncs' (tests/test_host_syncs.py: a full PackForcing context's passes under CUDA's sync debug
-# mode, copied and split).
+# leaves it ~229 s). MEMORY_GIB: wan_gpu.py's --memory-gib (default: 79.1 on a card of more than
+# 80 GB, so an H200 runs out where an 80 GB H100 does, within the budget: uncapped, its 141 GB
+# would hold ~75 more blocks at 0.86 GB each, about 1.8x the blocks and, as each block's time grows
+# with the cache, some 3x the time; "none" for no cap). First, the CUDA tests go to
+# OUT/tests.log: the attention backends' (tests/test_backends.py: xformers, and each SDPA
+# kernel's log-sum-exp) and the host syncs' (tests/test_host_syncs.py: a full PackForcing
+# context's passes under CUDA's sync debug mode, copied and split).
 #
 # Needs the wheels the GPU image lacks in .whl/ (diffusers, importlib_metadata, cattrs). PyPI's
 # xformers wheel is built against CUDA 12: with xformers and nvidia-cuda-runtime-cu12 in .whl/
 # too, its libcudart.so.12 is put on the loader's path so xformers can load beside a torch built
 # for another CUDA (whether it does is printed, and the attention section times it if so).
 set -uo pipefail
-out=${1:?usage: wan_gpu_device.sh OUT [SECTIONS] [BUDGET]}
+out=${1:?usage: wan_gpu_device.sh OUT [SECTIONS] [BUDGET] [MEMORY_GIB]}
 sections=${2:-attention,copy,packforcing,sliding_window,sink_recent,full,shares,shares_per_pass,shares_split}
 budget=${3:-470}
+total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+memory=${4:-$( [ "${total_mib:-0}" -gt 82000 ] && echo 79.1 || echo none )}
+cap=()
+if [ "$memory" != none ]; then
+    cap=(--memory-gib "$memory")
+    echo "a ${total_mib} MiB card: what the run allocates is capped at $memory GiB"
+fi
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1
@@ -45,7 +55,7 @@ print('xformers', xops.__name__, 'works: max |xformers - sdpa| =', float((out - 
 PYTHONPATH=$PWD:/tmp/site timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py \
     tests/test_host_syncs.py 2>&1 \
     | quiet | tee "$out/tests.log" | tail -3
-PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out" --only "$sections" --budget "$budget" 2>&1 \
+PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out" --only "$sections" --budget "$budget" "${cap[@]}" 2>&1 \
     | quiet | tee "$out/after.log"
 if [ -d .before ]; then
     mkdir -p "$out/before"

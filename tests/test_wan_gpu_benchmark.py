@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "benchmarks/wan_gpu.py", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "benchmarks/wan_gpu.py", "--smoke", "--out", str(tmp_path), "--memory-gib", "0.5"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -35,6 +35,7 @@ def test_wan_gpu_smoke_run_writes_every_section(tmp_path):
     assert all("error" in row for row in sections["attention"]["rows"] if row["backend"] in ("xformers", "flash_attn"))
     runs = sections["policies"]
     assert set(runs) == {"packforcing", "sliding_window", "sink_recent", "full"}
+    assert data["setup"]["memory_cap_bytes"] == 2**29 == runs["full"]["memory_cap_bytes"]  # recorded
     for name, run in runs.items():
         assert run["blocks"] > 0 and run["stopped"] == "max_blocks", name
         assert run["cache_equals_plan"], name  # the bytes held equal the plan after every block
@@ -143,6 +144,22 @@ def test_the_policy_table_says_where_the_cache_ran_or_would_run_out_of_memory(mo
     predicted = {"stopped": "time cap", "blocks": 80, "predicted_oom_blocks": 89}
     assert stopped_by(predicted) == "time cap (predicted out of memory after 89 blocks, 66.6 s)"
     assert stopped_by({"stopped": "max_blocks", "predicted_oom_blocks": None}) == "max_blocks"
+    capped = {**observed, "memory_cap_bytes": int(79.2 * 2**30)}  # an H200 run as an 80 GB card
+    assert stopped_by(capped) == "out of memory in block 90, after 89 blocks (66.6 s, allocator capped at 79.2 GiB)"
+
+
+def test_a_memory_cap_must_be_positive_and_within_the_card(monkeypatch, capsys):
+    import pytest
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from wan_gpu import SMOKE, main, memory_cap_problem
+
+    assert memory_cap_problem(79.2, SMOKE) is None
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        assert memory_cap_problem(bad, SMOKE) == "expected a number of GiB > 0"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--smoke", "--memory-gib", "0"])
+    assert exit_.value.code == 2 and "--memory-gib 0: expected a number of GiB > 0" in capsys.readouterr().err
 
 
 def test_run_policy_records_an_out_of_memory_block_as_the_result(monkeypatch):
