@@ -1,13 +1,21 @@
-"""Cached generation equals the cache-free reference (same model, whole sequence, block mask)."""
+"""Cached generation equals the cache-free reference (same model, whole sequence, block mask),
+for the policies a block mask can express (absolute positions, full-fidelity blocks); and one
+context of a selecting, compressing, realigning policy equals the cache-free context oracle
+(``tests/context_oracle.py``: brute-force picks, RoPE recomputed at packed positions, float64
+attention), which a block mask cannot express."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from packforcing.attention import SdpaBackend
+from packforcing.positional import TemporalRopeShift
 from packforcing.testing import block_causal_mask, reference_generate
 
+from .context_oracle import reference_context_attention
 from .helpers import engine_for, generate
 
 NUM_BLOCKS = 7
@@ -100,3 +108,119 @@ def test_block_causal_mask_shape_and_content():
     assert torch.equal(mask, expected)
     with pytest.raises(ValueError, match="only earlier blocks"):
         block_causal_mask(2, 1, lambda i: [i])
+
+
+# ---------------------------------------------------------------------- one context, every component
+class _HostPath(TemporalRopeShift):
+    """``temporal_rope_shift`` whose picks are read on the host (no ``targets_from_frames``)."""
+
+    targets_from_frames = False
+
+
+def _context_case(draw) -> tuple[dict, dict]:
+    """A tiny model and a selecting tiered policy (the packforcing preset, or sink | two
+    selected tiers | recent) with its selector, compressor and realigner."""
+    frames = draw(st.sampled_from([1, 2]), label="frames_per_block")
+    heads = draw(st.integers(1, 2), label="heads")
+    model = {
+        "name": "tiny_dit",
+        "hidden_size": 12 * heads,
+        "num_heads": heads,
+        "num_layers": 2,
+        "latent_height": 4,
+        "latent_width": draw(st.sampled_from([4, 6]), label="latent_width"),
+        "frames_per_block": frames,
+    }
+    k = draw(st.integers(1, 4), label="k")
+    selector = draw(
+        st.sampled_from(
+            [
+                {"name": "topk", "k": k, "min_queries": 2},
+                {"name": "topk", "k": k, "shared_across_layers": True, "head_fraction": 0.5},
+                {"name": "recency", "k": k},
+            ]
+        ),
+        label="selector",
+    )
+    window = draw(st.sampled_from([1, 2]), label="pool_hw")
+    if draw(st.booleans(), label="packforcing"):
+        policy = {
+            "name": "packforcing",
+            "sink_frames": draw(st.integers(0, 3 * frames), label="sink_frames"),  # not always whole blocks
+            "recent_frames": frames * draw(st.integers(1, 2), label="recent_blocks"),
+            "mid_capacity_blocks": draw(st.integers(k, k + 2), label="mid_blocks"),  # k = capacity included
+            "page_blocks": draw(st.integers(1, 3), label="page_blocks"),
+        }
+    else:
+        policy = {
+            "name": "tiered",
+            "overflow": "drop",
+            "page_blocks": draw(st.integers(1, 3), label="page_blocks"),
+            "tiers": [
+                {"name": "sink", "frames": draw(st.integers(0, 2 * frames), label="sink_frames"), "pinned": True},
+                {"name": "far", "select": True, "fidelity": "compressed"},  # unbounded: candidates span pages
+                {"name": "mid", "blocks": draw(st.integers(k, k + 1), label="mid_blocks"), "select": True},
+                {"name": "recent", "blocks": 1},
+            ],
+        }
+    realigner = draw(
+        st.sampled_from(
+            [
+                {"name": "temporal_rope_shift"},
+                {"name": "temporal_rope_shift", "anchor": "window", "origin": 1.5},
+                {"name": "identity"},
+            ]
+        ),
+        label="realigner",
+    )
+    sections = {
+        "selector": selector,
+        "realigner": realigner,
+        "compressor": {"name": "pool", "window": [1, window, window]},
+        "backend": {"name": "sdpa", "split_context": draw(st.booleans(), label="split_context")},
+    }
+    return model, {"policy": policy, **sections}
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_a_selecting_realigning_context_matches_the_cache_free_context_oracle(data):
+    """Every component at once against :mod:`tests.context_oracle` (no code shared with the
+    policy): after any number of blocks (one block, tiers exactly full, overflowing), for 1-3
+    batch items picking differently, 1-2 heads, ``k`` up to and at the candidates, the three
+    realigners, picks kept on the device or read on the host, the copy or the split context,
+    float32 or bfloat16, contiguous or strided inputs: each layer's output is float64 attention
+    over keys whose RoPE is recomputed at independently packed positions."""
+    draw = data.draw
+    model, sections = _context_case(draw)
+    dtype = draw(st.sampled_from(["float32", "bfloat16"]), label="dtype")
+    engine = engine_for(sections.pop("policy"), model=model, steps=1, run={"device": "cpu", "dtype": dtype}, **sections)
+    policy = engine.policy
+    if policy.realigner.name == "temporal_rope_shift" and draw(st.booleans(), label="host_path"):
+        policy.realigner = _HostPath(policy.realigner.params)
+    blocks = draw(st.integers(1, 12), label="blocks")
+    batch = draw(st.integers(1, 3), label="batch")
+    with engine.session(seed=draw(st.integers(0, 99), label="seed"), batch_size=batch) as session:
+        for _ in range(blocks):
+            session.step()
+    g = engine.geometry
+    query = engine.query(blocks)
+    context = policy.context(query)
+    strided = draw(st.booleans(), label="strided")
+    gen = torch.Generator().manual_seed(blocks)
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    first = None
+    for layer in range(g.num_layers):
+        shape = (batch, g.tokens_per_block, g.num_heads, g.head_dim)
+        q, k, v = (torch.randn(shape, generator=gen).to(getattr(torch, dtype)) for _ in range(3))
+        if strided:  # the same values in [B, H, N, D] memory, seen as [B, N, H, D]
+            q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+        first = first or (layer, q)
+        out = context.attend(layer, q, k, v)
+        shared = policy.selector.shared_across_layers
+        expected, position = reference_context_attention(
+            policy, query, layer, q, k, v, context.selections, selected_with=first if shared else None
+        )
+        assert out.dtype == q.dtype and out.shape == q.shape and context.position == position
+        torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    policy.settle()

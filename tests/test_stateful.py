@@ -11,7 +11,8 @@ every step:
    where an independent model of the tier rules puts it;
 4. (after each forward) the context is ``[pinned | selected, by time | recent]`` with
    temporal positions strictly increasing and contiguous, ending right before the current
-   block (``absolute``) or inside the window (``window``);
+   block (``absolute``) or inside the window (``window``); the picks are a brute-force
+   selector's and the output is the cache-free context oracle's (``tests/context_oracle.py``);
 5. a compressed block holds at most ``1/ratio`` of a full block's tokens;
 6. the bookkeeping agrees with itself (``policy.audit()``: no slot leaked or shared).
 
@@ -46,6 +47,7 @@ from packforcing.models.tiny_dit import TinyDiT, TinyDiTParams
 from packforcing.plugins.manager import default_registry
 from packforcing.positional import IdentityRealigner, TemporalRopeShift, TemporalRopeShiftParams
 
+from .context_oracle import reference_context_attention
 from .faults import COMPRESSOR_FAULTS, FaultyCompressor
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -414,6 +416,16 @@ class CacheMachine(RuleBasedStateMachine):
             assert idx.shape[0] == self.batch
             assert bool((idx[:, 1:] > idx[:, :-1]).all())
         self._check_gathers(query)
+        # the cache-free oracle: the picks against a brute-force selector, the output against
+        # float64 attention over keys whose RoPE is recomputed at independently packed positions
+        saved = self.policy.realigner
+        self.policy.realigner = self.recorder.inner  # the oracle reads the realigner's rule
+        try:
+            expected, position = reference_context_attention(self.policy, query, layer, q, k, v, context.selections)
+        finally:
+            self.policy.realigner = saved
+        assert context.position == position
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
         # the same attention split (stored runs in place, picks gathered, merged by log-sum-exp)
         # on the device-side path, whatever the history of commits, evictions and faults
         saved = self.policy.backend, self.policy.realigner
