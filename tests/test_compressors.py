@@ -385,6 +385,69 @@ def test_pool_on_an_already_compressed_block_floors_the_grid():
         PoolCompressor(PoolParams(window=(1, 4, 4))).output_grid((2, 3, 5))
 
 
+class _RopeOnly:
+    """The one part of a model ``pool`` uses: its RoPE."""
+
+    def __init__(self, head_dim: int) -> None:
+        self.rope = pf.core.rope.Rope3D(head_dim)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    grid=st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 5)),
+    data=st.data(),
+    t_stride=st.sampled_from([1.0, 2.0, 4.0]),
+    hw_stride=st.sampled_from([1.0, 2.0, 4.0]),
+    position=st.sampled_from([0.0, 3.0, 17.5]),
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 2),
+    head_dim=st.sampled_from([6, 8, 12]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_pool_matches_an_explicit_window_average_on_any_grid(
+    grid, data, t_stride, hw_stride, position, batch, heads, head_dim, dtype
+):
+    """Oracle for any grid (trailing tokens that fill no window dropped), stored strides
+    (already compressed blocks), batch, heads and dtype, with RoPE computed from scratch in
+    float64 (:mod:`tests.context_oracle`): undo each key's rotation at its own position, average
+    each window explicitly, rotate the average at the coarse token's position (``t_stride·w_t``,
+    ``hw_stride·w_hw`` apart)."""
+    from .context_oracle import rope_angles, rotate64
+
+    hw = data.draw(st.integers(1, min(grid[1], grid[2])), label="window_hw")
+    window = (data.draw(st.integers(1, grid[0]), label="window_t"), hw, hw)
+    model = _RopeOnly(head_dim)
+    gen = torch.Generator().manual_seed(sum(grid) + batch)
+    n = grid[0] * grid[1] * grid[2]
+    raw = torch.randn(batch, n, heads, head_dim, generator=gen, dtype=torch.float64)
+    home = rope_angles(head_dim, 10000.0, grid, position, t_stride, hw_stride)
+    keys = rotate64(raw, home).to(dtype)
+    values = torch.randn(batch, n, heads, head_dim, generator=gen).to(dtype)
+    block = pf.CachedBlock.from_tensors(
+        [keys], [values], block_id=0, start_frame=0, num_frames=4, grid=grid, position=position,
+        temporal_stride=t_stride, hw_stride=hw_stride,
+    )  # fmt: skip
+    ckv = PoolCompressor(PoolParams(window=window)).compress(block, model)
+    coarse = tuple(g // w for g, w in zip(grid, window, strict=True))
+    assert ckv.grid == coarse and ckv.position == position
+    assert (ckv.temporal_stride, ckv.hw_stride) == (t_stride * window[0], hw_stride * hw)
+    unrotated = rotate64(keys, -home).reshape(batch, *grid, heads, head_dim)  # the stored keys, un-rotated
+    vv = values.double().reshape(batch, *grid, heads, head_dim)
+    exp_k, exp_v = [], []
+    for t in range(coarse[0]):
+        for h in range(coarse[1]):
+            for w in range(coarse[2]):
+                at = (slice(None), *(slice(i * s, (i + 1) * s) for i, s in zip((t, h, w), window, strict=True)))
+                exp_k.append(unrotated[at].mean(dim=(1, 2, 3)))
+                exp_v.append(vv[at].mean(dim=(1, 2, 3)))
+    at_coarse = rope_angles(head_dim, 10000.0, coarse, position, t_stride * window[0], hw_stride * hw)
+    exp_k = rotate64(torch.stack(exp_k, 1), at_coarse)
+    assert ckv.keys[0].dtype == ckv.values[0].dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-7  # float32 work, one rounding to bfloat16
+    torch.testing.assert_close(ckv.keys[0].double(), exp_k, atol=tol, rtol=tol)
+    torch.testing.assert_close(ckv.values[0].double(), torch.stack(exp_v, 1), atol=tol, rtol=tol)
+
+
 def test_pool_parameters_are_validated():
     with pytest.raises(ValueError, match="window: height and width windows must be equal"):
         PoolParams(window=(1, 2, 3))
