@@ -31,7 +31,8 @@ def random_mask(nq, nk, seed=1):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
+# bfloat16: 1e-2 of the largest output (3e-3 measured; one bfloat16 ulp at 1 is 7.8e-3)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 1e-2)])
 def test_sdpa_matches_float64_reference(masked, dtype, tol):
     q, k, v = make_qkv(dtype=dtype)
     mask = random_mask(q.shape[1], k.shape[1]) if masked else None

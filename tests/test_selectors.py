@@ -33,8 +33,14 @@ def brute_force(queries, blocks, params: TopKParams, layer: int = 0) -> tuple[li
     """Score = mean over sampled queries, chosen heads and every key of qᵀk/√d, loop by loop;
     the top k (ties to the newer block), in time order."""
     b_size, nq, num_heads, d = queries.shape
-    qi = query_sample(nq, params.query_fraction, params.min_queries).tolist()
-    heads = head_sample(num_heads, params).tolist()
+    # the samples from their definitions, not from query_sample / head_sample
+    n = max(1, min(nq, max(params.min_queries, math.ceil(params.query_fraction * nq))))
+    qi = [i * nq // n for i in range(n)]
+    if params.heads is not None:
+        heads = sorted(set(params.heads))
+    else:
+        h = max(1, math.ceil(params.head_fraction * num_heads))
+        heads = [i * num_heads // h for i in range(h)]
     out = []
     for b in range(b_size):
         scores = []
@@ -133,7 +139,9 @@ def test_query_sample_is_evenly_spaced_and_sized(nq, fraction, minimum):
     idx = query_sample(nq, fraction, minimum)
     n = idx.numel()
     assert n == max(1, min(nq, max(minimum, math.ceil(fraction * nq))))
-    assert bool((idx[1:] > idx[:-1]).all()) and int(idx[0]) == 0 and int(idx[-1]) < nq
+    assert int(idx[0]) == 0 and int(idx[-1]) < nq
+    gaps = set((idx[1:] - idx[:-1]).tolist()) | {nq - int(idx[-1])}  # the wrap-around gap too
+    assert gaps <= {nq // n, -(-nq // n)}  # evenly spaced: every gap is floor or ceil of nq / n
 
 
 def test_heads_parameter():

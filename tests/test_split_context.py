@@ -63,11 +63,14 @@ def test_attend_lse_is_attention_and_its_log_denominator(dtype, tol, nk):
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (2, 5, 3)
     assert lse.dtype in (torch.float32, torch.float64)
     scores = torch.einsum("bqhd,bkhd->bqhk", q.double(), k.double()) / 4.0
-    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), atol=tol, rtol=tol)
+    # the log-sum-exp is accumulated in float32 (or wider) whatever the inputs' dtype: for
+    # bfloat16 inputs it is within 1e-4 (2e-5 measured), not bfloat16's 2e-2
+    lse_tol = min(tol, 1e-4)
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), atol=lse_tol, rtol=lse_tol)
     torch.testing.assert_close(out.double(), _attention(q, k, v), atol=tol, rtol=tol)
     torch.testing.assert_close(out, SdpaBackend().attend(q, k, v), atol=tol, rtol=tol)
     _, ref_lse = _math_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    torch.testing.assert_close(lse, ref_lse.transpose(1, 2).to(lse.dtype), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, ref_lse.transpose(1, 2).to(lse.dtype), atol=lse_tol, rtol=lse_tol)
 
 
 @settings(max_examples=40, deadline=None)
@@ -104,6 +107,24 @@ def test_merge_accumulates_in_float32_and_rounds_once_to_the_outputs_dtype(count
     assert merge_by_lse([(outs[0], lses[0])]) is outs[0]
     with pytest.raises(ValueError, match="at least one part"):
         merge_by_lse([])
+
+
+@pytest.mark.parametrize("kernels", [None, ("math",)], ids=["fused", "math"])
+@pytest.mark.parametrize("empty_at", [0, 1, 2])
+def test_a_part_over_no_keys_adds_nothing_to_the_merge(kernels, empty_at):
+    """A part with no keys (output 0, log-sum-exp −inf, from the fused kernel and from the math
+    reference alike) gets weight 0: the merge is the attention over the other parts, finite."""
+    backend = SdpaBackend(SdpaParams(kernels=kernels))
+    gen = torch.Generator().manual_seed(empty_at)
+    q = torch.randn(2, 5, 3, 8, generator=gen)
+    k, v = (torch.randn(2, 9, 3, 8, generator=gen) for _ in range(2))
+    empty = backend.attend_lse(q, k[:, :0], v[:, :0])
+    assert torch.equal(empty[0], torch.zeros_like(q)) and bool((empty[1] == float("-inf")).all())
+    parts = [backend.attend_lse(q, k[:, :4], v[:, :4]), backend.attend_lse(q, k[:, 4:], v[:, 4:])]
+    parts.insert(empty_at, empty)
+    merged = merge_by_lse(parts)
+    assert bool(torch.isfinite(merged).all())
+    torch.testing.assert_close(merged.double(), _attention(q, k, v), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------- the paper's figure
@@ -290,7 +311,7 @@ def test_packforcing_generation_split_equals_copy():
     copy = [b.latents for b in packforcing_engine().generate(BLOCKS, seed=1)]
     split = [b.latents for b in packforcing_engine("backend.split_context=true").generate(BLOCKS, seed=1)]
     for a, b in zip(copy, split, strict=True):
-        assert rel_err(b, a) <= 1e-4
+        assert rel_err(b, a) <= 1e-5  # 1.2e-6 measured: float32 rounding, compounded over 13 blocks
 
 
 def test_split_context_is_validated_with_its_key_path():
