@@ -182,6 +182,29 @@ def _context_case(draw) -> tuple[dict, dict]:
     return model, {"policy": policy, **sections}
 
 
+def _expected_tiers(config: dict, frames: int, count: int) -> dict[str, list[int]]:
+    """Blocks ``0..count-1`` by tier for :func:`_context_case`'s policies: the sink takes the
+    first ``⌊sink_frames / frames⌋``, the newest tier the newest ones it has room for, and so on
+    back; what overflows the oldest bounded tier leaves the tiers."""
+    if config["name"] == "packforcing":
+        tiers = [
+            ("sink", config["sink_frames"] // frames, True),
+            ("mid", config["mid_capacity_blocks"], False),
+            ("recent", config["recent_frames"] // frames, False),
+        ]
+    else:
+        tiers = [(t["name"], t["frames"] // frames if "frames" in t else t.get("blocks"), t.get("pinned", False))
+                 for t in config["tiers"]]  # fmt: skip
+    (sink, sink_blocks, _), *chain = tiers  # the one pinned tier comes first
+    placed = {sink: list(range(min(sink_blocks, count)))}
+    rest = list(range(len(placed[sink]), count))
+    for name, cap, _ in reversed(chain):
+        keep = len(rest) if cap is None else min(cap, len(rest))
+        placed[name] = rest[len(rest) - keep :]
+        rest = rest[: len(rest) - keep]
+    return {name: placed[name] for name, _, _ in tiers}
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_a_selecting_realigning_context_matches_the_cache_free_context_oracle(data):
@@ -194,7 +217,8 @@ def test_a_selecting_realigning_context_matches_the_cache_free_context_oracle(da
     draw = data.draw
     model, sections = _context_case(draw)
     dtype = draw(st.sampled_from(["float32", "bfloat16"]), label="dtype")
-    engine = engine_for(sections.pop("policy"), model=model, steps=1, run={"device": "cpu", "dtype": dtype}, **sections)
+    config = sections.pop("policy")
+    engine = engine_for(config, model=model, steps=1, run={"device": "cpu", "dtype": dtype}, **sections)
     policy = engine.policy
     if policy.realigner.name == "temporal_rope_shift" and draw(st.booleans(), label="host_path"):
         policy.realigner = _HostPath(policy.realigner.params)
@@ -204,6 +228,9 @@ def test_a_selecting_realigning_context_matches_the_cache_free_context_oracle(da
         for _ in range(blocks):
             session.step()
     g = engine.geometry
+    # which blocks each tier holds, from the configured frames and blocks (whole blocks that fit)
+    held = {t.name: [b.block_id for b in t.blocks] for t in policy.tiers}
+    assert held == _expected_tiers(config, model["frames_per_block"], blocks)
     query = engine.query(blocks)
     context = policy.context(query)
     strided = draw(st.booleans(), label="strided")
