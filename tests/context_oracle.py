@@ -26,20 +26,27 @@ def _ladder(pairs: int, theta: float) -> torch.Tensor:
     return torch.tensor([theta ** (-2 * j / (2 * pairs)) for j in range(pairs)], dtype=torch.float64)
 
 
+def token_angles(head_dim: int, theta: float, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Wan's 3D RoPE angles ``[N, D/2]`` (float64) of tokens at ``(t, h, w)`` (each ``[N]``): the
+    temporal band first, with ``(D − 4·⌊D/6⌋)/2`` channel pairs, then height and width with
+    ``⌊D/6⌋`` pairs each, every band its own ladder ``theta ** (−2j / band width)``."""
+    spatial = head_dim // 6
+    temporal = (head_dim - 4 * spatial) // 2
+    ladders = (_ladder(temporal, theta), _ladder(spatial, theta), _ladder(spatial, theta))
+    bands = [pos.double()[:, None] * ladder[None] for pos, ladder in zip((t, h, w), ladders, strict=True)]
+    return torch.cat(bands, dim=1)
+
+
 def rope_angles(
     head_dim: int, theta: float, grid: Sequence[int], t0: float, t_stride: float, hw_stride: float
 ) -> torch.Tensor:
-    """Wan's 3D RoPE angles ``[N, D/2]`` of a t-major token ``grid`` whose token ``(i, j, k)`` sits
-    at ``(t0 + i·t_stride, j·hw_stride, k·hw_stride)``: the temporal band first, with
-    ``(D − 4·⌊D/6⌋)/2`` channel pairs, then height and width with ``⌊D/6⌋`` pairs each."""
-    spatial = head_dim // 6
-    temporal = (head_dim - 4 * spatial) // 2
+    """:func:`token_angles` of a t-major token ``grid`` whose token ``(i, j, k)`` sits at
+    ``(t0 + i·t_stride, j·hw_stride, k·hw_stride)``."""
     gt, gh, gw = grid
     t = torch.tensor([t0 + i * t_stride for i in range(gt) for _ in range(gh * gw)], dtype=torch.float64)
     h = torch.tensor([j * hw_stride for _ in range(gt) for j in range(gh) for _ in range(gw)], dtype=torch.float64)
     w = torch.tensor([k * hw_stride for _ in range(gt * gh) for k in range(gw)], dtype=torch.float64)
-    ladders = (_ladder(temporal, theta), _ladder(spatial, theta), _ladder(spatial, theta))
-    return torch.cat([pos[:, None] * ladder[None] for pos, ladder in zip((t, h, w), ladders, strict=True)], dim=1)
+    return token_angles(head_dim, theta, t, h, w)
 
 
 def rotate64(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import packforcing as pf
@@ -350,3 +350,67 @@ def test_batched_gather_equals_block_by_block_realignment():
     )
     torch.testing.assert_close(batched, fresh, atol=1e-5, rtol=0)
     assert all(torch.equal(k, s) for k, s in zip(keys, stored, strict=True))  # stored keys untouched
+
+
+# ---------------------------------------------------------------------- the device-side forms
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    moved=st.integers(0, 4),
+    tail=st.integers(1, 4),
+    batch=st.integers(1, 3),
+    per_item=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_gather_shifted_equals_rope_recomputed_at_each_tokens_target(sizes, moved, tail, batch, per_item, dtype, seed):
+    """``gather_shifted`` (the copy a device-side context attends) against RoPE from scratch
+    (:mod:`tests.context_oracle`): the first ``M`` tokens, wherever they sit in ``(t, h, w)``,
+    moved by their own shift (one per token, or per token and batch item), rounded once to the
+    storage dtype; the rest (the block's own tokens) and the stored pieces untouched."""
+    from .context_oracle import rotate64, token_angles
+
+    gen = torch.Generator().manual_seed(seed)
+    heads, head_dim = 2, 12
+    rope = Rope3D(head_dim)
+    total = sum(sizes)
+    m = min(moved, len(sizes))  # the first m pieces move
+    shifted = sum(sizes[:m])
+    t, h, w = (torch.randint(0, 40, (total,), generator=gen).double() for _ in range(3))
+    raw = torch.randn(batch, total, heads, head_dim, generator=gen, dtype=torch.float64)
+    stored = rotate64(raw, token_angles(head_dim, rope.theta, t, h, w)).to(dtype)
+    pieces = list(torch.split(stored, sizes, dim=1))
+    before = [p.clone() for p in pieces]
+    own = torch.randn(batch, tail, heads, head_dim, generator=gen).to(dtype)
+    deltas = (torch.randint(-80, 80, (batch if per_item else 1, shifted), generator=gen) / 2).double()
+    out = TemporalRopeShift().gather_shifted(pieces, deltas if shifted else None, rope, own)
+    assert out.dtype == dtype and out.shape == (batch, total + tail, heads, head_dim)
+    exact = torch.empty(batch, shifted, heads, head_dim, dtype=torch.float64)
+    for b in range(batch):  # the stored (rounded) keys moved exactly, in float64
+        moved_t = t[:shifted] + deltas[b if per_item else 0]
+        undo = rotate64(stored[b, :shifted].double(), -token_angles(head_dim, rope.theta, t, h, w)[:shifted])
+        exact[b] = rotate64(undo, token_angles(head_dim, rope.theta, moved_t, h[:shifted], w[:shifted]))
+    # one rounding to the storage dtype: within half an ulp (2^-8 relative in bfloat16), plus float32 work
+    half_ulp = 2.0**-24 if dtype == torch.float32 else 2.0**-8
+    assert bool(((out[:, :shifted].double() - exact).abs() <= half_ulp * exact.abs() + 1e-5).all())
+    assert torch.equal(out[:, shifted:], torch.cat([stored[:, shifted:], own], 1))
+    assert all(torch.equal(p, q) for p, q in zip(pieces, before, strict=True))
+
+
+@settings(max_examples=30, deadline=None)
+@given(delta=st.integers(-200, 200).map(lambda x: x / 4), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_moving_the_query_back_scores_as_moving_the_keys_forward(delta, batch, seed):
+    """``query_shifter(Δ)`` (a split context's moved query) gives every key the logits that
+    ``gather_shifted`` moving the keys by ``+Δ`` gives (float64 reference), and leaves ``q`` as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    rope = Rope3D(12)
+    q = torch.randn(batch, 6, 2, 12, generator=gen)
+    keys = rope.apply_grid(torch.randn(batch, 8, 2, 12, generator=gen), (2, 2, 2), 5.0)
+    q_before = q.clone()
+    shift = torch.tensor([delta], dtype=torch.float64)
+    moved_q = TemporalRopeShift().query_shifter(shift, rope)(q)
+    moved_k = TemporalRopeShift().gather_shifted([keys], shift.expand(1, 8), rope, keys[:, :0])
+    by_query = torch.einsum("bqhd,bkhd->bhqk", moved_q.double(), keys.double())
+    by_keys = torch.einsum("bqhd,bkhd->bhqk", q.double(), moved_k.double())
+    torch.testing.assert_close(by_query, by_keys, atol=1e-4, rtol=1e-5)
+    assert torch.equal(q, q_before) and moved_q.data_ptr() != q.data_ptr()
