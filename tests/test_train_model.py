@@ -269,6 +269,45 @@ def test_block_weights_weigh_each_blocks_mean_error():
     only_first = teacher_forcing_loss(*args, torch.tensor([[1.0, 0, 0], [0, 0, 0]]))
     assert not torch.isclose(only_first, plain)
     assert first_appearances(scenes, f).tolist() == [[True, True, False], [True, False, True]]
+    # first appearances weighted 0 in a batch of nothing else: a zero loss, not 0 / 0
+    nothing = teacher_forcing_loss(*args, torch.zeros(2, 3))
+    assert float(nothing) == 0.0
+
+
+def test_a_run_stopped_before_its_first_step_leaves_the_output_as_it_was(tmp_path: Path, monkeypatch):
+    """Interrupted (or failing) training keeps what it has learnt, and says so; stopped before
+    any step it has learnt nothing: a previous run's weights are not replaced by the seeded
+    initialisation."""
+    from packforcing.training import model as training
+
+    out = tmp_path / "w.safetensors"
+    params = TrainModelParams(steps=50, batch_size=1, train_blocks=2, clips=2, checkpoint_every=0)
+    train_model(pf.load_config(small_config()), attrs.evolve(params, steps=1), out, progress=False)
+    before = out.read_bytes()
+    original = training.ClipPool.get
+    calls = []
+
+    def interrupted_at(n):
+        def get(self, indices):
+            calls.append(1)
+            if len(calls) > n:
+                raise KeyboardInterrupt
+            return original(self, indices)
+
+        return get
+
+    monkeypatch.setattr(training.ClipPool, "get", interrupted_at(0))
+    with pytest.raises(KeyboardInterrupt):
+        train_model(pf.load_config(small_config()), params, out, progress=False)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    calls.clear()
+    monkeypatch.setattr(training.ClipPool, "get", interrupted_at(3))
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        train_model(pf.load_config(small_config()), params, out, progress=False, log=lines.append)
+    meta = read_metadata(out)
+    assert meta["steps"] == 3 and meta["planned_steps"] == 50
+    assert lines[-1] == f"stopped: wrote {out} after 3 of 50 steps"
 
 
 def test_the_shipped_world_model_records_how_it_was_trained():
@@ -316,6 +355,10 @@ def test_weights_refuse_a_config_that_computes_differently():
             "--pure-noise-fraction: expected a number in [0, 1], got 1.5",
         ),
         ("train-model", ["--pure-noise-fraction", "-0.1"], "--pure-noise-fraction: expected a number in [0, 1]"),
+        ("train-model", ["--gain-lr-scale", "-1"], "--gain-lr-scale: expected a number >= 0, got -1.0"),
+        ("train-model", ["--gain-lr-scale", "nan"], "--gain-lr-scale: expected a number >= 0, got nan"),
+        ("train-model", ["--first-appearance-weight", "-1"], "--first-appearance-weight: expected a number >= 0"),
+        ("train-model", ["--first-appearance-weight", "inf"], "--first-appearance-weight: expected a number >= 0"),
         ("train-compressor", ["--out", "{file}/w.safetensors"], "--out: {file}/w.safetensors: cannot write there:"),
         ("train-model", ["--out", "{file}/w.safetensors"], "--out: {file}/w.safetensors: cannot write there:"),
         ("train-model", ["--out", "{dir}"], "--out: {dir}: is a directory"),

@@ -110,7 +110,9 @@ def teacher_forcing_loss(
     if block_weights is None:
         return error.mean()
     per_block = error.mean(dim=(1, 3, 4)).unflatten(1, (-1, f)).mean(dim=2)  # [B, T // F]
-    return (per_block * block_weights).sum() / block_weights.sum()
+    # every weight 0 (first appearances weighted 0 in a batch of nothing else): nothing to learn
+    # from, a zero loss rather than 0 / 0
+    return (per_block * block_weights).sum() / block_weights.sum().clamp_min(torch.finfo(per_block.dtype).tiny)
 
 
 def first_appearances(scenes: torch.Tensor, frames_per_block: int) -> torch.Tensor:
@@ -294,7 +296,8 @@ def train_model(
     """Train ``config``'s model from its seeded initialisation; returns the loss per step.
 
     Writes ``out_path`` (unless ``None``) every ``checkpoint_every`` steps, at the end and when
-    interrupted; the metadata's ``steps`` says how many steps the weights have seen."""
+    interrupted or failing after at least one step (before the first, ``out_path`` is left as it
+    was); the metadata's ``steps`` says how many steps the weights have seen."""
     from tqdm import tqdm
 
     from packforcing.core.build import build_engine
@@ -397,6 +400,7 @@ def train_model(
         _save(model, out, meta)
 
     bar = tqdm(total=params.steps, unit="step", disable=not progress, dynamic_ncols=True)
+    finished = False
     try:
         for step in range(params.steps):
             picks = torch.randint(params.clips, (params.batch_size,), generator=gen).tolist()
@@ -423,11 +427,18 @@ def train_model(
                 checkpoint()
             if log is not None and (step % 50 == 0 or step == params.steps - 1):
                 log(f"step {step:6d}  loss {losses[-1]:.4f}  {time.perf_counter() - started:.0f}s")
+        finished = True
     finally:
         bar.close()
         model.requires_grad_(False)
         model.eval()
-        checkpoint()
+        # an interrupted run keeps what it learnt; one stopped before its first step has learnt
+        # nothing and leaves --out as it was (a previous run's weights are not replaced by the
+        # seeded initialisation)
+        if losses:
+            checkpoint()
+            if not finished and log is not None and out is not None:
+                log(f"stopped: wrote {out} after {len(losses)} of {params.steps} steps")
     if log is not None and out is not None:
         log(f"wrote {out} ({out.stat().st_size} bytes) after {len(losses)} steps, {time.perf_counter() - started:.0f}s")
     return losses
@@ -441,6 +452,10 @@ def check_options(args: argparse.Namespace) -> None:
     for name in ("new_scene_probability", "pure_noise_fraction"):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a number in [0, 1], got {getattr(args, name)}")
+    for name in ("gain_lr_scale", "first_appearance_weight"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')}: expected a number >= 0, got {value}")
     check_lr(args.lr)
     check_seed(args.seed)
     if args.checkpoint_every < 0:
