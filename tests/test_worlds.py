@@ -111,3 +111,12 @@ def test_recall_schedule_returns_from_varied_distances():
         assert 2 <= k <= 5 and len(set(order[:k])) == k
         distances |= {r.blocks_since for r in returns(order)}
     assert {2, 3, 4, 5} <= distances
+
+
+@given(st.integers(1, 40), st.integers(0, 1000))
+def test_a_world_of_one_scene_has_schedules(num_blocks, seed):
+    """One scene (a model with ``num_conditions: 1``): both schedules show it throughout instead
+    of failing ("min() arg is an empty sequence", "list index out of range")."""
+    assert revisit_schedule(num_blocks, 1, seed) == [0] * num_blocks
+    assert recall_schedule(num_blocks, 1, seed) == [0] * num_blocks
+    assert returns([0] * num_blocks) == []

@@ -235,10 +235,12 @@ def revisit_schedule(
         length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
         schedule.extend([scene] * length)
         last[scene] = len(schedule) - 1
+        others = [s for s in last if s != scene]
         if unseen and (len(last) < 2 or float(torch.rand(1, generator=gen)) < new_scene_probability):
             scene = unseen.pop(0)
-        else:
-            scene = min((s for s in last if s != scene), key=lambda s: last[s])
+        elif others:
+            scene = min(others, key=lambda s: last[s])
+        # else a world of one scene: it stays on screen
     return schedule[:num_blocks]
 
 
@@ -258,6 +260,7 @@ def recall_schedule(
     order = torch.randperm(num_scenes, generator=gen).tolist()
     most = max(2, min(num_scenes, num_blocks - 1))
     k = int(torch.randint(2, most + 1, (1,), generator=gen)) if most > 2 else 2
+    k = min(k, num_scenes)  # a world of one scene: it is all there is to show
     schedule: list[int] = []
     seen: list[int] = []
     while len(schedule) < num_blocks:
@@ -266,7 +269,7 @@ def recall_schedule(
             seen.append(scene)
             schedule.append(scene)
             continue
-        choices = [s for s in seen if s != schedule[-1]]
+        choices = [s for s in seen if s != schedule[-1]] or seen  # one scene: it continues
         scene = choices[int(torch.randint(len(choices), (1,), generator=gen))]
         schedule.extend([scene] * int(torch.randint(lo, hi + 1, (1,), generator=gen)))
     return schedule[:num_blocks]
