@@ -155,6 +155,9 @@ def test_training_is_reproducible_and_writes_loadable_weights(tmp_path: Path):
     train_model(pf.load_config(small_config()), cont, more, progress=False)
     meta2 = read_metadata(more)
     assert meta2["steps"] == 2 and meta2["total_steps"] == 5 and meta2["init"]["steps"] == 3
+    # the run continued from is recorded with its recipe (the shipped model's first run was not)
+    assert meta2["init"]["clips"] == 4 and meta2["init"]["batch_size"] == 2 and meta2["init"]["train_blocks"] == 3
+    assert meta2["init"]["schedule"] == meta["schedule"] and meta2["init"]["sampler"] == meta["sampler"]
     assert meta2["pure_noise_fraction"] == 0.5
     engine = pf.build_engine(small_config(weights=str(out)))
     untrained = pf.build_engine(small_config())
@@ -230,6 +233,11 @@ def test_compressor_training_on_world_clips(tmp_path: Path):
     assert len(losses) == 2 and out.is_file()
     assert stat.S_IMODE(out.stat().st_mode) == 0o644 and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     assert 0 < summary["held_out_drop"] and math.isfinite(summary["held_out_after"])
+    # the metadata records the command's data options and what the compressor was fitted to
+    meta = read_metadata(out)
+    assert meta["data"] == "world" and (meta["videos"], meta["blocks"], meta["batch"]) == (2, 3, 2)
+    assert meta["batch_size"] == 32 and meta["max_gap_blocks"] == 8 and meta["sampler"]["steps"] == 2
+    assert meta["model"] == {"name": "tiny_dit", "weights": None} and "commit" in meta
     with pytest.raises(ValueError, match="--data: expected one of"):
         train_compressor(pf.load_config(config), steps=1, out_path=None, data_source="web")
 

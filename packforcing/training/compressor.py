@@ -41,7 +41,7 @@ from packforcing.core.errors import ConfigError
 from packforcing.training.data import AttentionData, Batch, collect, sample_batch
 from packforcing.training.objective import attention_loss, dual_branch_kv, pool_kv
 from packforcing.training.options import DATA_SOURCES, check_lr, check_seed
-from packforcing.training.output import check_writable, write_weights
+from packforcing.training.output import check_writable, git_commit, write_weights
 
 __all__ = [
     "AttentionData",
@@ -229,11 +229,37 @@ def train_compressor(
             held_out_after=round(after, 6),
             held_out_pool=round(pooled, 6),
             data=data_source,
+            videos=videos,
+            blocks=blocks,
+            batch=batch,
+            batch_size=batch_size,
+            max_gap_blocks=max_gap_blocks,
+            model=_model_record(cfg),
+            sampler=attrs.asdict(cfg.sampler) if attrs.has(type(cfg.sampler)) else repr(cfg.sampler),
+            commit=git_commit(),
         )
         write_weights(state, out, meta)
         if log is not None:
             log(f"wrote {out} ({out.stat().st_size} bytes)")
     return losses
+
+
+def _model_record(cfg: Config) -> dict[str, Any]:
+    """What the compressor was fitted against: the model's name and weights, and (for weights
+    written by ``train-model``) their commit and total steps."""
+    spec = cfg.components["model"]
+    weights = getattr(spec.params, "weights", None)
+    record: dict[str, Any] = {"name": spec.name, "weights": weights}
+    if isinstance(weights, str):
+        from packforcing.compressors.dual_branch import resolve_weights
+        from packforcing.training.model import read_metadata
+
+        try:
+            meta = read_metadata(resolve_weights(weights, cfg.source_of("model")))
+        except Exception:  # the model was built from them, so this is only a missing record
+            meta = {}
+        record.update({k: meta[k] for k in ("commit", "total_steps") if k in meta})
+    return record
 
 
 def within_budget(videos: int, blocks: int, max_blocks: int | None, batch: int = 1) -> tuple[int, int, int]:

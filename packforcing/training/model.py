@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +44,7 @@ from packforcing.training.options import MODEL_DEFAULT_OUT as DEFAULT_OUT
 from packforcing.training.options import MODEL_EXAMPLE as EXAMPLE
 from packforcing.training.options import TrainModelParams, check_lr, check_seed
 from packforcing.training.options import add_model_arguments as add_arguments
-from packforcing.training.output import check_writable, write_weights
+from packforcing.training.output import check_writable, git_commit, write_weights
 from packforcing.worlds import SceneWorld, SceneWorldParams, recall_schedule, revisit_schedule
 
 FORMAT = "packforcing.block_model/1"
@@ -203,22 +202,6 @@ def sample_sigmas(sampler: Any, shape: tuple[int, ...], gen: torch.Generator) ->
     return torch.where(torch.rand(shape, generator=gen) < 0.5, pick, uniform)
 
 
-def git_commit() -> str:
-    """The commit of the source tree this runs from, or ``unknown``."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def _save(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     write_weights(state, path, metadata)
@@ -238,6 +221,24 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             out[key] = value
     return out
 
+
+INIT_RECORD = (
+    "steps",
+    "total_steps",
+    "seed",
+    "lr",
+    "batch_size",
+    "clips",
+    "train_blocks",
+    "gain_lr_scale",
+    "pure_noise_fraction",
+    "first_appearance_weight",
+    "schedule",
+    "sampler",
+    "init",
+    "commit",
+)
+"""What a continued run's metadata keeps of the run it started from (``init``): its recipe."""
 
 VERB = "train-model"
 """The label of what this command sets in the config itself (in error messages, as ``--set`` is)."""
@@ -363,11 +364,7 @@ def train_model(
                 **({"new_scene_probability": params.new_scene_probability} if params.schedule == "revisit" else {}),
             }
         ),
-        "init": json.dumps(
-            {k: init_meta.get(k) for k in ("steps", "seed", "lr", "pure_noise_fraction", "init", "commit")}
-            if params.init
-            else None
-        ),
+        "init": json.dumps({k: init_meta.get(k) for k in INIT_RECORD} if params.init else None),
         "sampler": json.dumps(attrs.asdict(sampler)),
         "objective": "block-causal teacher forcing, flow matching, per-block noise levels",
         "commit": git_commit(),

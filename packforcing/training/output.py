@@ -10,6 +10,7 @@ others, like any other output of the command), whatever the temporary file was c
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,3 +60,19 @@ def write_weights(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str
         raise
     except Exception as exc:  # safetensors' own SafetensorError
         raise OSError(f"{out}: cannot write the weights: {exc}") from exc
+
+
+def git_commit() -> str:
+    """The commit of the source tree this runs from, or ``unknown``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
