@@ -19,7 +19,7 @@ horizon and seed (unseen worlds), in one run:
 Run from the repository root::
 
     python benchmarks/fidelity.py            # 3 seeds, 1x and 24x   -> benchmarks/results/fidelity.*
-    python benchmarks/fidelity.py --quick    # 2 seeds, fewer returns at 24x (<= 5 min on 2 cores)
+    python benchmarks/fidelity.py --quick    # 2 seeds (<= 5 min on 2 cores)
     python benchmarks/fidelity.py --smoke --out /tmp/f   # seconds: 1 seed, 1x and 2x, 1 sampler step
 """
 
@@ -42,8 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, machine, markdown_table
 
 import packforcing as pf
+from packforcing.cli import one_line
+from packforcing.cli.argtypes import positive_int
 from packforcing.compressors.dual_branch import resolve_weights
-from packforcing.training.model import read_metadata, world_params_for
+from packforcing.training.model import read_metadata, training_world_seeds, world_params_for
 from packforcing.worlds import SceneWorld, conditions, returns, revisit_schedule
 
 POLICIES: dict[str, tuple[str, list[str]]] = {
@@ -80,7 +82,11 @@ positions relative to the window, bounded), and a 32-block bank kept at full res
 pooled 8× (8 tokens per block instead of dual_branch's 2)."""
 
 WORLD_SEED = 100_000
-"""Evaluation worlds are seeded from here: never one of the training clips' worlds."""
+"""Evaluation worlds are seeded from here: never one of the training clips' worlds (checked
+against the weights' metadata, :func:`leaked_worlds`)."""
+PROBE_SEED = WORLD_SEED + 500
+"""The context probe's clips are seeded from here."""
+PROBE_CLIPS = 8
 
 BINS = [(2, 3), (4, 6), (7, 10), (11, 16), (17, 24), (25, 10**9)]
 """Blocks since the scene was last seen, binned for the plot."""
@@ -190,7 +196,13 @@ def run_one(engine: Any, world: SceneWorld, schedule: list[int], seed: int) -> d
     }
 
 
-def context_probe(engine: Any, world_params: Any, train_blocks: int, clips: int = 8) -> dict[str, Any]:
+def leaked_worlds(meta: dict[str, Any], seeds: Sequence[int]) -> list[int]:
+    """The world seeds of ``seeds`` that the weights (metadata ``meta``) were trained on."""
+    trained = training_world_seeds(meta)
+    return [s for s in seeds if any(s in r for r in trained)]
+
+
+def context_probe(engine: Any, world_params: Any, train_blocks: int, clips: int = PROBE_CLIPS) -> dict[str, Any]:
     """Does the model read its context? One teacher-forced pass at σ = 1 (the block is pure
     noise, so everything it can know about the block comes from the cached history) over
     unseen training-length clips: the x̂₀ error per block position against the error of copying
@@ -203,7 +215,7 @@ def context_probe(engine: Any, world_params: Any, train_blocks: int, clips: int 
     model = engine.model
     backend = SdpaBackend()
     f = model.geometry.frames_per_block
-    clean, scenes = render_clips(model, world_params, train_blocks, [WORLD_SEED + 500 + i for i in range(clips)])
+    clean, scenes = render_clips(model, world_params, train_blocks, [PROBE_SEED + i for i in range(clips)])
     masks = teacher_masks(train_blocks, model.geometry.tokens_per_block)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
     steps = torch.full(scenes.shape, 1000.0)
@@ -337,10 +349,12 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="videos per policy and horizon (default 3)")
-    parser.add_argument("--multiples", type=int, nargs="+", default=[1, 24], help="horizons in training lengths")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="videos per policy and horizon (default 3)")
+    parser.add_argument(
+        "--multiples", type=positive_int, nargs="+", default=[1, 24], help="horizons in training lengths"
+    )
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 24x horizon with fewer returns (<= 5 min)")
+    parser.add_argument("--quick", action="store_true", help="at most 2 seeds (<= 5 min)")
     parser.add_argument("--smoke", action="store_true", help="seconds: 1 seed, 1x and 2x, one sampler step")
     parser.add_argument(
         "--diagnose",
@@ -357,10 +371,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seeds, args.multiples = 1, [1, 2]
         overrides.append("sampler.steps=1")
     torch.set_num_threads(1)
-
-    probe = engine_for("full", overrides)
+    try:
+        probe = engine_for("full", overrides)
+    except pf.ConfigError as exc:
+        parser.exit(2, f"error: {one_line(exc)}\n")
     weights = probe.model.params.weights
     meta = read_metadata(resolve_weights(weights)) if weights else {}
+    evaluated = [WORLD_SEED + seed for seed in range(args.seeds)]
+    if args.diagnose:
+        evaluated += [PROBE_SEED + i for i in range(PROBE_CLIPS)]
+    leaked = leaked_worlds(meta, evaluated)
+    if leaked:
+        parser.exit(
+            1,
+            f"error: {weights}: trained on the worlds seeded {leaked[0]}"
+            f"{f' (and {len(leaked) - 1} more)' if len(leaked) > 1 else ''}, which this benchmark "
+            "evaluates on: its figures would not be of unseen worlds\n",
+        )
+    out = args.out
+    try:  # before the run, not after it
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out: {out}: {exc.strerror or exc}")
     train_blocks = int(meta.get("train_blocks", 6))
     world_params = world_params_for(probe.model)
     del probe
@@ -411,8 +443,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"free {row['free_return_psnr_db']:6.2f} dB  peak {row['peak_cache_bytes'] / 2**20:.3f} MiB",
                 flush=True,
             )
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     data = {
         "benchmark": "fidelity",
         "train_blocks": train_blocks,

@@ -77,3 +77,50 @@ def test_memory_benchmark_writes_to_out_in_the_committed_format(tmp_path):
         return [re.sub(r"[\d.]+", "N", line) for line in text.splitlines() if not line.startswith("Machine:")]
 
     assert layout((tmp_path / "memory_vs_length.md").read_text()) == layout(before.decode())
+
+
+def _fidelity_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fidelity_bench", ROOT / "benchmarks" / "fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fidelity_evaluates_only_worlds_the_weights_never_saw():
+    """The evaluation worlds are checked against the training clips the weights' metadata
+    records (the run and the runs it continued): the shipped model's are unseen; a run with
+    enough clips to reach them is caught."""
+    from packforcing.compressors.dual_branch import resolve_weights
+    from packforcing.training.model import read_metadata, training_world_seeds
+
+    fidelity = _fidelity_module()
+    shipped = read_metadata(resolve_weights("pkg:world_tiny.safetensors"))
+    assert training_world_seeds(shipped) == [range(0, 2048)]  # its first run's clips are not recorded
+    evaluated = [fidelity.WORLD_SEED + s for s in range(3)] + [fidelity.PROBE_SEED + i for i in range(8)]
+    assert fidelity.leaked_worlds(shipped, evaluated) == []
+    many = {"seed": 0, "clips": fidelity.WORLD_SEED + 2, "init": {"seed": 1, "clips": 10}}
+    assert fidelity.leaked_worlds(many, evaluated) == [fidelity.WORLD_SEED, fidelity.WORLD_SEED + 1]
+    continued = {"seed": 5, "clips": 10, "init": {"seed": 0, "clips": fidelity.PROBE_SEED + 1}}
+    assert fidelity.leaked_worlds(continued, evaluated) == evaluated[:4]
+
+
+def test_fidelity_refuses_bad_options_before_running(tmp_path):
+    """--seeds 0 and an --out that is a file are one-line errors before anything runs (an --out
+    that could not be written failed only after the whole run, with a traceback)."""
+    taken = tmp_path / "file"
+    taken.write_text("")
+    for args, message in (
+        (["--seeds", "0"], "argument --seeds: expected an integer >= 1, got '0'"),
+        (["--out", str(taken)], f"--out: {taken}: File exists"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "benchmarks/fidelity.py", "--policies", "full", "--multiples", "1", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert result.stdout == ""

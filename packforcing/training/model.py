@@ -169,6 +169,24 @@ def render_clips(
     return torch.cat(latents), torch.stack(scenes)
 
 
+def clip_seed(seed: int, index: int) -> int:
+    """The world (and schedule) seed of training clip ``index`` of a run seeded ``seed``."""
+    return seed * 1_000_003 + index
+
+
+def training_world_seeds(meta: dict[str, Any]) -> list[range]:
+    """The world seeds of the clips that weights with metadata ``meta`` (:func:`read_metadata`)
+    were trained on, one range per run recorded (the run, then the runs it continued; a run
+    whose clip count was not recorded is left out)."""
+    out: list[range] = []
+    run: Any = meta
+    while isinstance(run, dict):
+        if isinstance(run.get("seed"), int) and isinstance(run.get("clips"), int):
+            out.append(range(clip_seed(run["seed"], 0), clip_seed(run["seed"], run["clips"])))
+        run = run.get("init")
+    return out
+
+
 class ClipPool:
     """Clips ``0 … clips-1`` of a training run, rendered on first use and kept (a clip is
     ``[C, T, H, W]`` latents plus ``[T]`` scene indices, ~100 KB for the tiny model)."""
@@ -186,7 +204,7 @@ class ClipPool:
         for i in indices:
             if i not in self._clips:
                 latents, scenes = render_clips(
-                    self._model, self._world, self._num_blocks, [self._seed * 1_000_003 + i], **self._schedule
+                    self._model, self._world, self._num_blocks, [clip_seed(self._seed, i)], **self._schedule
                 )
                 self._clips[i] = (latents[0], scenes[0])
         return torch.stack([self._clips[i][0] for i in indices]), torch.stack([self._clips[i][1] for i in indices])
