@@ -238,6 +238,13 @@ def test_compressor_training_on_world_clips(tmp_path: Path):
     assert meta["data"] == "world" and (meta["videos"], meta["blocks"], meta["batch"]) == (2, 3, 2)
     assert meta["batch_size"] == 32 and meta["max_gap_blocks"] == 8 and meta["sampler"]["steps"] == 2
     assert meta["model"] == {"name": "tiny_dit", "weights": None} and "commit" in meta
+    assert summary["held_out_sequences"] == 1 and meta["held_out_sequences"] == 1  # 4 sequences, 1 held out
+    # one sequence (e.g. a tight --max-blocks): nothing can be held out, and the figures say so
+    lines: list[str] = []
+    one = tmp_path / "one.safetensors"
+    train_compressor(pf.load_config(config), steps=1, out_path=one, videos=1, blocks=2, batch=1, log=lines.append)
+    assert read_metadata(one)["held_out_sequences"] == 0
+    assert any(line.startswith("loss on the training data (one sequence: nothing held out)") for line in lines)
     with pytest.raises(ValueError, match="--data: expected one of"):
         train_compressor(pf.load_config(config), steps=1, out_path=None, data_source="web")
 

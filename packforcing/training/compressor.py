@@ -110,7 +110,9 @@ def train_compressor(
     """Fit ``config``'s ``dual_branch`` compressor to its (frozen) model; returns the training
     loss per step. Writes safetensors to ``out_path`` (unless ``None``), with metadata recording
     the architecture, objective and losses. ``summary``, if given, receives held-out losses
-    before/after training and of the ``pool`` baseline."""
+    before/after training and of the ``pool`` baseline, and ``held_out_sequences``: how many
+    sequences they are measured on (0 when the data is one sequence: then they are measured on
+    the training data, and say so)."""
     if out_path is not None:
         check_writable(out_path)
     cfg = config if isinstance(config, Config) else _load(config)
@@ -172,6 +174,7 @@ def train_compressor(
     )
     net = holder.new_net().to(engine.device)
     train_seqs, eval_seqs = _split(data.num_sequences)
+    held = 0 if set(eval_seqs) & set(train_seqs) else len(eval_seqs)  # one sequence: nothing held out
     gen = torch.Generator().manual_seed(seed)
     eval_batch = sample_batch(data, eval_seqs, 4 * batch_size, torch.Generator().manual_seed(seed + 1), max_gap_blocks)
     kv = dual_branch_kv(net, model)
@@ -204,14 +207,16 @@ def train_compressor(
         "held_out_after": after,
         "held_out_pool": pooled,
         "held_out_drop": 1.0,
+        "held_out_sequences": held,
         "steps": steps,
         "seconds": time.perf_counter() - started,
     }
     if summary is not None:
         summary.update(result)
     if log is not None:
+        what = "held-out loss" if held else "loss on the training data (one sequence: nothing held out)"
         log(
-            f"held-out loss: untrained {before:.4f} -> trained {after:.4f} "
+            f"{what}: untrained {before:.4f} -> trained {after:.4f} "
             f"(pool baseline {pooled:.4f}, dropping the block 1.0); {result['seconds']:.1f}s"
         )
     if out_path is not None:
@@ -228,6 +233,7 @@ def train_compressor(
             held_out_before=round(before, 6),
             held_out_after=round(after, 6),
             held_out_pool=round(pooled, 6),
+            held_out_sequences=held,
             data=data_source,
             videos=videos,
             blocks=blocks,
