@@ -249,6 +249,19 @@ def test_compressor_training_on_world_clips(tmp_path: Path):
         train_compressor(pf.load_config(config), steps=1, out_path=None, data_source="web")
 
 
+def test_a_diverging_compressor_run_stops_in_one_line_and_writes_nothing(tmp_path: Path, monkeypatch):
+    from packforcing.training import compressor as training
+
+    config = {**small_config(), "compressor": {"name": "dual_branch", "hr_channels": [4, 8, 8, 16]}}
+    config["model"] = {**config["model"], "latent_height": 8, "latent_width": 8, "frames_per_block": 4}
+    real_loss = training.attention_loss
+    monkeypatch.setattr(training, "attention_loss", lambda *a: real_loss(*a) * float("inf"))
+    out = tmp_path / "c.safetensors"
+    with pytest.raises(ValueError, match=r"^training diverged at step 0: the loss is inf \(try a smaller --lr\)$"):
+        training.train_compressor(pf.load_config(config), steps=2, out_path=out, videos=2, blocks=3, batch=2)
+    assert not out.exists()
+
+
 def test_sample_prediction_turns_the_head_into_a_velocity():
     """prediction: sample reads the head as x̂₀ and returns (x_σ − x̂₀) / σ; same weights."""
     velocity = TinyDiT(TinyDiTParams(**SMALL))
@@ -443,3 +456,44 @@ def test_what_the_training_verbs_set_themselves_is_not_called_set(tmp_path: Path
     assert main([verb, "--config", config, "--out", str(tmp_path / "w.safetensors")]) == 2
     err = capsys.readouterr().err
     assert message in err and "--set" not in err and err.count("\n") == 1
+
+
+def test_a_diverging_run_stops_in_one_line_and_writes_no_nan_weights(tmp_path: Path, monkeypatch, capsys):
+    """A loss that is not finite stops training at once, in one line naming the step; weights that
+    are not finite are never written (--out keeps what it held), for both training verbs."""
+    from packforcing.training import model as training
+    from packforcing.training.output import write_weights
+
+    out = tmp_path / "w.safetensors"
+    params = TrainModelParams(steps=6, batch_size=1, train_blocks=2, clips=2, checkpoint_every=2)
+    real_loss = training.teacher_forcing_loss
+    calls = []
+
+    def blows_up(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        if len(calls) == 4:  # step 3: the weights after step 2's update were written at step 2
+            for p in args[0].parameters():
+                p.data.fill_(float("nan"))
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(training, "teacher_forcing_loss", blows_up)
+    with pytest.raises(ValueError, match=r"^training diverged at step 3: the loss is nan \(try a smaller --lr\)$"):
+        train_model(pf.load_config(small_config()), params, out, progress=False)
+    assert read_metadata(out)["steps"] == 2  # the last finite checkpoint, not the NaN weights
+    assert torch.isfinite(pf.build_engine(small_config(weights=str(out))).model.head.weight).all()
+    with pytest.raises(ValueError, match=r"x\.safetensors: not written: w is not finite \(training diverged"):
+        write_weights({"w": torch.tensor([1.0, float("inf")])}, tmp_path / "x.safetensors", {})
+    assert not (tmp_path / "x.safetensors").exists()
+    # the verb: one line, exit status 1
+    calls.clear()
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(small_config()))
+    argv = ["train-model", "--config", str(config), "--out", str(tmp_path / "v.safetensors"), "--steps", "6",
+            "--batch-size", "1", "--train-blocks", "2", "--clips", "2", "--no-progress",
+            "--checkpoint-every", "0"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == "error: training diverged at step 3: the loss is nan (try a smaller --lr)\n"
+    assert not (tmp_path / "v.safetensors").exists()  # its only weights were NaN: nothing written

@@ -41,7 +41,7 @@ from packforcing.core.errors import ConfigError
 from packforcing.training.data import AttentionData, Batch, collect, sample_batch
 from packforcing.training.objective import attention_loss, dual_branch_kv, pool_kv
 from packforcing.training.options import DATA_SOURCES, check_lr, check_seed
-from packforcing.training.output import check_writable, git_commit, write_weights
+from packforcing.training.output import check_writable, diverged, git_commit, write_weights
 
 __all__ = [
     "AttentionData",
@@ -191,12 +191,16 @@ def train_compressor(
     losses: list[float] = []
     for step in range(steps):
         loss = attention_loss(model, sample_batch(data, train_seqs, batch_size, gen, max_gap_blocks), kv)
+        value = float(loss.detach())
+        failure = diverged(step, value)
+        if failure is not None:  # nothing is written: the weights are written only at the end
+            raise ValueError(failure)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
+        losses.append(value)
         if log is not None and (step % 50 == 0 or step == steps - 1):
             log(f"step {step:5d}  loss {losses[-1]:.4f}")
     after = held_out()

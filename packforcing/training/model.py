@@ -44,7 +44,7 @@ from packforcing.training.options import MODEL_DEFAULT_OUT as DEFAULT_OUT
 from packforcing.training.options import MODEL_EXAMPLE as EXAMPLE
 from packforcing.training.options import TrainModelParams, check_lr, check_seed
 from packforcing.training.options import add_model_arguments as add_arguments
-from packforcing.training.output import check_writable, git_commit, write_weights
+from packforcing.training.output import check_writable, diverged, git_commit, write_weights
 from packforcing.worlds import SceneWorld, SceneWorldParams, recall_schedule, revisit_schedule
 
 FORMAT = "packforcing.block_model/1"
@@ -416,6 +416,7 @@ def train_model(
 
     bar = tqdm(total=params.steps, unit="step", disable=not progress, dynamic_ncols=True)
     finished = False
+    failure: str | None = None
     try:
         for step in range(params.steps):
             picks = torch.randint(params.clips, (params.batch_size,), generator=gen).tolist()
@@ -430,19 +431,23 @@ def train_model(
                 first = first_appearances(scenes, g.frames_per_block)
                 weights = torch.where(first, params.first_appearance_weight, 1.0)
             loss = teacher_forcing_loss(model, backend, clean, scenes, sigma, noise, masks, weights)
+            value = float(loss.detach())
+            failure = diverged(step, value)
+            if failure is not None:
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss.detach()))
+            losses.append(value)
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
             bar.update(1)
             if params.checkpoint_every and (step + 1) % params.checkpoint_every == 0:
                 checkpoint()
             if log is not None and (step % 50 == 0 or step == params.steps - 1):
                 log(f"step {step:6d}  loss {losses[-1]:.4f}  {time.perf_counter() - started:.0f}s")
-        finished = True
+        finished = failure is None
     finally:
         bar.close()
         model.requires_grad_(False)
@@ -450,10 +455,14 @@ def train_model(
         # an interrupted run keeps what it learnt; one stopped before its first step has learnt
         # nothing and leaves --out as it was (a previous run's weights are not replaced by the
         # seeded initialisation)
-        if losses:
+        # a diverged run's last update may have made the weights NaN: those are not written
+        # (--out keeps its last finite checkpoint, if any)
+        if losses and (failure is None or all(bool(torch.isfinite(t).all()) for t in model.state_dict().values())):
             checkpoint()
             if not finished and log is not None and out is not None:
                 log(f"stopped: wrote {out} after {len(losses)} of {params.steps} steps")
+    if failure is not None:
+        raise ValueError(failure)
     if log is not None and out is not None:
         log(f"wrote {out} ({out.stat().st_size} bytes) after {len(losses)} steps, {time.perf_counter() - started:.0f}s")
     return losses

@@ -9,6 +9,7 @@ others, like any other output of the command), whatever the temporary file was c
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import tempfile
@@ -48,11 +49,15 @@ def check_writable(path: str | os.PathLike[str], option: str = "--out") -> Path:
 def write_weights(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
     """Write ``state`` as safetensors to ``path`` atomically (a temporary file in the same folder,
     then a rename; :func:`~packforcing.core.checkpoint.save_safetensors_atomic`), mode 0644; on
-    failure the temporary file is removed and ``path`` is left as it was. A failure of the writer
+    failure the temporary file is removed and ``path`` is left as it was. Weights that are not
+    finite are refused (``ValueError`` naming the file and tensor), ``path`` left as it was. A failure of the writer
     itself is raised as an ``OSError`` naming ``path``."""
     from packforcing.core.checkpoint import save_safetensors_atomic
 
     out = Path(path)
+    bad = next((name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:  # never a file of NaN weights that loads without a word
+        raise ValueError(f"{out}: not written: {bad} is not finite (training diverged: try a smaller --lr)")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         save_safetensors_atomic(state, out, metadata=metadata)
@@ -60,6 +65,13 @@ def write_weights(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str
         raise
     except Exception as exc:  # safetensors' own SafetensorError
         raise OSError(f"{out}: cannot write the weights: {exc}") from exc
+
+
+def diverged(step: int, loss: float) -> str | None:
+    """The one-line error of a training step whose ``loss`` is not finite, or ``None``."""
+    if math.isfinite(loss):
+        return None
+    return f"training diverged at step {step}: the loss is {loss} (try a smaller --lr)"
 
 
 def git_commit() -> str:
