@@ -284,6 +284,25 @@ def test_output_dir_is_checked_before_the_model_is_built(tmp_path, capsys):
     assert time.perf_counter() - started < 5
 
 
+def test_a_run_that_fails_before_writing_leaves_no_empty_directory(tmp_path, monkeypatch, capsys):
+    """A failure after the output directory is made but before anything is in it (the engine's
+    build) removes the directory it made; one that was there already is left."""
+    import packforcing.core.build as build
+
+    def no_engine(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("model.weights: cannot be loaded")
+
+    monkeypatch.setattr(build, "build_engine", no_engine)
+    config = write_config(tmp_path, "full", blocks=1)
+    out = tmp_path / "new" / "run"
+    assert main(["generate", "--config", str(config), "--out", str(out), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == "error: model.weights: cannot be loaded"
+    assert not out.exists()
+    (tmp_path / "mine").mkdir()
+    assert main(["generate", "--config", str(config), "--out", str(tmp_path / "mine"), "--no-progress"]) == 1
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_failed_run_reports_failed_with_the_error(tmp_path):
     config = write_config(tmp_path, "full")
     out = tmp_path / "run"

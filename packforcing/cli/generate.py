@@ -366,12 +366,18 @@ def run_job(
     """
     out = Path(out_dir)
     check_output(out, resume=resume, overwrite=overwrite)
+    created = not out.exists()
     stop = _Stop()
-    with stop_signals_to(stop.handle):
-        return _run(
-            config, out, stop, overrides, labels, details, resume, overwrite, save_latents, progress, registry, wrap,
-            on_block,
-        )  # fmt: skip
+    try:
+        with stop_signals_to(stop.handle):
+            return _run(
+                config, out, stop, overrides, labels, details, resume, overwrite, save_latents, progress, registry,
+                wrap, on_block,
+            )  # fmt: skip
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # failed before writing anything
+            out.rmdir()
+        raise
 
 
 def _run(
