@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import packforcing as pf
+from packforcing.positional import TemporalRopeShift
 
 from .generation_oracle import Rule, Selection, partition, reference_packforcing_generate
 from .helpers import TINY_MODEL
@@ -97,9 +98,25 @@ def rule_of(config: dict) -> Rule:
     return Rule(frames, **{k: policy[k] for k in keys if k in policy})
 
 
-def cached_run(config: dict, num_blocks: int, batch_size: int) -> tuple[list[torch.Tensor], list[dict[int, str]]]:
-    """The engine's latents of each block and, after each commit, every block's location."""
-    engine = pf.build_engine(copy.deepcopy(config))
+class _HostPath(TemporalRopeShift):
+    """``temporal_rope_shift`` whose picks are read on the host (no ``targets_from_frames``)."""
+
+    targets_from_frames = False
+
+
+def cached_run(
+    config: dict, num_blocks: int, batch_size: int, path: str = "copy"
+) -> tuple[list[torch.Tensor], list[dict[int, str]]]:
+    """The engine's latents of each block and, after each commit, every block's location; the
+    contexts take ``path``: ``copy`` (picks kept on the device, one gathered copy per layer),
+    ``split`` (the stored runs attended where they are, merged by log-sum-exp) or ``host``
+    (picks read on the host)."""
+    config = copy.deepcopy(config)
+    if path == "split":
+        config["backend"] = {"name": "sdpa", "split_context": True}
+    engine = pf.build_engine(config)
+    if path == "host":
+        engine.policy.realigner = _HostPath(engine.policy.realigner.params)
     latents, where = [], []
     with engine.session(seed=5, batch_size=batch_size) as session:
         for i in range(num_blocks):
@@ -113,8 +130,20 @@ def test_packforcing_generation_matches_the_cache_free_generation_oracle(config,
     """Every block's latents equal the oracle's (which recomputes every earlier block's K/V from
     its latents with the model, places, compresses, picks and realigns them by the paper's rule
     and attends in float64), and after every commit each block is where the rule puts it."""
+    check_against_oracle(config, num_blocks, batch_size, tol)
+
+
+@pytest.mark.parametrize("path", ["split", "host"])
+def test_every_context_path_matches_the_generation_oracle(path):
+    """The same for the split context and for picks read on the host (the default is a copy with
+    picks kept on the device): batch items picking differently, archive and drop."""
+    check_against_oracle(*CASES["pool-topk-archive"], path=path)
+
+
+def check_against_oracle(config: dict, num_blocks: int, batch_size: int, tol: float, path: str = "copy") -> None:
+    """:func:`cached_run` against the oracle: see the tests above."""
     rule, selection = rule_of(config), Selection.of(config["selector"])
-    cached, where = cached_run(config, num_blocks, batch_size)
+    cached, where = cached_run(config, num_blocks, batch_size, path)
     engine = pf.build_engine(copy.deepcopy(config))  # the same weights, a fresh cache it never uses
     reference, logs = reference_packforcing_generate(
         engine.model,
