@@ -56,6 +56,24 @@ def test_an_existing_file_wins_over_a_preset(tmp_path, monkeypatch):
     assert pf.load_config("full").components["policy"].name == "sliding_window"
 
 
+def test_a_copied_preset_and_extends_by_preset_name_load_from_any_directory(tmp_path, monkeypatch):
+    """The README's "copy one to start your own config, or `extends:` it": a copy of
+    sink_recent.yaml (which extends full.yaml) and a file extending `sink_recent` by name load
+    outside the repository; a file beside the config still wins over the preset."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text(presets.path("sink_recent").read_text())
+    copied = pf.load_config("mine.yaml")
+    assert copied.resolved() == pf.load_config("sink_recent").resolved()
+    (tmp_path / "child.yaml").write_text("extends: sink_recent\npolicy: {window_frames: 16}\n")
+    child = pf.load_config("child.yaml")
+    assert child.components["policy"].name == "sink_recent"
+    assert child.components["policy"].params.window_frames == 16
+    assert child.source_of("policy.sink_frames").endswith("sink_recent.yaml")
+    (tmp_path / "full.yaml").write_text("run: {threads: 2}\n")
+    beside = pf.load_config("mine.yaml")
+    assert beside.run.threads == 2 and beside.source_of("run.threads") == "full.yaml"
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [

@@ -1,14 +1,17 @@
-"""Composing config files: ``extends`` chains deep-merged in order, recording which file set
-each key path; a component block naming another component replaces the inherited one."""
+"""Composing config files: ``extends`` chains deep-merged in order (a parent is a path relative
+to the file, else the name of a packaged preset), recording which file set each key path; a
+component block naming another component replaces the inherited one."""
 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from packforcing import presets
 from packforcing.core.errors import ConfigError, DeprecatedKeyWarning
 from packforcing.core.keypaths import KeyPath
 from packforcing.core.structure import show
@@ -119,6 +122,8 @@ def load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dict
     sources: dict[KeyPath, str] = {}
     for i, parent in enumerate(parents):
         parent_path = path.parent / parent
+        if not os.path.lexists(parent_path) and (preset := presets.path(parent)) is not None:
+            parent_path = preset  # no such file beside this one: the packaged preset of that name
         where = "extends" if single else f"extends[{i}]"
         problem = file_problem(parent_path, yaml_suffix=True)  # never read /etc/shadow as a parent
         if problem:
