@@ -48,6 +48,16 @@ def test_generate_writes_video_report_and_plot(tmp_path, capsys):
     assert (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_closing_line_names_every_file_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["generate", "--blocks", "2", "--out", str(out), "--set", "sampler.steps=1", "--no-progress"]
+    assert main([*argv, "--save-latents"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["latents.safetensors", "memory.png", "report.json", "video.mp4"]
+    assert line.startswith("wrote ") and all(str(out / name) in line for name in written)
+
+
 def test_config_error_is_one_line_with_exit_2(tmp_path, capsys):
     code = main(["generate", "--config", "configs/full.yaml", "--out", str(tmp_path), "--set", "policy.name=nope"])
     assert code == 2

@@ -54,8 +54,8 @@ EXAMPLES = """examples:
   packforcing presets
   packforcing train-compressor --config packforcing --steps 1000 --out W.safetensors
   packforcing encode-prompts --text-encoder WAN_DIR --prompts prompts.yaml --out embeds/
-  packforcing train-model --config configs/packforcing.yaml --out W.safetensors
-  packforcing sweep configs/full.yaml configs/packforcing.yaml --seeds 0,1 --blocks 48 --out sweeps/a
+  packforcing train-model --config packforcing --out W.safetensors
+  packforcing sweep full packforcing --seeds 0,1 --blocks 48 --out sweeps/a
 """
 
 

@@ -9,7 +9,7 @@ from packforcing.cli import add_verb
 
 EXAMPLE = """example:
   packforcing encode-prompts --text-encoder ~/Wan2.1-T2V-1.3B-Diffusers --prompts prompts.yaml --out embeds/
-  packforcing generate --config configs/wan2.1-1.3b/packforcing.yaml --set model.path=CKPT \\
+  packforcing generate --config wan2.1-1.3b/packforcing --set model.path=CKPT \\
       --prompts embeds/prompts.yaml --seconds 120 --out out/fox
 
 prompts.yaml is a list of segments, each {from_block: N | from_second: S, prompt: TEXT}, the first

@@ -263,8 +263,10 @@ def _done(out: Path, report: dict[str, Any]) -> int:
     video = out / "video.mp4"
     video_note = f"{video}, " if video.exists() else ""
     no_video = "" if video.exists() else " (no video: the model has no decoder; for Wan, give model.vae)"
+    latents = out / "latents.safetensors"
+    latents_note = f", {latents}" if latents.exists() else ""
     print(
-        f"wrote {video_note}{out / 'report.json'}, {out / 'memory.png'}: "
+        f"wrote {video_note}{out / 'report.json'}, {out / 'memory.png'}{latents_note}: "
         f"{report['blocks_done']} blocks in {report['total_seconds']:.1f}s, peak cache {peak:.2f} MiB{no_video}"
     )
     return 0
