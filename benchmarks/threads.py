@@ -42,7 +42,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sizes", nargs="*", default=list(SIZES), help="subset of the sizes to run")
+    parser.add_argument(
+        "--sizes", nargs="*", choices=list(SIZES), default=list(SIZES), metavar="SIZE",
+        help=f"subset of the sizes to run, quoted: {', '.join(repr(s) for s in SIZES)}",
+    )  # fmt: skip
     add_out(parser)
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -124,3 +124,18 @@ def test_fidelity_refuses_bad_options_before_running(tmp_path):
         )
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
         assert result.stdout == ""
+
+
+def test_threads_benchmark_refuses_an_unknown_size_in_one_line():
+    """``--sizes`` takes the table's names; another is an argparse error listing them, not a
+    KeyError traceback after the first size has run."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/threads.py", "--sizes", "tiny", "--out", "/nonexistent"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "invalid choice: 'tiny'" in result.stderr and "'tiny (default)'" in result.stderr
