@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import types
 from pathlib import Path
 
@@ -46,11 +48,35 @@ def test_every_verb_has_help_with_an_example(verb, capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "example:" in text and f"packforcing {verb}" in text.split("example:")[1]
+    for command in example_commands(text.split("example:")[1]):
+        build_parser().parse_args(command)  # every example is a valid command line
+
+
+def example_commands(text: str) -> list[list[str]]:
+    """The ``packforcing ...`` command lines of a help text's examples, continuation lines
+    (``\\`` at the end) joined, as argument lists without ``packforcing`` and ``VAR=value``."""
+    commands, pending = [], ""
+    for line in text.splitlines():
+        assert not re.search(r"\S {4,}--", line), f"a line continuation was lost: {line!r}"
+        line = pending + line.strip()
+        if not re.match(r"([A-Z_]+=\S* )*packforcing [a-z-]+( |$)", line):
+            pending = ""
+            continue  # prose
+        pending = line[:-1] + " " if line.endswith("\\") else ""
+        words = shlex.split(line, comments=True) if not pending else []
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+            words.pop(0)
+        if words[:1] == ["packforcing"]:
+            commands.append(words[1:])
+    assert commands
+    return commands
 
 
 def test_top_level_help_lists_every_verb(capsys):
     text = build_parser().format_help()
     assert all(verb in text for verb in VERBS) and "examples:" in text
+    for command in example_commands(text.split("examples:")[1]):
+        build_parser().parse_args(command)
     code, out, _ = run(capsys)  # no verb: the help, and status 2
     assert code == 2 and "VERB" in out
 

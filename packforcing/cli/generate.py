@@ -26,7 +26,7 @@ EXAMPLE = """example:
   packforcing generate --blocks 120 --seed 0 --out out/pf      # the 'packforcing' preset
   packforcing generate --blocks 40 --out out/pf8 --set policy.recent_frames=8
   packforcing generate --config sliding_window --blocks 40 --out out/sw --set policy.window_frames=16
-  packforcing generate --config wan2.1-1.3b/packforcing --set model.path=CKPT \
+  packforcing generate --config wan2.1-1.3b/packforcing --set model.path=CKPT \\
       --prompt "a red fox running through snow" --seconds 120 --out out/fox
 
   packforcing generate --resume out/pf                    # continue an interrupted run where it stopped
