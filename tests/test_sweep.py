@@ -169,6 +169,19 @@ def test_an_out_that_cannot_be_a_directory_is_one_line(cfg, tmp_path, capsys):
     assert afile.read_text() == "x"
 
 
+def test_without_ray_the_sweep_is_one_line_and_leaves_nothing(cfg, tmp_path, capsys, monkeypatch):
+    """A base install (no [sweep] extra): the one-line hint comes before the plan line, and the
+    sweep directory is not created."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    out = tmp_path / "sw"
+    assert main(["sweep", cfg["full"], "--blocks", "1", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "error: sweeps need Ray: pip install 'packforcing[sweep]'\n"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("mode", ["--no-progress", "--json", None])
 def test_each_failed_job_is_one_line_on_stderr_once(cfg, tmp_path, capsys, monkeypatch, mode):
     """A failed job is one stderr line as it finishes (bar or not), never repeated at the end;

@@ -114,11 +114,12 @@ class _Bar:
 def run(args: argparse.Namespace) -> int:
     from packforcing.cli.validate import expand
     from packforcing.sweep import SweepError, expand_jobs, load_prompts, run_sweep
-    from packforcing.sweep.driver import check_out
+    from packforcing.sweep.driver import _ray, check_out
     from packforcing.sweep.results import RESULTS, SUMMARY_MD, SUMMARY_PNG
 
     try:  # before the configs are loaded and Ray started
         out = check_out(args.out)
+        _ray()  # installed (a base install has no [sweep] extra): say so before anything is written
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
