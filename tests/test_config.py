@@ -332,12 +332,28 @@ def test_missing_file(tree):
 
 def test_missing_extends_file(tree):
     tree(child="extends: nope.yaml\npolicy: full")
-    assert error_of("child.yaml") == "child.yaml: extends: nope.yaml: file not found"
+    assert (
+        error_of("child.yaml")
+        == "child.yaml: extends: nope.yaml: file not found (nor a preset: see 'packforcing presets')"
+    )
+    tree(typo="extends: sink_recnt\npolicy: full")  # extends may name a preset: a near miss is one
+    assert (
+        error_of("typo.yaml")
+        == "typo.yaml: extends: sink_recnt: file not found (did you mean the preset 'sink_recent'?)"
+    )
+    tree(sub="extends: sub/none.yaml\npolicy: full")
+    assert (
+        error_of("sub.yaml")
+        == "sub.yaml: extends: sub/none.yaml: file not found (nor a preset: see 'packforcing presets')"
+    )
 
 
 def test_missing_file_in_an_extends_list(tree):
     tree(base=BASE, child="extends: [base.yaml, nope.yaml]\n")
-    assert error_of("child.yaml") == "child.yaml: extends[1]: nope.yaml: file not found"
+    assert (
+        error_of("child.yaml")
+        == "child.yaml: extends[1]: nope.yaml: file not found (nor a preset: see 'packforcing presets')"
+    )
 
 
 def test_cyclic_extends(tree):

@@ -15,7 +15,7 @@ from packforcing import presets
 from packforcing.core.errors import ConfigError, DeprecatedKeyWarning
 from packforcing.core.keypaths import KeyPath
 from packforcing.core.structure import show
-from packforcing.core.yamlfile import file_label, file_problem, read_yaml
+from packforcing.core.yamlfile import file_label, file_problem, preset_hint, read_yaml
 from packforcing.plugins.kinds import BY_NAME, DEPRECATED_KEYS, Kind
 
 
@@ -126,6 +126,8 @@ def load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dict
             parent_path = preset  # no such file beside this one: the packaged preset of that name
         where = "extends" if single else f"extends[{i}]"
         problem = file_problem(parent_path, yaml_suffix=True)  # never read /etc/shadow as a parent
+        if problem == "file not found" and not Path(parent).is_absolute() and ".." not in Path(parent).parts:
+            problem += preset_hint(Path(parent))  # it could have named a preset
         if problem:
             raise ConfigError(f"{parent}: {problem}", source=label, path=where)
         pdata, psources = load_file(parent_path, (*stack, path))

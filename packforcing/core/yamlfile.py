@@ -60,9 +60,14 @@ def missing_file(path: Path) -> str:
         close = difflib.get_close_matches(path.stem, list(siblings), n=1)
         hint = f" (did you mean {siblings[close[0]]!r}?)" if close else ""
     if not hint and len(path.parts) == 1:
-        close = difflib.get_close_matches(path.stem, presets.names(), n=1)
-        hint = f" (did you mean the preset {close[0]!r}?)" if close else " (nor a preset: see 'packforcing presets')"
+        hint = preset_hint(path)
     return f"file not found{hint}"
+
+
+def preset_hint(name: Path) -> str:
+    """What to add to "file not found" for ``name``, which could have been a preset's name."""
+    close = difflib.get_close_matches(name.with_suffix("").as_posix(), presets.names(), n=1)
+    return f" (did you mean the preset {close[0]!r}?)" if close else " (nor a preset: see 'packforcing presets')"
 
 
 MAX_CONFIG_BYTES = 1 << 20
