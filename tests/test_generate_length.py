@@ -80,6 +80,30 @@ def test_bad_prompt_file_is_one_line(tmp_path, capsys):
     )
 
 
+def test_a_prompt_file_of_the_models_own_conditions(tmp_path, capsys):
+    """--prompts FILE takes the model's condition keys as run.prompts does (tiny_dit: scene),
+    with from_second converted as for text; a bad key or value is one line naming the file."""
+    prompts = tmp_path / "scenes.yaml"
+    prompts.write_text("- {from_second: 0, scene: 2}\n- {from_second: 0.5, scene: 5}\n")
+    out = tmp_path / "o"
+    argv = ["generate", "--blocks", "4", "--out", str(out), "--no-progress", "--set", "sampler.steps=1"]
+    assert main([*argv, "--prompts", str(prompts)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["conditions"] == [{"from_block": 0, "scene": 2}, {"from_block": 2, "scene": 5}]
+    assert [b["condition"] for b in report["blocks"]] == [{"scene": 2}] * 2 + [{"scene": 5}] * 2
+    capsys.readouterr()
+    for segment, problem in [
+        ("{from_block: 0, scene: 9}", "[0].scene: expected an integer in [0, 8), got 9"),
+        ("{from_block: 0, sene: 1}", "[0].sene: unknown condition key (tiny_dit takes 'scene')"),
+        ("{from_block: 0, prompt: a, scene: 1}", "[0]: give prompt or embeds alone, or the model's condition keys"),
+        ("{from_block: 0}", "[0]: give the segment's condition"),
+    ]:
+        prompts.write_text(f"- {segment}\n")
+        assert main([*argv, "--overwrite", "--prompts", str(prompts)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {prompts}: {problem}"), err
+
+
 def test_full_size_model_on_the_cpu_is_refused_up_front(tmp_path, capsys):
     wan_sized = [
         "--set", "model.hidden_size=1536", "--set", "model.num_heads=12", "--set", "model.num_layers=30",

@@ -33,8 +33,10 @@ EXAMPLE = """example:
 
 --config takes a YAML file or a preset name ('packforcing presets' lists them).
 --prompts FILE is a YAML/JSON list of {from_block: N | from_second: S, prompt: TEXT | embeds: FILE}
-(the first from 0); text is encoded with the text_encoder: {path: ...} of the config, which is freed
-before the model is loaded (packforcing encode-prompts precomputes the embeddings once).
+(the first from 0; the model's own condition keys may stand for prompt/embeds: tiny_dit's
+{from_second: 0, scene: 2}); text is encoded with the text_encoder: {path: ...} of the config,
+which is freed before the model is loaded (packforcing encode-prompts precomputes the embeddings
+once).
 """
 
 
@@ -125,7 +127,7 @@ def prompt_segments(args: argparse.Namespace, config: Any) -> list[dict[str, Any
             raise ValueError("--prompt: expected a non-empty text")
         return [{"from_block": 0, "prompt": args.prompt}]
     if args.prompts is not None:
-        return read_prompt_file(args.prompts)
+        return read_prompt_file(args.prompts, conditions=True)  # the model checks its own keys
     return config.run.prompts
 
 

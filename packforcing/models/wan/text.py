@@ -188,8 +188,10 @@ def load_prompt_embeds(path: str | Path) -> tuple[torch.Tensor, str | None]:
 # ---- prompt schedules --------------------------------------------------------------------
 
 
-def _check_segments(segments: Any, where: str) -> list[dict[str, Any]]:
-    """Validate a prompt schedule (``where`` names its file for the one-line errors)."""
+def _check_segments(segments: Any, where: str, *, conditions: bool = False) -> list[dict[str, Any]]:
+    """Validate a prompt schedule (``where`` names its file for the one-line errors). With
+    ``conditions``, a segment may give the model's own condition keys (tiny_dit's ``scene``)
+    instead of ``prompt`` / ``embeds``; the model checks them (``encode_condition``)."""
     if not isinstance(segments, list) or not segments:
         raise ValueError(f"{where}: expected a non-empty list of {{from_block | from_second, prompt | embeds}}")
     out: list[dict[str, Any]] = []
@@ -198,15 +200,22 @@ def _check_segments(segments: Any, where: str) -> list[dict[str, Any]]:
         if not isinstance(seg, Mapping):
             raise ValueError(f"{at}: expected a mapping, got {seg!r}")
         unknown = sorted(set(seg) - {*START_KEYS, *SPEC_KEYS})
-        if unknown == ["recache"]:
+        if "recache" in unknown:
             raise ValueError(f"{at}.recache: re-caching is set for every switch by run.recache, not per segment")
-        if unknown:
+        if unknown and not conditions:
             raise ValueError(f"{at}.{unknown[0]}: unknown key (expected from_block | from_second, prompt | embeds)")
         starts = [k for k in START_KEYS if k in seg]
         specs = [k for k in SPEC_KEYS if k in seg]
         if len(starts) != 1:
             raise ValueError(f"{at}: give exactly one of from_block, from_second")
-        if len(specs) != 1:
+        if conditions and unknown and specs:
+            raise ValueError(f"{at}: give prompt or embeds alone, or the model's condition keys (such as scene: N)")
+        if conditions and not unknown and not specs:
+            raise ValueError(
+                f"{at}: give the segment's condition: prompt: TEXT, embeds: FILE or the model's condition keys "
+                "(such as scene: N)"
+            )
+        if len(specs) > 1 or (not specs and not conditions):
             raise ValueError(f"{at}: give exactly one of prompt, embeds")
         key, start = starts[0], seg[starts[0]]
         integral = key == "from_block"
@@ -217,15 +226,16 @@ def _check_segments(segments: Any, where: str) -> list[dict[str, Any]]:
             raise ValueError(f"{at}.{key}: expected a finite number, got {start!r}")
         if i == 0 and start != 0:
             raise ValueError(f"{at}.{key}: the first segment must start at 0, got {start!r}")
-        value = seg[specs[0]]
-        if not isinstance(value, str) or not value.strip():
+        value = seg[specs[0]] if specs else ""
+        if specs and (not isinstance(value, str) or not value.strip()):
             raise ValueError(f"{at}.{specs[0]}: expected a non-empty string, got {value!r}")
         out.append(dict(seg))
     return out
 
 
-def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
-    """Segments of a YAML / JSON prompt file; ``embeds`` paths made absolute (relative to it)."""
+def read_prompt_file(path: str | Path, *, conditions: bool = False) -> list[dict[str, Any]]:
+    """Segments of a YAML / JSON prompt file; ``embeds`` paths made absolute (relative to it).
+    ``conditions``: segments may hold the model's own condition keys (see :func:`_check_segments`)."""
     import yaml
 
     path = Path(path)
@@ -240,7 +250,7 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         raise ValueError(f"{path}: not valid {kind}: {' '.join(str(exc).split())}") from None
-    segments = _check_segments(data, str(path))
+    segments = _check_segments(data, str(path), conditions=conditions)
     for i, seg in enumerate(segments):
         if "embeds" in seg:
             file = Path(seg["embeds"]).expanduser()
