@@ -63,11 +63,23 @@ def test_generate_seconds_records_both(tmp_path, capsys):
     assert len(report["blocks"]) == 6 and report["config"]["run"]["blocks"] == 6
 
 
-def test_text_prompts_need_a_text_encoder(tmp_path, capsys):
+def test_text_prompts_for_a_model_without_text_are_refused_up_front(tmp_path, capsys):
+    """tiny_dit takes scenes, not text: said so, not that a text encoder is missing (a model
+    taking text without an encoder configured: tests/test_wan_end_to_end.py)."""
     code = main(["generate", "--config", CONFIG, "--prompt", "a fox", "--out", str(tmp_path / "o"), *TINY])
-    err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1 and "text_encoder.path" in err
+    assert code == 1 and capsys.readouterr().err == (
+        "error: --prompt: model tiny_dit takes no text prompts (it takes scene)\n"
+    )
     assert not (tmp_path / "o").exists()
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("- {from_block: 0, scene: 1}\n- {from_block: 2, prompt: a fox}\n")
+    code = main(["generate", "--config", CONFIG, "--prompts", str(prompts), "--out", str(tmp_path / "o"), *TINY])
+    assert code == 1 and capsys.readouterr().err == (
+        f"error: {prompts}: [1].prompt: model tiny_dit takes no text prompts (it takes scene)\n"
+    )
+    unconditional = [*TINY, "--set", "model.num_conditions=0"]
+    code = main(["generate", "--config", CONFIG, "--prompt", "a fox", "--out", str(tmp_path / "o"), *unconditional])
+    assert code == 1 and "takes no text prompts (it takes no condition)" in capsys.readouterr().err
 
 
 def test_bad_prompt_file_is_one_line(tmp_path, capsys):

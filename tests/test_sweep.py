@@ -121,8 +121,8 @@ def test_prompt_files(cfg, tmp_path):
 
 def test_expand_jobs_cross_product_and_keys(cfg):
     configs = [cfg["full"], cfg["sink_recent"]]
-    prompts = [Prompt("a", ({"from_block": 0, "prompt": "x"},)), Prompt("b", ({"from_block": 0, "prompt": "y"},))]
-    jobs = expand_jobs(configs, prompts=prompts, seeds=[0, 1], blocks=3, overrides=TINY)
+    prompts = [Prompt("a", ({"from_block": 0, "scene": 0},)), Prompt("b", ({"from_block": 0, "scene": 1},))]
+    jobs = expand_jobs(configs, prompts=prompts, seeds=[0, 1], blocks=3, overrides=[*TINY, "model.num_conditions=2"])
     assert len(jobs) == 2 * 2 * 2
     assert [j.name for j in jobs[:4]] == ["full-a-0", "full-a-1", "full-b-0", "full-b-1"]
     assert len({j.key for j in jobs}) == 8
@@ -133,10 +133,12 @@ def test_expand_jobs_cross_product_and_keys(cfg):
         "run.device=cpu",
         "run.seed=0",
         "run.blocks=3",
-        'run.prompts=[{"from_block":0,"prompt":"x"}]',
+        'run.prompts=[{"from_block":0,"scene":0}]',
     ]
     # a different resolved config is a different job, even under the same file name
-    other = expand_jobs(configs[:1], seeds=[0], blocks=3, overrides=[*TINY, "sampler.steps=3"])
+    other = expand_jobs(
+        configs[:1], seeds=[0], blocks=3, overrides=[*TINY, "model.num_conditions=2", "sampler.steps=3"]
+    )
     assert other[0].config_hash != jobs[0].config_hash
     # the length defaults to run.blocks; a bad config is one located error before anything runs
     assert expand_jobs(configs[:1], overrides=TINY)[0].blocks == 16
@@ -216,6 +218,11 @@ def test_a_condition_the_model_does_not_take_is_refused_before_any_job(cfg, tmp_
     assert len(expand_jobs([cfg["full"]], prompts=load_prompts(prompts)[:1], blocks=1, overrides=sets)) == 1
     with pytest.raises(ConfigError, match=r"prompt 'ok': \[0\]\.scene: model tiny_dit is unconditional"):
         expand_jobs([cfg["full"]], prompts=load_prompts(prompts)[:1], blocks=1)
+    # a text prompt for a model that takes none is refused as well (before any text encoder)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red fox\n")
+    with pytest.raises(ConfigError, match=r"\[0\]\.prompt: model tiny_dit takes no text prompts \(it takes scene\)"):
+        expand_jobs([cfg["full"]], prompts=load_prompts(texts), blocks=1, overrides=sets)
 
 
 def test_failed_job_is_one_line_record(cfg, tmp_path):

@@ -156,6 +156,18 @@ def test_streamed_video_equals_decoding_the_whole_latent_video(tmp_path, pipelin
     assert (streamed - whole).abs().max() <= 1e-5
 
 
+def test_text_prompts_need_a_text_encoder(tmp_path, capsys):
+    """A Wan transformer folder alone (no pipeline root with a text_encoder/ beside it) and no
+    text_encoder.path: one line saying what is missing, nothing written."""
+    folder = write_diffusers(tiny_transformer(), tmp_path / "transformer-only")
+    config = wan_config(tmp_path, folder)
+    out = tmp_path / "o"
+    assert main(["generate", "--config", str(config), "--prompt", "a fox", "--blocks", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: text_encoder.path: text prompts need a text encoder (a pipeline root or its folder)\n"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("how", ["interrupted", "checkpoint_every"])
 def test_an_interrupted_wan_run_resumes_to_the_same_video(tmp_path, pipeline, how):
     """A Wan run's video has 1 + 4(F - 1) pixel frames for F latent ones and a causal decoder:

@@ -247,9 +247,20 @@ def check_given_conditions(
     """The segments that already hold their condition (``embeds: FILE``, not text), checked by
     the planning model (no weights) before any text is encoded, so a bad one costs no encoder
     load and leaves nothing written. ``where``: the prompt file (or ``--prompt``) they came
-    from; ``None`` for the config's ``run.prompts``."""
+    from; ``None`` for the config's ``run.prompts``. A text prompt for a model whose
+    ``condition_keys`` lack ``embeds`` (text is encoded into embeddings) is refused likewise."""
+    keys = getattr(model, "condition_keys", None)
     for i, seg in enumerate(segments):
         if "prompt" in seg:
+            if keys is not None and "embeds" not in keys:
+                takes = ", ".join(sorted(keys)) if keys else "no condition"
+                problem = f"model {config.components['model'].name} takes no text prompts (it takes {takes})"
+                if where is not None:
+                    raise ValueError(
+                        f"{where}: {problem}" if where == "--prompt" else f"{where}: [{i}].prompt: {problem}"
+                    )
+                source = config.source_of("run.prompts")
+                raise ConfigError(problem, source=source, path=f"run.prompts[{i}].prompt")
             continue
         try:
             model.encode_condition({k: v for k, v in seg.items() if k != "from_block"})

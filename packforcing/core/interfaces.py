@@ -112,7 +112,11 @@ class BlockModel(Protocol):
     def encode_condition(self, spec: Mapping[str, Any] | None) -> Any:
         """The condition object for a JSON-able ``spec`` (e.g. ``{"embeds": "prompt.safetensors"}``),
         or ``None`` for ``None``. Called once per distinct spec; raise ``ValueError("<key>: ...")``
-        for a spec the model cannot use."""
+        for a spec the model cannot use.
+
+        A model may declare the keys its specs take as ``condition_keys`` (optional, a frozenset;
+        ``embeds`` is what text prompts are encoded into), so text given to a model that takes
+        none is refused before a text encoder is loaded."""
         ...
 
     def denoise(

@@ -361,6 +361,11 @@ class TinyDiT(nn.Module):
         return [k for k, _ in collect], [v for _, v in collect]
 
     @property
+    def condition_keys(self) -> frozenset[str]:
+        """What :meth:`encode_condition` takes: ``scene`` with scenes, nothing without (never text)."""
+        return frozenset({"scene"}) if self.params.num_conditions else frozenset()
+
+    @property
     def condition_in_keys(self) -> bool:
         """Capability flag: the scene condition steers the keys (compressors pass it to
         :meth:`project_kv`)."""
