@@ -272,6 +272,9 @@ def check_given_conditions(
 
 
 def _done(out: Path, report: dict[str, Any]) -> int:
+    """The closing line: what was written, the blocks, their generation time (the blocks'
+    ``seconds`` summed, over every attempt of a resumed run; decoding and writing the video are
+    not in it) and the peak cache."""
     peak = report["peak_cache_bytes"] / 2**20
     video = out / "video.mp4"
     video_note = f"{video}, " if video.exists() else ""
@@ -280,7 +283,8 @@ def _done(out: Path, report: dict[str, Any]) -> int:
     latents_note = f", {latents}" if latents.exists() else ""
     print(
         f"wrote {video_note}{out / 'report.json'}, {out / 'memory.png'}{latents_note}: "
-        f"{report['blocks_done']} blocks in {report['total_seconds']:.1f}s, peak cache {peak:.2f} MiB{no_video}"
+        f"{report['blocks_done']} blocks, {report['total_seconds']:.1f} s generating, peak cache {peak:.2f} MiB"
+        f"{no_video}"
     )
     return 0
 
