@@ -96,6 +96,7 @@ def main() -> None:
     )
     write_results("latency_vs_length", {"blocks": n, "device": args.device, "policies": results}, table, args.out)
     plot(results, args.out / "latency_vs_length.png")
+    print(f"wrote {args.out / 'latency_vs_length.png'}")
 
 
 def plot(results, path) -> None:

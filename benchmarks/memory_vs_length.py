@@ -117,6 +117,7 @@ def main() -> None:
         args.out,
     )
     plot(runs, wan, args.out / "memory_vs_length.png")
+    print(f"wrote {args.out / 'memory_vs_length.png'}")
 
 
 if __name__ == "__main__":
