@@ -347,6 +347,37 @@ def table(results: list[dict[str, Any]]) -> str:
     return markdown_table(headers, rows)
 
 
+def markdown(data: dict[str, Any], *, head: bool = True) -> str:
+    """``fidelity.md`` from the results ``data`` (``fidelity.json``'s content): the table, the
+    ground truth's own drift (the floor a policy's drift compares to), the diagnostics and the
+    context probe; with ``head``, the title line naming the model, seeds and machine."""
+    results, diagnostics, probe = data["results"], data["diagnostics"], data["context_probe"]
+    md = table(results)
+    truth = {r["horizon"]: r["truth_drift"] for r in results if "truth_drift" in r}
+    if truth:
+        md += (
+            "\nDrift of the ground truth itself (its scenes' own colour change between first and last visit, "
+            "the floor of the drift column): " + ", ".join(f"{h} {d:.3f}" for h, d in truth.items()) + ".\n"
+        )
+    if diagnostics:
+        rows = [r for r in results if r["horizon"] == diagnostics[0]["horizon"] and r["policy"] == "full"]
+        md += "\nDiagnostics (PackForcing variants, " + diagnostics[0]["horizon"] + "):\n\n" + table(rows + diagnostics)
+    if probe is not None:
+        md += (
+            "\nContext probe (one teacher-forced pass at σ = 1, clips of the training length): x̂₀ MSE "
+            f"{probe['x0_mse']:.3f} (by block position {probe['x0_mse_by_block']}) vs copying the previous "
+            f"frame {probe['copy_previous_frame_mse']:.3f} and predicting the mean {probe['mean_prediction_mse']:.3f}; "
+            f"x̂₀ moves by {probe['x0_change_when_history_swapped']:.3f} (MSE) when two blocks of history are swapped.\n"
+        )
+    if not head:
+        return md
+    model, seeds = data["model"], results[0]["seeds"] if results else 0
+    return (
+        f"### fidelity\n\nModel `{model['weights']}` ({model['steps']} steps, clips of {data['train_blocks']} blocks); "
+        f"{seeds} seed(s); mean ± spread across seeds. Machine: {data['machine']}\n\n{md}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=positive_int, default=3, help="videos per policy and horizon (default 3)")
@@ -456,21 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(),
     }
     (out / "fidelity.json").write_text(json.dumps(data, indent=2) + "\n")
-    md = table(results)
-    if diagnostics:
-        rows = [r for r in results if r["horizon"] == diagnostics[0]["horizon"] and r["policy"] == "full"]
-        md += "\nDiagnostics (PackForcing variants, " + diagnostics[0]["horizon"] + "):\n\n" + table(rows + diagnostics)
-    if probe is not None:
-        md += (
-            "\nContext probe (one teacher-forced pass at σ = 1, clips of the training length): x̂₀ MSE "
-            f"{probe['x0_mse']:.3f} (by block position {probe['x0_mse_by_block']}) vs copying the previous "
-            f"frame {probe['copy_previous_frame_mse']:.3f} and predicting the mean {probe['mean_prediction_mse']:.3f}; "
-            f"x̂₀ moves by {probe['x0_change_when_history_swapped']:.3f} (MSE) when two blocks of history are swapped.\n"
-        )
-    (out / "fidelity.md").write_text(
-        f"### fidelity\n\nModel `{weights}` ({meta.get('steps')} steps, clips of {train_blocks} blocks); "
-        f"{args.seeds} seed(s); mean ± spread across seeds. Machine: {data['machine']}\n\n{md}"
-    )
+    (out / "fidelity.md").write_text(markdown(data))
+    md = markdown(data, head=False)
     longest = f"{max(args.multiples)}x"
     plot(results, out / "fidelity.png", longest)
     print(md)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,14 @@ def test_fidelity_benchmark_smoke_run_writes_the_schema(tmp_path):
     window = {r["horizon"]: r["peak_cache_bytes"] for r in rows if r["policy"] == "sliding_window"}
     assert window["2x"] < full["2x"]  # bytes come from the tensors held
     assert (tmp_path / "fidelity.md").is_file() and (tmp_path / "fidelity.png").is_file()
+    assert "Drift of the ground truth itself" in (tmp_path / "fidelity.md").read_text()
+
+
+def test_the_committed_fidelity_markdown_is_what_its_json_gives():
+    """benchmarks/results/fidelity.md is written from fidelity.json alone (markdown(data))."""
+    fidelity = _fidelity_module()
+    data = json.loads((ROOT / "benchmarks" / "results" / "fidelity.json").read_text())
+    assert fidelity.markdown(data) == (ROOT / "benchmarks" / "results" / "fidelity.md").read_text()
 
 
 def test_memory_benchmark_writes_to_out_in_the_committed_format(tmp_path):
