@@ -18,7 +18,9 @@ Parameters
     :class:`BuildEnv` holding everything built before it. The description shown by
     ``packforcing plugins`` is the first paragraph of the class docstring. A
     :class:`ComponentFactory` spells out ``(params class, build(params, env), description)``
-    for the rare component that needs its own build function.
+    for the rare component that needs its own build function. A :class:`LazyFactory`
+    (``"module:Class"`` and a description) registers a component without importing it, so
+    ``packforcing plugins`` lists it without importing torch (also in :mod:`packforcing.plugins`).
 
 Errors
     A parameter problem is a :class:`ParamError` carrying its key path, relative to the
@@ -89,7 +91,7 @@ from packforcing.core.records import (
 )
 from packforcing.core.rope import Rope3D
 from packforcing.core.validators import explained
-from packforcing.plugins.factory import ComponentFactory, no_params
+from packforcing.plugins.factory import ComponentFactory, LazyFactory, no_params
 from packforcing.plugins.hookspecs import hookimpl
 
 __all__ = [
@@ -111,6 +113,7 @@ __all__ = [
     "Geometry",
     "Grid",
     "LatentCodec",
+    "LazyFactory",
     "MemoryPlan",
     "ParamError",
     "PositionalRealigner",

@@ -592,6 +592,52 @@ def test_builtins_are_listed_without_loading_and_load_as_listed():
             assert provided.description == first_doc_line(factory.component)
 
 
+def test_a_plugin_registered_by_import_path_is_listed_without_importing_it(tmp_path, monkeypatch):
+    """A hook may name its component by import path (``LazyFactory``, from the torch-free
+    ``packforcing.plugins``): ``packforcing plugins`` lists it with its description without
+    importing the module; a config using it imports it, checked against the kind's interface."""
+    from packforcing.plugins import LazyFactory
+
+    (tmp_path / "lazy_plugin_mod.py").write_text(
+        "from packforcing.api import Compressor\n"
+        "from packforcing.compressors.pool import PoolCompressor\n"
+        "class Halving(PoolCompressor):\n"
+        '    """Halving pool (a plugin imported when used)."""\n'
+        "class NotACompressor:\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lazy = {
+        "halving": LazyFactory("lazy_plugin_mod:Halving", "halving pool, listed without importing"),
+        "wrong": LazyFactory("lazy_plugin_mod:NotACompressor", "not a compressor"),
+    }
+    registry, problems = create((plugin("lazy", packforcing_compressors=lambda: lazy), "lazy-dist"))
+    assert problems == [] and registry.get("compressor", "halving").description == (
+        "halving pool, listed without importing"
+    )
+    assert "lazy_plugin_mod" not in sys.modules
+    config = {
+        "policy": "packforcing",
+        "compressor": "halving",
+        "selector": {"name": "recency", "k": 1},
+        "run": {"device": "cpu"},
+    }
+    engine = pf.build_engine(config, registry=registry)
+    assert type(engine.policy.tier_compressor("mid")).__name__ == "Halving" and "lazy_plugin_mod" in sys.modules
+    with pytest.raises(pf.PluginError) as info:  # one line naming it, not a traceback
+        pf.build_engine({**config, "compressor": "wrong"}, registry=registry)
+    assert str(info.value) == (
+        "compressor 'wrong' (distribution lazy-dist): cannot be loaded from lazy_plugin_mod:NotACompressor: "
+        "returned class NotACompressor for 'wrong', expected a ComponentFactory or a subclass of Compressor"
+    )
+    lazy["gone"] = LazyFactory("no_such_plugin_mod:Thing", "a module that is not installed")
+    registry, _ = create((plugin("lazy", packforcing_compressors=lambda: lazy), "lazy-dist"))
+    with pytest.raises(
+        pf.PluginError, match=r"^compressor 'gone' \(distribution lazy-dist\): cannot be loaded from no_such"
+    ):
+        check_config({**config, "compressor": "gone"}, registry=registry)
+
+
 # ---------------------------------------------------------------------- a plugin raising while it is built
 @attrs.frozen
 class DividesByStride(Halves):

@@ -59,8 +59,20 @@ class Provided:
 
     @property
     def factory(self) -> ComponentFactory:
-        """The component's factory (a built-in's module is imported on first use)."""
-        return loaded(self.entry)
+        """The component's factory (a component registered by import path is imported on first
+        use); one that cannot be imported, or is not of its kind, is a :class:`PluginError`
+        naming it and its distribution."""
+        try:
+            return loaded(self.entry)
+        except (ImportError, AttributeError, TypeError) as exc:
+            from packforcing.core.errors import PluginError
+
+            target = getattr(self.entry, "target", None)
+            source = f" from {target}" if target else ""
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            raise PluginError(
+                f"cannot be loaded{source}: {detail}", kind=self.kind, name=self.name, distribution=self.dist
+            ) from exc
 
     @property
     def description(self) -> str:
