@@ -89,3 +89,23 @@ def test_a_plugin_written_from_the_readme_installs_and_generates(tmp_path, monke
     # tiny_dit blocks are 4 x 4 x 4 tokens; every other frame keeps 2 x 4 x 4 of them
     mid = report["blocks"][-1]["tiers"]["mid"]
     assert mid["blocks"] > 0 and mid["tokens"] == mid["blocks"] * 32
+
+
+def test_the_readmes_lazy_plugin_lists_without_importing_its_implementation(tmp_path, monkeypatch):
+    """The "Writing a plugin" section's import-path registration: listed with its description,
+    the implementation module (the section's compressor) imported only when the factory is used."""
+    import importlib
+
+    blocks = [b for b in re.findall(r"```py\n(.*?)```", section("Writing a plugin"), flags=re.S) if "@hookimpl" in b]
+    implementation, lazy = blocks[0], next(b for b in blocks if "LazyFactory(" in b)
+    (tmp_path / "my_plugin_impl.py").write_text(implementation)
+    (tmp_path / "my_plugin_lazy.py").write_text(lazy)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("my_plugin_impl", "my_plugin_lazy"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    registry = Registry.create(entry_points=False, extra_plugins=[(importlib.import_module("my_plugin_lazy"), "lazy")])
+    provided = registry.get("compressor", "every_nth")
+    assert provided.description == "Keep every stride-th latent frame's tokens."
+    assert "my_plugin_impl" not in sys.modules  # listed without importing it
+    assert provided.factory.component.__name__ == "EveryNth" and "my_plugin_impl" in sys.modules
+    sys.modules.pop("my_plugin_impl", None)
