@@ -90,6 +90,39 @@ def test_text_prompts_to_a_streamed_mp4(tmp_path, pipeline):
     assert first.shape == (32, 48, 3)
 
 
+def test_the_text_encoder_is_freed_before_the_transformer_runs(tmp_path, pipeline, monkeypatch):
+    """Text is encoded first and the UMT5 encoder released: while blocks are generated no
+    encoder module is alive (on a GPU it would otherwise sit beside the transformer)."""
+    import functools
+    import gc
+
+    from transformers import UMT5EncoderModel
+
+    import packforcing.cli.generate as generate
+
+    alive: list[int] = []
+
+    def count_encoders(done: int) -> None:
+        gc.collect()
+        alive.append(sum(type(o) is UMT5EncoderModel for o in gc.get_objects()))
+
+    from packforcing.models.wan import text
+
+    encoded: list[int] = []
+    original = text.TextEncoder.encode
+
+    def encode(self, *args, **kwargs):
+        encoded.append(sum(type(o) is UMT5EncoderModel for o in gc.get_objects()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(text.TextEncoder, "encode", encode)
+    monkeypatch.setattr(generate, "run_job", functools.partial(generate.run_job, on_block=count_encoders))
+    argv = ["generate", "--config", str(wan_config(tmp_path, pipeline)), "--prompt", "a red fox", "--blocks", "2"]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert encoded and encoded[0] >= 1  # the encoder was alive while it encoded
+    assert alive == [0, 0]  # and gone for every block
+
+
 def test_the_vae_found_beside_the_transformer_folder(tmp_path, pipeline):
     from packforcing.core.build import build_engine
     from packforcing.core.config import load_config
