@@ -18,10 +18,13 @@
 # would hold ~75 more blocks at 0.86 GB each, about 1.8x the blocks and, as each block's time grows
 # with the cache, some 3x the time; "none" for no cap). First, the CUDA tests go to
 # OUT/tests.log: the attention backends' (tests/test_backends.py: xformers, and each SDPA
-# kernel's log-sum-exp) and the host syncs' (tests/test_host_syncs.py: a full PackForcing
-# context's passes under CUDA's sync debug mode, copied and split).
+# kernel's log-sum-exp), the host syncs' (tests/test_host_syncs.py: a full PackForcing
+# context's passes under CUDA's sync debug mode, copied and split) and whole runs on CUDA
+# (tests/test_device_runs.py: generate as on the CPU, bit-exact resume, the pinned archive, flat
+# device memory, a tiny Wan pipeline from text to MP4).
 #
-# Needs the wheels the GPU image lacks in .whl/ (diffusers, importlib_metadata, cattrs). PyPI's
+# Needs the wheels the GPU image lacks in .whl/ (diffusers, importlib_metadata, cattrs, and
+# imageio-ffmpeg 0.6.0 for the MP4s: 0.8's wheel alone is over the 64 MiB a call carries). PyPI's
 # xformers wheel is built against CUDA 12: with xformers and nvidia-cuda-runtime-cu12 in .whl/
 # too, its libcudart.so.12 is put on the loader's path so xformers can load beside a torch built
 # for another CUDA (whether it does is printed, and the attention section times it if so).
@@ -52,8 +55,8 @@ out = xops.memory_efficient_attention(q, q, q)
 ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, q, q))).transpose(1, 2)
 print('xformers', xops.__name__, 'works: max |xformers - sdpa| =', float((out - ref).abs().max()))
 " 2>&1 | tail -1
-PYTHONPATH=$PWD:/tmp/site timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py \
-    tests/test_host_syncs.py 2>&1 \
+PYTHONPATH=$PWD:/tmp/site timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py \
+    tests/test_host_syncs.py tests/test_device_runs.py 2>&1 \
     | quiet | tee "$out/tests.log" | tail -3
 PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out" --only "$sections" --budget "$budget" "${cap[@]}" 2>&1 \
     | quiet | tee "$out/after.log"
