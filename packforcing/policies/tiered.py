@@ -9,9 +9,10 @@ allocation happens before any block moves). By concern:
 - :mod:`packforcing.policies.tiers`: the live tiers (blocks, stores) and a commit's two-phase puts;
 - :mod:`packforcing.policies.tiered_context`: what one forward pass attends (selection, realignment);
 - :mod:`packforcing.policies.planner`: the memory plan, from the layout and the stores' own page arithmetic;
+- :mod:`packforcing.policies.tiered_checkpoint`: a checkpoint written and read back into new stores;
 - this module: :class:`TieredPolicy`, which commits (first reading, in one host read, the checks
   its contexts held on the device for the block's passes), builds contexts, reports stats and
-  checkpoints.
+  installs checkpoints.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ from packforcing.core.records import (
     MemoryPlan,
     TierStats,
 )
-from packforcing.core.store import NonFiniteError, Reservation, Slot, TierStore, check_finite
+from packforcing.core.store import Reservation, TierStore, check_finite
 from packforcing.policies.layout import ARCHIVE, DROP, TierLayout, TierSlotSpec
 from packforcing.policies.planner import plan_tiers
 from packforcing.policies.tier_specs import MAX_PLAN_BLOCKS, TieredParams, TierSpec, archive_placement
+from packforcing.policies.tiered_checkpoint import LoadedCache, cache_state, stage_cache
 from packforcing.policies.tiered_context import TieredContext
 from packforcing.policies.tiers import Put, Step, Tier
 
@@ -60,23 +62,6 @@ __all__ = [
     "TieredPolicy",
     "archive_placement",
 ]
-
-
-@attrs.frozen(eq=False)
-class _Staged:
-    """A checkpoint's block about to be loaded: its record's fields, per-layer keys and values
-    ``[B, N, H, D]``, latents ``[B, C, F, H, W]`` (or ``None``) and saved ``(page, index)`` slot."""
-
-    fields: dict[str, Any]
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    latents: torch.Tensor | None
-    at: tuple[int, int] | None
-    tokens: int
-
-    @property
-    def block_id(self) -> int:
-        return int(self.fields["block_id"])
 
 
 class TieredPolicy(CachePolicy):
@@ -215,6 +200,11 @@ class TieredPolicy(CachePolicy):
         return list(self._dropped)
 
     @property
+    def archive_store(self) -> TierStore | None:
+        """The store the archived blocks are in (``None`` before the first is archived)."""
+        return self._archive_store
+
+    @property
     def last_block_id(self) -> int:
         """The id of the last block committed (``-1`` for an empty cache)."""
         return self._last_block_id
@@ -324,46 +314,7 @@ class TieredPolicy(CachePolicy):
         JSON-able bookkeeping (block records with the ``(page, index)`` slot each block is stored
         in, each store's free slots in order, dropped ids, last block). Safe to write with
         safetensors + JSON; :meth:`load_state_dict` restores it bit for bit, slots included."""
-        tensors: dict[str, torch.Tensor] = {}
-
-        def records(prefix: str, blocks: Sequence[CachedBlock]) -> list[dict[str, Any]]:
-            out = []
-            for i, block in enumerate(blocks):
-                key = f"{prefix}.{i}"
-                tensors[f"{key}.kv"] = torch.stack([torch.stack(block.keys), torch.stack(block.values)]).contiguous()
-                latents = block.latents
-                if latents is not None:
-                    tensors[f"{key}.latents"] = latents.contiguous()
-                record = {
-                    "key": key,
-                    "block_id": block.block_id,
-                    "start_frame": block.start_frame,
-                    "num_frames": block.num_frames,
-                    "fidelity": block.fidelity,
-                    "grid": list(block.grid),
-                    "position": block.position,
-                    "temporal_stride": block.temporal_stride,
-                    "hw_stride": block.hw_stride,
-                    "condition": block.condition,
-                }
-                if isinstance(block.slot, Slot):
-                    record["slot"] = [block.slot.page, block.slot.index]
-                out.append(record)
-            return out
-
-        def free(store: TierStore | None) -> list[list[int]]:
-            return [list(at) for at in store.free_slots()] if store is not None else []
-
-        meta = {
-            "policy": self.name,
-            "tiers": {t.name: records(f"tier.{t.name}", t.blocks) for t in self._tiers},
-            "archive": records("archive", self._archive),
-            "free": {t.name: free(t.store) for t in self._tiers},
-            "archive_free": free(self._archive_store) if self._archive else [],
-            "dropped": list(self._dropped),
-            "last_block_id": self._last_block_id,
-        }
-        return tensors, meta
+        return cache_state(self)
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         """Replace the cache with a :meth:`state_dict`, all or nothing: the blocks are put into
@@ -378,149 +329,28 @@ class TieredPolicy(CachePolicy):
         their saved order, so the layout is the saved one: a split context's runs of adjacent
         slots (the order it sums their parts in) and the slots the next blocks take, hence a
         bit-identical continuation. A checkpoint saved without slots is refilled in time order."""
-        names = [t.name for t in self._tiers]
-        saved_tiers = meta.get("tiers")
-        if (
-            meta.get("policy") != self.name
-            or not isinstance(saved_tiers, Mapping)
-            or sorted(saved_tiers) != sorted(names)
-        ):
-            raise ValueError(
-                f"checkpoint: the cache was saved by policy {meta.get('policy')!r} with tiers "
-                f"{sorted(saved_tiers) if isinstance(saved_tiers, Mapping) else saved_tiers!r}, "
-                f"this policy is {self.name!r} with tiers {sorted(names)}"
-            )
-        staged = {t.name: [self._unpack(r, tensors) for r in saved_tiers[t.name]] for t in self._tiers}
-        archived = [self._unpack(r, tensors) for r in meta.get("archive", [])]
-        self._check_staged(staged, archived, meta)
-        free = meta.get("free")
-        saved_free = free if isinstance(free, Mapping) else {}  # a checkpoint saved without slots has none
-        stores: list[TierStore] = []
-        held: list[deque[CachedBlock]] = []
-        for tier in self._tiers:
-            assert tier.store is not None
-            store = tier.store.fresh()
-            blocks = staged[tier.name]
-            slots = self._restore(store, blocks, saved_free.get(tier.name), latents=tier.keep_latents)
-            stores.append(store)
-            held.append(deque(CachedBlock(slot=slot, **b.fields) for b, slot in zip(blocks, slots, strict=True)))
-        archive_store = None
-        archive: deque[CachedBlock] = deque()
-        if archived:
-            tokens = {b.tokens for b in archived}
-            if len(tokens) > 1:
-                raise ValueError(f"checkpoint: the archive holds blocks of {sorted(tokens)} tokens (one size only)")
-            archive_store = self.new_archive_store(archived[0].tokens, archived[0].keys[0].device)
-            slots = self._restore(archive_store, archived, meta.get("archive_free"), latents=False)
-            archive.extend(CachedBlock(slot=slot, **b.fields) for b, slot in zip(archived, slots, strict=True))
-        # everything is loaded: swap it in (nothing below can fail)
+        self._install(stage_cache(self, tensors, meta))
+
+    def _install(self, loaded: LoadedCache) -> None:
+        """Swap in a checkpoint :func:`~packforcing.policies.tiered_checkpoint.stage_cache`
+        loaded (nothing here can fail); the old stores' memory goes back now."""
         old = [t.store for t in self._tiers] + [self._archive_store]
         self._checks.clear()
         self._where = {}
-        for i, (tier, store, blocks) in enumerate(zip(self._tiers, stores, held, strict=True)):
+        for i, (tier, store, blocks) in enumerate(zip(self._tiers, loaded.stores, loaded.blocks, strict=True)):
             tier.store = store
             tier.blocks = blocks
             self.layout.members[i] = deque(b.block_id for b in blocks)
             self._where.update((b.block_id, i) for b in blocks)
-        self._archive_store = archive_store
-        self._archive = archive
-        self._where.update((b.block_id, ARCHIVE) for b in archive)
-        self._dropped = [int(b) for b in meta.get("dropped", [])]
+        self._archive_store = loaded.archive_store
+        self._archive = loaded.archive
+        self._where.update((b.block_id, ARCHIVE) for b in self._archive)
+        self._dropped = list(loaded.dropped)
         self._where.update((b, DROP) for b in self._dropped)
-        self._last_block_id = int(meta.get("last_block_id", -1))
+        self._last_block_id = loaded.last_block_id
         for store in old:
             if store is not None:
                 store.clear()  # its memory goes back now, not when the last view of it is gone
-
-    def _unpack(self, record: Any, tensors: Mapping[str, torch.Tensor]) -> _Staged:
-        """One saved block record and its tensors, checked against the geometry (its K/V's layers,
-        tokens for its grid, heads and head size)."""
-        g = self.geometry
-        try:
-            key = str(record["key"])
-            grid = tuple(int(x) for x in record["grid"])
-            fields = {k: record[k] for k in ("block_id", "start_frame", "num_frames", "fidelity", "position")}
-            fields.update(
-                block_id=int(record["block_id"]),
-                grid=grid,
-                temporal_stride=float(record["temporal_stride"]),
-                hw_stride=float(record["hw_stride"]),
-                condition=record.get("condition"),
-            )
-            slot = record.get("slot")
-            at = None if slot is None else (int(slot[0]), int(slot[1]))
-            if len(grid) != 3 or (slot is not None and len(slot) != 2):
-                raise ValueError("a grid of 3 sizes and a slot of 2 numbers")
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ValueError(f"checkpoint: a malformed block record ({type(exc).__name__}: {exc})") from None
-        kv = tensors.get(f"{key}.kv")
-        tokens = grid[0] * grid[1] * grid[2]
-        expected = f"[2, {g.num_layers}, B, {tokens}, {g.num_heads}, {g.head_dim}]"
-        if not isinstance(kv, torch.Tensor):
-            raise ValueError(f"checkpoint: block {fields['block_id']}: K/V missing")
-        if (
-            kv.ndim != 6
-            or tuple(kv.shape[:2]) != (2, g.num_layers)
-            or tuple(kv.shape[3:]) != (tokens, g.num_heads, g.head_dim)
-        ):
-            raise ValueError(f"checkpoint: block {fields['block_id']}: K/V {tuple(kv.shape)}, expected {expected}")
-        latents = tensors.get(f"{key}.latents")
-        return _Staged(fields, list(kv[0]), list(kv[1]), latents, at, tokens)
-
-    def _check_staged(
-        self, staged: Mapping[str, list[_Staged]], archived: list[_Staged], meta: Mapping[str, Any]
-    ) -> None:
-        """What no single store can see: every block fits its tier, the whole cache has one batch
-        size and the geometry's dtype, and no block id is held twice (nor after the last block)."""
-        every = [block for blocks in (*staged.values(), archived) for block in blocks]
-        for tier in self._tiers:
-            if tier.capacity is not None and len(staged[tier.name]) > tier.capacity:
-                raise ValueError(f"checkpoint: tier {tier.name!r} holds more blocks than its capacity")
-            for block in staged[tier.name]:
-                if tuple(block.fields["grid"]) != tuple(tier.grid) or (tier.keep_latents and block.latents is None):
-                    raise ValueError(f"checkpoint: block {block.block_id} does not fit tier {tier.name!r}")
-        dtype = self.geometry.torch_dtype  # what the plan counts bytes of
-        batch = every[0].keys[0].shape[0] if every else 0
-        for block in every:
-            k = block.keys[0]
-            if k.dtype != dtype:
-                raise ValueError(f"checkpoint: block {block.block_id}: K/V are {k.dtype}, the cache holds {dtype}")
-            if k.shape[0] != batch:
-                raise ValueError(
-                    f"checkpoint: block {block.block_id}: K/V of batch {k.shape[0]}, "
-                    f"block {every[0].block_id}'s of batch {batch}"
-                )
-        for blocks in (*staged.values(), archived):
-            ids = [b.block_id for b in blocks]
-            if ids != sorted(set(ids)):
-                raise ValueError(f"checkpoint: block ids {ids} held by one tier are not in time order")
-        try:
-            dropped = [int(b) for b in meta.get("dropped", [])]
-            last = int(meta.get("last_block_id", -1))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"checkpoint: malformed dropped blocks or last block ({exc})") from None
-        ids = [b.block_id for b in every] + dropped
-        if len(set(ids)) != len(ids) or (ids and max(ids) > last):
-            raise ValueError(f"checkpoint: block ids {sorted(ids)} repeat or come after the last block {last}")
-
-    @staticmethod
-    def _restore(store: TierStore, blocks: list[_Staged], free: Any, *, latents: bool) -> list[Slot]:
-        """``blocks`` put into the new, empty ``store`` at their saved slots (in time order for a
-        checkpoint without them), its free slots in their saved order."""
-        placements = [b.at for b in blocks if b.at is not None]
-        if placements and len(placements) < len(blocks):
-            raise ValueError(f"checkpoint: tier {store.name!r}: some blocks have a saved slot, some not")
-        try:
-            order = None if free is None else [(int(p), int(i)) for p, i in free]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"checkpoint: tier {store.name!r}: malformed free slots ({exc})") from None
-        entries = [(b.keys, b.values, b.latents if latents else None) for b in blocks]
-        try:
-            return store.restore(entries, placements or None, order)
-        except NonFiniteError as exc:
-            raise NonFiniteError(f"checkpoint: {exc}") from None
-        except ValueError as exc:
-            raise ValueError(f"checkpoint: {exc}") from None
 
     # ------------------------------------------------------------------ commit
     def _prepare_block(self, tier: Tier, source: BlockCommit | CachedBlock, committing: int) -> Put:
