@@ -37,7 +37,9 @@ from packforcing.compressors.dual_branch import (
 )
 from packforcing.core.build import build_engine
 from packforcing.core.config import Config, load_config
+from packforcing.core.engine import GenerationEngine
 from packforcing.core.errors import ConfigError
+from packforcing.core.interfaces import BlockModel
 from packforcing.training.data import AttentionData, Batch, collect, sample_batch
 from packforcing.training.objective import attention_loss, dual_branch_kv, pool_kv
 from packforcing.training.options import DATA_SOURCES, check_lr, check_seed
@@ -127,34 +129,8 @@ def train_compressor(
     started = time.perf_counter()
     if data_source not in DATA_SOURCES:
         raise ValueError(f"--data: expected one of {list(DATA_SOURCES)}, got {data_source!r}")
-    clips = None
-    if data_source == "world":
-        from packforcing.training.model import render_clips, world_params_for
-
-        world = world_params_for(model)
-        conditioned = bool(getattr(getattr(model, "params", None), "num_conditions", 0))
-
-        def clips(video: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-            seeds = [seed * 7919 + video * batch + i for i in range(batch)]
-            latents, scenes = render_clips(model, world, blocks, seeds)
-            return latents, scenes if conditioned else None
-
-    # the data's condition: the config's first prompt segment, if it has any (e.g. a Wan prompt)
-    specs = cfg.run.schedule().specs
-    condition = None
-    if specs:
-        where = "run.prompts[0]"
-        if specs[0] is not None and "prompt" in specs[0]:
-            raise ConfigError(
-                "train-compressor takes precomputed embeddings: run 'packforcing encode-prompts' and give "
-                "its embeds: FILE",
-                source=cfg.source_of("run.prompts"),
-                path=f"{where}.prompt",
-            )
-        try:
-            condition = engine.encode_condition(specs[0])
-        except ConfigError as exc:
-            raise ConfigError(exc.message, source=cfg.source_of("run.prompts"), path=f"{where}.{exc.path}") from None
+    clips = _world_clips(model, seed=seed, batch=batch, blocks=blocks) if data_source == "world" else None
+    condition = _data_condition(cfg, engine)
     data = collect(
         model,
         backend,
@@ -184,25 +160,11 @@ def train_compressor(
             return float(attention_loss(model, eval_batch, kv))
 
     before = held_out()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
-    )
-    losses: list[float] = []
-    for step in range(steps):
-        loss = attention_loss(model, sample_batch(data, train_seqs, batch_size, gen, max_gap_blocks), kv)
-        value = float(loss.detach())
-        failure = diverged(step, value)
-        if failure is not None:  # nothing is written: the weights are written only at the end
-            raise ValueError(failure)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(value)
-        if log is not None and (step % 50 == 0 or step == steps - 1):
-            log(f"step {step:5d}  loss {losses[-1]:.4f}")
+
+    def batch_loss() -> torch.Tensor:
+        return attention_loss(model, sample_batch(data, train_seqs, batch_size, gen, max_gap_blocks), kv)
+
+    losses = _fit(net, steps, lr, batch_loss, log)
     after = held_out()
     with torch.no_grad():
         pooled = float(attention_loss(model, eval_batch, pool_kv(model)))
@@ -251,6 +213,76 @@ def train_compressor(
         write_weights(state, out, meta)
         if log is not None:
             log(f"wrote {out} ({out.stat().st_size} bytes)")
+    return losses
+
+
+def _world_clips(
+    model: BlockModel, *, seed: int, batch: int, blocks: int
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]:
+    """``--data world``: video ``i``'s ``batch`` clips of ``blocks`` blocks rendered from the
+    scenes world at the model's resolution, as latents ``[batch, C, F, H, W]`` and per-frame scene
+    indices ``[batch, F]`` (``None`` for a model without conditions)."""
+    from packforcing.training.model import render_clips, world_params_for
+
+    world = world_params_for(model)
+    conditioned = bool(getattr(getattr(model, "params", None), "num_conditions", 0))
+
+    def clips(video: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        seeds = [seed * 7919 + video * batch + i for i in range(batch)]
+        latents, scenes = render_clips(model, world, blocks, seeds)
+        return latents, scenes if conditioned else None
+
+    return clips
+
+
+def _data_condition(cfg: Config, engine: GenerationEngine) -> Any:
+    """The data's condition: the config's first prompt segment encoded, if it has any (e.g. a Wan
+    prompt's embeddings), else ``None``; a text prompt is refused (embeddings only)."""
+    specs = cfg.run.schedule().specs
+    if not specs:
+        return None
+    where = "run.prompts[0]"
+    if specs[0] is not None and "prompt" in specs[0]:
+        raise ConfigError(
+            "train-compressor takes precomputed embeddings: run 'packforcing encode-prompts' and give its embeds: FILE",
+            source=cfg.source_of("run.prompts"),
+            path=f"{where}.prompt",
+        )
+    try:
+        return engine.encode_condition(specs[0])
+    except ConfigError as exc:
+        raise ConfigError(exc.message, source=cfg.source_of("run.prompts"), path=f"{where}.{exc.path}") from None
+
+
+def _fit(
+    net: torch.nn.Module,
+    steps: int,
+    lr: float,
+    batch_loss: Callable[[], torch.Tensor],
+    log: Callable[[str], None] | None,
+) -> list[float]:
+    """``steps`` AdamW steps on ``net`` (cosine schedule from ``lr``, gradients clipped to norm 1)
+    of ``batch_loss()``, a fresh training batch's loss each step; the loss per step. A diverged
+    loss raises ``ValueError`` before its step is taken."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
+    )
+    losses: list[float] = []
+    for step in range(steps):
+        loss = batch_loss()
+        value = float(loss.detach())
+        failure = diverged(step, value)
+        if failure is not None:  # nothing is written: the weights are written only at the end
+            raise ValueError(failure)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(value)
+        if log is not None and (step % 50 == 0 or step == steps - 1):
+            log(f"step {step:5d}  loss {losses[-1]:.4f}")
     return losses
 
 

@@ -345,48 +345,9 @@ def train_model(
     model.requires_grad_(True)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # query/key norm gains set how sharp attention can get (RMS-normalised q, k bound the
-    # logits); a faster rate lets a short run learn to attend to one frame of the history
-    gains = [p for n, p in model.named_parameters() if n.endswith(("norm_q.weight", "norm_k.weight"))]
-    others = [p for p in trainable if all(p is not g for g in gains)]
-    groups = [{"params": others}, {"params": gains, "lr": params.lr * params.gain_lr_scale, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=params.lr, weight_decay=0.01, betas=(0.9, 0.99)
-    )
-
-    def lr_at(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(params.warmup, 1))
-        return warm * 0.5 * (1 + math.cos(math.pi * min(step, params.steps) / max(params.steps, 1)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    optimizer, schedule = _optimizer(model, trainable, params)
     gen = torch.Generator().manual_seed(params.seed)
-    model_params = getattr(model, "params", None)
-    base_meta = {
-        "format": FORMAT,
-        "model": json.dumps(
-            {k: v for k, v in attrs.asdict(model_params).items() if k != "weights"} if model_params else {}
-        ),
-        "world": json.dumps({"name": "scenes", **world.as_dict()}),
-        "train_blocks": str(params.train_blocks),
-        "seed": str(params.seed),
-        "batch_size": str(params.batch_size),
-        "clips": str(params.clips),
-        "lr": str(params.lr),
-        "gain_lr_scale": str(params.gain_lr_scale),
-        "pure_noise_fraction": str(params.pure_noise_fraction),
-        "first_appearance_weight": str(params.first_appearance_weight),
-        "schedule": json.dumps(
-            {
-                "kind": params.schedule,
-                "segment_blocks": list(params.segment_blocks),
-                **({"new_scene_probability": params.new_scene_probability} if params.schedule == "revisit" else {}),
-            }
-        ),
-        "init": json.dumps({k: init_meta.get(k) for k in INIT_RECORD} if params.init else None),
-        "sampler": json.dumps(attrs.asdict(sampler)),
-        "objective": "block-causal teacher forcing, flow matching, per-block noise levels",
-        "commit": git_commit(),
-    }
+    base_meta = _run_metadata(model, world, params, init_meta, sampler)
     losses: list[float] = []
     started = time.perf_counter()
     pool = ClipPool(
@@ -419,18 +380,7 @@ def train_model(
     failure: str | None = None
     try:
         for step in range(params.steps):
-            picks = torch.randint(params.clips, (params.batch_size,), generator=gen).tolist()
-            clean, scenes = pool.get(picks)
-            sigma = sample_sigmas(sampler, (params.batch_size, params.train_blocks), gen)
-            if params.pure_noise_fraction > 0:
-                pure = torch.rand(sigma.shape, generator=gen) < params.pure_noise_fraction
-                sigma = torch.where(pure, torch.ones_like(sigma), sigma)
-            noise = torch.randn(clean.shape, generator=gen)
-            weights = None
-            if params.first_appearance_weight != 1.0:
-                first = first_appearances(scenes, g.frames_per_block)
-                weights = torch.where(first, params.first_appearance_weight, 1.0)
-            loss = teacher_forcing_loss(model, backend, clean, scenes, sigma, noise, masks, weights)
+            loss = _batch_loss(model, backend, pool, sampler, masks, params, gen)
             value = float(loss.detach())
             failure = diverged(step, value)
             if failure is not None:
@@ -466,6 +416,87 @@ def train_model(
     if log is not None and out is not None:
         log(f"wrote {out} ({out.stat().st_size} bytes) after {len(losses)} steps, {time.perf_counter() - started:.0f}s")
     return losses
+
+
+def _optimizer(
+    model: torch.nn.Module, trainable: Sequence[torch.nn.Parameter], params: TrainModelParams
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``trainable`` (the q/k norm gains at ``gain_lr_scale`` times the rate, without
+    weight decay) and its schedule: linear warm-up over ``warmup`` steps, then a cosine to 0."""
+    # query/key norm gains set how sharp attention can get (RMS-normalised q, k bound the
+    # logits); a faster rate lets a short run learn to attend to one frame of the history
+    gains = [p for n, p in model.named_parameters() if n.endswith(("norm_q.weight", "norm_k.weight"))]
+    others = [p for p in trainable if all(p is not g for g in gains)]
+    groups = [{"params": others}, {"params": gains, "lr": params.lr * params.gain_lr_scale, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=params.lr, weight_decay=0.01, betas=(0.9, 0.99)
+    )
+
+    def lr_at(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(params.warmup, 1))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, params.steps) / max(params.steps, 1)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+
+def _run_metadata(
+    model: BlockModel, world: SceneWorldParams, params: TrainModelParams, init_meta: dict[str, Any], sampler: Any
+) -> dict[str, str]:
+    """The safetensors metadata every checkpoint of a run shares (what it trained, on what, how);
+    each checkpoint adds its steps, seconds and loss."""
+    model_params = getattr(model, "params", None)
+    return {
+        "format": FORMAT,
+        "model": json.dumps(
+            {k: v for k, v in attrs.asdict(model_params).items() if k != "weights"} if model_params else {}
+        ),
+        "world": json.dumps({"name": "scenes", **world.as_dict()}),
+        "train_blocks": str(params.train_blocks),
+        "seed": str(params.seed),
+        "batch_size": str(params.batch_size),
+        "clips": str(params.clips),
+        "lr": str(params.lr),
+        "gain_lr_scale": str(params.gain_lr_scale),
+        "pure_noise_fraction": str(params.pure_noise_fraction),
+        "first_appearance_weight": str(params.first_appearance_weight),
+        "schedule": json.dumps(
+            {
+                "kind": params.schedule,
+                "segment_blocks": list(params.segment_blocks),
+                **({"new_scene_probability": params.new_scene_probability} if params.schedule == "revisit" else {}),
+            }
+        ),
+        "init": json.dumps({k: init_meta.get(k) for k in INIT_RECORD} if params.init else None),
+        "sampler": json.dumps(attrs.asdict(sampler)),
+        "objective": "block-causal teacher forcing, flow matching, per-block noise levels",
+        "commit": git_commit(),
+    }
+
+
+def _batch_loss(
+    model: BlockModel,
+    backend: AttentionBackend,
+    pool: ClipPool,
+    sampler: Any,
+    masks: tuple[torch.Tensor, torch.Tensor],
+    params: TrainModelParams,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """One step's loss: ``batch_size`` clips drawn from ``pool``, per-block noise levels from the
+    sampler's (``pure_noise_fraction`` of them 1), first appearances weighted by
+    ``first_appearance_weight``; every draw from ``gen``, in that order."""
+    picks = torch.randint(params.clips, (params.batch_size,), generator=gen).tolist()
+    clean, scenes = pool.get(picks)
+    sigma = sample_sigmas(sampler, (params.batch_size, params.train_blocks), gen)
+    if params.pure_noise_fraction > 0:
+        pure = torch.rand(sigma.shape, generator=gen) < params.pure_noise_fraction
+        sigma = torch.where(pure, torch.ones_like(sigma), sigma)
+    noise = torch.randn(clean.shape, generator=gen)
+    weights = None
+    if params.first_appearance_weight != 1.0:
+        first = first_appearances(scenes, model.geometry.frames_per_block)
+        weights = torch.where(first, params.first_appearance_weight, 1.0)
+    return teacher_forcing_loss(model, backend, clean, scenes, sigma, noise, masks, weights)
 
 
 def check_options(args: argparse.Namespace) -> None:
