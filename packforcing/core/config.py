@@ -233,82 +233,17 @@ def load_config(
     """Load, compose and validate a config from a YAML path, a preset name (``"sink_recent"``,
     see :mod:`packforcing.presets`) or a mapping. ``labels[i]`` names where ``overrides[i]`` came
     from in error messages (default ``--set``)."""
-    if isinstance(source, Mapping):
-        data = rename_deprecated_keys(copy.deepcopy(dict(source)), None)
-        label = None
-        sources: dict[KeyPath, str] = {}
-        if "extends" in data:
-            raise ConfigError("only supported in files", path="extends")
-    else:
-        path = presets.resolve(source)  # a file, else a packaged preset name ("sink_recent")
-        if not path.exists():
-            raise ConfigError(missing_file(path), source=str(source))
-        data, sources = load_file(path, ())
-        label = file_label(path.resolve())
+    data, sources, label = _read(source)
     overrides = list(overrides)
     labels = list(labels) if labels is not None else []
     for i, override in enumerate(overrides):
         data = apply_override(data, override, sources, labels[i] if i < len(labels) else OVERRIDE_SOURCE)
-    for key in data:
-        if key not in TOP_KEYS:
-            hint = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
-            did = f"; did you mean {hint[0]!r}?" if hint else ""
-            shown = str(key) if _KEY_NAME.fullmatch(str(key)) else None  # never echo other text
-            raise ConfigError(
-                f"{'unknown top-level key' if shown else 'a top-level key that is not a name'}{did} "
-                f"(expected one of: {', '.join(TOP_KEYS)})",
-                source=source_of(sources, str(key), label),
-                path=shown,
-            )
+    _check_top_keys(data, sources, label)
     if registry is None:
         from packforcing.plugins.manager import default_registry
 
         registry = default_registry()
-    components: dict[str, ComponentSpec | None] = {}
-    for key in COMPONENT_KEYS:
-        where = source_of(sources, key, label)
-        block = data.get(key)
-        if block is None:
-            if key in OPTIONAL_COMPONENTS:
-                components[key] = None
-                continue
-            if key not in DEFAULT_COMPONENTS:
-                available = ", ".join(registry.names(key)) or "none"
-                raise ConfigError(
-                    f"required section is missing (a mapping with a name; available: {available})",
-                    source=where,
-                    path=key,
-                )
-            block = {"name": DEFAULT_COMPONENTS[key]}
-        if isinstance(block, str):
-            block = {"name": block}
-        if not isinstance(block, Mapping):
-            raise ConfigError(
-                f"expected a component name or a mapping with a 'name', got {show(block)}", source=where, path=key
-            )
-        name = block.get("name")
-        if name is None and key in NAME_OPTIONAL:
-            name = DEFAULT_COMPONENTS[key]
-        if not isinstance(name, str):
-            available = ", ".join(registry.names(key)) or "none"
-            problem = "required key is missing" if name is None else f"expected a string, got {show(name)}"
-            raise ConfigError(
-                f"{problem} (available: {available})",
-                source=source_of(sources, f"{key}.name", where),
-                path=f"{key}.name",
-            )
-        params = {k: v for k, v in block.items() if k != "name"}
-        try:
-            factory = registry.factory(key, name)
-        except LookupError as exc:
-            raise ConfigError(
-                str(exc.args[0]), source=source_of(sources, f"{key}.name", where), path=f"{key}.name"
-            ) from None
-        try:
-            structured = structure(factory.params, params, key, f"{key} {name!r}")
-        except ConfigError as exc:
-            raise locate(exc, sources, label) from None
-        components[key] = ComponentSpec(name, structured)
+    components = {key: _component(key, data.get(key), registry, sources, label) for key in COMPONENT_KEYS}
     try:
         block = data.get("run")
         run = structure(RunParams, {} if block is None else block, "run")
@@ -320,3 +255,83 @@ def load_config(
     except ConfigError as exc:
         raise locate(exc, sources, label) from None
     return Config(data=data, source=label, components=components, run=run, sources=sources, text_encoder=text_encoder)
+
+
+def _read(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, Any], dict[KeyPath, str], str | None]:
+    """``(data, sources, label)`` of a config before overrides: a mapping as given (deprecated keys
+    renamed, no ``extends``), else the file or packaged preset ``source`` names, composed."""
+    if isinstance(source, Mapping):
+        data = rename_deprecated_keys(copy.deepcopy(dict(source)), None)
+        if "extends" in data:
+            raise ConfigError("only supported in files", path="extends")
+        return data, {}, None
+    path = presets.resolve(source)  # a file, else a packaged preset name ("sink_recent")
+    if not path.exists():
+        raise ConfigError(missing_file(path), source=str(source))
+    data, sources = load_file(path, ())
+    return data, sources, file_label(path.resolve())
+
+
+def _check_top_keys(data: Mapping[str, Any], sources: Mapping[KeyPath, str], label: str | None) -> None:
+    """A :class:`ConfigError` for a top-level key that is not one of :data:`TOP_KEYS` (with the
+    closest one, if any)."""
+    for key in data:
+        if key not in TOP_KEYS:
+            hint = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+            did = f"; did you mean {hint[0]!r}?" if hint else ""
+            shown = str(key) if _KEY_NAME.fullmatch(str(key)) else None  # never echo other text
+            raise ConfigError(
+                f"{'unknown top-level key' if shown else 'a top-level key that is not a name'}{did} "
+                f"(expected one of: {', '.join(TOP_KEYS)})",
+                source=source_of(sources, str(key), label),
+                path=shown,
+            )
+
+
+def _component(
+    key: str, block: Any, registry: Any, sources: Mapping[KeyPath, str], label: str | None
+) -> ComponentSpec | None:
+    """The component section ``key`` (a name, or a mapping with a ``name`` and its parameters)
+    structured into its registered factory's params; the default component for a missing
+    section that has one, ``None`` for a missing optional one."""
+    where = source_of(sources, key, label)
+    if block is None:
+        if key in OPTIONAL_COMPONENTS:
+            return None
+        if key not in DEFAULT_COMPONENTS:
+            available = ", ".join(registry.names(key)) or "none"
+            raise ConfigError(
+                f"required section is missing (a mapping with a name; available: {available})",
+                source=where,
+                path=key,
+            )
+        block = {"name": DEFAULT_COMPONENTS[key]}
+    if isinstance(block, str):
+        block = {"name": block}
+    if not isinstance(block, Mapping):
+        raise ConfigError(
+            f"expected a component name or a mapping with a 'name', got {show(block)}", source=where, path=key
+        )
+    name = block.get("name")
+    if name is None and key in NAME_OPTIONAL:
+        name = DEFAULT_COMPONENTS[key]
+    if not isinstance(name, str):
+        available = ", ".join(registry.names(key)) or "none"
+        problem = "required key is missing" if name is None else f"expected a string, got {show(name)}"
+        raise ConfigError(
+            f"{problem} (available: {available})",
+            source=source_of(sources, f"{key}.name", where),
+            path=f"{key}.name",
+        )
+    params = {k: v for k, v in block.items() if k != "name"}
+    try:
+        factory = registry.factory(key, name)
+    except LookupError as exc:
+        raise ConfigError(
+            str(exc.args[0]), source=source_of(sources, f"{key}.name", where), path=f"{key}.name"
+        ) from None
+    try:
+        structured = structure(factory.params, params, key, f"{key} {name!r}")
+    except ConfigError as exc:
+        raise locate(exc, sources, label) from None
+    return ComponentSpec(name, structured)
