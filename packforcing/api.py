@@ -49,7 +49,8 @@ RoPE positions (what a compressor must respect)
     Subsampled tokens keep their rotation; averaged keys must be un-rotated first
     (``model.rope.unapply_grid``) and re-rotated on the coarse grid (``model.rope.apply_grid``).
     A compressor never writes to the block it is given and returns fresh tensors in the block's
-    dtype and on its device.
+    dtype and on its device. One that calls ``model.project_kv`` passes the block's encoded
+    condition only where :func:`keys_take_condition` says the model's keys depend on it.
 
 Checks held on the device
     A policy may check what stays on the device (indices, finite outputs) as flags and hold
@@ -78,6 +79,7 @@ from packforcing.core.interfaces import (
     LatentCodec,
     PositionalRealigner,
     Selector,
+    keys_take_condition,
 )
 from packforcing.core.records import (
     FULL,
@@ -122,5 +124,6 @@ __all__ = [
     "TierStats",
     "explained",
     "hookimpl",
+    "keys_take_condition",
     "no_params",
 ]

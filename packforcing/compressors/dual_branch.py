@@ -46,7 +46,7 @@ from torch import nn
 from packforcing.core.config import file_label
 from packforcing.core.errors import ParamError
 from packforcing.core.geometry import Grid
-from packforcing.core.interfaces import BlockModel, Compressor, LatentCodec
+from packforcing.core.interfaces import BlockModel, Compressor, LatentCodec, keys_take_condition
 from packforcing.core.records import CachedBlock, CompressedKV
 from packforcing.core.validators import explained, integer, one_of, positive_triple
 from packforcing.core.weightfiles import check_tensors, read_header, resolve_weights_path
@@ -312,7 +312,7 @@ class DualBranchCompressor(Compressor):
         hidden = tokens.flatten(2).transpose(1, 2)  # [B, N', D], t-major like the grid
         t_stride, hw_stride = self.strides(block)
         extra = {}  # models without conditioned keys keep the five-argument call
-        if block.condition is not None and getattr(model, "condition_in_keys", False):
+        if block.condition is not None and keys_take_condition(model):
             extra["condition"] = model.encode_condition(block.condition)
         keys, values = model.project_kv(hidden, grid, block.position, t_stride, hw_stride, **extra)
         return CompressedKV(

@@ -146,9 +146,18 @@ class BlockModel(Protocol):
         the block's ``condition`` (as :meth:`clean_kv` gets it).
 
         A model whose keys depend on the condition says so with a ``condition_in_keys = True``
-        attribute (optional, default ``False``); compressors then encode the block's recorded
-        condition spec and pass it here, and skip that work otherwise."""
+        attribute (optional, default ``False``; read it with :func:`keys_take_condition`);
+        compressors then encode the block's recorded condition spec and pass it here, and skip
+        that work otherwise."""
         ...
+
+
+def keys_take_condition(model: BlockModel) -> bool:
+    """Whether ``model``'s keys depend on the block's condition: its optional ``condition_in_keys``
+    attribute (see :meth:`BlockModel.project_kv`), ``False`` for a model that does not declare it.
+    Callers of ``project_kv`` pass ``condition=`` only when this is true (a model without the
+    attribute keeps the five-argument call)."""
+    return bool(getattr(model, "condition_in_keys", False))
 
 
 class Compressor(abc.ABC):

@@ -27,7 +27,7 @@ from packforcing.compressors.dual_branch import (
     compressed_grid,
 )
 from packforcing.compressors.pool import pool_tokens, pooled_grid
-from packforcing.core.interfaces import BlockModel
+from packforcing.core.interfaces import BlockModel, keys_take_condition
 from packforcing.training.data import Batch
 
 
@@ -70,9 +70,7 @@ def dual_branch_kv(
 
     def kv(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         tokens = net(batch.latents, model.codec, grid).flatten(2).transpose(1, 2)
-        extra = (
-            {"condition": batch.scene} if batch.scene is not None and getattr(model, "condition_in_keys", False) else {}
-        )
+        extra = {"condition": batch.scene} if batch.scene is not None and keys_take_condition(model) else {}
         keys, values = model.project_kv(tokens, grid, 0.0, t_stride, float(SPATIAL_REDUCTION), **extra)
         return [model.rope.shift_temporal(k, batch.target) for k in keys], values
 
