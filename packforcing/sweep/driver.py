@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,35 +169,10 @@ def _run_on_ray(
     earlier_seconds: dict[tuple[str, str, int, int], float],
 ) -> list[dict[str, Any]]:
     ray = _ray()
-    started_here = not ray.is_initialized()
-    if started_here and not address and gpus_per_job > 0:
-        import torch  # a local instance gets this machine's GPUs: refuse before starting it
-
-        if torch.cuda.device_count() < gpus_per_job:
-            raise SweepError(
-                f"--gpus-per-job {gpus_per_job:g}: this machine has {torch.cuda.device_count()} CUDA GPUs "
-                "(leave it out to run on CPUs, or give --address of a Ray cluster with GPUs)"
-            )
-    if started_here:
-        kwargs: dict[str, Any] = {
-            "include_dashboard": False,
-            "log_to_driver": False,
-            "logging_level": logging.ERROR,
-            "configure_logging": True,
-        }
-        if address:
-            ray.init(address=address, **kwargs)
-        else:  # "local": a new instance, even where `ray start` left one running on this machine
-            ray.init(address="local", num_cpus=local_cpus, **kwargs)
+    started_here = _start_ray(ray, address, gpus_per_job, local_cpus)
     try:
         resources = ray.cluster_resources()
-        if gpus_per_job > 0 and resources.get("GPU", 0) < gpus_per_job:
-            raise SweepError(
-                f"--gpus-per-job {gpus_per_job:g}: the Ray cluster has {resources.get('GPU', 0):g} GPUs "
-                "(leave it out to run on CPUs)"
-            )
-        if cpus_per_job > 0 and resources.get("CPU", 0) < cpus_per_job:
-            raise SweepError(f"--cpus-per-job {cpus_per_job:g}: the Ray cluster has {resources.get('CPU', 0):g} CPUs")
+        _check_cluster(resources, cpus_per_job, gpus_per_job)
         slots = max(1, _slots(resources, cpus_per_job, gpus_per_job))
         threads = max(1, int(cpus_per_job)) if gpus_per_job == 0 else None
         task = ray.remote(execute_job).options(
@@ -252,6 +227,44 @@ def _run_on_ray(
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _start_ray(ray: Any, address: str | None, gpus_per_job: float, local_cpus: int | None) -> bool:
+    """Connect to the Ray cluster at ``address``, or start a local instance of ``local_cpus`` CPUs
+    (refused first if this machine has fewer than ``gpus_per_job`` GPUs), unless Ray is already
+    running in this process; whether it was started here (and is to be shut down here)."""
+    if ray.is_initialized():
+        return False
+    if not address and gpus_per_job > 0:
+        import torch  # a local instance gets this machine's GPUs: refuse before starting it
+
+        if torch.cuda.device_count() < gpus_per_job:
+            raise SweepError(
+                f"--gpus-per-job {gpus_per_job:g}: this machine has {torch.cuda.device_count()} CUDA GPUs "
+                "(leave it out to run on CPUs, or give --address of a Ray cluster with GPUs)"
+            )
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+        "configure_logging": True,
+    }
+    if address:
+        ray.init(address=address, **kwargs)
+    else:  # "local": a new instance, even where `ray start` left one running on this machine
+        ray.init(address="local", num_cpus=local_cpus, **kwargs)
+    return True
+
+
+def _check_cluster(resources: Mapping[str, float], cpus_per_job: float, gpus_per_job: float) -> None:
+    """A :class:`SweepError` if the cluster's ``resources`` cannot run one job."""
+    if gpus_per_job > 0 and resources.get("GPU", 0) < gpus_per_job:
+        raise SweepError(
+            f"--gpus-per-job {gpus_per_job:g}: the Ray cluster has {resources.get('GPU', 0):g} GPUs "
+            "(leave it out to run on CPUs)"
+        )
+    if cpus_per_job > 0 and resources.get("CPU", 0) < cpus_per_job:
+        raise SweepError(f"--cpus-per-job {cpus_per_job:g}: the Ray cluster has {resources.get('CPU', 0):g} CPUs")
 
 
 def _with_total_seconds(
