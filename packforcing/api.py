@@ -79,6 +79,7 @@ from packforcing.core.interfaces import (
     LatentCodec,
     PositionalRealigner,
     Selector,
+    condition_keys_of,
     keys_take_condition,
 )
 from packforcing.core.records import (
@@ -122,6 +123,7 @@ __all__ = [
     "Rope3D",
     "Selector",
     "TierStats",
+    "condition_keys_of",
     "explained",
     "hookimpl",
     "keys_take_condition",

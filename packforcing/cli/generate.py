@@ -249,7 +249,9 @@ def check_given_conditions(
     load and leaves nothing written. ``where``: the prompt file (or ``--prompt``) they came
     from; ``None`` for the config's ``run.prompts``. A text prompt for a model whose
     ``condition_keys`` lack ``embeds`` (text is encoded into embeddings) is refused likewise."""
-    keys = getattr(model, "condition_keys", None)
+    from packforcing.core.interfaces import condition_keys_of
+
+    keys = condition_keys_of(model)
     for i, seg in enumerate(segments):
         if "prompt" in seg:
             if keys is not None and "embeds" not in keys:

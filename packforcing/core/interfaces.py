@@ -160,6 +160,14 @@ def keys_take_condition(model: BlockModel) -> bool:
     return bool(getattr(model, "condition_in_keys", False))
 
 
+def condition_keys_of(model: BlockModel) -> frozenset[str] | None:
+    """The keys ``model``'s condition specs take: its optional ``condition_keys`` attribute (see
+    :meth:`BlockModel.encode_condition`), or ``None`` for a model that does not declare them
+    (then only :meth:`~BlockModel.encode_condition` can tell). Text prompts need ``embeds``."""
+    keys = getattr(model, "condition_keys", None)
+    return None if keys is None else frozenset(keys)
+
+
 class Compressor(abc.ABC):
     """Turns a cached block into a smaller one with its own per-layer K/V."""
 
