@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from packforcing.api import AttentionBackend
 from packforcing.attention import SdpaBackend
 from packforcing.positional import TemporalRopeShift
 from packforcing.testing import block_causal_mask, reference_generate
@@ -65,6 +66,17 @@ def test_policy_matches_uncached_reference(policy, visible, batch_size):
     reference = reference_generate(
         engine.model, SdpaBackend(), NUM_BLOCKS, visible, sampler=engine.sampler, seed=3, batch_size=batch_size
     )
+    for block, ref in zip(cached, reference, strict=True):
+        assert rel_err(block.latents, ref) <= 1e-5, block.index
+
+
+def test_engine_hands_its_backend_to_the_oracle():
+    """A plugin author compares an engine with the oracle without importing a backend class:
+    ``engine.backend`` is the one the policy's contexts run."""
+    engine = engine_for({"name": "sliding_window", "window_frames": 8})
+    assert isinstance(engine.backend, AttentionBackend)
+    cached = generate(engine, 4, seed=1)
+    reference = reference_generate(engine.model, engine.backend, 4, visible_window(2), sampler=engine.sampler, seed=1)
     for block, ref in zip(cached, reference, strict=True):
         assert rel_err(block.latents, ref) <= 1e-5, block.index
 

@@ -228,7 +228,9 @@ def build_engine(
         policy = wrap("policy", policy)
     assert env.model is not None and env.sampler is not None and env.geometry is not None
     apply_threads(config.run.threads, env.geometry, env.device)
-    return GenerationEngine(env.model, policy, env.sampler, device=env.device, dtype=env.dtype, config=config)
+    return GenerationEngine(
+        env.model, policy, env.sampler, device=env.device, dtype=env.dtype, config=config, backend=env.backend
+    )
 
 
 def build_for_planning(config: Config | Mapping[str, Any] | str, *, registry: Any = None) -> BuildEnv:

@@ -11,7 +11,7 @@ import torch
 
 from packforcing.core.conditions import ConditionError, ConditionSchedule, spec_key
 from packforcing.core.errors import ConfigError
-from packforcing.core.interfaces import BlockModel, CachePolicy
+from packforcing.core.interfaces import AttentionBackend, BlockModel, CachePolicy
 from packforcing.core.records import BlockQuery
 from packforcing.core.sampler import EulerSampler, Sampler
 from packforcing.core.session import STATE_FORMAT, GeneratedBlock, GenerationSession, SessionError
@@ -38,10 +38,15 @@ class GenerationEngine:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         config: Any = None,
+        backend: AttentionBackend | None = None,
     ) -> None:
         self.model = model
         self.config = config
         """The :class:`~packforcing.core.config.Config` it was built from, if any."""
+        self.backend = backend
+        """The attention backend the policy's contexts run (``None`` where the engine was made
+        by hand without one): what :func:`packforcing.testing.reference_generate` takes to run
+        the cache-free oracle with the same backend."""
         self.policy = policy
         self.sampler: Sampler = sampler or EulerSampler()
         self.device = torch.device(device)
