@@ -82,6 +82,30 @@ def test_text_prompts_for_a_model_without_text_are_refused_up_front(tmp_path, ca
     assert code == 1 and "takes no text prompts (it takes no condition)" in capsys.readouterr().err
 
 
+def test_a_models_plain_value_error_names_the_segment(tmp_path):
+    """BlockModel.encode_condition refuses a spec with ``ValueError("<key>: ...")`` (its documented
+    contract; tiny_dit raises a ParamError): the check before a run locates it in run.prompts or
+    the prompt file as for the built-ins (a config error, exit status 2), not as a bare line."""
+    from packforcing.cli.generate import check_given_conditions
+    from packforcing.core.errors import ConfigError
+
+    class PaletteModel:
+        condition_keys = frozenset({"palette"})
+
+        def encode_condition(self, spec):
+            raise ValueError(f"palette: expected an integer in [0, 4), got {spec['palette']}")
+
+    config = pf.load_config(CONFIG)
+    segments = [{"from_block": 0, "palette": 1}, {"from_block": 2, "palette": 9}]
+    with pytest.raises(ConfigError) as caught:
+        check_given_conditions(PaletteModel(), segments, None, config)
+    assert caught.value.path == "run.prompts[0]" and caught.value.message == (
+        "palette: expected an integer in [0, 4), got 1"
+    )
+    with pytest.raises(ValueError, match=r"^p\.yaml: \[0\]: palette: expected an integer in \[0, 4\), got 1$"):
+        check_given_conditions(PaletteModel(), segments, "p.yaml", config)
+
+
 def test_bad_prompt_file_is_one_line(tmp_path, capsys):
     prompts = tmp_path / "p.yaml"
     prompts.write_text("- {from_second: 1, prompt: a}\n")

@@ -271,6 +271,11 @@ def check_given_conditions(
                 raise ValueError(f"{where}: [{i}].{exc.path}: {exc.message}") from None
             path = f"run.prompts[{i}].{exc.path}"
             raise ConfigError(exc.message, source=config.source_of("run.prompts"), path=path) from None
+        except (ValueError, OSError) as exc:  # BlockModel.encode_condition's ValueError("<key>: ...")
+            problem = " ".join(str(exc).split())
+            if where is not None:
+                raise ValueError(f"{where}: [{i}]: {problem}") from None
+            raise ConfigError(problem, source=config.source_of("run.prompts"), path=f"run.prompts[{i}]") from None
 
 
 def _done(out: Path, report: dict[str, Any]) -> int:
