@@ -430,7 +430,8 @@ def test_generate_cli_runs_a_wan_preset_given_a_checkpoint(wan_dir, tmp_path, ca
     assert report["blocks"][-1]["cache_bytes"] == report["peak_cache_bytes"] == planned.bytes > 0
     assert not (out / "video.mp4").exists()  # the transformer alone has no decoder
     printed = capsys.readouterr().out
-    assert "video.mp4" not in printed and "(no video: the model has no decoder; for Wan, give model.vae)" in printed
+    no_video = "(no video: the model has no decoder; --save-latents writes the latents; for Wan, give model.vae)"
+    assert "video.mp4" not in printed and no_video in printed
 
 
 # ---------------------------------------------------------------------- per-frame time, dtypes, shards

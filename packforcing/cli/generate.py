@@ -285,8 +285,9 @@ def _done(out: Path, report: dict[str, Any]) -> int:
     peak = report["peak_cache_bytes"] / 2**20
     video = out / "video.mp4"
     video_note = f"{video}, " if video.exists() else ""
-    no_video = "" if video.exists() else " (no video: the model has no decoder; for Wan, give model.vae)"
     latents = out / "latents.safetensors"
+    keep = "" if latents.exists() else "; --save-latents writes the latents"
+    no_video = "" if video.exists() else f" (no video: the model has no decoder{keep}; for Wan, give model.vae)"
     latents_note = f", {latents}" if latents.exists() else ""
     print(
         f"wrote {video_note}{out / 'report.json'}, {out / 'memory.png'}{latents_note}: "
