@@ -4,7 +4,7 @@ A plugin implements one of the interfaces below and returns the class from a hoo
 
     from packforcing.api import Compressor, hookimpl
 
-    class MyPool(PoolCompressor): ...
+    class MyPool(Compressor): ...
 
     @hookimpl
     def packforcing_compressors():

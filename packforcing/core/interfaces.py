@@ -102,6 +102,26 @@ class BlockModel(Protocol):
     ``latents`` are ``[B, C, F, H, W]``; ``timesteps`` are ``[B]`` or ``[B, F]`` in ``[0, 1000]``.
     ``condition`` is what :meth:`encode_condition` made of the block's condition spec (``None``
     for a block without one).
+
+    Attributes: ``geometry`` (the cache's shape: layers, heads, head dim, latent size, patch,
+    ``frames_per_block``), ``rope`` (the :class:`Rope3D` the model rotates its queries and keys
+    with, at :attr:`AttentionContext.position` on the block's token grid; realigners and
+    compressors use it), ``hidden_size`` (the width :meth:`project_kv` takes) and ``codec`` (a
+    :class:`LatentCodec`, or ``None``: then ``generate`` writes no video, only
+    ``--save-latents``). Each layer calls ``context.attend(layer, q, k, v)`` with the block's own
+    rotated tokens. The engine calls the model under :func:`torch.no_grad` and never moves it:
+    build it on ``env.device`` in ``env.dtype`` (``from_env``); with ``env.plan_only`` (``plan``,
+    ``validate``, ``generate``'s checks) only its geometry and parameter shapes are read, so it
+    may be built without weights (e.g. on the meta device).
+
+    :func:`packforcing.testing.reference_generate` calls :meth:`denoise` once over the whole
+    sequence so far (``F`` any multiple of ``frames_per_block``, ``timesteps [B, F]``,
+    ``context.position`` 0): it must take any number of whole blocks.
+
+    Optional attributes: ``condition_keys`` and ``condition_in_keys`` (below);
+    ``default_conditions(num_blocks, seed)``, the schedule ``generate`` uses when the config
+    sets no ``run.prompts``; ``pixel_frames_per_latent``, pixel frames per latent frame after the
+    first (else ``codec.temporal_stride``, else 1), which ``--seconds`` counts with.
     """
 
     geometry: Geometry
