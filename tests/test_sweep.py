@@ -605,6 +605,18 @@ def test_a_resumed_jobs_wall_time_sums_its_attempts(cfg, tmp_path, monkeypatch):
     assert results.unfinished_seconds() == {second.key: 3.0}
 
 
+def test_a_resumed_jobs_wall_time_leaves_out_attempts_before_a_fresh_start(tmp_path):
+    """An attempt that ran the job afresh (no checkpoint to resume: ``execute`` claimed the run
+    directory anew) continued nothing before it: a later resumed attempt adds only the seconds
+    from that fresh start on, not those of the failed attempt it replaced."""
+    results = ResultsFile(tmp_path / "results.jsonl")
+    job = {"config_hash": "h", "prompt_schedule": None, "seed": 0, "blocks": 4, "command": "packforcing generate"}
+    results.append({**job, "status": "failed", "seconds": 100.0})  # no checkpoint: the next starts afresh
+    results.append({**job, "status": "interrupted", "seconds": 4.0})  # afresh, checkpointed
+    results.append({**job, "status": "interrupted", "seconds": 3.0, "resumed": True})
+    assert list(results.unfinished_seconds().values()) == [7.0]
+
+
 def test_gpus_per_job_without_local_gpus_is_refused_before_ray_starts(cfg, tmp_path, capsys, monkeypatch):
     from packforcing.sweep import driver
 

@@ -57,15 +57,17 @@ class ResultsFile:
         return {key for key, r in self.latest().items() if r.get("status") == COMPLETE}
 
     def unfinished_seconds(self) -> dict[tuple[str, str, int, int], float]:
-        """Per job key, the wall seconds of its lines since its last ``complete`` one (the
-        attempts a resumed run continues)."""
+        """Per job key, the wall seconds of its lines since its last ``complete`` one and since
+        its last attempt that started afresh (the attempts a resumed run continues: an attempt
+        that ran the job anew, a ``command`` line not ``resumed``, continued none before it)."""
         seconds: dict[tuple[str, str, int, int], float] = {}
         for record in self.read():
             key = record_key(record)
             if record.get("status") == COMPLETE:
                 seconds.pop(key, None)
             elif isinstance(record.get("seconds"), (int, float)):
-                seconds[key] = seconds.get(key, 0.0) + float(record["seconds"])
+                afresh = "command" in record and not record.get("resumed")
+                seconds[key] = (0.0 if afresh else seconds.get(key, 0.0)) + float(record["seconds"])
         return seconds
 
     def append(self, record: dict[str, Any]) -> None:
