@@ -363,9 +363,9 @@ class WanBlockModel:
         return [k for k, _ in collect], [v for _, v in collect]
 
     condition_in_keys = False
+    """Capability flag: the prompt enters through cross-attention only, never the cached keys."""
     condition_keys = frozenset({"embeds"})
     """What :meth:`encode_condition` takes: text prompts arrive as their ``embeds``."""
-    """Capability flag: the prompt enters through cross-attention only, never the cached keys."""
 
     def project_kv(
         self,
