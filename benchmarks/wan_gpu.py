@@ -1153,7 +1153,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         metavar="G",
-        help="cap what the run may allocate at G GiB (e.g. 79.2 on an H200: where an 80 GB H100 runs out)",
+        help="cap what the run may allocate at G GiB (79.1 on an H200, as wan_gpu_device.sh sets: where an "
+        "80 GB H100 runs out)",
     )
     args = parser.parse_args(argv)
     only: tuple[str, ...] = args.only
