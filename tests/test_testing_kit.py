@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import packforcing as pf
 from packforcing.core.geometry import Geometry
-from packforcing.core.interfaces import Compressor, PositionalRealigner, Selector
+from packforcing.core.interfaces import AttentionContext, Compressor, PositionalRealigner, Selector
 from packforcing.core.records import CompressedKV
 from packforcing.plugins import ComponentFactory, no_params
 from packforcing.plugins.manager import Registry
@@ -524,3 +524,120 @@ def test_make_block_is_seeded():
     a, b = make_block(g, seed=3), make_block(g, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.keys, b.keys, strict=True))
     assert not torch.equal(a.keys[0], make_block(g, seed=4).keys[0])
+
+
+# ---------------------------------------------------------------------- models
+TINY_DIT = {"name": "tiny_dit", "hidden_size": 32, "num_heads": 2, "num_layers": 2, "latent_height": 4,
+            "latent_width": 4, "frames_per_block": 2}  # fmt: skip
+
+
+def tiny_dit_model(**model):
+    return pf.build_engine({"model": {**TINY_DIT, **model}, "policy": "full", "run": {"device": "cpu"}}).model
+
+
+def test_builtin_models_conform():
+    from packforcing.testing import check_model
+
+    model = tiny_dit_model()
+    check_model(model)
+    assert model.name == "tiny_dit"  # checked as it is
+    shipped = pf.build_engine(pf.load_config("packforcing", overrides=["run.device=cpu"])).model
+    check_model(shipped, condition={"scene": 1})  # the default model, scene-conditioned keys
+
+
+class _Context(AttentionContext):
+    """A context seen through a broken model: at ``position``, layers in ``skip`` bypassed."""
+
+    def __init__(self, inner, position=None, skip=()):
+        self.inner, self._position, self.skip = inner, position, skip
+
+    @property
+    def position(self):
+        return self.inner.position if self._position is None else self._position
+
+    def attend(self, layer, q, k, v):
+        if layer in self.skip:
+            return torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(
+                1, 2
+            )
+        return self.inner.attend(layer, q, k, v)
+
+
+class Delegating:
+    """A model that is ``inner`` (tiny_dit) with one thing broken by a subclass."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.geometry, self.rope, self.hidden_size, self.codec = inner.geometry, inner.rope, inner.hidden_size, None
+
+    def encode_condition(self, spec):
+        return self.inner.encode_condition(spec)
+
+    def denoise(self, latents, timesteps, context, condition=None):
+        return self.inner.denoise(latents, timesteps, context, condition)
+
+    def clean_kv(self, latents, context, condition=None):
+        return self.inner.clean_kv(latents, context, condition)
+
+    def project_kv(self, *args, **kwargs):
+        return self.inner.project_kv(*args, **kwargs)
+
+    def parameters(self):
+        return self.inner.parameters()
+
+
+class IgnoresPosition(Delegating):  # rotates its keys at 0 wherever the context is
+    def denoise(self, latents, timesteps, context, condition=None):
+        return self.inner.denoise(latents, timesteps, _Context(context, 0.0), condition)
+
+    def clean_kv(self, latents, context, condition=None):
+        return self.inner.clean_kv(latents, _Context(context, 0.0), condition)
+
+
+class CachesOtherKeys(Delegating):
+    def clean_kv(self, latents, context, condition=None):
+        keys, values = self.inner.clean_kv(latents, context, condition)
+        return [k * 1.01 for k in keys], values
+
+
+class SkipsALayer(Delegating):
+    def denoise(self, latents, timesteps, context, condition=None):
+        return self.inner.denoise(latents, timesteps, _Context(context, skip=(1,)), condition)
+
+
+class MixesTheBatch(Delegating):
+    def denoise(self, latents, timesteps, context, condition=None):
+        out = self.inner.denoise(latents, timesteps, context, condition)
+        return out + 0.1 * out.mean(dim=0, keepdim=True)
+
+
+class DropsAFrame(Delegating):
+    def denoise(self, latents, timesteps, context, condition=None):
+        return self.inner.denoise(latents, timesteps, context, condition)[:, :, :-1]
+
+
+class LongSequencesDiffer(Delegating):  # what the cache-free reference runs is not what the engine runs
+    def denoise(self, latents, timesteps, context, condition=None):
+        out = self.inner.denoise(latents, timesteps, context, condition)
+        return out * 1.05 if latents.shape[2] > 2 * self.geometry.frames_per_block else out
+
+
+@pytest.mark.parametrize(
+    ("cls", "contract"),
+    [
+        (IgnoresPosition, "rotates_keys_at_the_context_position"),
+        (CachesOtherKeys, "caches_the_keys_it_attends_with"),
+        (SkipsALayer, "attends_every_layer_once_in_order"),
+        (MixesTheBatch, "treats_batch_items_independently"),
+        (DropsAFrame, "denoises_in_shape"),
+        (LongSequencesDiffer, "generates_like_the_cache_free_reference"),
+    ],
+)
+def test_broken_models_are_caught(cls, contract):
+    from packforcing.testing import check_model
+
+    check_model(Delegating(tiny_dit_model()))  # the wrapper itself conforms
+    with pytest.raises(ConformanceError) as info:
+        check_model(cls(tiny_dit_model()))
+    assert info.value.contract == contract, str(info.value)
+    assert str(info.value).startswith(f"model '{cls.__name__}': ")

@@ -514,3 +514,13 @@ def test_diffusers_is_imported_without_xformers_load_warning(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0 and "OK" in result.stdout
     assert "XFORMERS" not in result.stderr, result.stderr
+
+
+def test_the_wan_adapter_passes_the_model_conformance_check(wan_dir):
+    """packforcing.testing.check_model on the Wan adapter: the keys it caches are those it
+    attends with, rotated by its rope at the context's position, and a full cache generates
+    as the cache-free reference (the same checks a third-party model's tests run)."""
+    from packforcing.testing import check_model
+
+    engine = pf.build_engine(wan_config(wan_dir / "pipeline", "full"))
+    check_model(engine.model, condition={"embeds": str(wan_dir / "prompt.safetensors")}, blocks=2)

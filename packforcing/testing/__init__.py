@@ -2,7 +2,7 @@
 
 - :func:`reference_generate` / :func:`block_causal_mask`: the cache-free oracle.
 - :func:`check_compressor`, :func:`check_selector`, :func:`check_realigner`,
-  :func:`check_policy`: conformance checks a plugin's own test suite calls (they need
+  :func:`check_policy`, :func:`check_model`: conformance checks a plugin's own test suite calls (they need
   ``hypothesis``); :mod:`packforcing.testing.strategies`: the Hypothesis strategies behind them
   (geometries, blocks with K/V, configs); :mod:`packforcing.testing.blocks`: plain builders.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from packforcing.testing.reference import block_causal_mask, reference_generate
 
-_CHECKS = ("ConformanceError", "check_compressor", "check_policy", "check_realigner", "check_selector")
+_CHECKS = ("ConformanceError", "check_compressor", "check_model", "check_policy", "check_realigner", "check_selector")
 
 __all__ = ["block_causal_mask", "reference_generate", "strategies", *_CHECKS]
 

@@ -16,7 +16,7 @@ The component may be given as its class, a registered name (``"tiered"``), a
 :class:`~packforcing.plugins.factory.ComponentFactory` or a registry entry.
 
 Each contract is a named function in the kind's module (:mod:`.compressor`, :mod:`.selector`,
-:mod:`.realigner`, :mod:`.policy`), e.g. ``leaves_the_block_untouched``. A violation raises
+:mod:`.realigner`, :mod:`.policy`, :mod:`.model`), e.g. ``leaves_the_block_untouched``. A violation raises
 :class:`ConformanceError` (an ``AssertionError``) naming the component, the offending value and,
 last, the contract (``[contract: leaves_the_block_untouched]``, also ``exc.contract``);
 Hypothesis shrinks it to a small example first. The number of examples is ``max_examples``
@@ -45,6 +45,15 @@ Realigner
     ``realign`` keeps shape, dtype and device, preserves per-head key norms (a rotation), leaves
     keys at their home position unchanged, accepts a per-item ``[B]`` target, does not mutate
     its input and (``exact_rope=True``) equals the model's temporal RoPE shift.
+Model (:func:`check_model`, on a built model)
+    ``geometry``, ``rope`` (of the geometry's head dim), ``hidden_size``, ``codec``,
+    ``encode_condition(None) is None``; ``denoise`` returns a finite velocity shaped like the
+    latents (one block, and several with per-frame timesteps) and calls ``context.attend`` once
+    per layer, in order, with ``[B, N, H, D]`` tensors; ``clean_kv`` returns the keys and values
+    the block attends with at timestep 0; moving ``context.position`` by Δ moves the keys by
+    ``rope.shift_temporal(keys, Δ)`` and leaves the values; batch items are independent; with
+    the ``full`` policy the engine generates what :func:`~packforcing.testing.reference_generate`
+    does.
 Policy
     Attention outputs ``[B, N, H, D]`` in dtype/device, finite; commits leave the committed
     tensors untouched; the live ``stats()`` peaks equal ``plan(n)`` per tier (blocks, tokens,
@@ -57,8 +66,9 @@ from __future__ import annotations
 
 from packforcing.testing.checks._common import ConformanceError
 from packforcing.testing.checks.compressor import check_compressor
+from packforcing.testing.checks.model import check_model
 from packforcing.testing.checks.policy import check_policy
 from packforcing.testing.checks.realigner import check_realigner
 from packforcing.testing.checks.selector import check_selector
 
-__all__ = ["ConformanceError", "check_compressor", "check_policy", "check_realigner", "check_selector"]
+__all__ = ["ConformanceError", "check_compressor", "check_model", "check_policy", "check_realigner", "check_selector"]
