@@ -58,7 +58,7 @@ print('xformers', xops.__name__, 'works: max |xformers - sdpa| =', float((out - 
 PYTHONPATH=$PWD:/tmp/site timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py \
     tests/test_host_syncs.py tests/test_device_runs.py 2>&1 \
     | quiet | tee "$out/tests.log" | tail -3
-PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out" --only "$sections" --budget "$budget" "${cap[@]}" 2>&1 \
+PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out" --only "$sections" --budget "$budget" ${cap[@]+"${cap[@]}"} 2>&1 \
     | quiet | tee "$out/after.log"
 if [ -d .before ]; then
     mkdir -p "$out/before"

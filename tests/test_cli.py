@@ -56,6 +56,9 @@ def test_the_closing_line_names_every_file_written(tmp_path, capsys):
     written = sorted(p.name for p in out.iterdir())
     assert written == ["latents.safetensors", "memory.png", "report.json", "video.mp4"]
     assert line.startswith("wrote ") and all(str(out / name) in line for name in written)
+    # the seconds are the blocks' own generation time (report.json's total_seconds), said as such
+    total = json.loads((out / "report.json").read_text())["total_seconds"]
+    assert f": 2 blocks, {total:.1f} s generating, peak cache " in line
 
 
 def test_config_error_is_one_line_with_exit_2(tmp_path, capsys):

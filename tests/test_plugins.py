@@ -630,12 +630,16 @@ def test_a_plugin_registered_by_import_path_is_listed_without_importing_it(tmp_p
         "compressor 'wrong' (distribution lazy-dist): cannot be loaded from lazy_plugin_mod:NotACompressor: "
         "returned class NotACompressor for 'wrong', expected a ComponentFactory or a subclass of Compressor"
     )
+    (tmp_path / "raising_plugin_mod.py").write_text("raise RuntimeError('broken at import')\n")
+    lazy["raising"] = LazyFactory("raising_plugin_mod:Thing", "a module that raises when imported")
     lazy["gone"] = LazyFactory("no_such_plugin_mod:Thing", "a module that is not installed")
     registry, _ = create((plugin("lazy", packforcing_compressors=lambda: lazy), "lazy-dist"))
     with pytest.raises(
         pf.PluginError, match=r"^compressor 'gone' \(distribution lazy-dist\): cannot be loaded from no_such"
     ):
         check_config({**config, "compressor": "gone"}, registry=registry)
+    with pytest.raises(pf.PluginError, match=r"cannot be loaded from raising_plugin_mod:Thing: broken at import$"):
+        check_config({**config, "compressor": "raising"}, registry=registry)
 
 
 # ---------------------------------------------------------------------- a plugin raising while it is built

@@ -249,6 +249,33 @@ def test_compressor_training_on_world_clips(tmp_path: Path):
         train_compressor(pf.load_config(config), steps=1, out_path=None, data_source="web")
 
 
+def test_an_interrupted_run_with_non_finite_weights_writes_nothing_and_stays_interrupted(tmp_path: Path, monkeypatch):
+    """Ctrl-C after an update made the weights NaN (the next loss not computed yet): the
+    interrupt is what is raised (not a write error), and nothing is written."""
+    from packforcing.training import model as training
+
+    out = tmp_path / "w.safetensors"
+    params = TrainModelParams(steps=6, batch_size=1, train_blocks=2, clips=2, checkpoint_every=0)
+    real_loss = training.teacher_forcing_loss
+    calls = []
+
+    def poisons_then_interrupts(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        loss = real_loss(*args, **kwargs)
+        if len(calls) == 2:
+            for p in args[0].parameters():
+                p.data.fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(training, "teacher_forcing_loss", poisons_then_interrupts)
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        train_model(pf.load_config(small_config()), params, out, progress=False, log=lines.append)
+    assert not out.exists() and lines[-1] == f"stopped: {out} not written (the weights are not finite)"
+
+
 def test_a_diverging_compressor_run_stops_in_one_line_and_writes_nothing(tmp_path: Path, monkeypatch):
     from packforcing.training import compressor as training
 

@@ -403,7 +403,8 @@ def run_job(
             )  # fmt: skip
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):  # failed before writing anything
-            out.rmdir()
+            with contextlib.suppress(OSError):  # never hide the error that failed the run
+                out.rmdir()
         raise
 
 

@@ -64,7 +64,7 @@ class Provided:
         naming it and its distribution."""
         try:
             return loaded(self.entry)
-        except (ImportError, AttributeError, TypeError) as exc:
+        except Exception as exc:  # importing a plugin's module may raise anything
             from packforcing.core.errors import PluginError
 
             target = getattr(self.entry, "target", None)

@@ -405,12 +405,17 @@ def train_model(
         # an interrupted run keeps what it learnt; one stopped before its first step has learnt
         # nothing and leaves --out as it was (a previous run's weights are not replaced by the
         # seeded initialisation)
-        # a diverged run's last update may have made the weights NaN: those are not written
-        # (--out keeps its last finite checkpoint, if any)
-        if losses and (failure is None or all(bool(torch.isfinite(t).all()) for t in model.state_dict().values())):
-            checkpoint()
-            if not finished and log is not None and out is not None:
-                log(f"stopped: wrote {out} after {len(losses)} of {params.steps} steps")
+        # a diverged run writes nothing more (its weights gave a non-finite loss; --out keeps its
+        # last checkpoint, if any); a stopped one writes its weights only if they are finite, so
+        # the error that stopped it (Ctrl-C included) is the one raised; a finished run's
+        # non-finite weights are refused by write_weights, in one line
+        if losses and failure is None:
+            if finished or all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
+                checkpoint()
+                if not finished and log is not None and out is not None:
+                    log(f"stopped: wrote {out} after {len(losses)} of {params.steps} steps")
+            elif log is not None and out is not None:
+                log(f"stopped: {out} not written (the weights are not finite)")
     if failure is not None:
         raise ValueError(failure)
     if log is not None and out is not None:
