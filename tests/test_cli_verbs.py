@@ -251,6 +251,23 @@ def test_validate_reports_each_bad_config_on_one_line(capsys, tmp_path):
     assert lines[2] == f"error: {small}: policy.window_frames: 1 frames is smaller than one block (4 frames)"
 
 
+def test_validate_checks_run_prompts_with_the_model(capsys, tmp_path):
+    """A condition the model refuses, or text for a model that takes none, is found by validate
+    (as generate would find it before running), located at its run.prompts entry."""
+    scene = tmp_path / "scene.yaml"
+    scene.write_text("extends: sink_recent\nrun:\n  prompts: [{from_block: 0, scene: 1}, {from_block: 3, scene: 99}]\n")
+    text = tmp_path / "text.yaml"
+    text.write_text("extends: sink_recent\nrun:\n  prompts: [{from_block: 0, prompt: a red fox}]\n")
+    good = tmp_path / "good.yaml"
+    good.write_text("extends: sink_recent\nrun:\n  prompts: [{from_block: 0, scene: 1}, {from_block: 3, scene: 7}]\n")
+    code, out, err = run(capsys, "validate", str(scene), str(text), str(good))
+    assert code == 2 and out.splitlines() == [f"{good}: OK"]
+    assert err.splitlines() == [
+        f"error: {scene}: run.prompts[1].scene: expected an integer in [0, 8), got 99",
+        f"error: {text}: run.prompts[0].prompt: model tiny_dit takes no text prompts (it takes scene)",
+    ]
+
+
 def test_validate_a_directory_and_overrides(capsys):
     code, out, err = run(capsys, "validate", "configs", "--set", "run.device=cpu")
     names = [line.split(": OK")[0] for line in out.splitlines()]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from packforcing.cli import add_overrides, add_verb, stop_signals_to
 from packforcing.cli.argtypes import positive_float
 from packforcing.cli.run_files import CHECKPOINT_DIR, RunError, RunFiles, check_output, prepare_output
+from packforcing.core.conditions import check_given_conditions
 from packforcing.core.errors import ConfigError
 from packforcing.presets import DEFAULT as DEFAULT_CONFIG
 
@@ -239,43 +240,6 @@ def run(args: argparse.Namespace) -> int:
                     out.rmdir()
         raise
     return _done(out, report)
-
-
-def check_given_conditions(
-    model: Any, segments: Sequence[Mapping[str, Any]], where: str | None, config: Config
-) -> None:
-    """The segments that already hold their condition (``embeds: FILE``, not text), checked by
-    the planning model (no weights) before any text is encoded, so a bad one costs no encoder
-    load and leaves nothing written. ``where``: the prompt file (or ``--prompt``) they came
-    from; ``None`` for the config's ``run.prompts``. A text prompt for a model whose
-    ``condition_keys`` lack ``embeds`` (text is encoded into embeddings) is refused likewise."""
-    from packforcing.core.interfaces import condition_keys_of
-
-    keys = condition_keys_of(model)
-    for i, seg in enumerate(segments):
-        if "prompt" in seg:
-            if keys is not None and "embeds" not in keys:
-                takes = ", ".join(sorted(keys)) if keys else "no condition"
-                problem = f"model {config.components['model'].name} takes no text prompts (it takes {takes})"
-                if where is not None:
-                    raise ValueError(
-                        f"{where}: {problem}" if where == "--prompt" else f"{where}: [{i}].prompt: {problem}"
-                    )
-                source = config.source_of("run.prompts")
-                raise ConfigError(problem, source=source, path=f"run.prompts[{i}].prompt")
-            continue
-        try:
-            model.encode_condition({k: v for k, v in seg.items() if k != "from_block"})
-        except ConfigError as exc:
-            if where is not None:
-                raise ValueError(f"{where}: [{i}].{exc.path}: {exc.message}") from None
-            path = f"run.prompts[{i}].{exc.path}"
-            raise ConfigError(exc.message, source=config.source_of("run.prompts"), path=path) from None
-        except (ValueError, OSError) as exc:  # BlockModel.encode_condition's ValueError("<key>: ...")
-            problem = " ".join(str(exc).split())
-            if where is not None:
-                raise ValueError(f"{where}: [{i}]: {problem}") from None
-            raise ConfigError(problem, source=config.source_of("run.prompts"), path=f"run.prompts[{i}]") from None
 
 
 def _done(out: Path, report: dict[str, Any]) -> int:

@@ -16,7 +16,8 @@ EXAMPLE = """example:
 
 Each config is loaded (extends, overrides), every component is built as for planning (no
 weights, nothing allocated; a checkpoint's tensor names and shapes are checked from its
-headers) and cross-checked, and its memory plan is computed. Prints '<file>: OK' per valid
+headers) and cross-checked, run.prompts' conditions are checked by the model (text is not
+encoded), and its memory plan is computed. Prints '<file>: OK' per valid
 config (noting configs that can plan but not generate, e.g. a shapes-only model) and one
 'error: <file>: <key.path>: <problem>' line per invalid one; the exit status is 2 if any
 config is invalid.
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     for name in files:
         try:
-            config = check_config(load_config(name, args.overrides))
+            config = check_config(load_config(name, args.overrides), conditions=True)
         except ConfigError as exc:
             if getattr(args, "debug", False):
                 raise

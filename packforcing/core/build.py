@@ -244,12 +244,17 @@ def build_for_planning(config: Config | Mapping[str, Any] | str, *, registry: An
     return env
 
 
-def check_config(config: Config | Mapping[str, Any] | str, *, registry: Any = None) -> Config:
+def check_config(config: Config | Mapping[str, Any] | str, *, registry: Any = None, conditions: bool = False) -> Config:
     """Load ``config``, build every component (plan-only) and plan one run of ``run.blocks``:
     returns the :class:`Config`, or raises the first :class:`ConfigError` — including a plan
-    that needs more memory than the run's device has."""
+    that needs more memory than the run's device has. With ``conditions``, the model (weightless)
+    also checks the condition of every ``run.prompts`` segment it can without encoding text."""
     env = build_for_planning(config, registry=registry)
     assert env.config is not None and env.policy is not None
+    if conditions and env.config.run.prompts:
+        from packforcing.core.conditions import check_given_conditions
+
+        check_given_conditions(env.model, env.config.run.prompts, None, env.config)
     try:
         planned = env.policy.plan(env.config.run.blocks, batch_size=env.config.run.batch_size)
     except ValueError as exc:

@@ -111,3 +111,40 @@ class ConditionSchedule:
     def as_list(self) -> list[dict[str, Any]]:
         """The schedule as YAML/JSON data (``[{from_block: N, **spec}]``)."""
         return [{FROM_BLOCK: s, **(spec or {})} for s, spec in zip(self.starts, self.specs, strict=True)]
+
+
+def check_given_conditions(model: Any, segments: Sequence[Mapping[str, Any]], where: str | None, config: Any) -> None:
+    """The segments that already hold their condition (``embeds: FILE``, not text), checked by
+    the planning model (no weights) before any text is encoded, so a bad one costs no encoder
+    load and leaves nothing written. ``where``: the prompt file (or ``--prompt``) they came
+    from; ``None`` for the config's ``run.prompts`` (``config`` the :class:`Config` that set them,
+    errors located in it). A text prompt for a model whose ``condition_keys`` lack ``embeds``
+    (text is encoded into embeddings) is refused likewise."""
+    from packforcing.core.errors import ConfigError
+    from packforcing.core.interfaces import condition_keys_of
+
+    keys = condition_keys_of(model)
+    for i, seg in enumerate(segments):
+        if "prompt" in seg:
+            if keys is not None and "embeds" not in keys:
+                takes = ", ".join(sorted(keys)) if keys else "no condition"
+                problem = f"model {config.components['model'].name} takes no text prompts (it takes {takes})"
+                if where is not None:
+                    raise ValueError(
+                        f"{where}: {problem}" if where == "--prompt" else f"{where}: [{i}].prompt: {problem}"
+                    )
+                source = config.source_of("run.prompts")
+                raise ConfigError(problem, source=source, path=f"run.prompts[{i}].prompt")
+            continue
+        try:
+            model.encode_condition({k: v for k, v in seg.items() if k != FROM_BLOCK})
+        except ConfigError as exc:
+            if where is not None:
+                raise ValueError(f"{where}: [{i}].{exc.path}: {exc.message}") from None
+            path = f"run.prompts[{i}].{exc.path}"
+            raise ConfigError(exc.message, source=config.source_of("run.prompts"), path=path) from None
+        except (ValueError, OSError) as exc:  # BlockModel.encode_condition's ValueError("<key>: ...")
+            problem = " ".join(str(exc).split())
+            if where is not None:
+                raise ValueError(f"{where}: [{i}]: {problem}") from None
+            raise ConfigError(problem, source=config.source_of("run.prompts"), path=f"run.prompts[{i}]") from None

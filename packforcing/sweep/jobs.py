@@ -355,7 +355,7 @@ def _check_conditions(model: Any, prompt: Prompt, config: Any) -> None:
     checked by ``config``'s planning model, as ``generate`` checks them before it runs: a
     condition the model does not take is one line naming the prompt and the config, before
     any job runs, not a failure of every job."""
-    from packforcing.cli.generate import check_given_conditions
+    from packforcing.core.conditions import check_given_conditions
 
     assert prompt.schedule is not None
     try:
