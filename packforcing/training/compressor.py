@@ -222,10 +222,14 @@ def _world_clips(
     """``--data world``: video ``i``'s ``batch`` clips of ``blocks`` blocks rendered from the
     scenes world at the model's resolution, as latents ``[batch, C, F, H, W]`` and per-frame scene
     indices ``[batch, F]`` (``None`` for a model without conditions)."""
+    from packforcing.core.interfaces import condition_keys_of
     from packforcing.training.model import render_clips, world_params_for
 
     world = world_params_for(model)
-    conditioned = bool(getattr(getattr(model, "params", None), "num_conditions", 0))
+    keys = condition_keys_of(model)  # the world's scenes condition a model that takes {scene: i}
+    conditioned = (
+        "scene" in keys if keys is not None else bool(getattr(getattr(model, "params", None), "num_conditions", 0))
+    )
 
     def clips(video: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         seeds = [seed * 7919 + video * batch + i for i in range(batch)]
