@@ -13,8 +13,10 @@
 # in seconds (default 470, under 8 minutes: with 400 the whole took 402 s on an H100, 454 s with
 # the tests and the installs, and the time cap stopped the full cache after 80 blocks, short of
 # running out of memory; by that run's timings the full cache needs ~197 s to get there, and 470
-# leaves it ~229 s). MEMORY_GIB: wan_gpu.py's --memory-gib (default: 79.1 on a card of more than
-# 80 GB, so an H200 runs out where an 80 GB H100 does, within the budget: uncapped, its 141 GB
+# leaves it ~229 s; cut so the whole call ends within CALL_LIMIT, 585 s by default, when the
+# installs and tests before it run long). MEMORY_GIB: wan_gpu.py's --memory-gib (default: 79.1
+# on a card of more than 80 GB, so an H200 runs out where an 80 GB H100 does, within the
+# budget: uncapped, its 141 GB
 # would hold ~75 more blocks at 0.86 GB each, about 1.8x the blocks and, as each block's time grows
 # with the cache, some 3x the time; "none" for no cap). First, the CUDA tests go to
 # OUT/tests.log: the attention backends' (tests/test_backends.py: xformers, and each SDPA
@@ -58,6 +60,13 @@ print('xformers', xops.__name__, 'works: max |xformers - sdpa| =', float((out - 
 PYTHONPATH=$PWD:/tmp/site timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py \
     tests/test_host_syncs.py tests/test_device_runs.py 2>&1 \
     | quiet | tee "$out/tests.log" | tail -3
+# the whole call must end within the device's per-command limit (600 s; CALL_LIMIT less a
+# margin): slow installs or tests take their time from the benchmark, not past the limit
+left=$(( ${CALL_LIMIT:-585} - SECONDS - 15 ))
+if [ "$left" -lt "${budget%.*}" ]; then
+    echo "benchmark budget cut from $budget s to $left s (the installs and tests took ${SECONDS} s)"
+    budget=$left
+fi
 PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out" --only "$sections" --budget "$budget" ${cap[@]+"${cap[@]}"} 2>&1 \
     | quiet | tee "$out/after.log"
 if [ -d .before ]; then
