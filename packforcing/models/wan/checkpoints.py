@@ -195,14 +195,39 @@ def _read_diffusers(folder: Path, meta: bool = False) -> dict[str, torch.Tensor]
     if single.is_file():
         return _read_safetensors(single, meta)
     index_file = folder / WEIGHTS_INDEX
-    try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(index_file, f"unreadable shard index: {' '.join(str(exc).split())}") from None
+    weight_map = _read_index(index_file)
     state: dict[str, torch.Tensor] = {}
+    found_in: dict[str, str] = {}
     for shard in sorted(set(weight_map.values())):
-        state.update(_read_safetensors(folder / shard, meta))
+        if not (folder / shard).is_file():
+            raise CheckpointError(index_file, f"shard {shard} is listed but not in {folder}")
+        tensors = _read_safetensors(folder / shard, meta)
+        for name in tensors:
+            if name in found_in:  # which copy wins would be arbitrary: refuse rather than guess
+                raise CheckpointError(folder / shard, f"tensor {name!r} is also in shard {found_in[name]}")
+            found_in[name] = shard
+        state.update(tensors)
+    for name, shard in weight_map.items():
+        if found_in.get(name) != shard:
+            where = f"it is in {found_in[name]}" if name in found_in else "no shard holds it"
+            raise CheckpointError(index_file, f"lists tensor {name!r} in shard {shard}, but {where}")
     return state
+
+
+def _read_index(index_file: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name → shard file) of a sharded checkpoint's index."""
+    try:
+        data = json.loads(index_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(index_file, f"unreadable shard index: {' '.join(str(exc).split())}") from None
+    weight_map = data.get("weight_map") if isinstance(data, Mapping) else None
+    if (
+        not isinstance(weight_map, Mapping)
+        or not weight_map
+        or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items())
+    ):
+        raise CheckpointError(index_file, 'not a shard index: expected {"weight_map": {tensor name: shard file}}')
+    return dict(weight_map)
 
 
 def _read_self_forcing(file: Path, *, meta: bool) -> dict[str, torch.Tensor]:
