@@ -179,3 +179,50 @@ def test_encode_prompts_refuses_bad_input_before_loading_the_encoder(tmp_path, c
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and problem in err, err
     assert not (tmp_path / "o").exists()
+
+
+def broken_encoder(pipeline_root, tmp_path, case: str):
+    """A copy of the tiny encoder pipeline with one thing wrong; returns (root, expected problem)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / case
+    shutil.copytree(pipeline_root, root)
+    weights = next((root / "text_encoder").glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    if case == "missing":
+        del tensors["encoder.block.0.layer.0.layer_norm.weight"]
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        return root, "missing weights (1: encoder.block.0.layer.0.layer_norm.weight)"
+    if case == "unexpected":
+        save_file({**tensors, "encoder.adapter.weight": torch.ones(2)}, str(weights), metadata={"format": "pt"})
+        return root, "unexpected weights (1: encoder.adapter.weight)"
+    if case == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+        return root, "cannot load the UMT5 text encoder: Error while deserializing header"
+    if case == "t5":
+        config = json.loads((root / "text_encoder" / "config.json").read_text())
+        (root / "text_encoder" / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
+        return root, "config.json: a t5 model, not UMT5 (Wan's text encoder)"
+    if case == "bert":
+        (root / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+        return root, "config.json: a bert model, not UMT5 (Wan's text encoder)"
+    assert case == "tokenizer"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    tok.add_tokens(["zebra", "mountain"])
+    tok.save_pretrained(str(root / "tokenizer"))
+    return root, "the tokenizer has 17 tokens, the text encoder's vocabulary 15: not this encoder's tokenizer"
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected", "truncated", "t5", "bert", "tokenizer"])
+def test_a_wrong_or_broken_text_encoder_is_one_line_not_random_weights(pipeline_root, tmp_path, case):
+    root, problem = broken_encoder(pipeline_root, tmp_path, case)
+    with pytest.raises(ValueError) as info:
+        TextEncoder.from_path(root, max_length=8)
+    text = str(info.value)
+    assert problem in text and "\n" not in text, text
+    assert text.startswith(str(root)), text

@@ -39,6 +39,8 @@ MAX_LENGTH = 512
 __all__ = ["TextEncoder", "TextEncoderParams"]
 START_KEYS = ("from_block", "from_second")
 SPEC_KEYS = ("prompt", "embeds")
+UNUSED_PREFIXES = ("decoder.", "lm_head.")
+"""Weights of a whole UMT5 (encoder-decoder) checkpoint that the encoder does not use."""
 
 
 def locate(path: str | Path, tokenizer: str | Path | None = None) -> tuple[Path, Path]:
@@ -57,6 +59,21 @@ def locate(path: str | Path, tokenizer: str | Path | None = None) -> tuple[Path,
     if not _has_tokenizer(tok):
         raise ValueError(f"{tok}: no tokenizer here (give text_encoder.tokenizer: the tokenizer folder)")
     return encoder, tok
+
+
+def _check_umt5_config(file: Path) -> None:
+    """Refuse a config that is not a UMT5 model's (transformers would build a UMT5 from it anyway)."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{file}: unreadable config: {' '.join(str(exc).split())}") from None
+    kind = data.get("model_type") if isinstance(data, Mapping) else None
+    if kind != "umt5":
+        raise ValueError(f"{file}: a {kind or 'non-transformers'} model, not UMT5 (Wan's text encoder)")
+
+
+def _few(names: Sequence[str]) -> str:
+    return f"({len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -110,12 +127,26 @@ class TextEncoder:
         hf_logging.disable_progress_bar()
 
         encoder_dir, tokenizer_dir = locate(path, tokenizer)
+        _check_umt5_config(encoder_dir / "config.json")
         try:
             tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-            model = UMT5EncoderModel.from_pretrained(str(encoder_dir), torch_dtype=dtype)
-        except (OSError, ValueError, KeyError) as exc:
+            model, info = UMT5EncoderModel.from_pretrained(
+                str(encoder_dir), torch_dtype=dtype, output_loading_info=True
+            )
+        except Exception as exc:  # transformers', tokenizers' and safetensors' own error types
             problem = " ".join(str(exc).split())
             raise ValueError(f"{encoder_dir}: cannot load the UMT5 text encoder: {problem}") from None
+        # transformers only logs these: a missing weight would be left at its random initial value
+        missing = sorted(info["missing_keys"])
+        unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(UNUSED_PREFIXES))
+        if missing or unexpected:
+            problem = f"missing weights {_few(missing)}" if missing else f"unexpected weights {_few(unexpected)}"
+            raise ValueError(f"{encoder_dir}: not the UMT5 encoder its config.json describes: {problem}")
+        if len(tok) > model.config.vocab_size:
+            raise ValueError(
+                f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens, the text encoder's vocabulary "
+                f"{model.config.vocab_size}: not this encoder's tokenizer"
+            )
         return cls(model.to(device).requires_grad_(False).eval(), tok, max_length=max_length)
 
     @property
