@@ -83,3 +83,29 @@ def test_the_stream_holds_constant_memory_between_blocks(codec):
         stream.decode(latent_video(2, seed=10 + i))
         sizes.append(held(stream))
     assert sizes[1] == sizes[2] == sizes[3] == sizes[4] > 0
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected", "another model"])
+def test_a_vae_folder_with_wrong_weights_or_of_another_model_is_one_line(tmp_path, case):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = write_tiny_vae(tmp_path / "vae")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    if case == "missing":  # diffusers left it on the meta device: a NotImplementedError traceback at .to()
+        del tensors["decoder.conv_out.weight"]
+        problem = "not the AutoencoderKLWan its config.json describes: missing weights (decoder.conv_out.weight)"
+    elif case == "unexpected":  # diffusers only logged that it ignored it
+        tensors["decoder.extra.weight"] = torch.ones(2)
+        problem = "not the AutoencoderKLWan its config.json describes: unexpected weights (decoder.extra.weight)"
+    else:  # a VAE of another family with a z_dim: diffusers built a Wan VAE from it, all weights unused
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderKLQwenImage"}))
+        problem = "config.json: the config of AutoencoderKLQwenImage, not of a Wan VAE (AutoencoderKLWan)"
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError) as info:
+        WanVAECodec.from_path(folder)
+    text = str(info.value)
+    assert problem in text and "\n" not in text and text.startswith(str(folder)), text

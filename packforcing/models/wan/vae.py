@@ -44,10 +44,16 @@ def vae_folder(path: str | Path) -> Path:
 def vae_latent_channels(path: str | Path) -> int:
     """The latent channels (``z_dim``) of the VAE at ``path``, read from its config alone."""
     folder = vae_folder(path)
+    file = folder / "config.json"
     try:
-        return int(json.loads((folder / "config.json").read_text())["z_dim"])
+        config = json.loads(file.read_text())
+        channels = int(config["z_dim"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{folder / 'config.json'}: not a Wan VAE config ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{file}: not a Wan VAE config ({type(exc).__name__}: {exc})") from None
+    kind = config.get("_class_name", "AutoencoderKLWan")
+    if kind != "AutoencoderKLWan":
+        raise ValueError(f"{file}: the config of {kind}, not of a Wan VAE (AutoencoderKLWan)")
+    return channels
 
 
 def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
@@ -57,10 +63,17 @@ def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device
         from diffusers import AutoencoderKLWan
 
     folder = vae_folder(path)
+    vae_latent_channels(folder)  # a config of another model is refused before diffusers builds from it
     try:
-        vae = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        vae, info = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, output_loading_info=True)
+    except Exception as exc:  # diffusers', safetensors' and torch's own error types
         raise ValueError(f"{folder}: cannot load AutoencoderKLWan: {' '.join(str(exc).split())}") from None
+    # diffusers only logs these: a missing weight would be left uninitialised (on the meta device)
+    for kind in ("missing", "unexpected"):
+        names = sorted(info[f"{kind}_keys"])
+        if names:
+            few = f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+            raise ValueError(f"{folder}: not the AutoencoderKLWan its config.json describes: {kind} weights ({few})")
     return vae.to(device).requires_grad_(False).eval()
 
 
