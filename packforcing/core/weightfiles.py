@@ -95,27 +95,45 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
     if not isinstance(header, dict):
         raise bad("not a safetensors file (header is not a mapping)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise bad("corrupt header: __metadata__ is not a mapping")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("corrupt header: __metadata__ is not a mapping of strings")
     data_bytes = size - 8 - length
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    end_max = 0
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise bad(f"corrupt header entry for tensor {name!r}") from None
-        if dtype not in DTYPE_BYTES or not (0 <= begin <= end) or any(d < 0 for d in shape):
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(dtype, str)
+            or dtype not in DTYPE_BYTES
+            or not isinstance(shape, list)
+            or not all(_is_count(d) for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_count(o) for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
             raise bad(f"corrupt header entry for tensor {name!r}")
+        begin, end = offsets
         if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
             raise bad(f"corrupt: tensor {name!r} of shape {list(shape)} {dtype} does not fit its {end - begin} bytes")
         if end > data_bytes:
             raise bad(f"truncated: tensor {name!r} ends at byte {end} of {data_bytes} data bytes")
-        end_max = max(end_max, end)
-        tensors[name] = (dtype, shape)
-    if end_max != data_bytes:
-        raise bad(f"corrupt: {data_bytes - end_max} bytes after the last tensor")
+        spans.append((begin, end, name))
+        tensors[name] = (dtype, tuple(shape))
+    position = 0  # as safetensors requires: the tensors tile the data, no overlap, no gap
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise bad(f"corrupt: tensor {name!r} starts at byte {begin}, expected {position}")
+        position = end
+    if position != data_bytes:
+        raise bad(f"corrupt: {data_bytes - position} bytes after the last tensor")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_tensors(
