@@ -95,3 +95,48 @@ def test_an_index_naming_the_wrong_shard_or_a_missing_shard_is_refused(sharded, 
 def test_a_malformed_shard_index_is_one_line(sharded, tmp_path, index):
     folder = copy_with_index(sharded, tmp_path, lambda _: index)
     assert f"{folder / INDEX}: not a shard index" in refused(folder, plan_only=True)
+
+
+def test_a_config_of_another_model_is_named_as_such(tmp_path):
+    from tests.wan_fixtures import OFFICIAL_CONFIG, write_diffusers, write_wan
+
+    model = tiny_transformer()
+    official = write_wan(model, tmp_path / "i2v")
+    (official.parent / "config.json").write_text(json.dumps({**OFFICIAL_CONFIG, "model_type": "i2v", "in_dim": 36}))
+    text = refused(official, plan_only=True)
+    assert f"{official.parent / 'config.json'}: model_type i2v: only text-to-video Wan (t2v) is supported" in text
+
+    folder = write_diffusers(model, tmp_path / "vace")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "WanVACETransformer3DModel"}))
+    text = refused(folder, plan_only=True)
+    assert "config.json: the config of WanVACETransformer3DModel, not of Wan's WanTransformer3DModel" in text
+
+
+def self_forcing_file(tmp_path: Path, data, **save) -> Path:
+    from tests.wan_fixtures import OFFICIAL_CONFIG
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(OFFICIAL_CONFIG))
+    torch.save(data, str(tmp_path / "ckpt.pt"), **save)
+    return tmp_path / "ckpt.pt"
+
+
+def test_a_self_forcing_file_in_torch_legacy_format_loads_the_same_weights(tmp_path):
+    from tests.wan_fixtures import official_state
+
+    model = tiny_transformer()
+    state = {f"model.{k}": v for k, v in official_state(model).items()}
+    file = self_forcing_file(tmp_path, {"generator_ema": state}, _use_new_zipfile_serialization=False)
+    loaded = load(file).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_bare_state_dict_is_refused_listing_a_few_of_its_entries(tmp_path):
+    from tests.wan_fixtures import official_state
+
+    state = {f"model.{k}": v for k, v in official_state(tiny_transformer()).items()}
+    file = self_forcing_file(tmp_path, state)
+    text = refused(file, plan_only=True)
+    assert "no generator_ema or generator entry (found: model." in text
+    assert text.endswith(f", ... ({len(state)} entries))") and len(text) < 400, text

@@ -32,6 +32,7 @@ from packforcing.core.errors import ParamError
 from packforcing.models.wan.imports import diffusers_quietly
 
 TRANSFORMER_SUBFOLDER = "transformer"
+TRANSFORMER_CLASS = "WanTransformer3DModel"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 SELF_FORCING_KEYS = ("generator_ema", "generator")
@@ -133,7 +134,10 @@ def _read_config(file: Path) -> dict[str, Any]:
         raise CheckpointError(file, f"unreadable config: {' '.join(str(exc).split())}") from None
     if not isinstance(data, Mapping):
         raise CheckpointError(file, "config.json is not a JSON object")
-    if "dim" in data or "num_heads" in data:  # official naming
+    if "dim" in data or "num_heads" in data:  # official naming (its _class_name is WanModel)
+        kind = data.get("model_type", "t2v")
+        if kind != "t2v":
+            raise CheckpointError(file, f"model_type {kind}: only text-to-video Wan (t2v) is supported")
         out: dict[str, Any] = {}
         for key, target in OFFICIAL_CONFIG.items():
             if target is not None and key in data:
@@ -142,6 +146,8 @@ def _read_config(file: Path) -> dict[str, Any]:
             raise CheckpointError(file, "official config needs both dim and num_heads")
         out["attention_head_dim"] = int(data["dim"]) // int(data["num_heads"])
         data = out
+    elif data.get("_class_name", TRANSFORMER_CLASS) != TRANSFORMER_CLASS:
+        raise CheckpointError(file, f"the config of {data['_class_name']}, not of Wan's {TRANSFORMER_CLASS}")
     if data.get("image_dim") is not None or data.get("added_kv_proj_dim") is not None:
         raise CheckpointError(file, "image-conditioned Wan (I2V) is not supported; use a text-to-video checkpoint")
     with diffusers_quietly():
@@ -232,7 +238,13 @@ def _read_index(index_file: Path) -> dict[str, str]:
 
 def _read_self_forcing(file: Path, *, meta: bool) -> dict[str, torch.Tensor]:
     try:
-        data = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        try:
+            data = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "_use_new_zipfile_serialization" not in str(exc):
+                raise
+            # torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped: read it whole
+            data = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, refused globals, truncated files
         raise CheckpointError(
             file, f"not a readable torch checkpoint (weights only): {' '.join(str(exc).split())}"
@@ -244,7 +256,9 @@ def _read_self_forcing(file: Path, *, meta: bool) -> dict[str, torch.Tensor]:
             state = data[key]
             break
     else:
-        raise CheckpointError(file, f"no {' or '.join(SELF_FORCING_KEYS)} entry (found: {', '.join(map(str, data))})")
+        found = [str(k) for k in data]
+        listed = ", ".join(found[:5]) + (f", ... ({len(found)} entries)" if len(found) > 5 else "")
+        raise CheckpointError(file, f"no {' or '.join(SELF_FORCING_KEYS)} entry (found: {listed or 'nothing'})")
     if not isinstance(state, Mapping):
         raise CheckpointError(file, f"{key} is not a state dict")
     out = {}
