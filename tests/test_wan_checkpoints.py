@@ -140,3 +140,28 @@ def test_a_bare_state_dict_is_refused_listing_a_few_of_its_entries(tmp_path):
     text = refused(file, plan_only=True)
     assert "no generator_ema or generator entry (found: model." in text
     assert text.endswith(f", ... ({len(state)} entries))") and len(text) < 400, text
+
+
+@pytest.mark.parametrize(
+    ("tensor", "problem"),
+    [
+        (torch.zeros(0, 32), "prompt_embeds has shape [0, 32], expected [L, 32]"),
+        (torch.ones(8, 32, dtype=torch.int64), "prompt_embeds is torch.int64, not text-encoder states (floats)"),
+        (None, "a directory, not a file"),
+    ],
+    ids=["no-tokens", "integers", "directory"],
+)
+def test_prompt_embeds_that_are_not_text_encoder_states_are_refused(tmp_path, tensor, problem):
+    from safetensors.torch import save_file
+
+    from packforcing.core.errors import ParamError
+    from packforcing.models.wan.adapter import read_prompt_embeds
+
+    file = tmp_path / "embeds.safetensors"
+    if tensor is None:
+        file.mkdir()
+    else:
+        save_file({"prompt_embeds": tensor}, str(file))
+    with pytest.raises(ParamError) as info:
+        read_prompt_embeds(file, 32)
+    assert str(info.value) == f"embeds: {file}: {problem}"

@@ -408,7 +408,7 @@ def read_prompt_embeds(file: str | Path, text_dim: int) -> torch.Tensor:
 
     path = Path(file).expanduser()
     if not path.is_file():
-        raise ParamError("embeds", f"{file}: no such file")
+        raise ParamError("embeds", f"{file}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             if PROMPT_EMBEDS not in handle.keys():
@@ -421,8 +421,10 @@ def read_prompt_embeds(file: str | Path, text_dim: int) -> torch.Tensor:
         raise ParamError("embeds", f"{file}: not a readable safetensors file: {' '.join(str(exc).split())}") from None
     if embeds.dim() == 3 and embeds.shape[0] == 1:
         embeds = embeds[0]
-    if embeds.dim() != 2 or embeds.shape[1] != text_dim:
+    if embeds.dim() != 2 or embeds.shape[1] != text_dim or embeds.shape[0] == 0:
         raise ParamError("embeds", f"{file}: {PROMPT_EMBEDS} has shape {list(embeds.shape)}, expected [L, {text_dim}]")
+    if not embeds.is_floating_point():
+        raise ParamError("embeds", f"{file}: {PROMPT_EMBEDS} is {embeds.dtype}, not text-encoder states (floats)")
     if not bool(torch.isfinite(embeds).all()):
         raise ParamError("embeds", f"{file}: {PROMPT_EMBEDS} holds NaN or Inf")
     return embeds
