@@ -380,6 +380,13 @@ def broken_checkpoints(tmp: Path) -> dict[str, tuple[Path, str]]:
     pickled.parent.mkdir()
     torch.save({"generator_ema": NotATensor()}, str(pickled))
     cases["arbitrary object"] = (pickled, "not a readable torch checkpoint (weights only)")
+    variant = tmp / "variant"  # a diffusers folder holding only the fp16 variant of its weights
+    model.save_pretrained(str(variant), variant="fp16")
+    cases["variant only"] = (
+        variant,
+        "no diffusion_pytorch_model.safetensors (or its .index.json) next to config.json (it holds a variant, "
+        "diffusion_pytorch_model.fp16.safetensors: name or link it diffusion_pytorch_model.safetensors",
+    )
     return cases
 
 

@@ -105,7 +105,13 @@ def locate(path: str | Path, fmt: str = "auto") -> Checkpoint:
         if not (folder / "config.json").is_file():
             raise CheckpointError(path, f"not a diffusers folder: no config.json here or in {TRANSFORMER_SUBFOLDER}/")
         if not ((folder / WEIGHTS).is_file() or (folder / WEIGHTS_INDEX).is_file()):
-            raise CheckpointError(folder, f"no {WEIGHTS} (or its .index.json) next to config.json")
+            variants = sorted(p.name for p in folder.glob("diffusion_pytorch_model.*.safetensors*"))
+            hint = (
+                f" (it holds a variant, {variants[0]}: name or link it {WEIGHTS}, or its index {WEIGHTS_INDEX})"
+                if variants
+                else ""
+            )
+            raise CheckpointError(folder, f"no {WEIGHTS} (or its .index.json) next to config.json{hint}")
         return Checkpoint("diffusers", folder, folder / "config.json")
     if fmt == "diffusers":
         raise CheckpointError(path, "format diffusers expects a folder, got a file")
