@@ -106,6 +106,26 @@ def test_a_models_plain_value_error_names_the_segment(tmp_path):
         check_given_conditions(PaletteModel(), segments, "p.yaml", config)
 
 
+def test_a_segment_without_a_condition_is_checked_as_the_engine_runs_it():
+    """A segment holding only ``from_block`` runs unconditioned: the engine encodes it as
+    ``encode_condition(None)`` (a spec-less segment is ``None``), so the check before a run
+    passes it ``None`` too, not ``{}`` (which Wan's adapter refuses: no ``embeds``)."""
+    from packforcing.core.conditions import check_given_conditions
+
+    seen = []
+
+    class WanLike:
+        condition_keys = frozenset({"embeds"})
+
+        def encode_condition(self, spec):
+            seen.append(spec)
+            if spec is not None and "embeds" not in spec:
+                raise ValueError("embeds: required key is missing")
+
+    check_given_conditions(WanLike(), [{"from_block": 0}, {"from_block": 2, "embeds": "e.safetensors"}], None, None)
+    assert seen == [None, {"embeds": "e.safetensors"}]
+
+
 def test_bad_prompt_file_is_one_line(tmp_path, capsys):
     prompts = tmp_path / "p.yaml"
     prompts.write_text("- {from_second: 1, prompt: a}\n")

@@ -136,8 +136,9 @@ def check_given_conditions(model: Any, segments: Sequence[Mapping[str, Any]], wh
                 source = config.source_of("run.prompts")
                 raise ConfigError(problem, source=source, path=f"run.prompts[{i}].prompt")
             continue
+        spec = {k: v for k, v in seg.items() if k != FROM_BLOCK}
         try:
-            model.encode_condition({k: v for k, v in seg.items() if k != FROM_BLOCK})
+            model.encode_condition(spec or None)  # a segment without a spec is unconditioned, as in the engine
         except ConfigError as exc:
             if where is not None:
                 raise ValueError(f"{where}: [{i}].{exc.path}: {exc.message}") from None
