@@ -641,3 +641,23 @@ def test_broken_models_are_caught(cls, contract):
         check_model(cls(tiny_dit_model()))
     assert info.value.contract == contract, str(info.value)
     assert str(info.value).startswith(f"model '{cls.__name__}': ")
+
+
+def test_check_model_leaves_the_model_and_the_process_as_they_were():
+    """The engine check_model builds around the model neither names it (the registry names what
+    it builds by its key) nor trips over a name that is no registry key, and PyTorch's CPU
+    threads (which building an engine sets from run.threads) are as the caller left them."""
+    from packforcing.testing import check_model
+
+    unnamed = Delegating(tiny_dit_model())
+    named = Delegating(tiny_dit_model())
+    named.name = "my-org:my model"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        check_model(unnamed)
+        check_model(named)
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert not hasattr(unnamed, "name") and named.name == "my-org:my model"

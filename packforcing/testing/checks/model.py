@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import torch
 
 from packforcing.core.geometry import Geometry
@@ -174,28 +175,37 @@ def generates_like_the_cache_free_reference(
             )
 
 
+UNDER_CHECK = "model-under-check"
+"""The key the model is registered under for the engine :func:`check_model` builds around it."""
+
+
 def _engine(model: BlockModel, device: torch.device, steps: int) -> Any:
-    """An engine around ``model`` itself (registered for this check), with the full cache."""
+    """An engine around ``model`` itself, with the full cache. The model is registered through a
+    factory that does not name what it builds, so it is checked as it is: it is neither renamed
+    nor given a ``name`` (the registry names a component by its key), and any ``name`` it has
+    need not be a valid registry key. PyTorch's CPU threads are left as they are."""
     import packforcing as pf
-    from packforcing.plugins import hookimpl, no_params
+    from packforcing.plugins import ComponentFactory, hookimpl
+    from packforcing.plugins.factory import EmptyParams
     from packforcing.plugins.manager import Registry
 
-    # registered under its own name (the registry names what it builds by its key), picked by
-    # distribution where a built-in has that name too
-    name = getattr(model, "name", None) or type(model).__name__
+    @attrs.frozen
+    class AsItIs(ComponentFactory):
+        def create(self, params: Any, env: Any) -> Any:
+            return self.build(params, env)
 
     class ThisModel:
         @hookimpl
         def packforcing_models(self) -> Mapping[str, Any]:
-            return {name: no_params(lambda env: model, "the model under check")}
+            return {UNDER_CHECK: AsItIs(EmptyParams, lambda params, env: model, "the model under check")}
 
     registry = Registry.create(entry_points=False, extra_plugins=[(ThisModel(), "check-model")])
     config = {
-        "model": {"name": f"check-model:{name}"},
+        "model": {"name": f"check-model:{UNDER_CHECK}"},
         "policy": {"name": "full"},
         "backend": {"name": "sdpa"},
         "sampler": {"steps": steps},
-        "run": {"device": str(device), "dtype": model.geometry.dtype},
+        "run": {"device": str(device), "dtype": model.geometry.dtype, "threads": torch.get_num_threads()},
     }
     return pf.build_engine(config, registry=registry)
 
