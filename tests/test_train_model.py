@@ -276,6 +276,27 @@ def test_an_interrupted_run_with_non_finite_weights_writes_nothing_and_stays_int
     assert not out.exists() and lines[-1] == f"stopped: {out} not written (the weights are not finite)"
 
 
+def test_a_diverged_run_with_finite_weights_writes_nothing_more(tmp_path: Path, monkeypatch):
+    """A non-finite loss from finite weights (a bad batch): --out keeps its last checkpoint, the
+    weights that gave the loss are not written over it."""
+    from packforcing.training import model as training
+
+    out = tmp_path / "w.safetensors"
+    params = TrainModelParams(steps=6, batch_size=1, train_blocks=2, clips=2, checkpoint_every=2)
+    real_loss = training.teacher_forcing_loss
+    calls = []
+
+    def inf_at_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("inf") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(training, "teacher_forcing_loss", inf_at_step_3)
+    with pytest.raises(ValueError, match=r"^training diverged at step 3: the loss is inf"):
+        train_model(pf.load_config(small_config()), params, out, progress=False)
+    assert read_metadata(out)["steps"] == 2
+
+
 def test_a_diverging_compressor_run_stops_in_one_line_and_writes_nothing(tmp_path: Path, monkeypatch):
     from packforcing.training import compressor as training
 
