@@ -14,7 +14,8 @@
 # the tests and the installs, and the time cap stopped the full cache after 80 blocks, short of
 # running out of memory; by that run's timings the full cache needs ~197 s to get there, and 470
 # leaves it ~229 s; cut so the whole call ends within CALL_LIMIT, 585 s by default, when the
-# installs and tests before it run long). MEMORY_GIB: wan_gpu.py's --memory-gib (default: 79.1
+# installs and tests before it run long, less the before tree's 100 s run and its margin when
+# .before/ is there). MEMORY_GIB: wan_gpu.py's --memory-gib (default: 79.1
 # on a card of more than 80 GB, so an H200 runs out where an 80 GB H100 does, within the
 # budget: uncapped, its 141 GB
 # would hold ~75 more blocks at 0.86 GB each, about 1.8x the blocks and, as each block's time grows
@@ -61,8 +62,14 @@ PYTHONPATH=$PWD:/tmp/site timeout 180 python3 -m pytest -q -p no:cacheprovider t
     tests/test_host_syncs.py tests/test_device_runs.py 2>&1 \
     | quiet | tee "$out/tests.log" | tail -3
 # the whole call must end within the device's per-command limit (600 s; CALL_LIMIT less a
-# margin): slow installs or tests take their time from the benchmark, not past the limit
-left=$(( ${CALL_LIMIT:-585} - SECONDS - 15 ))
+# margin): slow installs or tests take their time from the benchmark, not past the limit, and
+# so does the before tree's run (its budget and the same margin) when there is one
+before_budget=100
+reserve=15
+if [ -d .before ]; then
+    reserve=$(( reserve + before_budget + 15 ))
+fi
+left=$(( ${CALL_LIMIT:-585} - SECONDS - reserve ))
 if [ "$left" -lt "${budget%.*}" ]; then
     echo "benchmark budget cut from $budget s to $left s (the installs and tests took ${SECONDS} s)"
     budget=$left
@@ -71,6 +78,6 @@ PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out" --only "$se
     | quiet | tee "$out/after.log"
 if [ -d .before ]; then
     mkdir -p "$out/before"
-    (cd .before && PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out/before" --only shares --budget 100 2>&1 \
+    (cd .before && PYTHONPATH=$PWD:/tmp/site python3 benchmarks/wan_gpu.py --out "$out/before" --only shares --budget "$before_budget" 2>&1 \
         | quiet | tee "$out/before/before.log")
 fi

@@ -195,3 +195,43 @@ def test_run_policy_records_an_out_of_memory_block_as_the_result(monkeypatch):
     assert run["stopped"] == "OOM" and run["blocks"] == 5 and run["cache_equals_plan"]
     assert "Tried to allocate 2.21 GiB" in run["error"] and run["predicted_oom_blocks"] is None
     assert "| out of memory in block 6, after 5 blocks (3.6 s) |" in policy_table({"full": run})
+
+
+def test_the_device_script_cuts_the_budget_to_end_within_the_call_limit(tmp_path):
+    """wan_gpu_device.sh cuts the benchmark's budget so the whole call ends within CALL_LIMIT,
+    the before tree's run (its 100 s and a margin) included when .before/ is there (run with
+    stand-ins for nvidia-smi and python3 that only record their arguments)."""
+    import shutil
+    import stat
+
+    if shutil.which("bash") is None:
+        import pytest
+
+        pytest.skip("needs bash")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 81559\n")
+    (bin_dir / "python3").write_text(f'#!/bin/sh\necho "$*" >> "{log}"\necho ran\n')
+    for name in ("nvidia-smi", "python3"):
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALL_LIMIT": "300"}
+
+    def budgets(before: bool) -> list[float]:
+        work = tmp_path / ("with" if before else "without")
+        work.mkdir()
+        if before:
+            (work / ".before").mkdir()
+        log.write_text("")
+        script = ROOT / "benchmarks" / "wan_gpu_device.sh"
+        result = subprocess.run(
+            ["bash", str(script), str(work / "out")], cwd=work, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        runs = [line.split() for line in log.read_text().splitlines() if "benchmarks/wan_gpu.py" in line]
+        return [float(args[args.index("--budget") + 1]) for args in runs]
+
+    alone = budgets(before=False)
+    assert len(alone) == 1 and 280 <= alone[0] <= 300 - 15
+    after, before = budgets(before=True)
+    assert before == 100 and after + before <= 300 - 2 * 15 and after >= 150
