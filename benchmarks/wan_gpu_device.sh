@@ -70,6 +70,7 @@ if [ -d .before ]; then
     reserve=$(( reserve + before_budget + 15 ))
 fi
 left=$(( ${CALL_LIMIT:-585} - SECONDS - reserve ))
+[ "$left" -lt 0 ] && left=0
 if [ "$left" -lt "${budget%.*}" ]; then
     echo "benchmark budget cut from $budget s to $left s (the installs and tests took ${SECONDS} s)"
     budget=$left

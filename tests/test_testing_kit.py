@@ -661,3 +661,12 @@ def test_check_model_leaves_the_model_and_the_process_as_they_were():
     finally:
         torch.set_num_threads(threads)
     assert not hasattr(unnamed, "name") and named.name == "my-org:my model"
+
+
+def test_a_bfloat16_model_is_checked_at_bfloat16_tolerance():
+    from packforcing.testing import check_model
+
+    model = pf.build_engine({"model": TINY_DIT, "policy": "full", "run": {"device": "cpu", "dtype": "bfloat16"}}).model
+    check_model(model)  # the default tolerance follows the model's dtype (float32's fails bf16 rounding)
+    with pytest.raises(ConformanceError):
+        check_model(model, rtol=1e-6)

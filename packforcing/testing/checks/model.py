@@ -219,14 +219,16 @@ def check_model(
     blocks: int = 3,
     steps: int = 2,
     seed: int = 0,
-    rtol: float = 1e-4,
+    rtol: float | None = None,
 ) -> None:
     """Check a built ``model`` against every model contract (see :mod:`packforcing.testing.checks`).
 
     ``condition``: a condition spec the model takes (``{"scene": 1}``), used for every pass;
     ``None``: unconditioned. ``blocks`` blocks of ``steps`` sampler steps are generated for the
-    reference comparison. ``rtol``: the relative (norm) tolerance of every comparison; the
-    default suits float32. A violation raises :class:`ConformanceError` naming the contract.
+    reference comparison. ``rtol``: the relative (norm) tolerance of every comparison; by
+    default 1e-4 for a float32 model and 2e-2 for a 16-bit one (its geometry's dtype). The
+    model's device is that of its first parameter or buffer (the CPU without any). A violation
+    raises :class:`ConformanceError` naming the contract.
     """
     from packforcing.attention.backends import SdpaBackend
     from packforcing.testing.reference import reference_generate
@@ -238,9 +240,11 @@ def check_model(
         encoded = model.encode_condition(condition)
     except Exception as exc:
         fail(KIND, model, f"encode_condition({condition!r}) raised {describe(exc)}")
-    params = [p for p in getattr(model, "parameters", lambda: [])()]
-    device = params[0].device if params else torch.device("cpu")
+    tensors = [*getattr(model, "parameters", lambda: [])(), *getattr(model, "buffers", lambda: [])()]
+    device = tensors[0].device if tensors else torch.device("cpu")
     dtype = g.torch_dtype
+    if rtol is None:
+        rtol = 1e-4 if dtype == torch.float32 else 2e-2
     gen = torch.Generator().manual_seed(seed)
     shape = (batch_size, g.latent_channels, g.frames_per_block, g.latent_height, g.latent_width)
     latents = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
