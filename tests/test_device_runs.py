@@ -21,8 +21,7 @@ from packforcing.cli import main
 from packforcing.cli.generate import Interrupted, run_job
 from packforcing.output.video import pixel_frames
 
-from .tiny_wan_io import write_text_encoder, write_tiny_vae
-from .wan_fixtures import tiny_transformer, write_diffusers
+from .tiny_wan_io import write_tiny_pipeline
 
 DEVICES = [
     "cpu",
@@ -117,11 +116,7 @@ def test_the_archive_is_pinned_host_memory_and_device_memory_stays_flat(device):
 # ---------------------------------------------------------------------- a tiny random Wan pipeline
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("wan") / "Wan2.1-tiny-Diffusers"
-    write_diffusers(tiny_transformer(), root, pipeline=True)
-    write_tiny_vae(root, pipeline=True)
-    write_text_encoder(root, pipeline=True)
-    return root
+    return write_tiny_pipeline(tmp_path_factory.mktemp("wan") / "Wan2.1-tiny-Diffusers")
 
 
 def wan_config(folder: Path, root: Path, device: str) -> Path:

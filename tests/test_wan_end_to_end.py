@@ -15,7 +15,7 @@ from packforcing.cli import main
 from packforcing.models.wan.text import load_prompt_embeds
 from packforcing.output.video import pixel_frames
 
-from .tiny_wan_io import write_text_encoder, write_tiny_vae
+from .tiny_wan_io import write_tiny_pipeline
 from .wan_fixtures import tiny_transformer, write_diffusers
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -24,11 +24,7 @@ FPB = 2
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("wan") / "Wan2.1-tiny-Diffusers"
-    write_diffusers(tiny_transformer(), root, pipeline=True)
-    write_tiny_vae(root, pipeline=True)
-    write_text_encoder(root, pipeline=True)
-    return root
+    return write_tiny_pipeline(tmp_path_factory.mktemp("wan") / "Wan2.1-tiny-Diffusers")
 
 
 def wan_config(folder: Path, root: Path, **model) -> Path:

@@ -83,3 +83,14 @@ def write_text_encoder(root: Path, *, pipeline: bool = True, seed: int = 0) -> P
     tiny_umt5(seed).save_pretrained(str(encoder_dir))
     write_tokenizer(root / "tokenizer" if pipeline else root)
     return root
+
+
+def write_tiny_pipeline(root: Path) -> Path:
+    """A whole tiny random Wan2.1 diffusers pipeline root at ``root``: ``transformer/``, ``vae/``,
+    ``text_encoder/`` and ``tokenizer/``."""
+    from .wan_fixtures import tiny_transformer, write_diffusers
+
+    write_diffusers(tiny_transformer(), root, pipeline=True)
+    write_tiny_vae(root, pipeline=True)
+    write_text_encoder(root, pipeline=True)
+    return root
