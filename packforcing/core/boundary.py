@@ -123,14 +123,17 @@ def number_problem(what: str, value: Any, *, positive: bool = False) -> str | No
     return None
 
 
-def budget_problem(budget: Any, candidates: int, previous: int = 0) -> str | None:
-    """What is wrong with a selector's ``budget(candidates)``: it must be an int in
-    ``[previous, candidates]`` (``previous``: the budget of one candidate fewer, as it is
-    non-decreasing), or ``None``."""
+def checked_budget(
+    origin: Origin, selector: Any, candidates: int, *, previous: int = 0, block: int | None = None
+) -> int:
+    """The selector's ``budget(candidates)``, or a :class:`PluginError` from ``origin`` (at
+    ``block``) if it raises or is not an int in ``[previous, candidates]`` (``previous``: the
+    budget of one candidate fewer, as it is non-decreasing)."""
+    budget = origin.call(block, selector.budget, candidates)
     if isinstance(budget, bool) or not isinstance(budget, int) or not previous <= budget <= candidates:
         floor = f", at least budget({candidates - 1}) = {previous}" if previous else ""
-        return f"budget({candidates}) must be an int in [0, {candidates}]{floor}; got {budget!r}"
-    return None
+        raise origin.error(f"budget({candidates}) must be an int in [0, {candidates}]{floor}; got {budget!r}", block)
+    return budget
 
 
 def selection_problem(

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import torch
 
-from packforcing.core.boundary import DeferredChecks, Origin, budget_problem, kv_problem, number_problem
+from packforcing.core.boundary import DeferredChecks, Origin, checked_budget, kv_problem, number_problem
 from packforcing.core.errors import ConfigError, ParamError, PluginError
 from packforcing.core.finite import all_finite
 from packforcing.core.geometry import Geometry
@@ -238,12 +238,7 @@ class TieredPolicy(CachePolicy):
         """The selector's ``budget(candidates)``, checked like at build time (a
         :class:`PluginError` naming the selector), for sizes past those checked then."""
         assert self.selector is not None
-        origin = self._origin("selector", "selector", self.selector)
-        budget = origin.call(None, self.selector.budget, candidates)
-        problem = budget_problem(budget, candidates)
-        if problem:
-            raise origin.error(problem)
-        return budget
+        return checked_budget(self._origin("selector", "selector", self.selector), self.selector, candidates)
 
     def _check_budgets(self, unbounded: int = 64) -> None:
         """A :class:`PluginError` naming the selector if ``budget(n)`` is not an int in
@@ -255,12 +250,7 @@ class TieredPolicy(CachePolicy):
         origin = self._origin("selector", "selector", self.selector)
         previous = 0
         for n in range(max(sizes) + 1):
-            with origin.calling(None):
-                budget = self.selector.budget(n)
-            problem = budget_problem(budget, n, previous)
-            if problem:
-                raise origin.error(problem)
-            previous = budget
+            previous = checked_budget(origin, self.selector, n, previous=previous)
 
     def audit(self) -> None:
         """Raise ``AssertionError`` if the bookkeeping disagrees with itself: each tier holds the

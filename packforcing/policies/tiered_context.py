@@ -13,7 +13,7 @@ from packforcing.attention.merge import merge_by_lse
 from packforcing.core.boundary import (
     DeferredChecks,
     Origin,
-    budget_problem,
+    checked_budget,
     number_problem,
     selection_problem,
     tensor_problem,
@@ -187,9 +187,16 @@ class TieredContext(AttentionContext):
         self.selections: dict[tuple[int, int], torch.Tensor] = {}
         """(layer, group index) → ``[B, k']`` indices chosen by the selector (for inspection)."""
         # Query position depends on how many blocks enter, not on which: use the first k'.
+        self._counts = [
+            checked_budget(self._origins[0], selector, len(blocks), block=query.block_id)
+            if select and selector is not None
+            else len(blocks)
+            for blocks, select in groups
+        ]
+        """Blocks of each group that enter: the selector's budget for a selected one (checked:
+        the build checks it up to the tiers' capacities, an unbounded tier may outgrow that)."""
         spans: list[tuple[float, float]] = []
-        for blocks, select in groups:
-            count = self._budget(len(blocks)) if select and selector is not None else len(blocks)
+        for (blocks, _), count in zip(groups, self._counts, strict=True):
             spans.extend((b.position, b.num_frames) for b in blocks[:count])
         self._targets, self._position = self._assign(spans)
         self._on_device = (realigner.targets_from_frames or not realigner.rotates) and all(
@@ -212,17 +219,6 @@ class TieredContext(AttentionContext):
     @property
     def context_tokens(self) -> int:
         return self._context_tokens
-
-    def _budget(self, candidates: int) -> int:
-        """The selector's ``budget(candidates)``, checked (an int in ``[0, candidates]``): the
-        build checks it up to the tiers' capacities, an unbounded tier may outgrow that."""
-        assert self._selector is not None
-        origin = self._origins[0]
-        budget = origin.call(self._query.block_id, self._selector.budget, candidates)
-        problem = budget_problem(budget, candidates)
-        if problem:
-            raise origin.error(problem, self._query.block_id)
-        return budget
 
     def _assign(self, spans: list[tuple[float, float]]) -> tuple[list[float], float]:
         """The realigner's target positions, checked: one finite number per span, and the query's."""
@@ -261,7 +257,7 @@ class TieredContext(AttentionContext):
                 problem = selection_problem(
                     idx,
                     batch=batch,
-                    budget=self._budget(len(blocks)),
+                    budget=self._counts[g],
                     candidates=len(blocks),
                     device=q.device,
                 )
@@ -322,7 +318,7 @@ class TieredContext(AttentionContext):
         else:
             origin = self._origins[0]
             idx = origin.call(self._query.block_id, self._selector.select, q, blocks, layer)
-            budget = self._budget(len(blocks))
+            budget = self._counts[g]
             problem = selection_problem(
                 idx, batch=q.shape[0], budget=budget, candidates=len(blocks), device=q.device, read=False
             )
@@ -384,7 +380,7 @@ class TieredContext(AttentionContext):
         needs on the device, as ``(value, 1)`` runs: its candidates' homes, then its picks'
         targets (:meth:`_Piece.place` takes them back)."""
         assert self._selector is not None
-        count = self._budget(len(blocks))
+        count = self._counts[g]
         picked = [float(next(targets)) for _ in range(count)]
         homes = [(b.position, 1) for b in blocks] + [(t, 1) for t in picked]
         return _Piece(blocks, g, count, blocks[0].num_tokens), homes
