@@ -99,3 +99,13 @@ def assert_one_read_per_block(syncs: dict[str, Any]) -> None:
     assert sum(first.reads.values()) == 0 and first.total <= 2, (dict(first.reads), dict(first.writes))
     assert rest.total == 0, (dict(rest.reads), dict(rest.writes))
     assert dict(settle.reads) == {"__bool__": 1} and settle.total == 1, (dict(settle.reads), dict(settle.writes))
+
+
+def selector_blocks(k: int) -> list[dict[str, Any]]:
+    """The selector config blocks the randomized oracle tests draw from, each picking ``k``:
+    top-K per layer, top-K once per pass over half the heads, and recency."""
+    return [
+        {"name": "topk", "k": k, "min_queries": 2},
+        {"name": "topk", "k": k, "shared_across_layers": True, "head_fraction": 0.5},
+        {"name": "recency", "k": k},
+    ]

@@ -17,7 +17,7 @@ from packforcing.positional import TemporalRopeShift
 from packforcing.testing import block_causal_mask, reference_generate
 
 from .context_oracle import reference_context_attention
-from .helpers import engine_for, generate
+from .helpers import engine_for, generate, selector_blocks
 
 NUM_BLOCKS = 7
 
@@ -144,16 +144,7 @@ def _context_case(draw) -> tuple[dict, dict]:
         "frames_per_block": frames,
     }
     k = draw(st.integers(1, 4), label="k")
-    selector = draw(
-        st.sampled_from(
-            [
-                {"name": "topk", "k": k, "min_queries": 2},
-                {"name": "topk", "k": k, "shared_across_layers": True, "head_fraction": 0.5},
-                {"name": "recency", "k": k},
-            ]
-        ),
-        label="selector",
-    )
+    selector = draw(st.sampled_from(selector_blocks(k)), label="selector")
     window = draw(st.sampled_from([1, 2]), label="pool_hw")
     if draw(st.booleans(), label="packforcing"):
         policy = {

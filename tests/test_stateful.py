@@ -49,6 +49,7 @@ from packforcing.positional import IdentityRealigner, TemporalRopeShift, Tempora
 
 from .context_oracle import reference_context_attention
 from .faults import COMPRESSOR_FAULTS, FaultyCompressor
+from .helpers import selector_blocks
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -142,16 +143,7 @@ class CacheMachine(RuleBasedStateMachine):
         )
         self.recorder = Recorder(realigner)
         k = draw(st.integers(1, 4), label="k")
-        selector_block = draw(
-            st.sampled_from(
-                [
-                    {"name": "topk", "k": k, "min_queries": 2},
-                    {"name": "topk", "k": k, "shared_across_layers": True, "head_fraction": 0.5},
-                    {"name": "recency", "k": k},
-                ]
-            ),
-            label="selector",
-        )
+        selector_block = draw(st.sampled_from(selector_blocks(k)), label="selector")
         env = BuildEnv(registry=registry, device=torch.device("cpu"), dtype=torch.float32)
         env.model, env.geometry = self.model, g
         env.backend = SdpaBackend()

@@ -49,6 +49,32 @@ def small_config(**model) -> dict:
     }
 
 
+def patch_teacher_forcing_loss(monkeypatch, effects) -> list[int]:
+    """train_model's loss through ``effects``: on its ``n``-th call (from 1), ``effects[n](model,
+    loss)`` is returned instead of the loss (it may also raise); the calls so far are counted in
+    the returned list (clear it to start counting again)."""
+    from packforcing.training import model as training
+
+    real_loss = training.teacher_forcing_loss
+    calls: list[int] = []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        value = real_loss(*args, **kwargs)
+        effect = effects.get(len(calls))
+        return effect(args[0], value) if effect is not None else value
+
+    monkeypatch.setattr(training, "teacher_forcing_loss", loss)
+    return calls
+
+
+def poison(model, loss):
+    """The model's weights NaN (an update that diverged), the loss as it was."""
+    for p in model.parameters():
+        p.data.fill_(float("nan"))
+    return loss
+
+
 def test_conditioning_is_off_unless_asked_and_none_is_unconditioned():
     plain = TinyDiT(TinyDiTParams(**SMALL))
     conditioned = TinyDiT(TinyDiTParams(**SMALL, num_conditions=3))
@@ -252,24 +278,13 @@ def test_compressor_training_on_world_clips(tmp_path: Path):
 def test_an_interrupted_run_with_non_finite_weights_writes_nothing_and_stays_interrupted(tmp_path: Path, monkeypatch):
     """Ctrl-C after an update made the weights NaN (the next loss not computed yet): the
     interrupt is what is raised (not a write error), and nothing is written."""
-    from packforcing.training import model as training
-
     out = tmp_path / "w.safetensors"
     params = TrainModelParams(steps=6, batch_size=1, train_blocks=2, clips=2, checkpoint_every=0)
-    real_loss = training.teacher_forcing_loss
-    calls = []
 
-    def poisons_then_interrupts(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        loss = real_loss(*args, **kwargs)
-        if len(calls) == 2:
-            for p in args[0].parameters():
-                p.data.fill_(float("nan"))
-        return loss
+    def interrupt(model, loss):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "teacher_forcing_loss", poisons_then_interrupts)
+    patch_teacher_forcing_loss(monkeypatch, {2: poison, 3: interrupt})
     lines: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         train_model(pf.load_config(small_config()), params, out, progress=False, log=lines.append)
@@ -279,19 +294,9 @@ def test_an_interrupted_run_with_non_finite_weights_writes_nothing_and_stays_int
 def test_a_diverged_run_with_finite_weights_writes_nothing_more(tmp_path: Path, monkeypatch):
     """A non-finite loss from finite weights (a bad batch): --out keeps its last checkpoint, the
     weights that gave the loss are not written over it."""
-    from packforcing.training import model as training
-
     out = tmp_path / "w.safetensors"
     params = TrainModelParams(steps=6, batch_size=1, train_blocks=2, clips=2, checkpoint_every=2)
-    real_loss = training.teacher_forcing_loss
-    calls = []
-
-    def inf_at_step_3(*args, **kwargs):
-        calls.append(1)
-        loss = real_loss(*args, **kwargs)
-        return loss * float("inf") if len(calls) == 4 else loss
-
-    monkeypatch.setattr(training, "teacher_forcing_loss", inf_at_step_3)
+    patch_teacher_forcing_loss(monkeypatch, {4: lambda model, loss: loss * float("inf")})  # step 3
     with pytest.raises(ValueError, match=r"^training diverged at step 3: the loss is inf"):
         train_model(pf.load_config(small_config()), params, out, progress=False)
     assert read_metadata(out)["steps"] == 2
@@ -509,24 +514,12 @@ def test_what_the_training_verbs_set_themselves_is_not_called_set(tmp_path: Path
 def test_a_diverging_run_stops_in_one_line_and_writes_no_nan_weights(tmp_path: Path, monkeypatch, capsys):
     """A loss that is not finite stops training at once, in one line naming the step; weights that
     are not finite are never written (--out keeps what it held), for both training verbs."""
-    from packforcing.training import model as training
     from packforcing.training.output import write_weights
 
     out = tmp_path / "w.safetensors"
     params = TrainModelParams(steps=6, batch_size=1, train_blocks=2, clips=2, checkpoint_every=2)
-    real_loss = training.teacher_forcing_loss
-    calls = []
-
-    def blows_up(*args, **kwargs):
-        calls.append(1)
-        loss = real_loss(*args, **kwargs)
-        if len(calls) == 4:  # step 3: the weights after step 2's update were written at step 2
-            for p in args[0].parameters():
-                p.data.fill_(float("nan"))
-            return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(training, "teacher_forcing_loss", blows_up)
+    # step 3: the weights after step 2's update were written at step 2
+    calls = patch_teacher_forcing_loss(monkeypatch, {4: lambda model, loss: poison(model, loss) * float("nan")})
     with pytest.raises(ValueError, match=r"^training diverged at step 3: the loss is nan \(try a smaller --lr\)$"):
         train_model(pf.load_config(small_config()), params, out, progress=False)
     assert read_metadata(out)["steps"] == 2  # the last finite checkpoint, not the NaN weights
