@@ -264,16 +264,16 @@ def check_model(
             model, ctx.calls, frames // g.frames_per_block * g.tokens_per_block, batch_size
         )
 
-    seen = RecordingContext(backend)
-    model.denoise(latents, torch.zeros(batch_size, device=device), seen, condition=encoded)
-    at_zero = caches_the_keys_it_attends_with(
-        model, model.clean_kv(latents, RecordingContext(backend), condition=encoded), seen.calls, rtol
-    )
     delta = 3.0 * g.frames_per_block
-    moved = caches_the_keys_it_attends_with(
-        model, model.clean_kv(latents, RecordingContext(backend, delta), condition=encoded),
-        _calls_at(model, latents, backend, delta, encoded), rtol,
-    )  # fmt: skip
+    at_zero, moved = (
+        caches_the_keys_it_attends_with(
+            model,
+            model.clean_kv(latents, RecordingContext(backend, position), condition=encoded),
+            _calls_at(model, latents, backend, position, encoded),
+            rtol,
+        )
+        for position in (0.0, delta)
+    )
     rotates_keys_at_the_context_position(model, at_zero, moved, delta, rtol)
 
     in_batch = model.denoise(latents, t, RecordingContext(backend), condition=encoded)[:1]
