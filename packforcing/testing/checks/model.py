@@ -16,30 +16,26 @@ from typing import Any
 import attrs
 import torch
 
+from packforcing.core.context import EmptyContext
 from packforcing.core.geometry import Geometry
-from packforcing.core.interfaces import AttentionBackend, AttentionContext, BlockModel
+from packforcing.core.interfaces import AttentionBackend, BlockModel
 from packforcing.core.rope import Rope3D
 from packforcing.testing.checks._common import contract, describe, fail
 
 KIND = "model"
 
 
-class RecordingContext(AttentionContext):
+class RecordingContext(EmptyContext):
     """No history (the block attends only to itself, through ``backend``) at ``position``; every
     ``attend`` call is recorded as ``(layer, q, k, v)``."""
 
     def __init__(self, backend: AttentionBackend, position: float = 0.0) -> None:
-        self._backend = backend
-        self._position = position
+        super().__init__(backend, position)
         self.calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    @property
-    def position(self) -> float:
-        return self._position
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.calls.append((layer, q.detach().clone(), k.detach().clone(), v.detach().clone()))
-        return self._backend.attend(q, k, v)
+        return super().attend(layer, q, k, v)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
