@@ -412,12 +412,26 @@ def installed_template(tmp_path_factory):
         command[4:4] = ["--no-build-isolation", "--no-index"]  # build with this venv's setuptools
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+    def template_modules() -> dict[str, types.ModuleType]:
+        return {
+            m: mod
+            for m, mod in sys.modules.items()
+            if m == "packforcing_strided" or m.startswith("packforcing_strided.")
+        }
+
+    # the same template installed in this environment (pip install -e examples/plugin-template)
+    # may be imported already, by the default registry: set aside, so this copy is the one used
+    installed = template_modules()
+    for name in installed:
+        del sys.modules[name]
     sys.path.insert(0, str(site))
     importlib.invalidate_caches()
     yield site
     sys.path.remove(str(site))
-    for name in [m for m in sys.modules if m == "packforcing_strided" or m.startswith("packforcing_strided.")]:
+    for name in template_modules():
         del sys.modules[name]
+    sys.modules.update(installed)
     importlib.invalidate_caches()
 
 
