@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         probe = engine_for("full", overrides)
     except pf.ConfigError as exc:
         parser.exit(2, f"error: {one_line(exc)}\n")
-    weights = probe.model.params.weights
+    weights = probe.config.components["model"].params.weights
     meta = read_metadata(resolve_weights(weights)) if weights else {}
     evaluated = [WORLD_SEED + seed for seed in range(args.seeds)]
     if args.diagnose:

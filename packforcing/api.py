@@ -81,6 +81,7 @@ from packforcing.core.interfaces import (
     Selector,
     condition_keys_of,
     keys_take_condition,
+    num_scenes_of,
 )
 from packforcing.core.records import (
     FULL,
@@ -128,4 +129,5 @@ __all__ = [
     "hookimpl",
     "keys_take_condition",
     "no_params",
+    "num_scenes_of",
 ]

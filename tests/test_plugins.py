@@ -775,13 +775,15 @@ def test_a_selector_budget_that_goes_wrong_later_is_one_line_in_the_plan_and_the
 def test_block_model_documents_every_attribute_the_library_reads():
     """A model written from ``packforcing.api`` alone learns every attribute the engine and the
     CLI read from it, the optional ones probed by name included."""
-    from packforcing.api import BlockModel
+    from packforcing.api import BlockModel, LatentCodec
 
     doc = " ".join(
         (getattr(BlockModel, m).__doc__ or "") for m in ("encode_condition", "denoise", "clean_kv", "project_kv")
     )
     doc = " ".join(f"{BlockModel.__doc__} {doc}".split())
-    optional = ("condition_keys", "condition_in_keys", "default_conditions", "pixel_frames_per_latent")
+    optional = ("condition_keys", "condition_in_keys", "default_conditions", "pixel_frames_per_latent", "num_scenes")
     for name in (*BlockModel.__annotations__, *optional):
         assert f"``{name}" in doc, name
     assert "from_env" in doc and "reference_generate" in doc
+    codec_doc = " ".join((LatentCodec.__doc__ or "").split())
+    assert "``stride``" in codec_doc and "``temporal_stride``" in codec_doc  # the codec's optional attributes

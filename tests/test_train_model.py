@@ -6,6 +6,7 @@ import json
 import math
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import attrs
 import pytest
@@ -15,6 +16,9 @@ import packforcing as pf
 from packforcing.attention.backends import SdpaBackend
 from packforcing.cli import main
 from packforcing.core.context import MaskedContext
+from packforcing.core.geometry import spatial_stride_of
+from packforcing.core.interfaces import num_scenes_of
+from packforcing.models.codec import LinearPatchCodec
 from packforcing.models.tiny_dit import TinyDiT, TinyDiTParams
 from packforcing.testing.reference import block_causal_mask
 from packforcing.training.model import (
@@ -26,7 +30,7 @@ from packforcing.training.model import (
     train_model,
     world_params_for,
 )
-from packforcing.worlds import recall_schedule
+from packforcing.worlds import SceneWorldParams, recall_schedule
 
 SMALL = {
     "hidden_size": 32,
@@ -273,6 +277,78 @@ def test_compressor_training_on_world_clips(tmp_path: Path):
     assert any(line.startswith("loss on the training data (one sequence: nothing held out)") for line in lines)
     with pytest.raises(ValueError, match="--data: expected one of"):
         train_compressor(pf.load_config(config), steps=1, out_path=None, data_source="web")
+
+
+def test_the_world_reads_the_codec_stride_and_scene_count_through_their_helpers():
+    """``spatial_stride_of`` and ``num_scenes_of`` read the optional attributes where declared and
+    say so where not (``None`` stride, 0 scenes), without defaults of their own."""
+    codec = LinearPatchCodec(16, 4, basis="dct")
+    assert spatial_stride_of(codec) == 4
+    assert spatial_stride_of(StridelessCodec(codec)) is None and spatial_stride_of(None) is None
+    assert num_scenes_of(TinyDiT(TinyDiTParams(**SMALL, num_conditions=3))) == 3
+    assert num_scenes_of(TinyDiT(TinyDiTParams(**SMALL))) == 0
+    assert num_scenes_of(SimpleNamespace()) == 0  # undeclared: takes none
+    # the world of a tiny_dit: its latent size times the codec's stride, one scene per condition
+    world = world_params_for(TinyDiT(TinyDiTParams(**SMALL, codec_stride=4, num_conditions=3)))
+    assert (world.height, world.width, world.num_scenes, world.frames_per_block) == (16, 16, 3, 2)
+    assert world_params_for(TinyDiT(TinyDiTParams(**SMALL))).num_scenes == SceneWorldParams().num_scenes
+
+
+class StridelessCodec:
+    """A codec that declares no spatial stride."""
+
+    def __init__(self, inner):
+        self.encode, self.decode = inner.encode, inner.decode
+
+
+def stand_in(**attributes) -> SimpleNamespace:
+    """A model with tiny_dit's geometry (4×4 latents, 2 frames per block) and ``attributes``."""
+    return SimpleNamespace(geometry=TinyDiTParams(**SMALL).geometry(), **attributes)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (stand_in(codec=None), "needs the model's codec; SimpleNamespace has none"),
+        (
+            stand_in(codec=StridelessCodec(LinearPatchCodec())),
+            "needs the spatial stride of the model's codec; StridelessCodec declares no stride",
+        ),
+        (
+            stand_in(codec=LinearPatchCodec(), pixel_frames_per_latent=4),
+            "renders one pixel frame per latent frame; SimpleNamespace decodes 4 per latent frame",
+        ),
+        (
+            stand_in(codec=LinearPatchCodec(), condition_keys=frozenset({"scene"})),
+            "takes scene conditions but declares no num_scenes",
+        ),
+    ],
+)
+def test_a_world_that_cannot_be_filmed_for_the_model_is_refused(model, message):
+    with pytest.raises(ValueError, match=f"^the scenes world .*{message}") as info:
+        world_params_for(model)
+    assert "\n" not in str(info.value)
+
+
+def test_the_training_verbs_refuse_a_model_the_world_cannot_be_filmed_for(tmp_path: Path, monkeypatch, capsys):
+    """train-model and train-compressor --data world: one line naming what the model lacks, before
+    anything is trained or written."""
+    from packforcing.models import tiny_dit
+    from packforcing.training.compressor import train_compressor
+
+    real = tiny_dit.LinearPatchCodec
+    monkeypatch.setattr(tiny_dit, "LinearPatchCodec", lambda *args, **kwargs: StridelessCodec(real(*args, **kwargs)))
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(small_config()))
+    out = tmp_path / "w.safetensors"
+    assert main(["train-model", "--config", str(config), "--out", str(out), "--steps", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    lacks = "the scenes world needs the spatial stride of the model's codec; StridelessCodec declares no stride"
+    assert err.startswith(f"error: {lacks}") and err.count("\n") == 1
+    dual = {**small_config(), "compressor": {"name": "dual_branch", "hr_channels": [4, 8, 8, 16]}}
+    with pytest.raises(ValueError, match=f"^--data world: {lacks}"):
+        train_compressor(pf.load_config(dual), steps=1, out_path=out, videos=1, blocks=2, data_source="world")
+    assert not out.exists()
 
 
 def test_an_interrupted_run_with_non_finite_weights_writes_nothing_and_stays_interrupted(tmp_path: Path, monkeypatch):

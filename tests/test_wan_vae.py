@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from packforcing.core.geometry import spatial_stride_of
 from packforcing.models.wan.vae import WanVAECodec
 from tests.tiny_wan_io import VAE_LATENT_CHANNELS, write_tiny_vae
 
@@ -63,6 +64,7 @@ def test_encode_inverts_the_geometry(codec):
     assert z.shape == (2, VAE_LATENT_CHANNELS, 3, 4, 6)
     assert z.dtype == pixels.dtype and torch.isfinite(z).all()
     assert (codec.stride, codec.temporal_stride) == (8, 4)
+    assert spatial_stride_of(codec) == 8  # declared as LatentCodec documents it
 
 
 def test_a_folder_without_a_vae_is_one_line(tmp_path):

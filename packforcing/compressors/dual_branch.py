@@ -45,7 +45,7 @@ from torch import nn
 
 from packforcing.core.config import file_label
 from packforcing.core.errors import ParamError
-from packforcing.core.geometry import Grid
+from packforcing.core.geometry import Grid, spatial_stride_of
 from packforcing.core.interfaces import BlockModel, Compressor, LatentCodec, keys_take_condition
 from packforcing.core.records import CachedBlock, CompressedKV
 from packforcing.core.validators import explained, integer, one_of, positive_triple
@@ -203,7 +203,7 @@ class DualBranchNet(nn.Module):
         pixels = codec.decode(latents)
         pixels = _crop_to(pixels, pool)
         pooled = F.avg_pool3d(pixels.float(), kernel_size=pool, stride=pool).to(pixels.dtype)
-        stride = int(getattr(codec, "stride", 1))  # capability attribute: spatial stride of the codec
+        stride = spatial_stride_of(codec) or 1  # a codec without a declared stride: nothing to crop to
         pooled = _crop_to(pooled, (1, stride, stride))
         z = codec.encode(pooled).to(latents.dtype)
         return _fit(self.lr_embed(_at_least(z, self.params.lr_patch)), grid)

@@ -62,8 +62,17 @@ def temporal_stride_of(model: object) -> int:
     its codec's ``temporal_stride``, else 1 (a codec that decodes one frame per latent frame)."""
     stride = getattr(model, "pixel_frames_per_latent", None)
     if stride is None:
-        stride = getattr(getattr(model, "codec", None), "temporal_stride", 1)
+        codec = getattr(model, "codec", None)
+        stride = getattr(codec, "temporal_stride", 1)
     return int(stride)
+
+
+def spatial_stride_of(codec: object) -> int | None:
+    """Pixels per latent pixel along height and width: the codec's optional ``stride`` (see
+    :class:`~packforcing.core.interfaces.LatentCodec`), ``None`` for a codec that does not declare
+    it (or no codec)."""
+    stride = getattr(codec, "stride", None)
+    return None if stride is None else int(stride)
 
 
 @attrs.frozen

@@ -88,7 +88,15 @@ class AttentionContext(abc.ABC):
 
 @runtime_checkable
 class LatentCodec(Protocol):
-    """Pixels ``[B, 3, T, H, W]`` in ``[-1, 1]`` ↔ latents ``[B, C, T', H', W']``."""
+    """Pixels ``[B, 3, T, H, W]`` in ``[-1, 1]`` ↔ latents ``[B, C, T', H', W']``.
+
+    Optional attributes: ``stride``, pixels per latent pixel along height and width
+    (``H = stride · H'``; read it with :func:`~packforcing.core.geometry.spatial_stride_of`: the
+    scenes world of ``train-model`` and ``train-compressor --data world`` is rendered at the
+    model's latent size times it, and refused for a codec without it); ``temporal_stride``, pixel
+    frames per latent frame after the first (read with
+    :func:`~packforcing.core.geometry.temporal_stride_of`; 1 for a codec that does not declare it).
+    """
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
@@ -121,7 +129,10 @@ class BlockModel(Protocol):
     Optional attributes: ``condition_keys`` and ``condition_in_keys`` (below);
     ``default_conditions(num_blocks, seed)``, the schedule ``generate`` uses when the config
     sets no ``run.prompts``; ``pixel_frames_per_latent``, pixel frames per latent frame after the
-    first (else ``codec.temporal_stride``, else 1), which ``--seconds`` counts with.
+    first (else ``codec.temporal_stride``, else 1), which ``--seconds`` counts with; ``num_scenes``,
+    how many scene conditions ``{"scene": i}`` (``0 <= i < num_scenes``) :meth:`encode_condition`
+    takes (read it with :func:`num_scenes_of`; the scenes world's training clips condition a model
+    on their scene indices where it declares some, and are unconditioned otherwise).
     """
 
     geometry: Geometry
@@ -186,6 +197,13 @@ def condition_keys_of(model: BlockModel) -> frozenset[str] | None:
     (then only :meth:`~BlockModel.encode_condition` can tell). Text prompts need ``embeds``."""
     keys = getattr(model, "condition_keys", None)
     return None if keys is None else frozenset(keys)
+
+
+def num_scenes_of(model: BlockModel) -> int:
+    """How many scene conditions ``{"scene": i}`` (``0 <= i < n``) ``model`` takes: its optional
+    ``num_scenes`` attribute (see :class:`BlockModel`), 0 for a model that does not declare it
+    (it takes none: the scenes world films its clips unconditioned)."""
+    return int(getattr(model, "num_scenes", 0))
 
 
 class Compressor(abc.ABC):

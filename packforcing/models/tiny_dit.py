@@ -366,6 +366,11 @@ class TinyDiT(nn.Module):
         return frozenset({"scene"}) if self.params.num_conditions else frozenset()
 
     @property
+    def num_scenes(self) -> int:
+        """How many scenes :meth:`encode_condition` takes (``num_conditions``; 0: unconditional)."""
+        return self.params.num_conditions
+
+    @property
     def condition_in_keys(self) -> bool:
         """Capability flag: the scene condition steers the keys (compressors pass it to
         :meth:`project_kv`)."""

@@ -221,15 +221,16 @@ def _world_clips(
 ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]:
     """``--data world``: video ``i``'s ``batch`` clips of ``blocks`` blocks rendered from the
     scenes world at the model's resolution, as latents ``[batch, C, F, H, W]`` and per-frame scene
-    indices ``[batch, F]`` (``None`` for a model without conditions)."""
-    from packforcing.core.interfaces import condition_keys_of
+    indices ``[batch, F]`` (``None`` for a model that takes no scenes); ``ValueError`` naming
+    ``--data world`` where the world cannot be filmed for the model (:func:`world_params_for`)."""
+    from packforcing.core.interfaces import num_scenes_of
     from packforcing.training.model import render_clips, world_params_for
 
-    world = world_params_for(model)
-    keys = condition_keys_of(model)  # the world's scenes condition a model that takes {scene: i}
-    conditioned = (
-        "scene" in keys if keys is not None else bool(getattr(getattr(model, "params", None), "num_conditions", 0))
-    )
+    try:
+        world = world_params_for(model)
+    except ValueError as exc:
+        raise ValueError(f"--data world: {exc}") from None
+    conditioned = num_scenes_of(model) > 0  # the world's scenes condition a model that takes {scene: i}
 
     def clips(video: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         seeds = [seed * 7919 + video * batch + i for i in range(batch)]

@@ -35,10 +35,17 @@ import attrs
 import torch
 
 from packforcing.attention.backends import SdpaBackend
-from packforcing.core.config import Config, load_config
+from packforcing.core.config import ComponentSpec, Config, load_config
 from packforcing.core.context import MaskedContext
 from packforcing.core.errors import ConfigError
-from packforcing.core.interfaces import AttentionBackend, AttentionContext, BlockModel
+from packforcing.core.geometry import spatial_stride_of, temporal_stride_of
+from packforcing.core.interfaces import (
+    AttentionBackend,
+    AttentionContext,
+    BlockModel,
+    condition_keys_of,
+    num_scenes_of,
+)
 from packforcing.testing.reference import block_causal_mask
 from packforcing.training.options import MODEL_DEFAULT_OUT as DEFAULT_OUT
 from packforcing.training.options import MODEL_EXAMPLE as EXAMPLE
@@ -124,15 +131,42 @@ def first_appearances(scenes: torch.Tensor, frames_per_block: int) -> torch.Tens
 
 
 def world_params_for(model: BlockModel, num_scenes: int | None = None, **overrides: Any) -> SceneWorldParams:
-    """World parameters matching ``model``'s resolution, block length and number of conditions."""
+    """World parameters matching ``model``: frames of its latent size times its codec's spatial
+    ``stride`` (:func:`~packforcing.core.geometry.spatial_stride_of`), its block length, one scene
+    per scene condition it takes (:func:`~packforcing.core.interfaces.num_scenes_of`; the world's
+    default for a model that takes none); ``num_scenes`` and ``overrides`` set fields outright.
+
+    ``ValueError``, in one line naming what the model lacks, where the world cannot be filmed for
+    it: no codec, a codec without a spatial ``stride``, more than one pixel frame per latent frame,
+    or ``scene`` conditions without ``num_scenes``."""
+    name = type(model).__name__
+    if model.codec is None:
+        raise ValueError(f"the scenes world is rendered in pixels and needs the model's codec; {name} has none")
+    stride = spatial_stride_of(model.codec)
+    if stride is None:
+        raise ValueError(
+            f"the scenes world needs the spatial stride of the model's codec; {type(model.codec).__name__} "
+            "declares no stride (see LatentCodec)"
+        )
+    frames = temporal_stride_of(model)
+    if frames != 1:
+        raise ValueError(
+            f"the scenes world renders one pixel frame per latent frame; {name} decodes {frames} per latent frame"
+        )
+    declared = num_scenes_of(model)
+    keys = condition_keys_of(model)
+    if not declared and keys is not None and "scene" in keys:
+        raise ValueError(
+            f"the scenes world needs how many scenes the model takes; {name} takes scene conditions but "
+            "declares no num_scenes"
+        )
     g = model.geometry
-    stride = getattr(getattr(model, "codec", None), "stride", 8)
-    scenes = num_scenes or getattr(getattr(model, "params", None), "num_conditions", 0) or 8
+    scenes = num_scenes or declared
     return SceneWorldParams(
-        num_scenes=scenes,
         height=g.latent_height * stride,
         width=g.latent_width * stride,
         frames_per_block=g.frames_per_block,
+        **({"num_scenes": scenes} if scenes else {}),
         **overrides,
     )
 
@@ -347,7 +381,7 @@ def train_model(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = _optimizer(model, trainable, params)
     gen = torch.Generator().manual_seed(params.seed)
-    base_meta = _run_metadata(model, world, params, init_meta, sampler)
+    base_meta = _run_metadata(cfg.components["model"], world, params, init_meta, sampler)
     losses: list[float] = []
     started = time.perf_counter()
     pool = ClipPool(
@@ -445,16 +479,19 @@ def _optimizer(
 
 
 def _run_metadata(
-    model: BlockModel, world: SceneWorldParams, params: TrainModelParams, init_meta: dict[str, Any], sampler: Any
+    model: ComponentSpec | None,
+    world: SceneWorldParams,
+    params: TrainModelParams,
+    init_meta: dict[str, Any],
+    sampler: Any,
 ) -> dict[str, str]:
     """The safetensors metadata every checkpoint of a run shares (what it trained, on what, how);
-    each checkpoint adds its steps, seconds and loss."""
-    model_params = getattr(model, "params", None)
+    each checkpoint adds its steps, seconds and loss. ``model`` is the config's model spec: its
+    parameters (all but ``weights``) are recorded."""
+    options = model.params if model is not None and attrs.has(type(model.params)) else None
     return {
         "format": FORMAT,
-        "model": json.dumps(
-            {k: v for k, v in attrs.asdict(model_params).items() if k != "weights"} if model_params else {}
-        ),
+        "model": json.dumps({k: v for k, v in attrs.asdict(options).items() if k != "weights"} if options else {}),
         "world": json.dumps({"name": "scenes", **world.as_dict()}),
         "train_blocks": str(params.train_blocks),
         "seed": str(params.seed),
