@@ -120,3 +120,69 @@ def test_a_world_of_one_scene_has_schedules(num_blocks, seed):
     assert revisit_schedule(num_blocks, 1, seed) == [0] * num_blocks
     assert recall_schedule(num_blocks, 1, seed) == [0] * num_blocks
     assert returns([0] * num_blocks) == []
+
+
+def test_a_world_whose_objects_cannot_fit_its_frame_is_refused():
+    """Objects bounce off the frame's edges, so they must be smaller than its shorter side: a
+    world where they cannot be is refused in one line naming the key (it used to render objects
+    covering the whole frame or lying mostly outside it, and NaN frames at exactly the frame's size)."""
+    with pytest.raises(ValueError, match=r"^object_size: objects up to 22 pixels do not fit a 16x24 frame") as info:
+        SceneWorldParams(height=16, width=24)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^object_size: "):
+        SceneWorldParams(height=16, width=24, object_size=(3, 16))  # as large as the frame: no room to move
+    assert SceneWorldParams(height=16, width=24, object_size=(3, 15.5)).object_size == (3.0, 15.5)
+    with pytest.raises(ValueError, match=r"^speed: expected a range \[low, high\]"):
+        SceneWorldParams(speed=(2, 1))
+
+
+def test_the_world_for_a_frame_is_the_shipped_world_at_64_and_scaled_elsewhere():
+    """``for_frame`` at 64×64 is the default world itself (the shipped model's training data, bit
+    for bit); elsewhere object sizes and speeds scale with the frame's shorter side, and sizes
+    given outright are kept."""
+    assert SceneWorldParams.for_frame(64, 64) == SceneWorldParams()
+    shipped = SceneWorld(SceneWorldParams(), seed=3).render([0, 1, 0])
+    assert torch.equal(SceneWorld(SceneWorldParams.for_frame(64, 64), seed=3).render([0, 1, 0]), shipped)
+    small = SceneWorldParams.for_frame(16, 24, num_scenes=3)
+    assert (small.object_size, small.speed, small.num_scenes) == ((3.5, 5.5), (0.1875, 0.5), 3)
+    assert SceneWorldParams.for_frame(128, 96).object_size == (21.0, 33.0)
+    assert SceneWorldParams.for_frame(16, 16, object_size=(2, 4)).object_size == (2.0, 4.0)
+    with pytest.raises(ValueError, match=r"^object_size: "):
+        SceneWorldParams.for_frame(16, 16, object_size=(14, 22))
+
+
+def lone_objects(height: int, width: int, seed: int, times: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Opacity ``[T, H, W]`` of the one object of a world at ``height × width`` on a flat zero
+    background (frames are its colour times its opacity), at ``times``, and its size."""
+    params = SceneWorldParams.for_frame(
+        height, width, num_scenes=1, objects_per_scene=1, background_range=0.0, texture_amplitude=0.0
+    )
+    world = SceneWorld(params, seed)
+    scene = world.scenes[0]
+    channel = int(scene.colour[0].abs().argmax())  # a saturated colour: at least 0.5 in one channel
+    frames = world.render_scene(0, times)
+    return frames[channel] / scene.colour[0, channel], float(scene.size[0])
+
+
+@given(st.integers(16, 96), st.integers(16, 96), st.integers(0, 2**32), st.integers(0, 2000))
+def test_every_object_of_every_frame_lies_within_it(height, width, seed, start):
+    """A world at any frame size keeps each object whole inside the frame at every time (bounces
+    included): the rows and the columns it covers (opacity above one half) are one run as long as
+    the object, never cut by an edge."""
+    alpha, size = lone_objects(height, width, seed, torch.arange(start, start + 6))
+    assert size < min(height, width)
+    for a in alpha:
+        for covered in (a.amax(dim=1) > 0.5, a.amax(dim=0) > 0.5):
+            run = covered.nonzero().flatten().tolist()
+            assert run == list(range(run[0], run[-1] + 1))  # one run
+            assert size - 1.5 <= len(run) <= size + 1, (len(run), size)
+
+
+@given(st.integers(1, 96), st.integers(1, 96), st.integers(0, 2**32))
+def test_a_world_at_any_frame_size_renders(height, width, seed):
+    """Down to one pixel: the objects fit, and the frames are finite pixels in [-1, 1]."""
+    params = SceneWorldParams.for_frame(height, width, num_scenes=2, frames_per_block=2)
+    assert params.object_size[1] < min(height, width)
+    pixels = SceneWorld(params, seed).render([0, 1, 0])
+    assert pixels.shape == (3, 6, height, width)
+    assert torch.isfinite(pixels).all() and pixels.min() >= -1 and pixels.max() <= 1

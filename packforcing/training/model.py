@@ -134,7 +134,8 @@ def world_params_for(model: BlockModel, num_scenes: int | None = None, **overrid
     """World parameters matching ``model``: frames of its latent size times its codec's spatial
     ``stride`` (:func:`~packforcing.core.geometry.spatial_stride_of`), its block length, one scene
     per scene condition it takes (:func:`~packforcing.core.interfaces.num_scenes_of`; the world's
-    default for a model that takes none); ``num_scenes`` and ``overrides`` set fields outright.
+    default for a model that takes none), object sizes and speeds scaled to the frame
+    (:meth:`SceneWorldParams.for_frame`); ``num_scenes`` and ``overrides`` set fields outright.
 
     ``ValueError``, in one line naming what the model lacks, where the world cannot be filmed for
     it: no codec, a codec without a spatial ``stride``, more than one pixel frame per latent frame,
@@ -162,9 +163,9 @@ def world_params_for(model: BlockModel, num_scenes: int | None = None, **overrid
         )
     g = model.geometry
     scenes = num_scenes or declared
-    return SceneWorldParams(
-        height=g.latent_height * stride,
-        width=g.latent_width * stride,
+    return SceneWorldParams.for_frame(
+        g.latent_height * stride,
+        g.latent_width * stride,
         frames_per_block=g.frames_per_block,
         **({"num_scenes": scenes} if scenes else {}),
         **overrides,

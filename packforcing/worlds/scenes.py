@@ -25,24 +25,34 @@ import torch
 from packforcing.core.validators import positive, wrap_seed
 
 
-def _pair(value: Sequence[float]) -> tuple[float, float]:
+def _pair(value: Sequence[float], field: attrs.Attribute) -> tuple[float, float]:
     lo, hi = (float(v) for v in value)
     if not 0 <= lo <= hi:
-        raise ValueError(f"expected a range [low, high] with 0 <= low <= high, got {list(value)}")
+        raise ValueError(f"{field.name}: expected a range [low, high] with 0 <= low <= high, got {list(value)}")
     return lo, hi
+
+
+PAIR = attrs.Converter(_pair, takes_field=True)
+
+REFERENCE_FRAME = 64
+"""The frame side (pixels) the default object sizes and speeds are drawn for (the shipped world's)."""
 
 
 @attrs.frozen
 class SceneWorldParams:
-    """What a world looks like (all sizes in pixels, speeds in pixels per frame)."""
+    """What a world looks like (all sizes in pixels, speeds in pixels per frame).
+
+    Objects must be smaller than the frame's shorter side (they bounce off its edges); a world
+    whose ``object_size`` cannot fit is refused. :meth:`for_frame` scales the default sizes and
+    speeds to any frame."""
 
     num_scenes: int = attrs.field(default=8, validator=positive)
     height: int = attrs.field(default=64, validator=positive)
     width: int = attrs.field(default=64, validator=positive)
     frames_per_block: int = attrs.field(default=4, validator=positive)
     objects_per_scene: int = attrs.field(default=2, validator=positive)
-    object_size: tuple[float, float] = attrs.field(default=(14.0, 22.0), converter=_pair)
-    speed: tuple[float, float] = attrs.field(default=(0.75, 2.0), converter=_pair)
+    object_size: tuple[float, float] = attrs.field(default=(14.0, 22.0), converter=PAIR)
+    speed: tuple[float, float] = attrs.field(default=(0.75, 2.0), converter=PAIR)
     background_range: float = 0.8
     """Each scene's base colour is uniform in ``[-range, range]`` per channel: scenes differ
     mostly by colour, which only a model that remembers them can get right after a return."""
@@ -50,6 +60,31 @@ class SceneWorldParams:
     texture_amplitude: float = 0.25
     texture_frequency: float = 1.5
     """Largest spatial frequency of a texture wave, in cycles per frame height/width."""
+
+    def __attrs_post_init__(self) -> None:
+        side = min(self.height, self.width)
+        if self.object_size[1] >= side:
+            raise ValueError(
+                f"object_size: objects up to {self.object_size[1]:g} pixels do not fit a {self.height}x{self.width} "
+                f"frame (they must be smaller than its shorter side, {side}; SceneWorldParams.for_frame scales the "
+                "default sizes to a frame)"
+            )
+
+    @classmethod
+    def for_frame(cls, height: int, width: int, **fields: Any) -> SceneWorldParams:
+        """The world at a ``height × width`` frame: the default object sizes and speeds (pixels, drawn
+        for a :data:`REFERENCE_FRAME`-pixel frame) scaled by ``min(height, width) / 64``, so objects
+        take the same share of any frame and cross it in as many frames; at 64×64 they are the
+        defaults themselves. ``fields`` set any other field (an ``object_size`` or ``speed`` given
+        is taken as it is)."""
+        scale = min(height, width) / REFERENCE_FRAME
+        defaults = attrs.fields(cls)
+        scaled = {
+            key: tuple(scale * v for v in getattr(defaults, key).default)
+            for key in ("object_size", "speed")
+            if key not in fields
+        }
+        return cls(height=height, width=width, **scaled, **fields)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(self).items()}
