@@ -195,6 +195,14 @@ def test_training_is_reproducible_and_writes_loadable_weights(tmp_path: Path):
     assert not engine.model.head.weight.requires_grad
 
 
+def test_a_model_that_takes_no_scenes_trains_on_unconditioned_clips():
+    """train-model on a tiny_dit without conditions: the clips' scenes are not passed to it (they
+    used to be, and it stopped at the first step: "tiny_dit has no conditions")."""
+    params = TrainModelParams(steps=2, batch_size=1, train_blocks=2, clips=2, checkpoint_every=0)
+    losses = train_model(pf.load_config(small_config(num_conditions=0)), params, None, progress=False)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
 def test_train_model_verb(tmp_path: Path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps(small_config()))

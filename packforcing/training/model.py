@@ -527,7 +527,9 @@ def _batch_loss(
 ) -> torch.Tensor:
     """One step's loss: ``batch_size`` clips drawn from ``pool``, per-block noise levels from the
     sampler's (``pure_noise_fraction`` of them 1), first appearances weighted by
-    ``first_appearance_weight``; every draw from ``gen``, in that order."""
+    ``first_appearance_weight``; every draw from ``gen``, in that order. The clips' scene indices
+    condition a model that takes scenes (:func:`~packforcing.core.interfaces.num_scenes_of`); a
+    model that takes none learns from unconditioned clips."""
     picks = torch.randint(params.clips, (params.batch_size,), generator=gen).tolist()
     clean, scenes = pool.get(picks)
     sigma = sample_sigmas(sampler, (params.batch_size, params.train_blocks), gen)
@@ -539,7 +541,8 @@ def _batch_loss(
     if params.first_appearance_weight != 1.0:
         first = first_appearances(scenes, model.geometry.frames_per_block)
         weights = torch.where(first, params.first_appearance_weight, 1.0)
-    return teacher_forcing_loss(model, backend, clean, scenes, sigma, noise, masks, weights)
+    condition = scenes if num_scenes_of(model) else None
+    return teacher_forcing_loss(model, backend, clean, condition, sigma, noise, masks, weights)
 
 
 def check_options(args: argparse.Namespace) -> None:
