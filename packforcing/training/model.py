@@ -480,16 +480,16 @@ def _optimizer(
 
 
 def _run_metadata(
-    model: ComponentSpec | None,
+    model_spec: ComponentSpec | None,
     world: SceneWorldParams,
     params: TrainModelParams,
     init_meta: dict[str, Any],
     sampler: Any,
 ) -> dict[str, str]:
     """The safetensors metadata every checkpoint of a run shares (what it trained, on what, how);
-    each checkpoint adds its steps, seconds and loss. ``model`` is the config's model spec: its
+    each checkpoint adds its steps, seconds and loss. ``model_spec`` is the config's model: its
     parameters (all but ``weights``) are recorded."""
-    options = model.params if model is not None and attrs.has(type(model.params)) else None
+    options = model_spec.params if model_spec is not None and attrs.has(type(model_spec.params)) else None
     return {
         "format": FORMAT,
         "model": json.dumps({k: v for k, v in attrs.asdict(options).items() if k != "weights"} if options else {}),

@@ -25,14 +25,15 @@ import torch
 from packforcing.core.validators import positive, wrap_seed
 
 
-def _pair(value: Sequence[float], field: attrs.Attribute) -> tuple[float, float]:
+def _pair(value: Sequence[float]) -> tuple[float, float]:
     lo, hi = (float(v) for v in value)
-    if not 0 <= lo <= hi:
-        raise ValueError(f"{field.name}: expected a range [low, high] with 0 <= low <= high, got {list(value)}")
     return lo, hi
 
 
-PAIR = attrs.Converter(_pair, takes_field=True)
+def _range(instance: Any, attribute: attrs.Attribute, value: tuple[float, float]) -> None:
+    if not 0 <= value[0] <= value[1]:
+        raise ValueError(f"{attribute.name}: expected a range [low, high] with 0 <= low <= high, got {list(value)}")
+
 
 REFERENCE_FRAME = 64
 """The frame side (pixels) the default object sizes and speeds are drawn for (the shipped world's)."""
@@ -51,8 +52,8 @@ class SceneWorldParams:
     width: int = attrs.field(default=64, validator=positive)
     frames_per_block: int = attrs.field(default=4, validator=positive)
     objects_per_scene: int = attrs.field(default=2, validator=positive)
-    object_size: tuple[float, float] = attrs.field(default=(14.0, 22.0), converter=PAIR)
-    speed: tuple[float, float] = attrs.field(default=(0.75, 2.0), converter=PAIR)
+    object_size: tuple[float, float] = attrs.field(default=(14.0, 22.0), converter=_pair, validator=_range)
+    speed: tuple[float, float] = attrs.field(default=(0.75, 2.0), converter=_pair, validator=_range)
     background_range: float = 0.8
     """Each scene's base colour is uniform in ``[-range, range]`` per channel: scenes differ
     mostly by colour, which only a model that remembers them can get right after a return."""
@@ -79,7 +80,7 @@ class SceneWorldParams:
         is taken as it is)."""
         scale = min(height, width) / REFERENCE_FRAME
         defaults = attrs.fields(cls)
-        scaled = {
+        scaled: dict[str, Any] = {
             key: tuple(scale * v for v in getattr(defaults, key).default)
             for key in ("object_size", "speed")
             if key not in fields
