@@ -106,7 +106,7 @@ def test_fidelity_evaluates_only_worlds_the_weights_never_saw():
 
     fidelity = _fidelity_module()
     shipped = read_metadata(resolve_weights("pkg:world_tiny.safetensors"))
-    assert training_world_seeds(shipped) == [range(0, 2048)]  # its first run's clips are not recorded
+    assert training_world_seeds(shipped) == [range(0, 2048), range(0, 2048)]  # the run, then the one it continued
     evaluated = [fidelity.WORLD_SEED + s for s in range(3)] + [fidelity.PROBE_SEED + i for i in range(8)]
     assert fidelity.leaked_worlds(shipped, evaluated) == []
     many = {"seed": 0, "clips": fidelity.WORLD_SEED + 2, "init": {"seed": 1, "clips": 10}}

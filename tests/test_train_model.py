@@ -22,6 +22,7 @@ from packforcing.models.codec import LinearPatchCodec
 from packforcing.models.tiny_dit import TinyDiT, TinyDiTParams
 from packforcing.testing.reference import block_causal_mask
 from packforcing.training.model import (
+    INIT_RECORD,
     TrainModelParams,
     read_metadata,
     render_clips,
@@ -487,6 +488,11 @@ def test_the_shipped_world_model_records_how_it_was_trained():
     assert meta["steps"] == meta["planned_steps"] and meta["steps"] > 0
     assert meta["schedule"]["kind"] == "recall" and len(meta["commit"]) == 12
     assert meta["model"]["condition_tokens"] is True and meta["model"]["num_conditions"] == 8
+    first = meta["init"]  # the 8,000-step run it continued: its whole recipe
+    assert set(first) == set(INIT_RECORD) and first["init"] is None and len(first["commit"]) == 12
+    assert (first["steps"], first["seed"], first["clips"], first["train_blocks"]) == (8000, 0, 2048, 6)
+    assert first["schedule"]["kind"] == "recall" and first["sampler"] == meta["sampler"]
+    assert meta["total_steps"] == first["total_steps"] + meta["steps"]
     for preset in ("packforcing", "full", "sliding_window", "sink_recent"):
         config = pf.load_config(preset)
         assert config.data["model"]["weights"] == "pkg:world_tiny.safetensors", preset
