@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from packforcing.core.interfaces import AttentionBackend
-from packforcing.core.validators import explained
+from packforcing.core.validators import explained, str_tuple
 
 KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -44,7 +44,7 @@ class SdpaParams:
     split_context: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     kernels: tuple[str, ...] | None = attrs.field(
         default=None,
-        converter=attrs.converters.optional(tuple),
+        converter=attrs.converters.optional(str_tuple),
         validator=attrs.validators.optional(
             explained(
                 f"a non-empty list of distinct kernels out of {', '.join(KERNELS)}",
@@ -63,9 +63,9 @@ def _distinct(values: tuple[str, ...]) -> None:
 
 
 _FLASH, _CUDNN, _EFFICIENT = (
-    int(SDPBackend.FLASH_ATTENTION),
-    int(SDPBackend.CUDNN_ATTENTION),
-    int(SDPBackend.EFFICIENT_ATTENTION),
+    SDPBackend.FLASH_ATTENTION.value,
+    SDPBackend.CUDNN_ATTENTION.value,
+    SDPBackend.EFFICIENT_ATTENTION.value,
 )
 """SDPA's fused kernels as ``torch._fused_sdp_choice`` numbers them (the enum does not compare
 equal to them)."""

@@ -45,10 +45,10 @@ from torch import nn
 
 from packforcing.core.config import file_label
 from packforcing.core.errors import ParamError
-from packforcing.core.geometry import Grid, spatial_stride_of
+from packforcing.core.geometry import Grid, as_grid, spatial_stride_of
 from packforcing.core.interfaces import BlockModel, Compressor, LatentCodec, keys_take_condition
 from packforcing.core.records import CachedBlock, CompressedKV
-from packforcing.core.validators import explained, integer, one_of, positive_triple
+from packforcing.core.validators import explained, int_tuple, integer, one_of, positive_triple
 from packforcing.core.weightfiles import check_tensors, read_header, resolve_weights_path
 
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -88,12 +88,12 @@ class DualBranchParams:
 
     hr: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     lr: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
-    hr_channels: tuple[int, ...] = attrs.field(default=(32, 128, 512, 2048), converter=tuple, validator=_channels)
+    hr_channels: tuple[int, ...] = attrs.field(default=(32, 128, 512, 2048), converter=int_tuple, validator=_channels)
     kernel: int = attrs.field(default=3, validator=_odd)
     activation: str = attrs.field(default="silu", validator=one_of(*ACTIVATIONS))
     proj_kernel: int = attrs.field(default=1, validator=_odd)
-    lr_pool: tuple[int, int, int] = attrs.field(default=(1, 4, 4), converter=tuple, validator=positive_triple)
-    lr_patch: tuple[int, int, int] = attrs.field(default=(2, 2, 2), converter=tuple, validator=positive_triple)
+    lr_pool: tuple[int, int, int] = attrs.field(default=(1, 4, 4), converter=int_tuple, validator=positive_triple)
+    lr_patch: tuple[int, int, int] = attrs.field(default=(2, 2, 2), converter=int_tuple, validator=positive_triple)
     lr_branch: str = attrs.field(default="codec", validator=one_of("codec", "none"))
     """What the LR branch's "decode → pool → re-encode" runs through: ``codec``, the model's own
     (the Wan VAE for ``wan``, the linear patch codec for ``tiny_dit``); ``none`` drops the branch
@@ -160,7 +160,7 @@ class DualBranchNet(nn.Module):
     ) -> None:
         super().__init__()
         self.params = params
-        self.patch = tuple(patch)
+        self.patch = as_grid(patch)
         # each branch is initialised from its own seed, so switching one off (an ablation)
         # leaves the other's initial weights unchanged; the global RNG is left as it was
         gen_state = torch.random.get_rng_state()
@@ -242,7 +242,7 @@ class DualBranchCompressor(Compressor):
         self.params = params or DualBranchParams()
         self.hidden_size = hidden_size
         self.latent_channels = latent_channels
-        self.patch = tuple(patch)
+        self.patch = as_grid(patch)
         self.device = torch.device(device)
         self.dtype = dtype
         self.weights_path = (

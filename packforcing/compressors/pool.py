@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from packforcing.core.errors import ParamError
-from packforcing.core.geometry import Grid
+from packforcing.core.geometry import Grid, as_grid
 from packforcing.core.interfaces import BlockModel, Compressor
 from packforcing.core.records import CachedBlock, CompressedKV
-from packforcing.core.validators import positive_triple
+from packforcing.core.validators import int_tuple, positive_triple
 
 
 def _square(instance: object, attribute: attrs.Attribute, value: tuple[int, int, int]) -> None:
@@ -34,15 +34,17 @@ def _square(instance: object, attribute: attrs.Attribute, value: tuple[int, int,
 class PoolParams:
     """Parameters of ``pool``: the pooling ``window`` in tokens ``[t, h, w]`` (``h == w``)."""
 
-    window: tuple[int, int, int] = attrs.field(default=(2, 4, 4), converter=tuple, validator=[positive_triple, _square])
+    window: tuple[int, int, int] = attrs.field(
+        default=(2, 4, 4), converter=int_tuple, validator=[positive_triple, _square]
+    )
 
 
 def pooled_grid(grid: Grid, window: tuple[int, int, int], name: str) -> Grid:
     """``floor(grid / window)``; a window larger than the grid is a configuration error."""
-    out = tuple(g // w for g, w in zip(grid, window, strict=True))
+    out = as_grid(g // w for g, w in zip(grid, window, strict=True))
     if min(out) < 1:
         raise ParamError(name, f"window {list(window)} is larger than the block's token grid {list(grid)}")
-    return out  # type: ignore[return-value]
+    return out
 
 
 def pool_tokens(x: torch.Tensor, grid: Grid, window: tuple[int, int, int]) -> torch.Tensor:

@@ -8,11 +8,12 @@ and a block become after patchifying, and how many bytes one cached token costs
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import attrs
 import torch
 
-from packforcing.core.validators import positive, positive_triple
+from packforcing.core.validators import int_tuple, positive, positive_triple
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -44,6 +45,16 @@ def _dtype_name(value: object) -> str:
 
 Grid = tuple[int, int, int]
 """A token grid ``(t, h, w)``: temporal, height and width token counts."""
+
+
+def as_grid(value: Iterable[int]) -> Grid:
+    """``value`` (a tuple or a list from YAML) as a :data:`Grid`; a ``ValueError`` unless it has
+    exactly three items."""
+    items = tuple(value)
+    if len(items) != 3:
+        raise ValueError(f"expected a grid (t, h, w) of three integers, got {list(items)}")
+    t, h, w = items
+    return t, h, w
 
 
 def latent_frames_for(seconds: float, fps: float, temporal_stride: int = 1) -> int:
@@ -90,7 +101,7 @@ class Geometry:
     num_heads: int = attrs.field(validator=positive)
     head_dim: int = attrs.field(validator=positive)
     latent_channels: int = attrs.field(default=16, validator=positive)
-    patch: Grid = attrs.field(default=(1, 2, 2), converter=tuple, validator=positive_triple)
+    patch: Grid = attrs.field(default=(1, 2, 2), converter=int_tuple, validator=positive_triple)
     frames_per_block: int = attrs.field(default=4, validator=positive)
     dtype: str = attrs.field(default="float32", converter=_dtype_name)
 

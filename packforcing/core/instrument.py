@@ -93,17 +93,17 @@ class TimedModel(_Delegate):
             return self._inner.clean_kv(latents, context, condition=condition)
 
 
-def _adopt_capabilities(wrapper: Any, inner: Any, interface: type) -> None:
-    """Give ``wrapper`` the capability flags ``inner`` has (``interface.CAPABILITIES``), so that
-    wrapping a component never changes which path a context takes."""
-    for flag in interface.CAPABILITIES:
+def _adopt_capabilities(wrapper: Any, inner: Any, capabilities: Sequence[str]) -> None:
+    """Give ``wrapper`` the capability flags ``inner`` has (``capabilities``: its interface's
+    ``CAPABILITIES``), so that wrapping a component never changes which path a context takes."""
+    for flag in capabilities:
         setattr(wrapper, flag, getattr(inner, flag))
 
 
 class TimedBackend(AttentionBackend):
     def __init__(self, inner: AttentionBackend, timer: SectionTimer) -> None:
         self.inner, self.timer, self.name = inner, timer, inner.name
-        _adopt_capabilities(self, inner, AttentionBackend)
+        _adopt_capabilities(self, inner, AttentionBackend.CAPABILITIES)
 
     def attend(self, q, k, v, mask=None):
         with self.timer.section("backend"):
@@ -117,7 +117,7 @@ class TimedBackend(AttentionBackend):
 class TimedSelector(Selector):
     def __init__(self, inner: Selector, timer: SectionTimer) -> None:
         self.inner, self.timer, self.name = inner, timer, inner.name
-        _adopt_capabilities(self, inner, Selector)
+        _adopt_capabilities(self, inner, Selector.CAPABILITIES)
 
     def budget(self, num_candidates: int) -> int:
         return self.inner.budget(num_candidates)
@@ -130,7 +130,7 @@ class TimedSelector(Selector):
 class TimedRealigner(PositionalRealigner):
     def __init__(self, inner: PositionalRealigner, timer: SectionTimer) -> None:
         self.inner, self.timer, self.name = inner, timer, inner.name
-        _adopt_capabilities(self, inner, PositionalRealigner)
+        _adopt_capabilities(self, inner, PositionalRealigner.CAPABILITIES)
 
     def assign(self, spans, query: BlockQuery):
         with self.timer.section("realign"):
@@ -162,7 +162,7 @@ class TimedRealigner(PositionalRealigner):
 class TimedCompressor(Compressor):
     def __init__(self, inner: Compressor, timer: SectionTimer) -> None:
         self.inner, self.timer, self.name = inner, timer, inner.name
-        _adopt_capabilities(self, inner, Compressor)
+        _adopt_capabilities(self, inner, Compressor.CAPABILITIES)
 
     def output_grid(self, grid):
         return self.inner.output_grid(grid)

@@ -293,8 +293,8 @@ class PositionalRealigner(abc.ABC):
             if bool((delta == 0).all()):
                 return keys
             return rope.shift_temporal(keys, delta)
-        delta = target - block.position
-        return keys if delta == 0 else rope.shift_temporal(keys, delta)
+        offset = target - block.position
+        return keys if offset == 0 else rope.shift_temporal(keys, offset)
 
     def gather(
         self,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import attrs
 import torch
@@ -74,8 +74,8 @@ FlowMatchSampler = EulerSampler
 """The former name of :class:`EulerSampler`."""
 
 
-def _timesteps(value: object) -> tuple[float, ...]:
-    return tuple(float(v) for v in value)  # type: ignore[union-attr]
+def _timesteps(value: Iterable[float]) -> tuple[float, ...]:
+    return tuple(float(v) for v in value)
 
 
 def _descending_in_range(instance: object, attribute: attrs.Attribute, value: tuple[float, ...]) -> None:

@@ -140,14 +140,19 @@ def _sequence(tp: Any, converter: cattrs.Converter) -> Callable[[Any, Any], Any]
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is tuple and args and args[-1] is not Ellipsis:
         if len(set(args)) == 1:  # tuple[int, int, int]: cattrs' homogeneous tuple, after the length check
-            items = homogenous_tuple_structure_factory(tuple[args[0], ...], converter)
+            homogeneous = types.GenericAlias(tuple, (args[0], ...))  # tuple[args[0], ...]
+            # cattrs annotates its hook factories' first argument `type`; they take generic aliases
+            items = homogenous_tuple_structure_factory(homogeneous, converter)  # type: ignore[arg-type]
         else:
             items = _fixed_tuple(args, converter)
         count: int | None = len(args)
     else:
         item = args[0] if args else Any
         factory = list_structure_factory if origin is list else homogenous_tuple_structure_factory
-        items = factory(list[item] if origin is list else tuple[item, ...], converter)
+        # list[item] / tuple[item, ...] (the objects the subscripts make), which cattrs takes though it
+        # annotates the argument `type`
+        alias = types.GenericAlias(list, item) if origin is list else types.GenericAlias(tuple, (item, ...))
+        items = factory(alias, converter)  # type: ignore[arg-type]
         count = None
 
     def structure_sequence(value: Any, _: Any) -> Any:
@@ -172,7 +177,10 @@ def _fixed_tuple(args: tuple[Any, ...], converter: cattrs.Converter) -> Callable
             try:
                 out.append(hook(item, arg))
             except Exception as exc:
-                exc.__notes__ = [*getattr(exc, "__notes__", []), IterableValidationNote(f"@ index {i}", i, arg)]
+                note = IterableValidationNote(f"@ index {i}", i, arg)
+                # as cattrs notes it: BaseException has __notes__ from Python 3.11 (PEP 678), before
+                # that it is a plain attribute that cattrs reads
+                exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
                 errors.append(exc)
         if errors:
             raise IterableValidationError(f"While structuring {tp!r}", errors, tp)
@@ -191,7 +199,7 @@ def _mapping(value: Any, _: Any) -> dict[Any, Any]:
     return dict(value)
 
 
-def _attrs_class(cls: type, converter: cattrs.Converter) -> Callable[[Any, Any], Any]:
+def _attrs_class(cls: type[Any], converter: cattrs.Converter) -> Callable[[Any, Any], Any]:
     """cattrs' generated function for ``cls``, its error tree turned into one :class:`ConfigError`."""
     from cattrs.errors import ClassValidationError
     from cattrs.gen import make_dict_structure_fn
@@ -305,7 +313,9 @@ def _dot(path: str) -> str:
 def _is_absolute(path: str | None) -> bool:
     from packforcing.core.errors import TOP_LEVEL_KEYS
 
-    return bool(path) and path.split(".")[0].split("[")[0] in TOP_LEVEL_KEYS
+    if not path:
+        return False
+    return path.split(".")[0].split("[")[0] in TOP_LEVEL_KEYS
 
 
 @functools.cache

@@ -9,7 +9,7 @@ under the section's key.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -56,6 +56,18 @@ def wrap_seed(value: int) -> int:
     """A seed derived from another by arithmetic (``seed * K + c``), wrapped into
     ``[0, SEED_LIMIT)`` so every valid seed gives a valid generator seed."""
     return value % SEED_LIMIT
+
+
+def int_tuple(value: Iterable[int]) -> tuple[int, ...]:
+    """Converter: ``value`` (a list from YAML, or a tuple) as a tuple of ints. Typed so that a
+    class using it takes any iterable of ints (attrs' ``converter=tuple`` would type the
+    argument ``Iterable[_T_co]``, which no argument matches)."""
+    return tuple(value)
+
+
+def str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    """Converter: ``value`` as a tuple of strings (see :func:`int_tuple`)."""
+    return tuple(value)
 
 
 optional_positive = v.optional(positive)

@@ -10,7 +10,7 @@ import attrs
 
 from packforcing.core.geometry import Geometry
 from packforcing.core.rope import Rope3D
-from packforcing.core.validators import positive, positive_triple
+from packforcing.core.validators import int_tuple, positive, positive_triple
 
 
 @attrs.frozen
@@ -23,7 +23,7 @@ class GeometryParams:
     num_heads: int = attrs.field(validator=positive)
     head_dim: int = attrs.field(validator=positive)
     latent_channels: int = attrs.field(default=16, validator=positive)
-    patch: tuple[int, int, int] = attrs.field(default=(1, 2, 2), converter=tuple, validator=positive_triple)
+    patch: tuple[int, int, int] = attrs.field(default=(1, 2, 2), converter=int_tuple, validator=positive_triple)
     frames_per_block: int = attrs.field(default=4, validator=positive)
     hidden_size: int | None = None
     pixel_frames_per_latent: int = attrs.field(default=4, validator=positive)

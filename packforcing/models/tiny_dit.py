@@ -31,7 +31,7 @@ from packforcing.core.errors import ParamError
 from packforcing.core.geometry import Geometry, Grid
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
-from packforcing.core.validators import non_negative, positive, positive_triple, seed_in_range
+from packforcing.core.validators import int_tuple, non_negative, positive, positive_triple, seed_in_range
 from packforcing.core.weightfiles import check_tensors, read_header
 from packforcing.models.codec import BASES, LinearPatchCodec
 
@@ -55,7 +55,7 @@ class TinyDiTParams:
     latent_channels: int = attrs.field(default=16, validator=positive)
     latent_height: int = attrs.field(default=8, validator=positive)
     latent_width: int = attrs.field(default=8, validator=positive)
-    patch: tuple[int, int, int] = attrs.field(default=(1, 2, 2), converter=tuple, validator=positive_triple)
+    patch: tuple[int, int, int] = attrs.field(default=(1, 2, 2), converter=int_tuple, validator=positive_triple)
     frames_per_block: int = attrs.field(default=4, validator=positive)
     hidden_size: int = attrs.field(default=64, validator=positive)
     num_heads: int = attrs.field(default=2, validator=positive)
@@ -404,6 +404,7 @@ class TinyDiT(nn.Module):
         t, h, w = self.rope.grid_positions(grid, position, temporal_stride, hw_stride, device=hidden.device)
         keys, values = [], []
         for layer in self.layers:
+            assert isinstance(layer, DiTLayer)
             shift1, scale1, _, _, _, _ = (mod + layer.modulation[:, :, None]).unbind(1)
             x = layer.norm1(hidden) * (1 + scale1) + shift1
             k, v = layer.key_value(x)

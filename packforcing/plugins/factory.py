@@ -147,7 +147,7 @@ def _takes_params(component: type) -> bool:
         return False
 
 
-def params_class_of(component: type) -> type:
+def params_class_of(component: type[Any]) -> type:
     """The attrs class holding ``component``'s YAML parameters: the class itself when it is an
     attrs class (it is its own parameters), else its ``Params`` attribute, else the annotation
     of the ``params`` argument of ``__init__`` (``X | None`` counts as ``X``), else
@@ -208,10 +208,14 @@ def as_factory(name: str, value: Any, base: type | None) -> ComponentFactory:
         return value
     if isinstance(value, LazyFactory):
         return value.load()
-    check = base is not None and not getattr(base, "_is_protocol", False)
-    expected = f"a ComponentFactory or a subclass of {base.__name__}" if check else "a ComponentFactory or a class"
+    checked_base = None if base is None or getattr(base, "_is_protocol", False) else base
+    expected = (
+        f"a ComponentFactory or a subclass of {checked_base.__name__}"
+        if checked_base is not None
+        else "a ComponentFactory or a class"
+    )
     if isinstance(value, type):
-        if check and not issubclass(value, base):
+        if checked_base is not None and not issubclass(value, checked_base):
             raise TypeError(f"returned class {value.__name__} for {name!r}, expected {expected}")
         try:
             return ComponentFactory.from_class(value)

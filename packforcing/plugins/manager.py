@@ -258,7 +258,7 @@ def _entry_point_list(source: EntryPointSource) -> list[importlib.metadata.Entry
 def entry_points_in(*paths: str | os.PathLike[str]) -> list[importlib.metadata.EntryPoint]:
     """The ``packforcing`` entry points of the distributions installed in ``paths`` only (e.g. a
     test's own site directory), for :meth:`Registry.create`'s ``entry_points``."""
-    found = []
+    found: list[importlib.metadata.EntryPoint] = []
     for dist in importlib.metadata.distributions(path=[os.fspath(p) for p in paths]):
         found.extend(ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP)
     return found

@@ -27,7 +27,7 @@ from attrs import validators as v
 from packforcing.core.errors import ParamError
 from packforcing.core.interfaces import Selector
 from packforcing.core.records import CachedBlock
-from packforcing.core.validators import explained, fraction, integer, non_negative, positive
+from packforcing.core.validators import explained, fraction, int_tuple, integer, non_negative, positive
 
 _heads = v.optional(
     explained(
@@ -55,7 +55,7 @@ class TopKParams:
     min_queries: int = attrs.field(default=32, validator=non_negative)
     head_fraction: float = attrs.field(default=1.0, validator=fraction)
     heads: tuple[int, ...] | None = attrs.field(
-        default=None, converter=attrs.converters.optional(tuple), validator=_heads
+        default=None, converter=attrs.converters.optional(int_tuple), validator=_heads
     )
     shared_across_layers: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 

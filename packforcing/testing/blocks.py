@@ -13,7 +13,7 @@ import torch
 
 from packforcing.core.build import BuildEnv
 from packforcing.core.errors import ConfigError
-from packforcing.core.geometry import Geometry, Grid
+from packforcing.core.geometry import Geometry, Grid, as_grid
 from packforcing.core.records import FULL, BlockCommit, BlockQuery, CachedBlock
 from packforcing.core.structure import structure
 from packforcing.plugins.factory import ComponentFactory, as_factory
@@ -164,13 +164,14 @@ def make_block(
     """A :class:`CachedBlock` as a tier would hold it: K/V (random unless given) at its absolute
     position ``block_id * frames_per_block`` unless ``position`` is given."""
     g = geometry
-    grid = tuple(grid) if grid is not None else g.block_grid  # type: ignore[assignment]
-    t, h, w = grid
+    block_grid = as_grid(grid) if grid is not None else g.block_grid
+    t, h, w = block_grid
     tokens = t * h * w
     if keys is None or values is None:
         keys, values = random_kv(g, tokens, batch_size=batch_size, seed=seed, scale=scale, device=device)
     batch_size = keys[0].shape[0]
     dtype = keys[0].dtype
+    clean: torch.Tensor | None
     if isinstance(latents, torch.Tensor):
         clean = latents
     else:
@@ -184,7 +185,7 @@ def make_block(
         start_frame=start,
         num_frames=g.frames_per_block,
         fidelity=fidelity,
-        grid=grid,  # type: ignore[arg-type]
+        grid=block_grid,
         position=float(start) if position is None else float(position),
         temporal_stride=float(g.patch[0]) if temporal_stride is None else float(temporal_stride),
         hw_stride=float(hw_stride),

@@ -64,7 +64,7 @@ def geometries(
         num_heads=draw(st.integers(1, max_heads)),
         head_dim=draw(st.sampled_from(list(head_dims))),
         latent_channels=draw(st.sampled_from(list(latent_channels))),
-        patch=patch,  # type: ignore[arg-type]
+        patch=patch,
         frames_per_block=draw(st.sampled_from(frames)),
         dtype=draw(st.sampled_from(list(dtypes))),
     )

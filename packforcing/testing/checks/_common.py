@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import torch
 
 from packforcing.core.geometry import Geometry
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ConformanceError(AssertionError):
@@ -23,11 +24,11 @@ class ConformanceError(AssertionError):
         self.contract = contract
 
 
-def contract(function: F) -> F:
+def contract(function: Callable[P, R]) -> Callable[P, R]:
     """Mark ``function`` as one named contract: a violation it finds is reported with its name."""
 
     @functools.wraps(function)
-    def checked(*args: Any, **kwargs: Any) -> Any:
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return function(*args, **kwargs)
         except ConformanceError as exc:
@@ -35,10 +36,10 @@ def contract(function: F) -> F:
                 raise
             raise ConformanceError(f"{exc} [contract: {function.__name__}]", function.__name__) from None
 
-    return checked  # type: ignore[return-value]
+    return checked
 
 
-def fail(kind: str, component: Any, message: str) -> None:
+def fail(kind: str, component: Any, message: str) -> NoReturn:
     name = getattr(component, "name", type(component).__name__)
     raise ConformanceError(f"{kind} {name!r}: {message}")
 

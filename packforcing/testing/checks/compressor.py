@@ -204,6 +204,8 @@ def check_compressor(
     )
     def run(g: Geometry, batch: int, seed: int) -> None:
         env = make_env(g)
+        model = env.model
+        assert model is not None
         comp = build_component(factory, params, env, KIND, Compressor)
         is_a_compressor(comp)
         grid = g.block_grid
@@ -215,15 +217,15 @@ def check_compressor(
         output_grid_is_valid(comp, grid, out)
         block = make_block(g, block_id=3, batch_size=batch, latents=comp.needs_latents, seed=seed)
         before = snapshot(block_tensors(block))
-        ckv = works_without_latents(comp, block, env.model)
+        ckv = works_without_latents(comp, block, model)
         returns_the_declared_kv(comp, ckv, block, out, g, batch)
         leaves_the_block_untouched(comp, before, block)
-        is_deterministic(comp, ckv, block, env.model)
+        is_deterministic(comp, ckv, block, model)
         if rebuild:
             rebuilds_identically(
-                comp, build_component(factory, params, make_env(g), KIND, Compressor), ckv, block, env.model
+                comp, build_component(factory, params, make_env(g), KIND, Compressor), ckv, block, model
             )
         if batch > 1:
-            treats_batch_items_independently(comp, ckv, block, g, env.model, atol)
+            treats_batch_items_independently(comp, ckv, block, g, model, atol)
 
     run_examples(run, max_examples, hypothesis_settings)

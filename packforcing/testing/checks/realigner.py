@@ -211,6 +211,8 @@ def check_realigner(
     def run(case: tuple[Any, ...], data: st.DataObject) -> None:
         g, spans, query_start, keep, batch, shift, seed = case
         env = make_env(g)
+        assert env.model is not None
+        rope = env.model.rope
         realigner = build_component(factory, params, env, KIND, PositionalRealigner)
         is_a_realigner(realigner)
         query = make_query(g, query_start // g.frames_per_block)
@@ -220,12 +222,12 @@ def check_realigner(
             chosen = data.draw(st.lists(st.integers(0, len(spans) - 1), min_size=keep, max_size=keep, unique=True))
             query_position_depends_only_on_the_count(realigner, spans[:keep], [spans[i] for i in sorted(chosen)], query)
         block = make_block(g, block_id=max(0, query.block_id - 1), batch_size=batch, latents=False, seed=seed)
-        realign_is_a_rotation(realigner, block, shift, env.model.rope, exact_rope)
-        accepts_per_item_targets(realigner, block, shift, env.model.rope)
+        realign_is_a_rotation(realigner, block, shift, rope, exact_rope)
+        accepts_per_item_targets(realigner, block, shift, rope)
         if exact_rope:
-            gather_shifted_moves_like_realign(realigner, block, shift, env.model.rope, block.keys[-1])
+            gather_shifted_moves_like_realign(realigner, block, shift, rope, block.keys[-1])
         gen = torch.Generator().manual_seed(seed)
         q = torch.randn(tuple(block.keys[0].shape), generator=gen).to(block.keys[0])
-        query_shifter_scores_like_moved_keys(realigner, block, shift, env.model.rope, q)
+        query_shifter_scores_like_moved_keys(realigner, block, shift, rope, q)
 
     run_examples(run, max_examples, hypothesis_settings)
