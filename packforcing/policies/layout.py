@@ -32,6 +32,13 @@ class Move:
     src: int | None
     dst: int | str
 
+    @property
+    def tier(self) -> int:
+        """``dst`` as a tier index; a ``ValueError`` when the block goes to the archive or is dropped."""
+        if isinstance(self.dst, str):
+            raise ValueError(f"block {self.block_id} goes to {self.dst!r}, not to a tier")
+        return self.dst
+
 
 @attrs.frozen
 class TierSlotSpec:

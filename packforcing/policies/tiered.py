@@ -46,7 +46,7 @@ from packforcing.core.records import (
     MemoryPlan,
     TierStats,
 )
-from packforcing.core.store import Reservation, TierStore, check_finite
+from packforcing.core.store import Reservation, Slot, TierStore, check_finite
 from packforcing.policies.layout import ARCHIVE, DROP, TierLayout, TierSlotSpec
 from packforcing.policies.planner import plan_tiers
 from packforcing.policies.tier_specs import MAX_PLAN_BLOCKS, TieredParams, TierSpec, archive_placement
@@ -62,6 +62,13 @@ __all__ = [
     "TieredPolicy",
     "archive_placement",
 ]
+
+
+def _slot_of(block: CachedBlock) -> Slot:
+    """The store slot of a block the policy holds (every one lives in a tier's or the archive's store)."""
+    if not isinstance(block.slot, Slot):
+        raise TypeError(f"block {block.block_id} holds plain tensors, not a store slot")
+    return block.slot
 
 
 class TieredPolicy(CachePolicy):
@@ -140,15 +147,15 @@ class TieredPolicy(CachePolicy):
                 raise
             except Exception as exc:  # the compressor's own failure, not the policy's
                 raise self._origin(f"compressor:{tier.name}", "compressor", tier.compressor).raised(exc) from exc
-            needs_latents = tier.compressor is not None and tier.compressor.needs_latents
-            if needs_latents and not tier.spec.pinned and i < n - 1:
+            compressor = tier.compressor
+            if compressor is not None and compressor.needs_latents and not tier.spec.pinned and i < n - 1:
                 # blocks arrive from the next newer tier: it must keep their latents,
                 # and only full-fidelity blocks carry them
                 feeder = self._tiers[i + 1]
                 if feeder.compressor is not None:
                     raise ParamError(
                         f"tiers.{tier.name}",
-                        f"compressor {tier.compressor.name!r} needs latents, "
+                        f"compressor {compressor.name!r} needs latents, "
                         f"but tier {feeder.name!r} holds compressed blocks",
                     )
                 feeder.keep_latents = True
@@ -261,8 +268,10 @@ class TieredPolicy(CachePolicy):
             ids = [b.block_id for b in tier.blocks]
             assert ids == list(members), f"tier {tier.name!r} holds {ids}, layout says {list(members)}"
             assert tier.store is not None
-            slots = {(b.slot.page, b.slot.index) for b in tier.blocks}
-            assert all(b.slot.live and b.slot._store is tier.store for b in tier.blocks), f"tier {tier.name!r}"
+            held = [b.slot for b in tier.blocks if isinstance(b.slot, Slot)]
+            assert len(held) == len(ids), f"tier {tier.name!r} holds a block outside its store"
+            slots = {(s.page, s.index) for s in held}
+            assert all(s.live and s._store is tier.store for s in held), f"tier {tier.name!r}"
             assert len(slots) == len(ids) == tier.store.live_blocks, (
                 f"tier {tier.name!r}: {len(ids)} blocks, {len(slots)} distinct slots, "
                 f"{tier.store.live_blocks} live slots in its store"
@@ -338,9 +347,9 @@ class TieredPolicy(CachePolicy):
         self._dropped = list(loaded.dropped)
         self._where.update((b, DROP) for b in self._dropped)
         self._last_block_id = loaded.last_block_id
-        for store in old:
-            if store is not None:
-                store.clear()  # its memory goes back now, not when the last view of it is gone
+        for old_store in old:
+            if old_store is not None:
+                old_store.clear()  # its memory goes back now, not when the last view of it is gone
 
     # ------------------------------------------------------------------ commit
     def _prepare_block(self, tier: Tier, source: BlockCommit | CachedBlock, committing: int) -> Put:
@@ -508,7 +517,7 @@ class TieredPolicy(CachePolicy):
         archive_store = self._archive_store
         for move in layout.commit(commit.block_id):
             if move.src is None:
-                tier = self._tiers[move.dst]  # type: ignore[index]
+                tier = self._tiers[move.tier]
                 steps.append(Step(move, None, None, self._prepare_block(tier, commit, commit.block_id)))
                 continue
             src = self._tiers[move.src]
@@ -524,7 +533,7 @@ class TieredPolicy(CachePolicy):
                 put.record = {f.name: getattr(block, f.name) for f in attrs.fields(CachedBlock) if f.name != "slot"}
                 put.check()
             elif move.dst != DROP:
-                put = self._prepare_block(self._tiers[move.dst], block, commit.block_id)  # type: ignore[index]
+                put = self._prepare_block(self._tiers[move.tier], block, commit.block_id)
             steps.append(Step(move, src, block, put))
         return steps, archive_store, layout
 
@@ -536,7 +545,7 @@ class TieredPolicy(CachePolicy):
         for _ in range(evict):  # the archive is full: its oldest blocks are dropped
             old = self._archive.popleft()
             assert self._archive_store is not None
-            self._archive_store.release(old.slot)
+            self._archive_store.release(_slot_of(old))
             self._dropped.append(old.block_id)
             self._where[old.block_id] = DROP
         if archive_store is not self._archive_store:
@@ -547,13 +556,15 @@ class TieredPolicy(CachePolicy):
             if step.src is not None:
                 assert step.src.store is not None and step.block is not None
                 step.src.blocks.popleft()
-                step.src.store.release(step.block.slot)
-            if move.dst == ARCHIVE:
-                self._archive.append(stored)
-            elif move.dst == DROP:
+                step.src.store.release(_slot_of(step.block))
+            if move.dst == DROP:
                 self._dropped.append(move.block_id)
             else:
-                self._tiers[move.dst].blocks.append(stored)  # type: ignore[index]
+                assert stored is not None, f"block {move.block_id} goes to {move.dst!r} with nothing to store"
+                if move.dst == ARCHIVE:
+                    self._archive.append(stored)
+                else:
+                    self._tiers[move.tier].blocks.append(stored)
             self._where[move.block_id] = move.dst
         self.layout.members = layout.members
         self._last_block_id = commit.block_id

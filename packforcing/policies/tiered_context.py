@@ -38,11 +38,12 @@ def _one_page(blocks: Sequence[CachedBlock]) -> tuple[torch.Tensor, list[int]] |
     """The store page holding every one of ``blocks`` and their slots in it, or ``None``."""
     slots = [b.slot for b in blocks]
     first = slots[0]
-    if not isinstance(first, Slot) or not all(
-        isinstance(s, Slot) and s.store is first.store and s.page == first.page for s in slots
-    ):
+    if not isinstance(first, Slot):
         return None
-    return first.store.pages[first.page], [s.index for s in slots]
+    same_page = [s for s in slots if isinstance(s, Slot) and s.store is first.store and s.page == first.page]
+    if len(same_page) != len(slots):
+        return None
+    return first.store.pages[first.page], [s.index for s in same_page]
 
 
 def _picks_ok(idx: torch.Tensor, candidates: int) -> torch.Tensor:
@@ -220,7 +221,7 @@ class TieredContext(AttentionContext):
     def context_tokens(self) -> int:
         return self._context_tokens
 
-    def _assign(self, spans: list[tuple[float, float]]) -> tuple[list[float], float]:
+    def _assign(self, spans: Sequence[tuple[float, float]]) -> tuple[list[float], float]:
         """The realigner's target positions, checked: one finite number per span, and the query's."""
         origin = self._origins[1]
         block = self._query.block_id
@@ -484,20 +485,22 @@ class TieredContext(AttentionContext):
     ) -> None:
         """Raise the error of the first bad check of a pass (by layer; a layer's picks first)."""
         block = self._query.block_id
-        checks = [(layer, 0, g, idx) for layer, g, idx in picks] + [(layer, 1, None, o) for layer, *o in outputs]
-        for layer, _, g, what in sorted(checks, key=lambda c: (c[0], c[1])):
-            if g is not None:
-                if bool(_picks_ok(what[None], len(self._groups[g][0])).all()):
+        # by layer, a layer's picks before its output; each in the order recorded
+        order = sorted([(p[0], 0, i) for i, p in enumerate(picks)] + [(o[0], 1, i) for i, o in enumerate(outputs)])
+        for layer, kind, i in order:
+            if kind == 0:
+                _, g, idx = picks[i]
+                if bool(_picks_ok(idx[None], len(self._groups[g][0])).all()):
                     continue
                 problem = selection_problem(
-                    what,
-                    batch=what.shape[0],
-                    budget=what.shape[1],
+                    idx,
+                    batch=idx.shape[0],
+                    budget=idx.shape[1],
                     candidates=len(self._groups[g][0]),
-                    device=what.device,
+                    device=idx.device,
                 )
                 raise self._origins[0].error(f"layer {layer}: {problem}", block)
-            out_probe, keys_probe = what
+            _, out_probe, keys_probe = outputs[i]
             if keys_probe is not None and not bool(torch.isfinite(keys_probe)):  # the realigner's output was non-finite
                 raise self._origins[1].error(
                     f"layer {layer}: gather() keys (or query_shifter() queries) hold non-finite values (NaN/Inf)", block
@@ -516,8 +519,8 @@ class TieredContext(AttentionContext):
         batch = q.shape[0]
         for i, piece in enumerate(layout.pieces):
             if piece.group is None:
-                for block in piece.blocks:
-                    kb, vb = block.layer_kv(layer)
+                for cached in piece.blocks:
+                    kb, vb = cached.layer_kv(layer)
                     keys.append(kb)
                     values.append(vb)
                 if i < layout.moved_pieces:
@@ -662,8 +665,8 @@ class TieredContext(AttentionContext):
         parts.append(self._attend_part(layer, q, gathered, values_all))
         self._context_tokens = tokens + gathered.shape[1] - k.shape[1]
         out = merge_by_lse(parts)
-        moved = None if self._realigner.keeps_finite else [gathered, *moved_queries.values()]
-        return self._checked_later(layer, out, moved)
+        probed = None if self._realigner.keeps_finite else [gathered, *moved_queries.values()]
+        return self._checked_later(layer, out, probed)
 
     def _attend_part(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -675,8 +678,10 @@ class TieredContext(AttentionContext):
         try:
             out, lse = result
         except (TypeError, ValueError):
-            got = type(result).__name__
-            raise backend.error(f"layer {layer}: attend_lse() returned {got}, expected (out, lse)", block) from None
+            returned = type(result).__name__
+            raise backend.error(
+                f"layer {layer}: attend_lse() returned {returned}, expected (out, lse)", block
+            ) from None
         problem = tensor_problem("attend_lse() output", out, tuple(q.shape), q.dtype, q.device, finite=False)
         if problem is None and (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != tuple(q.shape[:3])):
             got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
