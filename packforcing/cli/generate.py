@@ -183,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     # geometry first (no weights): seconds -> blocks, the prompt schedule, the CPU check
     env = build_for_planning(config)
     g = env.geometry
+    assert g is not None, "a built environment has its model's geometry"
     stride = temporal_stride_of(env.model)
     fps = config.run.fps
     blocks = config.run.blocks

@@ -34,8 +34,16 @@ def plot_memory(report: dict[str, Any], path: str | Path, full_bytes_per_block: 
     ax.plot(index, full, "k--", marker=marker, linewidth=1.2, label="full cache", zorder=3)
     if any(b.get("archive_bytes") for b in blocks):
         archive = [b["archive_bytes"] / 2**20 for b in blocks]
-        style = {"color": "black", "linewidth": 1.6, "zorder": 4}
-        ax.plot(index, archive, ":", marker=marker, label="archive (outside the budget)", **style)
+        ax.plot(
+            index,
+            archive,
+            ":",
+            marker=marker,
+            label="archive (outside the budget)",
+            color="black",
+            linewidth=1.6,
+            zorder=4,
+        )
     if index:
         ax.set_xlim(min(index) - 0.5, max(index) + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))

@@ -213,13 +213,14 @@ def _run_on_ray(
                 ray.cancel(ref)
             stopped, _ = ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_SECONDS)
             for ref in stopped:
+                delivered: dict[str, Any] | None
                 try:
-                    record = ray.get(ref, timeout=0)
+                    delivered = ray.get(ref, timeout=0)
                 except Exception:  # Ray may not deliver a cancelled task's value: its run's report tells
-                    record = interrupted_record(pending[ref], out)
-                if record is None:  # cancelled before it started, or its worker is gone: not run
+                    delivered = interrupted_record(pending[ref], out)
+                if delivered is None:  # cancelled before it started, or its worker is gone: not run
                     continue
-                record = _with_total_seconds(record, earlier_seconds)
+                record = _with_total_seconds(delivered, earlier_seconds)
                 results.append(record)
                 records.append(record)
             raise

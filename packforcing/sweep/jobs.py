@@ -100,12 +100,14 @@ def _check_schedule(schedule: tuple[dict[str, Any], ...], where: str) -> None:
     if starts:
         if len(starts) != len(schedule) or any("from_block" in seg for seg in schedule):
             raise ConfigError("schedule: give every segment from_second, or every one from_block", source=where)
+        previous: float | None = None  # the start before, checked
         for i, start in enumerate(starts):
             if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < float("inf"):
                 raise ConfigError(f"schedule[{i}].from_second: expected a number >= 0, got {start!r}", source=where)
-            if (i == 0 and start != 0) or (i > 0 and start <= starts[i - 1]):
-                problem = "must be 0" if i == 0 else f"must be greater than {starts[i - 1]}"
+            if (previous is None and start != 0) or (previous is not None and start <= previous):
+                problem = "must be 0" if previous is None else f"must be greater than {previous}"
                 raise ConfigError(f"schedule[{i}].from_second: {problem}, got {start!r}", source=where)
+            previous = start
         # the rest is checked as run.prompts would check it, with the segments' order as blocks
         schedule = tuple({"from_block": i, **{k: v for k, v in seg.items() if k != "from_second"}}
                          for i, seg in enumerate(schedule))  # fmt: skip

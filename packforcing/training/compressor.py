@@ -295,6 +295,7 @@ def _model_record(cfg: Config) -> dict[str, Any]:
     """What the compressor was fitted against: the model's name and weights, and (for weights
     written by ``train-model``) their commit and total steps."""
     spec = cfg.components["model"]
+    assert spec is not None, "a loaded config always has a model"
     weights = getattr(spec.params, "weights", None)
     record: dict[str, Any] = {"name": spec.name, "weights": weights}
     if isinstance(weights, str):

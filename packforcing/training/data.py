@@ -107,7 +107,12 @@ def collect(
     per_video_scenes: list[torch.Tensor] = []
     for video in range(videos):
         history: list[tuple[torch.Tensor, torch.Tensor]] = []
-        lat, ks, vs, qs, kqs, vqs = [], [], [], [], [], []
+        lat: list[torch.Tensor] = []
+        ks: list[torch.Tensor] = []
+        vs: list[torch.Tensor] = []
+        qs: list[torch.Tensor] = []
+        kqs: list[torch.Tensor] = []
+        vqs: list[torch.Tensor] = []
         clip, clip_conditions = clips(video) if clips is not None else (None, None)
         if clip_conditions is not None:
             per_video_scenes.append(clip_conditions[:, ::f][:, :blocks])  # [B, nb]
@@ -154,9 +159,11 @@ def collect(
             for store, j in ((qs, 0), (kqs, 1), (vqs, 2)):
                 store.append(torch.stack([torch.stack([rec[j] for rec in p], 1) for p in passes], 1))
         per_video.append([torch.stack(x, 1) for x in (lat, ks, vs, qs, kqs, vqs)])  # [B, nb, ...]
-    tensors = [torch.cat([v[i] for v in per_video], 0).float() for i in range(6)]
+    latents_all, keys_all, values_all, q_all, k_all, v_all = (
+        torch.cat([v[i] for v in per_video], 0).float() for i in range(6)
+    )
     scenes = torch.cat(per_video_scenes, 0) if len(per_video_scenes) == videos else None
-    return AttentionData(*tensors, frames_per_block=f, scenes=scenes)
+    return AttentionData(latents_all, keys_all, values_all, q_all, k_all, v_all, frames_per_block=f, scenes=scenes)
 
 
 @attrs.frozen

@@ -186,6 +186,9 @@ def render_clips(
     each its own world and schedule: ``revisit`` (:func:`~packforcing.worlds.revisit_schedule`,
     least recently seen first) or ``recall`` (:func:`~packforcing.worlds.recall_schedule`,
     returns from random distances)."""
+    codec = model.codec
+    if codec is None:
+        raise ValueError("render_clips encodes the rendered pixels with the model's codec, and this model has none")
     latents, scenes = [], []
     for seed in seeds:
         if schedule == "recall":
@@ -199,7 +202,7 @@ def render_clips(
                 new_scene_probability=new_scene_probability,
             )
         pixels = SceneWorld(world, seed).render(order)
-        latents.append(model.codec.encode(pixels[None]))
+        latents.append(codec.encode(pixels[None]))
         scenes.append(torch.tensor(order).repeat_interleave(world.frames_per_block))
     return torch.cat(latents), torch.stack(scenes)
 
@@ -467,7 +470,10 @@ def _optimizer(
     # logits); a faster rate lets a short run learn to attend to one frame of the history
     gains = [p for n, p in model.named_parameters() if n.endswith(("norm_q.weight", "norm_k.weight"))]
     others = [p for p in trainable if all(p is not g for g in gains)]
-    groups = [{"params": others}, {"params": gains, "lr": params.lr * params.gain_lr_scale, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [
+        {"params": others},
+        {"params": gains, "lr": params.lr * params.gain_lr_scale, "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=params.lr, weight_decay=0.01, betas=(0.9, 0.99)
     )

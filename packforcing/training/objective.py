@@ -44,7 +44,7 @@ def attention_loss(
     layer ``[M, N', H, D]`` (keys rotated at ``batch.target``); ``None`` drops the block (1.0)."""
     rope = model.rope
     full_keys = rope.shift_temporal(batch.keys.flatten(1, 2), batch.target - batch.home).view_as(batch.keys)
-    ck, cv = compressed(batch) if compressed is not None else (None, None)
+    compressed_kv = compressed(batch) if compressed is not None else None
     num = torch.zeros((), dtype=torch.float32)
     den = torch.zeros((), dtype=torch.float32)
     for layer in range(batch.q.shape[1]):
@@ -52,9 +52,10 @@ def attention_loss(
         full = _attend(q, torch.cat([full_keys[:, layer], k], 1), torch.cat([batch.values[:, layer], v], 1))
         drop = _attend(q, k, v)
         den = den + (drop - full).pow(2).mean()
-        if ck is None:
+        if compressed_kv is None:
             num = num + (drop - full).pow(2).mean()
         else:
+            ck, cv = compressed_kv
             comp = _attend(q, torch.cat([ck[layer], k], 1), torch.cat([cv[layer], v], 1))
             num = num + (comp - full).pow(2).mean()
     return num / den

@@ -170,8 +170,9 @@ def build_transformer(
     weightless (meta-device) model. Without ``params.path`` only planning is possible.
     """
     with diffusers_quietly():
-        from diffusers import WanTransformer3DModel
-        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+        # from its module: diffusers' top-level name is, to a type checker, its placeholder class
+        # for an environment without torch (diffusers.utils.dummy_pt_objects)
+        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformer3DModel
 
     if params.path is None:
         if not plan_only:

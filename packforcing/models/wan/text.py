@@ -130,9 +130,11 @@ class TextEncoder:
         _check_umt5_config(encoder_dir / "config.json")
         try:
             tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-            model, info = UMT5EncoderModel.from_pretrained(
+            # transformers types from_pretrained as returning the model; with output_loading_info it is (model, info)
+            loaded: tuple[UMT5EncoderModel, dict[str, list[str]]] = UMT5EncoderModel.from_pretrained(  # type: ignore[assignment]
                 str(encoder_dir), torch_dtype=dtype, output_loading_info=True
             )
+            model, info = loaded
         except Exception as exc:  # transformers', tokenizers' and safetensors' own error types
             problem = " ".join(str(exc).split())
             raise ValueError(f"{encoder_dir}: cannot load the UMT5 text encoder: {problem}") from None
@@ -147,7 +149,10 @@ class TextEncoder:
                 f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens, the text encoder's vocabulary "
                 f"{model.config.vocab_size}: not this encoder's tokenizer"
             )
-        return cls(model.to(device).requires_grad_(False).eval(), tok, max_length=max_length)
+        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which typeshed
+        # types as a plain function: the bound call looks like `self` is missing
+        moved = model.to(device)  # type: ignore[arg-type]
+        return cls(moved.requires_grad_(False).eval(), tok, max_length=max_length)
 
     @property
     def device(self) -> torch.device:
