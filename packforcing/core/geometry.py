@@ -74,7 +74,7 @@ def temporal_stride_of(model: object) -> int:
     stride = getattr(model, "pixel_frames_per_latent", None)
     if stride is None:
         codec = getattr(model, "codec", None)
-        stride = getattr(codec, "temporal_stride", 1)
+        return int(getattr(codec, "temporal_stride", 1))
     return int(stride)
 
 
