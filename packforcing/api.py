@@ -29,7 +29,9 @@ Errors
     and the full key path (``configs/x.yaml: compressor.window: expected ...``). A validator
     may be composed from :mod:`attrs.validators` with :func:`explained`
     (``explained("an integer >= 1", attrs.validators.instance_of(int), attrs.validators.ge(1))``),
-    which reports any failure of theirs as that ``ParamError``.
+    which reports any failure of theirs as that ``ParamError``. A tuple field read from a YAML
+    list takes ``converter=int_tuple`` (attrs' ``converter=tuple`` types the constructor's
+    argument as ``Iterable[_T_co]``, which no argument matches under mypy).
 
 Names
     The registry names a component by the key it was registered under: ``component.name`` is
@@ -94,7 +96,7 @@ from packforcing.core.records import (
     TierStats,
 )
 from packforcing.core.rope import Rope3D
-from packforcing.core.validators import explained
+from packforcing.core.validators import explained, int_tuple
 from packforcing.plugins.factory import ComponentFactory, LazyFactory, no_params
 from packforcing.plugins.hookspecs import hookimpl
 
@@ -127,6 +129,7 @@ __all__ = [
     "condition_keys_of",
     "explained",
     "hookimpl",
+    "int_tuple",
     "keys_take_condition",
     "no_params",
     "num_scenes_of",

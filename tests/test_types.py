@@ -4,7 +4,8 @@
 clean, but from a cold cache it takes 45-70 s on two shared cores, mostly in following torch,
 transformers and diffusers. This test therefore checks only the modules plugin authors type
 their code against: ``packforcing.core`` (``core.interfaces`` included), ``packforcing.api``,
-``packforcing.testing`` and ``packforcing.plugins``, with ``follow_imports = silent`` (the
+``packforcing.testing`` and ``packforcing.plugins``, and the plugin template authors copy
+(``examples/plugin-template/packforcing_strided``), with ``follow_imports = silent`` (the
 modules they import are analysed for their types, but only the listed ones report errors);
 about 20 s cold. A fresh cache directory per run, so a stale cache cannot hide an error.
 """
@@ -17,7 +18,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLIC = ["packforcing/core", "packforcing/api.py", "packforcing/testing", "packforcing/plugins"]
+PUBLIC = [
+    "packforcing/core",
+    "packforcing/api.py",
+    "packforcing/testing",
+    "packforcing/plugins",
+    "examples/plugin-template/packforcing_strided",
+]
 
 
 def test_public_api_type_checks(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import math
 import attrs
 import torch
 
-from packforcing.api import BlockModel, CachedBlock, CompressedKV, Compressor, Grid, ParamError, hookimpl
+from packforcing.api import BlockModel, CachedBlock, CompressedKV, Compressor, Grid, ParamError, hookimpl, int_tuple
 
 __version__ = "0.1.0"
 
@@ -39,7 +39,7 @@ class StridedCompressor(Compressor):
     here ``stride: [t, h, w]`` in tokens (``h == w``).
     """
 
-    stride: tuple[int, int, int] = attrs.field(default=(1, 2, 2), converter=tuple, validator=_stride)
+    stride: tuple[int, int, int] = attrs.field(default=(1, 2, 2), converter=int_tuple, validator=_stride)
 
     needs_latents = False  # works on K/V alone: tiers feeding it need not keep latents
 
