@@ -49,7 +49,7 @@ from packforcing.core.geometry import Grid, as_grid, spatial_stride_of
 from packforcing.core.interfaces import BlockModel, Compressor, LatentCodec, keys_take_condition
 from packforcing.core.records import CachedBlock, CompressedKV
 from packforcing.core.validators import explained, int_tuple, integer, one_of, positive_triple
-from packforcing.core.weightfiles import check_tensors, read_header, resolve_weights_path
+from packforcing.core.weightfiles import check_tensors, load_into, read_header, resolve_weights_path
 
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 """Where ``pkg:NAME`` weights live."""
@@ -362,8 +362,7 @@ def check_weights(path: Path, owner: DualBranchCompressor) -> None:
 
 
 def load_weights(net: DualBranchNet, path: Path, owner: DualBranchCompressor) -> None:
-    """Load ``path`` into ``net`` after checking it was trained for the same architecture."""
-    from safetensors.torch import load_file
-
+    """Load ``path`` into ``net`` after checking it was trained for the same architecture and
+    that its values fit ``owner``'s dtype (the network is cast to it next)."""
     check_weights(path, owner)
-    net.load_state_dict(load_file(str(path)))
+    load_into(net, path, owner.dtype)

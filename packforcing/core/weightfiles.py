@@ -4,8 +4,11 @@
 first, then the working directory). :func:`read_header` parses a safetensors header (8-byte
 length, JSON) and checks that every tensor's byte range lies inside the file and matches its
 dtype and shape, reading no tensor data; :func:`check_tensors` compares names and shapes with
-what a module expects. Problems are ``ValueError("weights: <file>: <problem>")`` so a config
-error names ``<component>.weights`` and the file in one line. Nothing is ever unpickled.
+what a module expects; :func:`load_into` loads a checked file into a module, refusing values
+the run's dtype cannot hold, and :func:`cast_damage` checks what a library loaded and cast
+itself (``from_pretrained(torch_dtype=...)``) the same way. Problems are
+``ValueError("weights: <file>: <problem>")`` so a config error names ``<component>.weights``
+and the file in one line. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import stat
 import struct
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from packforcing.core.config import file_label
 from packforcing.core.errors import ParamError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER_BYTES = 100 << 20
 DTYPE_BYTES = {
@@ -39,6 +46,15 @@ DTYPE_BYTES = {
     "U32": 4,
     "U64": 8,
 }
+FLOAT_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+"""safetensors' floating-point dtype names → torch's."""
 
 
 def resolve_weights_path(spec: str, config_source: str | os.PathLike[str] | None, *, package_dir: Path) -> Path:
@@ -156,3 +172,71 @@ def check_tensors(
         have = tensors[name][1]
         if tuple(have) != tuple(shape):
             raise ParamError("weights", f"{label}: tensor {name!r} has shape {list(have)}, expected {list(shape)}")
+
+
+def load_into(module: torch.nn.Module, path: Path, dtype: torch.dtype | None = None) -> None:
+    """Load the safetensors ``path`` (names and shapes checked by :func:`check_tensors`) into
+    ``module``, whose floating-point tensors are then cast to ``dtype``. A file value that the
+    copy into the module's dtype or that cast would turn into ±Inf (float32 weights beyond
+    float16's ±65504) is refused first, naming the tensor, and ``module`` is left unchanged."""
+    from safetensors.torch import load_file
+
+    from packforcing.core.finite import cast_problem, narrowest
+
+    state = load_file(str(path))
+    targets = {
+        name: narrowest(t.dtype, dtype or t.dtype) for name, t in module.state_dict().items() if t.is_floating_point()
+    }
+    problem = cast_problem(state.items(), targets)
+    if problem is not None:
+        raise ParamError("weights", f"{file_label(path)}: {problem}")
+    module.load_state_dict(state)
+
+
+def safetensors_files(folder: Path, name: str) -> list[Path]:
+    """The files of the safetensors weights ``name`` in ``folder``: that file, or the shards its
+    ``<name>.index.json`` lists (none when neither is there or the index is unreadable)."""
+    if (folder / name).is_file():
+        return [folder / name]
+    try:
+        weight_map = json.loads((folder / f"{name}.index.json").read_text())["weight_map"]
+        return [folder / shard for shard in sorted(set(weight_map.values()))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def cast_damage(loaded: Mapping[str, torch.Tensor], files: list[Path]) -> str | None:
+    """``"<file>: <tensor> holds 7.1e+04, beyond float16's ±65504; ..."`` when a library that read
+    ``files`` into ``loaded`` (a model's state dict) and cast them to the run's dtype turned a
+    finite value into ±Inf, else ``None``. Only the tensors whose file dtype (from the headers)
+    :func:`~packforcing.core.finite.narrows` into their loaded dtype are read (one reduction each,
+    on their device, one host read), so a load as wide as the files costs nothing; a non-finite one
+    is read again from its file, to tell an overflow (reported) from a NaN or Inf the file holds
+    itself (not the cast's doing: passed)."""
+    import torch
+    from safetensors import safe_open
+
+    from packforcing.core.finite import cast_problem, largest_magnitude, narrows
+
+    sources: dict[str, tuple[Path, torch.dtype]] = {}
+    for file in files:
+        for name, (dtype, _) in read_header(file)[0].items():
+            if dtype in FLOAT_DTYPES:
+                sources.setdefault(name, (file, getattr(torch, FLOAT_DTYPES[dtype])))
+    suspects = [
+        (name, t)
+        for name, t in loaded.items()
+        if name in sources and t.is_floating_point() and narrows(sources[name][1], t.dtype)
+    ]
+    if not suspects:
+        return None
+    largest = torch.stack([largest_magnitude(t).to(torch.float64) for _, t in suspects]).tolist()
+    for (name, tensor), value in zip(suspects, largest, strict=True):
+        if math.isfinite(value):
+            continue
+        file = sources[name][0]
+        with safe_open(str(file), framework="pt") as handle:
+            problem = cast_problem([(name, handle.get_tensor(name))], tensor.dtype)
+        if problem is not None:
+            return f"{file_label(file)}: {problem}"
+    return None

@@ -32,7 +32,7 @@ from packforcing.core.geometry import Geometry, Grid
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
 from packforcing.core.validators import int_tuple, non_negative, positive, positive_triple, seed_in_range
-from packforcing.core.weightfiles import check_tensors, read_header
+from packforcing.core.weightfiles import check_tensors, load_into, read_header
 from packforcing.models.codec import BASES, LinearPatchCodec
 
 PREDICTIONS = ("velocity", "sample")
@@ -218,16 +218,14 @@ class TinyDiT(nn.Module):
         if not plan_only:
             self._init_weights(params.seed)
         if params.weights:
-            from safetensors.torch import load_file
-
             from packforcing.compressors.dual_branch import resolve_weights
 
             path = resolve_weights(params.weights, config_source)
             tensors, metadata = read_header(path)
             check_tensors(path, tensors, {name: tuple(t.shape) for name, t in self.state_dict().items()})
             _check_trained_as(path, metadata, params)
-            if not plan_only:
-                self.load_state_dict(load_file(str(path)))
+            if not plan_only:  # the model is cast to its geometry's dtype next: the weights must fit it
+                load_into(self, path, self.geometry.torch_dtype)
         self.requires_grad_(False)
         self.eval()
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
+from packforcing.core.finite import cast_problem
 from packforcing.core.geometry import Geometry
 from packforcing.core.records import CachedBlock
 from packforcing.core.store import NonFiniteError, Slot, TierStore
@@ -156,7 +157,7 @@ def stage_cache(policy: TieredPolicy, tensors: Mapping[str, torch.Tensor], meta:
 
 def _unpack(record: Any, tensors: Mapping[str, torch.Tensor], g: Geometry) -> _Staged:
     """One saved block record and its tensors, checked against the geometry (its K/V's layers,
-    tokens for its grid, heads and head size)."""
+    tokens for its grid, heads and head size; latents its dtype can hold)."""
     try:
         key = str(record["key"])
         grid = tuple(int(x) for x in record["grid"])
@@ -186,6 +187,10 @@ def _unpack(record: Any, tensors: Mapping[str, torch.Tensor], g: Geometry) -> _S
     ):
         raise ValueError(f"checkpoint: block {fields['block_id']}: K/V {tuple(kv.shape)}, expected {expected}")
     latents = tensors.get(f"{key}.latents")
+    # latents are copied into the cache's pages, of the geometry's dtype: their values must fit it
+    problem = cast_problem([(f"{key}.latents", latents)], g.torch_dtype) if latents is not None else None
+    if problem is not None:
+        raise ValueError(f"checkpoint: {problem}")
     return _Staged(fields, list(kv[0]), list(kv[1]), latents, at, tokens)
 
 

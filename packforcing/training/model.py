@@ -37,7 +37,7 @@ import torch
 from packforcing.attention.backends import SdpaBackend
 from packforcing.core.config import ComponentSpec, Config, load_config
 from packforcing.core.context import MaskedContext
-from packforcing.core.errors import ConfigError
+from packforcing.core.errors import ConfigError, ParamError
 from packforcing.core.geometry import spatial_stride_of, temporal_stride_of
 from packforcing.core.interfaces import (
     AttentionBackend,
@@ -46,6 +46,7 @@ from packforcing.core.interfaces import (
     condition_keys_of,
     num_scenes_of,
 )
+from packforcing.core.weightfiles import check_tensors, load_into, read_header
 from packforcing.testing.reference import block_causal_mask
 from packforcing.training.options import MODEL_DEFAULT_OUT as DEFAULT_OUT
 from packforcing.training.options import MODEL_EXAMPLE as EXAMPLE
@@ -325,9 +326,6 @@ def _load(config: str, overrides: Sequence[str]) -> Config:
 def check_init(path: str | Path, model: torch.nn.Module) -> None:
     """``ValueError`` naming ``--init`` and the file unless it holds weights of ``model``'s
     architecture (every tensor name and shape), saying what it holds instead."""
-    from packforcing.core.errors import ParamError
-    from packforcing.core.weightfiles import check_tensors, read_header
-
     try:
         tensors, meta = read_header(Path(path))
     except ParamError as exc:
@@ -369,10 +367,11 @@ def train_model(
         raise ValueError(f"model: {type(model).__name__} is not a trainable torch module")
     init_meta: dict[str, Any] = {}
     if params.init is not None:
-        from safetensors.torch import load_file
-
         check_init(params.init, model)
-        model.load_state_dict(load_file(params.init))
+        try:
+            load_into(model, Path(params.init))
+        except ParamError as exc:
+            raise ValueError(f"--init: {exc.message}") from None
         init_meta = read_metadata(params.init)
     world = world or world_params_for(model)
     sampler = cfg.sampler

@@ -29,6 +29,7 @@ import attrs
 import torch
 
 from packforcing.core.errors import ParamError
+from packforcing.core.finite import cast_problem
 from packforcing.core.geometry import Geometry, Grid, resolve_dtype
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
@@ -150,14 +151,20 @@ class CrossAttentionProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _cast(transformer: Any, dtype: torch.dtype) -> None:
+def _cast(transformer: Any, dtype: torch.dtype, file: str | Path) -> None:
     """Cast parameters to ``dtype`` except those of the modules diffusers keeps in float32
-    (``_keep_in_fp32_modules``, as ``from_pretrained(torch_dtype=...)`` does)."""
+    (``_keep_in_fp32_modules``, as ``from_pretrained(torch_dtype=...)`` does). A checkpoint value
+    the cast would turn into ±Inf (float32 or bfloat16 weights beyond float16's ±65504) is a
+    :class:`CheckpointError` at ``file`` naming the tensor, before any parameter is cast."""
     keep = set(getattr(type(transformer), "_keep_in_fp32_modules", None) or ())
-    for name, param in transformer.named_parameters():
-        target = torch.float32 if keep.intersection(name.split(".")) else dtype
-        if param.dtype != target:
-            param.data = param.data.to(target)
+    params = dict(transformer.named_parameters())
+    targets = {name: torch.float32 if keep.intersection(name.split(".")) else dtype for name in params}
+    problem = cast_problem(params.items(), targets)
+    if problem is not None:
+        raise CheckpointError(file, problem)
+    for name, param in params.items():
+        if param.dtype != targets[name]:
+            param.data = param.data.to(targets[name])
 
 
 def build_transformer(
@@ -201,7 +208,7 @@ def build_transformer(
     transformer.load_state_dict(checkpoint.state_dict(), strict=True, assign=True)
     cfg = transformer.config
     transformer.rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len)
-    _cast(transformer, dtype)
+    _cast(transformer, dtype, checkpoint.file)
     return transformer.to(device).requires_grad_(False).eval(), config
 
 
@@ -267,7 +274,7 @@ class WanBlockModel:
         file = spec["embeds"]
         if not isinstance(file, str):
             raise ParamError("embeds", f"expected a file path, got {file!r}")
-        return self.condition_from(read_prompt_embeds(file, self.text_dim), source=file)
+        return self.condition_from(read_prompt_embeds(file, self.text_dim, self.dtype), source=file)
 
     @torch.no_grad()
     def condition_from(self, embeds: torch.Tensor, source: str | None = None) -> WanCondition:
@@ -403,8 +410,9 @@ class WanBlockModel:
         return keys, values
 
 
-def read_prompt_embeds(file: str | Path, text_dim: int) -> torch.Tensor:
-    """``prompt_embeds [L, text_dim]`` from a safetensors file (one-line errors naming the file)."""
+def read_prompt_embeds(file: str | Path, text_dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``prompt_embeds [L, text_dim]`` from a safetensors file (one-line errors naming the file),
+    finite, and finite once cast to ``dtype`` (the model's, when given)."""
     from safetensors import safe_open
 
     path = Path(file).expanduser()
@@ -426,8 +434,9 @@ def read_prompt_embeds(file: str | Path, text_dim: int) -> torch.Tensor:
         raise ParamError("embeds", f"{file}: {PROMPT_EMBEDS} has shape {list(embeds.shape)}, expected [L, {text_dim}]")
     if not embeds.is_floating_point():
         raise ParamError("embeds", f"{file}: {PROMPT_EMBEDS} is {embeds.dtype}, not text-encoder states (floats)")
-    if not bool(torch.isfinite(embeds).all()):
-        raise ParamError("embeds", f"{file}: {PROMPT_EMBEDS} holds NaN or Inf")
+    problem = cast_problem([(PROMPT_EMBEDS, embeds)], dtype or embeds.dtype, finite=True)
+    if problem is not None:
+        raise ParamError("embeds", f"{file}: {problem}")
     return embeds
 
 

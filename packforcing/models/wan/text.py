@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from packforcing.core.config import TextEncoderParams
+from packforcing.core.weightfiles import cast_damage, safetensors_files
 from packforcing.output.video import latent_frame_of
 
 EMBEDS_KEY = "prompt_embeds"
@@ -39,6 +40,8 @@ MAX_LENGTH = 512
 __all__ = ["TextEncoder", "TextEncoderParams"]
 START_KEYS = ("from_block", "from_second")
 SPEC_KEYS = ("prompt", "embeds")
+ENCODER_WEIGHTS = "model.safetensors"
+"""transformers' weights file (or, sharded, its ``.index.json``)."""
 UNUSED_PREFIXES = ("decoder.", "lm_head.")
 """Weights of a whole UMT5 (encoder-decoder) checkpoint that the encoder does not use."""
 
@@ -152,6 +155,9 @@ class TextEncoder:
         # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which typeshed
         # types as a plain function: the bound call looks like `self` is missing
         moved = model.to(device)  # type: ignore[arg-type]
+        problem = cast_damage(moved.state_dict(), safetensors_files(encoder_dir, ENCODER_WEIGHTS))
+        if problem is not None:  # a weight beyond dtype's range (float32 or bfloat16 weights run in float16)
+            raise ValueError(problem)
         return cls(moved.requires_grad_(False).eval(), tok, max_length=max_length)
 
     @property

@@ -23,9 +23,12 @@ from typing import Any
 
 import torch
 
+from packforcing.core.finite import cast_problem
+from packforcing.core.weightfiles import cast_damage, safetensors_files
 from packforcing.models.wan.imports import diffusers_quietly
 
 VAE_SUBFOLDER = "vae"
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 _REPEAT = "Rep"
 """diffusers' marker in a feature-cache slot of a temporal upsampler that has seen only the first
 frame (its next frame repeats it); kept with the cache's tensors in a checkpoint."""
@@ -58,7 +61,8 @@ def vae_latent_channels(path: str | Path) -> int:
 
 def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
     """``AutoencoderKLWan`` from ``path``: a diffusers pipeline root (with ``vae/``) or the VAE
-    folder itself. Errors are one line naming the path."""
+    folder itself, in ``dtype``. Errors are one line naming the path (or the weights file, for a
+    value ``dtype`` cannot hold)."""
     with diffusers_quietly():
         from diffusers import AutoencoderKLWan
 
@@ -74,7 +78,11 @@ def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device
         if names:
             few = f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
             raise ValueError(f"{folder}: not the AutoencoderKLWan its config.json describes: {kind} weights ({few})")
-    return vae.to(device).requires_grad_(False).eval()
+    vae = vae.to(device)
+    problem = cast_damage(vae.state_dict(), safetensors_files(folder, VAE_WEIGHTS))  # values beyond dtype's range
+    if problem is not None:
+        raise ValueError(problem)
+    return vae.requires_grad_(False).eval()
 
 
 def _causal_conv_count(module: torch.nn.Module) -> int:
@@ -202,10 +210,13 @@ class StreamingDecoder:
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the decoder is left unchanged on a
-        ``ValueError``: a cache from another VAE)."""
+        ``ValueError``: a cache from another VAE, or one holding values the VAE's dtype cannot)."""
         slots = len(self._cache)
         if int(meta.get("slots", -1)) != slots or any(not 0 <= int(k) < slots for k in tensors):
             raise ValueError(f"the VAE decoder's cache has {slots} slots; the checkpoint's is from another VAE")
+        problem = cast_problem(tensors.items(), self.codec.dtype)
+        if problem is not None:
+            raise ValueError(f"the VAE decoder's cache slot {problem}")
         cache: list[Any] = [None] * slots
         for key, tensor in tensors.items():
             cache[int(key)] = tensor.to(device=self.codec.device, dtype=self.codec.dtype)
