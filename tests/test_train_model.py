@@ -218,15 +218,16 @@ def test_train_model_verb(tmp_path: Path, capsys):
     assert read_metadata(out)["sampler"]["steps"] == 2  # --set: the noise levels trained on
     assert "wrote" in capsys.readouterr().out
     bad = tmp_path / "bad.safetensors"
-    assert main(["train-model", "--config", str(config), "--out", str(bad), "--steps", "0"]) == 1
-    assert "--steps: expected an integer >= 1" in capsys.readouterr().err
     for args, message in (
-        (["--new-scene-probability", "1.5"], "--new-scene-probability: expected a number in [0, 1], got 1.5"),
-        (["--segment-blocks", "3", "1"], "--segment-blocks: expected 1 <= MIN <= MAX, got 3 1"),
+        (["--steps", "0"], "--steps: expected an integer >= 1, got '0'"),
+        (["--new-scene-probability", "1.5"], "--new-scene-probability: expected a number in [0, 1], got '1.5'"),
+        (["--segment-blocks", "3", "1"], "--segment-blocks: expected MIN <= MAX, got 3 1"),
+        (["--segment-blocks", "0", "1"], "--segment-blocks: expected an integer >= 1, got '0'"),
     ):
-        assert main(["train-model", "--config", str(config), "--out", str(bad), *args]) == 1
+        with pytest.raises(SystemExit) as exit_:
+            main(["train-model", "--config", str(config), "--out", str(bad), *args])
         err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1
+        assert exit_.value.code == 2 and err.endswith(f"train-model: error: argument {message}\n")
     assert not bad.exists()
     # --out is required: the shipped weights are never overwritten by default
     with pytest.raises(SystemExit) as exit_:
@@ -512,38 +513,74 @@ def test_weights_refuse_a_config_that_computes_differently():
 @pytest.mark.parametrize(
     ("verb", "args", "message"),
     [
-        ("train-compressor", ["--blocks", "1"], "--blocks: expected an integer >= 2"),
-        ("train-compressor", ["--videos", "0"], "--videos: expected an integer >= 1, got 0"),
-        ("train-compressor", ["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
-        ("train-compressor", ["--lr", "0"], "--lr: expected a number > 0, got 0.0"),
-        ("train-compressor", ["--seed", str(2**63)], "--seed: expected an integer >= 0 and < 2**63"),
-        ("train-model", ["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
-        ("train-model", ["--lr", "-1"], "--lr: expected a number > 0, got -1.0"),
-        ("train-model", ["--lr", "nan"], "--lr: expected a number > 0, got nan"),
+        (
+            "train-compressor",
+            ["--blocks", "1"],
+            "--blocks: expected an integer >= 2 (a training pair is a block and a later one), got '1'",
+        ),
+        ("train-compressor", ["--max-blocks", "1"], "--max-blocks: expected an integer >= 2 (a training pair is"),
+        ("train-compressor", ["--videos", "0"], "--videos: expected an integer >= 1, got '0'"),
+        ("train-compressor", ["--steps", "0"], "--steps: expected an integer >= 1, got '0'"),
+        ("train-compressor", ["--steps", "x"], "--steps: expected an integer >= 1, got 'x'"),
+        ("train-compressor", ["--batch", "0"], "--batch: expected an integer >= 1, got '0'"),
+        ("train-compressor", ["--batch-size", "-1"], "--batch-size: expected an integer >= 1, got '-1'"),
+        ("train-compressor", ["--lr", "0"], "--lr: expected a number > 0, got '0'"),
+        (
+            "train-compressor",
+            ["--seed", str(2**63)],
+            f"--seed: expected an integer >= 0 and < 2**63 (a torch generator seed), got '{2**63}'",
+        ),
+        ("train-compressor", ["--seed", "-1"], "--seed: expected an integer >= 0 and < 2**63"),
+        ("train-model", ["--steps", "0"], "--steps: expected an integer >= 1, got '0'"),
+        ("train-model", ["--batch-size", "0"], "--batch-size: expected an integer >= 1, got '0'"),
+        ("train-model", ["--train-blocks", "0"], "--train-blocks: expected an integer >= 1, got '0'"),
+        ("train-model", ["--clips", "0"], "--clips: expected an integer >= 1, got '0'"),
+        ("train-model", ["--lr", "-1"], "--lr: expected a number > 0, got '-1'"),
+        ("train-model", ["--lr", "nan"], "--lr: expected a number > 0, got 'nan'"),
         (
             "train-model",
             ["--pure-noise-fraction", "1.5"],
-            "--pure-noise-fraction: expected a number in [0, 1], got 1.5",
+            "--pure-noise-fraction: expected a number in [0, 1], got '1.5'",
         ),
         ("train-model", ["--pure-noise-fraction", "-0.1"], "--pure-noise-fraction: expected a number in [0, 1]"),
-        ("train-model", ["--gain-lr-scale", "-1"], "--gain-lr-scale: expected a number >= 0, got -1.0"),
-        ("train-model", ["--gain-lr-scale", "nan"], "--gain-lr-scale: expected a number >= 0, got nan"),
+        ("train-model", ["--new-scene-probability", "nan"], "--new-scene-probability: expected a number in [0, 1]"),
+        ("train-model", ["--gain-lr-scale", "-1"], "--gain-lr-scale: expected a number >= 0, got '-1'"),
+        ("train-model", ["--gain-lr-scale", "nan"], "--gain-lr-scale: expected a number >= 0, got 'nan'"),
         ("train-model", ["--first-appearance-weight", "-1"], "--first-appearance-weight: expected a number >= 0"),
         ("train-model", ["--first-appearance-weight", "inf"], "--first-appearance-weight: expected a number >= 0"),
+        ("train-model", ["--seed", str(2**63)], "--seed: expected an integer >= 0 and < 2**63"),
+        ("train-model", ["--checkpoint-every", "-1"], "--checkpoint-every: expected an integer >= 0, got '-1'"),
+    ],
+)
+def test_training_options_out_of_range_are_usage_errors(tmp_path: Path, capsys, verb, args, message):
+    """An option's own range is its argparse type, as for every verb: argparse's usage line and
+    one error naming the option, exit 2, before the config is even read; nothing written."""
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(small_config()))
+    with pytest.raises(SystemExit) as exit_:
+        main([verb, "--config", str(config), "--out", str(tmp_path / "w.safetensors"), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith(f"usage: packforcing {verb} ") and f"\npackforcing {verb}: error: argument {message}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("verb", "args", "message"),
+    [
         ("train-compressor", ["--out", "{file}/w.safetensors"], "--out: {file}/w.safetensors: cannot write there:"),
         ("train-model", ["--out", "{file}/w.safetensors"], "--out: {file}/w.safetensors: cannot write there:"),
         ("train-model", ["--out", "{dir}"], "--out: {dir}: is a directory"),
     ],
 )
-def test_training_options_are_checked_before_anything_runs(tmp_path: Path, capsys, verb, args, message):
+def test_an_output_that_cannot_be_written_is_refused_before_anything_runs(tmp_path: Path, capsys, verb, args, message):
     """One line naming the option, exit 1, nothing written: before the model is even built."""
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps(small_config()))
     (tmp_path / "file").write_text("")
     names = {"file": str(tmp_path / "file"), "dir": str(tmp_path)}
     args = [a.format(**names) for a in args]
-    out = ["--out", str(tmp_path / "w.safetensors")] if "--out" not in args else []
-    assert main([verb, "--config", str(config), *out, *args]) == 1
+    assert main([verb, "--config", str(config), *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message.format(**names)}") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "file"]

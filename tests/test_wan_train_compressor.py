@@ -60,11 +60,16 @@ def test_within_budget():
         within_budget(16, 6, 1)
 
 
-def test_bad_batch_size_is_one_line(tmp_path, capsys):
+def test_bad_batch_size_is_a_usage_error(tmp_path, capsys):
     argv = ["train-compressor", "--config", "packforcing", "--batch-size", "0", "--out", str(tmp_path / "w")]
-    assert main(argv) == 1
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--batch-size: expected an integer >= 1, got 0" in err
+    assert exit_.value.code == 2
+    assert (
+        err.splitlines()[-1]
+        == "packforcing train-compressor: error: argument --batch-size: expected an integer >= 1, got '0'"
+    )
     assert not (tmp_path / "w").exists()
 
 

@@ -49,7 +49,9 @@ positive = explained("an integer >= 1", *integer(v.ge(1)))
 non_negative = explained("an integer >= 0", *integer(v.ge(0)))
 SEED_LIMIT = 2**63
 """Seeds are integers in ``[0, SEED_LIMIT)``: what a torch generator takes as a signed 64-bit seed."""
-seed_in_range = explained("an integer >= 0 and < 2**63 (a torch generator seed)", *integer(v.ge(0), v.lt(SEED_LIMIT)))
+SEED_EXPECTED = "an integer >= 0 and < 2**63 (a torch generator seed)"
+"""What a seed is, in errors (a config key's and a command-line option's alike)."""
+seed_in_range = explained(SEED_EXPECTED, *integer(v.ge(0), v.lt(SEED_LIMIT)))
 
 
 def wrap_seed(value: int) -> int:

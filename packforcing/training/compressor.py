@@ -42,7 +42,7 @@ from packforcing.core.errors import ConfigError
 from packforcing.core.interfaces import BlockModel
 from packforcing.training.data import AttentionData, Batch, collect, sample_batch
 from packforcing.training.objective import attention_loss, dual_branch_kv, pool_kv
-from packforcing.training.options import DATA_SOURCES, check_lr, check_seed
+from packforcing.training.options import DATA_SOURCES
 from packforcing.training.output import check_writable, diverged, git_commit, write_weights
 
 __all__ = [
@@ -323,20 +323,10 @@ def within_budget(videos: int, blocks: int, max_blocks: int | None, batch: int =
     return max(1, min(videos, max_blocks // (blocks * batch))), blocks, batch
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """The options' ranges, before anything runs: ``ValueError`` naming the option."""
-    for option, least in (("steps", 1), ("videos", 1), ("blocks", 2), ("batch", 1), ("batch_size", 1)):
-        value = getattr(args, option)
-        if value < least:
-            why = " (a training pair is a block and a later one)" if option == "blocks" else ""
-            raise ValueError(f"--{option.replace('_', '-')}: expected an integer >= {least}{why}, got {value}")
-    check_lr(args.lr)
-    check_seed(args.seed)
-    check_writable(args.out)
-
-
 def run(args: argparse.Namespace) -> int:
-    check_options(args)
+    """``train-compressor`` with parsed ``args`` (their ranges are their argparse types):
+    ``--out`` must be writable (``ValueError`` naming it, before anything runs)."""
+    check_writable(args.out)
     videos, blocks, batch = within_budget(args.videos, args.blocks, args.max_blocks, args.batch)
     if (videos, blocks, batch) != (args.videos, args.blocks, args.batch):
         made = videos * batch * blocks

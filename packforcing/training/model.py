@@ -50,7 +50,7 @@ from packforcing.core.weightfiles import check_tensors, load_into, read_header
 from packforcing.testing.reference import block_causal_mask
 from packforcing.training.options import MODEL_DEFAULT_OUT as DEFAULT_OUT
 from packforcing.training.options import MODEL_EXAMPLE as EXAMPLE
-from packforcing.training.options import TrainModelParams, check_lr, check_seed
+from packforcing.training.options import TrainModelParams
 from packforcing.training.options import add_model_arguments as add_arguments
 from packforcing.training.output import check_writable, diverged, git_commit, write_weights
 from packforcing.worlds import SceneWorld, SceneWorldParams, recall_schedule, revisit_schedule
@@ -550,30 +550,10 @@ def _batch_loss(
     return teacher_forcing_loss(model, backend, clean, condition, sigma, noise, masks, weights)
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """The options' ranges, before anything runs: ``ValueError`` naming the option."""
-    for name in ("steps", "batch_size", "train_blocks", "clips"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    for name in ("new_scene_probability", "pure_noise_fraction"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a number in [0, 1], got {getattr(args, name)}")
-    for name in ("gain_lr_scale", "first_appearance_weight"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"--{name.replace('_', '-')}: expected a number >= 0, got {value}")
-    check_lr(args.lr)
-    check_seed(args.seed)
-    if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every: expected an integer >= 0, got {args.checkpoint_every}")
-    check_writable(args.out)
-
-
 def run(args: argparse.Namespace) -> int:
-    check_options(args)
-    lo, hi = args.segment_blocks
-    if not 1 <= lo <= hi:
-        raise ValueError(f"--segment-blocks: expected 1 <= MIN <= MAX, got {lo} {hi}")
+    """``train-model`` with parsed ``args`` (their ranges are their argparse types): ``--out``
+    must be writable (``ValueError`` naming it, before anything runs)."""
+    check_writable(args.out)
     # every option is a field of TrainModelParams under the same name (warmup has no option)
     given = {f.name: getattr(args, f.name) for f in attrs.fields(TrainModelParams) if hasattr(args, f.name)}
     params = TrainModelParams(**{**given, "segment_blocks": tuple(args.segment_blocks)})

@@ -1,5 +1,7 @@
 """Command-line options of the training verbs, one definition each, importable without torch
-(``packforcing --help`` lists every verb without loading the training code).
+(``packforcing --help`` lists every verb without loading the training code). Each option's range
+is its argparse type (:mod:`packforcing.cli.argtypes`): a bad value is a usage error (exit 2)
+before anything is loaded.
 
 - ``packforcing train-compressor`` (also ``python -m packforcing.training.compressor``)
 - ``packforcing train-model`` (also ``python -m packforcing.training.model``)
@@ -8,25 +10,22 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 import attrs
 
-from packforcing.core.validators import SEED_LIMIT
+from packforcing.cli.argtypes import (
+    OrderedPair,
+    generator_seed,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 
-
-def check_lr(lr: float, option: str = "--lr") -> None:
-    """``ValueError`` naming ``option`` unless ``lr`` is a finite number > 0."""
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"{option}: expected a number > 0, got {lr}")
-
-
-def check_seed(seed: int, option: str = "--seed") -> None:
-    """``ValueError`` naming ``option`` unless ``0 <= seed < 2**63``."""
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"{option}: expected an integer >= 0 and < 2**63 (a torch generator seed), got {seed}")
-
-
+TRAINING_PAIR = "a training pair is a block and a later one"
+"""Why train-compressor's ``--blocks`` and ``--max-blocks`` are at least 2 (said in their errors)."""
 DEFAULT_OUT = "packforcing/weights/dual_branch_tiny.safetensors"
 """The shipped tiny weights: written only when ``--out`` names them explicitly."""
 DATA_SOURCES = ("generated", "world")
@@ -40,24 +39,26 @@ EXAMPLE = "example:\n  packforcing train-compressor --config packforcing --steps
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options (shared by ``packforcing train-compressor`` and ``python -m``)."""
     parser.add_argument("--config", required=True, help="YAML config with the model and a dual_branch compressor")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default 2e-3)")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps (default 1000)")
+    parser.add_argument(
+        "--lr", type=positive_float, default=2e-3, help="peak learning rate, cosine decay (default 2e-3)"
+    )
     parser.add_argument(
         "--out", required=True, help=f"safetensors to write (required: the shipped weights are {DEFAULT_OUT})"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--videos", type=int, default=16, help="videos generated for the data (default 16)")
-    parser.add_argument("--blocks", type=int, default=6, help="blocks per video (default 6)")
-    parser.add_argument("--batch", type=int, default=4, help="batch items per video (default 4)")
+    parser.add_argument("--seed", type=generator_seed, default=0)
+    parser.add_argument("--videos", type=positive_int, default=16, help="videos generated for the data (default 16)")
+    parser.add_argument("--blocks", type=int_at_least(2, TRAINING_PAIR), default=6, help="blocks per video (default 6)")
+    parser.add_argument("--batch", type=positive_int, default=4, help="batch items per video (default 4)")
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=32,
         help="training pairs per optimizer step; the held-out set is 4x as many (default 32)",
     )
     parser.add_argument(
         "--max-blocks",
-        type=int,
+        type=int_at_least(2, TRAINING_PAIR),
         default=None,
         metavar="N",
         help="budget of blocks generated for the data (videos x batch x blocks; fewer videos, then fewer "
@@ -132,28 +133,37 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, help=f"safetensors to write (required: the shipped weights are {MODEL_DEFAULT_OUT})"
     )
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, cosine decay (default {d.lr})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"clips per step (default {d.batch_size})")
+    parser.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     parser.add_argument(
-        "--train-blocks", type=int, default=d.train_blocks, help=f"blocks per training clip (default {d.train_blocks})"
+        "--lr", type=positive_float, default=d.lr, help=f"peak learning rate, cosine decay (default {d.lr})"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=d.batch_size, help=f"clips per step (default {d.batch_size})"
+    )
+    parser.add_argument(
+        "--train-blocks",
+        type=positive_int,
+        default=d.train_blocks,
+        help=f"blocks per training clip (default {d.train_blocks})",
     )
     parser.add_argument(
         "--gain-lr-scale",
-        type=float,
+        type=non_negative_float,
         default=d.gain_lr_scale,
         help=f"learning-rate multiplier of the query/key norm gains (default {d.gain_lr_scale})",
     )
-    parser.add_argument("--clips", type=int, default=d.clips, help=f"distinct training clips (default {d.clips})")
+    parser.add_argument(
+        "--clips", type=positive_int, default=d.clips, help=f"distinct training clips (default {d.clips})"
+    )
     parser.add_argument(
         "--pure-noise-fraction",
-        type=float,
+        type=unit_interval,
         default=d.pure_noise_fraction,
         help=f"fraction of blocks trained at sigma = 1, where only the history helps (default {d.pure_noise_fraction})",
     )
     parser.add_argument(
         "--first-appearance-weight",
-        type=float,
+        type=non_negative_float,
         default=d.first_appearance_weight,
         help=f"loss weight of blocks showing a scene for the first time (default {d.first_appearance_weight})",
     )
@@ -165,21 +175,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--new-scene-probability",
-        type=float,
+        type=unit_interval,
         default=d.new_scene_probability,
         help=f"revisit schedules: chance that a cut shows a new scene (default {d.new_scene_probability})",
     )
     parser.add_argument(
         "--segment-blocks",
-        type=int,
+        type=positive_int,
         nargs=2,
+        action=OrderedPair,
         default=list(d.segment_blocks),
         metavar=("MIN", "MAX"),
         help=f"training clips: blocks a scene stays on screen (default {d.segment_blocks[0]} {d.segment_blocks[1]})",
     )
     parser.add_argument("--init", default=None, help="weights to continue from (default: the seeded initialisation)")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=generator_seed, default=d.seed)
     parser.add_argument(
-        "--checkpoint-every", type=int, default=d.checkpoint_every, help="write the weights every N steps (0: end only)"
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=d.checkpoint_every,
+        help="write the weights every N steps (0: end only)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
