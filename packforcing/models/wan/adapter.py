@@ -151,18 +151,19 @@ class CrossAttentionProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _cast(transformer: Any, dtype: torch.dtype, file: str | Path) -> None:
-    """Cast parameters to ``dtype`` except those of the modules diffusers keeps in float32
-    (``_keep_in_fp32_modules``, as ``from_pretrained(torch_dtype=...)`` does). A checkpoint value
-    the cast would turn into ±Inf (float32 or bfloat16 weights beyond float16's ±65504) is a
-    :class:`CheckpointError` at ``file`` naming the tensor, before any parameter is cast."""
+def _targets(transformer: Any, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Each parameter's dtype once cast to ``dtype``: ``dtype``, except float32 for the modules
+    diffusers keeps in float32 (``_keep_in_fp32_modules``, as ``from_pretrained(torch_dtype=...)``)."""
     keep = set(getattr(type(transformer), "_keep_in_fp32_modules", None) or ())
-    params = dict(transformer.named_parameters())
-    targets = {name: torch.float32 if keep.intersection(name.split(".")) else dtype for name in params}
-    problem = cast_problem(params.items(), targets)
-    if problem is not None:
-        raise CheckpointError(file, problem)
-    for name, param in params.items():
+    names = (name for name, _ in transformer.named_parameters())
+    return {name: torch.float32 if keep.intersection(name.split(".")) else dtype for name in names}
+
+
+def _cast(transformer: Any, dtype: torch.dtype) -> None:
+    """Cast parameters to ``dtype`` except those of the modules diffusers keeps in float32
+    (:func:`_targets`)."""
+    targets = _targets(transformer, dtype)
+    for name, param in transformer.named_parameters():
         if param.dtype != targets[name]:
             param.data = param.data.to(targets[name])
 
@@ -208,7 +209,12 @@ def build_transformer(
     transformer.load_state_dict(checkpoint.state_dict(), strict=True, assign=True)
     cfg = transformer.config
     transformer.rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len)
-    _cast(transformer, dtype, checkpoint.file)
+    # a checkpoint value the cast would turn into ±Inf (float32 or bfloat16 weights beyond float16's
+    # ±65504) is refused naming the file and tensor, before any parameter is cast
+    problem = cast_problem(transformer.named_parameters(), _targets(transformer, dtype))
+    if problem is not None:
+        raise CheckpointError(checkpoint.file, problem)
+    _cast(transformer, dtype)
     return transformer.to(device).requires_grad_(False).eval(), config
 
 
