@@ -155,9 +155,9 @@ class TextEncoder:
         # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which typeshed
         # types as a plain function: the bound call looks like `self` is missing
         moved = model.to(device)  # type: ignore[arg-type]
-        problem = cast_damage(moved.state_dict(), safetensors_files(encoder_dir, ENCODER_WEIGHTS))
-        if problem is not None:  # a weight beyond dtype's range (float32 or bfloat16 weights run in float16)
-            raise ValueError(problem)
+        damage = cast_damage(moved.state_dict(), safetensors_files(encoder_dir, ENCODER_WEIGHTS))
+        if damage is not None:  # a weight beyond dtype's range (float32 or bfloat16 weights run in float16)
+            raise ValueError(damage)
         return cls(moved.requires_grad_(False).eval(), tok, max_length=max_length)
 
     @property
