@@ -96,11 +96,16 @@ def test_the_text_encoder_is_freed_before_the_transformer_runs(tmp_path, pipelin
 
     import packforcing.cli.generate as generate
 
+    def encoders() -> int:
+        return sum(type(o) is UMT5EncoderModel for o in gc.get_objects())
+
+    gc.collect()
+    before = encoders()  # encoders other tests keep (a fixture's pipeline) are not this run's
     alive: list[int] = []
 
     def count_encoders(done: int) -> None:
         gc.collect()
-        alive.append(sum(type(o) is UMT5EncoderModel for o in gc.get_objects()))
+        alive.append(encoders() - before)
 
     from packforcing.models.wan import text
 
@@ -108,7 +113,7 @@ def test_the_text_encoder_is_freed_before_the_transformer_runs(tmp_path, pipelin
     original = text.TextEncoder.encode
 
     def encode(self, *args, **kwargs):
-        encoded.append(sum(type(o) is UMT5EncoderModel for o in gc.get_objects()))
+        encoded.append(encoders() - before)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(text.TextEncoder, "encode", encode)
