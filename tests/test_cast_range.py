@@ -74,6 +74,34 @@ def test_nan_or_inf_in_the_file_is_not_the_cast_s_doing_unless_asked():
     assert cast_problem([("e", torch.zeros(0, 4))], torch.float16, finite=True) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+def test_float8_tensors_are_read_too(dtype):
+    """torch has no float8 ``aminmax``: a float8 tensor that must be read (``finite``, or a cast to
+    a float8 dtype) is read in float32, not a NotImplementedError."""
+    values = torch.tensor([1.0, -3.0, 0.5]).to(dtype)
+    assert cast_problem([("x", values)], torch.bfloat16, finite=True) is None
+    assert finite.largest_magnitude(values).item() == 3.0
+    nan = torch.tensor([1.0, float("nan")]).to(dtype)
+    assert cast_problem([("x", nan)], torch.float16, finite=True) == "x holds NaN or Inf"
+
+
+def test_float8_prompt_embeds_load_as_before(tmp_path):
+    """A float8_e5m2 ``prompt_embeds`` file loaded before the cast check (``isfinite`` takes it)
+    and still does; its NaN is still refused."""
+    pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+
+    from packforcing.core.errors import ParamError
+    from packforcing.models.wan.adapter import read_prompt_embeds
+
+    file = tmp_path / "e8.safetensors"
+    save_file({"prompt_embeds": torch.randn(7, 16).to(torch.float8_e5m2)}, str(file))
+    assert read_prompt_embeds(file, 16, torch.bfloat16).dtype == torch.float8_e5m2
+    save_file({"prompt_embeds": torch.full((7, 16), float("nan")).to(torch.float8_e5m2)}, str(file))
+    with pytest.raises(ParamError, match=r"prompt_embeds holds NaN or Inf$"):
+        read_prompt_embeds(file, 16, torch.bfloat16)
+
+
 def test_a_load_as_wide_as_the_file_reads_no_tensor(monkeypatch):
     def read(x):
         raise AssertionError("read a tensor whose cast cannot overflow")

@@ -72,10 +72,14 @@ def narrowest(*dtypes: torch.dtype) -> torch.dtype:
 def largest_magnitude(x: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor in ``x``'s dtype and device: the largest ``|x|`` of the floating-point ``x``
     (NaN if it holds a NaN, Inf if an Inf; 0 if empty). One ``aminmax`` pass: on the CPU,
-    where weights are loaded and cast, it is vectorised for every float dtype and ~5x faster than
-    ``vector_norm(x, inf)`` (:func:`finite_probe`, chosen for the GPU) or ``isfinite(x).all()``."""
+    where weights are loaded and cast, it is vectorised for float16, bfloat16, float32 and
+    float64 and ~5x faster than ``vector_norm(x, inf)`` (:func:`finite_probe`, chosen for the
+    GPU) or ``isfinite(x).all()``. ``aminmax`` has no float8 kernel: a float8 ``x`` is read in
+    float32 (which holds its every value exactly) and so is its result."""
     if x.numel() == 0:
         return torch.zeros((), dtype=x.dtype, device=x.device)
+    if x.is_floating_point() and x.element_size() == 1:
+        x = x.float()
     low, high = torch.aminmax(x)
     return torch.maximum(low.abs(), high.abs())
 
