@@ -136,6 +136,26 @@ def test_a_world_whose_objects_cannot_fit_its_frame_is_refused():
         SceneWorldParams(speed=(2, 1))
 
 
+@pytest.mark.parametrize(
+    ("fields", "got"),
+    [
+        ({"object_size": (1, 2, 3)}, "[1, 2, 3]"),
+        ({"object_size": [1]}, "[1]"),
+        ({"speed": "ab"}, "'ab'"),
+        ({"speed": (1, "x")}, "[1, 'x']"),
+        ({"speed": 5}, "5"),
+        ({"speed": (0.5, float("inf"))}, "[0.5, inf]"),  # objects would leave the frame: NaN positions
+        ({"object_size": (float("nan"), 2)}, "[nan, 2.0]"),
+    ],
+)
+def test_a_range_that_is_not_two_finite_numbers_is_refused_naming_its_key(fields, got):
+    """Whatever is wrong with a range, the one-line error names its key and shows what was given."""
+    key = next(iter(fields))
+    with pytest.raises(ValueError) as info:
+        SceneWorldParams(**fields)
+    assert str(info.value) == f"{key}: expected a range [low, high] with 0 <= low <= high < inf, got {got}"
+
+
 def test_the_world_for_a_frame_is_the_shipped_world_at_64_and_scaled_elsewhere():
     """``for_frame`` at 64×64 is the default world itself (the shipped model's training data, bit
     for bit); elsewhere object sizes and speeds scale with the frame's shorter side, and sizes

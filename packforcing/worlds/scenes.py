@@ -25,14 +25,21 @@ import torch
 from packforcing.core.validators import positive, wrap_seed
 
 
-def _pair(value: Sequence[float]) -> tuple[float, float]:
-    lo, hi = (float(v) for v in value)
-    return lo, hi
+def _pair(value: Sequence[float]) -> Any:
+    """Converter: ``[low, high]`` (a list from YAML, a tuple) as two floats; anything else is kept
+    as given, for :func:`_range` to refuse naming the key (a converter does not know it)."""
+    try:
+        lo, hi = value
+        return float(lo), float(hi)
+    except (TypeError, ValueError):
+        return value
 
 
-def _range(instance: Any, attribute: attrs.Attribute, value: tuple[float, float]) -> None:
-    if not 0 <= value[0] <= value[1]:
-        raise ValueError(f"{attribute.name}: expected a range [low, high] with 0 <= low <= high, got {list(value)}")
+def _range(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    pair = isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, float) for v in value)
+    if not (pair and 0 <= value[0] <= value[1] < math.inf):
+        got = list(value) if isinstance(value, (tuple, list)) else repr(value)
+        raise ValueError(f"{attribute.name}: expected a range [low, high] with 0 <= low <= high < inf, got {got}")
 
 
 REFERENCE_FRAME = 64
