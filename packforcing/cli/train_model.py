@@ -15,9 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train-model",
         help="train the model on short clips of the procedural scenes world (teacher forcing)",
         description="Train CONFIG's model from its seeded initialisation on clips of --train-blocks blocks "
-        "of the procedural scenes world, conditioned on the scene index: block-causal teacher forcing "
-        "(clean history, noisy current block) with flow matching. Writes safetensors (with metadata) "
-        "that YAML loads with model.weights, every --checkpoint-every steps and at the end.",
+        "of the procedural scenes world, conditioned on the scene index where the model takes scenes: "
+        "block-causal teacher forcing (clean history, noisy current block) with flow matching. Writes "
+        "safetensors (with metadata) that YAML loads with model.weights, every --checkpoint-every steps "
+        "and at the end.",
         example=MODEL_EXAMPLE,
     )
     add_model_arguments(p)

@@ -2,7 +2,8 @@
 
 Objective: block-causal teacher forcing with flow matching. A clip of ``train_blocks`` blocks
 is rendered by :class:`~packforcing.worlds.SceneWorld` (a fresh random world per clip, scene
-indices as conditions) and encoded to latents. The model runs twice over the clip:
+indices as conditions for a model that takes scenes) and encoded to latents. The model runs
+twice over the clip:
 
 1. a *clean pass* at timestep 0 over the clean latents with a block-causal mask — exactly the
    K/V the cache would hold after committing those blocks (:meth:`BlockModel.clean_kv`);

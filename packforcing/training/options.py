@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         choices=DATA_SOURCES,
         default="generated",
-        help="videos: the model's own samples (default) or clips of the scenes world under their conditions",
+        help="videos: the model's own samples (default) or clips of the scenes world (under their scene "
+        "conditions for a model that takes scenes)",
     )
 
 
@@ -194,6 +195,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-every",
         type=non_negative_int,
         default=d.checkpoint_every,
-        help="write the weights every N steps (0: end only)",
+        help=f"write the weights every N steps (default {d.checkpoint_every}; 0: end only)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
