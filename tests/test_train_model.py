@@ -499,6 +499,17 @@ def test_the_shipped_world_model_records_how_it_was_trained():
         assert config.data["model"]["weights"] == "pkg:world_tiny.safetensors", preset
 
 
+def test_the_world_a_preset_s_model_trains_on_is_the_world_the_shipped_model_was_trained_on():
+    """``world_params_for`` (the codec's stride, the declared scene count, sizes and speeds scaled
+    to the frame) gives the presets' model exactly the world its weights record: retraining it
+    films the same clips."""
+    from packforcing.compressors.dual_branch import resolve_weights
+
+    meta = read_metadata(resolve_weights("pkg:world_tiny.safetensors"))
+    model = pf.build_engine(pf.load_config("packforcing", ["run.device=cpu"])).model
+    assert {"name": "scenes", **world_params_for(model).as_dict()} == meta["world"]
+
+
 def test_weights_refuse_a_config_that_computes_differently():
     """Flags that change no tensor's shape (condition_tokens, prediction, codec…) are checked
     against the weights' metadata: a preset that forgot one is a one-line error, not a model
