@@ -89,6 +89,7 @@ def cast_problem(
     dtype: torch.dtype | Mapping[str, torch.dtype],
     *,
     finite: bool = False,
+    suggest: bool = True,
 ) -> str | None:
     """One line about the first tensor of ``tensors`` (``(name, tensor read from a file)``) that a
     cast to ``dtype`` (one for all, or per name) turns from finite to ±Inf:
@@ -97,7 +98,8 @@ def cast_problem(
     :func:`largest_magnitude` each, one host read for all), so a load in a dtype as wide as the
     file's costs nothing. A tensor that holds NaN or Inf itself is not the cast's doing and passes,
     unless ``finite``: then every floating-point tensor is read and such a one is
-    ``"NAME holds NaN or Inf"``."""
+    ``"NAME holds NaN or Inf"``. ``suggest=False`` leaves out the dtypes to run in, for a load
+    whose dtype the user cannot choose (a resumed run's state, which must resume unchanged)."""
     names: list[str] = []
     targets: list[torch.dtype] = []
     probes: list[torch.Tensor] = []
@@ -116,15 +118,15 @@ def cast_problem(
             if finite:
                 return f"{name} holds NaN or Inf"
         elif not math.isfinite(torch.tensor(largest, dtype=torch.float64).to(target).item()):
-            return out_of_range(name, largest, target)
+            return out_of_range(name, largest, target, suggest=suggest)
     return None
 
 
-def out_of_range(name: str, largest: float, dtype: torch.dtype) -> str:
+def out_of_range(name: str, largest: float, dtype: torch.dtype, *, suggest: bool = True) -> str:
     """The line of :func:`cast_problem` for tensor ``name`` whose largest magnitude ``largest``
-    is beyond ``dtype``'s range, suggesting the run dtypes that hold it."""
+    is beyond ``dtype``'s range, suggesting (``suggest``) the run dtypes that hold it."""
     fits = [d for d in SUGGESTED_DTYPES if narrows(d, dtype) and torch.finfo(d).max >= largest][:2]
-    hint = f"; run in {' or '.join(_name(d) for d in fits)}" if fits else ""
+    hint = f"; run in {' or '.join(_name(d) for d in fits)}" if fits and suggest else ""
     return f"{name} holds {largest:.2g}, beyond {_name(dtype)}'s ±{torch.finfo(dtype).max:g}{hint}"
 
 

@@ -188,7 +188,8 @@ def _unpack(record: Any, tensors: Mapping[str, torch.Tensor], g: Geometry) -> _S
         raise ValueError(f"checkpoint: block {fields['block_id']}: K/V {tuple(kv.shape)}, expected {expected}")
     latents = tensors.get(f"{key}.latents")
     # latents are copied into the cache's pages, of the geometry's dtype: their values must fit it
-    problem = cast_problem([(f"{key}.latents", latents)], g.torch_dtype) if latents is not None else None
+    # (no dtype to run in is suggested: a run resumes in the dtype it was saved from)
+    problem = cast_problem([(f"{key}.latents", latents)], g.torch_dtype, suggest=False) if latents is not None else None
     if problem is not None:
         raise ValueError(f"checkpoint: {problem}")
     return _Staged(fields, list(kv[0]), list(kv[1]), latents, at, tokens)

@@ -214,7 +214,7 @@ class StreamingDecoder:
         slots = len(self._cache)
         if int(meta.get("slots", -1)) != slots or any(not 0 <= int(k) < slots for k in tensors):
             raise ValueError(f"the VAE decoder's cache has {slots} slots; the checkpoint's is from another VAE")
-        problem = cast_problem(tensors.items(), self.codec.dtype)
+        problem = cast_problem(tensors.items(), self.codec.dtype, suggest=False)  # a run resumes unchanged
         if problem is not None:
             raise ValueError(f"the VAE decoder's cache slot {problem}")
         cache: list[Any] = [None] * slots
