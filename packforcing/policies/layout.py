@@ -11,8 +11,9 @@ the memory planner (which only counts them), so the plan and the cache cannot di
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
 
@@ -116,3 +117,67 @@ class TierLayout:
         self.members[newest].append(block_id)
         moves.append(Move(block_id, NEW, newest))
         return moves
+
+
+class IdRuns:
+    """A set of block ids held as sorted, disjoint runs ``[start, stop)`` and a count.
+
+    The ids of dropped blocks: a tiered cache's blocks leave it in the order they came (FIFO
+    through the tiers, then the archive), so its dropped ids are one run however long the video
+    is, and this bookkeeping stays a few integers where a list of ids grew by one per block.
+    Ids added in any order are kept exactly (a gap costs one run more); adding a held id is a
+    no-op. Iteration is in increasing order.
+    """
+
+    __slots__ = ("_count", "_starts", "_stops")
+
+    def __init__(self, ids: Iterable[int] = ()) -> None:
+        self._starts: list[int] = []
+        self._stops: list[int] = []
+        self._count = 0
+        for block_id in ids:
+            self.add(block_id)
+
+    def add(self, block_id: int) -> None:
+        i = bisect_right(self._starts, block_id)  # the runs before i start at or before block_id
+        if i and block_id < self._stops[i - 1]:
+            return  # held already
+        joins_left = i > 0 and self._stops[i - 1] == block_id
+        joins_right = i < len(self._starts) and self._starts[i] == block_id + 1
+        if joins_left and joins_right:
+            self._stops[i - 1] = self._stops.pop(i)
+            del self._starts[i]
+        elif joins_left:
+            self._stops[i - 1] = block_id + 1
+        elif joins_right:
+            self._starts[i] = block_id
+        else:
+            self._starts.insert(i, block_id)
+            self._stops.insert(i, block_id + 1)
+        self._count += 1
+
+    def clear(self) -> None:
+        self._starts.clear()
+        self._stops.clear()
+        self._count = 0
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """The runs ``(start, stop)``, in increasing order."""
+        return list(zip(self._starts, self._stops, strict=True))
+
+    def __contains__(self, block_id: object) -> bool:
+        if not isinstance(block_id, int):
+            return False
+        i = bisect_right(self._starts, block_id)
+        return i > 0 and block_id < self._stops[i - 1]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[int]:
+        for start, stop in self.runs:
+            yield from range(start, stop)
+
+    def __repr__(self) -> str:
+        return f"IdRuns({self.runs})"

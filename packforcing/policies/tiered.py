@@ -47,7 +47,7 @@ from packforcing.core.records import (
     TierStats,
 )
 from packforcing.core.store import Reservation, Slot, TierStore, check_finite
-from packforcing.policies.layout import ARCHIVE, DROP, TierLayout, TierSlotSpec
+from packforcing.policies.layout import ARCHIVE, DROP, IdRuns, TierLayout, TierSlotSpec
 from packforcing.policies.planner import plan_tiers
 from packforcing.policies.tier_specs import MAX_PLAN_BLOCKS, TieredParams, TierSpec, archive_placement
 from packforcing.policies.tiered_checkpoint import LoadedCache, cache_state, stage_cache
@@ -120,8 +120,11 @@ class TieredPolicy(CachePolicy):
         self._resolve_grids()
         self._archive: deque[CachedBlock] = deque()
         self._archive_store: TierStore | None = None
-        self._dropped: list[int] = []
+        self._dropped = IdRuns()
+        """Ids of the blocks dropped, as runs: one run in any video (they leave in order)."""
         self._where: dict[int, int | str] = {}
+        """Tier index or ``"archive"`` of each block held: a dropped block leaves it, so it holds
+        at most the tiers' and the archive's blocks, not one entry per block ever committed."""
         self._last_block_id = -1
         self._checks = DeferredChecks()
         """The device-side checks of the current block's passes, read by :meth:`settle`."""
@@ -203,7 +206,8 @@ class TieredPolicy(CachePolicy):
 
     @property
     def dropped(self) -> list[int]:
-        """Ids of blocks dropped by the overflow rule."""
+        """Ids of blocks dropped by the overflow rule, in increasing order (the order they were
+        dropped in). A list made on each call: the policy holds them as runs (:class:`IdRuns`)."""
         return list(self._dropped)
 
     @property
@@ -219,9 +223,18 @@ class TieredPolicy(CachePolicy):
     def _origin(self, key: str, kind: str, component: Any) -> Origin:
         return self.origins.get(key) or Origin.of(kind, component)
 
+    def _located(self, block_id: int) -> int | str | None:
+        """Tier index, ``"archive"`` or ``"drop"`` of a committed block; ``None`` for another id."""
+        where = self._where.get(block_id)
+        if where is None and block_id in self._dropped:
+            return DROP
+        return where
+
     def location(self, block_id: int) -> int | str:
         """Tier name, ``"archive"`` or ``"drop"`` for a committed block."""
-        where = self._where[block_id]
+        where = self._located(block_id)
+        if where is None:
+            raise KeyError(block_id)
         return self._tiers[where].name if isinstance(where, int) else where
 
     def validate(self, env: Any) -> None:
@@ -285,11 +298,13 @@ class TieredPolicy(CachePolicy):
         assert live == len(archived), f"archive: {len(archived)} blocks, {live} live slots"
         for block_id in archived:
             assert self._where.get(block_id) == ARCHIVE, f"block {block_id}: location {self._where.get(block_id)!r}"
-        for block_id in self._dropped:
-            assert self._where.get(block_id) == DROP, f"block {block_id}: location {self._where.get(block_id)!r}"
-        every = seen | set(archived) | set(self._dropped)
-        assert len(every) == len(seen) + len(archived) + len(self._dropped), "a block is in two places"
-        assert every == set(self._where), f"locations {sorted(self._where)} vs blocks held {sorted(every)}"
+        held_ids = seen | set(archived)
+        assert len(held_ids) == len(seen) + len(archived), "a block is in two places"
+        assert held_ids == set(self._where), f"locations {sorted(self._where)} vs blocks held {sorted(held_ids)}"
+        dropped_and_held = sorted(b for b in held_ids if b in self._dropped)
+        assert not dropped_and_held, f"blocks {dropped_and_held} are dropped and held"
+        runs = self._dropped.runs
+        assert not runs or runs[-1][1] - 1 <= self._last_block_id, f"dropped {runs} after the last block"
 
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
@@ -344,8 +359,7 @@ class TieredPolicy(CachePolicy):
         self._archive_store = loaded.archive_store
         self._archive = loaded.archive
         self._where.update((b.block_id, ARCHIVE) for b in self._archive)
-        self._dropped = list(loaded.dropped)
-        self._where.update((b, DROP) for b in self._dropped)
+        self._dropped = IdRuns(loaded.dropped)
         self._last_block_id = loaded.last_block_id
         for old_store in old:
             if old_store is not None:
@@ -546,8 +560,8 @@ class TieredPolicy(CachePolicy):
             old = self._archive.popleft()
             assert self._archive_store is not None
             self._archive_store.release(_slot_of(old))
-            self._dropped.append(old.block_id)
-            self._where[old.block_id] = DROP
+            self._dropped.add(old.block_id)
+            del self._where[old.block_id]
         if archive_store is not self._archive_store:
             self._archive_store = archive_store
         for step in steps:
@@ -558,14 +572,15 @@ class TieredPolicy(CachePolicy):
                 step.src.blocks.popleft()
                 step.src.store.release(_slot_of(step.block))
             if move.dst == DROP:
-                self._dropped.append(move.block_id)
+                self._dropped.add(move.block_id)
+                self._where.pop(move.block_id, None)
             else:
                 assert stored is not None, f"block {move.block_id} goes to {move.dst!r} with nothing to store"
                 if move.dst == ARCHIVE:
                     self._archive.append(stored)
                 else:
                     self._tiers[move.tier].blocks.append(stored)
-            self._where[move.block_id] = move.dst
+                self._where[move.block_id] = move.dst
         self.layout.members = layout.members
         self._last_block_id = commit.block_id
 
@@ -589,7 +604,7 @@ class TieredPolicy(CachePolicy):
         place. They are checked as a commit's are (layers, shape, dtype, device, finite) before
         anything is written: ``ValueError`` (:class:`~packforcing.core.store.NonFiniteError`)
         and the cache unchanged otherwise."""
-        where = self._where.get(block_id)
+        where = self._located(block_id)
         tier = self._tiers[where] if isinstance(where, int) else None
         if tier is None:
             raise ValueError(f"block {block_id} is not held at full resolution (it is in {where or 'no tier'})")
