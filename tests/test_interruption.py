@@ -8,6 +8,7 @@ every frame once. Real signals (SIGINT, SIGTERM, SIGKILL) are sent to a CLI subp
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -654,3 +655,45 @@ def test_sigterm_stops_the_training_verbs_in_one_line(tmp_path, verb):
     assert proc.returncode == 130 and err == "error: interrupted (SIGTERM)\n"
     if verb[0] == "train-model":  # its weights are saved on the way out
         assert out.is_file()
+
+
+# ---------------------------------------------------------------------- report rewrites
+def test_report_rewrites_thin_out_so_a_block_costs_the_same_however_long_the_run():
+    """``report.json`` holds every block's record, so rewriting it after every block would cost
+    each block more the longer the run: it is rewritten after each of the first 128 blocks, then
+    ever less often, lagging the run by at most 1/64 of its blocks, with a constant number of
+    records serialised per block on average."""
+    from packforcing.cli.run_files import REPORT_EVERY_BLOCK, report_due
+
+    assert all(report_due(n) for n in range(1, 2 * REPORT_EVERY_BLOCK))
+    due = [n for n in range(1, 100_001) if report_due(n)]
+    # the report lags the run by at most 1/64 of its blocks (by none while each block is written)
+    assert all(b - a <= max(1, b / REPORT_EVERY_BLOCK) for a, b in itertools.pairwise(due))
+    for length in (1_000, 10_000, 100_000):
+        records = sum(n for n in due if n <= length)  # what the rewrites serialise in all
+        assert records / length <= 2 * REPORT_EVERY_BLOCK  # per block: bounded, not growing with length
+
+
+def test_the_report_on_disk_follows_the_rewrite_rule_and_every_checkpoint(tmp_path, monkeypatch):
+    """After each block report.json has every block when the rule says so (and at every
+    checkpoint), else the blocks of its last rewrite; the run's end writes them all."""
+    import packforcing.cli.run_files as run_files
+
+    monkeypatch.setattr(run_files, "REPORT_EVERY_BLOCK", 2)  # from block 4 every 2nd, from block 8 every 4th
+    out = tmp_path / "run"
+    seen: list[tuple[int, int]] = []
+
+    def on_block(done: int) -> None:
+        seen.append((done, json.loads((out / "report.json").read_text())["blocks_done"]))
+
+    blocks, every = 14, 5
+    run_job(write_config(tmp_path, "packforcing", blocks=blocks, checkpoint_every=every), out, on_block=on_block)
+    written = 0
+    for done, on_disk in seen:
+        if run_files.report_due(done) or done % every == 0:
+            written = done
+        assert on_disk == written, (done, on_disk)
+    # the blocks after which the report lags (5 and 10 are not due, but a checkpoint writes them)
+    assert [done for done, on_disk in seen if done != on_disk] == [7, 9, 11, 13, 14]
+    report = json.loads((out / "report.json").read_text())
+    assert (report["status"], report["blocks_done"], len(report["blocks"])) == ("complete", blocks, blocks)

@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Generate a video block by block, streaming frames to DIR/video.mp4, and write "
         "DIR/report.json (per-block time, context tokens, cache bytes per tier) and DIR/memory.png "
         "(cache bytes per tier against block index, stacked, with the full cache for reference). "
-        "report.json is rewritten after every block (status running/complete/interrupted/failed) and the "
+        "report.json is rewritten as blocks come (after every block at first, then ever less often, "
+        "lagging by at most 1/64 of the run) and at the end (status running/complete/interrupted/failed); the "
         "MP4 stays playable whatever happens; an interrupted run (Ctrl-C, SIGTERM) saves a checkpoint "
         "that --resume continues bit-exactly.",
         example=EXAMPLE,
@@ -346,8 +347,10 @@ def run_job(
     """Generate one run into ``out_dir`` (``video.mp4``, ``report.json``, ``memory.png``, and
     ``latents.safetensors`` with ``save_latents``); returns the report as a dict.
 
-    The output directory is checked first. ``report.json`` is rewritten atomically after every
-    block (``status: running``) and on the way out (``complete``, ``interrupted``, ``failed``);
+    The output directory is checked first. ``report.json`` is rewritten atomically as blocks
+    come (``status: running``; after every block at first, then ever less often:
+    :func:`~packforcing.cli.run_files.report_due`), at every checkpoint and on the way out
+    (``complete``, ``interrupted``, ``failed``);
     ``memory.png`` is drawn on every exit path; the MP4 is playable after any block. On SIGINT
     or SIGTERM the whole generation state is saved to ``out_dir/checkpoint`` (also every
     ``run.checkpoint_every`` blocks) and :class:`Interrupted` is raised. ``resume=True``

@@ -28,7 +28,8 @@ class RunReport:
     peak_archive_bytes: int = 0
     total_seconds: float = 0.0
     status: str = "running"
-    """``running`` (written after every block), ``complete``, ``interrupted`` or ``failed``."""
+    """``running`` (written as blocks come: :func:`~packforcing.cli.run_files.report_due`),
+    ``complete``, ``interrupted`` or ``failed``."""
     error: str | None = None
     """The one-line error of a ``failed`` run."""
     blocks_planned: int | None = None
