@@ -350,3 +350,21 @@ def test_id_runs_are_the_set_of_ids_added(ids):
     assert all((i in runs) == (i in ids) for i in range(-1, 42))
     starts = [i for i in sorted(set(ids)) if i - 1 not in ids]
     assert [start for start, _ in runs.runs] == starts  # maximal runs: one per gap
+
+
+def test_a_numpy_integer_id_is_located_as_before_the_runs():
+    """``location`` took any id a dict keyed by ``int`` finds (a numpy integer: ids from
+    ``np.arange``, an array of block indices): a dropped block's too, now that those are runs."""
+    import numpy as np
+
+    from .helpers import engine_for
+
+    engine = engine_for({"name": "sink_recent", "sink_frames": 4, "window_frames": 8}, steps=1)
+    policy = engine.policy
+    list(engine.generate(6, seed=0))
+    ids = np.arange(6)
+    assert [policy.location(b) for b in ids] == [policy.location(int(b)) for b in ids]
+    assert policy.location(ids[2]) == "drop" and np.int64(2) in policy._dropped
+    with pytest.raises(ValueError, match=r"block 2 is not held at full resolution \(it is in drop\)"):
+        policy.replace_kv(ids[2], [], [], position=0.0)
+    assert 2.5 not in policy._dropped and "2" not in policy._dropped

@@ -14,6 +14,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from numbers import Integral
 
 import attrs
 
@@ -167,8 +168,10 @@ class IdRuns:
         return list(zip(self._starts, self._stops, strict=True))
 
     def __contains__(self, block_id: object) -> bool:
-        if not isinstance(block_id, int):
+        # as a dict keyed by ids answers: any integral id (a numpy integer too), nothing else
+        if not isinstance(block_id, Integral):
             return False
+        block_id = int(block_id)
         i = bisect_right(self._starts, block_id)
         return i > 0 and block_id < self._stops[i - 1]
 
