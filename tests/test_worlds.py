@@ -146,6 +146,7 @@ def test_a_world_whose_objects_cannot_fit_its_frame_is_refused():
         ({"speed": 5}, "5"),
         ({"speed": (0.5, float("inf"))}, "[0.5, inf]"),  # objects would leave the frame: NaN positions
         ({"object_size": (float("nan"), 2)}, "[nan, 2.0]"),
+        ({"speed": (1, 10**400)}, f"[1, {10**400}]"),  # an int no float holds (YAML reads one)
     ],
 )
 def test_a_range_that_is_not_two_finite_numbers_is_refused_naming_its_key(fields, got):

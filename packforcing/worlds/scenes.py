@@ -31,7 +31,7 @@ def _pair(value: Sequence[float]) -> Any:
     try:
         lo, hi = value
         return float(lo), float(hi)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float's range
         return value
 
 
