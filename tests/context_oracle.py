@@ -76,18 +76,24 @@ def packed_targets(realigner: Any, blocks: Sequence[Any], query_start: float) ->
     return [origin + sum(frames[:i]) for i in range(len(frames))], origin + sum(frames)
 
 
+def topk_samples(params: Any, nq: int, num_heads: int) -> tuple[list[int], list[int]]:
+    """``topk``'s sampled queries and heads from their definitions (not from the selector's
+    ``query_sample`` / ``head_sample``): ``n = min(Nq, max(min_queries, ⌈query_fraction·Nq⌉))``
+    queries ``i·Nq // n``, and the explicit ``heads`` or ``⌈head_fraction·H⌉`` evenly spaced."""
+    n = max(1, min(nq, max(params.min_queries, math.ceil(params.query_fraction * nq))))
+    queries = [i * nq // n for i in range(n)]
+    if params.heads is not None:
+        return queries, sorted(set(params.heads))
+    h = max(1, math.ceil(params.head_fraction * num_heads))
+    return queries, [i * num_heads // h for i in range(h)]
+
+
 def topk_scores(params: Any, q: torch.Tensor, blocks: Sequence[Any], layer: int, item: int) -> list[float]:
     """``topk``'s importance of each block for batch item ``item``'s queries ``q [B, Nq, H, D]``:
     the mean of every logit ``q·k/√D`` of the evenly spaced sampled queries, the chosen heads and
     the block's stored keys, in float64 (not factorised through the mean key, as the selector is)."""
     _, nq, num_heads, d = q.shape
-    n = max(1, min(nq, max(params.min_queries, math.ceil(params.query_fraction * nq))))
-    queries = [i * nq // n for i in range(n)]
-    if params.heads is not None:
-        heads = sorted(set(params.heads))
-    else:
-        h = max(1, math.ceil(params.head_fraction * num_heads))
-        heads = [i * num_heads // h for i in range(h)]
+    queries, heads = topk_samples(params, nq, num_heads)
     scores = []
     for block in blocks:
         keys = block.layer_kv(layer)[0][item][:, heads].double()  # [N, h', D]

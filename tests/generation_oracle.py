@@ -40,7 +40,7 @@ from packforcing.core.interfaces import AttentionContext
 from packforcing.core.records import CachedBlock
 from packforcing.core.sampler import block_noise, fresh_noise
 
-from .context_oracle import attention64, rope_angles, rotate64
+from .context_oracle import attention64, rope_angles, rotate64, topk_samples
 
 
 @attrs.frozen
@@ -108,13 +108,7 @@ def brute_topk(sel: Selection, q: torch.Tensor, candidates: Sequence[torch.Tenso
     logit computed in float64 (no factorisation through mean queries or keys); ties go to the
     newer block."""
     nq, num_heads, d = q.shape
-    n = max(1, min(nq, max(sel.min_queries, math.ceil(sel.query_fraction * nq))))
-    queries = [i * nq // n for i in range(n)]
-    if sel.heads is not None:
-        heads = sorted(set(sel.heads))
-    else:
-        count = max(1, math.ceil(sel.head_fraction * num_heads))
-        heads = [i * num_heads // count for i in range(count)]
+    queries, heads = topk_samples(sel, nq, num_heads)
     scores = []
     for keys in candidates:
         total, terms = 0.0, 0

@@ -14,6 +14,8 @@ from packforcing.core.geometry import Geometry
 from packforcing.selectors import RecencyParams, RecencySelector, TopKParams, TopKSelector
 from packforcing.selectors.topk import head_sample, query_sample
 
+from .context_oracle import topk_samples
+
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
@@ -33,14 +35,7 @@ def brute_force(queries, blocks, params: TopKParams, layer: int = 0) -> tuple[li
     """Score = mean over sampled queries, chosen heads and every key of qᵀk/√d, loop by loop;
     the top k (ties to the newer block), in time order."""
     b_size, nq, num_heads, d = queries.shape
-    # the samples from their definitions, not from query_sample / head_sample
-    n = max(1, min(nq, max(params.min_queries, math.ceil(params.query_fraction * nq))))
-    qi = [i * nq // n for i in range(n)]
-    if params.heads is not None:
-        heads = sorted(set(params.heads))
-    else:
-        h = max(1, math.ceil(params.head_fraction * num_heads))
-        heads = [i * num_heads // h for i in range(h)]
+    qi, heads = topk_samples(params, nq, num_heads)  # from their definitions, not the selector's samplers
     out = []
     for b in range(b_size):
         scores = []
