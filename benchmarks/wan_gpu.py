@@ -4,7 +4,7 @@ The full-size Wan2.1-T2V-1.3B transformer (30 layers, 12 heads × 128, 832×480 
 latents, 3-frame blocks as Self-Forcing, its 4-step sampler + the clean pass) is built with
 random weights directly on the GPU in bf16 (no checkpoint: the structure is what costs time and
 memory). One script, one run, every section under a time cap so the whole finishes within
-8 minutes of GPU time (470 s by default; 402 s on one H100 with a 400 s budget); results are rewritten after
+8 minutes of GPU time (470 s by default; 451 s on one H100 with it); results are rewritten after
 every section, so an interrupted run keeps what it measured:
 
 1. attention: SDPA as the engine calls it (the kernel it picks named), SDPA with each kernel
@@ -137,9 +137,8 @@ GPU = Sizes(
         "shares": 60,
         "shares_per_pass": 60,
         "shares_split": 60,
-        # on one H100 the full cache reached 80 blocks in 161 s (3.6 s per block there, +50 ms per
-        # block); by its plan and measured peaks (predict_oom) block 90 runs out of memory, ~197 s
-        # in: 235 s lets it get there (the others took 241 s, so a 470 s budget leaves it ~229 s)
+        # on one H100 (92e9ac0) the full cache ran out of memory in its 89th block, 196 s in
+        # (4.0 s per block at the end): 235 s covers that, and the whole run took 451 s of 470
         "full": 235,
     },
     attention_contexts={"self_forcing_window_21f": 21 * 1560, "full_60s": 240 * 1560 + 3 * 1560},
@@ -641,7 +640,11 @@ def predict_oom(
     line through the last (up to 8) measured blocks that allocated no cache (their peak over the
     cache they hold); ``C`` is the peak over the cache at the last block that allocated some (an
     upper bound of ``C``). Each row needs ``block``, ``plan_bytes`` (after it) and ``block_peak``
-    (that block's own ``max_memory_allocated``)."""
+    (that block's own ``max_memory_allocated``).
+
+    ``usable`` counts what the allocator holds as free, and the model does not see fragmentation:
+    on one H100 the full cache stopped a block sooner than predicted (88 blocks, not 89) when its
+    3.21 GiB page found 2.78 GiB free on the card and 1.40 GiB reserved in smaller pieces."""
     steady = [r for prev, r in itertools.pairwise(rows) if r["plan_bytes"] == prev["plan_bytes"]][-8:]
     if len(steady) < 2:
         return None

@@ -10,10 +10,9 @@
 # OUT/wan_gpu.{json,md}: the attention kernels, xformers included when it loads; the per-layer
 # copy against attention over the stored parts; each policy's time and memory; the
 # cache-management share copied, with the top-K once per pass, and split); BUDGET: its --budget
-# in seconds (default 470, under 8 minutes: with 400 the whole took 402 s on an H100, 454 s with
-# the tests and the installs, and the time cap stopped the full cache after 80 blocks, short of
-# running out of memory; by that run's timings the full cache needs ~197 s to get there, and 470
-# leaves it ~229 s; cut so the whole call ends within CALL_LIMIT, 585 s by default, when the
+# in seconds (default 470, under 8 minutes: at 92e9ac0 on an H100 the benchmark took 451 s, the
+# whole call 533 s with the installs and the tests, and the full cache ran out of memory in its
+# 89th block, 196 s into its section; cut so the whole call ends within CALL_LIMIT, 585 s by default, when the
 # installs and tests before it run long, less the before tree's 100 s run and its margin when
 # .before/ is there). MEMORY_GIB: wan_gpu.py's --memory-gib (default: 79.1
 # on a card of more than 80 GB, so an H200 runs out where an 80 GB H100 does, within the
