@@ -336,8 +336,8 @@ def test_the_tiered_policy_keeps_locations_of_held_blocks_only_and_dropped_ids_a
         policy.location(40)
     with pytest.raises(ValueError, match=r"block 3 is not held at full resolution \(it is in drop\)"):
         policy.replace_kv(3, [], [], position=0.0)
-    tensors, meta = policy.state_dict()  # a checkpoint lists them, as before
-    assert meta["dropped"] == list(range(1, 38))
+    tensors, meta = policy.state_dict()  # a checkpoint holds them as runs too
+    assert meta["dropped"] == [[1, 38]]
     policy.load_state_dict(tensors, meta)
     policy.audit()
     assert policy._dropped.runs == [(1, 38)] and sorted(policy._where) == held
@@ -368,3 +368,129 @@ def test_a_numpy_integer_id_is_located_as_before_the_runs():
     with pytest.raises(ValueError, match=r"block 2 is not held at full resolution \(it is in drop\)"):
         policy.replace_kv(ids[2], [], [], position=0.0)
     assert 2.5 not in policy._dropped and "2" not in policy._dropped
+
+
+@given(st.lists(st.integers(0, 40), max_size=60))
+def test_id_runs_from_their_runs_are_the_same_ids(ids):
+    runs = IdRuns(ids)
+    again = IdRuns.from_runs(runs.runs)
+    assert again.runs == runs.runs and list(again) == list(runs) and len(again) == len(runs)
+    split = [(i, i + 1) for i in runs]  # adjacent runs are joined
+    assert IdRuns.from_runs(split).runs == runs.runs
+
+
+@pytest.mark.parametrize(("runs", "message"), [([(3, 3)], "empty"), ([(0, 5), (4, 8)], "is not after")])
+def test_id_runs_from_runs_refuses_empty_or_unsorted_runs(runs, message):
+    with pytest.raises(ValueError, match=message):
+        IdRuns.from_runs(runs)
+
+
+SLIDING = {"name": "sliding_window", "window_frames": 8}
+"""Two blocks of 4 frames: from block 2 on, every commit drops a block."""
+
+
+def sliding_session(blocks: int) -> tuple[Any, Any]:
+    """A sliding-window engine (one sampler step: the same cache, sooner) and its open session
+    after ``blocks`` blocks."""
+    from .helpers import engine_for
+
+    engine = engine_for(SLIDING, steps=1)
+    session = engine.session(seed=3)
+    for _ in range(blocks):
+        session.step()
+    return engine, session
+
+
+@pytest.mark.parametrize("form", ["runs", "ids"])
+def test_a_checkpoint_keeps_dropped_ids_as_runs_and_resumes_bit_exactly(tmp_path, form):
+    """A checkpoint saves the dropped ids as runs ``[start, stop)`` and resumes bit-exactly from
+    them; one in the form earlier versions wrote (``"dropped"``: every id, ``[0, 1, ..., 9]``),
+    written to disk here, resumes bit-exactly too, with the same runs in the policy."""
+    from packforcing.core.checkpoint import load_checkpoint, save_checkpoint
+
+    from .helpers import engine_for
+
+    engine, session = sliding_session(12)
+    state = engine.state_dict()
+    assert state["meta"]["cache"]["dropped"] == [[0, 10]]
+    if form == "ids":
+        state["meta"]["cache"]["dropped"] = engine.policy.dropped  # what earlier versions saved
+        assert state["meta"]["cache"]["dropped"] == list(range(10))
+    save_checkpoint(tmp_path, state)
+    saved = json.loads((tmp_path / "state.json").read_text())["meta"]["cache"]["dropped"]
+    assert saved == ([[0, 10]] if form == "runs" else list(range(10)))
+    rest = [session.step().latents for _ in range(4)]
+    session.close()
+    other = engine_for(SLIDING, steps=1)
+    resumed = other.load_state_dict(load_checkpoint(tmp_path)[0])
+    other.policy.audit()
+    assert other.policy.dropped_runs == [(0, 10)] and other.policy.dropped == list(range(10))
+    assert other.policy.location(9) == "drop" and other.policy.stats().dropped_blocks == 10
+    again = [resumed.step().latents for _ in range(4)]
+    assert [x.numpy().tobytes() for x in again] == [x.numpy().tobytes() for x in rest]
+    assert other.policy.dropped_runs == engine.policy.dropped_runs == [(0, 14)]
+    assert other.state_dict()["meta"]["cache"]["dropped"] == [[0, 14]]  # saved as runs from now on
+    resumed.close()
+
+
+MALFORMED_DROPPED = [
+    ("not_a_list", 5, r"malformed dropped blocks: 5 is not a list of runs \[start, stop\)$"),
+    ("null", None, r"malformed dropped blocks: None is not a list of runs"),
+    ("empty_run", [[4, 4]], r"malformed dropped blocks: run 0 \[4, 4\) is empty or starts below 0$"),
+    ("reversed_run", [[0, 2], [6, 3]], r"run 1 \[6, 3\) is empty or starts below 0$"),
+    ("negative_run", [[-1, 2]], r"run 0 \[-1, 2\) is empty or starts below 0$"),
+    ("overlapping", [[0, 5], [4, 8]], r"run 1 \[4, 8\) overlaps or comes before run 0 \[0, 5\) \(runs are sorted"),
+    ("unsorted", [[6, 8], [0, 2]], r"run 1 \[0, 2\) overlaps or comes before run 0 \[6, 8\)"),
+    ("three_numbers", [[0, 5, 7]], r"entry 0 \[0, 5, 7\] is not a run \[start, stop\) of two ints$"),
+    ("a_string", [[0, "5"]], r"entry 0 \[0, '5'\] is not a run \[start, stop\) of two ints$"),
+    ("a_float", [[0, 5.0]], r"entry 0 \[0, 5.0\] is not a run"),
+    ("a_bool", [[True, 5]], r"entry 0 \[True, 5\] is not a run"),
+    (
+        "mixed",
+        [0, [1, 3]],
+        r"a list of block ids \(entry 0: 0\) and of runs \[start, stop\) \(entry 1: \[1, 3\]\) at once",
+    ),
+    ("repeated_id", [0, 1, 1], r"malformed dropped blocks: block id 1 is listed twice$"),
+    ("negative_id", [-1, 0], r"malformed dropped blocks: block id -1 is negative$"),
+    ("after_the_last", [[0, 100]], r"checkpoint: dropped blocks \[0, 100\) come after the last block 11$"),
+    ("held", [[0, 11]], r"checkpoint: blocks \[10\] are both held and dropped$"),
+    ("held_id", [*range(10), 11], r"checkpoint: blocks \[11\] are both held and dropped$"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [c[1:] for c in MALFORMED_DROPPED], ids=[c[0] for c in MALFORMED_DROPPED]
+)
+def test_malformed_dropped_ids_are_refused_in_one_line_with_the_cache_unchanged(value, message):
+    """A checkpoint's ``"dropped"`` that is not sorted, disjoint, non-empty runs of ids ``>= 0``
+    (nor a list of distinct ids, the earlier form), or that names a held block or one after the
+    last, is refused with one line naming what is wrong, and the cache is as it was."""
+    engine, session = sliding_session(12)
+    policy = engine.policy
+    tensors, meta = policy.state_dict()
+    assert meta["dropped"] == [[0, 10]] and [b.block_id for b in policy.tier_blocks("window")] == [10, 11]
+    with pytest.raises(ValueError, match=message) as caught:
+        policy.load_state_dict(tensors, {**meta, "dropped": value})
+    assert str(caught.value).startswith("checkpoint: ") and "\n" not in str(caught.value)
+    policy.audit()
+    assert policy.dropped_runs == [(0, 10)] and [b.block_id for b in policy.tier_blocks("window")] == [10, 11]
+    session.close()
+
+
+def test_a_checkpoint_s_metadata_does_not_grow_with_the_blocks_dropped(tmp_path):
+    """A sliding window drops a block per block: a checkpoint's ``state.json`` listing their ids
+    grew by a line per block (thousands in a long run). As runs it is the same size at block 16
+    and at block 512 (but for a few more digits in the ids, frames and positions it names)."""
+    from packforcing.core.checkpoint import save_checkpoint
+
+    engine, session = sliding_session(0)
+    sizes, dropped = {}, {}
+    for done in range(1, 513):
+        session.step()
+        if done in (16, 64, 512):
+            save_checkpoint(tmp_path / str(done), engine.state_dict())
+            sizes[done] = (tmp_path / str(done) / "state.json").stat().st_size
+            dropped[done] = json.loads((tmp_path / str(done) / "state.json").read_text())["meta"]["cache"]["dropped"]
+    session.close()
+    assert max(sizes.values()) - min(sizes.values()) <= 16, sizes  # listing the ids: over 4 kB more
+    assert dropped == {done: [[0, done - 2]] for done in sizes}

@@ -137,6 +137,27 @@ def test_interrupted_then_resumed_is_bit_identical(tmp_path, uninterrupted, poli
     assert not (out / "checkpoint").exists()
 
 
+@pytest.mark.parametrize(("policy", "runs"), [("sliding_window", [[0, 2]]), ("sink_recent", [[1, 3]])])
+def test_a_checkpoint_listing_dropped_ids_as_earlier_versions_did_resumes_bit_identical(
+    tmp_path, uninterrupted, policy, runs
+):
+    """Checkpoints save the dropped ids as runs ``[start, stop)``; earlier versions listed every
+    id. A run directory whose checkpoint lists them (rewritten so here) resumes bit-exactly."""
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_job(write_config(tmp_path, policy), out, save_latents=True, on_block=stop_at(4))
+    index = out / "checkpoint" / "state.json"
+    state = json.loads(index.read_text())
+    assert state["meta"]["cache"]["dropped"] == runs
+    state["meta"]["cache"]["dropped"] = [i for start, stop in runs for i in range(start, stop)]
+    index.write_text(json.dumps(state, indent=1) + "\n")
+    result = run_job(None, out, resume=True)
+    assert (result["status"], result["blocks_done"]) == ("complete", BLOCKS)
+    latents, frames = uninterrupted[policy]
+    assert load_file(str(out / "latents.safetensors"))["latents"].numpy().tobytes() == latents.numpy().tobytes()
+    assert np.array_equal(frames_of(out / "video.mp4"), frames)
+
+
 class InterruptingCompressor(FaultyCompressor):
     """Raises KeyboardInterrupt inside a commit (a second Ctrl-C landing mid-block), or sends
     the process SIGINT (a first Ctrl-C) while block ``at`` is being compressed and archived."""

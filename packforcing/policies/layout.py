@@ -139,6 +139,25 @@ class IdRuns:
         for block_id in ids:
             self.add(block_id)
 
+    @classmethod
+    def from_runs(cls, runs: Iterable[tuple[int, int]]) -> IdRuns:
+        """The ids of ``runs`` ``(start, stop)``: sorted and disjoint, none empty (adjacent runs
+        are joined); a ``ValueError`` otherwise. As many steps as runs, not as ids."""
+        made = cls()
+        for start, stop in runs:
+            start, stop = int(start), int(stop)
+            if start >= stop:
+                raise ValueError(f"run [{start}, {stop}) is empty")
+            if made._stops and start < made._stops[-1]:
+                raise ValueError(f"run [{start}, {stop}) is not after run [{made._starts[-1]}, {made._stops[-1]})")
+            if made._stops and start == made._stops[-1]:
+                made._stops[-1] = stop
+            else:
+                made._starts.append(start)
+                made._stops.append(stop)
+            made._count += stop - start
+        return made
+
     def add(self, block_id: int) -> None:
         i = bisect_right(self._starts, block_id)  # the runs before i start at or before block_id
         if i and block_id < self._stops[i - 1]:

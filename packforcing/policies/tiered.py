@@ -211,6 +211,12 @@ class TieredPolicy(CachePolicy):
         return list(self._dropped)
 
     @property
+    def dropped_runs(self) -> list[tuple[int, int]]:
+        """:attr:`dropped` as runs ``(start, stop)`` of consecutive ids, in increasing order: one
+        run in any video (blocks leave in the order they came), however many were dropped."""
+        return self._dropped.runs
+
+    @property
     def archive_store(self) -> TierStore | None:
         """The store the archived blocks are in (``None`` before the first is archived)."""
         return self._archive_store
@@ -326,8 +332,10 @@ class TieredPolicy(CachePolicy):
         """The whole cache as ``(tensors, meta)``: every tier's and the archive's blocks (K/V
         stacked per block ``[2, L, B, N, H, D]``, latents ``[B, C, F, H, W]`` where kept) and the
         JSON-able bookkeeping (block records with the ``(page, index)`` slot each block is stored
-        in, each store's free slots in order, dropped ids, last block). Safe to write with
-        safetensors + JSON; :meth:`load_state_dict` restores it bit for bit, slots included."""
+        in, each store's free slots in order, the dropped ids as runs ``[start, stop)`` of
+        consecutive ids, last block). Safe to write with safetensors + JSON; :meth:`load_state_dict`
+        restores it bit for bit, slots included (and reads the dropped ids' earlier form, a list
+        of ids, as well)."""
         return cache_state(self)
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
@@ -359,7 +367,7 @@ class TieredPolicy(CachePolicy):
         self._archive_store = loaded.archive_store
         self._archive = loaded.archive
         self._where.update((b.block_id, ARCHIVE) for b in self._archive)
-        self._dropped = IdRuns(loaded.dropped)
+        self._dropped = loaded.dropped  # a new IdRuns of each load
         self._last_block_id = loaded.last_block_id
         for old_store in old:
             if old_store is not None:

@@ -9,8 +9,10 @@ of it succeeded, so a bad checkpoint leaves the cache as it was.
 
 from __future__ import annotations
 
+import reprlib
 from collections import deque
 from collections.abc import Mapping, Sequence
+from numbers import Integral
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -20,6 +22,7 @@ from packforcing.core.finite import cast_problem
 from packforcing.core.geometry import Geometry
 from packforcing.core.records import CachedBlock
 from packforcing.core.store import NonFiniteError, Slot, TierStore
+from packforcing.policies.layout import IdRuns
 
 if TYPE_CHECKING:
     from packforcing.policies.tiered import TieredPolicy
@@ -28,14 +31,14 @@ if TYPE_CHECKING:
 @attrs.frozen(eq=False)
 class LoadedCache:
     """A checkpoint put into new stores and checked, not yet installed: per tier (the policy's
-    order) its store and blocks, the archive's store and blocks, the dropped ids and the last
-    block committed."""
+    order) its store and blocks, the archive's store and blocks, the dropped ids (as runs: a few
+    integers however many blocks were dropped) and the last block committed."""
 
     stores: list[TierStore]
     blocks: list[deque[CachedBlock]]
     archive_store: TierStore | None
     archive: deque[CachedBlock]
-    dropped: list[int]
+    dropped: IdRuns
     last_block_id: int
 
 
@@ -97,7 +100,9 @@ def cache_state(policy: TieredPolicy) -> tuple[dict[str, torch.Tensor], dict[str
         "archive": records("archive", archived),
         "free": {t.name: free(t.store) for t in tiers},
         "archive_free": free(policy.archive_store) if archived else [],
-        "dropped": policy.dropped,
+        # runs [start, stop) of consecutive ids: one run in any video, where a list of the ids
+        # (what earlier versions saved, still read) grew by one per block dropped
+        "dropped": [[start, stop] for start, stop in policy.dropped_runs],
         "last_block_id": policy.last_block_id,
     }
     return tensors, meta
@@ -124,7 +129,12 @@ def stage_cache(policy: TieredPolicy, tensors: Mapping[str, torch.Tensor], meta:
     g = policy.geometry
     staged = {t.name: [_unpack(r, tensors, g) for r in saved_tiers[t.name]] for t in tiers}
     archived = [_unpack(r, tensors, g) for r in meta.get("archive", [])]
-    _check_staged(policy, staged, archived, meta)
+    dropped = _dropped_ids(meta.get("dropped", []))
+    try:
+        last = int(meta.get("last_block_id", -1))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint: malformed last block ({exc})") from None
+    _check_staged(policy, staged, archived, dropped, last)
     free = meta.get("free")
     saved_free = free if isinstance(free, Mapping) else {}  # a checkpoint saved without slots has none
     stores: list[TierStore] = []
@@ -150,8 +160,8 @@ def stage_cache(policy: TieredPolicy, tensors: Mapping[str, torch.Tensor], meta:
         blocks=held,
         archive_store=archive_store,
         archive=archive,
-        dropped=[int(b) for b in meta.get("dropped", [])],
-        last_block_id=int(meta.get("last_block_id", -1)),
+        dropped=dropped,
+        last_block_id=last,
     )
 
 
@@ -195,11 +205,57 @@ def _unpack(record: Any, tensors: Mapping[str, torch.Tensor], g: Geometry) -> _S
     return _Staged(fields, list(kv[0]), list(kv[1]), latents, at, tokens)
 
 
+def _is_id(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _dropped_ids(saved: Any) -> IdRuns:
+    """A checkpoint's ``"dropped"``: runs ``[start, stop)`` of consecutive ids, sorted, disjoint
+    and none empty (``[[1, 38]]``), or the form earlier versions saved, a list of the ids
+    (``[1, 2, ..., 37]``), each once. A one-line ``ValueError`` naming what is malformed."""
+    problem = "checkpoint: malformed dropped blocks:"
+    if not isinstance(saved, (list, tuple)):
+        raise ValueError(f"{problem} {reprlib.repr(saved)} is not a list of runs [start, stop)")
+    ids = [i for i, entry in enumerate(saved) if _is_id(entry)]
+    if ids and len(ids) < len(saved):  # one form or the other (an empty list is both)
+        other = next(i for i, entry in enumerate(saved) if not _is_id(entry))
+        raise ValueError(
+            f"{problem} a list of block ids (entry {ids[0]}: {saved[ids[0]]!r}) and of runs [start, stop) "
+            f"(entry {other}: {reprlib.repr(saved[other])}) at once"
+        )
+    if ids:  # the earlier form: one id per block dropped
+        seen: set[int] = set()
+        for block_id in map(int, saved):
+            if block_id < 0 or block_id in seen:
+                raise ValueError(f"{problem} block id {block_id} is {'negative' if block_id < 0 else 'listed twice'}")
+            seen.add(block_id)
+        return IdRuns(sorted(seen))
+    runs: list[tuple[int, int]] = []
+    for i, run in enumerate(saved):
+        if not (isinstance(run, (list, tuple)) and len(run) == 2 and all(_is_id(x) for x in run)):
+            raise ValueError(f"{problem} entry {i} {reprlib.repr(run)} is not a run [start, stop) of two ints")
+        start, stop = int(run[0]), int(run[1])
+        if not 0 <= start < stop:
+            raise ValueError(f"{problem} run {i} [{start}, {stop}) is empty or starts below 0")
+        if runs and start < runs[-1][1]:
+            raise ValueError(
+                f"{problem} run {i} [{start}, {stop}) overlaps or comes before run {i - 1} "
+                f"[{runs[-1][0]}, {runs[-1][1]}) (runs are sorted and disjoint)"
+            )
+        runs.append((start, stop))
+    return IdRuns.from_runs(runs)
+
+
 def _check_staged(
-    policy: TieredPolicy, staged: Mapping[str, list[_Staged]], archived: list[_Staged], meta: Mapping[str, Any]
+    policy: TieredPolicy,
+    staged: Mapping[str, list[_Staged]],
+    archived: list[_Staged],
+    dropped: IdRuns,
+    last: int,
 ) -> None:
     """What no single store can see: every block fits its tier, the whole cache has one batch
-    size and the geometry's dtype, and no block id is held twice (nor after the last block)."""
+    size and the geometry's dtype, and no block id is held twice, held and dropped, nor after
+    the last block."""
     every = [block for blocks in (*staged.values(), archived) for block in blocks]
     for tier in policy.tiers:
         if tier.capacity is not None and len(staged[tier.name]) > tier.capacity:
@@ -222,14 +278,16 @@ def _check_staged(
         ids = [b.block_id for b in blocks]
         if ids != sorted(set(ids)):
             raise ValueError(f"checkpoint: block ids {ids} held by one tier are not in time order")
-    try:
-        dropped = [int(b) for b in meta.get("dropped", [])]
-        last = int(meta.get("last_block_id", -1))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"checkpoint: malformed dropped blocks or last block ({exc})") from None
-    ids = [b.block_id for b in every] + dropped
+    ids = [b.block_id for b in every]
     if len(set(ids)) != len(ids) or (ids and max(ids) > last):
         raise ValueError(f"checkpoint: block ids {sorted(ids)} repeat or come after the last block {last}")
+    runs = dropped.runs  # checked against the held ids without listing the dropped ones
+    if runs and runs[-1][1] - 1 > last:
+        start, stop = runs[-1]
+        raise ValueError(f"checkpoint: dropped blocks [{start}, {stop}) come after the last block {last}")
+    both = sorted(b for b in ids if b in dropped)
+    if both:
+        raise ValueError(f"checkpoint: blocks {both} are both held and dropped")
 
 
 def _restore(store: TierStore, blocks: list[_Staged], free: Any, *, latents: bool) -> list[Slot]:
