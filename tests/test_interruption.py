@@ -718,3 +718,43 @@ def test_the_report_on_disk_follows_the_rewrite_rule_and_every_checkpoint(tmp_pa
     assert [done for done, on_disk in seen if done != on_disk] == [7, 9, 11, 13, 14]
     report = json.loads((out / "report.json").read_text())
     assert (report["status"], report["blocks_done"], len(report["blocks"])) == ("complete", blocks, blocks)
+
+
+@pytest.mark.parametrize("how", ["raise", "sigterm"])
+@pytest.mark.parametrize(("at", "checkpoint_every"), [(3, None), (4, 2)])
+def test_an_interrupted_run_writes_its_report_once_on_the_way_out(tmp_path, monkeypatch, how, at, checkpoint_every):
+    """Stopped after block ``at`` (Ctrl-C landing between blocks, or SIGTERM: the block finishes
+    first), the run saves its checkpoint and writes ``report.json`` once, ``interrupted`` with
+    every block: the checkpoint's own rewrite (``running``, the same blocks) was a second one.
+    Block 4 is also a ``run.checkpoint_every`` checkpoint's, which rewrote it before."""
+    from packforcing.output.report import RunReport
+
+    writes: list[tuple[str, int]] = []
+    write = RunReport.write
+
+    def counted(self: RunReport, path: Any) -> None:
+        writes.append((self.status, len(self.blocks)))
+        write(self, path)
+
+    monkeypatch.setattr(RunReport, "write", counted)
+    out = tmp_path / "run"
+    stopped: list[int] = []
+
+    def on_block(done: int) -> None:
+        if done == at:
+            stopped.append(len(writes))  # what the blocks wrote: the rule's rewrites, a checkpoint's
+            if how == "raise":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = write_config(tmp_path, "packforcing", checkpoint_every=checkpoint_every)
+    with pytest.raises(Interrupted) as caught:
+        run_job(config, out, on_block=on_block)
+    assert caught.value.blocks_done == at and caught.value.resume_dir == out
+    assert writes[: stopped[0]][-1] == ("running", at)  # block at's rewrite (the rule: every early block)
+    assert writes[stopped[0] :] == [("interrupted", at)]
+    report = json.loads((out / "report.json").read_text())
+    assert (report["status"], report["blocks_done"], len(report["blocks"])) == ("interrupted", at, at)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["meta"]["blocks_done"] == at
+    result = run_job(None, out, resume=True)
+    assert (result["status"], result["blocks_done"], len(result["blocks"])) == ("complete", BLOCKS, BLOCKS)

@@ -457,7 +457,7 @@ def _run(
         with stop_signals_to(signal.SIG_IGN):  # the run's state is being saved on the way out
             if files.consistent():
                 try:
-                    files.checkpoint()
+                    files.checkpoint(report=False)  # finish() writes the report, with its status
                 except OSError as error:  # not resumable after all: say so, naming the file
                     files.finish("failed", " ".join(str(error).split()))
                     session.close()

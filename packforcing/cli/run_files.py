@@ -280,8 +280,11 @@ class RunFiles:
             and (not self.save_latents or len(self.latents) == done)
         )
 
-    def checkpoint(self) -> None:
-        """Save the session and every output's position to ``out/checkpoint`` (atomically)."""
+    def checkpoint(self, *, report: bool = True) -> None:
+        """Save the session and every output's position to ``out/checkpoint`` (atomically), then
+        rewrite ``report.json`` with every block the checkpoint has; ``report=False`` leaves that
+        to the caller's next step (an interrupted run's :meth:`finish`, which writes the same
+        blocks with its status: the report is written once on the way out, not twice)."""
         from packforcing.core.checkpoint import save_checkpoint
 
         saved = self.session.state_dict()
@@ -301,7 +304,8 @@ class RunFiles:
             saved["tensors"].update({f"run.decoder.{k}": t for k, t in cached.items()})
         with writing(self.out / CHECKPOINT_DIR):
             save_checkpoint(self.out / CHECKPOINT_DIR, saved, info)
-        self.write_report()  # the report on disk has every block the checkpoint has
+        if report:
+            self.write_report()  # the report on disk has every block the checkpoint has
 
     def complete(self, keep_checkpoint: bool) -> None:
         """Every block is made: the latents, then ``report.json`` and ``memory.png`` say
