@@ -546,13 +546,13 @@ def random_wan(sizes: Sizes) -> Any:
     ``from_pretrained(torch_dtype=...)`` (diffusers' float32 modules stay float32)."""
     from diffusers import WanTransformer3DModel
 
-    from packforcing.models.wan.adapter import WanBlockModel, _cast
+    from packforcing.models.wan.adapter import WanBlockModel, _cast, _targets
     from packforcing.models.wan.params import WanParams
 
     torch.manual_seed(0)
     with torch.device(sizes.device):
         transformer = WanTransformer3DModel(**sizes.transformer)
-    _cast(transformer, sizes.dtype)
+    _cast(transformer, _targets(transformer, sizes.dtype))
     transformer.requires_grad_(False).eval()
     height, width = sizes.latent
     params = WanParams(frames_per_block=FRAMES_PER_BLOCK, latent_height=height, latent_width=width)

@@ -159,10 +159,8 @@ def _targets(transformer: Any, dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {name: torch.float32 if keep.intersection(name.split(".")) else dtype for name in names}
 
 
-def _cast(transformer: Any, dtype: torch.dtype) -> None:
-    """Cast parameters to ``dtype`` except those of the modules diffusers keeps in float32
-    (:func:`_targets`)."""
-    targets = _targets(transformer, dtype)
+def _cast(transformer: Any, targets: Mapping[str, torch.dtype]) -> None:
+    """Cast each parameter to its dtype in ``targets`` (:func:`_targets`)."""
     for name, param in transformer.named_parameters():
         if param.dtype != targets[name]:
             param.data = param.data.to(targets[name])
@@ -211,10 +209,11 @@ def build_transformer(
     transformer.rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len)
     # a checkpoint value the cast would turn into ±Inf (float32 or bfloat16 weights beyond float16's
     # ±65504) is refused naming the file and tensor, before any parameter is cast
-    problem = cast_problem(transformer.named_parameters(), _targets(transformer, dtype))
+    targets = _targets(transformer, dtype)
+    problem = cast_problem(transformer.named_parameters(), targets)
     if problem is not None:
         raise CheckpointError(checkpoint.file, problem)
-    _cast(transformer, dtype)
+    _cast(transformer, targets)
     return transformer.to(device).requires_grad_(False).eval(), config
 
 
