@@ -70,6 +70,18 @@ def test_a_value_is_refused_exactly_when_the_cast_makes_it_infinite():
     assert cast_problem([("x", torch.arange(3))], torch.float16) is None  # integers are not cast
 
 
+def test_the_problem_found_names_its_tensor_for_the_caller_to_rename():
+    """:func:`finite.find_cast_problem` tells which tensor it is (the caller finds its file and its
+    name there); its line is :func:`cast_problem`'s, under either name."""
+    tensors = [("a", torch.ones(2)), ("blocks.0.w", torch.tensor([BIG])), ("nan", torch.tensor([float("nan")]))]
+    found = finite.find_cast_problem(tensors, torch.float16)
+    assert found == finite.CastProblem("blocks.0.w", f"holds 7.1e+04, {F16}")
+    assert found.line() == cast_problem(tensors, torch.float16) == f"blocks.0.w holds 7.1e+04, {F16}"
+    assert found.line("model.blocks.0.weight") == f"model.blocks.0.weight holds 7.1e+04, {F16}"
+    assert finite.find_cast_problem(tensors[2:], torch.float16, finite=True) == ("nan", "holds NaN or Inf")
+    assert finite.find_cast_problem(tensors[:1], torch.float16) is None
+
+
 def test_nan_or_inf_in_the_file_is_not_the_cast_s_doing_unless_asked():
     nan = [("a", torch.tensor([float("nan")])), ("b", torch.tensor([-BIG]))]
     assert cast_problem(nan, torch.float16) == f"b holds 7.1e+04, {F16}"
@@ -124,18 +136,38 @@ def build_transformer(path: Path, dtype: torch.dtype):
     return build_transformer(WanParams(path=str(path)), dtype=dtype, device=torch.device("cpu"))[0]
 
 
+WAN_NAME = "blocks.1.ffn.net.0.proj.weight"
+"""The tensor spoiled in the Wan checkpoints, by diffusers' name; officially ``blocks.1.ffn.0.weight``."""
+WAN_STORED = {
+    "diffusers": WAN_NAME,
+    "sharded": WAN_NAME,
+    "wan": "blocks.1.ffn.0.weight",
+    "self_forcing": "generator_ema.model.blocks.1.ffn.0.weight",
+}
+"""Its name in the file of each format (a Self-Forcing file's under ``generator_ema``)."""
+
+
 def write_checkpoint(model, folder: Path, fmt: str) -> tuple[Path, Path]:
-    """``(path to configure, file the error names)`` of ``model`` written in ``fmt``."""
+    """``(path to configure, file holding tensor WAN_NAME)`` of ``model`` written in ``fmt``
+    (``sharded``: a diffusers folder of several ``.safetensors`` shards and their index)."""
+    from packforcing.models.wan.checkpoints import WEIGHTS, WEIGHTS_INDEX
     from tests.wan_fixtures import write_diffusers, write_self_forcing, write_wan
 
     if fmt == "diffusers":
-        return write_diffusers(model, folder), folder
+        return write_diffusers(model, folder), folder / WEIGHTS
+    if fmt == "sharded":
+        model.save_pretrained(str(folder), max_shard_size="60KB")
+        shard = json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"][WAN_NAME]
+        assert len(set(json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values())) > 2
+        return folder, folder / shard
     file = write_wan(model, folder) if fmt == "wan" else write_self_forcing(model, folder)
     return file, file
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "wan", "self_forcing"])
+@pytest.mark.parametrize("fmt", ["diffusers", "sharded", "wan", "self_forcing"])
 def test_a_wan_checkpoint_value_beyond_float16_is_refused_naming_the_file_and_tensor(tmp_path, fmt):
+    """The file is the one holding the tensor (a folder's weights file, or its shard), and the
+    tensor is named as it is stored there (a single-file format's official name)."""
     pytest.importorskip("diffusers")
     from packforcing.models.wan.checkpoints import CheckpointError
     from tests.wan_fixtures import tiny_transformer
@@ -146,10 +178,52 @@ def test_a_wan_checkpoint_value_beyond_float16_is_refused_naming_the_file_and_te
     path, named = write_checkpoint(model, tmp_path / fmt, fmt)
     with pytest.raises(CheckpointError) as info:
         build_transformer(path, torch.float16)
-    assert str(info.value) == f"path: {named}: blocks.1.ffn.net.0.proj.weight holds 7.1e+04, {F16}"
+    assert str(info.value) == f"path: {named}: {WAN_STORED[fmt]} holds 7.1e+04, {F16}"
+    assert info.value.file == str(named)
     loaded = build_transformer(path, torch.bfloat16)  # bfloat16 holds it
     weight = loaded.blocks[1].ffn.net[0].proj.weight
     assert weight.dtype == torch.bfloat16 and bool(torch.isfinite(weight).all())
+
+
+def test_a_sharded_wan_checkpoint_beyond_float16_is_one_config_error_line_naming_the_shard(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from tests.wan_fixtures import tiny_transformer
+
+    model = tiny_transformer()
+    with torch.no_grad():
+        model.blocks[1].ffn.net[0].proj.weight[0, 0] = BIG
+    folder, shard = write_checkpoint(model, tmp_path / "sharded", "sharded")
+    config = tmp_path / "wan.yaml"
+    config.write_text(
+        f"model: {{name: wan, path: '{folder}', frames_per_block: 2, latent_height: 4, latent_width: 6}}\n"
+        "policy: full\nbackend: sdpa\nsampler: {name: self_forcing}\nrun: {device: cpu, dtype: float16}\n"
+    )
+    out = tmp_path / "out"
+    assert main(["generate", "--config", str(config), "--blocks", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {file_label(config)}: model.path: {shard}: {WAN_NAME} holds 7.1e+04, {F16}\n"
+    assert not out.exists()
+
+
+def test_a_wan_refusal_names_the_stored_tensor_under_the_comfy_prefix_too(tmp_path):
+    """An official file whose names carry ``model.diffusion_model.`` (as ComfyUI saves them) is
+    named with that prefix: the name a user finds in the file."""
+    pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+
+    from packforcing.models.wan.checkpoints import CheckpointError
+    from tests.wan_fixtures import OFFICIAL_CONFIG, official_state, tiny_transformer
+
+    model = tiny_transformer()
+    with torch.no_grad():
+        model.blocks[0].attn1.to_k.weight[0, 1] = BIG
+    tmp_path.mkdir(exist_ok=True)
+    file = tmp_path / "comfy.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in official_state(model).items()}, str(file))
+    (tmp_path / "config.json").write_text(json.dumps(OFFICIAL_CONFIG))
+    with pytest.raises(CheckpointError) as info:
+        build_transformer(file, torch.float16)
+    assert str(info.value) == f"path: {file}: model.diffusion_model.blocks.0.self_attn.k.weight holds 7.1e+04, {F16}"
 
 
 def test_a_wan_module_diffusers_keeps_in_float32_may_hold_any_float32_value(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -84,6 +85,20 @@ def largest_magnitude(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(low.abs(), high.abs())
 
 
+class CastProblem(NamedTuple):
+    """What :func:`find_cast_problem` found: the tensor's ``name`` (as given) and the ``issue``
+    after it, so that a caller that knows the tensor by another name (the one in its file) can
+    say it in :meth:`line`."""
+
+    name: str
+    issue: str
+    """``"holds 7.1e+04, beyond float16's ±65504; run in bfloat16 or float32"`` or ``"holds NaN or Inf"``."""
+
+    def line(self, name: str | None = None) -> str:
+        """``"NAME ISSUE"``, naming the tensor ``name`` when given, else as it was given."""
+        return f"{self.name if name is None else name} {self.issue}"
+
+
 def cast_problem(
     tensors: Iterable[tuple[str, torch.Tensor]],
     dtype: torch.dtype | Mapping[str, torch.dtype],
@@ -100,6 +115,19 @@ def cast_problem(
     unless ``finite``: then every floating-point tensor is read and such a one is
     ``"NAME holds NaN or Inf"``. ``suggest=False`` leaves out the dtypes to run in, for a load
     whose dtype the user cannot choose (a resumed run's state, which must resume unchanged)."""
+    found = find_cast_problem(tensors, dtype, finite=finite, suggest=suggest)
+    return None if found is None else found.line()
+
+
+def find_cast_problem(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype | Mapping[str, torch.dtype],
+    *,
+    finite: bool = False,
+    suggest: bool = True,
+) -> CastProblem | None:
+    """:func:`cast_problem` as a :class:`CastProblem`, whose ``name`` tells the caller which
+    tensor it is (to find the file holding it, say)."""
     names: list[str] = []
     targets: list[torch.dtype] = []
     probes: list[torch.Tensor] = []
@@ -116,18 +144,22 @@ def cast_problem(
     for name, target, largest in zip(names, targets, torch.stack(probes).tolist(), strict=True):
         if not math.isfinite(largest):
             if finite:
-                return f"{name} holds NaN or Inf"
+                return CastProblem(name, "holds NaN or Inf")
         elif not math.isfinite(torch.tensor(largest, dtype=torch.float64).to(target).item()):
-            return out_of_range(name, largest, target, suggest=suggest)
+            return CastProblem(name, _beyond(largest, target, suggest=suggest))
     return None
 
 
 def out_of_range(name: str, largest: float, dtype: torch.dtype, *, suggest: bool = True) -> str:
     """The line of :func:`cast_problem` for tensor ``name`` whose largest magnitude ``largest``
     is beyond ``dtype``'s range, suggesting (``suggest``) the run dtypes that hold it."""
+    return f"{name} {_beyond(largest, dtype, suggest=suggest)}"
+
+
+def _beyond(largest: float, dtype: torch.dtype, *, suggest: bool) -> str:
     fits = [d for d in SUGGESTED_DTYPES if narrows(d, dtype) and torch.finfo(d).max >= largest][:2]
     hint = f"; run in {' or '.join(_name(d) for d in fits)}" if fits and suggest else ""
-    return f"{name} holds {largest:.2g}, beyond {_name(dtype)}'s ±{torch.finfo(dtype).max:g}{hint}"
+    return f"holds {largest:.2g}, beyond {_name(dtype)}'s ±{torch.finfo(dtype).max:g}{hint}"
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -29,7 +29,7 @@ import attrs
 import torch
 
 from packforcing.core.errors import ParamError
-from packforcing.core.finite import cast_problem
+from packforcing.core.finite import cast_problem, find_cast_problem
 from packforcing.core.geometry import Geometry, Grid, resolve_dtype
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
@@ -208,11 +208,13 @@ def build_transformer(
     cfg = transformer.config
     transformer.rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len)
     # a checkpoint value the cast would turn into ±Inf (float32 or bfloat16 weights beyond float16's
-    # ±65504) is refused naming the file and tensor, before any parameter is cast
+    # ±65504) is refused naming the file (a sharded folder's shard) and the tensor as stored there,
+    # before any parameter is cast
     targets = _targets(transformer, dtype)
-    problem = cast_problem(transformer.named_parameters(), targets)
+    problem = find_cast_problem(transformer.named_parameters(), targets)
     if problem is not None:
-        raise CheckpointError(checkpoint.file, problem)
+        file, stored = checkpoint.origin(problem.name)
+        raise CheckpointError(file, problem.line(stored))
     _cast(transformer, targets)
     return transformer.to(device).requires_grad_(False).eval(), config
 

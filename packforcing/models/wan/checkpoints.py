@@ -92,6 +92,33 @@ class Checkpoint:
             return to_diffusers_names(_read_safetensors(self.file, meta), self.file)
         return to_diffusers_names(_read_self_forcing(self.file, meta=meta), self.file)
 
+    def origin(self, name: str) -> tuple[Path, str]:
+        """``(file, stored name)``: the file that holds the tensor ``name`` (diffusers naming) and
+        its name there, for a message about its value. A diffusers folder's tensor is in
+        :data:`WEIGHTS` or the shard its index lists; a single-file format's is in that file under
+        its official name (a Self-Forcing file's as ``generator_ema.model.<official name>``).
+        Only file headers are read (the index, a safetensors header, a memory-mapped torch file)."""
+        if self.format == "diffusers":
+            single = self.file / WEIGHTS
+            if single.is_file():
+                return single, name
+            shard = _read_index(self.file / WEIGHTS_INDEX).get(name)
+            return (self.file / shard if shard is not None else self.file), name
+        if self.format == "wan":
+            stored = _read_safetensors(self.file, meta=True)
+            labels = {key: key for key in stored}
+        else:
+            entry, state = _self_forcing_entry(self.file)
+            stored, labels = {}, {}
+            for key, tensor in state.items():
+                short = key.removeprefix(SELF_FORCING_PREFIX)
+                stored[short], labels[short] = torch.empty(tensor.shape, device="meta"), f"{entry}.{key}"
+        # diffusers' converter renames, handing each tensor on as it is: its identity leads back
+        by_id = {id(tensor): labels[key] for key, tensor in stored.items()}
+        renamed = to_diffusers_names(stored, self.file)
+        found = renamed.get(name)
+        return self.file, by_id.get(id(found), name) if found is not None else name
+
 
 def locate(path: str | Path, fmt: str = "auto") -> Checkpoint:
     """The checkpoint at ``path`` in format ``fmt`` (``auto``: decided by what is on disk)."""
@@ -242,7 +269,9 @@ def _read_index(index_file: Path) -> dict[str, str]:
     return dict(weight_map)
 
 
-def _read_self_forcing(file: Path, *, meta: bool) -> dict[str, torch.Tensor]:
+def _self_forcing_entry(file: Path) -> tuple[str, Mapping[str, torch.Tensor]]:
+    """``(key, state dict)`` of a Self-Forcing file: its ``generator_ema`` (else ``generator``),
+    every value checked to be a tensor (memory-mapped where torch can)."""
     try:
         try:
             data = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
@@ -267,12 +296,18 @@ def _read_self_forcing(file: Path, *, meta: bool) -> dict[str, torch.Tensor]:
         raise CheckpointError(file, f"no {' or '.join(SELF_FORCING_KEYS)} entry (found: {listed or 'nothing'})")
     if not isinstance(state, Mapping):
         raise CheckpointError(file, f"{key} is not a state dict")
-    out = {}
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(file, f"{key}.{name} is not a tensor")
-        out[name.removeprefix(SELF_FORCING_PREFIX)] = torch.empty(tensor.shape, device="meta") if meta else tensor
-    return out
+    return key, state
+
+
+def _read_self_forcing(file: Path, *, meta: bool) -> dict[str, torch.Tensor]:
+    _, state = _self_forcing_entry(file)
+    return {
+        name.removeprefix(SELF_FORCING_PREFIX): torch.empty(tensor.shape, device="meta") if meta else tensor
+        for name, tensor in state.items()
+    }
 
 
 def to_diffusers_names(state: Mapping[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
