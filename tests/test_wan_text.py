@@ -226,3 +226,37 @@ def test_a_wrong_or_broken_text_encoder_is_one_line_not_random_weights(pipeline_
     text = str(info.value)
     assert problem in text and "\n" not in text, text
     assert text.startswith(str(root)), text
+
+
+@pytest.mark.parametrize("case", ["cast", "missing", "unexpected", "tokenizer"])
+def test_a_refused_text_encoder_is_freed_before_its_error_is_raised(pipeline_root, tmp_path, monkeypatch, case):
+    """The error's traceback holds ``from_path``'s frame: were the loaded model still one of its
+    locals, the model (UMT5-XXL's 11 GB, on the GPU when asked) would stay alive for as long as
+    the error (which an interactive session keeps). It is gone while the error is still held."""
+    from transformers import UMT5EncoderModel
+
+    from tests.test_cast_range import F16, spoil
+
+    if case == "cast":
+        import shutil
+
+        root = tmp_path / case
+        shutil.copytree(pipeline_root, root)
+        spoil(root / "text_encoder" / "model.safetensors", "encoder.block.1.layer.0.SelfAttention.q.weight")
+        problem, dtype = f"holds 7.1e+04, {F16}", torch.float16
+    else:
+        (root, problem), dtype = broken_encoder(pipeline_root, tmp_path, case), torch.float32
+    loaded: list[weakref.ref] = []
+    load = UMT5EncoderModel.from_pretrained
+
+    def recorded(*args, **kwargs):
+        result = load(*args, **kwargs)
+        loaded.append(weakref.ref(result[0]))
+        return result
+
+    monkeypatch.setattr(UMT5EncoderModel, "from_pretrained", recorded)
+    with pytest.raises(ValueError) as info:
+        TextEncoder.from_path(root, max_length=8, dtype=dtype)
+    assert problem in str(info.value)
+    assert info.value.__traceback__ is not None  # the error is held, traceback and frames with it
+    assert len(loaded) == 1 and loaded[0]() is None

@@ -240,3 +240,16 @@ def cast_damage(loaded: Mapping[str, torch.Tensor], files: list[Path]) -> str | 
         if problem is not None:
             return f"{file_label(file)}: {problem}"
     return None
+
+
+def return_memory(on_cuda: bool) -> None:
+    """Return the memory of a model just dropped (a refused load's, before its error is raised): a
+    collection, for what reference cycles hold, and, when it was on a CUDA device, the caching
+    allocator's unused blocks to the device."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if on_cuda:
+        torch.cuda.empty_cache()

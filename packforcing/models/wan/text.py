@@ -19,7 +19,6 @@ prompt: TEXT | embeds: FILE}``; the first starts at block / second 0 and starts 
 
 from __future__ import annotations
 
-import gc
 import html
 import json
 import math
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from packforcing.core.config import TextEncoderParams
-from packforcing.core.weightfiles import cast_damage, safetensors_files
+from packforcing.core.weightfiles import cast_damage, return_memory, safetensors_files
 from packforcing.output.video import latent_frame_of
 
 EMBEDS_KEY = "prompt_embeds"
@@ -77,6 +76,27 @@ def _check_umt5_config(file: Path) -> None:
 
 def _few(names: Sequence[str]) -> str:
     return f"({len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
+def _refusal(model: Any, info: Mapping[str, list[str]], tok: Any, encoder_dir: Path, tokenizer_dir: Path) -> str | None:
+    """Why the loaded UMT5 ``model`` (with transformers' loading ``info``) and tokenizer ``tok``
+    are not a usable encoder, in one line; ``None`` when they are."""
+    # transformers only logs these: a missing weight would be left at its random initial value
+    missing = sorted(info["missing_keys"])
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(UNUSED_PREFIXES))
+    if missing or unexpected:
+        problem = f"missing weights {_few(missing)}" if missing else f"unexpected weights {_few(unexpected)}"
+        return f"{encoder_dir}: not the UMT5 encoder its config.json describes: {problem}"
+    if len(tok) > model.config.vocab_size:
+        return (
+            f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens, the text encoder's vocabulary "
+            f"{model.config.vocab_size}: not this encoder's tokenizer"
+        )
+    return None
+
+
+def _on_cuda(model: torch.nn.Module) -> bool:
+    return any(p.device.type == "cuda" for p in model.parameters())
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -138,27 +158,26 @@ class TextEncoder:
                 str(encoder_dir), torch_dtype=dtype, output_loading_info=True
             )
             model, info = loaded
+            del loaded  # `model` is then its one reference: a refusal below frees it
         except Exception as exc:  # transformers', tokenizers' and safetensors' own error types
-            problem = " ".join(str(exc).split())
-            raise ValueError(f"{encoder_dir}: cannot load the UMT5 text encoder: {problem}") from None
-        # transformers only logs these: a missing weight would be left at its random initial value
-        missing = sorted(info["missing_keys"])
-        unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(UNUSED_PREFIXES))
-        if missing or unexpected:
-            problem = f"missing weights {_few(missing)}" if missing else f"unexpected weights {_few(unexpected)}"
-            raise ValueError(f"{encoder_dir}: not the UMT5 encoder its config.json describes: {problem}")
-        if len(tok) > model.config.vocab_size:
-            raise ValueError(
-                f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens, the text encoder's vocabulary "
-                f"{model.config.vocab_size}: not this encoder's tokenizer"
-            )
-        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which typeshed
-        # types as a plain function: the bound call looks like `self` is missing
-        moved = model.to(device)  # type: ignore[arg-type]
-        damage = cast_damage(moved.state_dict(), safetensors_files(encoder_dir, ENCODER_WEIGHTS))
-        if damage is not None:  # a weight beyond dtype's range (float32 or bfloat16 weights run in float16)
-            raise ValueError(damage)
-        return cls(moved.requires_grad_(False).eval(), tok, max_length=max_length)
+            reason = " ".join(str(exc).split())
+            raise ValueError(f"{encoder_dir}: cannot load the UMT5 text encoder: {reason}") from None
+        problem = _refusal(model, info, tok, encoder_dir, tokenizer_dir)
+        if problem is None:
+            # in place. transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to),
+            # which typeshed types as a plain function: the bound call looks like `self` is missing
+            model.to(device)  # type: ignore[arg-type]
+            # a weight beyond dtype's range (float32 or bfloat16 weights run in float16)
+            problem = cast_damage(model.state_dict(), safetensors_files(encoder_dir, ENCODER_WEIGHTS))
+        if problem is not None:
+            # the error's traceback holds this frame: were the model still one of its locals, its
+            # memory (the GPU's, once moved) would stay taken for as long as the error lives (an
+            # interactive session keeps the last one); it is freed, and the memory returned, first
+            on_cuda = _on_cuda(model)
+            del model
+            return_memory(on_cuda)
+            raise ValueError(problem)
+        return cls(model.requires_grad_(False).eval(), tok, max_length=max_length)
 
     @property
     def device(self) -> torch.device:
@@ -189,9 +208,7 @@ class TextEncoder:
         """Release the model (and its GPU memory)."""
         on_cuda = self.model is not None and self.device.type == "cuda"
         self.model = None
-        gc.collect()
-        if on_cuda:
-            torch.cuda.empty_cache()
+        return_memory(on_cuda)
 
     def __enter__(self) -> TextEncoder:
         return self
