@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -412,8 +413,6 @@ def test_bad_checkpoints_are_one_line_errors_at_model_path_in_build_and_validate
 
 
 def test_generate_cli_runs_a_wan_preset_given_a_checkpoint(wan_dir, tmp_path, capsys):
-    import json
-
     from packforcing.cli import main
 
     out = tmp_path / "run"
@@ -531,3 +530,73 @@ def test_the_wan_adapter_passes_the_model_conformance_check(wan_dir):
 
     engine = pf.build_engine(wan_config(wan_dir / "pipeline", "full"))
     check_model(engine.model, condition={"embeds": str(wan_dir / "prompt.safetensors")}, blocks=2)
+
+
+def recorded_transformers(monkeypatch) -> list:
+    """Weak references to every transformer ``build_transformer`` loads from now on (through
+    ``_targets``, which each load calls once with it)."""
+    import weakref
+
+    from packforcing.models.wan import adapter
+
+    loaded: list[weakref.ref] = []
+    targets = adapter._targets
+
+    def recorded(transformer, dtype):
+        loaded.append(weakref.ref(transformer))
+        return targets(transformer, dtype)
+
+    monkeypatch.setattr(adapter, "_targets", recorded)
+    return loaded
+
+
+def test_a_refused_transformer_is_freed_before_its_error_is_raised(tmp_path, monkeypatch):
+    """The error's traceback holds ``build_transformer``'s frame: were the loaded transformer
+    still one of its locals, all its weights would stay in memory for as long as the error is."""
+    from packforcing.models.wan.adapter import build_transformer
+    from packforcing.models.wan.checkpoints import CheckpointError
+    from packforcing.models.wan.params import WanParams
+
+    model = tiny_transformer()
+    with torch.no_grad():
+        model.blocks[0].attn1.to_q.weight[0, 0] = 7.1e4
+    path = write_diffusers(model, tmp_path / "d")
+    loaded = recorded_transformers(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn1\.to_q\.weight holds 7\.1e") as info:
+        build_transformer(WanParams(path=str(path)), dtype=torch.float16, device=torch.device("cpu"))
+    assert info.value.__traceback__ is not None
+    assert len(loaded) == 1 and loaded[0]() is None
+
+
+@pytest.mark.parametrize("case", ["missing", "channels"])
+def test_a_refused_vae_frees_the_transformer_loaded_before_it(tmp_path, monkeypatch, case):
+    """``build_wan`` loads the transformer, then the VAE: a refused VAE (here one with a weight
+    missing, or other latent channels) frees the transformer (on the device) before the error."""
+    import types
+
+    from safetensors.torch import load_file, save_file
+
+    from packforcing.core.errors import ParamError
+    from packforcing.models.wan.adapter import build_wan
+    from packforcing.models.wan.params import WanParams
+    from packforcing.models.wan.vae import VAE_WEIGHTS
+    from tests.tiny_wan_io import write_tiny_vae
+
+    path = write_diffusers(tiny_transformer(), tmp_path / "d")
+    vae = write_tiny_vae(tmp_path / "vae")
+    if case == "missing":
+        tensors = load_file(str(vae / VAE_WEIGHTS))
+        del tensors["decoder.conv_out.weight"]
+        save_file(tensors, str(vae / VAE_WEIGHTS))
+        problem = "missing weights (decoder.conv_out.weight)"
+    else:
+        config = json.loads((vae / "config.json").read_text())
+        (vae / "config.json").write_text(json.dumps({**config, "z_dim": 8}))
+        problem = "has 8 latent channels, the transformer 4"
+    loaded = recorded_transformers(monkeypatch)
+    env = types.SimpleNamespace(dtype=torch.float32, device=torch.device("cpu"), plan_only=False)
+    params = WanParams(path=str(path), vae=str(vae), latent_height=4, latent_width=4)
+    with pytest.raises(ParamError) as info:
+        build_wan(params, env)
+    assert problem in str(info.value) and info.value.path == "vae"
+    assert len(loaded) == 1 and loaded[0]() is None

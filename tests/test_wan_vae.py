@@ -111,3 +111,39 @@ def test_a_vae_folder_with_wrong_weights_or_of_another_model_is_one_line(tmp_pat
         WanVAECodec.from_path(folder)
     text = str(info.value)
     assert problem in text and "\n" not in text and text.startswith(str(folder)), text
+
+
+@pytest.mark.parametrize("case", ["cast", "missing"])
+def test_a_refused_vae_is_freed_before_its_error_is_raised(tmp_path, monkeypatch, case):
+    """The error's traceback holds ``load_wan_vae``'s frame: were the loaded VAE still one of its
+    locals, it would stay alive (on the GPU when asked) for as long as the error is held."""
+    import weakref
+
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file, save_file
+
+    from packforcing.models.wan.vae import VAE_WEIGHTS, load_wan_vae
+    from tests.test_cast_range import F16, spoil
+
+    folder = write_tiny_vae(tmp_path / "vae")
+    if case == "cast":
+        spoil(folder / VAE_WEIGHTS, "decoder.conv_in.weight")
+        problem, dtype = f"holds 7.1e+04, {F16}", torch.float16
+    else:
+        tensors = load_file(str(folder / VAE_WEIGHTS))
+        del tensors["decoder.conv_out.weight"]
+        save_file(tensors, str(folder / VAE_WEIGHTS))
+        problem, dtype = "missing weights (decoder.conv_out.weight)", torch.float32
+    loaded: list[weakref.ref] = []
+    load = AutoencoderKLWan.from_pretrained
+
+    def recorded(*args, **kwargs):
+        result = load(*args, **kwargs)
+        loaded.append(weakref.ref(result[0]))
+        return result
+
+    monkeypatch.setattr(AutoencoderKLWan, "from_pretrained", recorded)
+    with pytest.raises(ValueError) as info:
+        load_wan_vae(folder, dtype=dtype)
+    assert problem in str(info.value) and info.value.__traceback__ is not None
+    assert len(loaded) == 1 and loaded[0]() is None

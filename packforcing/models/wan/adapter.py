@@ -33,6 +33,7 @@ from packforcing.core.finite import cast_problem, find_cast_problem
 from packforcing.core.geometry import Geometry, Grid, resolve_dtype
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
+from packforcing.core.weightfiles import return_memory
 from packforcing.models.wan.checkpoints import CheckpointError, check_state, locate
 from packforcing.models.wan.imports import diffusers_quietly
 from packforcing.models.wan.params import WAN21_T2V_1_3B, WanParams
@@ -213,6 +214,10 @@ def build_transformer(
     targets = _targets(transformer, dtype)
     problem = find_cast_problem(transformer.named_parameters(), targets)
     if problem is not None:
+        # freed before the error is raised: its traceback holds this frame, whose local would keep
+        # every weight alive for as long as the error is (in host memory: the move comes later)
+        del transformer
+        return_memory(False)
         file, stored = checkpoint.origin(problem.name)
         raise CheckpointError(file, problem.line(stored))
     _cast(transformer, targets)
@@ -456,14 +461,19 @@ def build_wan(params: WanParams, env: Any) -> WanBlockModel:
     if vae is not None:
         from packforcing.models.wan.vae import WanVAECodec, vae_latent_channels
 
+        problem = None
         try:  # planning reads the VAE's config alone: a wrong folder is refused before any work
             channels = vae_latent_channels(vae)
-            codec = None if env.plan_only else WanVAECodec.from_path(vae, dtype=torch.float32, device=env.device)
+            if channels != model.geometry.latent_channels:  # known from the config: before loading the VAE
+                problem = f"{vae} has {channels} latent channels, the transformer {model.geometry.latent_channels}"
+            elif not env.plan_only:
+                model.codec = WanVAECodec.from_path(vae, dtype=torch.float32, device=env.device)
         except ValueError as exc:
-            raise ParamError("vae", f"{exc}") from None
-        if channels != model.geometry.latent_channels:
-            raise ParamError(
-                "vae", f"{vae} has {channels} latent channels, the transformer {model.geometry.latent_channels}"
-            )
-        model.codec = codec
+            problem = f"{exc}"
+        if problem is not None:
+            # the transformer, loaded (on the device), is freed before the error is raised: this
+            # frame, in its traceback, would keep it alive for as long as the error is
+            del model, transformer
+            return_memory(env.device.type == "cuda")
+            raise ParamError("vae", problem)
     return model

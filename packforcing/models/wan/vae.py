@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from packforcing.core.finite import cast_problem
-from packforcing.core.weightfiles import cast_damage, safetensors_files
+from packforcing.core.weightfiles import cast_damage, return_memory, safetensors_files
 from packforcing.models.wan.imports import diffusers_quietly
 
 VAE_SUBFOLDER = "vae"
@@ -72,17 +72,29 @@ def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device
         vae, info = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, output_loading_info=True)
     except Exception as exc:  # diffusers', safetensors' and torch's own error types
         raise ValueError(f"{folder}: cannot load AutoencoderKLWan: {' '.join(str(exc).split())}") from None
+    problem = _unlike_config(info, folder)
+    if problem is None:
+        vae.to(device)  # in place
+        problem = cast_damage(vae.state_dict(), safetensors_files(folder, VAE_WEIGHTS))  # values beyond dtype's range
+    if problem is not None:
+        # freed before the error is raised: its traceback holds this frame, whose local would keep
+        # the VAE (on the GPU, once moved) alive for as long as the error is
+        on_cuda = any(p.device.type == "cuda" for p in vae.parameters())
+        del vae
+        return_memory(on_cuda)
+        raise ValueError(problem)
+    return vae.requires_grad_(False).eval()
+
+
+def _unlike_config(info: Mapping[str, list[str]], folder: Path) -> str | None:
+    """The weights diffusers' loading ``info`` lists as missing or unexpected, in one line."""
     # diffusers only logs these: a missing weight would be left uninitialised (on the meta device)
     for kind in ("missing", "unexpected"):
         names = sorted(info[f"{kind}_keys"])
         if names:
             few = f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
-            raise ValueError(f"{folder}: not the AutoencoderKLWan its config.json describes: {kind} weights ({few})")
-    vae = vae.to(device)
-    problem = cast_damage(vae.state_dict(), safetensors_files(folder, VAE_WEIGHTS))  # values beyond dtype's range
-    if problem is not None:
-        raise ValueError(problem)
-    return vae.requires_grad_(False).eval()
+            return f"{folder}: not the AutoencoderKLWan its config.json describes: {kind} weights ({few})"
+    return None
 
 
 def _causal_conv_count(module: torch.nn.Module) -> int:
