@@ -264,35 +264,63 @@ def test_prompt_embeds_beyond_the_model_dtype_are_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------- Wan VAE and text encoder
-def test_a_vae_weight_beyond_float16_is_refused_naming_the_file(tmp_path):
+@pytest.mark.parametrize("layout", ["one-file", "sharded", "bin"])
+def test_a_vae_weight_beyond_float16_is_refused_naming_the_file(tmp_path, layout):
+    """The file holding it: the weights file, the shard its index lists, or the torch ``.bin``
+    file diffusers reads when there is no safetensors file (which was not checked at all)."""
     pytest.importorskip("diffusers")
-    from packforcing.models.wan.vae import VAE_WEIGHTS, load_wan_vae
-    from tests.tiny_wan_io import write_tiny_vae
+    from packforcing.models.wan.vae import VAE_TORCH_WEIGHTS, VAE_WEIGHTS, load_wan_vae
+    from tests.tiny_wan_io import tiny_vae
 
-    root = write_tiny_vae(tmp_path / "pipe", pipeline=True)
-    file = spoil(root / "vae" / VAE_WEIGHTS, "decoder.conv_in.weight")
+    root, name = tmp_path / "pipe", "decoder.conv_in.weight"
+    folder = root / "vae"
+    vae = tiny_vae()
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.view(-1)[7] = BIG
+    if layout == "one-file":
+        vae.save_pretrained(str(folder))
+        file = folder / VAE_WEIGHTS
+    elif layout == "sharded":
+        vae.save_pretrained(str(folder), max_shard_size="100KB")
+        file = folder / json.loads((folder / f"{VAE_WEIGHTS}.index.json").read_text())["weight_map"][name]
+    else:
+        vae.save_pretrained(str(folder), safe_serialization=False)
+        file = folder / VAE_TORCH_WEIGHTS
+    assert file.is_file()
     with pytest.raises(ValueError) as info:
         load_wan_vae(root, dtype=torch.float16)
-    assert str(info.value) == f"{file_label(file)}: decoder.conv_in.weight holds 7.1e+04, {F16}"
+    assert str(info.value) == f"{file_label(file)}: {name} holds 7.1e+04, {F16}"
     assert load_wan_vae(root, dtype=torch.float32).decoder.conv_in.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
-def test_a_text_encoder_weight_beyond_float16_is_refused_naming_its_shard(tmp_path, sharded):
+@pytest.mark.parametrize("layout", ["one-file", "sharded", "bin"])
+def test_a_text_encoder_weight_beyond_float16_is_refused_naming_its_shard(tmp_path, layout):
+    """As the VAE's: ``bin`` is a ``pytorch_model.bin`` in place of ``model.safetensors``."""
     pytest.importorskip("transformers")
-    from packforcing.models.wan.text import TextEncoder
+    from packforcing.models.wan.text import ENCODER_TORCH_WEIGHTS, ENCODER_WEIGHTS, TextEncoder
     from tests.tiny_wan_io import tiny_umt5, write_tokenizer
 
     root = tmp_path / "pipe"
-    tiny_umt5().save_pretrained(str(root / "text_encoder"), max_shard_size="20KB" if sharded else "5GB")
+    folder = root / "text_encoder"
+    model = tiny_umt5()
+    model.save_pretrained(str(folder), max_shard_size="20KB" if layout == "sharded" else "5GB")
     write_tokenizer(root / "tokenizer")
     name = "encoder.block.1.layer.0.SelfAttention.q.weight"
-    index = root / "text_encoder" / "model.safetensors.index.json"
-    shard = json.loads(index.read_text())["weight_map"][name] if sharded else "model.safetensors"
-    file = spoil(root / "text_encoder" / shard, name)
     # transformers keeps UMT5's feed-forward output (wo) in float32: any float32 value fits there
     wo = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
-    spoil(root / "text_encoder" / (json.loads(index.read_text())["weight_map"][wo] if sharded else shard), wo)
+    if layout == "bin":  # transformers (5) saves safetensors only: written as an older version did
+        (folder / ENCODER_WEIGHTS).unlink()
+        state = dict(model.state_dict())
+        for key in (name, wo):
+            state[key] = state[key].clone()
+            state[key].view(-1)[state[key].numel() // 2] = BIG
+        torch.save(state, str(folder / ENCODER_TORCH_WEIGHTS))
+        file = folder / ENCODER_TORCH_WEIGHTS
+    else:
+        index = folder / f"{ENCODER_WEIGHTS}.index.json"
+        weight_map = json.loads(index.read_text())["weight_map"] if layout == "sharded" else {}
+        file = spoil(folder / weight_map.get(name, ENCODER_WEIGHTS), name)
+        spoil(folder / weight_map.get(wo, ENCODER_WEIGHTS), wo)
     with pytest.raises(ValueError) as info:
         TextEncoder.from_path(root, dtype=torch.float16)
     assert str(info.value) == f"{file_label(file)}: {name} holds 7.1e+04, {F16}"

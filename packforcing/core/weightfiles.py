@@ -6,9 +6,10 @@ length, JSON) and checks that every tensor's byte range lies inside the file and
 dtype and shape, reading no tensor data; :func:`check_tensors` compares names and shapes with
 what a module expects; :func:`load_into` loads a checked file into a module, refusing values
 the run's dtype cannot hold, and :func:`cast_damage` checks what a library loaded and cast
-itself (``from_pretrained(torch_dtype=...)``) the same way. Problems are
-``ValueError("weights: <file>: <problem>")`` so a config error names ``<component>.weights``
-and the file in one line. Nothing is ever unpickled.
+itself (``from_pretrained(torch_dtype=...)``, from safetensors files or torch ``.bin`` ones) the
+same way. Problems are ``ValueError("weights: <file>: <problem>")`` so a config error names
+``<component>.weights`` and the file in one line. Nothing is ever unpickled but by torch's
+``weights_only`` loader (tensors and plain containers: a ``.bin`` file the library read first).
 """
 
 from __future__ import annotations
@@ -194,8 +195,9 @@ def load_into(module: torch.nn.Module, path: Path, dtype: torch.dtype | None = N
 
 
 def safetensors_files(folder: Path, name: str) -> list[Path]:
-    """The files of the safetensors weights ``name`` in ``folder``: that file, or the shards its
-    ``<name>.index.json`` lists (none when neither is there or the index is unreadable)."""
+    """The files of the weights ``name`` in ``folder``: that file, or the shards its
+    ``<name>.index.json`` lists (none when neither is there or the index is unreadable). Any
+    weights file name works: ``pytorch_model.bin`` and its ``.index.json`` too."""
     if (folder / name).is_file():
         return [folder / name]
     try:
@@ -205,24 +207,65 @@ def safetensors_files(folder: Path, name: str) -> list[Path]:
         return []
 
 
+def weights_files(folder: Path, *names: str) -> list[Path]:
+    """The files of the first of the weights ``names`` that ``folder`` holds (:func:`safetensors_files`
+    of each in turn): what a library that prefers safetensors and falls back to torch's pickled
+    ``.bin`` (diffusers, transformers) reads, given ``(NAME.safetensors, NAME.bin)``."""
+    for name in names:
+        files = safetensors_files(folder, name)
+        if files:
+            return files
+    return []
+
+
+def _stored(file: Path) -> Mapping[str, torch.Tensor]:
+    """The tensors of the torch weights file ``file`` (a ``.bin`` state dict), loaded with
+    ``weights_only`` (tensors and plain containers only, nothing else unpickled) and memory-mapped
+    where torch can, so that their dtypes are known and none is read until asked."""
+    import torch
+
+    try:
+        try:
+            data = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "_use_new_zipfile_serialization" not in str(exc):
+                raise
+            # torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped: read it whole
+            data = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, refused globals, truncated files
+        problem = " ".join(str(exc).split())
+        raise ParamError("weights", f"{file_label(file)}: not a readable torch weights file: {problem}") from None
+    if not isinstance(data, Mapping):
+        raise ParamError("weights", f"{file_label(file)}: not a state dict")
+    return {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
 def cast_damage(loaded: Mapping[str, torch.Tensor], files: list[Path]) -> str | None:
     """``"<file>: <tensor> holds 7.1e+04, beyond float16's ±65504; ..."`` when a library that read
-    ``files`` into ``loaded`` (a model's state dict) and cast them to the run's dtype turned a
-    finite value into ±Inf, else ``None``. Only the tensors whose file dtype (from the headers)
-    :func:`~packforcing.core.finite.narrows` into their loaded dtype are read (one reduction each,
-    on their device, one host read), so a load as wide as the files costs nothing; a non-finite one
-    is read again from its file, to tell an overflow (reported) from a NaN or Inf the file holds
-    itself (not the cast's doing: passed)."""
+    ``files`` (safetensors, or torch ``.bin`` files: :func:`weights_files`) into ``loaded`` (a
+    model's state dict) and cast them to the run's dtype turned a finite value into ±Inf, else
+    ``None``. Only the tensors whose file dtype (from the safetensors headers, or a ``.bin`` file
+    memory-mapped) :func:`~packforcing.core.finite.narrows` into their loaded dtype are read (one
+    reduction each, on their device, one host read), so a load as wide as the files costs nothing;
+    a non-finite one is read again from its file, to tell an overflow (reported) from a NaN or Inf
+    the file holds itself (not the cast's doing: passed)."""
     import torch
     from safetensors import safe_open
 
     from packforcing.core.finite import cast_problem, largest_magnitude, narrows
 
     sources: dict[str, tuple[Path, torch.dtype]] = {}
+    pickled: dict[Path, Mapping[str, torch.Tensor]] = {}
     for file in files:
-        for name, (dtype, _) in read_header(file)[0].items():
-            if dtype in FLOAT_DTYPES:
-                sources.setdefault(name, (file, getattr(torch, FLOAT_DTYPES[dtype])))
+        if file.suffix == ".safetensors":
+            for name, (dtype, _) in read_header(file)[0].items():
+                if dtype in FLOAT_DTYPES:
+                    sources.setdefault(name, (file, getattr(torch, FLOAT_DTYPES[dtype])))
+        else:
+            pickled[file] = _stored(file)
+            for name, tensor in pickled[file].items():
+                if tensor.is_floating_point():
+                    sources.setdefault(name, (file, tensor.dtype))
     suspects = [
         (name, t)
         for name, t in loaded.items()
@@ -235,8 +278,11 @@ def cast_damage(loaded: Mapping[str, torch.Tensor], files: list[Path]) -> str | 
         if math.isfinite(value):
             continue
         file = sources[name][0]
-        with safe_open(str(file), framework="pt") as handle:
-            problem = cast_problem([(name, handle.get_tensor(name))], tensor.dtype)
+        if file in pickled:
+            problem = cast_problem([(name, pickled[file][name])], tensor.dtype)
+        else:
+            with safe_open(str(file), framework="pt") as handle:
+                problem = cast_problem([(name, handle.get_tensor(name))], tensor.dtype)
         if problem is not None:
             return f"{file_label(file)}: {problem}"
     return None

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from packforcing.core.config import TextEncoderParams
-from packforcing.core.weightfiles import cast_damage, return_memory, safetensors_files
+from packforcing.core.weightfiles import cast_damage, return_memory, weights_files
 from packforcing.output.video import latent_frame_of
 
 EMBEDS_KEY = "prompt_embeds"
@@ -41,6 +41,8 @@ START_KEYS = ("from_block", "from_second")
 SPEC_KEYS = ("prompt", "embeds")
 ENCODER_WEIGHTS = "model.safetensors"
 """transformers' weights file (or, sharded, its ``.index.json``)."""
+ENCODER_TORCH_WEIGHTS = "pytorch_model.bin"
+"""What transformers reads without :data:`ENCODER_WEIGHTS` (or, sharded, its ``.index.json``)."""
 UNUSED_PREFIXES = ("decoder.", "lm_head.")
 """Weights of a whole UMT5 (encoder-decoder) checkpoint that the encoder does not use."""
 
@@ -168,7 +170,8 @@ class TextEncoder:
             # which typeshed types as a plain function: the bound call looks like `self` is missing
             model.to(device)  # type: ignore[arg-type]
             # a weight beyond dtype's range (float32 or bfloat16 weights run in float16)
-            problem = cast_damage(model.state_dict(), safetensors_files(encoder_dir, ENCODER_WEIGHTS))
+            files = weights_files(encoder_dir, ENCODER_WEIGHTS, ENCODER_TORCH_WEIGHTS)
+            problem = cast_damage(model.state_dict(), files)
         if problem is not None:
             # the error's traceback holds this frame: were the model still one of its locals, its
             # memory (the GPU's, once moved) would stay taken for as long as the error lives (an

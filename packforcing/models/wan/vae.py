@@ -24,11 +24,13 @@ from typing import Any
 import torch
 
 from packforcing.core.finite import cast_problem
-from packforcing.core.weightfiles import cast_damage, return_memory, safetensors_files
+from packforcing.core.weightfiles import cast_damage, return_memory, weights_files
 from packforcing.models.wan.imports import diffusers_quietly
 
 VAE_SUBFOLDER = "vae"
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+VAE_TORCH_WEIGHTS = "diffusion_pytorch_model.bin"
+"""What diffusers reads without :data:`VAE_WEIGHTS` (or their sharded ``.index.json``)."""
 _REPEAT = "Rep"
 """diffusers' marker in a feature-cache slot of a temporal upsampler that has seen only the first
 frame (its next frame repeats it); kept with the cache's tensors in a checkpoint."""
@@ -75,7 +77,8 @@ def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device
     problem = _unlike_config(info, folder)
     if problem is None:
         vae.to(device)  # in place
-        problem = cast_damage(vae.state_dict(), safetensors_files(folder, VAE_WEIGHTS))  # values beyond dtype's range
+        files = weights_files(folder, VAE_WEIGHTS, VAE_TORCH_WEIGHTS)
+        problem = cast_damage(vae.state_dict(), files)  # values beyond dtype's range
     if problem is not None:
         # freed before the error is raised: its traceback holds this frame, whose local would keep
         # the VAE (on the GPU, once moved) alive for as long as the error is
