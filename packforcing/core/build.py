@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import traceback
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import attrs
 import torch
@@ -26,7 +29,11 @@ from packforcing.core.records import MemoryPlan
 from packforcing.core.sampler import Sampler
 from packforcing.core.structure import show, structure
 from packforcing.core.threads import apply_threads
+from packforcing.core.weightfiles import return_memory
 from packforcing.plugins.kinds import KINDS
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 @attrs.define
@@ -199,6 +206,48 @@ def _validate(config: Config, env: BuildEnv) -> None:
                 raise _locate(_config_error(exc, path), config) from None
 
 
+def _clear_frames(exc: BaseException, outer: BaseException | None) -> None:
+    """Clear the locals of the finished frames in the traceback of ``exc`` and of every exception
+    chained to it (``__cause__``, and ``__context__``, kept even when raised ``from None``),
+    stopping at ``outer``: the exception the caller was handling when the build began, whose
+    frames are not the build's. The tracebacks keep their files, lines and functions; a frame
+    still running (the caller's) is left as it is."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is outer or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        todo.extend(chained for chained in (current.__cause__, current.__context__) if chained is not None)
+
+
+def _freed_on_error(build: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``build``, which on any exception first drops what it had built, then raises the exception
+    unchanged (type, message, chaining).
+
+    A refusal raised after the model is built (a component's parameters, a cross-check, a plugin's
+    failure) would otherwise keep the model (GBs of weights, on the GPU) alive for as long as the
+    error lives — an interactive session keeps the last one — through the build's frames that its
+    traceback holds (``env``, the components, the model). Those frames' locals are cleared (see
+    :func:`_clear_frames`: a traceback still shows every file and line, so an internal bug stays
+    traceable; only a post-mortem debugger finds the build's locals gone), and the memory returned
+    (a collection, and the CUDA allocator's unused blocks when CUDA is in use)."""
+
+    @functools.wraps(build)
+    def freeing(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        outer = sys.exc_info()[1]
+        try:
+            return build(*args, **kwargs)
+        except BaseException as exc:
+            _clear_frames(exc, outer)
+            return_memory(torch.cuda.is_initialized())
+            raise
+
+    return freeing
+
+
 def generation_blocker(config: Config) -> str | None:
     """Why ``config`` can plan memory but not generate (its model params' ``cannot_generate()``,
     e.g. a shapes-only model or a real model without weights), or ``None``."""
@@ -207,6 +256,7 @@ def generation_blocker(config: Config) -> str | None:
     return check() if callable(check) else None
 
 
+@_freed_on_error
 def build_engine(
     config: Config | Mapping[str, Any] | str, *, registry: Any = None, wrap: Wrap | None = None
 ) -> GenerationEngine:
@@ -215,6 +265,10 @@ def build_engine(
 
     ``wrap(kind, component)``, if given, may return a wrapper for each component as it is built
     (kinds: the config keys, ``"policy"`` last), e.g. :mod:`packforcing.core.instrument`'s timers.
+
+    A build that fails (a refusal after the model is built included) drops what it built before
+    the error reaches the caller, so that the error, however long it is kept, does not keep the
+    model's memory (see :func:`_freed_on_error`); the error itself is unchanged.
     """
     registry = _registry(registry)
     if not isinstance(config, Config):
@@ -233,9 +287,11 @@ def build_engine(
     )
 
 
+@_freed_on_error
 def build_for_planning(config: Config | Mapping[str, Any] | str, *, registry: Any = None) -> BuildEnv:
     """Every component of ``config`` built for planning (CPU, models without weights) and
-    cross-checked; ``env.policy`` is the policy. Raises :class:`ConfigError` for any problem."""
+    cross-checked; ``env.policy`` is the policy. Raises :class:`ConfigError` for any problem,
+    having dropped what it built (as :func:`build_engine` does)."""
     registry = _registry(registry)
     if not isinstance(config, Config):
         config = load_config(config, registry=registry)
