@@ -758,3 +758,75 @@ def test_an_interrupted_run_writes_its_report_once_on_the_way_out(tmp_path, monk
     assert json.loads((out / "checkpoint" / "state.json").read_text())["meta"]["blocks_done"] == at
     result = run_job(None, out, resume=True)
     assert (result["status"], result["blocks_done"], len(result["blocks"])) == ("complete", BLOCKS, BLOCKS)
+
+
+# ---------------------------------------------------------------------- no redundant writes
+@pytest.fixture
+def written(monkeypatch) -> dict[str, list[Any]]:
+    """What the run writes, in order: ``report``: ``(status, blocks)`` per report.json write;
+    ``checkpoint``: the blocks of each checkpoint saved (its tensor file and state.json)."""
+    import packforcing.core.checkpoint as checkpoint
+    from packforcing.output.report import RunReport
+
+    seen: dict[str, list[Any]] = {"report": [], "checkpoint": []}
+    write, save = RunReport.write, checkpoint.save_checkpoint
+
+    def counted_write(self: RunReport, path: Any) -> None:
+        seen["report"].append((self.status, len(self.blocks)))
+        write(self, path)
+
+    def counted_save(directory: Path, state: Any, extra: Any = None) -> Path:
+        seen["checkpoint"].append(int(state["meta"]["blocks_done"]))
+        return save(directory, state, extra)
+
+    monkeypatch.setattr(RunReport, "write", counted_write)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", counted_save)
+    return seen
+
+
+def assert_resumes_bit_identical(out: Path, uninterrupted: Any, policy: str = "packforcing") -> None:
+    result = run_job(None, out, resume=True)
+    assert (result["status"], result["blocks_done"]) == ("complete", BLOCKS)
+    latents, frames = uninterrupted[policy]
+    assert load_file(str(out / "latents.safetensors"))["latents"].numpy().tobytes() == latents.numpy().tobytes()
+    assert np.array_equal(frames_of(out / "video.mp4"), frames)
+
+
+@pytest.mark.parametrize("every", [None, 2])
+def test_a_complete_run_writes_its_report_once_a_block_and_once_at_the_end(tmp_path, uninterrupted, written, every):
+    """The last block's rewrite is the ``complete`` report (it was written ``running`` first),
+    and a block that is checkpointed and due a rewrite writes the report once. The checkpoint
+    kept (run.checkpoint_every) still resumes bit-exactly."""
+    out = tmp_path / "run"
+    result = run_job(write_config(tmp_path, "packforcing", checkpoint_every=every), out, save_latents=True)
+    assert result["status"] == "complete"
+    assert written["report"] == [*(("running", n) for n in range(BLOCKS)), ("complete", BLOCKS)]
+    assert written["checkpoint"] == ([2, 4] if every else [])
+    if every:
+        assert_resumes_bit_identical(out, uninterrupted)
+
+
+def test_a_stop_asked_during_a_block_leaves_that_blocks_report_to_the_interrupted_one(tmp_path, uninterrupted, written):
+    """A first Ctrl-C while block 5 is made lets it finish; the run then stops, so block 5's
+    rewrite (``running``) would be followed at once by the ``interrupted`` report."""
+    out = tmp_path / "run"
+
+    def wrap(kind: str, component: Any) -> Any:  # SIGINT while block 5's commit compresses block 3
+        return InterruptingCompressor(component, at=3, how="signal") if kind == "compressor" else component
+
+    with pytest.raises(Interrupted) as caught:
+        run_job(write_config(tmp_path, "packforcing"), out, save_latents=True, wrap=wrap)
+    assert caught.value.blocks_done == 5
+    assert written["report"] == [*(("running", n) for n in range(5)), ("interrupted", 5)]
+    assert_resumes_bit_identical(out, uninterrupted)
+
+
+def test_a_resumed_run_with_no_blocks_left_writes_its_report_once(tmp_path, written):
+    """``--resume --blocks N`` with N blocks made: the run completes at once, one report write."""
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_job(write_config(tmp_path, "full"), out, on_block=stop_at(4))
+    del written["report"][:]
+    result = run_job(None, out, resume=True, overrides=["run.blocks=4"])
+    assert (result["status"], result["blocks_done"]) == ("complete", 4)
+    assert written["report"] == [("complete", 4)]

@@ -431,13 +431,17 @@ def _run(
         total=run_params.blocks, initial=session.blocks_done, unit="block", disable=not progress, dynamic_ncols=True
     )
     try:
-        files.write_report()
+        if session.blocks_done < run_params.blocks:  # else complete comes next, and writes it
+            files.write_report()
         stop.deferred = True
         while session.blocks_done < run_params.blocks:
             record = files.add(session.step())
-            every = run_params.checkpoint_every
-            if every and session.blocks_done % every == 0 and session.blocks_done < run_params.blocks:
-                files.checkpoint()
+            done, every = session.blocks_done, run_params.checkpoint_every
+            files.after_block(
+                checkpoint=bool(every) and done % every == 0 and done < run_params.blocks,
+                # the run's last word comes next: complete, or interrupted (a stop asked during the block)
+                ending=done >= run_params.blocks or stop.requested is not None,
+            )
             bar.set_postfix(cache=f"{record['cache_bytes'] / 2**20:.1f}MiB", ctx=record["context_tokens"])
             bar.update(1)
             if on_block is not None:

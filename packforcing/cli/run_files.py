@@ -63,7 +63,9 @@ def report_due(blocks_done: int) -> bool:
     the run (0.24 s a block at 10,000 blocks: 5 MB of JSON); this way a block's share stays about
     ``REPORT_EVERY_BLOCK`` records' worth however long the run (~530 rewrites in 10,000 blocks)
     and the file lags the run by at most 1/64 of its blocks. A checkpoint and the run's last
-    word (complete, interrupted, failed) always rewrite it."""
+    word (complete, interrupted, failed) always rewrite it; the block that ends the run (its
+    last, or the one a stop was asked during) leaves its rewrite to that last word, which
+    follows at once (:meth:`RunFiles.after_block`)."""
     interval = 1 << max(0, (blocks_done // REPORT_EVERY_BLOCK).bit_length() - 1)
     return blocks_done % interval == 0
 
@@ -166,8 +168,9 @@ class RunFiles:
     Per block (:meth:`add`): the latents decoded (through the codec's streaming decoder when it
     has one: the Wan VAE's causal cache carries across blocks) and appended to one fragmented
     MP4 per batch item, playable after every block; the return fidelity (:class:`ReturnTracker`);
-    the latents kept with ``save_latents``; the block's record in ``report.json``, rewritten
-    when :func:`report_due`.
+    the latents kept with ``save_latents``; the block's record in the report. Then
+    (:meth:`after_block`) ``report.json`` is rewritten when :func:`report_due`, or with a
+    checkpoint.
     :meth:`checkpoint` saves the session and all of that (decoder cache, bytes and frames of each
     MP4, report, tracker), and a writer built with the checkpoint's ``state``/``extra`` goes on
     exactly where it stopped.
@@ -259,10 +262,18 @@ class RunFiles:
         self.decoded += 1
         if self.save_latents:
             self.latents.append(block.latents.detach().to("cpu", copy=True))
-        record = self.report.add(block)
-        if report_due(len(self.report.blocks)):
+        return self.report.add(block)
+
+    def after_block(self, *, checkpoint: bool, ending: bool) -> None:
+        """After :meth:`add`: save a checkpoint (``checkpoint``: ``run.checkpoint_every``'s),
+        rewriting ``report.json`` with it, else rewrite the report when :func:`report_due`.
+        ``ending``: the run's last word comes next (``complete`` after the last block,
+        ``interrupted`` after a stop asked during this block) and writes the report with its
+        status, so it is not written here too."""
+        if checkpoint:
+            self.checkpoint(report=not ending)
+        elif not ending and report_due(len(self.report.blocks)):
             self.write_report()
-        return record
 
     def write_report(self) -> None:
         with writing(self.out / "report.json"):
