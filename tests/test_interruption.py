@@ -830,3 +830,81 @@ def test_a_resumed_run_with_no_blocks_left_writes_its_report_once(tmp_path, writ
     result = run_job(None, out, resume=True, overrides=["run.blocks=4"])
     assert (result["status"], result["blocks_done"]) == ("complete", 4)
     assert written["report"] == [("complete", 4)]
+
+
+@pytest.mark.parametrize(
+    ("how", "every", "done", "saves"),
+    [
+        ("after", 2, 4, [2, 4]),  # Ctrl-C after block 4, which run.checkpoint_every has just saved
+        ("after", 2, 5, [2, 4, 5]),  # block 5 was written after the checkpoint: saved again
+        ("during", 5, 5, [5]),  # the first Ctrl-C lands while block 5 is made: that block finishes
+        ("inside", 4, 4, [4]),  # a second Ctrl-C aborts block 5's commit: the state is block 4's again
+        ("inside", 3, 4, [3, 4]),  # ... but block 4 was written after the checkpoint at 3
+    ],
+)
+def test_a_stop_on_a_block_just_checkpointed_saves_the_checkpoint_once(
+    tmp_path, uninterrupted, written, how, every, done, saves
+):
+    """An interrupt whose block ``run.checkpoint_every`` has just saved does not save the same
+    checkpoint again (for a Wan run, gigabytes written just as the user wants to stop); one with
+    anything written since (a block) does. Either way the checkpoint resumes bit-exactly."""
+    out = tmp_path / "run"
+
+    def wrap(kind: str, component: Any) -> Any:  # block 5's commit compresses block 3
+        if kind != "compressor":
+            return component
+        return InterruptingCompressor(component, at=3, how="signal" if how == "during" else "raise")
+
+    after = how == "after"
+    config = write_config(tmp_path, "packforcing", checkpoint_every=every)
+    with pytest.raises(Interrupted) as caught:
+        run_job(config, out, save_latents=True, wrap=None if after else wrap, on_block=stop_at(done) if after else None)
+    assert caught.value.blocks_done == done and caught.value.resume_dir == out
+    assert written["checkpoint"] == saves
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["meta"]["blocks_done"] == done
+    assert [p.name for p in (out / "checkpoint").glob("*.safetensors")] == [f"state-{done}.safetensors"]
+    # report.json: written once per block at most, and the stop's block by the interrupted report
+    # alone when the stop was asked before that block's rewrite
+    assert written["report"][-1] == ("interrupted", done)
+    assert len(set(written["report"])) == len(written["report"])
+    if how == "during":
+        assert ("running", done) not in written["report"]
+    assert_resumes_bit_identical(out, uninterrupted)
+
+
+def test_a_resumed_run_stopped_before_a_block_keeps_the_checkpoint_it_resumed(tmp_path, uninterrupted, written):
+    """Stopped again before its first block is made (a second Ctrl-C inside it), a resumed run
+    leaves the checkpoint it was resumed from, which holds exactly its state."""
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_job(write_config(tmp_path, "packforcing"), out, save_latents=True, on_block=stop_at(4))
+    assert written["checkpoint"] == [4]
+
+    def wrap(kind: str, component: Any) -> Any:  # a second Ctrl-C inside block 5's commit
+        return InterruptingCompressor(component, at=3, how="raise") if kind == "compressor" else component
+
+    index = (out / "checkpoint" / "state.json").read_bytes()
+    with pytest.raises(Interrupted) as caught:
+        run_job(None, out, resume=True, wrap=wrap)
+    assert caught.value.blocks_done == 4 and caught.value.resume_dir == out
+    assert written["checkpoint"] == [4]
+    assert (out / "checkpoint" / "state.json").read_bytes() == index
+    assert written["report"][-2:] == [("running", 4), ("interrupted", 4)]
+    assert_resumes_bit_identical(out, uninterrupted)
+
+
+def test_a_resumed_and_lengthened_run_stopped_before_a_block_saves_its_new_length(tmp_path, uninterrupted, written):
+    """Resumed with another length (``run.blocks``, recorded in the checkpoint) and stopped
+    before its first block, the run saves its checkpoint again: the next resume runs to the
+    new length."""
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_job(write_config(tmp_path, "packforcing", blocks=5), out, save_latents=True, on_block=stop_at(4))
+
+    def wrap(kind: str, component: Any) -> Any:
+        return InterruptingCompressor(component, at=3, how="raise") if kind == "compressor" else component
+
+    with pytest.raises(Interrupted):
+        run_job(None, out, resume=True, overrides=[f"run.blocks={BLOCKS}"], wrap=wrap)
+    assert_resumes_bit_identical(out, uninterrupted)  # runs to BLOCKS, as the resume before asked
+    assert written["checkpoint"] == [4, 4]  # the same blocks, but the run is longer now

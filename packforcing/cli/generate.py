@@ -461,7 +461,9 @@ def _run(
         with stop_signals_to(signal.SIG_IGN):  # the run's state is being saved on the way out
             if files.consistent():
                 try:
-                    files.checkpoint(report=False)  # finish() writes the report, with its status
+                    # not saved again if on disk already (run.checkpoint_every's, at this very
+                    # state); finish() writes the report, with its status
+                    files.checkpoint(report=False)
                 except OSError as error:  # not resumable after all: say so, naming the file
                     files.finish("failed", " ".join(str(error).split()))
                     session.close()

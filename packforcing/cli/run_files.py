@@ -4,14 +4,15 @@
   expensive happens, then created (or cleared of an earlier run with ``--overwrite``);
 - :class:`RunFiles`: each block streamed into ``video.mp4`` (one per batch item), ``report.json``
   rewritten (:func:`report_due`), the latents kept for ``--save-latents``, per-return fidelity measured; the
-  checkpoint that resumes all of it; the run's last word (``complete``, ``interrupted``, ``failed``)
-  with ``memory.png``;
+  checkpoint that resumes all of it (saved once per state); the run's last word (``complete``,
+  ``interrupted``, ``failed``) with ``memory.png``;
 - :func:`writing`: a write error (a full disk) as one line naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -173,7 +174,8 @@ class RunFiles:
     checkpoint.
     :meth:`checkpoint` saves the session and all of that (decoder cache, bytes and frames of each
     MP4, report, tracker), and a writer built with the checkpoint's ``state``/``extra`` goes on
-    exactly where it stopped.
+    exactly where it stopped. A checkpoint already on disk at the run's :meth:`position` (saved
+    by this writer, or the one it resumed from) is not saved again.
 
     ``keep``: what a resume needs to rebuild the run (config source, data, overrides, ...),
     stored in the checkpoint as is.
@@ -242,6 +244,12 @@ class RunFiles:
             self.returns.load_state_dict(_prefixed(state, "run.returns."), extra["returns"])
         self.decoded = done
         """Blocks whose frames are in the video (and in the decoder's state)."""
+        self.checkpointed: tuple[Any, ...] | None = None
+        """:meth:`position` when the checkpoint on disk was saved (``None``: not known to hold this run's state)."""
+        if state is not None and _same_json(self.keep, {key: extra.get(key) for key in self.keep}):
+            # the checkpoint resumed from holds exactly this state (a resume that changes the
+            # run's length records it in the checkpoint: that one is saved again)
+            self.checkpointed = self.position()
 
     @property
     def streaming(self) -> bool:
@@ -291,11 +299,40 @@ class RunFiles:
             and (not self.save_latents or len(self.latents) == done)
         )
 
+    def position(self) -> tuple[Any, ...]:
+        """Where the session and every output stand: its blocks and last block id, the blocks
+        decoded, each MP4's bytes and frames, the latents kept, the report's blocks and returns.
+        Nothing a checkpoint holds changes without one of these (a commit aborted by an
+        interrupt leaves the cache as it was)."""
+        return (
+            self.session.blocks_done,
+            getattr(self.policy, "last_block_id", None),
+            self.decoded,
+            self.video_frames,
+            tuple((w.nbytes, w.frames) for w in self.writers),
+            len(self.latents),
+            len(self.report.blocks),
+            len(self.report.returns),
+        )
+
     def checkpoint(self, *, report: bool = True) -> None:
         """Save the session and every output's position to ``out/checkpoint`` (atomically), then
         rewrite ``report.json`` with every block the checkpoint has; ``report=False`` leaves that
         to the caller's next step (an interrupted run's :meth:`finish`, which writes the same
-        blocks with its status: the report is written once on the way out, not twice)."""
+        blocks with its status: the report is written once on the way out, not twice).
+
+        A checkpoint already on disk at this :meth:`position` is left as it is: an interrupt
+        right after a ``run.checkpoint_every`` checkpoint (or before a resumed run's first block)
+        does not write the same gigabytes again."""
+        position = self.position()
+        if position != self.checkpointed or not (self.out / CHECKPOINT_DIR / "state.json").is_file():
+            self.checkpointed = None  # until the new one is whole
+            self._save_checkpoint()
+            self.checkpointed = position
+        if report:
+            self.write_report()  # the report on disk has every block the checkpoint has
+
+    def _save_checkpoint(self) -> None:
         from packforcing.core.checkpoint import save_checkpoint
 
         saved = self.session.state_dict()
@@ -315,8 +352,6 @@ class RunFiles:
             saved["tensors"].update({f"run.decoder.{k}": t for k, t in cached.items()})
         with writing(self.out / CHECKPOINT_DIR):
             save_checkpoint(self.out / CHECKPOINT_DIR, saved, info)
-        if report:
-            self.write_report()  # the report on disk has every block the checkpoint has
 
     def complete(self, keep_checkpoint: bool) -> None:
         """Every block is made: the latents, then ``report.json`` and ``memory.png`` say
@@ -344,6 +379,14 @@ class RunFiles:
             except OSError:
                 if status != "failed":
                     raise
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are written as the same JSON (``b`` read back from a checkpoint)."""
+    try:
+        return json.dumps(a) == json.dumps(b)
+    except (TypeError, ValueError):
+        return False
 
 
 def _prefixed(state: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
