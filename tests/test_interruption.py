@@ -821,6 +821,29 @@ def test_a_stop_asked_during_a_block_leaves_that_blocks_report_to_the_interrupte
     assert_resumes_bit_identical(out, uninterrupted)
 
 
+@pytest.mark.parametrize("every", [None, 4])
+def test_a_stop_asked_during_the_last_block_completes_the_run(tmp_path, uninterrupted, written, capsys, every):
+    """A first SIGINT while the last block is made lets it finish, and then nothing is left to
+    resume: the run ends complete, with every file and the uninterrupted run's latents and
+    frames, and writes no checkpoint for it (a kept ``run.checkpoint_every`` one stays as it
+    was). It was ``interrupted``, with a full checkpoint whose resume only wrote the last files."""
+    out = tmp_path / "run"
+
+    def wrap(kind: str, component: Any) -> Any:  # SIGINT while block 6's commit compresses block 4
+        return InterruptingCompressor(component, at=4, how="signal") if kind == "compressor" else component
+
+    result = run_job(write_config(tmp_path, "packforcing", checkpoint_every=every), out, save_latents=True, wrap=wrap)
+    assert (result["status"], result["blocks_done"]) == ("complete", BLOCKS)
+    assert json.loads((out / "report.json").read_text())["status"] == "complete"
+    assert written["report"] == [*(("running", n) for n in range(BLOCKS)), ("complete", BLOCKS)]
+    assert written["checkpoint"] == ([4] if every else [])
+    assert (out / "checkpoint").exists() == bool(every) and (out / "memory.png").stat().st_size > 0
+    assert "SIGINT during the last block: the run is complete" in capsys.readouterr().err
+    latents, frames = uninterrupted["packforcing"]
+    assert load_file(str(out / "latents.safetensors"))["latents"].numpy().tobytes() == latents.numpy().tobytes()
+    assert np.array_equal(frames_of(out / "video.mp4"), frames)
+
+
 def test_a_resumed_run_with_no_blocks_left_writes_its_report_once(tmp_path, written):
     """``--resume --blocks N`` with N blocks made: the run completes at once, one report write."""
     out = tmp_path / "run"

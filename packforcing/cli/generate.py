@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -446,8 +447,11 @@ def _run(
             bar.update(1)
             if on_block is not None:
                 on_block(session.blocks_done)
-            if stop.requested is not None:
+            if stop.requested is not None and session.blocks_done < run_params.blocks:
                 raise Interrupted(signal_name=stop.requested)
+        if stop.requested is not None:  # asked during the last block: stopping after it is completing
+            bar.close()
+            print(f"{stop.requested} during the last block: the run is complete", file=sys.stderr)
         # every block is made: the run is written out whole, and a signal now is ignored (the
         # run is complete, with all its files; a half-written ending would be neither complete
         # nor resumable)
