@@ -355,13 +355,13 @@ def broken_checkpoints(tmp: Path) -> dict[str, tuple[Path, str]]:
     missing = tmp / "missing"
     write_wan(model, missing)
     save_file({k: v for k, v in state.items() if k != "blocks.1.ffn.2.bias"}, str(missing / "wan2.1_t2v.safetensors"))
-    cases["missing"] = (missing / "wan2.1_t2v.safetensors", "missing tensor 'blocks.1.ffn.net.2.bias'")
+    cases["missing"] = (missing / "wan2.1_t2v.safetensors", "missing tensor 'blocks.1.ffn.2.bias'")
     shaped = tmp / "shaped"
     write_wan(model, shaped)
     save_file({**state, "head.head.weight": torch.zeros(3, 64)}, str(shaped / "wan2.1_t2v.safetensors"))
     cases["mis-shaped"] = (
         shaped / "wan2.1_t2v.safetensors",
-        "tensor 'proj_out.weight' has shape [3, 64], expected [16, 64]",
+        "tensor 'head.head.weight' has shape [3, 64], expected [16, 64]",
     )
     extra = tmp / "extra"
     write_wan(model, extra)

@@ -165,3 +165,151 @@ def test_prompt_embeds_that_are_not_text_encoder_states_are_refused(tmp_path, te
     with pytest.raises(ParamError) as info:
         read_prompt_embeds(file, 32)
     assert str(info.value) == f"embeds: {file}: {problem}"
+
+
+# ---------------------------------------------------------------------- tensors named as stored
+SINGLE_FILE_PREFIX = {
+    "wan": "",
+    "comfy": "model.diffusion_model.",
+    "self_forcing": "generator_ema.model.",
+    "self_forcing_generator": "generator.model.",
+}
+"""What a single-file format puts before a tensor's official name: the names a user finds in
+the file (a Self-Forcing file's under its ``generator_ema``, else its ``generator``, entry)."""
+
+
+def write_official(state: dict[str, torch.Tensor], folder: Path, fmt: str, *, config: bool = True) -> Path:
+    """``state`` (official names) written as ``fmt`` of :data:`SINGLE_FILE_PREFIX` (a Self-Forcing
+    file's ``generator`` a decoy unless it is the one entry), with the official config beside it."""
+    from safetensors.torch import save_file
+
+    from tests.wan_fixtures import OFFICIAL_CONFIG
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if config:
+        (folder / "config.json").write_text(json.dumps(OFFICIAL_CONFIG))
+    if fmt in ("wan", "comfy"):
+        file = folder / "wan2.1_t2v.safetensors"
+        save_file({f"{SINGLE_FILE_PREFIX[fmt]}{k}": v.contiguous() for k, v in state.items()}, str(file))
+        return file
+    file = folder / "self_forcing_dmd.pt"
+    prefixed = {f"model.{k}": v for k, v in state.items()}
+    if fmt == "self_forcing":
+        torch.save({"generator_ema": prefixed, "generator": {k: v + 1.0 for k, v in prefixed.items()}}, str(file))
+    else:
+        torch.save({"generator": prefixed, "critic": {}}, str(file))
+    return file
+
+
+@pytest.fixture(scope="module")
+def official() -> dict[str, torch.Tensor]:
+    from tests.wan_fixtures import official_state
+
+    return official_state(tiny_transformer())
+
+
+@pytest.mark.parametrize("fmt", list(SINGLE_FILE_PREFIX))
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("missing", "missing tensor '{}blocks.1.ffn.2.bias'"),
+        ("unexpected", "unexpected tensor '{}blocks.0.self_attn.lora.weight'"),
+        ("shape", "tensor '{}head.head.weight' has shape [3, 64], expected [16, 64]"),
+        ("norm", "tensor '{}blocks.1.norm3.weight' has shape [5], expected [64]"),  # diffusers' norm2
+    ],
+)
+def test_a_single_file_checkpoint_s_bad_tensor_is_named_as_the_file_stores_it(
+    official, tmp_path, fmt, problem, message
+):
+    """Not by its diffusers name (``blocks.1.ffn.net.2.bias``, ``proj_out.weight``), which the
+    file does not hold: a missing tensor by the official name it would have there."""
+    state = dict(official)
+    if problem == "missing":
+        del state["blocks.1.ffn.2.bias"]
+    elif problem == "unexpected":
+        state["blocks.0.self_attn.lora.weight"] = torch.zeros(2)  # diffusers: attn1.lora
+    elif problem == "shape":
+        state["head.head.weight"] = torch.zeros(3, 64)
+    else:
+        state["blocks.1.norm3.weight"] = torch.zeros(5)
+    file = write_official(state, tmp_path / fmt, fmt)
+    for plan_only in (True, False):
+        text = refused(file, plan_only=plan_only)
+        assert text == f"path: {file}: {message.format(SINGLE_FILE_PREFIX[fmt])}"
+
+
+@pytest.fixture(scope="module")
+def head_dim_128():
+    """A tiny model whose architecture its shapes tell (Wan2.1's head dim 128, one head)."""
+    from diffusers import WanTransformer3DModel
+
+    from tests.wan_fixtures import CONFIG
+
+    model = WanTransformer3DModel(**{**CONFIG, "num_attention_heads": 1, "attention_head_dim": 128})
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("fmt", list(SINGLE_FILE_PREFIX))
+def test_a_tensor_needed_to_infer_the_architecture_is_named_as_the_file_stores_it(head_dim_128, tmp_path, fmt):
+    """Without a config.json the shapes tell the architecture (and the model loads from them);
+    the tensors read for it are named as stored too, and one of the wrong rank is one line, not
+    an IndexError."""
+    from tests.wan_fixtures import official_state
+
+    prefix = SINGLE_FILE_PREFIX[fmt]
+    state = official_state(head_dim_128)
+    loaded = load(write_official(state, tmp_path / "whole", fmt, config=False)).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in head_dim_128.state_dict().items())
+    file = write_official(
+        {k: v for k, v in state.items() if k != "head.head.weight"}, tmp_path / fmt, fmt, config=False
+    )
+    assert refused(file, plan_only=True) == (
+        f"path: {file}: missing tensor '{prefix}head.head.weight' (needed to infer the architecture)"
+    )
+    flat = write_official({**state, "text_embedding.0.weight": torch.zeros(7)}, tmp_path / "flat", fmt, config=False)
+    assert refused(flat, plan_only=True) == (
+        f"path: {flat}: tensor '{prefix}text_embedding.0.weight' has shape [7], expected 2 sizes >= 1"
+    )
+
+
+def test_a_missing_tensor_is_named_by_its_official_name_only_when_the_converter_confirms_it():
+    """The official name of a missing tensor is diffusers' converter's inverse, checked by it: a
+    name with no known official one is said to be diffusers'."""
+    from packforcing.models.wan.checkpoints import check_state, official_name
+    from tests.wan_fixtures import official_state
+
+    model = tiny_transformer()
+    assert [official_name(name) for name in model.state_dict()] == list(official_state(model))
+    with pytest.raises(CheckpointError) as info:
+        check_state({"x.weight": (2,), "y.weight": (2,)}, {}, "f.safetensors", missing=lambda name: None)
+    assert str(info.value) == (
+        "path: f.safetensors: missing tensor 'x.weight' (diffusers' name: no official Wan name is known to convert "
+        "to it) (and 1 more)"
+    )
+
+
+@pytest.mark.parametrize("fmt", ["comfy", "self_forcing"])
+def test_two_stored_tensors_that_would_load_as_one_are_refused(official, tmp_path, fmt):
+    """A prefixed and an unprefixed copy of one tensor: diffusers' converter (or the Self-Forcing
+    prefix) would keep one of them silently; refused naming both, as a tensor in two shards is."""
+    from safetensors.torch import save_file
+
+    name = "blocks.0.self_attn.q.weight"
+    if fmt == "comfy":
+        file = write_official(official, tmp_path, "comfy")
+        save_file(
+            {**{f"model.diffusion_model.{k}": v for k, v in official.items()}, name: official[name] + 1}, str(file)
+        )
+        expected = f"tensors 'model.diffusion_model.{name}' and '{name}' both load as 'blocks.0.attn1.to_q.weight'"
+    else:
+        file = write_official(official, tmp_path, "self_forcing")
+        torch.save(
+            {"generator_ema": {**{f"model.{k}": v for k, v in official.items()}, name: official[name] + 1}}, str(file)
+        )
+        expected = f"tensors 'generator_ema.model.{name}' and 'generator_ema.{name}' both load as '{name}'"
+    text = refused(file, plan_only=True)
+    assert text == f"path: {file}: {expected}: which one is used would be arbitrary"

@@ -34,7 +34,7 @@ from packforcing.core.geometry import Geometry, Grid, resolve_dtype
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
 from packforcing.core.weightfiles import return_memory
-from packforcing.models.wan.checkpoints import CheckpointError, check_state, locate
+from packforcing.models.wan.checkpoints import CheckpointError, locate
 from packforcing.models.wan.imports import diffusers_quietly
 from packforcing.models.wan.params import WAN21_T2V_1_3B, WanParams
 
@@ -202,7 +202,7 @@ def build_transformer(
     if checkpoint is None:
         return transformer, config
     expected = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
-    check_state(expected, checkpoint.shapes(), checkpoint.file)
+    checkpoint.check(expected)
     if plan_only:
         return transformer, config
     transformer.load_state_dict(checkpoint.state_dict(), strict=True, assign=True)

@@ -14,14 +14,18 @@ Three formats, each turned into diffusers' ``WanTransformer3DModel`` config and 
 For the single-file formats the architecture comes from a ``config.json`` next to the file
 (official names ``dim``, ``num_heads``, … or diffusers names), else from the tensor shapes with
 Wan2.1's head dim of 128. Every problem is a ``ParamError`` at ``path`` (``"path: <file>: <problem>"``) naming
-the first bad tensor, which the builder reports as one line at ``model.path``.
+the first bad tensor, which the builder reports as one line at ``model.path``. A tensor is named as
+the file stores it (``blocks.0.self_attn.q.weight``, ``model.diffusion_model.…``,
+``generator_ema.model.…``), not by the diffusers name it loads as; a missing one by the official
+name diffusers' converter would take it from, when that is known.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,8 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 SELF_FORCING_KEYS = ("generator_ema", "generator")
 SELF_FORCING_PREFIX = "model."
+COMFY_PREFIX = "model.diffusion_model."
+"""The prefix of an official file's tensor names as ComfyUI saves them (diffusers' converter drops it)."""
 WAN21_HEAD_DIM = 128
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -78,7 +84,8 @@ class Checkpoint:
         """diffusers ``WanTransformer3DModel`` config (from the config file or the tensor shapes)."""
         if self.config_file is not None:
             return _read_config(self.config_file)
-        return infer_config(self.shapes(), self.file)
+        shapes, stored = self.named_shapes()
+        return infer_config(shapes, self.file, stored=stored, missing=self.missing_name)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Tensor name (diffusers naming) → shape, from file headers (no tensor data is read)."""
@@ -92,6 +99,42 @@ class Checkpoint:
             return to_diffusers_names(_read_safetensors(self.file, meta), self.file)
         return to_diffusers_names(_read_self_forcing(self.file, meta=meta), self.file)
 
+    def named_shapes(self) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+        """``(shapes, stored)``: :meth:`shapes`, and each tensor's name as stored in its file (a
+        diffusers folder's is its own; a single-file format's is its official name as written
+        there, a Self-Forcing file's as ``generator_ema.model.<official name>``). Only file
+        headers are read. Two tensors of the file that diffusers' converter would load as one
+        are refused (which one it keeps is arbitrary)."""
+        if self.format == "diffusers":
+            shapes = self.shapes()
+            return shapes, {name: name for name in shapes}
+        stored, labels, _ = self._official()
+        # diffusers' converter renames, handing each tensor on as it is: its identity leads back
+        by_id = {id(tensor): labels[key] for key, tensor in stored.items()}
+        renamed = to_diffusers_names(stored, self.file)
+        names = {name: by_id[id(t)] for name, t in renamed.items() if id(t) in by_id}
+        kept = set(names.values())
+        for key, tensor in stored.items():
+            if labels[key] in kept:
+                continue
+            # a tensor the converter replaced (reshaped or split) or dropped for another of the
+            # same name: converted alone, its name tells which
+            for name in to_diffusers_names({key: tensor}, self.file, check=False):
+                if name in names and names[name] != labels[key]:
+                    raise _same_name(self.file, names[name], labels[key], name)
+                names[name] = labels[key]
+        return {name: tuple(t.shape) for name, t in renamed.items()}, names
+
+    def missing_name(self, name: str) -> str | None:
+        """The name the tensor ``name`` (diffusers naming) would have in this file, which lacks
+        it: itself in a diffusers folder; in a single-file format the official name diffusers'
+        converter turns into ``name`` (with the file's prefix, as :meth:`named_shapes` names
+        tensors), or ``None`` when no known official name converts to it."""
+        if self.format == "diffusers":
+            return name
+        official = official_name(name)
+        return None if official is None else self._official()[2] + official
+
     def origin(self, name: str) -> tuple[Path, str]:
         """``(file, stored name)``: the file that holds the tensor ``name`` (diffusers naming) and
         its name there, for a message about its value. A diffusers folder's tensor is in
@@ -104,20 +147,40 @@ class Checkpoint:
                 return single, name
             shard = _read_index(self.file / WEIGHTS_INDEX).get(name)
             return (self.file / shard if shard is not None else self.file), name
+        return self.file, self.named_shapes()[1].get(name, name)
+
+    def _official(self) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+        """A single-file checkpoint's tensors (meta-device) under the official names diffusers'
+        converter takes, each one's name as stored in the file, and the prefix a tensor's
+        official name has there (``model.diffusion_model.`` in a ComfyUI file,
+        ``generator_ema.model.`` in a Self-Forcing file)."""
         if self.format == "wan":
-            stored = _read_safetensors(self.file, meta=True)
-            labels = {key: key for key in stored}
-        else:
-            entry, state = _self_forcing_entry(self.file)
-            stored, labels = {}, {}
-            for key, tensor in state.items():
-                short = key.removeprefix(SELF_FORCING_PREFIX)
-                stored[short], labels[short] = torch.empty(tensor.shape, device="meta"), f"{entry}.{key}"
-        # diffusers' converter renames, handing each tensor on as it is: its identity leads back
-        by_id = {id(tensor): labels[key] for key, tensor in stored.items()}
-        renamed = to_diffusers_names(stored, self.file)
-        found = renamed.get(name)
-        return self.file, by_id.get(id(found), name) if found is not None else name
+            tensors = _read_safetensors(self.file, meta=True)
+            prefix = COMFY_PREFIX if any(key.startswith(COMFY_PREFIX) for key in tensors) else ""
+            return tensors, {key: key for key in tensors}, prefix
+        entry, state = _self_forcing_entry(self.file)
+        stored: dict[str, torch.Tensor] = {}
+        labels: dict[str, str] = {}
+        for key, tensor in state.items():
+            short = key.removeprefix(SELF_FORCING_PREFIX)
+            label = f"{entry}.{key}"
+            if short in labels:
+                raise _same_name(self.file, labels[short], label, short)
+            stored[short], labels[short] = torch.empty(tensor.shape, device="meta"), label
+        prefixed = any(key.startswith(SELF_FORCING_PREFIX) for key in state)
+        return stored, labels, f"{entry}.{SELF_FORCING_PREFIX if prefixed else ''}"
+
+    def check(self, expected: Mapping[str, tuple[int, ...]]) -> None:
+        """:func:`check_state` of this checkpoint's tensors against ``expected`` (diffusers
+        naming), each tensor named as stored in the file (:meth:`named_shapes`, :meth:`missing_name`)."""
+        shapes, stored = self.named_shapes()
+        check_state(expected, shapes, self.file, stored=stored, missing=self.missing_name)
+
+
+def _same_name(file: Path, first: str, second: str, name: str) -> CheckpointError:
+    """Two tensors of ``file`` that would load as one, ``name``: refused rather than one guessed."""
+    problem = f"tensors {first!r} and {second!r} both load as {name!r}: which one is used would be arbitrary"
+    return CheckpointError(file, problem)
 
 
 def locate(path: str | Path, fmt: str = "auto") -> Checkpoint:
@@ -190,16 +253,26 @@ def _read_config(file: Path) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in allowed}
 
 
-def infer_config(shapes: Mapping[str, tuple[int, ...]], file: Path) -> dict[str, Any]:
-    """A diffusers config from tensor shapes (diffusers naming), assuming Wan2.1's head dim 128."""
+def infer_config(
+    shapes: Mapping[str, tuple[int, ...]],
+    file: Path,
+    *,
+    stored: Mapping[str, str] | None = None,
+    missing: Callable[[str], str | None] | None = None,
+) -> dict[str, Any]:
+    """A diffusers config from tensor shapes (diffusers naming), assuming Wan2.1's head dim 128.
+    A tensor it needs is named as :func:`check_state` names it (``stored``, ``missing``)."""
 
-    def shape(name: str) -> tuple[int, ...]:
+    def shape(name: str, dims: int) -> tuple[int, ...]:
         if name not in shapes:
-            raise CheckpointError(file, f"missing tensor {name!r} (needed to infer the architecture)")
+            raise CheckpointError(file, f"{_missing(name, missing)} (needed to infer the architecture)")
+        if len(shapes[name]) != dims or not all(shapes[name]):
+            label = stored.get(name, name) if stored is not None else name
+            raise CheckpointError(file, f"tensor {label!r} has shape {list(shapes[name])}, expected {dims} sizes >= 1")
         return shapes[name]
 
-    dim, in_channels, *patch = shape("patch_embedding.weight")
-    layers = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")), default=-1)
+    dim, in_channels, *patch = shape("patch_embedding.weight", 5)
+    layers = 1 + max((int(k.split(".")[1]) for k in shapes if re.match(r"blocks\.\d+\.", k)), default=-1)
     if dim % WAN21_HEAD_DIM:
         raise CheckpointError(file, f"hidden size {dim} is not a multiple of 128: put a config.json next to the file")
     return {
@@ -207,10 +280,10 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], file: Path) -> dict[str,
         "num_attention_heads": dim // WAN21_HEAD_DIM,
         "attention_head_dim": WAN21_HEAD_DIM,
         "in_channels": in_channels,
-        "out_channels": shape("proj_out.weight")[0] // (patch[0] * patch[1] * patch[2]),
-        "text_dim": shape("condition_embedder.text_embedder.linear_1.weight")[1],
-        "freq_dim": shape("condition_embedder.time_embedder.linear_1.weight")[1],
-        "ffn_dim": shape("blocks.0.ffn.net.0.proj.weight")[0],
+        "out_channels": shape("proj_out.weight", 2)[0] // (patch[0] * patch[1] * patch[2]),
+        "text_dim": shape("condition_embedder.text_embedder.linear_1.weight", 2)[1],
+        "freq_dim": shape("condition_embedder.time_embedder.linear_1.weight", 2)[1],
+        "ffn_dim": shape("blocks.0.ffn.net.0.proj.weight", 2)[0],
         "num_layers": layers,
         "cross_attn_norm": "blocks.0.norm2.weight" in shapes,
     }
@@ -310,26 +383,77 @@ def _read_self_forcing(file: Path, *, meta: bool) -> dict[str, torch.Tensor]:
     }
 
 
-def to_diffusers_names(state: Mapping[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
-    """Official Wan tensor names → diffusers', with diffusers' own converter."""
+_TO_OFFICIAL = (
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"\.scale_shift_table$", ".modulation"),
+    (r"\.attn1\.", ".self_attn."),
+    (r"\.attn2\.", ".cross_attn."),
+    (r"\.to_out\.0\.", ".o."),
+    (r"\.to_([qkv])\.", r".\1."),
+    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
+    (r"\.ffn\.net\.2\.", ".ffn.2."),
+    (r"^(blocks\.\d+)\.norm([23])\.", lambda m: f"{m[1]}.norm{5 - int(m[2])}."),
+)
+"""diffusers' names of a text-to-video Wan2.1 → the official ones (the inverse of diffusers'
+converter, which :func:`official_name` asks to confirm each)."""
+
+
+def official_name(name: str) -> str | None:
+    """The official Wan name that diffusers' converter turns into ``name`` (diffusers naming),
+    ``None`` when none is known (the converter is asked: a guess it would not convert back is
+    not given)."""
+    official = name
+    for pattern, repl in _TO_OFFICIAL:
+        official = re.sub(pattern, repl, official)
+    converted = to_diffusers_names({official: torch.empty(0, device="meta")}, Path(), check=False)
+    return official if list(converted) == [name] else None
+
+
+def to_diffusers_names(state: Mapping[str, torch.Tensor], file: Path, *, check: bool = True) -> dict[str, torch.Tensor]:
+    """Official Wan tensor names → diffusers', with diffusers' own converter (``check``: refusing
+    a ``state`` with no official block tensor, not a Wan checkpoint)."""
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    if not any(k.startswith("blocks.") or k.startswith("model.diffusion_model.blocks.") for k in state):
+    if check and not any(k.startswith("blocks.") or k.startswith(f"{COMFY_PREFIX}blocks.") for k in state):
         raise CheckpointError(file, "no official Wan tensors (blocks.N.self_attn...) found")
     return convert_wan_transformer_to_diffusers(dict(state))
 
 
+def _missing(name: str, missing: Callable[[str], str | None] | None) -> str:
+    """``"missing tensor NAME"``, NAME as the file would store it (``missing``), else said to be
+    diffusers' name."""
+    label = name if missing is None else missing(name)
+    if label is None:
+        return f"missing tensor {name!r} (diffusers' name: no official Wan name is known to convert to it)"
+    return f"missing tensor {label!r}"
+
+
 def check_state(
-    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], file: str | Path
+    expected: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[int, ...]],
+    file: str | Path,
+    *,
+    stored: Mapping[str, str] | None = None,
+    missing: Callable[[str], str | None] | None = None,
 ) -> None:
-    """Raise :class:`CheckpointError` naming the first missing, unexpected or mis-shaped tensor."""
+    """Raise :class:`CheckpointError` naming the first missing, unexpected or mis-shaped tensor.
+    ``expected`` and ``found`` are in diffusers naming; a found tensor is named as ``stored`` (its
+    name in the file, default its name in ``found``), a missing one as ``missing(name)`` names it
+    (the name the file would give it; ``None``: unknown, said to be diffusers' name)."""
     for name, shape in expected.items():
         if name not in found:
             more = sum(1 for n in expected if n not in found) - 1
             extra = f" (and {more} more)" if more else ""
-            raise CheckpointError(file, f"missing tensor {name!r}{extra}")
+            raise CheckpointError(file, f"{_missing(name, missing)}{extra}")
         if tuple(found[name]) != tuple(shape):
-            raise CheckpointError(file, f"tensor {name!r} has shape {list(found[name])}, expected {list(shape)}")
+            label = stored.get(name, name) if stored is not None else name
+            raise CheckpointError(file, f"tensor {label!r} has shape {list(found[name])}, expected {list(shape)}")
     for name in found:
         if name not in expected:
-            raise CheckpointError(file, f"unexpected tensor {name!r}")
+            raise CheckpointError(file, f"unexpected tensor {stored.get(name, name) if stored is not None else name!r}")
