@@ -328,6 +328,114 @@ def test_a_text_encoder_weight_beyond_float16_is_refused_naming_its_shard(tmp_pa
         assert encoder.model.dtype == torch.bfloat16
 
 
+def test_a_text_encoder_file_whose_names_transformers_renames_on_load_is_still_checked(tmp_path):
+    """transformers strips UMT5's base-model prefix (``transformer.``) from a checkpoint's names on
+    load: each tensor is checked all the same, named as stored, in the dtype it was loaded in (the
+    feed-forward output kept in float32 may hold any float32 value)."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    from packforcing.models.wan.text import ENCODER_WEIGHTS, TextEncoder
+    from tests.tiny_wan_io import write_text_encoder
+
+    root = write_text_encoder(tmp_path / "pipe")
+    file = root / "text_encoder" / ENCODER_WEIGHTS
+    tensors = load_file(str(file))
+    name, wo = "encoder.block.1.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    save_file({f"transformer.{k}": v for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+    spoil(file, f"transformer.{wo}")
+    with TextEncoder.from_path(root, dtype=torch.float16) as encoder:  # loaded, renamed: wo is float32
+        assert encoder.model.state_dict()[wo].dtype == torch.float32
+    spoil(file, f"transformer.{name}")
+    with pytest.raises(ValueError) as info:
+        TextEncoder.from_path(root, dtype=torch.float16)
+    assert str(info.value) == f"{file_label(file)}: transformer.{name} holds 7.1e+04, {F16}"
+
+
+def test_a_file_tensor_loaded_under_a_name_unlike_its_own_is_checked_against_its_shape_s_narrowest_dtype(tmp_path):
+    """No loaded name tells where it went: the narrowest dtype of the loaded tensors of its shape
+    that no file name matches is assumed; a tensor the library reported unused is not read."""
+    from safetensors.torch import save_file
+
+    from packforcing.core.weightfiles import cast_damage
+
+    file = tmp_path / "w.safetensors"
+    big = torch.full((2, 3), BIG)
+    save_file({"kept": torch.ones(4), "a.w": big, "b.w": big.T.contiguous()}, str(file))
+    loaded = {"kept": torch.ones(4).half(), "x": big.half(), "y": big.T.float()}
+    assert cast_damage(loaded, [file]) == f"{file_label(file)}: a.w holds 7.1e+04, {F16}"
+    assert cast_damage({**loaded, "x": big.float()}, [file]) is None  # b.w went to float32 too
+    assert cast_damage(loaded, [file], unused={"a.w"}) is None
+    # of no loaded tensor's shape: the narrowest loaded dtype
+    save_file({"c.w": torch.full((5,), BIG)}, str(file))
+    assert cast_damage(loaded, [file]) == f"{file_label(file)}: c.w holds 7.1e+04, {F16}"
+
+
+def floating_names(files: list[Path]) -> set[str]:
+    """The floating-point tensors of safetensors or torch ``.bin`` weights files."""
+    from packforcing.core.weightfiles import FLOAT_DTYPES, read_header
+
+    names: set[str] = set()
+    for file in files:
+        if file.suffix == ".safetensors":
+            names |= {name for name, (kind, _) in read_header(file)[0].items() if kind in FLOAT_DTYPES}
+        else:
+            state = torch.load(str(file), weights_only=True)
+            names |= {name for name, t in state.items() if t.is_floating_point()}
+    return names
+
+
+@pytest.mark.parametrize("layout", ["one-file", "sharded", "bin"])
+def test_diffusers_loads_every_vae_file_tensor_under_its_own_name(tmp_path, layout):
+    """With the pinned diffusers, ``AutoencoderKLWan.from_pretrained`` renames nothing (its only
+    renaming, of deprecated attention blocks, does not apply to Wan's VAE): the cast check finds
+    every tensor by name. A diffusers that renames fails here, before the check gets costlier."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKLWan
+
+    from packforcing.core.weightfiles import weights_files
+    from packforcing.models.wan.vae import VAE_TORCH_WEIGHTS, VAE_WEIGHTS
+    from tests.tiny_wan_io import tiny_vae
+
+    folder = tmp_path / "vae"
+    tiny_vae().save_pretrained(
+        str(folder), max_shard_size="100KB" if layout == "sharded" else "5GB", safe_serialization=layout != "bin"
+    )
+    vae, info = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=torch.float16, output_loading_info=True)
+    files = weights_files(folder, VAE_WEIGHTS, VAE_TORCH_WEIGHTS)
+    assert len(files) == (1 if layout != "sharded" else len(files)) and files
+    assert not info["unexpected_keys"] and floating_names(files) <= set(vae.state_dict())
+
+
+@pytest.mark.parametrize("layout", ["one-file", "sharded", "bin", "encoder-decoder"])
+def test_transformers_loads_every_used_umt5_file_tensor_under_its_own_name(tmp_path, layout):
+    """As the VAE's, for ``UMT5EncoderModel.from_pretrained`` and the layouts a Wan text encoder
+    comes in (a whole UMT5's decoder is reported unused): only a prefixed file is renamed
+    (:func:`test_a_text_encoder_file_whose_names_transformers_renames_on_load_is_still_checked`)."""
+    pytest.importorskip("transformers")
+    from transformers import UMT5EncoderModel, UMT5ForConditionalGeneration
+
+    from packforcing.core.weightfiles import weights_files
+    from packforcing.models.wan.text import ENCODER_TORCH_WEIGHTS, ENCODER_WEIGHTS
+    from tests.tiny_wan_io import randomize, tiny_umt5
+
+    folder = tmp_path / "text_encoder"
+    model = tiny_umt5()
+    if layout == "encoder-decoder":
+        model = randomize(UMT5ForConditionalGeneration(model.config), 3)
+    model.save_pretrained(str(folder), max_shard_size="20KB" if layout == "sharded" else "5GB")
+    if layout == "bin":  # transformers (5) saves safetensors only: written as an older version did
+        (folder / ENCODER_WEIGHTS).unlink()
+        torch.save(dict(model.state_dict()), str(folder / ENCODER_TORCH_WEIGHTS))
+    loaded, info = UMT5EncoderModel.from_pretrained(str(folder), torch_dtype=torch.float16, output_loading_info=True)
+    files = weights_files(folder, ENCODER_WEIGHTS, ENCODER_TORCH_WEIGHTS)
+    assert (len(files) > 1) == (layout == "sharded")
+    unused = set(info["unexpected_keys"])
+    assert all(name.startswith(("decoder.", "lm_head.")) for name in unused)
+    assert bool(unused) == (layout == "encoder-decoder")
+    assert floating_names(files) - unused <= set(loaded.state_dict())
+
+
 # ---------------------------------------------------------------------- tiny_dit, dual_branch, --init
 def test_tiny_dit_weights_beyond_the_run_dtype_are_a_config_error_naming_the_file(tmp_path, capsys):
     file = tmp_path / "m.safetensors"

@@ -19,7 +19,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -240,7 +240,7 @@ def _stored(file: Path) -> Mapping[str, torch.Tensor]:
     return {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
-def cast_damage(loaded: Mapping[str, torch.Tensor], files: list[Path]) -> str | None:
+def cast_damage(loaded: Mapping[str, torch.Tensor], files: list[Path], unused: Collection[str] = ()) -> str | None:
     """``"<file>: <tensor> holds 7.1e+04, beyond float16's ±65504; ..."`` when a library that read
     ``files`` (safetensors, or torch ``.bin`` files: :func:`weights_files`) into ``loaded`` (a
     model's state dict) and cast them to the run's dtype turned a finite value into ±Inf, else
@@ -248,43 +248,74 @@ def cast_damage(loaded: Mapping[str, torch.Tensor], files: list[Path]) -> str | 
     memory-mapped) :func:`~packforcing.core.finite.narrows` into their loaded dtype are read (one
     reduction each, on their device, one host read), so a load as wide as the files costs nothing;
     a non-finite one is read again from its file, to tell an overflow (reported) from a NaN or Inf
-    the file holds itself (not the cast's doing: passed)."""
+    the file holds itself (not the cast's doing: passed).
+
+    A file tensor is found in ``loaded`` by its name, else (renamed on load: transformers adds
+    or strips a model's base-model prefix, ``transformer.``) by the one loaded name that no file
+    name matches, of its shape, that its name ends with or that ends with its name. One found by
+    neither, and not among ``unused`` (the names the library reported it did not load), is read
+    from its file and checked against the narrowest dtype of the loaded tensors of its shape
+    that no file name matches (of all loaded tensors, when none is): a library's renaming can
+    cost a read, or a refusal that a closer match would spare, but never skip the check."""
     import torch
     from safetensors import safe_open
 
-    from packforcing.core.finite import cast_problem, largest_magnitude, narrows
+    from packforcing.core.finite import cast_problem, largest_magnitude, narrowest, narrows
 
-    sources: dict[str, tuple[Path, torch.dtype]] = {}
+    sources: dict[str, tuple[Path, torch.dtype, tuple[int, ...]]] = {}
     pickled: dict[Path, Mapping[str, torch.Tensor]] = {}
     for file in files:
         if file.suffix == ".safetensors":
-            for name, (dtype, _) in read_header(file)[0].items():
-                if dtype in FLOAT_DTYPES:
-                    sources.setdefault(name, (file, getattr(torch, FLOAT_DTYPES[dtype])))
+            for name, (kind, shape) in read_header(file)[0].items():
+                if kind in FLOAT_DTYPES:
+                    sources.setdefault(name, (file, getattr(torch, FLOAT_DTYPES[kind]), shape))
         else:
             pickled[file] = _stored(file)
             for name, tensor in pickled[file].items():
                 if tensor.is_floating_point():
-                    sources.setdefault(name, (file, tensor.dtype))
-    suspects = [
-        (name, t)
-        for name, t in loaded.items()
-        if name in sources and t.is_floating_point() and narrows(sources[name][1], t.dtype)
-    ]
-    if not suspects:
-        return None
-    largest = torch.stack([largest_magnitude(t).to(torch.float64) for _, t in suspects]).tolist()
-    for (name, tensor), value in zip(suspects, largest, strict=True):
-        if math.isfinite(value):
+                    sources.setdefault(name, (file, tensor.dtype, tuple(tensor.shape)))
+    floating = {name: t for name, t in loaded.items() if t.is_floating_point()}
+    unnamed = {name: t for name, t in floating.items() if name not in sources}
+    found = {name: floating[name] for name in sources if name in floating}
+    unfound: list[str] = []
+    skipped = set(unused)
+    for name, (_, _, shape) in sources.items():
+        if name in loaded or name in skipped:
             continue
+        like = [
+            other
+            for other, t in unnamed.items()
+            if tuple(t.shape) == shape and (name.endswith(f".{other}") or other.endswith(f".{name}"))
+        ]
+        if len(like) == 1:
+            found[name] = unnamed[like[0]]
+        else:
+            unfound.append(name)
+
+    def stored_problem(name: str, dtype: torch.dtype) -> str | None:
+        """The problem of file tensor ``name`` cast to ``dtype``, read from its file."""
         file = sources[name][0]
         if file in pickled:
-            problem = cast_problem([(name, pickled[file][name])], tensor.dtype)
+            problem = cast_problem([(name, pickled[file][name])], dtype)
         else:
             with safe_open(str(file), framework="pt") as handle:
-                problem = cast_problem([(name, handle.get_tensor(name))], tensor.dtype)
-        if problem is not None:
-            return f"{file_label(file)}: {problem}"
+                problem = cast_problem([(name, handle.get_tensor(name))], dtype)
+        return None if problem is None else f"{file_label(file)}: {problem}"
+
+    suspects = [(name, t) for name, t in found.items() if narrows(sources[name][1], t.dtype)]
+    largest = torch.stack([largest_magnitude(t).to(torch.float64) for _, t in suspects]).tolist() if suspects else []
+    for (name, tensor), value in zip(suspects, largest, strict=True):
+        if not math.isfinite(value):
+            problem = stored_problem(name, tensor.dtype)
+            if problem is not None:
+                return problem
+    for name in unfound:
+        _, stored, shape = sources[name]
+        targets = [t.dtype for t in unnamed.values() if tuple(t.shape) == shape] or [t.dtype for t in floating.values()]
+        if targets and narrows(stored, narrowest(*targets)):
+            problem = stored_problem(name, narrowest(*targets))
+            if problem is not None:
+                return problem
     return None
 
 

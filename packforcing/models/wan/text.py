@@ -171,7 +171,7 @@ class TextEncoder:
             model.to(device)  # type: ignore[arg-type]
             # a weight beyond dtype's range (float32 or bfloat16 weights run in float16)
             files = weights_files(encoder_dir, ENCODER_WEIGHTS, ENCODER_TORCH_WEIGHTS)
-            problem = cast_damage(model.state_dict(), files)
+            problem = cast_damage(model.state_dict(), files, unused=info["unexpected_keys"])
         if problem is not None:
             # the error's traceback holds this frame: were the model still one of its locals, its
             # memory (the GPU's, once moved) would stay taken for as long as the error lives (an
