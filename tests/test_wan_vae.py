@@ -147,3 +147,36 @@ def test_a_refused_vae_is_freed_before_its_error_is_raised(tmp_path, monkeypatch
         load_wan_vae(folder, dtype=dtype)
     assert problem in str(info.value) and info.value.__traceback__ is not None
     assert len(loaded) == 1 and loaded[0]() is None
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_sharded_vae_loads_without_a_progress_bar_and_leaves_the_switch_as_it_was(tmp_path, capfd, enabled):
+    """diffusers draws ``Loading checkpoint shards`` on stderr for a sharded checkpoint; the CLI's
+    stderr holds its one-line errors only. The bars are off for the load alone: a caller's
+    setting (on or off) is what it was after it, a refused load's too."""
+    import json
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from packforcing.models.wan.vae import VAE_WEIGHTS, load_wan_vae
+    from tests.test_cast_range import spoil
+    from tests.tiny_wan_io import tiny_vae
+
+    folder = tmp_path / "vae"
+    tiny_vae().save_pretrained(str(folder), max_shard_size="100KB")
+    assert len(set(json.loads((folder / f"{VAE_WEIGHTS}.index.json").read_text())["weight_map"].values())) > 2
+    switch = diffusers_logging.enable_progress_bar if enabled else diffusers_logging.disable_progress_bar
+    switch()
+    try:
+        capfd.readouterr()
+        load_wan_vae(folder)
+        assert capfd.readouterr().err == ""
+        assert diffusers_logging.is_progress_bar_enabled() == enabled
+        shard = json.loads((folder / f"{VAE_WEIGHTS}.index.json").read_text())["weight_map"]["decoder.conv_in.weight"]
+        spoil(folder / shard, "decoder.conv_in.weight")
+        with pytest.raises(ValueError, match=r"decoder\.conv_in\.weight holds 7\.1e"):
+            load_wan_vae(folder, dtype=torch.float16)
+        assert capfd.readouterr().err == ""
+        assert diffusers_logging.is_progress_bar_enabled() == enabled
+    finally:
+        diffusers_logging.enable_progress_bar()

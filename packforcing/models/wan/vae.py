@@ -25,7 +25,7 @@ import torch
 
 from packforcing.core.finite import cast_problem
 from packforcing.core.weightfiles import cast_damage, return_memory, weights_files
-from packforcing.models.wan.imports import diffusers_quietly
+from packforcing.models.wan.imports import diffusers_quietly, loading_quietly
 
 VAE_SUBFOLDER = "vae"
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -71,7 +71,8 @@ def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device
     folder = vae_folder(path)
     vae_latent_channels(folder)  # a config of another model is refused before diffusers builds from it
     try:
-        vae, info = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, output_loading_info=True)
+        with loading_quietly():  # no progress bar of diffusers' on stderr (a sharded VAE's)
+            vae, info = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, output_loading_info=True)
     except Exception as exc:  # diffusers', safetensors' and torch's own error types
         raise ValueError(f"{folder}: cannot load AutoencoderKLWan: {' '.join(str(exc).split())}") from None
     problem = _unlike_config(info, folder)
