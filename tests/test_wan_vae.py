@@ -88,10 +88,15 @@ def test_the_stream_holds_constant_memory_between_blocks(codec):
 
 
 @pytest.mark.parametrize("case", ["missing", "unexpected", "another model"])
-def test_a_vae_folder_with_wrong_weights_or_of_another_model_is_one_line(tmp_path, case):
+def test_a_vae_folder_with_wrong_weights_or_of_another_model_is_one_line(tmp_path, capfd, case):
+    """One line, and the only one: diffusers' own warnings about the weights it found missing or
+    unused (multi-line, on stderr) are not shown before it."""
     import json
+    import logging
 
     from safetensors.torch import load_file, save_file
+
+    from packforcing.models.wan.imports import LOADER_LOGGER
 
     folder = write_tiny_vae(tmp_path / "vae")
     weights = folder / "diffusion_pytorch_model.safetensors"
@@ -107,10 +112,13 @@ def test_a_vae_folder_with_wrong_weights_or_of_another_model_is_one_line(tmp_pat
         (folder / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderKLQwenImage"}))
         problem = "config.json: the config of AutoencoderKLQwenImage, not of a Wan VAE (AutoencoderKLWan)"
     save_file(tensors, str(weights))
+    level = logging.getLogger(LOADER_LOGGER).level
+    capfd.readouterr()
     with pytest.raises(ValueError) as info:
         WanVAECodec.from_path(folder)
     text = str(info.value)
     assert problem in text and "\n" not in text and text.startswith(str(folder)), text
+    assert capfd.readouterr().err == "" and logging.getLogger(LOADER_LOGGER).level == level
 
 
 @pytest.mark.parametrize("case", ["cast", "missing"])

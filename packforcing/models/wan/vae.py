@@ -71,7 +71,7 @@ def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device
     folder = vae_folder(path)
     vae_latent_channels(folder)  # a config of another model is refused before diffusers builds from it
     try:
-        with loading_quietly():  # no progress bar of diffusers' on stderr (a sharded VAE's)
+        with loading_quietly():  # no progress bar or warning of diffusers' on stderr: refusals are one line
             vae, info = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, output_loading_info=True)
     except Exception as exc:  # diffusers', safetensors' and torch's own error types
         raise ValueError(f"{folder}: cannot load AutoencoderKLWan: {' '.join(str(exc).split())}") from None
