@@ -260,3 +260,46 @@ def test_a_refused_text_encoder_is_freed_before_its_error_is_raised(pipeline_roo
     assert problem in str(info.value)
     assert info.value.__traceback__ is not None  # the error is held, traceback and frames with it
     assert len(loaded) == 1 and loaded[0]() is None
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_text_encoder_loads_and_is_refused_without_transformers_output_and_leaves_the_switch(
+    tmp_path, capfd, enabled
+):
+    """transformers draws a progress bar for a sharded checkpoint and logs a multi-line "LOAD
+    REPORT" of missing or unused weights (a whole UMT5's decoder, which is fine): neither shows
+    on stderr, which holds the CLI's one-line errors only, and transformers' progress-bar switch
+    and loader logger are as they were after each load (they were left off for good before)."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+    from transformers import UMT5ForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    from packforcing.models.wan.imports import LOADERS
+    from tests.tiny_wan_io import randomize, tiny_umt5, write_tokenizer
+
+    sharded, whole, missing = (tmp_path / name for name in ("sharded", "whole", "missing"))
+    tiny_umt5().save_pretrained(str(sharded / "text_encoder"), max_shard_size="20KB")
+    randomize(UMT5ForConditionalGeneration(tiny_umt5().config), 3).save_pretrained(str(whole / "text_encoder"))
+    tiny_umt5().save_pretrained(str(missing / "text_encoder"))
+    weights = missing / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["encoder.final_layer_norm.weight"]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    for root in (sharded, whole, missing):
+        write_tokenizer(root / "tokenizer")
+    log = logging.getLogger(LOADERS["transformers"][1])
+    level, filters = log.level, list(log.filters)
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        capfd.readouterr()
+        for root in (sharded, whole):
+            with TextEncoder.from_path(root) as encoder:
+                assert encoder.model is not None
+        with pytest.raises(ValueError, match="missing weights"):
+            TextEncoder.from_path(missing)
+        assert capfd.readouterr().err == ""
+        assert hf_logging.is_progress_bar_enabled() == enabled and (log.level, log.filters) == (level, filters)
+    finally:
+        hf_logging.enable_progress_bar()

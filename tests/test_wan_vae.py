@@ -96,7 +96,7 @@ def test_a_vae_folder_with_wrong_weights_or_of_another_model_is_one_line(tmp_pat
 
     from safetensors.torch import load_file, save_file
 
-    from packforcing.models.wan.imports import LOADER_LOGGER
+    from packforcing.models.wan.imports import LOADERS
 
     folder = write_tiny_vae(tmp_path / "vae")
     weights = folder / "diffusion_pytorch_model.safetensors"
@@ -112,13 +112,14 @@ def test_a_vae_folder_with_wrong_weights_or_of_another_model_is_one_line(tmp_pat
         (folder / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderKLQwenImage"}))
         problem = "config.json: the config of AutoencoderKLQwenImage, not of a Wan VAE (AutoencoderKLWan)"
     save_file(tensors, str(weights))
-    level = logging.getLogger(LOADER_LOGGER).level
+    log = logging.getLogger(LOADERS["diffusers"][1])
+    level, filters = log.level, list(log.filters)
     capfd.readouterr()
     with pytest.raises(ValueError) as info:
         WanVAECodec.from_path(folder)
     text = str(info.value)
     assert problem in text and "\n" not in text and text.startswith(str(folder)), text
-    assert capfd.readouterr().err == "" and logging.getLogger(LOADER_LOGGER).level == level
+    assert capfd.readouterr().err == "" and (log.level, log.filters) == (level, filters)
 
 
 @pytest.mark.parametrize("case", ["cast", "missing"])

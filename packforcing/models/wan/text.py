@@ -147,18 +147,19 @@ class TextEncoder:
         max_length: int = MAX_LENGTH,
     ) -> TextEncoder:
         from transformers import AutoTokenizer, UMT5EncoderModel
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+        from packforcing.models.wan.imports import loading_quietly
 
         encoder_dir, tokenizer_dir = locate(path, tokenizer)
         _check_umt5_config(encoder_dir / "config.json")
         try:
             tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-            # transformers types from_pretrained as returning the model; with output_loading_info it is (model, info)
-            loaded: tuple[UMT5EncoderModel, dict[str, list[str]]] = UMT5EncoderModel.from_pretrained(  # type: ignore[assignment]
-                str(encoder_dir), torch_dtype=dtype, output_loading_info=True
-            )
+            # no progress bar or load report of transformers' on stderr: refusals are one line
+            with loading_quietly("transformers"):
+                # transformers types from_pretrained as returning the model; with output_loading_info: (model, info)
+                loaded: tuple[UMT5EncoderModel, dict[str, list[str]]] = UMT5EncoderModel.from_pretrained(  # type: ignore[assignment]
+                    str(encoder_dir), torch_dtype=dtype, output_loading_info=True
+                )
             model, info = loaded
             del loaded  # `model` is then its one reference: a refusal below frees it
         except Exception as exc:  # transformers', tokenizers' and safetensors' own error types
