@@ -218,20 +218,29 @@ def weights_files(folder: Path, *names: str) -> list[Path]:
     return []
 
 
-def _stored(file: Path) -> Mapping[str, torch.Tensor]:
-    """The tensors of the torch weights file ``file`` (a ``.bin`` state dict), loaded with
-    ``weights_only`` (tensors and plain containers only, nothing else unpickled) and memory-mapped
-    where torch can, so that their dtypes are known and none is read until asked."""
+def torch_load(file: Path) -> object:
+    """What the torch file ``file`` holds, loaded on the CPU with ``weights_only`` (tensors and
+    plain containers only: nothing else is unpickled) and memory-mapped where torch can (tensors
+    are read when used); torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped and is
+    read whole. Raises what ``torch.load`` raises (pickle errors, refused globals, a truncated
+    file): the caller names the file in its own error."""
     import torch
 
     try:
-        try:
-            data = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "_use_new_zipfile_serialization" not in str(exc):
-                raise
-            # torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped: read it whole
-            data = torch.load(str(file), map_location="cpu", weights_only=True)
+        return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "_use_new_zipfile_serialization" not in str(exc):
+            raise
+        return torch.load(str(file), map_location="cpu", weights_only=True)
+
+
+def _stored(file: Path) -> Mapping[str, torch.Tensor]:
+    """The tensors of the torch weights file ``file`` (a ``.bin`` state dict), loaded by
+    :func:`torch_load`, so that their dtypes are known and none is read until asked."""
+    import torch
+
+    try:
+        data = torch_load(file)
     except Exception as exc:  # pickle errors, refused globals, truncated files
         problem = " ".join(str(exc).split())
         raise ParamError("weights", f"{file_label(file)}: not a readable torch weights file: {problem}") from None

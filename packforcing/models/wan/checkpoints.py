@@ -33,6 +33,7 @@ import attrs
 import torch
 
 from packforcing.core.errors import ParamError
+from packforcing.core.weightfiles import torch_load
 from packforcing.models.wan.imports import diffusers_quietly
 
 TRANSFORMER_SUBFOLDER = "transformer"
@@ -346,13 +347,7 @@ def _self_forcing_entry(file: Path) -> tuple[str, Mapping[str, torch.Tensor]]:
     """``(key, state dict)`` of a Self-Forcing file: its ``generator_ema`` (else ``generator``),
     every value checked to be a tensor (memory-mapped where torch can)."""
     try:
-        try:
-            data = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "_use_new_zipfile_serialization" not in str(exc):
-                raise
-            # torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped: read it whole
-            data = torch.load(str(file), map_location="cpu", weights_only=True)
+        data = torch_load(file)
     except Exception as exc:  # pickle errors, refused globals, truncated files
         raise CheckpointError(
             file, f"not a readable torch checkpoint (weights only): {' '.join(str(exc).split())}"
