@@ -114,6 +114,17 @@ def test_plan_json_for_the_tiny_model(capsys):
     assert data["ratio"] == pytest.approx(data["peak_cache_bytes"] / data["full_cache_bytes"])
 
 
+def test_plan_json_help_names_every_key_it_prints(capsys):
+    """``plan --help`` lists the ``--json`` object's keys: all of them, the archive's included."""
+    code, out, _ = run(capsys, "plan", "--config", "packforcing", "--seconds", "10", "--json")
+    assert code == 0
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    listed = help_text.split("print one JSON object with keys ")[1].split(" --set")[0]
+    assert [key.strip() for key in listed.split(",")] == list(json.loads(out))
+
+
 def test_plan_peak_matches_a_real_run(capsys):
     code, out, _ = run(capsys, "plan", "--config", "configs/sink_recent.yaml", "--seconds", "2", "--json",
                        "--set", "run.device=cpu")  # fmt: skip

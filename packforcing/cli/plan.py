@@ -29,7 +29,11 @@ JSON_KEYS = (
     "peak_cache_bytes",
     "full_cache_bytes",
     "ratio",
+    "archive_bytes",
+    "archive_device",
+    "archive_max_blocks",
 )
+"""The keys of ``plan --json``'s object, in order (its ``--help`` lists them)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,6 +91,7 @@ def summary(env: Any, seconds: float, fps: float, pixel_frames_per_latent: int =
         "archive_device": plan.archive_device,
         "archive_max_blocks": plan.archive_max_blocks,
     }
+    assert tuple(data) == JSON_KEYS, "plan --json's help names every key"
     return data, plan
 
 
