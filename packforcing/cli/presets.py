@@ -15,7 +15,8 @@ EXAMPLE = """example:
 
 A preset name works wherever a config file does (--config, validate, load_config in Python),
 from any directory; an existing file of the same name takes precedence. A preset is also a
-starting point: copy its file (the PATH column) and edit it, or extend it.
+starting point: copy its file (<name>.yaml in the directory the list ends with, 'files: DIR';
+--json gives each path) and edit it, or extend it.
 """
 
 
@@ -24,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "presets",
         help="list the config presets shipped with packforcing",
-        description="List the config presets shipped inside the package: the name to pass as --config, "
-        "a one-line summary and the file.",
+        description="List the config presets shipped inside the package: the name to pass as --config and "
+        "a one-line summary, then the directory that holds their files (NAME.yaml).",
         example=EXAMPLE,
     )
     p.add_argument("--json", action="store_true", help="print a JSON list of {name, description, path}")
