@@ -26,8 +26,9 @@ from packforcing.cli.argtypes import (
 
 TRAINING_PAIR = "a training pair is a block and a later one"
 """Why train-compressor's ``--blocks`` and ``--max-blocks`` are at least 2 (said in their errors)."""
-DEFAULT_OUT = "packforcing/weights/dual_branch_tiny.safetensors"
-"""The shipped tiny weights: written only when ``--out`` names them explicitly."""
+DEFAULT_OUT = "packforcing/weights/dual_branch_world.safetensors"
+"""The shipped weights of the presets' compressor (``dual_branch_tiny.safetensors`` is the one for
+the untrained ``tiny_dit``): written only when ``--out`` names them explicitly."""
 DATA_SOURCES = ("generated", "world")
 """Where train-compressor's recorded videos come from: the frozen model's own samples, or clips of
 the scenes world (:mod:`packforcing.worlds`) committed by teacher forcing, under their scene
@@ -121,7 +122,15 @@ class TrainModelParams:
     """Weights to start from (continue a run) instead of the seeded initialisation."""
 
 
-MODEL_EXAMPLE = f"example:\n  packforcing train-model --config packforcing --out {MODEL_DEFAULT_OUT}"
+MODEL_EXAMPLE = (
+    "example:\n"
+    "  packforcing train-model --config packforcing --set sampler.steps=4 --out W8k.safetensors\n"
+    "  packforcing train-model --config packforcing --set sampler.steps=4 --init W8k.safetensors --steps 3000 \\\n"
+    f"      --lr 1e-3 --pure-noise-fraction 0.25 --out {MODEL_DEFAULT_OUT}\n\n"
+    'The two runs that made the shipped weights (README, "The default model"): the noise levels trained\n'
+    "on are the config's sampler's, and the presets sample with 8 steps where the model was trained\n"
+    "at 4."
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
