@@ -216,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if debug:
             raise
-        print(f"error: {one_line(exc)}" if str(exc) else "interrupted", file=sys.stderr)
+        # Python's own Ctrl-C carries no message: it is SIGINT (SIGTERM raises with its name)
+        print(f"error: {one_line(exc) if str(exc) else 'interrupted (SIGINT)'}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -248,7 +249,7 @@ def interrupts_held() -> Iterator[None]:
     with stop_signals_to(lambda signum, frame: held.append(signum)):
         yield
     if held:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(f"interrupted ({signal.Signals(held[0]).name})")
 
 
 def import_torch() -> None:
