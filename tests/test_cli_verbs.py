@@ -345,3 +345,39 @@ def test_non_finite_values_from_a_plugin_are_refused_in_one_line(capsys, monkeyp
 
     with pytest.raises(PluginError):
         main([*argv, "--debug", "--overwrite"])
+
+
+# ---------------------------------------------------------------------- validate: plugins that fail
+class RaisingCompressor(NanCompressor):
+    """A constructor that raises: the plugin fails while the config is built."""
+
+    def __init__(self) -> None:
+        raise KeyError("missing")
+
+
+def test_validate_reports_a_plugin_that_fails_as_a_bad_config_and_goes_on(capsys, monkeypatch, tmp_path):
+    """A config naming a plugin that cannot be imported (registered by import path) or that raises
+    while built is one line naming the config and the plugin; the configs after it are still
+    checked, and the status is validate's for a bad config, 2."""
+    from packforcing.plugins import LazyFactory
+
+    plugin = types.ModuleType("broken_plugin")
+    plugin.packforcing_compressors = hookimpl(
+        lambda: {
+            "gone": LazyFactory("no_such_plugin_module:Thing", "a module that is not installed"),
+            "raising": ComponentFactory(NanParams, lambda p, env: RaisingCompressor()),
+        }
+    )
+    use_registry(monkeypatch, Registry.create(entry_points=False, extra_plugins=[(plugin, "broken-dist")]))
+    configs = []
+    for name in ("gone", "raising"):
+        configs.append(tmp_path / f"{name}.yaml")
+        configs[-1].write_text(f"extends: packforcing\ncompressor: {name}\n")
+    code, out, err = run(capsys, "validate", *map(str, configs), "configs/full.yaml")
+    assert code == 2
+    assert out.splitlines() == ["configs/full.yaml: OK"]
+    lines = err.splitlines()
+    assert len(lines) == 2
+    who = "(distribution broken-dist)"
+    assert lines[0].startswith(f"error: {configs[0]}: compressor 'gone' {who}: cannot be loaded from no_such_plugin")
+    assert lines[1] == f"error: {configs[1]}: compressor 'raising' {who}: raised KeyError: 'missing'"

@@ -19,8 +19,9 @@ weights, nothing allocated; a checkpoint's tensor names and shapes are checked f
 headers) and cross-checked, run.prompts' conditions are checked by the model (text is not
 encoded), and its memory plan is computed. Prints '<file>: OK' per valid
 config (noting configs that can plan but not generate, e.g. a shapes-only model) and one
-'error: <file>: <key.path>: <problem>' line per invalid one; the exit status is 2 if any
-config is invalid.
+'error: <file>: <key.path>: <problem>' line per invalid one (a plugin it names that cannot
+be loaded or built: 'error: <file>: <kind> '<name>' (distribution D): <problem>'); the exit
+status is 2 if any config is invalid.
 """
 
 
@@ -58,7 +59,7 @@ def expand(paths: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from packforcing.core.build import check_config, generation_blocker
     from packforcing.core.config import load_config
-    from packforcing.core.errors import ConfigError
+    from packforcing.core.errors import ConfigError, PluginError
 
     files = expand(args.configs)
     if not files:
@@ -68,11 +69,14 @@ def run(args: argparse.Namespace) -> int:
     for name in files:
         try:
             config = check_config(load_config(name, args.overrides), conditions=True)
-        except ConfigError as exc:
+        except (ConfigError, PluginError) as exc:
             if getattr(args, "debug", False):
                 raise
             failed += 1
-            print(f"error: {one_line(exc)}", file=sys.stderr)
+            # a plugin the config names that cannot be loaded or built: the config is bad too,
+            # and the configs after it are still checked
+            line = one_line(exc) if isinstance(exc, ConfigError) else f"{name}: {one_line(exc)}"
+            print(f"error: {line}", file=sys.stderr)
             continue
         blocker = generation_blocker(config)
         note = f" (plans memory only, cannot generate: {blocker})" if blocker else ""
