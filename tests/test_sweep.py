@@ -598,7 +598,9 @@ def test_a_resumed_jobs_wall_time_sums_its_attempts(cfg, tmp_path, monkeypatch):
     run_sweep(jobs, tmp_path / "out")
     latest = results.latest()
     assert (latest[first.key]["total_seconds"], latest[second.key]["total_seconds"]) == (2.0, 7.5)
-    assert "| full | full | 1 | 2 / 0 |" in (tmp_path / "out" / "summary.md").read_text()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert summary.startswith("# Sweep: 1 config × 1 prompt × 2 seeds\n")  # counted in words, singular at 1
+    assert "| full | full | 1 | 2 / 0 |" in summary
     assert summarize(jobs, latest)["rows"][0]["stats"]["total_seconds"]["mean"] == pytest.approx(4.75)
     # once complete, a later resumed attempt of the same job starts counting afresh
     results.append({**second.as_record(), "status": "interrupted", "seconds": 3.0})

@@ -249,7 +249,8 @@ def write_summary(jobs: Sequence[SweepJob], results: ResultsFile, out: str | Pat
     summary = summarize(jobs, results.latest())
     seeds = sorted({j.seed for j in jobs})
     prompts = sorted({j.prompt.name for j in jobs})
-    title = f"Sweep: {len(summary['rows'])} configs × {len(prompts)} prompts × {len(seeds)} seeds"
+    counts = ((len(summary["rows"]), "config"), (len(prompts), "prompt"), (len(seeds), "seed"))
+    title = "Sweep: " + " × ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in counts)
     write_markdown(summary, Path(out) / SUMMARY_MD, title=title)
     write_plot(summary, Path(out) / SUMMARY_PNG, title=title)
     return summary
