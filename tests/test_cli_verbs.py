@@ -174,6 +174,17 @@ def test_plan_table_lists_every_tier_and_the_archive(capsys, tmp_path):
     assert "20 s at 8 fps = 41 latent frames = 11 blocks of 4 frames" in out  # 160 pixel frames: 1 + 4 * 40
     archive = next(line for line in out.splitlines() if line.startswith("archive*")).split()
     assert archive[1] == "8"  # 11 blocks: 1 in the sink, 2 recent, 8 archived
+    where = {
+        "auto": "pinned host memory when generating on CUDA, else beside the cache",
+        "pinned": "pinned host memory",
+        "cpu": "host memory",
+        "cuda:1": "cuda:1 memory",
+    }
+    for device, text in where.items():
+        code, out, _ = run(capsys, "plan", "--config", str(config), "--seconds", "20", "--set",
+                           f"policy.archive_device={device}", "--set", "policy.archive_max_blocks=3")  # fmt: skip
+        assert code == 0
+        assert f"archive: in {text} (archive_device: {device}), at most 3 blocks" in out.splitlines()
 
 
 def test_plan_config_error_is_one_line(capsys):

@@ -136,7 +136,8 @@ def table(env: Any, data: dict[str, Any], plan: Any) -> str:
         where = {
             "auto": "pinned host memory when generating on CUDA, else beside the cache",
             "pinned": "pinned host memory",
-        }.get(plan.archive_device, plan.archive_device)
+            "cpu": "host memory",
+        }.get(plan.archive_device, f"{plan.archive_device} memory")
         bound = plan.archive_max_blocks
         limit = "unbounded (archive_max_blocks: null)" if bound is None else f"at most {bound:,} blocks"
         lines.append(f"archive: in {where} (archive_device: {plan.archive_device}), {limit}")
