@@ -420,6 +420,39 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.filterwarnings("ignore:dual_branch has no weights")
+@pytest.mark.parametrize("policy", [*POLICIES, "dual_branch"])
+def test_a_state_dict_is_a_snapshot_the_session_does_not_change(policy):
+    """``engine.state_dict()`` taken mid-video is the video at that moment: stepping the session
+    on (its slots reused, blocks compressed and archived) leaves it as it was, so loading it later
+    continues from where it was taken. The latents a tier keeps for a compressor that needs
+    them (``dual_branch``) were returned as views of the live slots, which later blocks overwrote."""
+    import packforcing as pf
+
+    config = {
+        "model": {**MODEL, "latent_height": 8, "latent_width": 8},
+        **POLICIES["packforcing" if policy == "dual_branch" else policy],
+        "backend": "sdpa",
+        "sampler": {"steps": 2},
+        "run": {"device": "cpu"},
+    }
+    if policy == "dual_branch":
+        config["compressor"] = {"name": "dual_branch", "hr_channels": [4, 8, 8, 16]}
+    engine = pf.build_engine(config)
+    with engine.session(seed=3) as session:
+        for _ in range(3):
+            session.step()
+        state = engine.state_dict()
+        saved = {name: tensor.clone() for name, tensor in state["tensors"].items()}
+        rest = [session.step().latents for _ in range(5)]  # past every tier's capacity
+    assert all(torch.equal(state["tensors"][name], tensor) for name, tensor in saved.items())
+    if policy == "dual_branch":
+        assert any(name.endswith(".latents") for name in saved)  # the case that aliased
+    with pf.build_engine(config).load_state_dict(state) as resumed:
+        again = [resumed.step().latents for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(rest, again, strict=True))
+
+
 def test_state_dict_of_a_recache_session_round_trips():
     """A session re-caching at prompt switches keeps its blocks' latents: they are in the state."""
     import packforcing as pf

@@ -70,8 +70,8 @@ def cache_state(policy: TieredPolicy) -> tuple[dict[str, torch.Tensor], dict[str
             key = f"{prefix}.{i}"
             tensors[f"{key}.kv"] = torch.stack([torch.stack(block.keys), torch.stack(block.values)]).contiguous()
             latents = block.latents
-            if latents is not None:
-                tensors[f"{key}.latents"] = latents.contiguous()
+            if latents is not None:  # a copy: the block's latents are a view of a slot a later block reuses
+                tensors[f"{key}.latents"] = latents.clone(memory_format=torch.contiguous_format)
             record = {
                 "key": key,
                 "block_id": block.block_id,
