@@ -104,6 +104,17 @@ def test_prompt_files(cfg, tmp_path):
     conditioned = [*TINY, "model.num_conditions=2"]  # scenes need a conditioned model (checked up front)
     (job,) = expand_jobs([cfg["full"]], prompts=[cut], blocks=8, overrides=conditioned)
     assert job.prompt.schedule == ({"from_block": 0, "scene": 0}, {"from_block": 6, "scene": 1})
+    # a schedule may mix from_second and from_block starts, as generate's --prompts file may
+    timed.write_text("- {name: mix, schedule: [{from_second: 0, scene: 0}, {from_second: 1, scene: 1},"
+                     " {from_block: 6, scene: 0}]}\n")  # fmt: skip
+    (mixed,) = load_prompts(timed)
+    (job,) = expand_jobs([cfg["full"]], prompts=[mixed], blocks=8, overrides=conditioned)
+    assert job.prompt.schedule == ({"from_block": 0, "scene": 0}, {"from_block": 4, "scene": 1},
+                                   {"from_block": 6, "scene": 0})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"\[2\].from_block: starts must increase, got 4"):  # once converted
+        expand_jobs([cfg["full"]], prompts=[Prompt("late", ({"from_second": 0, "scene": 0},
+                    {"from_second": 1.5, "scene": 1}, {"from_block": 4, "scene": 0}))], blocks=8,
+                    overrides=conditioned)  # fmt: skip
     timed.write_text("- {schedule: [{from_second: 0, scene: 0}, {from_second: 0, scene: 1}]}\n")
     with pytest.raises(ConfigError, match=r"timed.yaml: \[0\]: schedule\[1\].from_second: must be greater than 0"):
         load_prompts(timed)

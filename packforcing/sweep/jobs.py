@@ -94,22 +94,29 @@ def _resolve_embeds(schedule: tuple[dict[str, Any], ...], base: Path) -> tuple[d
 
 
 def _check_schedule(schedule: tuple[dict[str, Any], ...], where: str) -> None:
-    """A schedule as ``run.prompts`` takes it; ``from_second`` starts (converted per config, at
-    its fps and geometry) must be numbers >= 0 starting at 0 and increasing."""
-    starts = [seg.get("from_second") for seg in schedule if "from_second" in seg]
-    if starts:
-        if len(starts) != len(schedule) or any("from_block" in seg for seg in schedule):
-            raise ConfigError("schedule: give every segment from_second, or every one from_block", source=where)
-        previous: float | None = None  # the start before, checked
-        for i, start in enumerate(starts):
-            if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < float("inf"):
-                raise ConfigError(f"schedule[{i}].from_second: expected a number >= 0, got {start!r}", source=where)
-            if (previous is None and start != 0) or (previous is not None and start <= previous):
-                problem = "must be 0" if previous is None else f"must be greater than {previous}"
-                raise ConfigError(f"schedule[{i}].from_second: {problem}, got {start!r}", source=where)
-            previous = start
+    """A schedule as ``run.prompts`` takes it, whose segments may start ``from_second`` instead
+    (converted per config, at its fps and geometry, as ``generate --prompts`` converts them; one
+    schedule may mix both, as a prompt file may): each segment one start, the first at 0, the
+    starts of each kind increasing (the order of the two kinds together is checked per config,
+    once the seconds are blocks)."""
+    if any("from_second" in seg for seg in schedule):
+        previous: dict[str, float] = {}  # the last start of each kind, checked
+        for i, seg in enumerate(schedule):
+            keys = [key for key in ("from_block", "from_second") if key in seg]
+            if len(keys) != 1:
+                raise ConfigError(f"schedule[{i}]: give exactly one of from_block, from_second", source=where)
+            key, start = keys[0], seg[keys[0]]
+            kind = (int,) if key == "from_block" else (int, float)
+            if isinstance(start, bool) or not isinstance(start, kind) or not 0 <= start < float("inf"):
+                what = "an integer" if key == "from_block" else "a number"
+                raise ConfigError(f"schedule[{i}].{key}: expected {what} >= 0, got {start!r}", source=where)
+            if (i == 0 and start != 0) or (key in previous and start <= previous[key]):
+                problem = "must be 0" if i == 0 else f"must be greater than {previous[key]}"
+                raise ConfigError(f"schedule[{i}].{key}: {problem}, got {start!r}", source=where)
+            previous[key] = start
         # the rest is checked as run.prompts would check it, with the segments' order as blocks
-        schedule = tuple({"from_block": i, **{k: v for k, v in seg.items() if k != "from_second"}}
+        starts = ("from_block", "from_second")
+        schedule = tuple({"from_block": i, **{k: v for k, v in seg.items() if k not in starts}}
                          for i, seg in enumerate(schedule))  # fmt: skip
     try:
         ConditionSchedule.parse(list(schedule), name="schedule")
