@@ -406,6 +406,33 @@ def test_real_signals(tmp_path, uninterrupted, sig):
         assert np.array_equal(frames_of(out / "video.mp4"), video)
 
 
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
+    """A background job of a shell script starts with SIGINT ignored (a Ctrl-C meant for the
+    foreground must not stop it): ``generate`` leaves it so, where it took SIGINT for its own
+    stop-after-this-block handler, and the run completes. SIGTERM still stops it."""
+    config = write_config(tmp_path, "packforcing", blocks=60)  # still running when the signals come
+    out = tmp_path / "run"
+    ignoring = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "packforcing", "generate", "--config", str(config), "--out", str(out)]
+    proc = subprocess.Popen([*cmd, "--no-progress"], env=env, stderr=subprocess.PIPE, text=True, **ignoring)
+    _wait_for_blocks(out, 1, proc)
+    for _ in range(3):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert (report["status"], report["blocks_done"]) == ("complete", 60)
+    second = tmp_path / "again"
+    proc = subprocess.Popen([*cmd[:-1], str(second), "--no-progress", "--blocks", "400"], env=env,
+                            stderr=subprocess.PIPE, text=True, **ignoring)  # fmt: skip
+    _wait_for_blocks(second, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted (SIGTERM)" in err
+
+
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     # enough blocks that the run cannot finish before the signal, however late a loaded machine
     # delivers it: the signal lands in start-up (importing torch, building the parser) or early on

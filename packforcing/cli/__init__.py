@@ -225,11 +225,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def stop_signals_to(handler: Any) -> Iterator[None]:
     """Route SIGINT and SIGTERM to ``handler`` (a function or ``signal.SIG_IGN``) inside the
     block, restoring the previous handlers after it; a no-op off the main thread, where signals
-    are not ours to take."""
+    are not ours to take. A signal ignored when the block starts stays ignored: the shell starts
+    a background job (``generate ... &`` in a script) with SIGINT ignored, so that a Ctrl-C
+    meant for the foreground does not stop it, and Python leaves that as it found it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, handler)
+        for sig in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         yield
     finally:
