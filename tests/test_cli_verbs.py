@@ -204,6 +204,11 @@ def test_plan_config_error_is_one_line(capsys):
         (["sweep", "full", "--blocks", "0", "--out", "x"], "--blocks: expected an integer >= 1, got '0'"),
         (["sweep", "full", "--cpus-per-job", "-1", "--out", "x"], "--cpus-per-job: expected a number >= 0, got '-1'"),
         (["sweep", "full", "--gpus-per-job", "inf", "--out", "x"], "--gpus-per-job: expected a number >= 0, got 'inf'"),
+        (["generate", "--prompt", " ", "--out", "x"], "--prompt: expected a non-empty text, got ' '"),
+        (
+            ["plan", "--config", "full", "--seconds", "1", "--pixel-frames-per-latent", "0"],
+            "--pixel-frames-per-latent: expected an integer >= 1, got '0'",
+        ),
     ],
 )
 def test_bad_numeric_arguments_are_one_usage_error(capsys, argv, message):
@@ -213,6 +218,33 @@ def test_bad_numeric_arguments_are_one_usage_error(capsys, argv, message):
         main(argv)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: argument {message}")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--blocks", "2"], "generate: error: --out DIR is required (or --resume DIR)"),
+        (["generate", "--resume", "r", "--out", "elsewhere"],
+         "generate: error: give --resume DIR alone (the run directory), or --out equal to it"),
+        (["generate", "--resume", "r", "--config", "full", "--seconds", "2"],
+         "generate: error: --resume continues the run as it was started: drop --config, --seconds"),
+        (["generate", "--resume", "r", "--overwrite"],
+         "generate: error: --resume continues the run as it was started: drop --overwrite"),
+        (["sweep", "full", "--local-cpus", "2", "--address", "head:6379", "--out", "x"],
+         "sweep: error: --local-cpus applies to a local Ray instance, not to --address"),
+    ],
+)  # fmt: skip
+def test_options_that_do_not_go_together_are_a_usage_error(capsys, tmp_path, argv, message):
+    """Options each fine alone but not together are refused as argparse refuses a bad option:
+    the verb's usage, then ``packforcing VERB: error: ...``, exit 2, before anything is loaded
+    or written. They were one line with exit 1, as for a failed run."""
+    argv = [str(tmp_path / a) if a in ("r", "x", "elsewhere") else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: packforcing {argv[0]}") and err.splitlines()[-1] == f"packforcing {message}"
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------- plugins

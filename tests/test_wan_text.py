@@ -168,8 +168,13 @@ def test_encode_prompts_refuses_bad_input_before_loading_the_encoder(tmp_path, c
     (tmp_path / "afile").write_text("")
     binary = tmp_path / "p.yaml"
     binary.write_bytes(b"\xff\xfe- {from_block: 0}")
+    with pytest.raises(SystemExit) as usage:  # an argparse type: usage, the line, status 2
+        main(["encode-prompts", "--text-encoder", str(tmp_path), "--prompt", "  ", "--out", str(tmp_path / "o")])
+    assert usage.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "packforcing encode-prompts: error: argument --prompt: expected a non-empty text, got '  '"
+    )
     cases = [
-        (["--prompt", "  "], "--prompt: expected a non-empty text"),
         (["--prompt", "a fox", "--out", str(tmp_path / "afile")], "is a file, not a folder"),
         (["--prompts", str(binary)], f"{binary}: not a text file"),
     ]

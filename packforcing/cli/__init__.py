@@ -80,6 +80,12 @@ def _version() -> str:
     return __version__
 
 
+class UsageError(ValueError):
+    """Options that argparse accepts one by one but not together (``--resume`` with
+    ``--config``, ``generate`` without ``--out`` or ``--resume``): reported as argparse reports a
+    bad option, the verb's usage and ``packforcing VERB: error: ...``, exit status 2."""
+
+
 def add_verb(
     sub: argparse._SubParsersAction, name: str, *, help: str, description: str, example: str
 ) -> argparse.ArgumentParser:
@@ -92,6 +98,7 @@ def add_verb(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_debug(parser)
+    parser.set_defaults(verb_parser=parser)  # its usage, for a UsageError
     return parser
 
 
@@ -290,6 +297,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     try:
         with plugin_warnings_on_one_line():
             return int(args.func(args) or 0)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        args.verb_parser.error(str(exc))  # usage, then the line; exits with status 2
+        raise  # not reached: error() exits
     except ConfigError as exc:
         if args.debug:
             raise

@@ -49,6 +49,13 @@ def int_at_least(least: int, why: str = "") -> Callable[[str], int]:
     return parse
 
 
+def non_empty_text(text: str) -> str:
+    """A text with something besides white space in it (a prompt)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty text, got {text!r}")
+    return text
+
+
 def generator_seed(text: str) -> int:
     """A torch generator seed: an integer in ``[0, 2**63)`` (``core.validators.SEED_LIMIT``)."""
     value = _int_or_none(text)

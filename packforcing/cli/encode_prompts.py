@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from packforcing.cli import add_verb
+from packforcing.cli.argtypes import non_empty_text
 
 EXAMPLE = """example:
   packforcing encode-prompts --text-encoder ~/Wan2.1-T2V-1.3B-Diffusers --prompts prompts.yaml --out embeds/
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: found beside it)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts", metavar="FILE", help="YAML/JSON list of {from_block | from_second, prompt}")
-    source.add_argument("--prompt", metavar="TEXT", help="one prompt for the whole video")
+    source.add_argument("--prompt", type=non_empty_text, metavar="TEXT", help="one prompt for the whole video")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) or a dtype name")
@@ -60,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     params.check_device("--device")
     if args.prompts:
         segments = read_prompt_file(args.prompts)
-    elif not args.prompt.strip():
-        raise ValueError("--prompt: expected a non-empty text")
-    else:
+    else:  # --prompt, non-empty: its argparse type
         segments = [{"from_block": 0, "prompt": args.prompt}]
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # before the encoder loads

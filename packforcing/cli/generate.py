@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from packforcing.cli import add_overrides, add_verb, stop_signals_to
-from packforcing.cli.argtypes import positive_float
+from packforcing.cli import UsageError, add_overrides, add_verb, stop_signals_to
+from packforcing.cli.argtypes import non_empty_text, positive_float
 from packforcing.cli.run_files import CHECKPOINT_DIR, RunError, RunFiles, check_output, prepare_output
 from packforcing.core.conditions import check_given_conditions
 from packforcing.core.errors import ConfigError
@@ -71,7 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(Wan: 1 + 4k pixel frames per 1 + k latent frames); instead of --blocks",
     )
     prompts = p.add_mutually_exclusive_group()
-    prompts.add_argument("--prompt", metavar="TEXT", help="one text prompt for the whole video (fills run.prompts)")
+    prompts.add_argument(
+        "--prompt", type=non_empty_text, metavar="TEXT", help="one text prompt for the whole video (fills run.prompts)"
+    )
     prompts.add_argument(
         "--prompts", metavar="FILE", help="YAML/JSON prompt schedule: [{from_block | from_second, prompt | embeds}]"
     )
@@ -125,9 +127,7 @@ def prompt_segments(args: argparse.Namespace, config: Any) -> list[dict[str, Any
     """The prompt schedule: ``--prompt``, ``--prompts FILE``, else ``run.prompts``."""
     from packforcing.models.wan.text import read_prompt_file
 
-    if args.prompt is not None:
-        if not args.prompt.strip():
-            raise ValueError("--prompt: expected a non-empty text")
+    if args.prompt is not None:  # non-empty: its argparse type
         return [{"from_block": 0, "prompt": args.prompt}]
     if args.prompts is not None:
         return read_prompt_file(args.prompts, conditions=True)  # the model checks its own keys
@@ -164,18 +164,18 @@ def run(args: argparse.Namespace) -> int:
     common = {"save_latents": args.save_latents, "progress": not args.no_progress}
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
-            raise RunError("give --resume DIR alone (the run directory), or --out equal to it")
+            raise UsageError("give --resume DIR alone (the run directory), or --out equal to it")
         explicit = args.config if args.config != DEFAULT_CONFIG else None
         changed = [opt for opt, v in (("--config", explicit), ("--seconds", args.seconds), ("--prompt", args.prompt),
                                       ("--prompts", args.prompts)) if v is not None]  # fmt: skip
         if changed or args.overwrite:
-            raise RunError(
+            raise UsageError(
                 f"--resume continues the run as it was started: drop {', '.join(changed or ['--overwrite'])}"
             )
         report = run_job(None, args.resume, overrides=overrides, labels=labels, resume=True, **common)
         return _done(Path(args.resume), report)
     if args.out is None:
-        raise RunError("--out DIR is required (or --resume DIR)")
+        raise UsageError("--out DIR is required (or --resume DIR)")
     out = Path(args.out)
     config_path = args.config or DEFAULT_CONFIG
     config = load_config(config_path, overrides, labels=labels)

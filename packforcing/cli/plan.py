@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from packforcing.cli import add_overrides, add_verb
-from packforcing.cli.argtypes import positive_float
+from packforcing.cli.argtypes import positive_float, positive_int
 
 EXAMPLE = """example:
   packforcing plan --config wan1.3b/packforcing --seconds 120
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=positive_float, default=16.0, help="pixel frames per second (default: 16)")
     p.add_argument(
         "--pixel-frames-per-latent",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="pixel frames per latent frame, the VAE's temporal stride (default: the model's, as generate counts)",
@@ -158,8 +158,6 @@ def run(args: argparse.Namespace) -> int:
     from packforcing.core.config import load_config
     from packforcing.core.geometry import temporal_stride_of
 
-    if args.pixel_frames_per_latent is not None and args.pixel_frames_per_latent < 1:
-        raise ValueError(f"--pixel-frames-per-latent: expected an integer >= 1, got {args.pixel_frames_per_latent}")
     env = build_for_planning(load_config(args.config, args.overrides))
     stride = args.pixel_frames_per_latent or temporal_stride_of(env.model)
     data, plan = summary(env, args.seconds, args.fps, stride)

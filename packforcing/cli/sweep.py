@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from packforcing.cli import EXIT_FAILURE, add_overrides, add_verb
+from packforcing.cli import EXIT_FAILURE, UsageError, add_overrides, add_verb
 from packforcing.cli.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 
 EXAMPLE = """example:
@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     from packforcing.sweep.driver import _ray, check_out
     from packforcing.sweep.results import RESULTS, SUMMARY_MD, SUMMARY_PNG
 
+    if args.address and args.local_cpus:
+        raise UsageError("--local-cpus applies to a local Ray instance, not to --address")
     try:  # before the configs are loaded and Ray started
         out = check_out(args.out)
         _ray()  # installed (a base install has no [sweep] extra): say so before anything is written
@@ -126,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
     configs = expand(args.configs)
     if not configs:
         raise ValueError("no YAML files found in " + ", ".join(args.configs))
-    if args.address and args.local_cpus:
-        raise ValueError("--local-cpus applies to a local Ray instance, not to --address")
     prompts = load_prompts(args.prompts) if args.prompts else None
     device = "cuda" if args.gpus_per_job > 0 else "cpu"
     jobs = expand_jobs(
