@@ -11,6 +11,7 @@ profile's 2000 under ``long`` (``HYPOTHESIS_PROFILE=long pytest tests/test_state
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -46,3 +47,19 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_as_in_a_terminal():
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt in the suite and in the programs it starts, as
+    in a terminal's foreground, whoever started the suite. A shell starts a script's background
+    job (``.ci/run > log &``, ``nohup``) with SIGINT ignored, and a program keeps a signal
+    ignored (``generate`` does, as Python does): the tests that stop a run with SIGINT would
+    then test nothing. Restored afterwards. (A program started by a test inherits the default
+    action, since a handler is reset at ``exec``, and Python installs its own Ctrl-C on it.)"""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, previous)
