@@ -409,28 +409,22 @@ def test_real_signals(tmp_path, uninterrupted, sig):
 def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
     """A background job of a shell script starts with SIGINT ignored (a Ctrl-C meant for the
     foreground must not stop it): ``generate`` leaves it so, where it took SIGINT for its own
-    stop-after-this-block handler, and the run completes. SIGTERM still stops it."""
-    config = write_config(tmp_path, "packforcing", blocks=60)  # still running when the signals come
+    stop-after-this-block handler, and the run completes."""
+    blocks = 30  # still running when the signals come
+    config = write_config(tmp_path, "packforcing", blocks=blocks)
     out = tmp_path / "run"
-    ignoring = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)}
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "packforcing", "generate", "--config", str(config), "--out", str(out)]
-    proc = subprocess.Popen([*cmd, "--no-progress"], env=env, stderr=subprocess.PIPE, text=True, **ignoring)
+    cmd = [sys.executable, "-m", "packforcing", "generate", "--config", str(config), "--out", str(out), "--no-progress"]
+    ignoring = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, **ignoring)
     _wait_for_blocks(out, 1, proc)
     for _ in range(3):
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.05)
+        time.sleep(0.02)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     report = json.loads((out / "report.json").read_text())
-    assert (report["status"], report["blocks_done"]) == ("complete", 60)
-    second = tmp_path / "again"
-    proc = subprocess.Popen([*cmd[:-1], str(second), "--no-progress", "--blocks", "400"], env=env,
-                            stderr=subprocess.PIPE, text=True, **ignoring)  # fmt: skip
-    _wait_for_blocks(second, 1, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted (SIGTERM)" in err
+    assert (report["status"], report["blocks_done"]) == ("complete", blocks)
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
