@@ -242,12 +242,9 @@ def _freed_on_error(build: Callable[_P, _R]) -> Callable[_P, _R]:
             return build(*args, **kwargs)
         except BaseException as exc:
             _clear_frames(exc, outer)
-            # what the frames held is freed as they are cleared (on the CPU, at once); with CUDA
-            # in use, a collection (for what reference cycles hold) and the allocator's cache go
-            # back to the device too. Not on the CPU: a collection costs ~0.1 s per refusal, and
-            # the collector gets to a cycle in due course
-            if torch.cuda.is_initialized():
-                return_memory(True)
+            # what the frames held is freed as they are cleared; with CUDA in use, the device
+            # gets the allocator's cache back too (return_memory)
+            return_memory(torch.cuda.is_initialized())
             raise
 
     return freeing

@@ -216,8 +216,7 @@ def build_transformer(
     if problem is not None:
         # freed before the error is raised: its traceback holds this frame, whose local would keep
         # every weight alive for as long as the error is (in host memory: the move comes later)
-        del transformer
-        return_memory(False)
+        del transformer  # its last reference: freed at once
         file, stored = checkpoint.origin(problem.name)
         raise CheckpointError(file, problem.line(stored))
     _cast(transformer, targets)
