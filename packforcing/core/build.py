@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
-import traceback
 from collections.abc import Callable, Mapping
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import attrs
 import torch
@@ -16,6 +13,7 @@ from packforcing.core.boundary import Origin
 from packforcing.core.config import Config, load_config
 from packforcing.core.engine import GenerationEngine
 from packforcing.core.errors import ConfigError, PluginError
+from packforcing.core.freeing import freed_on_error
 from packforcing.core.geometry import Geometry, resolve_dtype, temporal_stride_of
 from packforcing.core.interfaces import (
     AttentionBackend,
@@ -29,11 +27,7 @@ from packforcing.core.records import MemoryPlan
 from packforcing.core.sampler import Sampler
 from packforcing.core.structure import show, structure
 from packforcing.core.threads import apply_threads
-from packforcing.core.weightfiles import return_memory
 from packforcing.plugins.kinds import KINDS
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 
 @attrs.define
@@ -206,50 +200,6 @@ def _validate(config: Config, env: BuildEnv) -> None:
                 raise _locate(_config_error(exc, path), config) from None
 
 
-def _clear_frames(exc: BaseException, outer: BaseException | None) -> None:
-    """Clear the locals of the finished frames in the traceback of ``exc`` and of every exception
-    chained to it (``__cause__``, and ``__context__``, kept even when raised ``from None``),
-    stopping at ``outer``: the exception the caller was handling when the build began, whose
-    frames are not the build's. The tracebacks keep their files, lines and functions; a frame
-    still running (the caller's) is left as it is."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is outer or id(current) in seen:
-            continue
-        seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
-        todo.extend(chained for chained in (current.__cause__, current.__context__) if chained is not None)
-
-
-def _freed_on_error(build: Callable[_P, _R]) -> Callable[_P, _R]:
-    """``build``, which on any exception first drops what it had built, then raises the exception
-    unchanged (type, message, chaining).
-
-    A refusal raised after the model is built (a component's parameters, a cross-check, a plugin's
-    failure) would otherwise keep the model (GBs of weights, on the GPU) alive for as long as the
-    error lives — an interactive session keeps the last one — through the build's frames that its
-    traceback holds (``env``, the components, the model). Those frames' locals are cleared (see
-    :func:`_clear_frames`: a traceback still shows every file and line, so an internal bug stays
-    traceable; only a post-mortem debugger finds the build's locals gone), and, when CUDA is in
-    use, the memory returned to the device (a collection, and the allocator's unused blocks)."""
-
-    @functools.wraps(build)
-    def freeing(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        outer = sys.exc_info()[1]
-        try:
-            return build(*args, **kwargs)
-        except BaseException as exc:
-            _clear_frames(exc, outer)
-            # what the frames held is freed as they are cleared; with CUDA in use, the device
-            # gets the allocator's cache back too (return_memory)
-            return_memory(torch.cuda.is_initialized())
-            raise
-
-    return freeing
-
-
 def generation_blocker(config: Config) -> str | None:
     """Why ``config`` can plan memory but not generate (its model params' ``cannot_generate()``,
     e.g. a shapes-only model or a real model without weights), or ``None``."""
@@ -258,7 +208,7 @@ def generation_blocker(config: Config) -> str | None:
     return check() if callable(check) else None
 
 
-@_freed_on_error
+@freed_on_error
 def build_engine(
     config: Config | Mapping[str, Any] | str, *, registry: Any = None, wrap: Wrap | None = None
 ) -> GenerationEngine:
@@ -270,7 +220,7 @@ def build_engine(
 
     A build that fails (a refusal after the model is built included) drops what it built before
     the error reaches the caller, so that the error, however long it is kept, does not keep the
-    model's memory (see :func:`_freed_on_error`); the error itself is unchanged.
+    model's memory (:func:`~packforcing.core.freeing.freed_on_error`); the error itself is unchanged.
     """
     registry = _registry(registry)
     if not isinstance(config, Config):
@@ -289,7 +239,7 @@ def build_engine(
     )
 
 
-@_freed_on_error
+@freed_on_error
 def build_for_planning(config: Config | Mapping[str, Any] | str, *, registry: Any = None) -> BuildEnv:
     """Every component of ``config`` built for planning (CPU, models without weights) and
     cross-checked; ``env.policy`` is the policy. Raises :class:`ConfigError` for any problem,

@@ -326,19 +326,3 @@ def cast_damage(loaded: Mapping[str, torch.Tensor], files: list[Path], unused: C
             if problem is not None:
                 return problem
     return None
-
-
-def return_memory(on_cuda: bool) -> None:
-    """Return the memory of a model just dropped (a refused load's, before its error is raised)
-    to a CUDA device it was on: a collection, for what reference cycles hold, then the caching
-    allocator's unused blocks. On the CPU, nothing: dropping the last reference frees a model at
-    once (the Wan transformer, VAE and UMT5 and ``tiny_dit`` hold no reference cycles), and a
-    collection would cost every refusal ~0.1 s with torch loaded."""
-    if not on_cuda:
-        return
-    import gc
-
-    import torch
-
-    gc.collect()
-    torch.cuda.empty_cache()

@@ -30,10 +30,10 @@ import torch
 
 from packforcing.core.errors import ParamError
 from packforcing.core.finite import cast_problem, find_cast_problem
+from packforcing.core.freeing import freed_on_error
 from packforcing.core.geometry import Geometry, Grid, resolve_dtype
 from packforcing.core.interfaces import AttentionContext
 from packforcing.core.rope import Rope3D
-from packforcing.core.weightfiles import return_memory
 from packforcing.models.wan.checkpoints import CheckpointError, locate
 from packforcing.models.wan.imports import diffusers_quietly
 from packforcing.models.wan.params import WAN21_T2V_1_3B, WanParams
@@ -167,6 +167,7 @@ def _cast(transformer: Any, targets: Mapping[str, torch.dtype]) -> None:
             param.data = param.data.to(targets[name])
 
 
+@freed_on_error
 def build_transformer(
     params: WanParams, *, dtype: torch.dtype, device: torch.device, plan_only: bool = False
 ) -> tuple[Any, dict[str, Any]]:
@@ -213,10 +214,7 @@ def build_transformer(
     # before any parameter is cast
     targets = _targets(transformer, dtype)
     problem = find_cast_problem(transformer.named_parameters(), targets)
-    if problem is not None:
-        # freed before the error is raised: its traceback holds this frame, whose local would keep
-        # every weight alive for as long as the error is (in host memory: the move comes later)
-        del transformer  # its last reference: freed at once
+    if problem is not None:  # the transformer is freed before the error reaches the caller (freed_on_error)
         file, stored = checkpoint.origin(problem.name)
         raise CheckpointError(file, problem.line(stored))
     _cast(transformer, targets)
@@ -451,6 +449,7 @@ def read_prompt_embeds(file: str | Path, text_dim: int, dtype: torch.dtype | Non
     return embeds
 
 
+@freed_on_error
 def build_wan(params: WanParams, env: Any) -> WanBlockModel:
     """The ``wan`` model factory: weights loaded unless building for the planner."""
     dtype = resolve_dtype(params.dtype) if params.dtype is not None else env.dtype
@@ -469,10 +468,6 @@ def build_wan(params: WanParams, env: Any) -> WanBlockModel:
                 model.codec = WanVAECodec.from_path(vae, dtype=torch.float32, device=env.device)
         except ValueError as exc:
             problem = f"{exc}"
-        if problem is not None:
-            # the transformer, loaded (on the device), is freed before the error is raised: this
-            # frame, in its traceback, would keep it alive for as long as the error is
-            del model, transformer
-            return_memory(env.device.type == "cuda")
+        if problem is not None:  # the transformer is freed before the error reaches the caller (freed_on_error)
             raise ParamError("vae", problem)
     return model

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from packforcing.core.config import TextEncoderParams
-from packforcing.core.weightfiles import cast_damage, return_memory, weights_files
+from packforcing.core.freeing import freed_on_error, return_memory
+from packforcing.core.weightfiles import cast_damage, weights_files
 from packforcing.output.video import latent_frame_of
 
 EMBEDS_KEY = "prompt_embeds"
@@ -97,10 +98,6 @@ def _refusal(model: Any, info: Mapping[str, list[str]], tok: Any, encoder_dir: P
     return None
 
 
-def _on_cuda(model: torch.nn.Module) -> bool:
-    return any(p.device.type == "cuda" for p in model.parameters())
-
-
 def _has_tokenizer(folder: Path) -> bool:
     names = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
     return folder.is_dir() and any((folder / name).is_file() for name in names)
@@ -137,6 +134,7 @@ class TextEncoder:
         )
 
     @classmethod
+    @freed_on_error
     def from_path(
         cls,
         path: str | Path,
@@ -161,7 +159,6 @@ class TextEncoder:
                     str(encoder_dir), torch_dtype=dtype, output_loading_info=True
                 )
             model, info = loaded
-            del loaded  # `model` is then its one reference: a refusal below frees it
         except Exception as exc:  # transformers', tokenizers' and safetensors' own error types
             reason = " ".join(str(exc).split())
             raise ValueError(f"{encoder_dir}: cannot load the UMT5 text encoder: {reason}") from None
@@ -173,13 +170,7 @@ class TextEncoder:
             # a weight beyond dtype's range (float32 or bfloat16 weights run in float16)
             files = weights_files(encoder_dir, ENCODER_WEIGHTS, ENCODER_TORCH_WEIGHTS)
             problem = cast_damage(model.state_dict(), files, unused=info["unexpected_keys"])
-        if problem is not None:
-            # the error's traceback holds this frame: were the model still one of its locals, its
-            # memory (the GPU's, once moved) would stay taken for as long as the error lives (an
-            # interactive session keeps the last one); it is freed, and the memory returned, first
-            on_cuda = _on_cuda(model)
-            del model
-            return_memory(on_cuda)
+        if problem is not None:  # the model is freed before the error reaches the caller (freed_on_error)
             raise ValueError(problem)
         return cls(model.requires_grad_(False).eval(), tok, max_length=max_length)
 

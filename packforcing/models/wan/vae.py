@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from packforcing.core.finite import cast_problem
-from packforcing.core.weightfiles import cast_damage, return_memory, weights_files
+from packforcing.core.freeing import freed_on_error
+from packforcing.core.weightfiles import cast_damage, weights_files
 from packforcing.models.wan.imports import diffusers_quietly, loading_quietly
 
 VAE_SUBFOLDER = "vae"
@@ -61,6 +62,7 @@ def vae_latent_channels(path: str | Path) -> int:
     return channels
 
 
+@freed_on_error
 def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
     """``AutoencoderKLWan`` from ``path``: a diffusers pipeline root (with ``vae/``) or the VAE
     folder itself, in ``dtype``. Errors are one line naming the path (or the weights file, for a
@@ -80,12 +82,7 @@ def load_wan_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device
         vae.to(device)  # in place
         files = weights_files(folder, VAE_WEIGHTS, VAE_TORCH_WEIGHTS)
         problem = cast_damage(vae.state_dict(), files)  # values beyond dtype's range
-    if problem is not None:
-        # freed before the error is raised: its traceback holds this frame, whose local would keep
-        # the VAE (on the GPU, once moved) alive for as long as the error is
-        on_cuda = any(p.device.type == "cuda" for p in vae.parameters())
-        del vae
-        return_memory(on_cuda)
+    if problem is not None:  # the VAE is freed before the error reaches the caller (freed_on_error)
         raise ValueError(problem)
     return vae.requires_grad_(False).eval()
 
