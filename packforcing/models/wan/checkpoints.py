@@ -268,7 +268,7 @@ def infer_config(
         if name not in shapes:
             raise CheckpointError(file, f"{_missing(name, missing)} (needed to infer the architecture)")
         if len(shapes[name]) != dims or not all(shapes[name]):
-            label = stored.get(name, name) if stored is not None else name
+            label = _stored_name(name, stored)
             raise CheckpointError(file, f"tensor {label!r} has shape {list(shapes[name])}, expected {dims} sizes >= 1")
         return shapes[name]
 
@@ -429,6 +429,11 @@ def _missing(name: str, missing: Callable[[str], str | None] | None) -> str:
     return f"missing tensor {label!r}"
 
 
+def _stored_name(name: str, stored: Mapping[str, str] | None) -> str:
+    """The found tensor ``name`` (diffusers naming) as its file stores it (``stored``), else ``name``."""
+    return name if stored is None else stored.get(name, name)
+
+
 def check_state(
     expected: Mapping[str, tuple[int, ...]],
     found: Mapping[str, tuple[int, ...]],
@@ -447,8 +452,8 @@ def check_state(
             extra = f" (and {more} more)" if more else ""
             raise CheckpointError(file, f"{_missing(name, missing)}{extra}")
         if tuple(found[name]) != tuple(shape):
-            label = stored.get(name, name) if stored is not None else name
+            label = _stored_name(name, stored)
             raise CheckpointError(file, f"tensor {label!r} has shape {list(found[name])}, expected {list(shape)}")
     for name in found:
         if name not in expected:
-            raise CheckpointError(file, f"unexpected tensor {stored.get(name, name) if stored is not None else name!r}")
+            raise CheckpointError(file, f"unexpected tensor {_stored_name(name, stored)!r}")
