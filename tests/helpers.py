@@ -109,3 +109,20 @@ def selector_blocks(k: int) -> list[dict[str, Any]]:
         {"name": "topk", "k": k, "shared_across_layers": True, "head_fraction": 0.5},
         {"name": "recency", "k": k},
     ]
+
+
+def recorded_loads(monkeypatch, cls) -> list:
+    """Weak references to every model ``cls.from_pretrained(..., output_loading_info=True)``
+    loads from now on (diffusers' and transformers' loaders return ``(model, info)`` then)."""
+    import weakref
+
+    loaded: list[weakref.ref] = []
+    load = cls.from_pretrained
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        result = load(*args, **kwargs)
+        loaded.append(weakref.ref(result[0]))
+        return result
+
+    monkeypatch.setattr(cls, "from_pretrained", recorded)
+    return loaded

@@ -20,6 +20,7 @@ from packforcing.models.wan.text import (
     to_block_schedule,
 )
 from packforcing.output.video import latent_frame_of
+from tests.helpers import recorded_loads
 from tests.tiny_wan_io import TEXT_DIM, write_text_encoder
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -251,15 +252,7 @@ def test_a_refused_text_encoder_is_freed_before_its_error_is_raised(pipeline_roo
         problem, dtype = f"holds 7.1e+04, {F16}", torch.float16
     else:
         (root, problem), dtype = broken_encoder(pipeline_root, tmp_path, case), torch.float32
-    loaded: list[weakref.ref] = []
-    load = UMT5EncoderModel.from_pretrained
-
-    def recorded(*args, **kwargs):
-        result = load(*args, **kwargs)
-        loaded.append(weakref.ref(result[0]))
-        return result
-
-    monkeypatch.setattr(UMT5EncoderModel, "from_pretrained", recorded)
+    loaded = recorded_loads(monkeypatch, UMT5EncoderModel)
     with pytest.raises(ValueError) as info:
         TextEncoder.from_path(root, max_length=8, dtype=dtype)
     assert problem in str(info.value)

@@ -7,6 +7,7 @@ import torch
 
 from packforcing.core.geometry import spatial_stride_of
 from packforcing.models.wan.vae import WanVAECodec
+from tests.helpers import recorded_loads
 from tests.tiny_wan_io import VAE_LATENT_CHANNELS, write_tiny_vae
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -126,7 +127,6 @@ def test_a_vae_folder_with_wrong_weights_or_of_another_model_is_one_line(tmp_pat
 def test_a_refused_vae_is_freed_before_its_error_is_raised(tmp_path, monkeypatch, case):
     """The error's traceback holds ``load_wan_vae``'s frame: were the loaded VAE still one of its
     locals, it would stay alive (on the GPU when asked) for as long as the error is held."""
-    import weakref
 
     from diffusers import AutoencoderKLWan
     from safetensors.torch import load_file, save_file
@@ -143,15 +143,7 @@ def test_a_refused_vae_is_freed_before_its_error_is_raised(tmp_path, monkeypatch
         del tensors["decoder.conv_out.weight"]
         save_file(tensors, str(folder / VAE_WEIGHTS))
         problem, dtype = "missing weights (decoder.conv_out.weight)", torch.float32
-    loaded: list[weakref.ref] = []
-    load = AutoencoderKLWan.from_pretrained
-
-    def recorded(*args, **kwargs):
-        result = load(*args, **kwargs)
-        loaded.append(weakref.ref(result[0]))
-        return result
-
-    monkeypatch.setattr(AutoencoderKLWan, "from_pretrained", recorded)
+    loaded = recorded_loads(monkeypatch, AutoencoderKLWan)
     with pytest.raises(ValueError) as info:
         load_wan_vae(folder, dtype=dtype)
     assert problem in str(info.value) and info.value.__traceback__ is not None
